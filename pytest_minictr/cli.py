@@ -1,0 +1,132 @@
+"""The `minictr` command (also `python -m pytest_minictr`).
+
+    minictr run [--memory 64M] [--cpus 0.5] [--pids N] [--timeout S] [--network MODE]
+                [--hostname H] [--env K=V]... [--rootfs DIR | --bin NAME ...] -- CMD ARGS...
+    minictr rootfs build [--bin NAME ...] DEST
+
+`run` passes stdin, stdout and stderr through and exits with the command's status: 128+N when
+it died of signal N, 125 when minictr itself failed (one line on stderr, no traceback), 126 or
+127 when the command cannot be executed or is not in the rootfs (as a shell would).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+from typing import Sequence
+
+from .errors import CommandNotFoundError, MinictrError
+from .rootfs import RootfsBuilder
+from .runtime import ContainerRuntime
+from .spec import NETWORK_MODES, parse_cpus
+
+EXIT_RUNTIME_ERROR = 125
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND = 127
+
+HELP_MEMORY = "memory limit, e.g. 64M or 1G (swap excluded)"
+HELP_CPUS = "CPU limit in CPUs, like docker: 0.5 is half of one CPU"
+HELP_PIDS = "most processes and threads alive at once"
+HELP_TIMEOUT = "seconds of wall time, then the whole container is killed"
+HELP_NETWORK = "none: no interface up; loopback: lo up (default); never the host's network"
+HELP_ROOTFS = "run on this prepared root filesystem instead of building one"
+HELP_BIN = "also copy this host binary (with its libraries) into the built rootfs; repeatable"
+HELP_ENV = "set NAME=VALUE in the container's (otherwise clean) environment; repeatable"
+HELP_USERNS = "run in a user namespace even as root (container root is then not host root)"
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except CommandNotFoundError as error:
+        _complain(error)
+        return EXIT_CANNOT_EXECUTE if error.errno == 13 else EXIT_NOT_FOUND
+    except MinictrError as error:
+        _complain(error)
+        return EXIT_RUNTIME_ERROR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minictr", description="Daemonless Linux containers.")
+    commands = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run one command in a new container",
+                              usage="minictr run [OPTIONS] -- CMD [ARGS...]")
+    run.add_argument("--memory", help=HELP_MEMORY)
+    run.add_argument("--cpus", type=_cpus, help=HELP_CPUS)
+    run.add_argument("--pids", type=int, help=HELP_PIDS)
+    run.add_argument("--timeout", type=float, help=HELP_TIMEOUT)
+    run.add_argument("--network", choices=NETWORK_MODES, default="loopback", help=HELP_NETWORK)
+    run.add_argument("--hostname", default="minictr", help="the container's hostname")
+    run.add_argument("--cwd", default="/", help="working directory inside the container")
+    run.add_argument("--env", action="append", type=_env_pair, default=[], metavar="NAME=VALUE",
+                     help=HELP_ENV)
+    run.add_argument("--userns", action="store_true", default=None, help=HELP_USERNS)
+    source = run.add_mutually_exclusive_group()
+    source.add_argument("--rootfs", metavar="DIR", help=HELP_ROOTFS)
+    source.add_argument("--bin", action="append", default=[], metavar="NAME", help=HELP_BIN)
+    run.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    run.set_defaults(handler=run_command)
+
+    rootfs = commands.add_parser("rootfs", help="build root filesystems")
+    rootfs_commands = rootfs.add_subparsers(dest="rootfs_command", required=True,
+                                            metavar="COMMAND")
+    build = rootfs_commands.add_parser("build", help="build a rootfs into a directory")
+    build.add_argument("--bin", action="append", default=[], metavar="NAME", required=True,
+                       help="host binary to copy with its libraries; repeatable")
+    build.add_argument("dest", help="directory to create (must not exist or be empty)")
+    build.set_defaults(handler=build_rootfs)
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        build_parser().parse_args(["run", "--help"])
+    if not args.rootfs and not shutil.which(command[0]):
+        raise CommandNotFoundError(f"command {command[0]!r} not found on this host's PATH, "
+                                   "so it cannot be copied into a rootfs (give --rootfs DIR)")
+    rootfs = args.rootfs or RootfsBuilder().build(binaries=[command[0], *args.bin])
+    with ContainerRuntime() as runtime:
+        container = runtime.run(
+            rootfs, command, memory_limit=args.memory, cpu_limit=args.cpus,
+            pids_limit=args.pids, timeout=args.timeout, network=args.network,
+            hostname=args.hostname, cwd=args.cwd, env=dict(args.env), user=args.userns,
+            stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
+        for signum in FORWARDED:
+            signal.signal(signum, lambda number, _frame: container.send_signal(number))
+        result = container.wait()
+    if result.timed_out:
+        print(f"minictr: timed out after {args.timeout:g} s", file=sys.stderr)
+    return result.returncode if result.returncode >= 0 else 128 - result.returncode
+
+
+def build_rootfs(args: argparse.Namespace) -> int:
+    print(RootfsBuilder().build(binaries=args.bin, dest=args.dest))
+    return 0
+
+
+def _cpus(text: str) -> float:
+    try:
+        return parse_cpus(text, "--cpus")
+    except MinictrError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE")
+    return name, value
+
+
+def _complain(error: BaseException) -> None:
+    print(f"minictr: error: {error}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The caller's side of the launcher: start it once, send it requests, start a new one if it died.
+
+The caller (pytest, a CLI, a grader) never forks a container itself; see `forkserver`.
+Requests may come from several threads: one lock serialises each request with its reply.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from typing import Any, Sequence
+
+from . import protocol
+from .errors import LauncherError
+
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# -S: no site-packages scan, a faster start; the package's own directory goes on sys.path.
+_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+         "from pytest_minictr.forkserver import main; main(sys.argv[2:])")
+
+
+class LauncherClient:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def request(self, message: dict[str, Any], fds: Sequence[int] = ()) -> dict[str, Any]:
+        """Send one request and return the reply; LauncherError if the launcher is gone."""
+        with self._lock:
+            if self._socket is None:
+                self._start()
+            try:
+                protocol.send_message(self._socket, message, fds)
+                received = protocol.recv_message(self._socket)
+            except (OSError, EOFError) as error:
+                received, reason = None, str(error)
+            else:
+                reason = "it closed the connection"
+            if received is None:
+                _reap(self._forget(), timeout=1)
+                raise LauncherError(f"the minictr launcher died ({reason}); "
+                                    "the next call starts a new one")
+            return received[0]
+
+    def close(self) -> None:
+        """End of the socket tells the launcher to kill what still runs and exit."""
+        with self._lock:
+            process = self._forget()
+        _reap(process, timeout=10)
+
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-S", "-c", _BOOT, _PACKAGE_PARENT, str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, start_new_session=True, env=_launcher_env())
+        except OSError as error:
+            ours.close()
+            raise LauncherError(f"cannot start the minictr launcher: {error}") from error
+        finally:
+            theirs.close()
+        self._socket = ours
+
+    def _forget(self) -> subprocess.Popen | None:
+        if self._socket is not None:
+            self._socket.close()
+        process, self._socket, self._process = self._process, None, None
+        return process
+
+
+def _reap(process: subprocess.Popen | None, timeout: float) -> None:
+    """Wait for a launcher whose socket we closed; one that hangs is killed (its containers
+    die with it through PR_SET_PDEATHSIG)."""
+    if process is None:
+        return
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _launcher_env() -> dict[str, str]:
+    # The launcher needs nothing from the caller's environment; containers get their own.
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
+

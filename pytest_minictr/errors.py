@@ -1,0 +1,72 @@
+"""The one exception hierarchy of pytest-minictr: everything we raise is a `MinictrError`.
+
+A message names the input that is wrong and, where there is one, the fix, because the user
+reading it is usually looking at a failed CI log, not at our source.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+
+class MinictrError(Exception):
+    """Base class of every error pytest-minictr raises on purpose."""
+
+
+class ConfigError(MinictrError, ValueError):
+    """A keyword, option or value given by the user is invalid (raised before anything starts)."""
+
+
+class RootfsError(MinictrError):
+    """A root filesystem cannot be built or used (missing binary, library, interpreter)."""
+
+
+class UnsupportedError(MinictrError):
+    """This host (kernel, privileges, platform) cannot do what was asked."""
+
+
+class LauncherError(MinictrError):
+    """The launcher process died or answered something we do not understand."""
+
+
+class ContainerNotFoundError(MinictrError, KeyError):
+    """No container with that id is known to this runtime."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "container not found"
+
+
+class ContainerSetupError(MinictrError):
+    """The container's child failed before the command was executed (mount, chdir, exec...).
+
+    `step` says what was being done, `errno` the kernel's answer (or None).
+    """
+
+    def __init__(self, message: str, step: str = "", errno: int | None = None):
+        super().__init__(message)
+        self.step = step
+        self.errno = errno
+
+
+class CommandNotFoundError(ContainerSetupError):
+    """The command does not exist (or is not executable) inside the container's root."""
+
+
+class WaitTimeoutError(MinictrError, subprocess.TimeoutExpired):
+    """`Container.wait(timeout=...)` gave up; the container is still running."""
+
+    def __init__(self, cmd, timeout: float):
+        subprocess.TimeoutExpired.__init__(self, cmd, timeout)
+
+    def __str__(self) -> str:
+        return f"container {self.cmd!r} still running after waiting {self.timeout:g} s"
+
+
+class ContainerProcessError(MinictrError, subprocess.CalledProcessError):
+    """`Result.check_returncode()` on a non-zero exit; carries the output like subprocess."""
+
+    def __init__(self, returncode: int, cmd, output: bytes = b"", stderr: bytes = b""):
+        subprocess.CalledProcessError.__init__(self, returncode, cmd, output, stderr)
+
+    def __str__(self) -> str:
+        return subprocess.CalledProcessError.__str__(self)

@@ -1,0 +1,45 @@
+"""Messages between the caller and its launcher: length-prefixed JSON over a Unix stream socket,
+with file descriptors riding along (SCM_RIGHTS) on the first byte of a message.
+
+A stream socket rather than SOCK_SEQPACKET because a spec's argv and env can approach
+ARG_MAX (2 MiB), beyond what one datagram may carry.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any, Sequence
+
+_HEADER = struct.Struct("!I")
+MAX_FDS = 8
+
+
+def send_message(sock: socket.socket, message: Any, fds: Sequence[int] = ()) -> None:
+    payload = json.dumps(message, separators=(",", ":")).encode()
+    data = _HEADER.pack(len(payload)) + payload
+    sent = socket.send_fds(sock, [data], list(fds)) if fds else sock.send(data)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def recv_message(sock: socket.socket) -> tuple[Any, list[int]] | None:
+    """The next message and the fds that came with it, or None at end of stream."""
+    header, fds, _flags, _addr = socket.recv_fds(sock, _HEADER.size, MAX_FDS)
+    if not header:
+        return None
+    header += _recv_exactly(sock, _HEADER.size - len(header))
+    (length,) = _HEADER.unpack(header)
+    return json.loads(_recv_exactly(sock, length)), fds
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = sock.recv(min(size, 1 << 20))
+        if not chunk:
+            raise EOFError("launcher socket closed in the middle of a message")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,346 @@
+"""The library's front door: `ContainerRuntime.run()` starts a container, `Container.wait()`
+gives its `Result`.
+
+Data flows one way: keywords -> `spec.make_spec` (validated, frozen) -> the launcher (fork,
+namespaces, mounts, exec) -> `Monitor` (pipes, the launcher's end report) -> `Result`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import enum
+import os
+import secrets
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from . import errors
+from .client import LauncherClient
+from .errors import ConfigError, ContainerNotFoundError, ContainerProcessError, \
+    LauncherError, UnsupportedError, WaitTimeoutError
+from .monitor import Monitor
+from .spec import ContainerSpec, Mount, make_spec
+
+DEFAULT_STOP_GRACE = 5.0
+_FINISHED_KEPT = 1024   # statuses of collected containers remembered for runtime.status(id)
+_ABORT_WAIT = 30.0      # seconds to wait for a killed container's end after an interrupt
+
+
+class ContainerStatus(str, enum.Enum):
+    RUNNING = "running"
+    EXITED = "exited"        # the command ended by itself (any exit code or signal)
+    STOPPED = "stopped"      # ended by stop()
+    TIMED_OUT = "timed_out"  # killed when its `timeout` passed
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a container did, shaped like `subprocess.CompletedProcess`, plus what was measured.
+
+    `returncode` is negative when the command was killed by a signal (-9: SIGKILL, as after a
+    timeout). Kernel measurements are None where this host could not take them.
+    """
+
+    args: tuple[str, ...]
+    returncode: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    timed_out: bool = False
+    output_truncated: bool = False
+    wall_time: float = 0.0
+    cpu_time: float | None = None
+    memory_peak: int | None = None
+    oom_killed: bool | None = None
+    container_id: str = ""
+
+    def check_returncode(self) -> None:
+        """Raise ContainerProcessError (a subprocess.CalledProcessError) if returncode != 0."""
+        if self.returncode:
+            raise ContainerProcessError(self.returncode, list(self.args), self.stdout, self.stderr)
+
+
+class Container:
+    """A running (or finished) container. Use `wait()` for its Result; `stop()` to end it."""
+
+    def __init__(self, runtime: "ContainerRuntime", container_id: str, pid: int,
+                 spec: ContainerSpec, monitor: Monitor):
+        self.id = container_id
+        self.pid = pid              # host pid of the container's init (PID 1 inside)
+        self.spec = spec
+        self.args = spec.argv
+        self._runtime = runtime
+        self._monitor = monitor
+        self._lock = threading.Lock()
+        self._result: Result | None = None
+        self._status = ContainerStatus.RUNNING
+
+    def __repr__(self) -> str:
+        return f"<Container {self.id} {self._status.value} {list(self.args)!r}>"
+
+    @property
+    def status(self) -> ContainerStatus:
+        """Current status; looks at the container without blocking."""
+        if self._result is None and self._lock.acquire(blocking=False):
+            try:
+                self._collect(deadline=time.monotonic())
+            finally:
+                self._lock.release()
+        return self._status
+
+    def wait(self, timeout: float | None = None) -> Result:
+        """Wait for the end and return the Result. With `timeout`, raise WaitTimeoutError if
+        the container still runs then (it keeps running). An interrupt (Ctrl-C) kills it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            if self._result is None and not self._collect(deadline):
+                raise WaitTimeoutError(list(self.args), timeout)
+            return self._result
+
+    def stop(self, grace: float = DEFAULT_STOP_GRACE) -> Result:
+        """SIGTERM to the command, then after `grace` seconds SIGKILL of everything inside."""
+        if self._result is None:
+            self._request_end(grace)
+        return self.wait()
+
+    def send_signal(self, signum: int) -> None:
+        """Send a signal to the command (through the container's init, which forwards it)."""
+        if self._result is None:
+            self._runtime._client.request({"op": "signal", "id": self.id, "signum": int(signum)})
+
+    def kill(self) -> Result:
+        return self.stop(grace=0)
+
+    def _request_end(self, grace: float) -> None:
+        try:
+            self._runtime._client.request({"op": "stop", "id": self.id, "grace": grace})
+        except LauncherError:
+            pass  # a dead launcher took the container with it; wait() reports that
+
+    def _collect(self, deadline: float | None) -> bool:
+        try:
+            if not self._monitor.pump(deadline):
+                return False
+        except BaseException:
+            self._abort()
+            raise
+        event = self._monitor.event
+        self._runtime._forget(self)
+        if event is None:
+            self._status = ContainerStatus.EXITED
+            raise LauncherError(f"the minictr launcher died while container {self.id} ran; "
+                                "the container was killed with it")
+        self._status = {"timeout": ContainerStatus.TIMED_OUT,
+                        "stop": ContainerStatus.STOPPED}.get(event["ended_by"],
+                                                             ContainerStatus.EXITED)
+        self._result = Result(
+            args=self.args, returncode=event["returncode"], stdout=self._monitor.stdout,
+            stderr=self._monitor.stderr, timed_out=event["ended_by"] == "timeout",
+            output_truncated=self._monitor.truncated, wall_time=event["wall_time"],
+            cpu_time=event.get("cpu_time"), memory_peak=event.get("memory_peak"),
+            oom_killed=event.get("oom_killed"), container_id=self.id)
+        return True
+
+    def _abort(self) -> None:
+        """The caller was interrupted while waiting: kill the container and wait for its end,
+        so that an interrupted test run leaves nothing behind."""
+        if self._monitor.finished:
+            return
+        self._request_end(grace=0)
+        try:
+            self._monitor.pump(time.monotonic() + _ABORT_WAIT)
+        finally:
+            self._monitor.close()
+            self._runtime._forget(self)
+
+
+class ContainerRuntime:
+    """Starts containers through one launcher process of its own; use as a context manager
+    or call `close()` (also done at interpreter exit) to end what still runs."""
+
+    def __init__(self) -> None:
+        self._client = LauncherClient()
+        self._lock = threading.Lock()
+        self._running: dict[str, Container] = {}
+        self._finished: OrderedDict[str, Container] = OrderedDict()
+        _open_runtimes.add(self)
+
+    def __enter__(self) -> "ContainerRuntime":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def run(self, image: str | os.PathLike, command: Sequence[str], *,
+            cpu_limit: float | None = None, memory_limit: int | str | None = None,
+            pids_limit: int | None = None, timeout: float | None = None,
+            env: Mapping[str, str] | None = None, cwd: str = "/", hostname: str = "minictr",
+            input: bytes | None = None, network: str = "loopback", user: bool | None = None,
+            mounts: Sequence[Mount] = (), output_limit: int | str | None = None,
+            stdin: Any = None, stdout: Any = None, stderr: Any = None) -> Container:
+        """Start `command` in a new container on the root filesystem `image`; returns at once.
+
+        `stdout`/`stderr` default to capture (in the Result); pass a file or fd to send the
+        stream there instead (the CLI passes its own). `stdin` defaults to /dev/null, or to a
+        pipe fed with `input`.
+        """
+        spec = make_spec(image, command, cpu_limit=cpu_limit, memory_limit=memory_limit,
+                         pids_limit=pids_limit, timeout=timeout, env=env, cwd=cwd,
+                         hostname=hostname, network=network, user=user, mounts=mounts,
+                         output_limit=output_limit)
+        input_data = _check_input(input, stdin)
+        if spec.limits.any():
+            raise UnsupportedError("memory_limit, cpu_limit and pids_limit need cgroup "
+                                   "support, which this version of minictr does not have yet")
+        return self._launch(spec, input_data, stdin, stdout, stderr)
+
+    def status(self, container_id: str) -> ContainerStatus:
+        return self._get(container_id).status
+
+    def stop(self, container_id: str, grace: float = DEFAULT_STOP_GRACE) -> Result:
+        return self._get(container_id).stop(grace)
+
+    def list(self) -> list[Container]:
+        """Containers still running, then the most recently finished ones."""
+        with self._lock:
+            return [*self._running.values(), *self._finished.values()]
+
+    def close(self) -> None:
+        """Kill every container still running and stop the launcher."""
+        for container in list(self._running.values()):
+            try:
+                container.kill()
+            except errors.MinictrError:
+                pass
+        self._client.close()
+        _open_runtimes.discard(self)
+
+    def _launch(self, spec: ContainerSpec, input_data: bytes | None, stdin: Any, stdout: Any,
+                stderr: Any) -> Container:
+        container_id = secrets.token_hex(6)
+        with _Pipes(input_data, stdin, stdout, stderr) as pipes:
+            reply = self._client.request({"op": "run", "id": container_id,
+                                          "spec": spec.to_dict()}, pipes.child_fds())
+            if not reply["ok"]:
+                raise _error_from_reply(reply["error"])
+            monitor = Monitor(*pipes.take_parent_fds(input_data), spec.output_limit)
+        container = Container(self, container_id, reply["pid"], spec, monitor)
+        with self._lock:
+            self._running[container_id] = container
+        return container
+
+    def _get(self, container_id: str) -> Container:
+        with self._lock:
+            container = self._running.get(container_id) or self._finished.get(container_id)
+        if container is None:
+            raise ContainerNotFoundError(f"no container {container_id!r} in this runtime")
+        return container
+
+    def _forget(self, container: Container) -> None:
+        with self._lock:
+            if self._running.pop(container.id, None) is not None:
+                self._finished[container.id] = container
+                while len(self._finished) > _FINISHED_KEPT:
+                    self._finished.popitem(last=False)
+
+
+class _Pipes:
+    """The container's stdio and event pipes. The child's ends go to the launcher and are
+    closed here at once (else we would never see end of file); ours go to the Monitor."""
+
+    def __init__(self, input_data: bytes | None, stdin: Any, stdout: Any, stderr: Any):
+        self._ours: list[int] = []
+        self._theirs: list[int] = []
+        try:
+            self.stdin = self._source(stdin, input_data)
+            self.stdout = self._sink(stdout)
+            self.stderr = self._sink(stderr)
+            self.events, events_w = self._pipe()
+            self._ours.append(self.events)
+            self._theirs.append(events_w)
+            self._child = [self.stdin[0], self.stdout[1], self.stderr[1], events_w]
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _pipe(self) -> tuple[int, int]:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        return read_end, write_end
+
+    def _source(self, stdin: Any, input_data: bytes | None) -> tuple[int, int | None]:
+        if input_data is not None:
+            read_end, write_end = self._pipe()
+            self._theirs.append(read_end)
+            self._ours.append(write_end)
+            return read_end, write_end
+        if stdin is None:
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            self._theirs.append(fd)
+            return fd, None
+        return _fileno(stdin, "stdin"), None
+
+    def _sink(self, target: Any) -> tuple[int | None, int]:
+        if target is None:
+            read_end, write_end = self._pipe()
+            self._ours.append(read_end)
+            self._theirs.append(write_end)
+            return read_end, write_end
+        return None, _fileno(target, "stdout/stderr")
+
+    def child_fds(self) -> list[int]:
+        return self._child
+
+    def take_parent_fds(self, input_data: bytes | None):
+        """Our ends, now owned by the Monitor: stdin, input, stdout, stderr, events."""
+        self._ours = []
+        return self.stdin[1], input_data, self.stdout[0], self.stderr[0], self.events
+
+    def __enter__(self) -> "_Pipes":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for fd in self._theirs + self._ours:
+            os.close(fd)
+        self._theirs, self._ours = [], []
+
+
+def _fileno(target: Any, name: str) -> int:
+    fd = target if isinstance(target, int) and not isinstance(target, bool) \
+        else getattr(target, "fileno", lambda: None)()
+    if not isinstance(fd, int) or fd < 0:
+        raise ConfigError(f"{name}={target!r}: expected a file object or descriptor")
+    return fd
+
+
+def _check_input(input_data: Any, stdin: Any) -> bytes | None:
+    if input_data is None:
+        return None
+    if not isinstance(input_data, (bytes, bytearray, memoryview)):
+        raise ConfigError(f"input={input_data!r:.40}: expected bytes (use .encode() for str)")
+    if stdin is not None:
+        raise ConfigError("input= and stdin= cannot be used together")
+    return bytes(input_data)
+
+
+def _error_from_reply(error: dict) -> errors.MinictrError:
+    kind = getattr(errors, error.get("type", ""), None)
+    message = error["message"]
+    if isinstance(kind, type) and issubclass(kind, errors.ContainerSetupError):
+        return kind(message, error.get("step", ""), error.get("errno"))
+    return LauncherError(message)
+
+
+_open_runtimes: "weakref.WeakSet[ContainerRuntime]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_runtimes() -> None:
+    for runtime in list(_open_runtimes):
+        runtime.close()
+
