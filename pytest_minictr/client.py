@@ -33,22 +33,33 @@ class LauncherClient:
         return self._process.pid if self._process else None
 
     def request(self, message: dict[str, Any], fds: Sequence[int] = ()) -> dict[str, Any]:
-        """Send one request and return the reply; LauncherError if the launcher is gone."""
+        """Send one request and return the reply. A launcher found dead is replaced first;
+        one that dies while answering raises LauncherError (the next call starts a new one)."""
         with self._lock:
-            if self._socket is None:
-                self._start()
+            self._ensure_started()
             try:
                 protocol.send_message(self._socket, message, fds)
+            except OSError:
+                # It died since we last looked; the request never reached it, so resend once.
+                self._restart()
+                protocol.send_message(self._socket, message, fds)
+            try:
                 received = protocol.recv_message(self._socket)
-            except (OSError, EOFError) as error:
-                received, reason = None, str(error)
-            else:
-                reason = "it closed the connection"
+            except (OSError, EOFError):
+                received = None
             if received is None:
                 _reap(self._forget(), timeout=1)
-                raise LauncherError(f"the minictr launcher died ({reason}); "
+                raise LauncherError("the minictr launcher died while answering; "
                                     "the next call starts a new one")
             return received[0]
+
+    def _ensure_started(self) -> None:
+        if self._socket is None or self._process is None or self._process.poll() is not None:
+            self._restart()
+
+    def _restart(self) -> None:
+        _reap(self._forget(), timeout=1)
+        self._start()
 
     def close(self) -> None:
         """End of the socket tells the launcher to kill what still runs and exit."""

@@ -1,23 +1,18 @@
-"""Build minimal root filesystems from host binaries, files and directories, with a cache.
+"""Minimal root filesystems built from host binaries, files and directories, and cached.
 
-Contract:
-
-* ``RootfsBuilder(cache_dir).build(binaries=, files=, dirs=)`` returns the path of a complete,
-  world-readable (0755) directory holding every input at the SAME path it has on the host,
-  every library ``ldd`` lists for each binary plus the dynamic loader, the interpreter of every
-  ``#!`` script, the host's merged-/usr symlinks (``/bin -> usr/bin`` ...) and a skeleton
-  (``/proc /dev /sys /tmp /etc /root ...``, ``/etc/passwd``, ``group``, ``hosts``,
-  ``nsswitch.conf``; files the caller copies win over the skeleton's).  Host symlinks met on
-  the way are recreated as symlinks.  setuid/setgid bits are dropped from copies.
-* The result is cached under ``cache_dir/<key>``; a hit costs a manifest read and one lstat
-  per copied host file, no subprocess.  A stale entry (a library was upgraded) is rebuilt and
-  swapped in; the old one is renamed to ``<key>.stale-<random>`` for a later prune.
-* Entries appear atomically (built in ``.tmp-<key>-<pid>-<random>``, then renamed), so
-  concurrent builders (pytest-xdist) never see half an entry and all return the same path.
-* ``dest=`` builds into that (absent or empty) directory instead; no cache involved.
-* Missing binaries, libraries or interpreters raise ``RootfsError``; malformed arguments raise
-  ``ConfigError`` before anything is touched.  Only give trusted host binaries: ``ldd`` may
-  run their loader.
+``RootfsBuilder(cache_dir).build(binaries=, files=, dirs=)`` returns a complete, world-readable
+directory holding each input at the SAME path as on the host, plus every library ``ldd`` lists
+for each binary and the loader, the interpreter of each ``#!`` script, the host's merged-/usr
+links (``/bin -> usr/bin``...) and a skeleton (``/proc /dev /sys /tmp /etc /root...``,
+``/etc/passwd group hosts nsswitch.conf``; copied files win).  Host symlinks met on the way are
+recreated as symlinks; setuid/setgid bits are dropped.  Results are cached in ``cache_dir/<key>``:
+a hit costs a manifest read and an lstat per copied host file, no subprocess; a stale entry (a
+library was upgraded) is rebuilt and swapped in, the old one renamed to ``<key>.stale-<random>``
+for a later prune.  Entries appear atomically (built in ``.tmp-<key>-<pid>-<random>``, renamed),
+so concurrent builders (pytest-xdist) never see half an entry and all get the same path.
+``dest=`` builds into an absent or empty directory instead, without the cache.  Missing
+binaries, libraries or interpreters raise RootfsError; malformed arguments raise ConfigError
+before anything is touched.  Give only trusted host binaries: ``ldd`` may run their loader.
 """
 
 from __future__ import annotations
@@ -47,7 +42,7 @@ SHEBANG_MAX = 256  # BINPRM_BUF_SIZE: the kernel only reads this much of a "#!" 
 LD_SO_CACHE = "/etc/ld.so.cache"
 SKELETON_DIRS = {"proc": 0o755, "dev": 0o755, "sys": 0o755, "tmp": 0o1777, "etc": 0o755,
                  "root": 0o700, "home": 0o755, "run": 0o755, "var": 0o755, "var/tmp": 0o1777,
-                 "usr": 0o755, "usr/bin": 0o755, "bin": 0o755}
+                 "usr": 0o755, "usr/bin": 0o755, "bin": 0o755}  # bin: only if not a link
 SKELETON_FILES = {
     "etc/passwd": "root:x:0:0:root:/root:/bin/sh\n"
                   "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
@@ -118,10 +113,6 @@ def env_command(arg: str) -> str | None:
     return None
 
 
-def _search_path() -> str:
-    return os.environ.get("PATH") or DEFAULT_PATH
-
-
 def _normalize(kind: str, items) -> tuple[str, ...]:
     if isinstance(items, (str, bytes, os.PathLike)):
         raise ConfigError(f"{kind} must be a list, not the single value {items!r}; "
@@ -142,19 +133,13 @@ def _normalize(kind: str, items) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def _find_binary(name: str, search_path: str) -> str:
-    if "/" in name:
-        if not os.path.isfile(name):
-            raise RootfsError(f"binary {name!r} not found on the host")
-        return name
-    found = shutil.which(name, path=search_path)
-    if found is None:
-        raise RootfsError(f"binary {name!r} not found on PATH ({search_path})")
-    return os.path.join(os.getcwd(), found)  # a relative PATH entry gives a relative path
-
-
 def _resolve(kind: str, name: str, search_path: str) -> ResolvedInput:
-    path = _find_binary(name, search_path) if kind == "binary" else name
+    path = name
+    if kind == "binary" and "/" not in name:
+        path = shutil.which(name, path=search_path)
+        if path is None:
+            raise RootfsError(f"binary {name!r} not found on PATH ({search_path})")
+        path = os.path.join(os.getcwd(), path)  # a relative PATH entry gives a relative path
     real = os.path.realpath(path)
     try:
         st = os.stat(real)
@@ -168,9 +153,10 @@ def _resolve(kind: str, name: str, search_path: str) -> ResolvedInput:
 
 
 def _resolve_all(request: Request, search_path: str) -> list[ResolvedInput]:
-    return ([_resolve("dir", n, search_path) for n in request.dirs]
-            + [_resolve("file", n, search_path) for n in request.files]
-            + [_resolve("binary", n, search_path) for n in request.binaries])
+    # dirs first: copytree wants fresh ground, later single files then only fill gaps.
+    return [_resolve(kind, name, search_path) for kind, names in
+            (("dir", request.dirs), ("file", request.files), ("binary", request.binaries))
+            for name in names]
 
 
 def _cache_key(request: Request, resolved: list[ResolvedInput]) -> str:
@@ -271,12 +257,9 @@ class _RootTree:
         # its stat.  Device nodes, FIFOs and sockets are skipped: reading a FIFO would block
         # and a user-namespace container cannot use host device nodes anyway.
         self.sources[directory] = SourceStat.of(directory)
-        skipped = []
-        for name in names:
-            mode = os.lstat(os.path.join(directory, name)).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
-                skipped.append(name)
-        return skipped
+        modes = {name: os.lstat(os.path.join(directory, name)).st_mode for name in names}
+        return [n for n, m in modes.items()
+                if not (stat.S_ISREG(m) or stat.S_ISDIR(m) or stat.S_ISLNK(m))]
 
     def add_binary_closure(self, path: str, search_path: str) -> None:
         pending, seen = [path], set()
@@ -334,10 +317,9 @@ def _ldd_libraries(binary: str, search_path: str) -> list[str]:
     except subprocess.TimeoutExpired:
         raise RootfsError(f"ldd {binary!r} did not finish within {LDD_TIMEOUT:g} s") from None
     output = proc.stdout + proc.stderr
-    if proc.returncode != 0 and ("not a dynamic executable" in output
-                                 or "statically linked" in output):
-        return []
-    if proc.returncode != 0:
+    if proc.returncode != 0:  # static binaries make (glibc's) ldd exit 1
+        if "not a dynamic executable" in output or "statically linked" in output:
+            return []
         raise RootfsError(f"ldd {binary!r} failed (exit {proc.returncode}): {output.strip()}")
     libraries = []
     for line in proc.stdout.splitlines():
@@ -362,7 +344,7 @@ def _populate(root: str, resolved: list[ResolvedInput], search_path: str
             tree.add_path("/" + name)
     for rel, mode in SKELETON_DIRS.items():
         tree.ensure_dir("/" + rel, mode)
-    for item in resolved:  # dirs first, so later single files only fill gaps
+    for item in resolved:
         if item.kind == "dir":
             tree.add_tree(item.path)
         elif item.kind == "file":
@@ -404,24 +386,18 @@ def _is_fresh(entry: str) -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # EPERM still means it exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def _remove_dead_temp_dirs(cache_dir: str) -> None:
     # A builder killed mid-build leaves .tmp-<key>-<pid>-<random>; a reused pid only delays
     # the cleanup.  Live builders' dirs must stay: they are being written right now.
     for name in os.listdir(cache_dir):
         fields = name.split("-")
         if name.startswith(".tmp-") and len(fields) == 4 and fields[2].isdigit():
-            if not _pid_alive(int(fields[2])):
+            try:
+                os.kill(int(fields[2]), 0)  # EPERM (PermissionError) also means alive
+            except ProcessLookupError:
                 shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+            except OSError:
+                pass
 
 
 def _rename_in(tmp: str, entry: str) -> bool:
@@ -445,10 +421,14 @@ class RootfsBuilder:
     def build(self, binaries=(), files=(), dirs=(), dest=None) -> Path:
         request = Request(_normalize("binaries", binaries), _normalize("files", files),
                           _normalize("dirs", dirs))
-        if dest is not None:
-            return self._build_into_dest(_normalize("dest", [dest])[0], request)
-        search_path = _search_path()
+        dest = None if dest is None else _normalize("dest", [dest])[0]
+        if dest is not None and os.path.lexists(dest) and not (
+                os.path.isdir(dest) and not os.listdir(dest)):
+            raise ConfigError(f"dest {dest!r} must not exist or be an empty directory")
+        search_path = os.environ.get("PATH") or DEFAULT_PATH
         resolved = _resolve_all(request, search_path)
+        if dest is not None:
+            return self._build_into_dest(dest, request, resolved, search_path)
         entry = str(self.cache_dir / _cache_key(request, resolved))
         if _is_fresh(entry):
             return Path(entry)
@@ -479,15 +459,12 @@ class RootfsBuilder:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def _build_into_dest(self, dest: str, request: Request) -> Path:
-        if os.path.lexists(dest) and not (os.path.isdir(dest) and not os.listdir(dest)):
-            raise ConfigError(f"dest {dest!r} must not exist or be an empty directory")
+    def _build_into_dest(self, dest: str, request: Request, resolved: list[ResolvedInput],
+                         search_path: str) -> Path:
         created = not os.path.exists(dest)
         os.makedirs(dest, exist_ok=True)
         try:
-            search_path = _search_path()
-            _write_manifest(dest, request,
-                            _populate(dest, _resolve_all(request, search_path), search_path))
+            _write_manifest(dest, request, _populate(dest, resolved, search_path))
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)  # no half-built tree left behind
             if not created:

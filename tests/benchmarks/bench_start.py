@@ -1,0 +1,191 @@
+"""Container start latency: minictr against bwrap and unshare, seen from a big caller.
+
+What it measures: the wall time, taken by the caller around the whole call, to run `echo hi`
+in a fresh container and get its output back:
+
+  minictr  ContainerRuntime.run(rootfs, ["echo", "hi"]).wait(), one runtime reused
+  bwrap    subprocess.run(["bwrap", "--unshare-all", --ro-bind rootfs /, /proc, /dev, /tmp ...])
+  unshare  subprocess.run(["unshare", pid+fork, mount, uts, ipc, net, --mount-proc,
+                           "chroot", rootfs, ...])   (util-linux; a floor more than a peer:
+                           no overlay, /dev or /tmp, and its new /proc is mounted on the
+                           host's /proc path, outside the chroot)
+
+Before measuring, this process grows to about --caller-mb MiB of touched memory, like a pytest
+run with plugins loaded: whatever forks from a big caller pays for its size (page tables to
+copy), and minictr, whose launcher is a separate small process, must not. (subprocess uses
+vfork() where it can since Python 3.10, so bwrap and unshare do not pay either.) Runs are
+interleaved round-robin, the order rotating each round, after a few warm-up rounds, so
+machine noise falls on all peers alike.
+
+How to read it: compare medians (p95 shows the tail, min the floor without noise). The ratio
+line is minictr's median over each peer's: below 1 means minictr starts faster. The script
+reports and does not judge: it exits 0 when every run worked, 1 if any failed (shown).
+
+    python tests/benchmarks/bench_start.py [--runs 300] [--warmup 5] [--caller-mb 200] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from pytest_minictr import ContainerRuntime, RootfsBuilder  # noqa: E402
+
+PAGE = os.sysconf("SC_PAGESIZE")
+EXPECTED = b"hi\n"
+_ballast: list = []  # kept alive for the whole run
+
+
+def grow_caller(mib: int) -> None:
+    """Touch `mib` MiB: 90% one bytearray written page by page, 10% small Python objects."""
+    if mib <= 0:
+        return
+    block = bytearray(mib * 9 // 10 * 2**20)
+    for offset in range(0, len(block), PAGE):
+        block[offset] = 1
+    objects = [{"n": i, "s": str(i)} for i in range(mib * 2**20 // 10 // 300)]
+    _ballast.extend([block, objects])
+
+
+def caller_rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def check(returncode: int, stdout: bytes, stderr: bytes) -> None:
+    if returncode != 0 or stdout != EXPECTED:
+        raise RuntimeError(f"exit {returncode}, stdout {stdout!r} (want {EXPECTED!r}), "
+                           f"stderr {stderr[-300:]!r}")
+
+
+def subprocess_peer(argv: list[str]):
+    def run() -> None:
+        done = subprocess.run(argv, capture_output=True)
+        check(done.returncode, done.stdout, done.stderr)
+    return run
+
+
+def make_peers(runtime: ContainerRuntime, rootfs: str) -> tuple[dict, dict]:
+    """The peers to time ({name: callable}) and what each one runs, or why it is skipped."""
+    def minictr() -> None:
+        result = runtime.run(rootfs, ["echo", "hi"]).wait()
+        check(result.returncode, result.stdout, result.stderr)
+
+    commands = {
+        "minictr": "ContainerRuntime().run(rootfs, ['echo', 'hi']).wait()",
+        "bwrap": ["bwrap", "--unshare-all", "--ro-bind", rootfs, "/", "--proc", "/proc",
+                  "--dev", "/dev", "--tmpfs", "/tmp", "echo", "hi"],
+        "unshare": ["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--net",
+                    "--mount-proc", "chroot", rootfs, "echo", "hi"],
+    }
+    peers, described = {"minictr": minictr}, {"minictr": commands["minictr"]}
+    for name in ("bwrap", "unshare"):
+        if shutil.which(name) is None:
+            described[name] = f"{name} not installed"
+        else:
+            peers[name] = subprocess_peer(commands[name])
+            described[name] = " ".join(commands[name])
+    return peers, described
+
+
+def measure(peers: dict, runs: int, warmup: int) -> tuple[dict, dict]:
+    times: dict[str, list[float]] = {name: [] for name in peers}
+    failures: dict[str, list[str]] = {name: [] for name in peers}
+    names = list(peers)
+    for round_ in range(warmup + runs):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            try:
+                peers[name]()
+            except Exception as error:  # noqa: BLE001 - reported, not raised
+                failures[name].append(f"{type(error).__name__}: {error}")
+                continue
+            if round_ >= warmup:
+                times[name].append((time.perf_counter() - start) * 1000)
+    return times, failures
+
+
+def summarize(samples: list[float]) -> dict:
+    if not samples:
+        return {"runs": 0, "median_ms": None, "p95_ms": None, "min_ms": None}
+    ordered = sorted(samples)
+    return {"runs": len(ordered), "median_ms": statistics.median(ordered),
+            "p95_ms": ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)],
+            "min_ms": ordered[0]}
+
+
+def ratios(stats: dict, described: dict) -> dict:
+    mine = stats["minictr"]["median_ms"]
+    out = {}
+    for name in ("bwrap", "unshare"):
+        theirs = stats.get(name, {}).get("median_ms")
+        out[f"minictr/{name}"] = (round(mine / theirs, 3) if mine and theirs
+                                  else described[name] if name not in stats else None)
+    return out
+
+
+def print_table(report: dict) -> None:
+    print(f"kernel {report['kernel']}, {report['cpus']} CPUs, python {report['python']}, "
+          f"caller VmRSS {report['caller_rss_kib'] / 1024:.0f} MiB, "
+          f"{report['runs']} runs per peer (+{report['warmup']} warm-up), interleaved")
+    print(f"\n{'peer':<9}{'median ms':>11}{'p95 ms':>10}{'min ms':>10}{'runs':>7}{'failed':>8}")
+    for name, row in report["peers"].items():
+        cells = [f"{row[k]:>10.2f}" if row[k] is not None else f"{'-':>10}"
+                 for k in ("median_ms", "p95_ms", "min_ms")]
+        print(f"{name:<9} {cells[0]}{cells[1]}{cells[2]}{row['runs']:>7}{row['failed']:>8}")
+    print()
+    for key, value in report["ratios"].items():
+        shown = f"{value:.2f}" if isinstance(value, float) else (value or "n/a")
+        print(f"median ratio {key}: {shown}")
+    print("\ncommands:")
+    for name, command in report["commands"].items():
+        print(f"  {name}: {command}")
+    for name, messages in report["failures"].items():
+        for message in messages[:3]:
+            print(f"FAILED {name}: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--caller-mb", type=int, default=200)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    grow_caller(args.caller_mb)
+    with tempfile.TemporaryDirectory(prefix="minictr-bench-") as cache:
+        os.environ.setdefault("MINICTR_CACHE_DIR", cache)
+        rootfs = str(RootfsBuilder().build(binaries=["sh", "echo", "cat"]))
+        with ContainerRuntime() as runtime:
+            peers, described = make_peers(runtime, rootfs)
+            times, failures = measure(peers, args.runs, args.warmup)
+
+    stats = {name: {**summarize(times[name]), "failed": len(failures[name])} for name in peers}
+    report = {"kernel": os.uname().release, "cpus": os.cpu_count(),
+              "python": sys.version.split()[0], "caller_rss_kib": caller_rss_kib(),
+              "runs": args.runs, "warmup": args.warmup, "peers": stats,
+              "ratios": ratios(stats, described), "commands": described,
+              "failures": {name: f for name, f in failures.items() if f}}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""What a command sees from inside a container, observed on the real kernel."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+
+
+def run(runtime, rootfs, script: str, **kwargs):
+    result = runtime.run(rootfs, ["sh", "-c", script], **kwargs).wait()
+    assert result.returncode == 0, result.stderr
+    return result.stdout.decode()
+
+
+def test_pid_namespace_shows_only_the_container(runtime, rootfs):
+    out = run(runtime, rootfs, "echo $$; ls /proc")
+    shell_pid, *entries = out.split()
+    pids = {int(entry) for entry in entries if entry.isdigit()}
+    assert shell_pid == "2"  # PID 1 is the container's init, the command its first child
+    assert pids <= {1, 2, 3, 4, 5}, pids  # init, sh, ls and nothing of the host's
+
+
+def test_hostname_is_the_containers_own(runtime, rootfs):
+    assert run(runtime, rootfs, "hostname", hostname="box-1") == "box-1\n"
+    run(runtime, rootfs, "hostname changed-inside")
+    assert socket.gethostname() != "changed-inside"
+
+
+@pytest.mark.parametrize("network, lo_up", [("none", False), ("loopback", True)])
+def test_network_namespace_has_only_loopback(runtime, rootfs, network, lo_up):
+    out = run(runtime, rootfs, "cat /proc/net/dev; echo ---; cat /proc/net/fib_trie",
+              network=network)
+    devices, routes = out.split("---")
+    interfaces = [line.split(":")[0].strip() for line in devices.splitlines()[2:]]
+    assert interfaces == ["lo"]
+    assert ("127.0.0.1" in routes) == lo_up  # lo has its address only once it is up
+
+
+def test_ipc_namespace_hides_host_sysv_objects(runtime, rootfs):
+    out = run(runtime, rootfs, "cat /proc/sysvipc/shm /proc/sysvipc/msg /proc/sysvipc/sem")
+    assert len(out.splitlines()) == 3  # the three header lines, no objects
+
+
+def test_host_root_is_invisible(runtime, rootfs):
+    marker = Path("/") / f"minictr-marker-{uuid.uuid4().hex}"
+    marker.write_text("host")
+    try:
+        out = run(runtime, rootfs, f"ls -a / /..; cat {marker} 2>/dev/null || echo absent")
+    finally:
+        marker.unlink()
+    assert marker.name not in out
+    assert out.endswith("absent\n")
+
+
+def test_chroot_dotdot_escape_finds_nothing(runtime, rootfs):
+    # The classic escape: chdir above the root. After pivot_root and detaching the old root
+    # there is nothing above, so "/.." is "/".
+    out = run(runtime, rootfs, "cd /../../..; ls -di . /; cat /proc/1/mountinfo")
+    inodes = {line.split()[0] for line in out.splitlines()[:2]}
+    assert len(inodes) == 1
+    mount_points = {line.split()[4] for line in out.splitlines()[2:]}
+    assert not any(p.startswith(("/home", "/work", "/boot", "/var/lib")) for p in mount_points)
+
+
+def test_mounts_do_not_propagate_to_the_host(runtime, rootfs):
+    before = Path("/proc/self/mountinfo").read_text()
+    run(runtime, rootfs, "ls /proc /dev /tmp >/dev/null")
+    assert Path("/proc/self/mountinfo").read_text() == before
+
+
+def test_proc_is_fresh_and_dev_is_minimal(runtime, rootfs):
+    out = run(runtime, rootfs, "ls /dev; echo ---; cat /proc/1/cmdline | head -c 200; echo; "
+                               "echo x > /dev/null && head -c 4 /dev/zero | wc -c")
+    dev, rest = out.split("---")
+    assert set(dev.split()) == {"fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr",
+                                "stdin", "stdout", "tty", "urandom", "zero"}
+    assert rest.strip().endswith("4")
+
+
+def test_writes_reach_neither_the_base_nor_the_next_container(runtime, rootfs):
+    run(runtime, rootfs, "echo scribble > /etc/passwd; mkdir -p /new/dir; touch /usr/bin/x; "
+                         "echo t > /tmp/t")
+    assert "scribble" not in (Path(rootfs) / "etc/passwd").read_text()
+    assert not (Path(rootfs) / "new").exists() and not (Path(rootfs) / "usr/bin/x").exists()
+    out = run(runtime, rootfs, "cat /etc/passwd; ls /new /tmp/t 2>&1 || true")
+    assert "scribble" not in out and "No such file" in out
+
+
+def test_environment_is_clean(runtime, rootfs, monkeypatch):
+    monkeypatch.setenv("MINICTR_HOST_SECRET", "leak")
+    out = runtime.run(rootfs, ["cat", "/proc/self/environ"], env={"EXTRA": "1"}).wait().stdout
+    assert sorted(out.decode().rstrip("\0").split("\0")) == [
+        "EXTRA=1", "HOME=/root", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "TERM=dumb"]
+
+
+def test_cwd_and_env(runtime, rootfs):
+    out = run(runtime, rootfs, 'pwd; echo "$GREETING"', cwd="/etc", env={"GREETING": "hi"})
+    assert out == "/etc\nhi\n"
+
+
+def test_user_namespace_maps_container_root_to_the_caller(runtime, rootfs):
+    out = run(runtime, rootfs, "id -u; cat /proc/self/uid_map; touch /tmp/x; ls /etc",
+              user=True)
+    lines = out.split()
+    assert lines[0] == "0"
+    assert lines[1:4] == ["0", str(os.geteuid()), "1"]
