@@ -16,6 +16,7 @@ container is killed and the launcher exits: nothing outlives the caller.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -24,10 +25,10 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from . import launcher, protocol
-from .launcher import ChildFds
+from . import protocol
+from .launcher import ChildFds, Launcher
 from .spec import ContainerSpec
 
 SETUP_TIMEOUT = 60.0  # seconds a container may take from fork to exec before we give up
@@ -35,19 +36,21 @@ SETUP_TIMEOUT = 60.0  # seconds a container may take from fork to exec before we
 
 @dataclass
 class Running:
-    """One container, from its successful exec until its keeper is reaped."""
+    """One container, from its command's start until our child (init or keeper) is reaped."""
 
     id: str
-    keeper_pid: int
-    keeper_pidfd: int
+    pid: int                          # our child: the init, or the keeper above it
+    pidfd: int
     init_pidfd: int | None
-    status_pipe: int
+    status_pipe: int | None
     events: int
     started: float
     timeout_at: float | None
     kill_at: float | None = None
     ended_by: str | None = None       # "timeout" | "stop" when we ended it
-    signals: list[int] = field(default_factory=list)
+    status_data: bytes = b""          # JSON lines from the init (and keeper)
+    child_status: int | None = None   # our child's wait status, once reaped
+    event_sent: bool = False
 
 
 class Forkserver:
@@ -56,6 +59,7 @@ class Forkserver:
         self.selector = selectors.DefaultSelector()
         self.selector.register(control, selectors.EVENT_READ)
         self.containers: dict[str, Running] = {}
+        self.launcher = Launcher()
 
     def serve(self) -> None:
         while True:
@@ -65,7 +69,8 @@ class Forkserver:
                         self.shutdown()
                         return
                 else:
-                    self._finish(key.data)
+                    handler, container = key.data
+                    handler(container)
             self._fire_deadlines(time.monotonic())
 
     # -- requests ------------------------------------------------------------------------------
@@ -94,27 +99,25 @@ class Forkserver:
         setup_r, setup_w = os.pipe2(os.O_CLOEXEC)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         started = time.monotonic()
-        keeper_pid = os.fork()
-        if keeper_pid == 0:
-            launcher.run_keeper(spec, ChildFds(stdin, stdout, stderr, setup_w, status_w),
-                                os.getppid())
-        for fd in (setup_w, status_w, stdin, stdout, stderr):
-            os.close(fd)
-        keeper_pidfd = os.pidfd_open(keeper_pid)
-        init_pid, error = _read_setup(setup_r)
-        init_pidfd = _pidfd_or_none(init_pid)
+        try:
+            pid = self.launcher.start(spec, ChildFds(stdin, stdout, stderr, setup_w, status_w))
+        finally:
+            for fd in (setup_w, status_w, stdin, stdout, stderr):
+                os.close(fd)
+        pidfd = os.pidfd_open(pid)
+        init_pid, error = _read_setup(setup_r, pid, spec.user_namespace)
+        init_pidfd = pidfd if init_pid == pid else _pidfd_or_none(init_pid)
         if error is not None:
             _kill(init_pidfd)
-            os.waitpid(keeper_pid, 0)
-            for fd in (keeper_pidfd, status_r, events):
+            os.waitpid(pid, 0)
+            for fd in {pidfd, init_pidfd, status_r, events} - {None}:
                 os.close(fd)
-            if init_pidfd is not None:
-                os.close(init_pidfd)
             return {"ok": False, "error": error}
-        container = Running(message["id"], keeper_pid, keeper_pidfd, init_pidfd, status_r,
-                            events, started, started + spec.timeout if spec.timeout else None)
+        container = Running(message["id"], pid, pidfd, init_pidfd, status_r, events, started,
+                            started + spec.timeout if spec.timeout else None)
         self.containers[container.id] = container
-        self.selector.register(keeper_pidfd, selectors.EVENT_READ, container)
+        self.selector.register(pidfd, selectors.EVENT_READ, (self._on_exit, container))
+        self.selector.register(status_r, selectors.EVENT_READ, (self._on_status, container))
         return {"ok": True, "pid": init_pid}
 
     def _op_signal(self, message: dict, _fds) -> dict:
@@ -158,39 +161,67 @@ class Forkserver:
 
     # -- the end of a container ----------------------------------------------------------------
 
-    def _finish(self, container: Running) -> None:
-        """The keeper exited, so the init and every process of the namespace are gone."""
-        self.selector.unregister(container.keeper_pidfd)
-        os.waitpid(container.keeper_pid, 0)
-        wall_time = time.monotonic() - container.started
-        reports = _read_lines(container.status_pipe)
+    def _on_status(self, container: Running) -> None:
+        """The init writes the command's status once the command and everything it left
+        behind are dead and reaped: the container's end, told to the caller at once (the
+        init's own exit, and the namespaces' teardown, need not hold the caller up)."""
+        chunk = os.read(container.status_pipe, 65536)
+        container.status_data += chunk
+        if not chunk:
+            self._close_status_pipe(container)
+        if not chunk or b'"command"' in container.status_data:
+            self._send_event(container)
+
+    def _on_exit(self, container: Running) -> None:
+        """Our child exited: the init and every process of the namespace are gone."""
+        self.selector.unregister(container.pidfd)
+        _, container.child_status = os.waitpid(container.pid, 0)
+        if container.status_pipe is not None:
+            # every writer has exited, so this read cannot block
+            while chunk := os.read(container.status_pipe, 65536):
+                container.status_data += chunk
+            self._close_status_pipe(container)
+        self._send_event(container)
+        for fd in {container.pidfd, container.init_pidfd} - {None}:
+            os.close(fd)
+        del self.containers[container.id]
+
+    def _send_event(self, container: Running) -> None:
+        if container.event_sent:
+            return
+        container.event_sent = True
+        reports = {"init": container.child_status}
+        for line in container.status_data.splitlines():
+            reports.update(json.loads(line))
         event = {"returncode": _returncode(reports), "ended_by": container.ended_by,
-                 "wall_time": wall_time, "cpu_time": reports.get("cpu_time")}
+                 "wall_time": time.monotonic() - container.started,
+                 "cpu_time": reports.get("cpu_time")}
         try:
             os.write(container.events, json.dumps(event).encode() + b"\n")
         except OSError:
             pass  # the caller closed its end: it no longer cares
-        for fd in (container.keeper_pidfd, container.status_pipe, container.events,
-                   container.init_pidfd):
-            _close_quietly(fd)
-        del self.containers[container.id]
+        os.close(container.events)
+
+    def _close_status_pipe(self, container: Running) -> None:
+        self.selector.unregister(container.status_pipe)
+        os.close(container.status_pipe)
+        container.status_pipe = None
 
     def shutdown(self) -> None:
         for container in list(self.containers.values()):
             _kill(container.init_pidfd)
         for container in list(self.containers.values()):
-            self._finish(container)
+            self._on_exit(container)
 
 
-def _read_setup(setup_r: int) -> tuple[int | None, dict | None]:
-    """Read the setup pipe until every child closed it: the init's pid, or what failed."""
+def _read_setup(setup_r: int, child_pid: int, has_keeper: bool) -> tuple[int, dict | None]:
+    """Read the setup pipe until every child closed it: the init's pid (a keeper sends it;
+    otherwise our child is the init), or what failed."""
     lines = _read_lines(setup_r, SETUP_TIMEOUT)
-    if "error" in lines:
-        return lines.get("pid"), lines["error"]
-    if "pid" not in lines:
-        return None, {"type": "LauncherError",
-                      "message": "the container's keeper died during setup"}
-    return lines["pid"], None
+    if has_keeper and "pid" not in lines and "error" not in lines:
+        lines["error"] = {"type": "LauncherError",
+                          "message": "the container's keeper died during setup"}
+    return lines.get("pid", child_pid), lines.get("error")
 
 
 def _read_lines(fd: int, timeout: float | None = None) -> dict:
@@ -219,7 +250,7 @@ def _returncode(reports: dict) -> int:
     """The command's status as subprocess reports it (negative: killed by that signal)."""
     if "command" in reports:
         return os.waitstatus_to_exitcode(reports["command"])
-    if "init" in reports and os.WIFSIGNALED(reports["init"]):
+    if reports.get("init") is not None and os.WIFSIGNALED(reports["init"]):
         return -os.WTERMSIG(reports["init"])
     return -signal.SIGKILL
 
@@ -256,7 +287,12 @@ def main(argv: list[str] | None = None) -> None:
     # The caller decides what an interrupt means; a Ctrl-C must not kill us before we clean up.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=int(args[0]))
-    Forkserver(control).serve()
+    server = Forkserver(control)
+    # Everything imported so far lives as long as we do: freezing it keeps the collector of a
+    # forked child from touching (and so copying) those pages.
+    gc.collect()
+    gc.freeze()
+    server.serve()
 
 
 if __name__ == "__main__":

@@ -1,23 +1,32 @@
-"""The process choreography of one container, as run in the launcher's forked children.
+"""The process choreography of one container, run by the launcher and its forked children.
 
-Three processes per container, each a fork of the (small, single-threaded) launcher:
+A container is an init process, PID 1 of a new PID namespace, and the command it spawns:
 
-    launcher ── keeper ── init ── command
+    launcher ── init ── command                      (the caller is root: the usual case)
+    launcher ── keeper ── init ── command            (in a user namespace)
 
-The keeper stays in the host's PID namespace: it unshares the other namespaces, forks the init
-and waits for it. The init is PID 1 of the new PID namespace: it builds the mounts, pivot_roots,
-forks the command and then does what the kernel asks of a PID 1: orphans are reparented to it
-(someone has to reap them), and signals reach it only if it installed a handler (so it forwards
-SIGTERM and friends to the command, which otherwise could not be stopped gently). When the
-command exits, the init exits, and the kernel kills every process left in the namespace, even
-those that detached with setsid(); the keeper's wait() returns only after they are all gone.
+The init builds the mounts, pivot_roots and spawns the command, then does what the kernel asks
+of a PID 1: orphans are reparented to it (someone has to reap them), and signals reach it only
+if it installed a handler (so it forwards SIGTERM and friends to the command, which could not
+be stopped gently otherwise). When the command exits, the init exits, and the kernel kills
+every process left in the namespace, even those that detached with setsid(); the init's exit
+is reported to its parent only after they are all gone.
+
+Without a user namespace the launcher itself unshares CLONE_NEWPID, forks the init straight
+into the new namespace and goes back to its own with setns(): one fork of Python per container.
+A user namespace must exist before the PID namespace it owns (mounting /proc needs privilege
+over the PID namespace), and the launcher cannot leave a user namespace it enters, so that
+case needs the keeper: a child that unshares everything, writes the id maps and forks the init.
+
+The command is started with posix_spawn (vfork-style, no copy of our memory, no Python running
+in the child); it gets a new session (no controlling terminal to push input into:
+CVE-2017-5226), stdio, default signal dispositions and an empty signal mask.
 
 Each process dies with its parent (PR_SET_PDEATHSIG), so a killed launcher takes its containers
-along. Failures before exec travel to the launcher as one JSON line on a close-on-exec "setup"
-pipe; its end of file, once every copy is closed, means the command was executed. The init and
-the keeper write the command's and the init's wait status to a "status" pipe.
-
-Every function here ends in os._exit(): a forked child must never return into the launcher.
+along. A failure before the command runs travels to the launcher as one JSON line on a
+close-on-exec "setup" pipe; its end of file, once every copy is closed, means the command runs.
+The init (and the keeper) write the command's (and the init's) wait status to a "status" pipe.
+Every function run in a forked child ends in os._exit(): it must never return into the launcher.
 """
 
 from __future__ import annotations
@@ -39,12 +48,14 @@ from .spec import ContainerSpec
 # Signals the init passes on to the command: what `stop()`, a terminal or a user sends.
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT)
+# The namespaces besides PID (and USER) that every container gets.
+OTHER_NAMESPACES = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET
 _ALL_FDS = 0x7FFFFFFF
 
 
 @dataclass(frozen=True)
 class ChildFds:
-    """The descriptors a container's processes inherit from the launcher; all others are closed."""
+    """The descriptors a container's processes keep from the launcher; all others are closed."""
 
     stdin: int
     stdout: int
@@ -55,33 +66,52 @@ class ChildFds:
     def stdio(self) -> tuple[int, int, int]:
         return self.stdin, self.stdout, self.stderr
 
+    def all(self) -> tuple[int, ...]:
+        return self.stdin, self.stdout, self.stderr, self.setup, self.status
 
-def namespace_flags(spec: ContainerSpec) -> int:
-    flags = (linux.CLONE_NEWPID | linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
-             | linux.CLONE_NEWNET)
-    return flags | linux.CLONE_NEWUSER if spec.user_namespace else flags
+
+class Launcher:
+    """Lives in the launcher process: starts containers and returns the pid to watch."""
+
+    def __init__(self) -> None:
+        # Both are inherited by every child: how an init checks that we are alive, and the
+        # way back to our own PID namespace after forking into a new one.
+        self.own_pidfd = os.pidfd_open(os.getpid())
+        self.own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+
+    def start(self, spec: ContainerSpec, fds: ChildFds) -> int:
+        if spec.user_namespace:
+            pid = os.fork()
+            if pid == 0:
+                run_keeper(spec, fds, self.own_pidfd)
+            return pid
+        linux.unshare(linux.CLONE_NEWPID)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                run_init(spec, fds, self.own_pidfd, OTHER_NAMESPACES)
+        finally:
+            linux.setns(self.own_pid_namespace, linux.CLONE_NEWPID)
+        return pid
 
 
 # ---------------------------------------------------------------------------------------------
-# The keeper: outside the PID namespace, it owns the namespaces and watches the init die.
+# The keeper (user namespaces only): outside the PID namespace, it owns the namespaces.
 
-def run_keeper(spec: ContainerSpec, fds: ChildFds, launcher_pid: int) -> NoReturn:
+def run_keeper(spec: ContainerSpec, fds: ChildFds, parent_pidfd: int) -> NoReturn:
     code = 1
     try:
-        close_fds_except(fds.stdio() + (fds.setup, fds.status))
-        die_with_parent(lambda: os.getppid() == launcher_pid)
+        die_with_parent(parent_pidfd, fds)
         uid, gid = os.geteuid(), os.getegid()
-        attempt("unshare namespaces", linux.unshare, namespace_flags(spec))
-        if spec.user_namespace:
-            attempt("write uid/gid maps", write_id_maps, uid, gid)
+        attempt("unshare namespaces", linux.unshare,
+                linux.CLONE_NEWUSER | linux.CLONE_NEWPID | OTHER_NAMESPACES)
+        attempt("write uid/gid maps", write_id_maps, uid, gid)
         keeper_pidfd = os.pidfd_open(os.getpid())
-        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         init_pid = os.fork()
         if init_pid == 0:
-            run_init(spec, fds, keeper_pidfd)
-        os.close(keeper_pidfd)
+            run_init(spec, fds, keeper_pidfd, 0)
         _write_line(fds.setup, {"pid": init_pid})
-        for fd in fds.stdio() + (fds.setup,):
+        for fd in fds.stdio() + (fds.setup, keeper_pidfd):
             os.close(fd)
         _, wait_status = os.waitpid(init_pid, 0)
         _write_line(fds.status, {"init": wait_status})
@@ -107,28 +137,21 @@ def write_id_maps(uid: int, gid: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # The init: PID 1 of the container.
 
-def run_init(spec: ContainerSpec, fds: ChildFds, keeper_pidfd: int) -> NoReturn:
+def run_init(spec: ContainerSpec, fds: ChildFds, parent_pidfd: int,
+             unshare_flags: int) -> NoReturn:
     code = 1
     try:
-        # getppid() is 0 for a parent outside our PID namespace, so ask the keeper's pidfd
-        die_with_parent(lambda: not select.select([keeper_pidfd], [], [], 0)[0])
-        os.close(keeper_pidfd)
-        rootfs_fd, source_fds = mounts.open_host_paths(spec)
-        root = mounts.build_root(spec, rootfs_fd, source_fds)
-        attempt("set hostname", socket.sethostname, spec.hostname)
-        if spec.network == "loopback":
-            attempt("bring up loopback", linux.set_link_up, "lo")
-        mounts.enter_root(root)
-        for fd in [rootfs_fd, *source_fds.values()]:
-            os.close(fd)
+        die_with_parent(parent_pidfd, fds)
+        if unshare_flags:
+            attempt("unshare namespaces", linux.unshare, unshare_flags)
+        enter_container(spec)
         forwarder = SignalForwarder()
-        command_pid = os.fork()
-        if command_pid == 0:
-            run_command(spec, fds)
+        command_pid = spawn_command(spec, fds)
         forwarder.start(command_pid)
         for fd in fds.stdio() + (fds.setup,):
             os.close(fd)
         wait_status = reap_until(command_pid)
+        kill_the_rest()
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         _write_line(fds.status, {"command": wait_status,
                                  "cpu_time": usage.ru_utime + usage.ru_stime})
@@ -139,12 +162,46 @@ def run_init(spec: ContainerSpec, fds: ChildFds, keeper_pidfd: int) -> NoReturn:
         os._exit(code)
 
 
+def enter_container(spec: ContainerSpec) -> None:
+    """Mounts, hostname, network, then pivot_root into the new root and chdir to `cwd`."""
+    rootfs_fd, source_fds = mounts.open_host_paths(spec)
+    root = mounts.build_root(spec, rootfs_fd, source_fds)
+    attempt("set hostname", socket.sethostname, spec.hostname)
+    if spec.network == "loopback":
+        attempt("bring up loopback", linux.set_link_up, "lo")
+    mounts.enter_root(root)
+    for fd in (rootfs_fd, *source_fds.values()):
+        os.close(fd)
+    attempt(f"chdir to {spec.cwd}", os.chdir, spec.cwd)
+
+
+def spawn_command(spec: ContainerSpec, fds: ChildFds) -> int:
+    env = dict(spec.env)
+    program = find_program(spec.argv[0], env.get("PATH", ""))
+    try:
+        return os.posix_spawn(
+            program, spec.argv, env,
+            file_actions=[(os.POSIX_SPAWN_DUP2, fd, target)
+                          for target, fd in enumerate(fds.stdio())],
+            setsid=True, setsigmask=(), setsigdef=_ignored_signals())
+    except OSError as error:
+        raise _exec_failure(program, error) from None
+
+
+def _ignored_signals() -> list[int]:
+    """Python ignores SIGPIPE and SIGXFSZ (the launcher SIGINT): the command must not inherit
+    that; handled signals need nothing, exec resets them."""
+    return [signum for signum in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT)
+            if signal.getsignal(signum) == signal.SIG_IGN]
+
+
 class SignalForwarder:
-    """Passes forwarded signals to the command. Signals stay blocked from before the fork
-    until the command's pid is known, so none arriving in between is lost."""
+    """Passes forwarded signals to the command. Signals stay blocked until the command's pid
+    is known, so none arriving in between is lost (the command starts with an empty mask)."""
 
     def __init__(self) -> None:
         self.target = 0
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, self._forward)
 
@@ -167,29 +224,18 @@ def reap_until(command_pid: int) -> int:
             return wait_status
 
 
-# ---------------------------------------------------------------------------------------------
-# The command: a new session (no controlling terminal to push input into: CVE-2017-5226),
-# stdio, clean signals, cwd, exec.
-
-def run_command(spec: ContainerSpec, fds: ChildFds) -> NoReturn:
+def kill_the_rest() -> None:
+    """The command is done: kill and reap what it left behind before reporting its end, so
+    that a caller told "finished" finds nothing of the container still running."""
     try:
-        os.setsid()
-        for target, fd in enumerate(fds.stdio()):
-            os.dup2(fd, target)
-        close_fds_except((0, 1, 2, fds.setup))
-        reset_signal_dispositions()
-        attempt(f"chdir to {spec.cwd}", os.chdir, spec.cwd)
-        env = dict(spec.env)
-        program = find_program(spec.argv[0], env.get("PATH", ""))
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        os.kill(-1, signal.SIGKILL)  # from PID 1: every other process of the namespace
+    except ProcessLookupError:
+        return
+    while True:
         try:
-            os.execve(program, spec.argv, env)
-        except OSError as error:
-            raise _exec_failure(program, error) from None
-    except BaseException as error:  # noqa: BLE001
-        report_failure(fds.setup, error)
-    finally:
-        os._exit(127)
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
 
 
 def find_program(name: str, search_path: str) -> str:
@@ -213,21 +259,17 @@ def _exec_failure(program: str, error: OSError) -> CommandNotFoundError:
     return CommandNotFoundError(message, "exec", error.errno)
 
 
-def reset_signal_dispositions() -> None:
-    """Python ignores SIGPIPE and SIGXFSZ; an exec'd program must start with the defaults."""
-    for signum in signal.valid_signals():
-        if signal.getsignal(signum) == signal.SIG_IGN:
-            signal.signal(signum, signal.SIG_DFL)
-
-
 # ---------------------------------------------------------------------------------------------
-# Shared by the three processes
+# Shared by the keeper and the init
 
-def die_with_parent(parent_still_there) -> None:
-    """Arm PR_SET_PDEATHSIG, then check the parent did not die before it was armed."""
+def die_with_parent(parent_pidfd: int, fds: ChildFds) -> None:
+    """Arm PR_SET_PDEATHSIG, then check through its pidfd that the parent did not die before
+    it was armed (getppid() says 0 for any parent outside our PID namespace). Also close
+    what we inherited from the launcher: other containers' pipes, its socket."""
     linux.set_parent_death_signal(signal.SIGKILL)
-    if not parent_still_there():
+    if select.select([parent_pidfd], [], [], 0)[0]:
         os._exit(1)
+    close_fds_except(fds.all())
 
 
 def close_fds_except(keep) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -41,13 +42,21 @@ def _children(pid: int) -> set[str]:
     return found
 
 
-def assert_nothing_left(before: dict, runtime: ContainerRuntime | None = None) -> None:
-    after = host_snapshot()
+def assert_nothing_left(before: dict, runtime: ContainerRuntime | None = None,
+                        settle: float = 2.0) -> None:
+    """Compare with `before`. A container's init may still be exiting (and unreaped) for a
+    moment after its result was delivered, so differences get `settle` seconds to vanish."""
     launcher = str(runtime._client.pid) if runtime is not None and runtime._client.pid else None
-    for key in before:
-        extra = {item for item in after[key] - before[key]
-                 if not (launcher and item.split()[0] == launcher)}
-        assert not extra, f"left behind ({key}): {sorted(extra)}"
+    deadline = time.monotonic() + settle
+    while True:
+        after = host_snapshot()
+        extra = {key: sorted(item for item in after[key] - before[key]
+                             if not (launcher and item.split()[0] == launcher))
+                 for key in before}
+        if not any(extra.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert not any(extra.values()), f"left behind: {extra}"
 
 
 @pytest.fixture(scope="session")
