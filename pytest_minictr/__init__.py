@@ -17,10 +17,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "errors": ["CommandNotFoundError", "ConfigError", "ContainerNotFoundError",
-               "ContainerProcessError", "ContainerSetupError", "LauncherError", "MinictrError",
-               "RootfsError", "UnsupportedError", "WaitTimeoutError"],
+               "ContainerSetupError", "LauncherError", "MinictrError", "RootfsError",
+               "UnsupportedError"],
     "rootfs": ["RootfsBuilder"],
-    "runtime": ["Container", "ContainerRuntime", "ContainerStatus", "Result"],
+    "runtime": ["Container", "ContainerProcessError", "ContainerRuntime", "ContainerStatus",
+                "Result", "WaitTimeoutError"],
     "spec": ["ContainerSpec", "Limits", "Mount", "parse_size"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

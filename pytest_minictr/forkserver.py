@@ -165,6 +165,8 @@ class Forkserver:
         """The init writes the command's status once the command and everything it left
         behind are dead and reaped: the container's end, told to the caller at once (the
         init's own exit, and the namespaces' teardown, need not hold the caller up)."""
+        if container.status_pipe is None:
+            return  # _on_exit, in the same round of events, already read it to the end
         chunk = os.read(container.status_pipe, 65536)
         container.status_data += chunk
         if not chunk:

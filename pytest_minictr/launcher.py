@@ -31,6 +31,7 @@ Every function run in a forked child ends in os._exit(): it must never return in
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -265,7 +266,9 @@ def _exec_failure(program: str, error: OSError) -> CommandNotFoundError:
 def die_with_parent(parent_pidfd: int, fds: ChildFds) -> None:
     """Arm PR_SET_PDEATHSIG, then check through its pidfd that the parent did not die before
     it was armed (getppid() says 0 for any parent outside our PID namespace). Also close
-    what we inherited from the launcher: other containers' pipes, its socket."""
+    what we inherited from the launcher: other containers' pipes, its socket. A child runs
+    no garbage collection: it is short-lived, and a collection would copy shared pages."""
+    gc.disable()
     linux.set_parent_death_signal(signal.SIGKILL)
     if select.select([parent_pidfd], [], [], 0)[0]:
         os._exit(1)

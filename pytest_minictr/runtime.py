@@ -11,6 +11,7 @@ import atexit
 import enum
 import os
 import secrets
+import subprocess
 import threading
 import time
 import weakref
@@ -20,14 +21,34 @@ from typing import Any, Mapping, Sequence
 
 from . import errors
 from .client import LauncherClient
-from .errors import ConfigError, ContainerNotFoundError, ContainerProcessError, \
-    LauncherError, UnsupportedError, WaitTimeoutError
+from .errors import ConfigError, ContainerNotFoundError, LauncherError, MinictrError, \
+    UnsupportedError
 from .monitor import Monitor
 from .spec import ContainerSpec, Mount, make_spec
 
 DEFAULT_STOP_GRACE = 5.0
 _FINISHED_KEPT = 1024   # statuses of collected containers remembered for runtime.status(id)
 _ABORT_WAIT = 30.0      # seconds to wait for a killed container's end after an interrupt
+
+
+class WaitTimeoutError(MinictrError, subprocess.TimeoutExpired):
+    """`Container.wait(timeout=...)` gave up; the container is still running."""
+
+    def __init__(self, cmd, timeout: float):
+        subprocess.TimeoutExpired.__init__(self, cmd, timeout)
+
+    def __str__(self) -> str:
+        return f"container {self.cmd!r} still running after waiting {self.timeout:g} s"
+
+
+class ContainerProcessError(MinictrError, subprocess.CalledProcessError):
+    """`Result.check_returncode()` on a non-zero exit; carries the output like subprocess."""
+
+    def __init__(self, returncode: int, cmd, output: bytes = b"", stderr: bytes = b""):
+        subprocess.CalledProcessError.__init__(self, returncode, cmd, output, stderr)
+
+    def __str__(self) -> str:
+        return subprocess.CalledProcessError.__str__(self)
 
 
 class ContainerStatus(str, enum.Enum):
