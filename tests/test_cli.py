@@ -1,0 +1,76 @@
+"""`minictr` as a user types it: pass-through, exit statuses, errors on one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def minictr(*args: str, input: bytes | None = None, cache_dir=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if cache_dir is not None:
+        env["MINICTR_CACHE_DIR"] = str(cache_dir)
+    return subprocess.run([sys.executable, "-m", "pytest_minictr", *args], input=input,
+                          capture_output=True, env=env, timeout=60)
+
+
+def test_run_passes_output_through_and_exits_with_the_status(cache_dir):
+    done = minictr("run", "--bin", "echo", "--", "sh", "-c", "echo out; echo err >&2; exit 4",
+                   cache_dir=cache_dir)
+    assert (done.returncode, done.stdout, done.stderr) == (4, b"out\n", b"err\n")
+
+
+def test_run_builds_a_rootfs_holding_the_command(cache_dir):
+    done = minictr("run", "--hostname", "cli-box", "--", "hostname", cache_dir=cache_dir)
+    assert (done.returncode, done.stdout) == (0, b"cli-box\n")
+
+
+def test_stdin_is_passed_through(cache_dir):
+    assert minictr("run", "--", "cat", input=b"piped", cache_dir=cache_dir).stdout == b"piped"
+
+
+def test_death_by_signal_exits_128_plus_n(cache_dir):
+    assert minictr("run", "--", "sh", "-c", "kill -KILL $$", cache_dir=cache_dir).returncode \
+        == 128 + 9
+
+
+def test_timeout_kills_and_says_so(cache_dir):
+    done = minictr("run", "--timeout", "0.3", "--", "sleep", "30", cache_dir=cache_dir)
+    assert done.returncode == 137 and b"timed out after 0.3 s" in done.stderr
+
+
+def test_env_and_rootfs_options(rootfs):
+    done = minictr("run", "--rootfs", str(rootfs), "--env", "NAME=box", "--cwd", "/etc", "--",
+                   "sh", "-c", 'echo "$NAME $PWD"')
+    assert done.stdout == b"box /etc\n"
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["run", "--", "no-such-command-anywhere"], 127, b"not found on this host's PATH"),
+    (["run", "--rootfs", "/no/such/dir", "--", "sh"], 125, b"rootfs does not exist"),
+    (["run", "--memory", "64Q", "--", "echo"], 125, b"unknown unit 'Q'"),
+])
+def test_errors_are_one_line_with_a_status(args, status, message, cache_dir):
+    done = minictr(*args, cache_dir=cache_dir)
+    assert done.returncode == status
+    assert done.stderr.startswith(b"minictr: error: ") and message in done.stderr
+    assert done.stderr.count(b"\n") == 1 and b"Traceback" not in done.stderr
+
+
+def test_usage_errors_come_from_argparse(cache_dir):
+    done = minictr("run", "--env", "NOEQUALS", "--", "echo", cache_dir=cache_dir)
+    assert done.returncode == 2 and b"expected NAME=VALUE" in done.stderr
+
+
+def test_rootfs_build_writes_a_directory(tmp_path):
+    dest = tmp_path / "root"
+    done = minictr("rootfs", "build", "--bin", "sh", str(dest))
+    assert done.returncode == 0 and (dest / "bin").is_symlink()
+    assert Path(done.stdout.decode().strip()) == dest
