@@ -63,7 +63,11 @@ class Forkserver:
 
     def serve(self) -> None:
         while True:
-            for key, _ in self.selector.select(self._seconds_to_next_deadline()):
+            needs_spare = self.launcher.spare is None
+            events = self.selector.select(0 if needs_spare else self._seconds_to_next_deadline())
+            if not events and needs_spare:
+                self.launcher.prepare_spare()  # only when nothing else waits for us
+            for key, _ in events:
                 if key.fileobj is self.control:
                     if not self._handle_request():
                         self.shutdown()
@@ -100,7 +104,8 @@ class Forkserver:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         started = time.monotonic()
         try:
-            pid = self.launcher.start(spec, ChildFds(stdin, stdout, stderr, setup_w, status_w))
+            pid = self.launcher.start(spec, ChildFds(stdin, stdout, stderr, setup_w, status_w),
+                                      message["spec"])
         finally:
             for fd in (setup_w, status_w, stdin, stdout, stderr):
                 os.close(fd)
@@ -210,6 +215,7 @@ class Forkserver:
         container.status_pipe = None
 
     def shutdown(self) -> None:
+        self.launcher.discard_spare()
         for container in list(self.containers.values()):
             _kill(container.init_pidfd)
         for container in list(self.containers.values()):

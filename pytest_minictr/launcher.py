@@ -41,7 +41,7 @@ import socket
 from dataclasses import dataclass
 from typing import NoReturn
 
-from . import linux, mounts
+from . import linux, mounts, protocol
 from .errors import CommandNotFoundError, ContainerSetupError
 from .linux import attempt
 from .spec import ContainerSpec
@@ -71,29 +71,68 @@ class ChildFds:
         return self.stdin, self.stdout, self.stderr, self.setup, self.status
 
 
+@dataclass(frozen=True)
+class Spare:
+    """An init forked ahead of need: in its own PID, mount, UTS, IPC and network namespaces,
+    waiting on `channel` for a spec and the container's descriptors."""
+
+    pid: int
+    channel: socket.socket
+
+
 class Launcher:
-    """Lives in the launcher process: starts containers and returns the pid to watch."""
+    """Lives in the launcher process: starts containers and returns the pid to watch.
+
+    The fork and the unshare() of a container (about a millisecond) depend on nothing in its
+    spec, so they are done ahead: a spare init waits, and the forkserver makes the next one
+    while it has nothing else to do. A container then only costs what its spec decides."""
 
     def __init__(self) -> None:
         # Both are inherited by every child: how an init checks that we are alive, and the
         # way back to our own PID namespace after forking into a new one.
         self.own_pidfd = os.pidfd_open(os.getpid())
         self.own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.spare: Spare | None = None
 
-    def start(self, spec: ContainerSpec, fds: ChildFds) -> int:
+    def start(self, spec: ContainerSpec, fds: ChildFds, spec_data: dict) -> int:
+        """`spec_data` is `spec` as received, passed on as it is to a spare."""
         if spec.user_namespace:
             pid = os.fork()
             if pid == 0:
                 run_keeper(spec, fds, self.own_pidfd)
             return pid
+        spare, self.spare = self.spare or self._fork_spare(), None
+        try:
+            protocol.send_message(spare.channel, spec_data, fds.all())
+        except OSError:
+            # the spare died (someone killed it): its end shows up as the container's end
+            pass
+        finally:
+            spare.channel.close()
+        return spare.pid
+
+    def prepare_spare(self) -> None:
+        if self.spare is None:
+            self.spare = self._fork_spare()
+
+    def discard_spare(self) -> None:
+        """End of its channel tells a spare to exit; reap it."""
+        if self.spare is not None:
+            self.spare.channel.close()
+            os.waitpid(self.spare.pid, 0)
+            self.spare = None
+
+    def _fork_spare(self) -> Spare:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         linux.unshare(linux.CLONE_NEWPID)
         try:
             pid = os.fork()
             if pid == 0:
-                run_init(spec, fds, self.own_pidfd, OTHER_NAMESPACES)
+                run_spare(theirs.fileno(), self.own_pidfd)
         finally:
             linux.setns(self.own_pid_namespace, linux.CLONE_NEWPID)
-        return pid
+            theirs.close()
+        return Spare(pid, ours)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +141,7 @@ class Launcher:
 def run_keeper(spec: ContainerSpec, fds: ChildFds, parent_pidfd: int) -> NoReturn:
     code = 1
     try:
-        die_with_parent(parent_pidfd, fds)
+        die_with_parent(parent_pidfd, fds.all())
         uid, gid = os.geteuid(), os.getegid()
         attempt("unshare namespaces", linux.unshare,
                 linux.CLONE_NEWUSER | linux.CLONE_NEWPID | OTHER_NAMESPACES)
@@ -110,7 +149,7 @@ def run_keeper(spec: ContainerSpec, fds: ChildFds, parent_pidfd: int) -> NoRetur
         keeper_pidfd = os.pidfd_open(os.getpid())
         init_pid = os.fork()
         if init_pid == 0:
-            run_init(spec, fds, keeper_pidfd, 0)
+            run_init(spec, fds, keeper_pidfd)
         _write_line(fds.setup, {"pid": init_pid})
         for fd in fds.stdio() + (fds.setup, keeper_pidfd):
             os.close(fd)
@@ -138,29 +177,58 @@ def write_id_maps(uid: int, gid: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # The init: PID 1 of the container.
 
-def run_init(spec: ContainerSpec, fds: ChildFds, parent_pidfd: int,
-             unshare_flags: int) -> NoReturn:
+def run_init(spec: ContainerSpec, fds: ChildFds, parent_pidfd: int) -> NoReturn:
+    """The keeper's child, already in every namespace."""
     code = 1
     try:
-        die_with_parent(parent_pidfd, fds)
-        if unshare_flags:
-            attempt("unshare namespaces", linux.unshare, unshare_flags)
-        enter_container(spec)
-        forwarder = SignalForwarder()
-        command_pid = spawn_command(spec, fds)
-        forwarder.start(command_pid)
-        for fd in fds.stdio() + (fds.setup,):
-            os.close(fd)
-        wait_status = reap_until(command_pid)
-        kill_the_rest()
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        _write_line(fds.status, {"command": wait_status,
-                                 "cpu_time": usage.ru_utime + usage.ru_stime})
-        code = 0
+        die_with_parent(parent_pidfd, fds.all())
+        code = be_init(spec, fds)
     except BaseException as error:  # noqa: BLE001
         report_failure(fds.setup, error)
     finally:
         os._exit(code)
+
+
+def run_spare(channel: int, parent_pidfd: int) -> NoReturn:
+    """A spare init: unshares now, then waits for its container's spec and descriptors.
+    An unshare() failure is kept until there is a setup pipe to report it on."""
+    code, fds = 1, None
+    try:
+        die_with_parent(parent_pidfd, (channel,))
+        try:
+            attempt("unshare namespaces", linux.unshare, OTHER_NAMESPACES)
+            early_failure = None
+        except ContainerSetupError as failure:
+            early_failure = failure
+        with socket.socket(fileno=channel) as sock:
+            order = protocol.recv_message(sock)
+        if order is None:
+            os._exit(0)  # discarded: the launcher is shutting down
+        spec, fds = ContainerSpec.from_dict(order[0]), ChildFds(*order[1])
+        if early_failure is not None:
+            raise early_failure
+        code = be_init(spec, fds)
+    except BaseException as error:  # noqa: BLE001
+        if fds is not None:
+            report_failure(fds.setup, error)
+    finally:
+        os._exit(code)
+
+
+def be_init(spec: ContainerSpec, fds: ChildFds) -> int:
+    """PID 1's life: enter the container, spawn the command, reap until it exits, report."""
+    enter_container(spec)
+    forwarder = SignalForwarder()
+    command_pid = spawn_command(spec, fds)
+    forwarder.start(command_pid)
+    for fd in fds.stdio() + (fds.setup,):
+        os.close(fd)
+    wait_status = reap_until(command_pid)
+    kill_the_rest()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    _write_line(fds.status, {"command": wait_status,
+                             "cpu_time": usage.ru_utime + usage.ru_stime})
+    return 0
 
 
 def enter_container(spec: ContainerSpec) -> None:
@@ -263,7 +331,7 @@ def _exec_failure(program: str, error: OSError) -> CommandNotFoundError:
 # ---------------------------------------------------------------------------------------------
 # Shared by the keeper and the init
 
-def die_with_parent(parent_pidfd: int, fds: ChildFds) -> None:
+def die_with_parent(parent_pidfd: int, keep: tuple[int, ...]) -> None:
     """Arm PR_SET_PDEATHSIG, then check through its pidfd that the parent did not die before
     it was armed (getppid() says 0 for any parent outside our PID namespace). Also close
     what we inherited from the launcher: other containers' pipes, its socket. A child runs
@@ -272,7 +340,7 @@ def die_with_parent(parent_pidfd: int, fds: ChildFds) -> None:
     linux.set_parent_death_signal(signal.SIGKILL)
     if select.select([parent_pidfd], [], [], 0)[0]:
         os._exit(1)
-    close_fds_except(fds.all())
+    close_fds_except(keep)
 
 
 def close_fds_except(keep) -> None:

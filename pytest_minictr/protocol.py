@@ -8,6 +8,7 @@ ARG_MAX (2 MiB), beyond what one datagram may carry.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 from typing import Any, Sequence
@@ -25,8 +26,11 @@ def send_message(sock: socket.socket, message: Any, fds: Sequence[int] = ()) -> 
 
 
 def recv_message(sock: socket.socket) -> tuple[Any, list[int]] | None:
-    """The next message and the fds that came with it, or None at end of stream."""
+    """The next message and the fds that came with it, or None at end of stream. The fds are
+    close-on-exec: one that leaked into a command would hold its pipe open for its lifetime."""
     header, fds, _flags, _addr = socket.recv_fds(sock, _HEADER.size, MAX_FDS)
+    for fd in fds:  # (MSG_CMSG_CLOEXEC, tried first, is not honoured on every kernel)
+        os.set_inheritable(fd, False)
     if not header:
         return None
     header += _recv_exactly(sock, _HEADER.size - len(header))

@@ -16,29 +16,44 @@ BINARIES = ["sh", "echo", "cat", "ls", "sleep", "hostname", "id", "touch", "mkdi
             "seq", "yes", "wc", "ln", "stat", "setsid", "true", "kill"]
 
 
-def host_snapshot() -> dict[str, frozenset]:
-    """What a container could leak on the host, as seen from the test process."""
+def host_snapshot(launcher: int | None = None) -> dict[str, frozenset]:
+    """What a container could leak on the host, as seen from the test process. The runtime's
+    launcher and its spare init (an idle child of the launcher with no children: forked
+    ahead of the next container) are the runtime's own, not leftovers."""
     return {
         "mounts": frozenset(line.split()[4] for line in Path("/proc/self/mountinfo").read_text()
                             .splitlines()),
-        "children": frozenset(_children(os.getpid())),
+        "processes": frozenset(_descendants(os.getpid(), launcher)),
         "temp dirs": frozenset(p.name for p in Path(tempfile.gettempdir()).iterdir()
                                if "minictr" in p.name and "bench" not in p.name),
     }
 
 
-def _children(pid: int) -> set[str]:
-    """Descendants of `pid` (minus the runtime's launcher), with their state."""
-    found = set()
+def _process_table() -> dict[int, tuple[int, str, str]]:
+    table = {}
     for task in Path("/proc").glob("[0-9]*"):
         try:
             stat = (task / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == pid:
-            found.add(f"{task.name} {stat[stat.index('(') + 1:stat.rindex(')')]} {fields[0]}")
-            found |= _children(int(task.name))
+        state, parent = stat[stat.rindex(")") + 2:].split()[:2]
+        table[int(task.name)] = (int(parent), stat[stat.index("(") + 1:stat.rindex(")")], state)
+    return table
+
+
+def _descendants(root: int, launcher: int | None) -> set[str]:
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found, todo = set(), list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        parent, name, state = table[pid]
+        idle_spare = parent == launcher and state == "S" and not children.get(pid)
+        if pid != launcher and not idle_spare:
+            found.add(f"{pid} {name} {state}")
+        todo.extend(children.get(pid, []))
     return found
 
 
@@ -46,13 +61,11 @@ def assert_nothing_left(before: dict, runtime: ContainerRuntime | None = None,
                         settle: float = 2.0) -> None:
     """Compare with `before`. A container's init may still be exiting (and unreaped) for a
     moment after its result was delivered, so differences get `settle` seconds to vanish."""
-    launcher = str(runtime._client.pid) if runtime is not None and runtime._client.pid else None
+    launcher = runtime._client.pid if runtime is not None else None
     deadline = time.monotonic() + settle
     while True:
-        after = host_snapshot()
-        extra = {key: sorted(item for item in after[key] - before[key]
-                             if not (launcher and item.split()[0] == launcher))
-                 for key in before}
+        after = host_snapshot(launcher)
+        extra = {key: sorted(after[key] - before[key]) for key in before}
         if not any(extra.values()) or time.monotonic() > deadline:
             break
         time.sleep(0.01)
@@ -78,6 +91,6 @@ def runtime():
 @pytest.fixture
 def no_leftovers(runtime):
     """Fails the test if it left a mount, a process or a temp dir on the host."""
-    before = host_snapshot()
+    before = host_snapshot(runtime._client.pid)
     yield
     assert_nothing_left(before, runtime)
