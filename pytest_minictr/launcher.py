@@ -78,6 +78,7 @@ class Spare:
 
     pid: int
     channel: socket.socket
+    loopback: bool  # lo already up: for network="loopback" only (down is not like never up)
 
 
 class Launcher:
@@ -101,7 +102,11 @@ class Launcher:
             if pid == 0:
                 run_keeper(spec, fds, self.own_pidfd)
             return pid
-        spare, self.spare = self.spare or self._fork_spare(), None
+        loopback = spec.network == "loopback"
+        if self.spare is not None and self.spare.loopback == loopback:
+            spare, self.spare = self.spare, None
+        else:
+            spare = self._fork_spare(loopback)
         try:
             protocol.send_message(spare.channel, spec_data, fds.all())
         except OSError:
@@ -113,7 +118,7 @@ class Launcher:
 
     def prepare_spare(self) -> None:
         if self.spare is None:
-            self.spare = self._fork_spare()
+            self.spare = self._fork_spare(loopback=True)  # the default network mode
 
     def discard_spare(self) -> None:
         """End of its channel tells a spare to exit; reap it."""
@@ -122,17 +127,17 @@ class Launcher:
             os.waitpid(self.spare.pid, 0)
             self.spare = None
 
-    def _fork_spare(self) -> Spare:
+    def _fork_spare(self, loopback: bool) -> Spare:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         linux.unshare(linux.CLONE_NEWPID)
         try:
             pid = os.fork()
             if pid == 0:
-                run_spare(theirs.fileno(), self.own_pidfd)
+                run_spare(theirs.fileno(), self.own_pidfd, loopback)
         finally:
             linux.setns(self.own_pid_namespace, linux.CLONE_NEWPID)
             theirs.close()
-        return Spare(pid, ours)
+        return Spare(pid, ours, loopback)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,22 +187,22 @@ def run_init(spec: ContainerSpec, fds: ChildFds, parent_pidfd: int) -> NoReturn:
     code = 1
     try:
         die_with_parent(parent_pidfd, fds.all())
-        code = be_init(spec, fds)
+        code = be_init(spec, fds, prepare_namespaces(spec.network == "loopback"))
     except BaseException as error:  # noqa: BLE001
         report_failure(fds.setup, error)
     finally:
         os._exit(code)
 
 
-def run_spare(channel: int, parent_pidfd: int) -> NoReturn:
-    """A spare init: unshares now, then waits for its container's spec and descriptors.
-    An unshare() failure is kept until there is a setup pipe to report it on."""
+def run_spare(channel: int, parent_pidfd: int, loopback: bool) -> NoReturn:
+    """A spare init: unshares and prepares now, then waits for its container's spec and
+    descriptors. A failure is kept until there is a setup pipe to report it on."""
     code, fds = 1, None
     try:
         die_with_parent(parent_pidfd, (channel,))
         try:
             attempt("unshare namespaces", linux.unshare, OTHER_NAMESPACES)
-            early_failure = None
+            prepared, early_failure = prepare_namespaces(loopback), None
         except ContainerSetupError as failure:
             early_failure = failure
         with socket.socket(fileno=channel) as sock:
@@ -207,7 +212,7 @@ def run_spare(channel: int, parent_pidfd: int) -> NoReturn:
         spec, fds = ContainerSpec.from_dict(order[0]), ChildFds(*order[1])
         if early_failure is not None:
             raise early_failure
-        code = be_init(spec, fds)
+        code = be_init(spec, fds, prepared)
     except BaseException as error:  # noqa: BLE001
         if fds is not None:
             report_failure(fds.setup, error)
@@ -215,9 +220,17 @@ def run_spare(channel: int, parent_pidfd: int) -> NoReturn:
         os._exit(code)
 
 
-def be_init(spec: ContainerSpec, fds: ChildFds) -> int:
+def prepare_namespaces(loopback: bool) -> mounts.Stage:
+    """What a container needs before its spec is known: the mount stage, and lo up."""
+    stage = mounts.prepare_stage()
+    if loopback:
+        attempt("bring up loopback", linux.set_link_up, "lo")
+    return stage
+
+
+def be_init(spec: ContainerSpec, fds: ChildFds, stage: mounts.Stage) -> int:
     """PID 1's life: enter the container, spawn the command, reap until it exits, report."""
-    enter_container(spec)
+    enter_container(spec, stage)
     forwarder = SignalForwarder()
     command_pid = spawn_command(spec, fds)
     forwarder.start(command_pid)
@@ -231,16 +244,11 @@ def be_init(spec: ContainerSpec, fds: ChildFds) -> int:
     return 0
 
 
-def enter_container(spec: ContainerSpec) -> None:
+def enter_container(spec: ContainerSpec, stage: mounts.Stage) -> None:
     """Mounts, hostname, network, then pivot_root into the new root and chdir to `cwd`."""
-    rootfs_fd, source_fds = mounts.open_host_paths(spec)
-    root = mounts.build_root(spec, rootfs_fd, source_fds)
+    root = mounts.build_root(spec, stage)
     attempt("set hostname", socket.sethostname, spec.hostname)
-    if spec.network == "loopback":
-        attempt("bring up loopback", linux.set_link_up, "lo")
     mounts.enter_root(root)
-    for fd in (rootfs_fd, *source_fds.values()):
-        os.close(fd)
     attempt(f"chdir to {spec.cwd}", os.chdir, spec.cwd)
 
 

@@ -109,7 +109,7 @@ def _syscall_number(name: str) -> int:
 
 
 def set_link_up(name: str) -> None:
-    """Bring a network interface up in the current network namespace (like `ip link set up`)."""
+    """Bring a network interface up in the current network namespace (`ip link set up`)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         request = struct.pack("16sH14x", name.encode(), 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]

@@ -4,12 +4,14 @@ Runs in the container's init process, after unshare(CLONE_NEWNS) and before the 
 
 1. `make_mounts_private`: systemd hosts mount `/` shared; without this every mount below would
    propagate back to the host.
-2. `mount_stage`: a tmpfs over the host's `/tmp` *in this namespace only*. It holds the
+2. `prepare_stage`: a tmpfs over the host's `/tmp` *in this namespace only*. It holds the
    overlay's upper and work dirs and the mount point of the new root, so the writable layer
    lives in memory, is charged to the container's memory cgroup, and vanishes with the
-   namespace: there is no host temp dir to leak. Host paths needed later (the base rootfs,
-   bind sources) are opened as O_PATH fds *before* the stage hides them, and reached through
-   `/proc/self/fd/N`, which also spares us escaping ',' and ':' in overlay options.
+   namespace: there is no host temp dir to leak. An fd of the host's `/tmp` taken before
+   still reaches what the stage covers (the base rootfs or a bind source may live there).
+   Host paths are opened as O_PATH fds and given to the kernel as `/proc/self/fd/N`, which
+   also spares us escaping ',' and ':' in overlay options. Steps 1-2 depend on no spec, so
+   a spare init does them ahead of need.
 3. `mount_overlay`: base rootfs (never written: it is only a lower layer) + the writable layer.
 4. `/proc` for the new PID namespace, a minimal `/dev`, a tmpfs `/tmp`, the user's mounts.
 5. `enter_root`: pivot_root, then the old root is detached, so no path leads back to the host
@@ -19,6 +21,7 @@ Runs in the container's init process, after unshare(CLONE_NEWNS) and before the 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from . import linux
 from .linux import attempt, MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT
@@ -36,35 +39,56 @@ _LOCKED_STATVFS_FLAGS = {os.ST_RDONLY: MS_RDONLY, os.ST_NOSUID: MS_NOSUID, os.ST
                          os.ST_RELATIME: 1 << 21}
 
 
-def open_host_paths(spec: ContainerSpec) -> tuple[int, dict[str, int]]:
-    """O_PATH fds of the base rootfs and of every bind source, taken before the stage hides /tmp."""
-    sources = {m.source: _open_path(m.source) for m in spec.mounts if m.source is not None}
-    return _open_path(spec.rootfs), sources
+@dataclass(frozen=True)
+class Stage:
+    """The tmpfs stage over /tmp, and the host's /tmp as it was before the stage covered it."""
+
+    host_tmp: int   # O_PATH fd: lookups from it stay in the host's /tmp, under the stage
+
+    def open_host_path(self, path: str) -> int:
+        """An O_PATH fd of a host path (realpath'd by the spec), even one under /tmp."""
+        relative = os.path.relpath(path, STAGE)
+        if relative == "." or not relative.startswith(".."):
+            return os.open(relative, os.O_PATH | os.O_CLOEXEC, dir_fd=self.host_tmp)
+        return os.open(path, os.O_PATH | os.O_CLOEXEC)
 
 
-def build_root(spec: ContainerSpec, rootfs_fd: int, source_fds: dict[str, int]) -> str:
-    """Mount everything the container sees under a new root; return that root's path."""
+def prepare_stage() -> Stage:
+    """What every container needs before its spec is known: private mounts and the stage."""
     attempt("make mounts private", linux.mount, None, "/", None, MS_REC | linux.MS_PRIVATE)
+    host_tmp = []
+    attempt(f"open {STAGE}", lambda: host_tmp.append(
+        os.open(STAGE, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)))
     attempt(f"mount tmpfs stage on {STAGE}", linux.mount, "minictr", STAGE, "tmpfs",
-          MS_NOSUID | MS_NODEV, "mode=0700")
+            MS_NOSUID | MS_NODEV, "mode=0700")
+    for name in ("upper", "work", "root"):
+        os.mkdir(f"{STAGE}/{name}", 0o755)
+    return Stage(host_tmp[0])
+
+
+def build_root(spec: ContainerSpec, stage: Stage) -> str:
+    """Mount everything the container sees under a new root; return that root's path."""
+    rootfs_fd = _open_host_path(stage, spec.rootfs)
+    source_fds = {m.source: _open_host_path(stage, m.source)
+                  for m in spec.mounts if m.source is not None}
     root = mount_overlay(rootfs_fd, spec.user_namespace)
     mount_proc(root)
     mount_dev(root)
     attempt("mount /tmp", mount_tmpfs, root + "/tmp", "mode=1777")
     for mount in spec.mounts:
         mount_user_mount(root, mount, source_fds)
+    for fd in (stage.host_tmp, rootfs_fd, *source_fds.values()):
+        os.close(fd)
     return root
 
 
 def mount_overlay(rootfs_fd: int, in_user_namespace: bool) -> str:
-    for name in ("upper", "work", "root"):
-        os.mkdir(f"{STAGE}/{name}", 0o755)
     options = f"lowerdir=/proc/self/fd/{rootfs_fd},upperdir={STAGE}/upper,workdir={STAGE}/work"
     if in_user_namespace:
         # trusted.* xattrs are out of reach in a user namespace (kernel >= 5.11 needs this)
         options += ",userxattr"
     attempt("mount overlay of the rootfs", linux.mount, "overlay", f"{STAGE}/root", "overlay",
-          MS_NOSUID, options)
+            MS_NOSUID, options)
     return f"{STAGE}/root"
 
 
@@ -124,9 +148,9 @@ def enter_root(root: str) -> None:
     os.chdir("/")
 
 
-def _open_path(path: str) -> int:
+def _open_host_path(stage: Stage, path: str) -> int:
     fds = []
-    attempt(f"open {path}", lambda: fds.append(os.open(path, os.O_PATH | os.O_CLOEXEC)))
+    attempt(f"open {path}", lambda: fds.append(stage.open_host_path(path)))
     return fds[0]
 
 
