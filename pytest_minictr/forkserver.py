@@ -63,7 +63,10 @@ class Forkserver:
 
     def serve(self) -> None:
         while True:
-            needs_spare = self.launcher.spare is None
+            # A spare is made while nothing else waits for us and no container is between its
+            # start and its end, so that it never competes with one for a CPU.
+            needs_spare = self.launcher.spare is None and all(
+                c.event_sent for c in self.containers.values())
             events = self.selector.select(0 if needs_spare else self._seconds_to_next_deadline())
             if not events and needs_spare:
                 self.launcher.prepare_spare()  # only when nothing else waits for us

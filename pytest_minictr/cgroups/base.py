@@ -1,0 +1,372 @@
+"""What every cgroup backend offers, and the file-level steps v1 and v2 share.
+
+Contract: a `CgroupBackend` (picked once per process by `cgroups.detect()`) creates one
+`Cgroup` per container; the caller joins the container's first process to it, reads
+`stats()`, `kill()`s the whole tree and `remove()`s it. Callers never ask which cgroup version
+they are on. Everything here is plain file I/O on a mounted cgroupfs: we never mount, remount
+or move the host's hierarchies, we only make directories under them.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import os
+import re
+import signal
+import time
+import warnings
+from dataclasses import dataclass
+
+from ..errors import ConfigError, MinictrError
+from ..spec import Limits
+
+PARENT_NAME = "minictr"          # our one directory under each hierarchy's root
+GROUP_PREFIX = "minictr-"        # per container: minictr-<launcher pid>-<container id>
+_GROUP_NAME_RE = re.compile(r"^minictr-(\d+)-[A-Za-z0-9_.-]+$")
+
+CPU_PERIOD_US = 100_000          # cpu_percent=25 -> 25 000 us of CPU every 100 000 us
+REMOVE_TIMEOUT = 2.0             # seconds rmdir keeps retrying EBUSY
+KILL_TIMEOUT = 2.0               # seconds kill() keeps killing until the group is empty
+FREEZE_TIMEOUT = 0.5             # seconds we wait for a freezer to report "frozen"
+
+# Mount options of a v1 hierarchy that name the controllers we use; anything else in the
+# options (rw, relatime, name=systemd, clone_children...) is not a controller we care about.
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer")
+V2_CONTROLLERS = ("memory", "cpu", "pids")
+
+
+@dataclass(frozen=True)
+class CgroupStats:
+    """What the kernel measured for a container's cgroup; None where this host cannot tell."""
+
+    memory_peak: int | None = None     # bytes, highest usage seen
+    cpu_time: float | None = None      # seconds of CPU, user + system, all processes
+    oom_killed: bool = False           # the OOM killer killed something in the group
+    pids_current: int | None = None    # tasks counted now (zombies included)
+
+
+@dataclass(frozen=True)
+class CgroupMount:
+    """One cgroupfs mount from /proc/self/mountinfo."""
+
+    mount_point: str
+    version: int                        # 1 (fstype cgroup) or 2 (fstype cgroup2)
+    controllers: frozenset[str]         # v1: the ones of V1_CONTROLLERS it carries; v2: empty
+    read_only: bool
+
+
+# --- finding the hierarchies ------------------------------------------------------------------
+
+def parse_cgroup_mounts(mountinfo: str) -> tuple[CgroupMount, ...]:
+    """The cgroup mounts in a mountinfo text, in mount order.
+
+    Controllers are read from the super options ("rw,cpu,cpuacct"), never guessed from the
+    path: distributions mount cpu and cpuacct together or apart, under either name.
+    """
+    mounts = []
+    for line in mountinfo.splitlines():
+        mount_fields, sep, fs_fields = line.partition(" - ")
+        if not sep:
+            continue
+        mount_part, fs_part = mount_fields.split(), fs_fields.split()
+        if len(mount_part) < 6 or len(fs_part) < 3 or fs_part[0] not in ("cgroup", "cgroup2"):
+            continue
+        mount_options, super_options = mount_part[5].split(","), fs_part[2].split(",")
+        mounts.append(CgroupMount(
+            mount_point=_unescape_mountinfo(mount_part[4]),
+            version=2 if fs_part[0] == "cgroup2" else 1,
+            controllers=frozenset(super_options) & frozenset(V1_CONTROLLERS)
+            if fs_part[0] == "cgroup" else frozenset(),
+            read_only="ro" in mount_options or "ro" in super_options,
+        ))
+    return tuple(mounts)
+
+
+def read_cgroup_mounts() -> tuple[CgroupMount, ...]:
+    with open("/proc/self/mountinfo") as f:
+        return parse_cgroup_mounts(f.read())
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # The kernel writes space, tab, newline and backslash in paths as \ooo octal escapes.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+# --- names ------------------------------------------------------------------------------------
+
+def group_name(container_id: str, owner_pid: int | None = None) -> str:
+    """The cgroup name of a container; the owner (launcher) pid lets `reap_stale` find orphans."""
+    return f"{GROUP_PREFIX}{os.getpid() if owner_pid is None else owner_pid}-{container_id}"
+
+
+def owner_pid_of(name: str) -> int | None:
+    """The launcher pid encoded in a group name, or None if the name is not one of ours."""
+    match = _GROUP_NAME_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def check_group_name(name: str) -> None:
+    if owner_pid_of(name) is None:
+        raise ConfigError(f"cgroup name {name!r}: expected 'minictr-<launcher pid>-<id>' "
+                          "(id of letters, digits, '_', '.', '-'); use cgroups.group_name()")
+
+
+def process_is_alive(pid: int) -> bool:
+    """True if `pid` runs; a zombie counts as dead, since it will never clean up after itself."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass                       # exists, owned by someone else
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True                # gone between the listing and now
+    return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"Z"
+
+
+# --- cgroupfs file I/O -------------------------------------------------------------------------
+
+def write_raw(path: str, value: str | int) -> None:
+    """One write(2) per value: cgroupfs parses each write as a whole and fails it as a whole
+    (with the kernel's errno at write time, which buffered file objects would hide)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, str(value).encode())
+    finally:
+        os.close(fd)
+
+
+def write_value(path: str, value: str | int) -> None:
+    try:
+        write_raw(path, value)
+    except OSError as e:
+        raise MinictrError(f"cannot write {str(value)!r} to {path}: {e.strerror}") from e
+
+
+def read_text(path: str) -> str | None:
+    """The file's text, or None if this kernel (or a missing controller) has no such file."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def read_int(path: str) -> int | None:
+    text = read_text(path)
+    if text is None or not text.strip().lstrip("-").isdigit():
+        return None                # missing, or "max"
+    return int(text)
+
+
+def read_keyed(path: str) -> dict[str, int]:
+    """'key value' lines (memory.events, cpu.stat, memory.oom_control) as a dict."""
+    values = {}
+    for line in (read_text(path) or "").splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            values[key] = int(value)
+    return values
+
+
+def list_processes(path: str) -> set[int]:
+    """Pids in the group at `path` and in any group below it (a container that got write access
+    to its cgroup could otherwise hide a process in a child group)."""
+    pids: set[int] = set()
+    for dirpath, _, _ in os.walk(path):
+        text = read_text(os.path.join(dirpath, "cgroup.procs")) or ""
+        pids.update(int(pid) for pid in text.split())
+    return pids
+
+
+def make_fresh_dir(path: str) -> None:
+    """mkdir, replacing an empty leftover of the same name (a launcher pid can be reused)."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        remove_group_dir(path, timeout=0)
+        os.mkdir(path)
+
+
+def remove_group_dir(path: str, timeout: float = REMOVE_TIMEOUT) -> None:
+    """rmdir the group and any child groups, deepest first; EBUSY is retried until `timeout`.
+
+    rmdir of a cgroup fails with EBUSY while a task is still charged to it, and a task killed
+    a moment ago may still be exiting: retry with small sleeps instead of failing at once.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        try:
+            for dirpath, _, _ in os.walk(path, topdown=False):
+                os.rmdir(dirpath)
+            return
+        except FileNotFoundError:
+            continue               # a child went away while we walked; walk again
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise MinictrError(f"cannot remove cgroup {path}: {e.strerror}") from e
+            if time.monotonic() >= deadline:
+                left = sorted(list_processes(path))
+                raise MinictrError(
+                    f"cannot remove cgroup {path}: still busy after {timeout:g} s "
+                    f"(processes inside: {left or 'none listed, a task is still exiting'}); "
+                    "kill() the group first") from e
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def kill_listed(pids: set[int], listed_now) -> None:
+    """SIGKILL each pid, but only while it is still listed in the group.
+
+    A pid read from cgroup.procs may exit and be reused by an unrelated process before we
+    signal it. A pidfd pins the process we looked at: we open them all, list the group again,
+    and signal only the pidfds whose pid is still in the group.
+    """
+    pidfds = {}
+    try:
+        for pid in pids:
+            try:
+                pidfds[pid] = os.pidfd_open(pid)
+            except ProcessLookupError:
+                pass
+        still_inside = listed_now()
+        for pid, pidfd in pidfds.items():
+            if pid in still_inside:
+                try:
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    finally:
+        for pidfd in pidfds.values():
+            os.close(pidfd)
+
+
+def wait_until(condition, timeout: float) -> bool:
+    """Poll `condition` with growing sleeps (1 ms to 20 ms); True once it holds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    return True
+
+
+# --- the interface -----------------------------------------------------------------------------
+
+class Cgroup(abc.ABC):
+    """One container's group, in one directory per hierarchy (v2: one; v1: one per mount)."""
+
+    def __init__(self, name: str, paths: tuple[str, ...]):
+        self.name = name
+        self.paths = paths         # every directory of the group, for messages and checks
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {list(self.paths)}>"
+
+    def join(self, pid: int) -> None:
+        """Move `pid` into the group in every hierarchy. The container's first child calls this
+        with its own pid before it unshares or execs, so it never runs unlimited."""
+        for path in self.paths:
+            try:
+                write_raw(os.path.join(path, "cgroup.procs"), pid)
+            except OSError as e:
+                raise MinictrError(f"cannot move pid {pid} into cgroup {path}: "
+                                   f"{e.strerror}") from e
+
+    @abc.abstractmethod
+    def stats(self) -> CgroupStats:
+        """What the kernel measured; still readable after every process has exited."""
+
+    def processes(self) -> set[int]:
+        """Live pids in the group (all hierarchies, child groups included; zombies left out,
+        they hold no resources and only their parent can make them go)."""
+        pids: set[int] = set()
+        for path in self.paths:
+            pids |= list_processes(path)
+        return {pid for pid in pids if not _is_zombie(pid)}
+
+    def kill(self) -> None:
+        """SIGKILL every process in the group and return once none is left (or after
+        KILL_TIMEOUT, e.g. a task stuck in uninterruptible sleep: remove() then reports it).
+
+        Nothing escapes by forking: each round either uses the kernel's own group kill or kills
+        a frozen group, and rounds repeat until the group lists no live process.
+        """
+        deadline = time.monotonic() + KILL_TIMEOUT
+        while self.processes():
+            if time.monotonic() >= deadline:
+                return
+            self._kill_round()
+            # SIGKILL is delivered at once but exit (freeing memory, closing files) takes a
+            # moment; only start another round if the group is still not empty by then.
+            wait_until(lambda: not self.processes(), min(0.1, max(0, deadline - time.monotonic())))
+
+    @abc.abstractmethod
+    def _kill_round(self) -> None:
+        """Kill every process in the group once, leaving no window for a fork to escape."""
+
+    def remove(self) -> None:
+        """rmdir the group in every hierarchy, retrying EBUSY briefly. Idempotent."""
+        for path in self.paths:
+            remove_group_dir(path)
+
+
+class CgroupBackend(abc.ABC):
+    """One cgroup version on this host: makes containers' groups, reaps stale ones."""
+
+    name: str = ""
+
+    def __init__(self, parent_dirs: tuple[str, ...]):
+        self.parent_dirs = parent_dirs     # our `minictr` directory in each hierarchy
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {list(self.parent_dirs)}>"
+
+    @abc.abstractmethod
+    def create(self, name: str, limits: Limits) -> Cgroup:
+        """Create the group `name` (see `group_name()`) with `limits` applied; raises
+        UnsupportedError if a limit needs a controller this host does not offer."""
+
+    @abc.abstractmethod
+    def open(self, name: str) -> Cgroup:
+        """The group `name` as it exists now (for kill/remove of a group we did not create)."""
+
+    def reap_stale(self) -> list[str]:
+        """Kill and remove the groups whose owner launcher is dead; returns their names.
+
+        Groups of live launchers (pytest-xdist runs several) are left alone. A group that
+        cannot be removed (a task stuck in the kernel) is reported as a warning, not raised:
+        it belongs to nobody, and blocking every later launcher on it would help nobody.
+        """
+        stale = set()
+        for parent in self.parent_dirs:
+            try:
+                entries = os.listdir(parent)
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                owner = owner_pid_of(entry)
+                if owner is not None and not process_is_alive(owner):
+                    stale.add(entry)
+        removed = []
+        for name in sorted(stale):
+            group = self.open(name)
+            try:
+                group.kill()
+                group.remove()
+            except MinictrError as e:
+                warnings.warn(f"stale cgroup left behind: {e}", RuntimeWarning, stacklevel=2)
+            else:
+                removed.append(name)
+        return removed

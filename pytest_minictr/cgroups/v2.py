@@ -1,0 +1,171 @@
+"""cgroup v2, the unified hierarchy: one leaf directory per container.
+
+Layout: `<cgroup2 mount>/minictr/minictr-<launcher pid>-<id>`. The `minictr` parent holds no
+process (the kernel's no-internal-process rule) and enables in its `cgroup.subtree_control`
+the controllers we use (memory, cpu, pids) that the host's root already passes down. The root's
+own `cgroup.subtree_control` belongs to the host: we read it and never write it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import MinictrError, UnsupportedError
+from ..spec import Limits
+from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, PARENT_NAME, V2_CONTROLLERS, Cgroup,
+                   CgroupBackend, CgroupMount, CgroupStats, check_group_name, kill_listed,
+                   make_fresh_dir, read_int, read_keyed, read_text, remove_group_dir, wait_until,
+                   write_raw, write_value)
+
+ROOTLESS_FIX = "systemd-run --user --scope -p Delegate=yes"
+
+
+class V2Backend(CgroupBackend):
+    name = "v2"
+
+    def __init__(self, root: str):
+        self.root = root
+        self.parent = os.path.join(root, PARENT_NAME)
+        super().__init__((self.parent,))
+        self._unavailable: dict[str, str] = {}    # controller -> why we cannot use it
+
+    @classmethod
+    def probe(cls, mount: CgroupMount) -> "V2Backend":
+        """The backend for this cgroup2 mount, or UnsupportedError saying why and the fix."""
+        if os.geteuid() != 0:
+            raise UnsupportedError(
+                f"cgroup v2 at {mount.mount_point}: running as uid {os.geteuid()}, and only root "
+                "may create cgroups outside a delegated subtree; run as root, or start the "
+                f"tests in a delegated cgroup: `{ROOTLESS_FIX} <command>`")
+        if mount.read_only:
+            raise UnsupportedError(
+                f"cgroup v2 at {mount.mount_point} is mounted read-only (as inside most "
+                "containers): run on the host, or give the container a writable cgroupfs "
+                "(e.g. `docker run --privileged --cgroupns=private`)")
+        backend = cls(mount.mount_point)
+        backend.prepare_parent()
+        return backend
+
+    def prepare_parent(self) -> None:
+        """mkdir `<root>/minictr` and enable our controllers below it, noting what is missing.
+
+        Done again before each create(): it costs a few small reads, and another tool (or an
+        admin) may have removed the directory since.
+        """
+        try:
+            os.makedirs(self.parent, exist_ok=True)
+        except OSError as e:
+            raise UnsupportedError(f"cannot create the cgroup {self.parent}: {e.strerror} "
+                                   "(run as root with a writable cgroupfs)") from e
+        offered = _read_words(os.path.join(self.root, "cgroup.controllers"))
+        passed_down = _read_words(os.path.join(self.root, "cgroup.subtree_control"))
+        enabled = _read_words(os.path.join(self.parent, "cgroup.subtree_control"))
+        unavailable = {}
+        for controller in V2_CONTROLLERS:
+            if controller in enabled:
+                continue
+            if controller not in offered:
+                unavailable[controller] = (
+                    f"the kernel offers no {controller} controller on the cgroup2 hierarchy at "
+                    f"{self.root} (bound to a cgroup v1 hierarchy, or disabled on the kernel "
+                    "command line)")
+            elif controller not in passed_down:
+                unavailable[controller] = (
+                    f"{controller} is not enabled in {self.root}/cgroup.subtree_control, which "
+                    f"belongs to the host and which minictr does not change; enable it with "
+                    f"`echo +{controller} > {self.root}/cgroup.subtree_control`")
+            else:
+                try:
+                    # One controller per write: a refused one (cpu, while a realtime thread
+                    # lives outside the root group) must not take the others down with it.
+                    write_raw(os.path.join(self.parent, "cgroup.subtree_control"),
+                              f"+{controller}")
+                except OSError as e:
+                    unavailable[controller] = (f"cannot enable {controller} in "
+                                               f"{self.parent}/cgroup.subtree_control: "
+                                               f"{e.strerror}")
+        self._unavailable = unavailable
+
+    def create(self, name: str, limits: Limits) -> "V2Cgroup":
+        check_group_name(name)
+        self.prepare_parent()
+        for limit, controller in (("memory", "memory"), ("cpu_percent", "cpu"),
+                                  ("pids", "pids")):
+            if getattr(limits, limit) is not None and controller in self._unavailable:
+                raise UnsupportedError(f"the {limit} limit needs the cgroup v2 {controller} "
+                                       f"controller: {self._unavailable[controller]}")
+        path = os.path.join(self.parent, name)
+        make_fresh_dir(path)
+        try:
+            _apply_limits(path, limits)
+        except BaseException:
+            _remove_quietly(path)
+            raise
+        return V2Cgroup(name, path)
+
+    def open(self, name: str) -> "V2Cgroup":
+        return V2Cgroup(name, os.path.join(self.parent, name))
+
+
+def _apply_limits(path: str, limits: Limits) -> None:
+    if limits.memory is not None:
+        write_value(os.path.join(path, "memory.max"), limits.memory)
+        swap_max = os.path.join(path, "memory.swap.max")
+        if os.path.exists(swap_max):
+            # The limit is on RAM; without this the kernel would let the rest spill into swap.
+            write_value(swap_max, 0)
+    oom_group = os.path.join(path, "memory.oom.group")
+    if os.path.exists(oom_group):
+        # The OOM killer then takes the whole container, not just its biggest process: a
+        # half-killed container (init alive, worker gone) would only hang until the timeout.
+        write_value(oom_group, 1)
+    if limits.cpu_percent is not None:
+        quota = round(limits.cpu_percent * CPU_PERIOD_US / 100)
+        write_value(os.path.join(path, "cpu.max"), f"{quota} {CPU_PERIOD_US}")
+    if limits.pids is not None:
+        write_value(os.path.join(path, "pids.max"), limits.pids)
+
+
+class V2Cgroup(Cgroup):
+    def __init__(self, name: str, path: str):
+        super().__init__(name, (path,))
+        self.path = path
+
+    def stats(self) -> CgroupStats:
+        usage_usec = read_keyed(os.path.join(self.path, "cpu.stat")).get("usage_usec")
+        return CgroupStats(
+            memory_peak=read_int(os.path.join(self.path, "memory.peak")),       # 5.19+
+            cpu_time=None if usage_usec is None else usage_usec / 1e6,
+            oom_killed=read_keyed(os.path.join(self.path, "memory.events")).get("oom_kill", 0) > 0,
+            pids_current=read_int(os.path.join(self.path, "pids.current")),
+        )
+
+    def _kill_round(self) -> None:
+        kill_file = os.path.join(self.path, "cgroup.kill")
+        if os.path.exists(kill_file):
+            # 5.14+: the kernel kills the subtree and any task forked while it does so.
+            write_value(kill_file, 1)
+            return
+        # Older kernels: a frozen group cannot fork, so the list we kill is complete.
+        freeze_file = os.path.join(self.path, "cgroup.freeze")
+        write_value(freeze_file, 1)
+        try:
+            wait_until(self._is_frozen, FREEZE_TIMEOUT)
+            kill_listed(self.processes(), self.processes)
+        finally:
+            write_value(freeze_file, 0)
+
+    def _is_frozen(self) -> bool:
+        return read_keyed(os.path.join(self.path, "cgroup.events")).get("frozen") == 1
+
+
+def _read_words(path: str) -> set[str]:
+    return set((read_text(path) or "").split())
+
+
+def _remove_quietly(path: str) -> None:
+    """Undo a half-made group; the error that made us undo it is the one worth raising."""
+    try:
+        remove_group_dir(path)
+    except MinictrError:
+        pass
