@@ -29,6 +29,8 @@ __all__ = sorted(_MODULE_OF)
 
 
 def __getattr__(name: str):
+    if name == "cgroups":
+        return importlib.import_module(".cgroups", __name__)
     if name not in _MODULE_OF:
         raise AttributeError(f"module 'pytest_minictr' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 
 from . import protocol
+from .cgroups import Cgroup
+from .errors import MinictrError
 from .launcher import ChildFds, Launcher
 from .spec import ContainerSpec
 
@@ -48,6 +50,7 @@ class Running:
     timeout_at: float | None
     kill_at: float | None = None
     ended_by: str | None = None       # "timeout" | "stop" when we ended it
+    cgroup: Cgroup | None = None
     status_data: bytes = b""          # JSON lines from the init (and keeper)
     child_status: int | None = None   # our child's wait status, once reaped
     event_sent: bool = False
@@ -65,7 +68,7 @@ class Forkserver:
         while True:
             # A spare is made while nothing else waits for us and no container is between its
             # start and its end, so that it never competes with one for a CPU.
-            needs_spare = self.launcher.spare is None and all(
+            needs_spare = self.launcher.wants_spare() and all(
                 c.event_sent for c in self.containers.values())
             events = self.selector.select(0 if needs_spare else self._seconds_to_next_deadline())
             if not events and needs_spare:
@@ -92,11 +95,10 @@ class Forkserver:
             if handler is None:
                 raise ValueError(f"unknown request {message.get('op')!r}")
             reply = handler(message, fds)
+        except MinictrError as error:
+            reply = _error_reply(type(error).__name__, str(error))
         except Exception as error:  # noqa: BLE001 - the caller must get an answer, not a hang
-            for fd in fds:
-                _close_quietly(fd)
-            reply = {"ok": False, "error": {"type": "LauncherError",
-                                            "message": f"{type(error).__name__}: {error}"}}
+            reply = _error_reply("LauncherError", f"{type(error).__name__}: {error}")
         protocol.send_message(self.control, reply)
         return True
 
@@ -105,13 +107,18 @@ class Forkserver:
         stdin, stdout, stderr, events = fds
         setup_r, setup_w = os.pipe2(os.O_CLOEXEC)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        started = time.monotonic()
+        began = time.monotonic()
         try:
-            pid = self.launcher.start(spec, ChildFds(stdin, stdout, stderr, setup_w, status_w),
-                                      message["spec"])
+            started = self.launcher.start(
+                spec, ChildFds(stdin, stdout, stderr, setup_w, status_w), message["spec"])
+        except BaseException:
+            for fd in (setup_r, status_r, events):
+                os.close(fd)
+            raise
         finally:
             for fd in (setup_w, status_w, stdin, stdout, stderr):
                 os.close(fd)
+        pid = started.pid
         pidfd = os.pidfd_open(pid)
         init_pid, error = _read_setup(setup_r, pid, spec.user_namespace)
         init_pidfd = pidfd if init_pid == pid else _pidfd_or_none(init_pid)
@@ -120,9 +127,10 @@ class Forkserver:
             os.waitpid(pid, 0)
             for fd in {pidfd, init_pidfd, status_r, events} - {None}:
                 os.close(fd)
+            _remove_cgroup(started.cgroup)
             return {"ok": False, "error": error}
-        container = Running(message["id"], pid, pidfd, init_pidfd, status_r, events, started,
-                            started + spec.timeout if spec.timeout else None)
+        container = Running(message["id"], pid, pidfd, init_pidfd, status_r, events, began,
+                            began + spec.timeout if spec.timeout else None, cgroup=started.cgroup)
         self.containers[container.id] = container
         self.selector.register(pidfd, selectors.EVENT_READ, (self._on_exit, container))
         self.selector.register(status_r, selectors.EVENT_READ, (self._on_status, container))
@@ -144,7 +152,7 @@ class Forkserver:
                 kill_at = time.monotonic() + grace
                 container.kill_at = min(container.kill_at or kill_at, kill_at)
             else:
-                _kill(container.init_pidfd)
+                _kill_all(container)
         return {"ok": True, "running": container is not None}
 
     def _find(self, container_id: str) -> Running | None:
@@ -162,10 +170,10 @@ class Forkserver:
             if container.timeout_at is not None and now >= container.timeout_at:
                 container.ended_by = container.ended_by or "timeout"
                 container.timeout_at = None
-                _kill(container.init_pidfd)
+                _kill_all(container)
             if container.kill_at is not None and now >= container.kill_at:
                 container.kill_at = None
-                _kill(container.init_pidfd)
+                _kill_all(container)
 
     # -- the end of a container ----------------------------------------------------------------
 
@@ -194,6 +202,7 @@ class Forkserver:
         self._send_event(container)
         for fd in {container.pidfd, container.init_pidfd} - {None}:
             os.close(fd)
+        _remove_cgroup(container.cgroup)
         del self.containers[container.id]
 
     def _send_event(self, container: Running) -> None:
@@ -205,7 +214,7 @@ class Forkserver:
             reports.update(json.loads(line))
         event = {"returncode": _returncode(reports), "ended_by": container.ended_by,
                  "wall_time": time.monotonic() - container.started,
-                 "cpu_time": reports.get("cpu_time")}
+                 **_measurements(container.cgroup, reports.get("cpu_time"))}
         try:
             os.write(container.events, json.dumps(event).encode() + b"\n")
         except OSError:
@@ -218,11 +227,15 @@ class Forkserver:
         container.status_pipe = None
 
     def shutdown(self) -> None:
-        self.launcher.discard_spare()
         for container in list(self.containers.values()):
-            _kill(container.init_pidfd)
+            _kill_all(container)
         for container in list(self.containers.values()):
             self._on_exit(container)
+        self.launcher.shut_down()
+
+
+def _error_reply(kind: str, message: str) -> dict:
+    return {"ok": False, "error": {"type": kind, "message": message}}
 
 
 def _read_setup(setup_r: int, child_pid: int, has_keeper: bool) -> tuple[int, dict | None]:
@@ -266,6 +279,40 @@ def _returncode(reports: dict) -> int:
     return -signal.SIGKILL
 
 
+def _measurements(cgroup: Cgroup | None, reaped_cpu_time: float | None) -> dict:
+    """What the kernel measured. CPU time is the init's count of the command and everything it
+    started (all reaped by then), which leaves out our own setup; the cgroup's count, which
+    includes it, stands in where the init could not report (killed at a timeout)."""
+    if cgroup is None:
+        return {"cpu_time": reaped_cpu_time, "memory_peak": None, "oom_killed": None}
+    stats = cgroup.stats()
+    return {"cpu_time": stats.cpu_time if reaped_cpu_time is None else reaped_cpu_time,
+            "memory_peak": stats.memory_peak, "oom_killed": stats.oom_killed}
+
+
+def _kill_all(container: Running) -> None:
+    """SIGKILL the init (the kernel then kills its PID namespace) and, through the cgroup,
+    anything that could have left the namespace's reach."""
+    _kill(container.init_pidfd)
+    if container.cgroup is not None:
+        container.cgroup.kill()
+
+
+def _remove_cgroup(cgroup: Cgroup | None) -> None:
+    """A group we cannot remove must not take the launcher down: say so; the next launcher's
+    reap_stale() retries once we are gone."""
+    if cgroup is None:
+        return
+    try:
+        cgroup.remove()
+    except MinictrError:
+        try:
+            cgroup.kill()
+            cgroup.remove()
+        except MinictrError as error:
+            print(f"minictr launcher: {error}", file=sys.stderr)
+
+
 def _pidfd_or_none(pid: int | None) -> int | None:
     if pid is None:
         return None
@@ -283,14 +330,6 @@ def _kill(pidfd: int | None, signum: int = signal.SIGKILL) -> None:
         signal.pidfd_send_signal(pidfd, signum)
     except ProcessLookupError:
         pass
-
-
-def _close_quietly(fd: int | None) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def main(argv: list[str] | None = None) -> None:

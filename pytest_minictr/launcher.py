@@ -32,19 +32,22 @@ Every function run in a forked child ends in os._exit(): it must never return in
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import os
 import resource
 import select
 import signal
 import socket
+from collections import deque
 from dataclasses import dataclass
 from typing import NoReturn
 
-from . import linux, mounts, protocol
-from .errors import CommandNotFoundError, ContainerSetupError
+from . import cgroups, linux, mounts, protocol
+from .cgroups import Cgroup, CgroupBackend
+from .errors import CommandNotFoundError, ContainerSetupError, MinictrError, UnsupportedError
 from .linux import attempt
-from .spec import ContainerSpec
+from .spec import ContainerSpec, Limits
 
 # Signals the init passes on to the command: what `stop()`, a terminal or a user sends.
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
@@ -73,80 +76,126 @@ class ChildFds:
 
 @dataclass(frozen=True)
 class Spare:
-    """An init forked ahead of need: in its own PID, mount, UTS, IPC and network namespaces,
-    waiting on `channel` for a spec and the container's descriptors."""
+    """An init forked ahead of need: in its own cgroup and its own PID, mount, UTS, IPC and
+    network namespaces, waiting on `channel` for a spec and the container's descriptors."""
 
     pid: int
     channel: socket.socket
-    loopback: bool  # lo already up: for network="loopback" only (down is not like never up)
+    cgroup: Cgroup | None
+
+
+@dataclass(frozen=True)
+class Started:
+    """A container just started: the pid to watch (our child) and its cgroup."""
+
+    pid: int
+    cgroup: Cgroup | None
 
 
 class Launcher:
     """Lives in the launcher process: starts containers and returns the pid to watch.
 
-    The fork and the unshare() of a container (about a millisecond) depend on nothing in its
-    spec, so they are done ahead: a spare init waits, and the forkserver makes the next one
-    while it has nothing else to do. A container then only costs what its spec decides."""
+    What a container needs before its spec is known is done ahead, by spare inits that the
+    forkserver makes while it has nothing else to do: the fork, the namespaces, the mount
+    stage, and joining a cgroup. That last one matters most: moving a task between cgroups
+    waits for an RCU grace period (about 2 ms per hierarchy here, five hierarchies on cgroup
+    v1), which a spare pays in its own time. A container then only costs what its spec decides.
+    """
+
+    SPARES = 2  # enough to cover a burst of starts while the next spare joins its cgroup
 
     def __init__(self) -> None:
         # Both are inherited by every child: how an init checks that we are alive, and the
         # way back to our own PID namespace after forking into a new one.
         self.own_pidfd = os.pidfd_open(os.getpid())
         self.own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        self.spare: Spare | None = None
+        self.spares: deque[Spare] = deque()
+        self.cgroups, self.cgroups_problem = _detect_cgroups()
+        self._serial = itertools.count(1)
 
-    def start(self, spec: ContainerSpec, fds: ChildFds, spec_data: dict) -> int:
+    def start(self, spec: ContainerSpec, fds: ChildFds, spec_data: dict) -> Started:
         """`spec_data` is `spec` as received, passed on as it is to a spare."""
+        self._check_limits(spec.limits)
         if spec.user_namespace:
+            cgroup = self._new_cgroup(spec.limits)
             pid = os.fork()
             if pid == 0:
-                run_keeper(spec, fds, self.own_pidfd)
-            return pid
-        loopback = spec.network == "loopback"
-        if self.spare is not None and self.spare.loopback == loopback:
-            spare, self.spare = self.spare, None
-        else:
-            spare = self._fork_spare(loopback)
+                run_keeper(spec, fds, self.own_pidfd, cgroup)
+            return Started(pid, cgroup)
+        spare = self.spares.popleft() if self.spares else self._fork_spare()
         try:
+            if spare.cgroup is not None and spec.limits.any():
+                spare.cgroup.apply_limits(spec.limits)
             protocol.send_message(spare.channel, spec_data, fds.all())
         except OSError:
-            # the spare died (someone killed it): its end shows up as the container's end
-            pass
+            pass  # the spare died (someone killed it): that shows up as the container's end
         finally:
             spare.channel.close()
-        return spare.pid
+        return Started(spare.pid, spare.cgroup)
+
+    def wants_spare(self) -> bool:
+        return len(self.spares) < self.SPARES
 
     def prepare_spare(self) -> None:
-        if self.spare is None:
-            self.spare = self._fork_spare(loopback=True)  # the default network mode
+        self.spares.append(self._fork_spare())
 
-    def discard_spare(self) -> None:
-        """End of its channel tells a spare to exit; reap it."""
-        if self.spare is not None:
-            self.spare.channel.close()
-            os.waitpid(self.spare.pid, 0)
-            self.spare = None
+    def shut_down(self) -> None:
+        """Let the spares go (end of its channel tells one to exit), remove their cgroups."""
+        while self.spares:
+            spare = self.spares.popleft()
+            spare.channel.close()
+            os.waitpid(spare.pid, 0)
+            if spare.cgroup is not None:
+                spare.cgroup.remove()
+        if self.cgroups is not None:
+            self.cgroups.release()
 
-    def _fork_spare(self, loopback: bool) -> Spare:
+    def _check_limits(self, limits: Limits) -> None:
+        if limits.any():
+            if self.cgroups is None:
+                raise UnsupportedError(f"resource limits need cgroups: {self.cgroups_problem}")
+            self.cgroups.check_limits(limits)
+
+    def _new_cgroup(self, limits: Limits) -> Cgroup | None:
+        if self.cgroups is None:
+            return None
+        return self.cgroups.create(cgroups.group_name(str(next(self._serial))), limits)
+
+    def _fork_spare(self) -> Spare:
+        cgroup = self._new_cgroup(Limits())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         linux.unshare(linux.CLONE_NEWPID)
         try:
             pid = os.fork()
             if pid == 0:
-                run_spare(theirs.fileno(), self.own_pidfd, loopback)
+                run_spare(theirs.fileno(), self.own_pidfd, cgroup)
         finally:
             linux.setns(self.own_pid_namespace, linux.CLONE_NEWPID)
             theirs.close()
-        return Spare(pid, ours, loopback)
+        return Spare(pid, ours, cgroup)
+
+
+def _detect_cgroups() -> tuple[CgroupBackend | None, str | None]:
+    """The host's cgroup backend, after removing what dead launchers left; or why there is
+    none (containers then run without limits or measurements)."""
+    try:
+        backend = cgroups.detect()
+    except MinictrError as problem:
+        return None, str(problem)
+    cgroups.reap_stale(backend)
+    return backend, None
 
 
 # ---------------------------------------------------------------------------------------------
 # The keeper (user namespaces only): outside the PID namespace, it owns the namespaces.
 
-def run_keeper(spec: ContainerSpec, fds: ChildFds, parent_pidfd: int) -> NoReturn:
+def run_keeper(spec: ContainerSpec, fds: ChildFds, parent_pidfd: int,
+               cgroup: Cgroup | None) -> NoReturn:
     code = 1
     try:
         die_with_parent(parent_pidfd, fds.all())
+        if cgroup is not None:
+            join_cgroup(cgroup, os.getpid())  # before unshare: no moment runs unlimited
         uid, gid = os.geteuid(), os.getegid()
         attempt("unshare namespaces", linux.unshare,
                 linux.CLONE_NEWUSER | linux.CLONE_NEWPID | OTHER_NAMESPACES)
@@ -187,22 +236,25 @@ def run_init(spec: ContainerSpec, fds: ChildFds, parent_pidfd: int) -> NoReturn:
     code = 1
     try:
         die_with_parent(parent_pidfd, fds.all())
-        code = be_init(spec, fds, prepare_namespaces(spec.network == "loopback"))
+        code = be_init(spec, fds, prepare_namespaces())
     except BaseException as error:  # noqa: BLE001
         report_failure(fds.setup, error)
     finally:
         os._exit(code)
 
 
-def run_spare(channel: int, parent_pidfd: int, loopback: bool) -> NoReturn:
-    """A spare init: unshares and prepares now, then waits for its container's spec and
-    descriptors. A failure is kept until there is a setup pipe to report it on."""
+def run_spare(channel: int, parent_pidfd: int, cgroup: Cgroup | None) -> NoReturn:
+    """A spare init: joins its cgroup, unshares and prepares now, then waits for its
+    container's spec and descriptors. A failure is kept until there is a setup pipe to
+    report it on."""
     code, fds = 1, None
     try:
         die_with_parent(parent_pidfd, (channel,))
         try:
+            if cgroup is not None:
+                join_cgroup(cgroup, 0)  # 0: the writer itself (our pid here is 1)
             attempt("unshare namespaces", linux.unshare, OTHER_NAMESPACES)
-            prepared, early_failure = prepare_namespaces(loopback), None
+            prepared, early_failure = prepare_namespaces(), None
         except ContainerSetupError as failure:
             early_failure = failure
         with socket.socket(fileno=channel) as sock:
@@ -220,12 +272,16 @@ def run_spare(channel: int, parent_pidfd: int, loopback: bool) -> NoReturn:
         os._exit(code)
 
 
-def prepare_namespaces(loopback: bool) -> mounts.Stage:
-    """What a container needs before its spec is known: the mount stage, and lo up."""
-    stage = mounts.prepare_stage()
-    if loopback:
-        attempt("bring up loopback", linux.set_link_up, "lo")
-    return stage
+def prepare_namespaces() -> mounts.Stage:
+    """What a container needs of its namespaces before its spec is known: the mount stage."""
+    return mounts.prepare_stage()
+
+
+def join_cgroup(cgroup: Cgroup, pid: int) -> None:
+    try:
+        cgroup.join(pid)
+    except MinictrError as error:
+        raise ContainerSetupError(str(error), "join cgroup") from None
 
 
 def be_init(spec: ContainerSpec, fds: ChildFds, stage: mounts.Stage) -> int:
@@ -248,6 +304,8 @@ def enter_container(spec: ContainerSpec, stage: mounts.Stage) -> None:
     """Mounts, hostname, network, then pivot_root into the new root and chdir to `cwd`."""
     root = mounts.build_root(spec, stage)
     attempt("set hostname", socket.sethostname, spec.hostname)
+    if spec.network == "loopback":
+        attempt("bring up loopback", linux.set_link_up, "lo")
     mounts.enter_root(root)
     attempt(f"chdir to {spec.cwd}", os.chdir, spec.cwd)
 

@@ -21,8 +21,7 @@ from typing import Any, Mapping, Sequence
 
 from . import errors
 from .client import LauncherClient
-from .errors import ConfigError, ContainerNotFoundError, LauncherError, MinictrError, \
-    UnsupportedError
+from .errors import ConfigError, ContainerNotFoundError, LauncherError, MinictrError
 from .monitor import Monitor
 from .spec import ContainerSpec, Mount, make_spec
 
@@ -216,9 +215,6 @@ class ContainerRuntime:
                          hostname=hostname, network=network, user=user, mounts=mounts,
                          output_limit=output_limit)
         input_data = _check_input(input, stdin)
-        if spec.limits.any():
-            raise UnsupportedError("memory_limit, cpu_limit and pids_limit need cgroup "
-                                   "support, which this version of minictr does not have yet")
         return self._launch(spec, input_data, stdin, stdout, stderr)
 
     def status(self, container_id: str) -> ContainerStatus:
@@ -350,10 +346,13 @@ def _check_input(input_data: Any, stdin: Any) -> bytes | None:
 
 
 def _error_from_reply(error: dict) -> errors.MinictrError:
+    """The launcher's error as the exception it was there (all are in `errors`)."""
     kind = getattr(errors, error.get("type", ""), None)
     message = error["message"]
     if isinstance(kind, type) and issubclass(kind, errors.ContainerSetupError):
         return kind(message, error.get("step", ""), error.get("errno"))
+    if isinstance(kind, type) and issubclass(kind, errors.MinictrError):
+        return kind(message)
     return LauncherError(message)
 
 

@@ -16,17 +16,31 @@ BINARIES = ["sh", "echo", "cat", "ls", "sleep", "hostname", "id", "touch", "mkdi
             "seq", "yes", "wc", "ln", "stat", "setsid", "true", "kill"]
 
 
-def host_snapshot(launcher: int | None = None) -> dict[str, frozenset]:
-    """What a container could leak on the host, as seen from the test process. The runtime's
-    launcher and its spare init (an idle child of the launcher with no children: forked
-    ahead of the next container) are the runtime's own, not leftovers."""
+def host_snapshot() -> dict[str, frozenset]:
+    """What a container could leak on the host, as seen from the test process. Launchers and
+    their spare inits (idle children of a launcher, with no children, forked ahead of the
+    next container) are the runtimes' own, not leftovers."""
     return {
         "mounts": frozenset(line.split()[4] for line in Path("/proc/self/mountinfo").read_text()
                             .splitlines()),
-        "processes": frozenset(_descendants(os.getpid(), launcher)),
+        "processes": frozenset(_descendants(os.getpid())),
         "temp dirs": frozenset(p.name for p in Path(tempfile.gettempdir()).iterdir()
                                if "minictr" in p.name and "bench" not in p.name),
+        "cgroups": frozenset(_container_cgroups()),
     }
+
+
+def _container_cgroups() -> set[str]:
+    """Our groups in every hierarchy, but those of idle spare inits (made ahead of need)."""
+    found = set()
+    for group in Path("/sys/fs/cgroup").glob("**/minictr/minictr-*"):
+        try:
+            pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+        except OSError:
+            continue
+        if not pids or not all(_is_launcher_child(pid) for pid in pids):
+            found.add(str(group))
+    return found
 
 
 def _process_table() -> dict[int, tuple[int, str, str]]:
@@ -41,7 +55,7 @@ def _process_table() -> dict[int, tuple[int, str, str]]:
     return table
 
 
-def _descendants(root: int, launcher: int | None) -> set[str]:
+def _descendants(root: int) -> set[str]:
     table = _process_table()
     children: dict[int, list[int]] = {}
     for pid, (parent, _, _) in table.items():
@@ -50,21 +64,37 @@ def _descendants(root: int, launcher: int | None) -> set[str]:
     while todo:
         pid = todo.pop()
         parent, name, state = table[pid]
-        idle_spare = parent == launcher and state == "S" and not children.get(pid)
-        if pid != launcher and not idle_spare:
+        idle_spare = _is_launcher(parent) and state == "S" and not children.get(pid)
+        if not _is_launcher(pid) and not idle_spare:
             found.add(f"{pid} {name} {state}")
         todo.extend(children.get(pid, []))
     return found
 
 
-def assert_nothing_left(before: dict, runtime: ContainerRuntime | None = None,
-                        settle: float = 2.0) -> None:
+def _is_launcher(pid: int) -> bool:
+    try:
+        return b"pytest_minictr.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes() \
+            and not _is_launcher_child(pid)
+    except OSError:
+        return False
+
+
+def _is_launcher_child(pid: int) -> bool:
+    """A fork of the launcher (same command line) whose parent is the launcher."""
+    try:
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        return Path(f"/proc/{parent}/cmdline").read_bytes() == \
+            Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def assert_nothing_left(before: dict, settle: float = 2.0) -> None:
     """Compare with `before`. A container's init may still be exiting (and unreaped) for a
     moment after its result was delivered, so differences get `settle` seconds to vanish."""
-    launcher = runtime._client.pid if runtime is not None else None
     deadline = time.monotonic() + settle
     while True:
-        after = host_snapshot(launcher)
+        after = host_snapshot()
         extra = {key: sorted(after[key] - before[key]) for key in before}
         if not any(extra.values()) or time.monotonic() > deadline:
             break
@@ -91,6 +121,6 @@ def runtime():
 @pytest.fixture
 def no_leftovers(runtime):
     """Fails the test if it left a mount, a process or a temp dir on the host."""
-    before = host_snapshot(runtime._client.pid)
+    before = host_snapshot()
     yield
-    assert_nothing_left(before, runtime)
+    assert_nothing_left(before)

@@ -188,11 +188,15 @@ def list_processes(path: str) -> set[int]:
 
 
 def make_fresh_dir(path: str) -> None:
-    """mkdir, replacing an empty leftover of the same name (a launcher pid can be reused)."""
+    """mkdir, replacing an empty leftover of the same name (a launcher pid can be reused), and
+    the `minictr` parent if another launcher, exiting, removed it just now (see release())."""
     try:
         os.mkdir(path)
     except FileExistsError:
         remove_group_dir(path, timeout=0)
+        os.mkdir(path)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         os.mkdir(path)
 
 
@@ -285,6 +289,11 @@ class Cgroup(abc.ABC):
                                    f"{e.strerror}") from e
 
     @abc.abstractmethod
+    def apply_limits(self, limits: Limits) -> None:
+        """Set `limits` (the backend's check_limits() has passed); None leaves one as it is.
+        Works with processes inside: a spare init joins its group before its spec is known."""
+
+    @abc.abstractmethod
     def stats(self) -> CgroupStats:
         """What the kernel measured; still readable after every process has exited."""
 
@@ -334,6 +343,10 @@ class CgroupBackend(abc.ABC):
         return f"<{type(self).__name__} {list(self.parent_dirs)}>"
 
     @abc.abstractmethod
+    def check_limits(self, limits: Limits) -> None:
+        """UnsupportedError if a limit needs a controller this host does not offer us."""
+
+    @abc.abstractmethod
     def create(self, name: str, limits: Limits) -> Cgroup:
         """Create the group `name` (see `group_name()`) with `limits` applied; raises
         UnsupportedError if a limit needs a controller this host does not offer."""
@@ -341,6 +354,16 @@ class CgroupBackend(abc.ABC):
     @abc.abstractmethod
     def open(self, name: str) -> Cgroup:
         """The group `name` as it exists now (for kill/remove of a group we did not create)."""
+
+    def release(self) -> None:
+        """Remove our `minictr` parents if no launcher has a group in them any more (rmdir
+        refuses a non-empty one), so that a host where no container runs holds nothing of
+        ours. A launcher creating a group at the same moment makes its parent again."""
+        for parent in self.parent_dirs:
+            try:
+                os.rmdir(parent)
+            except OSError:
+                pass
 
     def reap_stale(self) -> list[str]:
         """Kill and remove the groups whose owner launcher is dead; returns their names.

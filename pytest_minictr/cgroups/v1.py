@@ -61,8 +61,7 @@ class V1Backend(CgroupBackend):
                 raise UnsupportedError(f"cannot create the cgroup {parent}: {e.strerror} "
                                        "(run as root with a writable cgroupfs)") from e
 
-    def create(self, name: str, limits: Limits) -> "V1Cgroup":
-        check_group_name(name)
+    def check_limits(self, limits: Limits) -> None:
         for limit, controller in (("memory", "memory"), ("cpu_percent", "cpu"),
                                   ("pids", "pids")):
             if getattr(limits, limit) is not None and controller not in self.mount_points:
@@ -70,6 +69,10 @@ class V1Backend(CgroupBackend):
                     f"the {limit} limit needs the cgroup v1 {controller} controller, which is "
                     "not mounted on this host (see /proc/self/mountinfo); mount it or use "
                     "cgroup v2")
+
+    def create(self, name: str, limits: Limits) -> "V1Cgroup":
+        check_group_name(name)
+        self.check_limits(limits)
         self.prepare_parents()
         group = self.open(name)
         made = []
@@ -77,7 +80,7 @@ class V1Backend(CgroupBackend):
             for path in group.paths:
                 make_fresh_dir(path)
                 made.append(path)
-            _apply_limits(group.dirs, limits)
+            group.apply_limits(limits)
         except BaseException:
             for path in made:
                 _remove_quietly(path)
@@ -111,6 +114,9 @@ class V1Cgroup(Cgroup):
     def __init__(self, name: str, dirs: dict[str, str]):
         super().__init__(name, tuple(dict.fromkeys(dirs.values())))
         self.dirs = dirs                          # controller -> directory (shared if co-mounted)
+
+    def apply_limits(self, limits: Limits) -> None:
+        _apply_limits(self.dirs, limits)
 
     def stats(self) -> CgroupStats:
         memory, cpuacct, pids = (self.dirs.get(c) for c in ("memory", "cpuacct", "pids"))

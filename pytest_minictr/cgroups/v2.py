@@ -86,14 +86,17 @@ class V2Backend(CgroupBackend):
                                                f"{e.strerror}")
         self._unavailable = unavailable
 
-    def create(self, name: str, limits: Limits) -> "V2Cgroup":
-        check_group_name(name)
-        self.prepare_parent()
+    def check_limits(self, limits: Limits) -> None:
         for limit, controller in (("memory", "memory"), ("cpu_percent", "cpu"),
                                   ("pids", "pids")):
             if getattr(limits, limit) is not None and controller in self._unavailable:
                 raise UnsupportedError(f"the {limit} limit needs the cgroup v2 {controller} "
                                        f"controller: {self._unavailable[controller]}")
+
+    def create(self, name: str, limits: Limits) -> "V2Cgroup":
+        check_group_name(name)
+        self.prepare_parent()
+        self.check_limits(limits)
         path = os.path.join(self.parent, name)
         make_fresh_dir(path)
         try:
@@ -130,6 +133,9 @@ class V2Cgroup(Cgroup):
     def __init__(self, name: str, path: str):
         super().__init__(name, (path,))
         self.path = path
+
+    def apply_limits(self, limits: Limits) -> None:
+        _apply_limits(self.path, limits)
 
     def stats(self) -> CgroupStats:
         usage_usec = read_keyed(os.path.join(self.path, "cpu.stat")).get("usage_usec")

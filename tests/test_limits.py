@@ -1,0 +1,70 @@
+"""Resource limits and kernel measurements, seen as a user sees them. The same file runs on
+this cgroup v1 host and on a pure cgroup v2 kernel (`ci/vm-tests`): the facts asserted are the
+same on both."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from pytest_minictr import ConfigError, UnsupportedError, cgroups
+
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def need_cgroups():
+    try:
+        cgroups.detect()
+    except UnsupportedError as problem:
+        pytest.skip(f"no usable cgroups here: {problem}")
+
+
+def test_memory_hog_is_oom_killed(runtime, rootfs):
+    # dash doubles the string each round: 32M is reached within a few dozen rounds
+    result = runtime.run(rootfs, ["sh", "-c", 'a=x; while :; do a="$a$a"; done'],
+                         memory_limit="32M", timeout=60).wait()
+    assert result.oom_killed is True
+    assert result.returncode == -signal.SIGKILL and not result.timed_out
+    assert result.memory_peak is not None and result.memory_peak <= 33 * 1024**2
+
+
+def test_memory_peak_and_cpu_time_are_measured(runtime, rootfs):
+    result = runtime.run(rootfs, ["sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); "
+                                              "done"], memory_limit="64M").wait()
+    assert result.returncode == 0 and result.oom_killed is False
+    assert 0 < result.memory_peak <= 64 * 1024**2
+    assert result.cpu_time > 0.01
+
+
+def test_pids_limit_bounds_a_fork_flood(runtime, rootfs):
+    result = runtime.run(rootfs, ["sh", "-c", "for i in $(seq 60); do sleep 30 & echo $i; done"],
+                         pids_limit=12, timeout=30).wait()
+    started = [int(n) for n in result.stdout.split()]
+    assert b"Cannot fork" in result.stderr and not result.timed_out
+    assert 1 <= len(started) <= 10  # 12 minus the init and the shell
+
+
+def test_cpu_limit_throttles_a_busy_loop(runtime, rootfs):
+    result = runtime.run(rootfs, ["sh", "-c", "while :; do :; done"], cpu_limit=25,
+                         timeout=2).wait()
+    assert result.timed_out
+    assert 0.05 * result.wall_time <= result.cpu_time <= 0.3 * result.wall_time + 0.05
+
+
+def test_limits_combine_with_plain_runs(runtime, rootfs):
+    limited = runtime.run(rootfs, ["echo", "limited"], memory_limit="64M", pids_limit=16,
+                          cpu_limit=50).wait()
+    plain = runtime.run(rootfs, ["echo", "plain"]).wait()
+    assert (limited.stdout, plain.stdout) == (b"limited\n", b"plain\n")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"memory_limit": "32Q"}, "memory_limit='32Q': unknown unit 'Q'"),
+    ({"pids_limit": -1}, "pids_limit=-1"),
+    ({"cpu_limit": 0}, "cpu_limit=0"),
+])
+def test_bad_limits_are_config_errors(runtime, rootfs, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        runtime.run(rootfs, ["echo"], **kwargs)
