@@ -33,13 +33,18 @@ def host_snapshot() -> dict[str, frozenset]:
 def _container_cgroups() -> set[str]:
     """Our groups in every hierarchy, but those of idle spare inits (made ahead of need)."""
     found = set()
-    for group in Path("/sys/fs/cgroup").glob("**/minictr/minictr-*"):
+    for parent in [*Path("/sys/fs/cgroup").glob("*/minictr"), Path("/sys/fs/cgroup/minictr")]:
         try:
-            pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+            groups = [parent / name for name in os.listdir(parent) if name.startswith("minictr-")]
         except OSError:
-            continue
-        if not pids or not all(_is_launcher_child(pid) for pid in pids):
-            found.add(str(group))
+            continue  # no such parent, or removed while we looked
+        for group in groups:
+            try:
+                pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+            except OSError:
+                continue
+            if not pids or not all(_is_launcher_child(pid) for pid in pids):
+                found.add(str(group))
     return found
 
 
