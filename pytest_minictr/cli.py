@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--rootfs", metavar="DIR", help=HELP_ROOTFS)
     source.add_argument("--bin", action="append", default=[], metavar="NAME", help=HELP_BIN)
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
-    run.set_defaults(handler=run_command)
+    run.set_defaults(handler=run_command, parser=run)
 
     rootfs = commands.add_parser("rootfs", help="build root filesystems")
     rootfs_commands = rootfs.add_subparsers(dest="rootfs_command", required=True,
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        build_parser().parse_args(["run", "--help"])
+        args.parser.error("the command to run is missing: minictr run [OPTIONS] -- CMD [ARGS...]")
     if not args.rootfs and not shutil.which(command[0]):
         raise CommandNotFoundError(f"command {command[0]!r} not found on this host's PATH, "
                                    "so it cannot be copied into a rootfs (give --rootfs DIR)")

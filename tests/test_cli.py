@@ -64,9 +64,15 @@ def test_errors_are_one_line_with_a_status(args, status, message, cache_dir):
     assert done.stderr.count(b"\n") == 1 and b"Traceback" not in done.stderr
 
 
-def test_usage_errors_come_from_argparse(cache_dir):
-    done = minictr("run", "--env", "NOEQUALS", "--", "echo", cache_dir=cache_dir)
-    assert done.returncode == 2 and b"expected NAME=VALUE" in done.stderr
+@pytest.mark.parametrize("args, message", [
+    (["run", "--env", "NOEQUALS", "--", "echo"], b"expected NAME=VALUE"),
+    (["run", "--"], b"the command to run is missing"),
+    (["run", "--cpus", "lots", "--", "echo"], b"--cpus='lots'"),
+    (["run", "--network", "host", "--", "echo"], b"invalid choice: 'host'"),
+])
+def test_usage_errors_come_from_argparse(args, message, cache_dir):
+    done = minictr(*args, cache_dir=cache_dir)
+    assert done.returncode == 2 and message in done.stderr
 
 
 def test_rootfs_build_writes_a_directory(tmp_path):
