@@ -71,7 +71,8 @@ def build_root(spec: ContainerSpec, stage: Stage) -> str:
     rootfs_fd = _open_host_path(stage, spec.rootfs)
     source_fds = {m.source: _open_host_path(stage, m.source)
                   for m in spec.mounts if m.source is not None}
-    root = mount_overlay(rootfs_fd, spec.user_namespace)
+    layer_fd = None if spec.layer is None else _open_host_path(stage, spec.layer)
+    root = mount_overlay(rootfs_fd, layer_fd, spec.user_namespace)
     mount_proc(root)
     mount_dev(root)
     attempt("mount /tmp", mount_tmpfs, root + "/tmp", "mode=1777")
@@ -82,13 +83,21 @@ def build_root(spec: ContainerSpec, stage: Stage) -> str:
     return root
 
 
-def mount_overlay(rootfs_fd: int, in_user_namespace: bool) -> str:
-    options = f"lowerdir=/proc/self/fd/{rootfs_fd},upperdir={STAGE}/upper,workdir={STAGE}/work"
+def mount_overlay(rootfs_fd: int, layer_fd: int | None, in_user_namespace: bool) -> str:
+    """The base rootfs under a writable layer: the stage's tmpfs, or a kept host directory
+    (`spec.layer`: successive containers of one test then see each other's writes)."""
+    layer = STAGE if layer_fd is None else f"/proc/self/fd/{layer_fd}"
+    if layer_fd is not None:
+        for name in ("upper", "work"):
+            attempt(f"create the layer's {name} dir", os.makedirs, f"{layer}/{name}", 0o755, True)
+    options = f"lowerdir=/proc/self/fd/{rootfs_fd},upperdir={layer}/upper,workdir={layer}/work"
     if in_user_namespace:
         # trusted.* xattrs are out of reach in a user namespace (kernel >= 5.11 needs this)
         options += ",userxattr"
     attempt("mount overlay of the rootfs", linux.mount, "overlay", f"{STAGE}/root", "overlay",
             MS_NOSUID, options)
+    if layer_fd is not None:
+        os.close(layer_fd)  # the mount holds the directory now
     return f"{STAGE}/root"
 
 

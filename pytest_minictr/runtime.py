@@ -203,17 +203,20 @@ class ContainerRuntime:
             env: Mapping[str, str] | None = None, cwd: str = "/", hostname: str = "minictr",
             input: bytes | None = None, network: str = "loopback", user: bool | None = None,
             mounts: Sequence[Mount] = (), output_limit: int | str | None = None,
-            stdin: Any = None, stdout: Any = None, stderr: Any = None) -> Container:
+            layer: str | os.PathLike | None = None, stdin: Any = None, stdout: Any = None,
+            stderr: Any = None) -> Container:
         """Start `command` in a new container on the root filesystem `image`; returns at once.
 
         `stdout`/`stderr` default to capture (in the Result); pass a file or fd to send the
         stream there instead (the CLI passes its own). `stdin` defaults to /dev/null, or to a
-        pipe fed with `input`.
+        pipe fed with `input`. `layer`: an existing host directory that keeps the container's
+        writes (in its `upper` subdirectory), so that the next container given it sees them;
+        by default writes go to a tmpfs that vanishes with the container.
         """
         spec = make_spec(image, command, cpu_limit=cpu_limit, memory_limit=memory_limit,
                          pids_limit=pids_limit, timeout=timeout, env=env, cwd=cwd,
                          hostname=hostname, network=network, user=user, mounts=mounts,
-                         output_limit=output_limit)
+                         output_limit=output_limit, layer=layer)
         input_data = _check_input(input, stdin)
         return self._launch(spec, input_data, stdin, stdout, stderr)
 

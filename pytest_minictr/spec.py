@@ -74,6 +74,7 @@ class ContainerSpec:
     output_limit: int = DEFAULT_OUTPUT_LIMIT
     limits: Limits = field(default_factory=Limits)
     mounts: tuple[Mount, ...] = ()
+    layer: str | None = None       # host dir keeping the writable layer; None: a fresh tmpfs
 
     def to_dict(self) -> dict[str, Any]:
         # by hand: dataclasses.asdict deep-copies every field, a tenth of a millisecond
@@ -145,6 +146,7 @@ def make_spec(
     user: bool | None = None,
     mounts: Sequence[Mount] = (),
     output_limit: int | str | None = DEFAULT_OUTPUT_LIMIT,
+    layer: str | os.PathLike | None = None,
 ) -> ContainerSpec:
     """Validate every keyword of `ContainerRuntime.run()`; raise one ConfigError naming the bad one."""
     return ContainerSpec(
@@ -164,18 +166,23 @@ def make_spec(
             pids=None if pids_limit is None else _check_positive_int(pids_limit, "pids_limit"),
         ),
         mounts=tuple(_check_mount(m) for m in _check_sequence(mounts, "mounts")),
+        layer=None if layer is None else _check_host_dir(layer, "layer"),
     )
 
 
 def _check_rootfs(image: Any) -> str:
-    if not isinstance(image, (str, os.PathLike)) or not os.fspath(image):
-        raise ConfigError(f"image={image!r}: expected the path of a root filesystem directory")
-    path = os.fspath(image)
+    return _check_host_dir(image, "image", "rootfs", " (build one with RootfsBuilder().build)")
+
+
+def _check_host_dir(value: Any, name: str, what: str = "directory", fix: str = "") -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ConfigError(f"{name}={value!r}: expected the path of a {what} directory")
+    path = os.fspath(value)
     if isinstance(path, bytes) or "\0" in path:
-        raise ConfigError(f"image={image!r}: expected a str path without NUL bytes")
+        raise ConfigError(f"{name}={value!r}: expected a str path without NUL bytes")
     if not os.path.isdir(path):
-        what = "does not exist" if not os.path.lexists(path) else "is not a directory"
-        raise ConfigError(f"image={path!r}: rootfs {what} (build one with RootfsBuilder().build)")
+        problem = "does not exist" if not os.path.lexists(path) else "is not a directory"
+        raise ConfigError(f"{name}={path!r}: {what} {problem}{fix}")
     return os.path.realpath(path)
 
 

@@ -1,0 +1,406 @@
+"""The pytest plugin: the `container` marker and fixture, and the `--minictr-*` options.
+
+    @pytest.mark.container(memory="64M", cpus=0.5, pids=32, timeout=5, binaries=["sh", "seq"])
+    def test_bounded(container):
+        assert container.run("seq 3").stdout == b"1\\n2\\n3\\n"
+
+Settings come from four places; a later one wins: the ini file (`minictr_*` keys), the
+environment (`MINICTR_*`), the command line (`--minictr-*`), and the closest `container`
+marker (function over class over module; their keywords merge). Everything is validated once,
+when the test sets up its fixture: a wrong keyword or value fails that test with a message
+naming it. Each worker of pytest-xdist has its own runtime (and launcher); the rootfs cache is
+shared safely between them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pytest
+
+from . import __version__
+from .errors import ConfigError, MinictrError, UnsupportedError
+from .rootfs import RootfsBuilder, default_cache_dir
+from .runtime import ContainerRuntime, Result
+from .spec import NETWORK_MODES, parse_cpus, parse_size
+
+MARKER_KEYWORDS = ("memory", "cpus", "pids", "timeout", "network", "binaries", "recipe",
+                   "rootfs", "hostname", "env")
+MARKER_HELP = ("container(memory=None, cpus=None, pids=None, timeout=None, network='loopback', "
+               "binaries=None, recipe=None, rootfs=None, hostname='minictr', env=None): "
+               "configure the `container` fixture of this test (class, module): limits "
+               "('64M', 0.5 CPUs, pids), wall-time timeout in seconds, network mode, which "
+               "binaries its rootfs holds (or a prepared rootfs path), hostname, environment")
+# Every container can run a shell string; these come along where the host has them.
+BASE_BINARIES = ("sh", "env", "echo", "cat", "ls", "true", "false", "sleep", "mkdir", "rm",
+                 "cp", "mv", "touch", "head", "tail", "wc", "grep", "sed", "seq", "sort", "tr",
+                 "cut", "printf", "test", "id", "hostname", "uname", "pwd", "ln", "chmod",
+                 "stat", "date", "basename", "dirname", "expr", "kill", "ps")
+LAYER_PREFIX = "minictr-layer-"  # + the owner's pid: a layer of a dead owner is removed
+STDERR_TAIL = 2000  # characters of the last container's stderr shown for a failed test
+
+HELP_ROOTFS = "use this prepared rootfs directory as the base of every container"
+HELP_CACHE = "where built root filesystems are cached (default: $XDG_CACHE_HOME/minictr)"
+HELP_MEMORY = "default memory limit of every container, e.g. 256M"
+HELP_CPUS = "default CPU limit of every container, in CPUs (0.5: half of one)"
+HELP_PIDS = "default limit on processes and threads alive in a container"
+HELP_TIMEOUT = "default wall-time limit of each container command, in seconds"
+HELP_UNAVAILABLE = ("where this host cannot run containers: 'fail' the tests that need one "
+                    "(default) or 'skip' them, with the reason either way")
+
+# (name, help, parse) of the options that are read from ini < environment < command line
+_OPTIONS = (
+    ("rootfs", HELP_ROOTFS, str),
+    ("cache_dir", HELP_CACHE, str),
+    ("memory", HELP_MEMORY, str),
+    ("cpus", HELP_CPUS, str),
+    ("pids", HELP_PIDS, str),
+    ("timeout", HELP_TIMEOUT, str),
+    ("unavailable", HELP_UNAVAILABLE, str),
+)
+
+
+@dataclass(frozen=True)
+class ContainerSettings:
+    """What one test's containers are: the merged options and marker, validated."""
+
+    memory: int | None = None
+    cpu_percent: float | None = None
+    pids: int | None = None
+    timeout: float | None = None
+    network: str = "loopback"
+    binaries: tuple[str, ...] | None = None
+    rootfs: str | None = None
+    hostname: str = "minictr"
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """The options of the run, before any marker."""
+
+    defaults: ContainerSettings
+    cache_dir: Path
+    unavailable: str          # "fail" | "skip"
+    source: str               # where the rootfs comes from, for the report header
+
+
+_SETTINGS = pytest.StashKey[SessionSettings]()
+_LAST_RESULT = pytest.StashKey[Result]()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("minictr", "containers (pytest-minictr)")
+    for name, help_text, _ in _OPTIONS:
+        flag = "--minictr-" + name.replace("_", "-")
+        if name == "unavailable":
+            group.addoption(flag, dest=f"minictr_{name}", choices=("fail", "skip"),
+                            help=help_text)
+        else:
+            group.addoption(flag, dest=f"minictr_{name}", metavar=name.upper(), help=help_text)
+        parser.addini(f"minictr_{name}", help_text)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER_HELP)
+    try:
+        config.stash[_SETTINGS] = read_session_settings(config)
+    except ConfigError as error:
+        raise pytest.UsageError(f"pytest-minictr: {error}") from None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    settings = config.stash[_SETTINGS]
+    return (f"minictr {__version__}: cgroups {_cgroup_backend_name()}, "
+            f"{'root' if os.geteuid() == 0 else 'rootless'}, rootfs {settings.source}, "
+            f"cache {settings.cache_dir}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failed test's report shows its last container: command, how it ended, stderr."""
+    outcome = yield
+    report = outcome.get_result()
+    result = item.stash.get(_LAST_RESULT, None)
+    if report.failed and result is not None:
+        report.sections.append(("minictr: last container", describe_result(result)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+@pytest.fixture(scope="session")
+def minictr_runtime() -> ContainerRuntime:
+    """The session's ContainerRuntime (one launcher per pytest process or xdist worker)."""
+    remove_stale_layers()
+    with ContainerRuntime() as runtime:
+        yield runtime
+
+
+@pytest.fixture(scope="session")
+def minictr_rootfs_builder(pytestconfig: pytest.Config) -> RootfsBuilder:
+    """A RootfsBuilder on the session's cache dir: build custom root filesystems once."""
+    return RootfsBuilder(cache_dir=pytestconfig.stash[_SETTINGS].cache_dir)
+
+
+@pytest.fixture
+def container(request: pytest.FixtureRequest, minictr_runtime: ContainerRuntime,
+              minictr_rootfs_builder: RootfsBuilder):
+    """A container for this test, configured by the closest `container` marker. Its writable
+    layer is the test's own: successive `run()`s see each other's writes, other tests never."""
+    session = request.config.stash[_SETTINGS]
+    try:
+        settings = merge_marker(session.defaults, request.node)
+        check_host_can_run_containers()
+        rootfs = resolve_rootfs(settings, minictr_rootfs_builder)
+    except UnsupportedError as problem:
+        _unavailable(session, problem)
+    except MinictrError as error:
+        pytest.fail(str(error), pytrace=False)
+    box = TestContainer(minictr_runtime, rootfs, settings, request.node, session)
+    yield box
+    box.close()
+
+
+class TestContainer:
+    """The `container` fixture's value: run commands in fresh containers that share this
+    test's writable layer on top of the (read-only, shared) `rootfs`."""
+
+    __test__ = False  # not a test class, despite its name
+
+    def __init__(self, runtime: ContainerRuntime, rootfs: Path, settings: ContainerSettings,
+                 item: pytest.Item, session: SessionSettings):
+        self.rootfs = rootfs
+        self.settings = settings
+        self._runtime = runtime
+        self._item = item
+        self._session = session
+        self._layer: str | None = None
+
+    def run(self, cmd: str | Sequence[str], input: bytes | None = None,
+            timeout: float | None = None, env: Mapping[str, str] | None = None) -> Result:
+        """Run `cmd` (a list, or a string for /bin/sh -c) and return its Result. `timeout`
+        overrides the marker's; `env` adds to its environment."""
+        argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else cmd
+        s = self.settings
+        try:
+            result = self._runtime.run(
+                self.rootfs, argv, input=input, timeout=timeout or s.timeout,
+                env={**s.env, **(env or {})}, memory_limit=s.memory, cpu_limit=s.cpu_percent,
+                pids_limit=s.pids, network=s.network, hostname=s.hostname,
+                layer=self._writable_layer()).wait()
+        except UnsupportedError as problem:
+            _unavailable(self._session, problem)
+        self._item.stash[_LAST_RESULT] = result
+        return result
+
+    def _writable_layer(self) -> str:
+        if self._layer is None:
+            self._layer = tempfile.mkdtemp(prefix=f"{LAYER_PREFIX}{os.getpid()}-")
+        return self._layer
+
+    def close(self) -> None:
+        if self._layer is not None:
+            shutil.rmtree(self._layer, ignore_errors=True)
+            self._layer = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+def read_session_settings(config: pytest.Config) -> SessionSettings:
+    values = {name: _option(config, name) for name, _, _ in _OPTIONS}
+    defaults = ContainerSettings(
+        memory=_size(values["memory"], "--minictr-memory"),
+        cpu_percent=None if values["cpus"] is None else parse_cpus(values["cpus"],
+                                                                   "--minictr-cpus"),
+        pids=_positive_int(values["pids"], "--minictr-pids"),
+        timeout=_seconds(values["timeout"], "--minictr-timeout"),
+        rootfs=_prepared_rootfs(values["rootfs"]),
+    )
+    unavailable = values["unavailable"] or "fail"
+    if unavailable not in ("fail", "skip"):
+        raise ConfigError(f"--minictr-unavailable={unavailable!r}: expected 'fail' or 'skip'")
+    cache_dir = Path(values["cache_dir"]).expanduser() if values["cache_dir"] \
+        else default_cache_dir()
+    source = f"from {defaults.rootfs}" if defaults.rootfs else "built from host binaries"
+    return SessionSettings(defaults, cache_dir, unavailable, source)
+
+
+def _option(config: pytest.Config, name: str) -> str | None:
+    """Command line, else environment, else ini: the first one set."""
+    for value in (config.getoption(f"minictr_{name}"),
+                  os.environ.get(f"MINICTR_{name.upper()}"),
+                  config.getini(f"minictr_{name}")):
+        if value not in (None, ""):
+            return str(value)
+    return None
+
+
+def merge_marker(defaults: ContainerSettings, item: pytest.Item) -> ContainerSettings:
+    """Apply the `container` markers from the farthest (module) to the closest (function)."""
+    keywords: dict[str, Any] = {}
+    for marker in reversed(list(item.iter_markers("container"))):
+        if marker.args:
+            raise ConfigError(f"@pytest.mark.container{marker.args!r}: takes keywords only, "
+                              f"e.g. container(memory='64M')")
+        unknown = sorted(set(marker.kwargs) - set(MARKER_KEYWORDS))
+        if unknown:
+            raise ConfigError(f"@pytest.mark.container: unknown keyword {unknown[0]!r} "
+                              f"(known: {', '.join(MARKER_KEYWORDS)})")
+        keywords.update(marker.kwargs)
+    if keywords.get("rootfs") is not None and keywords.get("binaries") is not None:
+        raise ConfigError("@pytest.mark.container: give rootfs= or binaries=, not both")
+    values = dict(_marker_value(key, value) for key, value in keywords.items())
+    if values.get("binaries") is not None:
+        values["rootfs"] = None  # the marker's binaries beat a --minictr-rootfs default
+    return replace(defaults, **values)
+
+
+def _marker_value(keyword: str, value: Any) -> tuple[str, Any]:
+    """(settings field, validated value) of one marker keyword; ConfigError names it."""
+    if keyword == "memory":
+        return "memory", None if value is None else parse_size(value, "memory")
+    if keyword == "cpus":
+        return "cpu_percent", None if value is None else parse_cpus(value, "cpus")
+    if keyword == "pids":
+        return "pids", _positive_int(value, "pids")
+    if keyword == "timeout":
+        return "timeout", _seconds(value, "timeout")
+    if keyword == "network":
+        if value not in NETWORK_MODES:
+            raise ConfigError(f"network={value!r}: expected one of {', '.join(NETWORK_MODES)}")
+        return "network", value
+    if keyword == "binaries":
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or \
+                not all(isinstance(b, str) and b for b in value):
+            raise ConfigError(f"binaries={value!r}: expected a list of program names")
+        return "binaries", tuple(value)
+    if keyword == "recipe":
+        raise ConfigError(f"recipe={value!r}: rootfs recipes are not available yet; "
+                          "use binaries=[...] or rootfs='DIR'")
+    if keyword == "rootfs":
+        return "rootfs", _prepared_rootfs(value, "rootfs")
+    if keyword == "hostname":
+        if not isinstance(value, str):
+            raise ConfigError(f"hostname={value!r}: expected a str")
+        return "hostname", value
+    if not isinstance(value, Mapping):  # env
+        raise ConfigError(f"env={value!r}: expected a dict of names to values")
+    return "env", dict(value)
+
+
+def _prepared_rootfs(value: Any, name: str = "--minictr-rootfs") -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{name}={value!r}: expected the path of a rootfs directory")
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"{name}={str(value)!r}: no such directory")
+    if not any(path.iterdir()):
+        raise ConfigError(f"{name}={str(value)!r}: the directory is empty (build one with "
+                          "`minictr rootfs build --bin sh DEST`)")
+    return str(path.resolve())
+
+
+def _size(value: str | None, name: str) -> int | None:
+    return None if value is None else parse_size(value.strip(), name)
+
+
+def _positive_int(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value) if not isinstance(value, (bool, float)) else None
+    except ValueError:
+        number = None
+    if number is None or number <= 0:
+        raise ConfigError(f"{name}={value!r}: expected a positive integer")
+    return number
+
+
+def _seconds(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value) if not isinstance(value, bool) else -1.0
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"{name}={value!r}: expected a positive number of seconds")
+    return seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Rootfs, availability, reports
+
+def resolve_rootfs(settings: ContainerSettings, builder: RootfsBuilder) -> Path:
+    """A prepared rootfs if one was given, else one built (cached) from host binaries."""
+    if settings.binaries is None and settings.rootfs is not None:
+        return Path(settings.rootfs)
+    wanted = settings.binaries if settings.binaries is not None else BASE_BINARIES
+    present = [name for name in dict.fromkeys(("sh", *wanted))
+               if name in (settings.binaries or ()) or shutil.which(name)]
+    return builder.build(binaries=present)
+
+
+def check_host_can_run_containers() -> None:
+    if not os.path.exists("/proc/self/ns/pid"):
+        raise UnsupportedError("this system has no Linux namespaces (/proc/self/ns is missing)")
+    if os.geteuid() != 0 and not _user_namespaces_allowed():
+        raise UnsupportedError("not root, and unprivileged user namespaces are disabled "
+                               "(sysctl kernel.unprivileged_userns_clone or "
+                               "user.max_user_namespaces): run as root or enable them")
+
+
+def _user_namespaces_allowed() -> bool:
+    for path, minimum in (("/proc/sys/kernel/unprivileged_userns_clone", 1),
+                          ("/proc/sys/user/max_user_namespaces", 1)):
+        try:
+            if int(Path(path).read_text()) < minimum:
+                return False
+        except (OSError, ValueError):
+            continue
+    return True
+
+
+def _unavailable(session: SessionSettings, problem: Exception):
+    message = f"minictr cannot run containers here: {problem}"
+    if session.unavailable == "skip":
+        pytest.skip(message)
+    pytest.fail(message + " (--minictr-unavailable=skip skips such tests)", pytrace=False)
+
+
+def _cgroup_backend_name() -> str:
+    from . import cgroups
+    try:
+        return cgroups.detect().name
+    except MinictrError:
+        return "unavailable"
+
+
+def remove_stale_layers() -> None:
+    """Writable layers of test processes that died (SIGKILL) before their teardown."""
+    temp = Path(tempfile.gettempdir())
+    for layer in temp.glob(f"{LAYER_PREFIX}*"):
+        owner = layer.name[len(LAYER_PREFIX):].split("-")[0]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(layer, ignore_errors=True)
+
+
+def describe_result(result: Result) -> str:
+    how = ("timed out" if result.timed_out else "OOM-killed" if result.oom_killed
+           else f"returncode {result.returncode}")
+    stderr = result.stderr.decode(errors="replace")
+    tail = stderr[-STDERR_TAIL:] if stderr else "(empty)"
+    return f"command: {list(result.args)!r}\n{how}, wall {result.wall_time:.3f} s\n" \
+           f"stderr (last {STDERR_TAIL} characters):\n{tail}"
