@@ -1,4 +1,5 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written: library snippets are executed, test files
+(those defining `test_` functions) are run by pytest with the plugin."""
 
 from __future__ import annotations
 
@@ -7,15 +8,27 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["pytester"]
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 EXAMPLES = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+LIBRARY = [code for code in EXAMPLES if "def test_" not in code]
+TEST_FILES = [code for code in EXAMPLES if "def test_" in code]
 
 
-@pytest.mark.parametrize("code", EXAMPLES, ids=[f"example-{n}" for n in range(len(EXAMPLES))])
-def test_readme_example_runs(code, cache_dir, monkeypatch):
+@pytest.mark.parametrize("code", LIBRARY, ids=[f"library-{n}" for n in range(len(LIBRARY))])
+def test_library_example_runs(code, cache_dir, monkeypatch):
     monkeypatch.setenv("MINICTR_CACHE_DIR", str(cache_dir))
     exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
 
 
-def test_readme_has_examples():
-    assert len(EXAMPLES) >= 3
+@pytest.mark.parametrize("code", TEST_FILES, ids=[f"tests-{n}" for n in range(len(TEST_FILES))])
+def test_plugin_example_passes(code, pytester, cache_dir):
+    pytester.makepyfile(test_readme_example=code)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--strict-markers",
+                                           f"--minictr-cache-dir={cache_dir}")
+    result.assert_outcomes(passed=code.count("def test_"))
+
+
+def test_readme_has_examples_of_both_kinds():
+    assert len(LIBRARY) >= 3 and len(TEST_FILES) >= 2
