@@ -383,7 +383,7 @@ def _unavailable(session: SessionSettings, problem: Exception):
 def _cgroup_backend_name() -> str:
     from . import cgroups
     try:
-        return cgroups.detect().name
+        return cgroups.detect(prepare=False).name
     except MinictrError:
         return "unavailable"
 

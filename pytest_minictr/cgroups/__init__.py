@@ -25,8 +25,9 @@ __all__ = ["Cgroup", "CgroupBackend", "CgroupMount", "CgroupStats", "detect", "g
            "owner_pid_of", "parse_cgroup_mounts", "reap_stale"]
 
 
-def detect() -> CgroupBackend:
-    """The cgroup backend of this host, ready to create groups (our `minictr` parents exist).
+def detect(prepare: bool = True) -> CgroupBackend:
+    """The cgroup backend of this host, ready to create groups (our `minictr` parents exist;
+    with prepare=False nothing is created: for reports that only look).
 
     v1 if any controller we use is mounted as a v1 hierarchy (a controller bound to v1 is
     absent from cgroup2, so a hybrid host's cgroup2 is of no use to us); else v2 if cgroup2 is
@@ -41,10 +42,10 @@ def detect() -> CgroupBackend:
                                "mount /proc to use cgroups") from e
     v1_mounts = tuple(m for m in mounts if m.version == 1 and m.controllers)
     if v1_mounts:
-        return V1Backend.probe(v1_mounts)
+        return V1Backend.probe(v1_mounts, prepare)
     unified = next((m for m in mounts if m.version == 2), None)
     if unified is not None:
-        return V2Backend.probe(unified)
+        return V2Backend.probe(unified, prepare)
     raise UnsupportedError(
         "no cgroup filesystem is mounted (none in /proc/self/mountinfo): mount cgroup2 "
         "(`mount -t cgroup2 none /sys/fs/cgroup`) or the v1 hierarchies "

@@ -26,7 +26,7 @@ class V1Backend(CgroupBackend):
                                              for mount_point in mount_points.values())))
 
     @classmethod
-    def probe(cls, mounts: tuple[CgroupMount, ...]) -> "V1Backend":
+    def probe(cls, mounts: tuple[CgroupMount, ...], prepare: bool = True) -> "V1Backend":
         """The backend for these v1 mounts, or UnsupportedError saying why and the fix."""
         by_controller: dict[str, CgroupMount] = {}
         for mount in mounts:
@@ -49,7 +49,8 @@ class V1Backend(CgroupBackend):
                 "most containers): run on the host, or give the container a writable cgroupfs "
                 "(e.g. `docker run --privileged`)")
         backend = cls({c: m.mount_point for c, m in sorted(by_controller.items())})
-        backend.prepare_parents()
+        if prepare:
+            backend.prepare_parents()
         return backend
 
     def prepare_parents(self) -> None:

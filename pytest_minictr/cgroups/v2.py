@@ -30,7 +30,7 @@ class V2Backend(CgroupBackend):
         self._unavailable: dict[str, str] = {}    # controller -> why we cannot use it
 
     @classmethod
-    def probe(cls, mount: CgroupMount) -> "V2Backend":
+    def probe(cls, mount: CgroupMount, prepare: bool = True) -> "V2Backend":
         """The backend for this cgroup2 mount, or UnsupportedError saying why and the fix."""
         if os.geteuid() != 0:
             raise UnsupportedError(
@@ -43,7 +43,8 @@ class V2Backend(CgroupBackend):
                 "containers): run on the host, or give the container a writable cgroupfs "
                 "(e.g. `docker run --privileged --cgroupns=private`)")
         backend = cls(mount.mount_point)
-        backend.prepare_parent()
+        if prepare:
+            backend.prepare_parent()
         return backend
 
     def prepare_parent(self) -> None:
