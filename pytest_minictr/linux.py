@@ -14,6 +14,8 @@ import os
 import socket
 import struct
 
+from .errors import ContainerSetupError
+
 # clone(2) / unshare(2) flags
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -50,8 +52,6 @@ _SYSCALL_NUMBERS = {
     "ppc64le": {"pivot_root": 203},
     "s390x": {"pivot_root": 217},
 }
-
-from .errors import ContainerSetupError
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,

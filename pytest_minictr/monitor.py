@@ -92,7 +92,8 @@ class Monitor:
         except BlockingIOError:
             return
         except BrokenPipeError:
-            written = len(self._input)  # the command stopped reading: drop the rest, as subprocess does
+            # the command stopped reading: drop the rest, as subprocess does
+            written = len(self._input)
         self._input = self._input[written:]
         if not self._input:
             self._unwatch(self._stdin)

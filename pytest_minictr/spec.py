@@ -148,7 +148,7 @@ def make_spec(
     output_limit: int | str | None = DEFAULT_OUTPUT_LIMIT,
     layer: str | os.PathLike | None = None,
 ) -> ContainerSpec:
-    """Validate every keyword of `ContainerRuntime.run()`; raise one ConfigError naming the bad one."""
+    """Validate every keyword of `ContainerRuntime.run()`; one ConfigError names a bad one."""
     return ContainerSpec(
         rootfs=_check_rootfs(image),
         argv=_check_command(command),

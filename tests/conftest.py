@@ -31,11 +31,14 @@ def host_snapshot() -> dict[str, frozenset]:
 
 
 def _container_cgroups() -> set[str]:
-    """Our groups in every hierarchy, but those of idle spare inits (made ahead of need)."""
+    """Groups of launchers started by this process (other test runs may share the host), but
+    those of idle spare inits (made ahead of need)."""
+    ours = {pid for pid, (parent, _, _) in _process_table().items() if parent == os.getpid()}
     found = set()
     for parent in [*Path("/sys/fs/cgroup").glob("*/minictr"), Path("/sys/fs/cgroup/minictr")]:
         try:
-            groups = [parent / name for name in os.listdir(parent) if name.startswith("minictr-")]
+            groups = [parent / name for name in os.listdir(parent)
+                      if name.startswith("minictr-") and int(name.split("-")[1]) in ours]
         except OSError:
             continue  # no such parent, or removed while we looked
         for group in groups:
@@ -92,6 +95,18 @@ def _is_launcher_child(pid: int) -> bool:
             Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+
+
+def processes_with(argument: str) -> list[str]:
+    """Pids of the host's processes with `argument` among their arguments."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if argument.encode() in cmdline.read_bytes().split(b"\0"):
+                found.append(cmdline.parent.name)
+        except OSError:
+            pass
+    return found
 
 
 def assert_nothing_left(before: dict, settle: float = 2.0) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_minictr.spec import DEFAULT_PATH
+
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 
@@ -96,8 +98,7 @@ def test_environment_is_clean(runtime, rootfs, monkeypatch):
     monkeypatch.setenv("MINICTR_HOST_SECRET", "leak")
     out = runtime.run(rootfs, ["cat", "/proc/self/environ"], env={"EXTRA": "1"}).wait().stdout
     assert sorted(out.decode().rstrip("\0").split("\0")) == [
-        "EXTRA=1", "HOME=/root", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "TERM=dumb"]
+        "EXTRA=1", "HOME=/root", f"PATH={DEFAULT_PATH}", "TERM=dumb"]
 
 
 def test_cwd_and_env(runtime, rootfs):

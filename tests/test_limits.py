@@ -4,11 +4,15 @@ same on both."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from pytest_minictr import ConfigError, UnsupportedError, cgroups
+from pytest_minictr import ConfigError, ContainerRuntime, UnsupportedError, cgroups
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -68,3 +72,33 @@ def test_limits_combine_with_plain_runs(runtime, rootfs):
 def test_bad_limits_are_config_errors(runtime, rootfs, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         runtime.run(rootfs, ["echo"], **kwargs)
+
+
+
+CRASHING_CALLER = """
+import sys, time
+from pytest_minictr import ContainerRuntime
+runtime = ContainerRuntime()
+runtime.run(sys.argv[1], ["sleep", "300"], memory_limit="64M")
+print(runtime._client.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def groups_owned_by(pid: int) -> list[Path]:
+    return [*Path("/sys/fs/cgroup").glob(f"*/minictr/minictr-{pid}-*"),
+            *Path("/sys/fs/cgroup/minictr").glob(f"minictr-{pid}-*")]
+
+
+def test_groups_of_a_killed_launcher_are_reaped_by_the_next(rootfs):
+    caller = subprocess.Popen([sys.executable, "-c", CRASHING_CALLER, str(rootfs)],
+                              stdout=subprocess.PIPE, text=True)
+    launcher = int(caller.stdout.readline())
+    os.kill(launcher, signal.SIGKILL)  # the launcher first: it gets no chance to clean up
+    caller.kill()
+    caller.wait()
+    caller.stdout.close()
+    assert groups_owned_by(launcher), "a killed launcher leaves its groups"
+    with ContainerRuntime() as runtime:  # starting a launcher reaps the groups of dead ones
+        runtime.run(rootfs, ["true"]).wait()
+    assert groups_owned_by(launcher) == []

@@ -3,15 +3,18 @@ subprocess), and the `container` fixture used right here on the real kernel."""
 
 from __future__ import annotations
 
-import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from pytest_minictr import RootfsBuilder
+
+from .conftest import processes_with
 
 pytest_plugins = ["pytester"]
 
@@ -236,3 +239,41 @@ def test_xdist_workers_each_get_their_own_containers(run_tests):
             assert container.run("cat /data/value").stdout == f"{n}\\n".encode()
     ''', "-n", "2")
     result.assert_outcomes(passed=12)
+
+
+def test_ctrl_c_stops_running_containers_and_cleans_up(pytester, cache_dir, tmp_path):
+    started = tmp_path / "started"
+    pytester.makepyfile(test_user=textwrap.dedent(f'''
+        from pathlib import Path
+
+        def test_slow(container):
+            Path({str(started)!r}).touch()
+            container.run("sleep 3033.5")
+    '''))
+    pytest_run = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                                   f"--minictr-cache-dir={cache_dir}"], cwd=pytester.path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    launcher = _child_launcher(pytest_run.pid)
+    pytest_run.send_signal(signal.SIGINT)
+    output = pytest_run.communicate(timeout=60)[0].decode()
+    assert pytest_run.returncode == pytest.ExitCode.INTERRUPTED, output
+    assert not processes_with("3033.5")
+    assert launcher is not None and not Path(f"/proc/{launcher}").exists()
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/minictr/minictr-{launcher}-*"))
+
+
+def _child_launcher(parent: int) -> int | None:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"forkserver" in cmdline:
+            return int(stat.parent.name)
+    return None
+

@@ -9,7 +9,6 @@ import subprocess
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -18,24 +17,13 @@ from pytest_minictr import (CommandNotFoundError, ConfigError, ContainerNotFound
                             ContainerStatus, LauncherError, MinictrError, Result,
                             UnsupportedError, WaitTimeoutError)
 
-from .conftest import assert_nothing_left, host_snapshot
+from .conftest import assert_nothing_left, host_snapshot, processes_with
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
 
 def sh(runtime, rootfs, script: str, **kwargs):
     return runtime.run(rootfs, ["sh", "-c", script], **kwargs)
-
-
-def host_processes_with(argument: str) -> list[str]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if argument.encode() in cmdline.read_bytes().split(b"\0"):
-                found.append(cmdline.parent.name)
-        except OSError:
-            pass
-    return found
 
 
 def test_result_is_shaped_like_completed_process(runtime, rootfs):
@@ -93,7 +81,7 @@ def test_timeout_kills_the_whole_tree(runtime, rootfs):
     assert result.timed_out and result.returncode == -signal.SIGKILL
     assert 0.5 <= result.wall_time < 5
     assert container.status == ContainerStatus.TIMED_OUT
-    assert result.stdout == b"" and host_processes_with(tag) == []
+    assert result.stdout == b"" and processes_with(tag) == []
 
 
 def test_detached_grandchild_dies_with_the_command(runtime, rootfs):
@@ -101,7 +89,7 @@ def test_detached_grandchild_dies_with_the_command(runtime, rootfs):
     result = sh(runtime, rootfs, f"(setsid sleep {tag} </dev/null >/dev/null 2>&1 &); "
                                  f"(sleep {tag} &); echo started").wait()
     assert result.stdout == b"started\n"
-    assert host_processes_with(tag) == []
+    assert processes_with(tag) == []
 
 
 def test_init_reaps_orphans(runtime, rootfs):
@@ -210,7 +198,7 @@ def test_a_dead_launcher_is_reported_and_replaced(rootfs):
     os.kill(runtime._client.pid, signal.SIGKILL)
     with pytest.raises(LauncherError, match="launcher died"):
         container.wait(timeout=10)
-    assert _eventually(lambda: host_processes_with(tag) == [])
+    assert _eventually(lambda: processes_with(tag) == [])
     assert runtime.run(rootfs, ["echo", "again"]).wait().stdout == b"again\n"
     runtime.close()
     assert_nothing_left(before)
@@ -226,7 +214,7 @@ def test_interrupting_wait_kills_the_container(runtime, rootfs):
     with pytest.raises(KeyboardInterrupt):
         container.wait()
     timer.join()
-    assert host_processes_with(tag) == []
+    assert processes_with(tag) == []
     assert container.status != ContainerStatus.RUNNING
 
 
@@ -235,8 +223,8 @@ def test_close_kills_what_still_runs(rootfs):
     tag = f"{uuid.uuid4().int % 10**6}.375"
     with ContainerRuntime() as runtime:
         runtime.run(rootfs, ["sleep", tag])
-        assert host_processes_with(tag)
-    assert host_processes_with(tag) == []
+        assert processes_with(tag)
+    assert processes_with(tag) == []
     assert_nothing_left(before)
 
 
