@@ -6,6 +6,8 @@ Requests may come from several threads: one lock serialises each request with it
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
 import socket
 import subprocess
@@ -16,6 +18,7 @@ from typing import Any, Sequence
 from . import protocol
 from .errors import LauncherError
 
+_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)  # what a dead launcher's socket says
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # -S: no site-packages scan, a faster start; the package's own directory goes on sys.path.
 _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
@@ -27,6 +30,8 @@ class LauncherClient:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._socket: socket.socket | None = None
+        self._replies: protocol.ReplyReader | None = None
+        self._seq = itertools.count(1)
 
     @property
     def pid(self) -> int | None:
@@ -37,21 +42,24 @@ class LauncherClient:
         one that dies while answering raises LauncherError (the next call starts a new one)."""
         with self._lock:
             self._ensure_started()
+            message = {**message, "seq": next(self._seq)}
             try:
                 protocol.send_message(self._socket, message, fds)
-            except OSError:
+            except OSError as error:
+                if error.errno not in _GONE:
+                    raise
                 # It died since we last looked; the request never reached it, so resend once.
                 self._restart()
                 protocol.send_message(self._socket, message, fds)
             try:
-                received = protocol.recv_message(self._socket)
-            except (OSError, EOFError):
-                received = None
-            if received is None:
+                reply = self._replies.reply_to(message["seq"])
+            except OSError:
+                reply = None
+            if reply is None:
                 _reap(self._forget(), timeout=1)
                 raise LauncherError("the minictr launcher died while answering; "
                                     "the next call starts a new one")
-            return received[0]
+            return reply
 
     def _ensure_started(self) -> None:
         if self._socket is None or self._process is None or self._process.poll() is not None:
@@ -73,18 +81,21 @@ class LauncherClient:
             self._process = subprocess.Popen(
                 [sys.executable, "-S", "-c", _BOOT, _PACKAGE_PARENT, str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, start_new_session=True, env=_launcher_env())
+                stdout=subprocess.DEVNULL, stderr=_launcher_stderr(), start_new_session=True,
+                env=_launcher_env())
         except OSError as error:
             ours.close()
             raise LauncherError(f"cannot start the minictr launcher: {error}") from error
         finally:
             theirs.close()
         self._socket = ours
+        self._replies = protocol.ReplyReader(ours)
 
     def _forget(self) -> subprocess.Popen | None:
         if self._socket is not None:
             self._socket.close()
         process, self._socket, self._process = self._process, None, None
+        self._replies = None
         return process
 
 
@@ -98,6 +109,13 @@ def _reap(process: subprocess.Popen | None, timeout: float) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def _launcher_stderr() -> int | None:
+    """The launcher's stderr (its own tracebacks) is the caller's only with MINICTR_DEBUG=1:
+    whatever fd 2 is, a container's init would inherit it, and the caller's stderr (a log
+    file, a terminal) must be nothing a container can reach."""
+    return None if os.environ.get("MINICTR_DEBUG") == "1" else subprocess.DEVNULL
 
 
 def _launcher_env() -> dict[str, str]:

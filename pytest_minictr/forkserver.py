@@ -80,13 +80,28 @@ class Forkserver:
                         return
                 else:
                     handler, container = key.data
-                    handler(container)
+                    self._guarded(handler, container)
             self._fire_deadlines(time.monotonic())
+
+    def _guarded(self, handler, container: Running) -> None:
+        """A container's end is handled apart from all others': nothing it writes to us, nor
+        any failure in handling it, may stop the loop that serves the other containers."""
+        try:
+            handler(container)
+        except Exception as error:  # noqa: BLE001
+            print(f"minictr launcher: container {container.id}: {error!r}", file=sys.stderr)
+            if container.id in self.containers and not container.event_sent:
+                container.status_data = b""  # unusable: report what we know ourselves
+                _kill_all(container)
 
     # -- requests ------------------------------------------------------------------------------
 
     def _handle_request(self) -> bool:
-        received = protocol.recv_message(self.control)
+        """Answer one request; False at the end of the caller's socket (or if it broke)."""
+        try:
+            received = protocol.recv_message(self.control)
+        except (OSError, EOFError, ValueError):
+            return False
         if received is None:
             return False
         message, fds = received
@@ -99,7 +114,10 @@ class Forkserver:
             reply = _error_reply(type(error).__name__, str(error))
         except Exception as error:  # noqa: BLE001 - the caller must get an answer, not a hang
             reply = _error_reply("LauncherError", f"{type(error).__name__}: {error}")
-        protocol.send_message(self.control, reply)
+        try:
+            protocol.send_message(self.control, {**reply, "seq": message.get("seq")})
+        except OSError:
+            return False  # the caller went away while we worked on its request
         return True
 
     def _op_run(self, message: dict, fds: list[int]) -> dict:
@@ -144,9 +162,9 @@ class Forkserver:
 
     def _op_stop(self, message: dict, _fds) -> dict:
         container = self._find(message["id"])
-        if container is not None:
+        if container is not None and not _command_ended(container):
             container.ended_by = container.ended_by or "stop"
-            grace = float(message.get("grace", 0))
+            grace = float(message["grace"])  # checked by the caller: 0 <= grace <= MAX_SECONDS
             if grace > 0:
                 _kill(container.init_pidfd, signal.SIGTERM)
                 kill_at = time.monotonic() + grace
@@ -158,6 +176,8 @@ class Forkserver:
     def _find(self, container_id: str) -> Running | None:
         return self.containers.get(container_id)
 
+
+
     # -- time limits ---------------------------------------------------------------------------
 
     def _seconds_to_next_deadline(self) -> float | None:
@@ -167,7 +187,8 @@ class Forkserver:
 
     def _fire_deadlines(self, now: float) -> None:
         for container in self.containers.values():
-            if container.timeout_at is not None and now >= container.timeout_at:
+            if container.timeout_at is not None and now >= container.timeout_at \
+                    and not _command_ended(container):
                 container.ended_by = container.ended_by or "timeout"
                 container.timeout_at = None
                 _kill_all(container)
@@ -187,7 +208,7 @@ class Forkserver:
         container.status_data += chunk
         if not chunk:
             self._close_status_pipe(container)
-        if not chunk or b'"command"' in container.status_data:
+        if not chunk or _command_ended(container):
             self._send_event(container)
 
     def _on_exit(self, container: Running) -> None:
@@ -209,9 +230,7 @@ class Forkserver:
         if container.event_sent:
             return
         container.event_sent = True
-        reports = {"init": container.child_status}
-        for line in container.status_data.splitlines():
-            reports.update(json.loads(line))
+        reports = {"init": container.child_status, **_parse_reports(container.status_data)}
         event = {"returncode": _returncode(reports), "ended_by": container.ended_by,
                  "wall_time": time.monotonic() - container.started,
                  **_measurements(container.cgroup, reports.get("cpu_time"))}
@@ -248,6 +267,30 @@ def _read_setup(setup_r: int, child_pid: int, has_keeper: bool) -> tuple[int, di
     return lines.get("pid", child_pid), lines.get("error")
 
 
+def _command_ended(container: Running) -> bool:
+    return b'"command"' in container.status_data
+
+
+# What the init and the keeper may report, and the type of each: a line with anything else
+# is dropped (the command may have written it, see launcher.be_init), never trusted or fatal.
+_REPORT_TYPES = {"command": int, "init": int, "pid": int, "cpu_time": (int, float),
+                 "error": dict}
+
+
+def _parse_reports(data: bytes) -> dict:
+    reports: dict = {}
+    for line in data.splitlines():
+        try:
+            report = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(report, dict) and all(
+                isinstance(value, _REPORT_TYPES.get(key, ())) and not isinstance(value, bool)
+                for key, value in report.items()):
+            reports.update(report)
+    return reports
+
+
 def _read_lines(fd: int, timeout: float | None = None) -> dict:
     """Read JSON lines until end of file and merge them; `fd` is closed."""
     data = b""
@@ -264,10 +307,7 @@ def _read_lines(fd: int, timeout: float | None = None) -> dict:
             data += chunk
     finally:
         os.close(fd)
-    merged: dict = {}
-    for line in data.splitlines():
-        merged.update(json.loads(line))
-    return merged
+    return _parse_reports(data)
 
 
 def _returncode(reports: dict) -> int:

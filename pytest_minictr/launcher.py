@@ -31,6 +31,8 @@ Every function run in a forked child ends in os._exit(): it must never return in
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import gc
 import itertools
 import json
@@ -39,8 +41,9 @@ import resource
 import select
 import signal
 import socket
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
 from . import cgroups, linux, mounts, protocol
@@ -49,12 +52,19 @@ from .errors import CommandNotFoundError, ContainerSetupError, MinictrError, Uns
 from .linux import attempt
 from .spec import ContainerSpec, Limits
 
-# Signals the init passes on to the command: what `stop()`, a terminal or a user sends.
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-                     signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT)
-# The namespaces besides PID (and USER) that every container gets.
-OTHER_NAMESPACES = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET
+# Signals the init passes on to the command: every one a sender may mean for the command. Not
+# those that cannot be caught, SIGCHLD (the init's own business), nor the faults the kernel
+# sends a process about itself.
+FORWARDED_SIGNALS = tuple(sorted(set(signal.valid_signals()) - {
+    signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGSEGV, signal.SIGBUS,
+    signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS}))
+# The namespaces a spare unshares ahead of need (PID comes from the launcher; the mount
+# namespace when the spec arrives). CGROUP: the cgroup is joined first, so /proc/self/cgroup
+# inside shows "/" and nothing of the host's layout.
+SPARE_NAMESPACES = (linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET
+                    | linux.CLONE_NEWCGROUP)
 _ALL_FDS = 0x7FFFFFFF
+LAYER_LOCK_WAIT = 2.0  # seconds a container waits for the previous user of its layer to exit
 
 
 @dataclass(frozen=True)
@@ -110,22 +120,28 @@ class Launcher:
         self.own_pidfd = os.pidfd_open(os.getpid())
         self.own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.spares: deque[Spare] = deque()
+        self.spares_problem = None if os.geteuid() == 0 else "not root"
         self.cgroups, self.cgroups_problem = _detect_cgroups()
         self._serial = itertools.count(1)
 
     def start(self, spec: ContainerSpec, fds: ChildFds, spec_data: dict) -> Started:
         """`spec_data` is `spec` as received, passed on as it is to a spare."""
         self._check_limits(spec.limits)
+        limits = _with_room_for_the_init(spec.limits)
         if spec.user_namespace:
-            cgroup = self._new_cgroup(spec.limits)
+            cgroup = self._new_cgroup(limits)
             pid = os.fork()
             if pid == 0:
                 run_keeper(spec, fds, self.own_pidfd, cgroup)
             return Started(pid, cgroup)
         spare = self.spares.popleft() if self.spares else self._fork_spare()
         try:
-            if spare.cgroup is not None and spec.limits.any():
-                spare.cgroup.apply_limits(spec.limits)
+            if spare.cgroup is not None and limits.any():
+                _apply_limits(spare.cgroup, limits)
+        except BaseException:
+            self._discard(spare)
+            raise
+        try:
             protocol.send_message(spare.channel, spec_data, fds.all())
         except OSError:
             pass  # the spare died (someone killed it): that shows up as the container's end
@@ -134,21 +150,29 @@ class Launcher:
         return Started(spare.pid, spare.cgroup)
 
     def wants_spare(self) -> bool:
-        return len(self.spares) < self.SPARES
+        # without root, unshare(CLONE_NEWPID) needs a user namespace first: the keeper's way
+        return len(self.spares) < self.SPARES and self.spares_problem is None
 
     def prepare_spare(self) -> None:
-        self.spares.append(self._fork_spare())
+        """Make one more spare. If this fails (resources, privileges) no more are made; every
+        container then starts from a fresh one, which reports the problem as its own."""
+        try:
+            self.spares.append(self._fork_spare())
+        except (OSError, MinictrError) as problem:
+            self.spares_problem = str(problem)
 
     def shut_down(self) -> None:
         """Let the spares go (end of its channel tells one to exit), remove their cgroups."""
         while self.spares:
-            spare = self.spares.popleft()
-            spare.channel.close()
-            os.waitpid(spare.pid, 0)
-            if spare.cgroup is not None:
-                spare.cgroup.remove()
+            self._discard(self.spares.popleft())
         if self.cgroups is not None:
             self.cgroups.release()
+
+    def _discard(self, spare: Spare) -> None:
+        spare.channel.close()  # its end of file tells the spare to exit
+        os.waitpid(spare.pid, 0)
+        if spare.cgroup is not None:
+            spare.cgroup.remove()
 
     def _check_limits(self, limits: Limits) -> None:
         if limits.any():
@@ -175,6 +199,18 @@ class Launcher:
         return Spare(pid, ours, cgroup)
 
 
+def _with_room_for_the_init(limits: Limits) -> Limits:
+    """pids_limit counts the command's processes; our init is one more in the group."""
+    return limits if limits.pids is None else replace(limits, pids=limits.pids + 1)
+
+
+def _apply_limits(cgroup: Cgroup, limits: Limits) -> None:
+    try:
+        cgroup.apply_limits(limits)
+    except MinictrError as refused:
+        raise UnsupportedError(f"the kernel refused the limits {limits}: {refused}") from None
+
+
 def _detect_cgroups() -> tuple[CgroupBackend | None, str | None]:
     """The host's cgroup backend, after removing what dead launchers left; or why there is
     none (containers then run without limits or measurements)."""
@@ -197,8 +233,8 @@ def run_keeper(spec: ContainerSpec, fds: ChildFds, parent_pidfd: int,
         if cgroup is not None:
             join_cgroup(cgroup, os.getpid())  # before unshare: no moment runs unlimited
         uid, gid = os.geteuid(), os.getegid()
-        attempt("unshare namespaces", linux.unshare,
-                linux.CLONE_NEWUSER | linux.CLONE_NEWPID | OTHER_NAMESPACES)
+        attempt("unshare namespaces", linux.unshare, linux.CLONE_NEWUSER | linux.CLONE_NEWPID
+                | linux.CLONE_NEWNS | SPARE_NAMESPACES)
         attempt("write uid/gid maps", write_id_maps, uid, gid)
         keeper_pidfd = os.pidfd_open(os.getpid())
         init_pid = os.fork()
@@ -236,7 +272,7 @@ def run_init(spec: ContainerSpec, fds: ChildFds, parent_pidfd: int) -> NoReturn:
     code = 1
     try:
         die_with_parent(parent_pidfd, fds.all())
-        code = be_init(spec, fds, prepare_namespaces())
+        code = be_init(spec, fds)
     except BaseException as error:  # noqa: BLE001
         report_failure(fds.setup, error)
     finally:
@@ -253,8 +289,8 @@ def run_spare(channel: int, parent_pidfd: int, cgroup: Cgroup | None) -> NoRetur
         try:
             if cgroup is not None:
                 join_cgroup(cgroup, 0)  # 0: the writer itself (our pid here is 1)
-            attempt("unshare namespaces", linux.unshare, OTHER_NAMESPACES)
-            prepared, early_failure = prepare_namespaces(), None
+            attempt("unshare namespaces", linux.unshare, SPARE_NAMESPACES)
+            early_failure = None
         except ContainerSetupError as failure:
             early_failure = failure
         with socket.socket(fileno=channel) as sock:
@@ -264,17 +300,12 @@ def run_spare(channel: int, parent_pidfd: int, cgroup: Cgroup | None) -> NoRetur
         spec, fds = ContainerSpec.from_dict(order[0]), ChildFds(*order[1])
         if early_failure is not None:
             raise early_failure
-        code = be_init(spec, fds, prepared)
+        code = be_init(spec, fds)
     except BaseException as error:  # noqa: BLE001
         if fds is not None:
             report_failure(fds.setup, error)
     finally:
         os._exit(code)
-
-
-def prepare_namespaces() -> mounts.Stage:
-    """What a container needs of its namespaces before its spec is known: the mount stage."""
-    return mounts.prepare_stage()
 
 
 def join_cgroup(cgroup: Cgroup, pid: int) -> None:
@@ -284,25 +315,66 @@ def join_cgroup(cgroup: Cgroup, pid: int) -> None:
         raise ContainerSetupError(str(error), "join cgroup") from None
 
 
-def be_init(spec: ContainerSpec, fds: ChildFds, stage: mounts.Stage) -> int:
+def be_init(spec: ContainerSpec, fds: ChildFds) -> int:
     """PID 1's life: enter the container, spawn the command, reap until it exits, report."""
-    enter_container(spec, stage)
+    # Not dumpable: /proc/1/fd and /proc/1/mem are then closed to a command without
+    # CAP_SYS_PTRACE over us (our pipes to the launcher are behind them).
+    linux.set_dumpable(False)
+    if not spec.user_namespace:  # a spare: its mount namespace is made now (see mounts)
+        attempt("unshare the mount namespace", linux.unshare, linux.CLONE_NEWNS)
+    host_paths = mounts.HostPaths.open(spec)
+    layer_lock = lock_layer(host_paths.layer)
+    mounts.prepare_stage()
+    enter_container(spec, host_paths)
     forwarder = SignalForwarder()
     command_pid = spawn_command(spec, fds)
     forwarder.start(command_pid)
     for fd in fds.stdio() + (fds.setup,):
         os.close(fd)
+    put_dev_null_on_stdio()
     wait_status = reap_until(command_pid)
     kill_the_rest()
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     _write_line(fds.status, {"command": wait_status,
                              "cpu_time": usage.ru_utime + usage.ru_stime})
+    del layer_lock
     return 0
 
 
-def enter_container(spec: ContainerSpec, stage: mounts.Stage) -> None:
+def lock_layer(layer_fd: int | None) -> int | None:
+    """Two overlays on one upper dir at once corrupt each other: a kept layer is locked for
+    the container's life (the lock goes with our last fd, at our exit). The previous user of
+    the layer may still be exiting (its result is reported first): it gets a moment."""
+    if layer_fd is None:
+        return None
+    fd = os.open(f"/proc/self/fd/{layer_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    deadline = time.monotonic() + LAYER_LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise ContainerSetupError("the layer directory is in use by another running "
+                                          "container; give each running container its own",
+                                          "lock the layer", errno.EBUSY) from None
+            time.sleep(0.001)
+
+
+def put_dev_null_on_stdio() -> None:
+    """Our own fds 0-2 came from the launcher: whatever it had (the caller's stderr) must not
+    be reachable through /proc/1/fd by the command."""
+    null = os.open("/dev/null", os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(null, target)
+    if null > 2:
+        os.close(null)
+
+
+def enter_container(spec: ContainerSpec, host_paths: mounts.HostPaths) -> None:
     """Mounts, hostname, network, then pivot_root into the new root and chdir to `cwd`."""
-    root = mounts.build_root(spec, stage)
+    root = mounts.build_root(spec, host_paths)
+    host_paths.close()
     attempt("set hostname", socket.sethostname, spec.hostname)
     if spec.network == "loopback":
         attempt("bring up loopback", linux.set_link_up, "lo")
@@ -324,9 +396,9 @@ def spawn_command(spec: ContainerSpec, fds: ChildFds) -> int:
 
 
 def _ignored_signals() -> list[int]:
-    """Python ignores SIGPIPE and SIGXFSZ (the launcher SIGINT): the command must not inherit
-    that; handled signals need nothing, exec resets them."""
-    return [signum for signum in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT)
+    """Signals we ignore (Python: SIGPIPE, SIGXFSZ; the launcher: SIGINT) must not stay ignored
+    in the command; handled ones need nothing, exec resets them."""
+    return [signum for signum in signal.valid_signals()
             if signal.getsignal(signum) == signal.SIG_IGN]
 
 
@@ -384,12 +456,15 @@ def find_program(name: str, search_path: str) -> str:
                                f"(PATH={search_path})", "exec", 2)
 
 
-def _exec_failure(program: str, error: OSError) -> CommandNotFoundError:
+def _exec_failure(program: str, error: OSError) -> ContainerSetupError:
     message = f"cannot execute {program!r} in the container: {error.strerror}"
-    if error.errno == 2 and os.path.lexists(program):
+    if error.errno not in (errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR):
+        # E2BIG, EAGAIN (pids_limit reached), ENOMEM...: not a missing command
+        return ContainerSetupError(message, "exec", error.errno)
+    if error.errno == errno.ENOENT and os.path.lexists(program):
         # ENOENT for a file that exists: the ELF loader or the #! interpreter is missing
         message += " (its interpreter or dynamic loader is missing from the rootfs)"
-    elif error.errno == 2:
+    elif error.errno in (errno.ENOENT, errno.ENOTDIR):
         message = f"command {program!r} not found in the container's rootfs"
     return CommandNotFoundError(message, "exec", error.errno)
 

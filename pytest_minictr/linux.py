@@ -33,11 +33,19 @@ MS_NOEXEC = 8
 MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
 MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
 MNT_DETACH = 2
+# statvfs() reports a mount's flags with ST_* bits; the MS_* flag each one stands for
+MS_STATVFS_FLAGS = {os.ST_RDONLY: MS_RDONLY, os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV,
+                    os.ST_NOEXEC: MS_NOEXEC, os.ST_NOATIME: MS_NOATIME,
+                    os.ST_NODIRATIME: MS_NODIRATIME, os.ST_RELATIME: MS_RELATIME}
 
 # prctl(2)
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 
 # ioctl on a socket, struct ifreq: 16-byte name then a short of flags
 SIOCGIFFLAGS = 0x8913
@@ -99,6 +107,10 @@ def pivot_root(new_root: str, put_old: str) -> None:
 
 def set_parent_death_signal(signum: int) -> None:
     _check(_libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0))
+
+
+def set_dumpable(dumpable: bool) -> None:
+    _check(_libc.prctl(PR_SET_DUMPABLE, int(dumpable), 0, 0, 0))
 
 
 def _syscall_number(name: str) -> int:

@@ -47,18 +47,22 @@ class Monitor:
         while self._open - ({self._stdin} if self._stdin is not None else set()):
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = self._poll.poll(None if timeout is None else timeout * 1000)
-            if not ready and timeout is not None:
+            if timeout is not None and (not ready or time.monotonic() >= deadline):
+                self._handle(ready)  # what is ready now is taken; a flood cannot hold us
                 return False
-            for fd, _mask in ready:
-                if fd == self._stdin:
-                    self._feed_stdin()
-                elif fd == self._events:
-                    self._read_event()
-                else:
-                    self._read_output(fd)
+            self._handle(ready)
         self.finished = True
         self.close()
         return True
+
+    def _handle(self, ready: list[tuple[int, int]]) -> None:
+        for fd, _mask in ready:
+            if fd == self._stdin:
+                self._feed_stdin()
+            elif fd == self._events:
+                self._read_event()
+            else:
+                self._read_output(fd)
 
     @property
     def stdout(self) -> bytes:
@@ -76,6 +80,10 @@ class Monitor:
     def close(self) -> None:
         for fd in list(self._open):
             self._unwatch(fd)
+
+    def __del__(self) -> None:
+        # a Container dropped unread: our pipe ends go, so the command sees EPIPE, not a hang
+        self.close()
 
     def _watch(self, fd: int, events: int) -> None:
         self._poll.register(fd, events)

@@ -47,3 +47,37 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
         chunks.append(chunk)
         size -= len(chunk)
     return b"".join(chunks)
+
+
+class ReplyReader:
+    """The caller's side of the stream: whole replies, even when reading them is interrupted.
+
+    A signal handler that raises (KeyboardInterrupt, pytest-timeout) can cut a read short;
+    what was read stays here, so the next read goes on from there and the stream stays in
+    step. Each reply carries the `seq` of its request; a reply to a request whose caller was
+    interrupted is skipped.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._buffer = b""
+
+    def reply_to(self, seq: int) -> Any | None:
+        """The reply with this `seq`, or None at the end of the stream."""
+        while True:
+            message = self._next()
+            if message is None or message.get("seq") == seq:
+                return message
+
+    def _next(self) -> Any | None:
+        while True:
+            if len(self._buffer) >= _HEADER.size:
+                (length,) = _HEADER.unpack_from(self._buffer)
+                end = _HEADER.size + length
+                if len(self._buffer) >= end:
+                    payload, self._buffer = self._buffer[_HEADER.size:end], self._buffer[end:]
+                    return json.loads(payload)
+            chunk = self._sock.recv(1 << 16)
+            if not chunk:
+                return None
+            self._buffer += chunk

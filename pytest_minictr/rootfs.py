@@ -123,14 +123,42 @@ def _normalize(kind: str, items) -> tuple[str, ...]:
         raise ConfigError(f"{kind} must be a list of str or os.PathLike, got {items!r}") from None
     names = set()
     for item in items:
-        name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
-        if not isinstance(name, str) or not name or "\0" in name:
-            raise ConfigError(f"{kind} item {item!r} must be a non-empty str or os.PathLike "
-                              f"without NUL bytes")
+        name = _path_str(item, f"{kind} item {item!r}")
         # Bare binary names are looked up on PATH; everything else is a host path.
         names.add(name if (kind == "binaries" and "/" not in name) or os.path.isabs(name)
                   else os.path.join(os.getcwd(), name))
     return tuple(sorted(names))
+
+
+def _path_str(item, what: str) -> str:
+    name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ConfigError(f"{what} must be a non-empty str or os.PathLike without NUL bytes")
+    try:
+        # What the kernel gets; a lone surrogate ('\\ud800') would raise UnicodeEncodeError
+        # from the first os.stat() deep inside the build.
+        os.fsencode(name)
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"{what}: {name[e.start:e.end]!r} at index {e.start} cannot be "
+                          f"encoded for the kernel ({e.reason})") from None
+    return name
+
+
+def _normalize_dest(dest) -> str:
+    path = os.path.abspath(_path_str(dest, f"dest={dest!r}"))
+    try:
+        usable = not os.path.lexists(path) or (os.path.isdir(path) and not os.listdir(path))
+    except OSError as e:
+        raise RootfsError(f"dest {path!r}: cannot look into it ({_describe(e)})") from None
+    if not usable:
+        raise ConfigError(f"dest {path!r} must not exist or be an empty directory")
+    return path
+
+
+def _describe(error: OSError) -> str:
+    """'Permission denied: /x' from an OSError: the errno text and the path it is about."""
+    text = error.strerror or str(error)
+    return f"{text}: {error.filename}" if error.filename else text
 
 
 def _resolve(kind: str, name: str, search_path: str) -> ResolvedInput:
@@ -421,10 +449,7 @@ class RootfsBuilder:
     def build(self, binaries=(), files=(), dirs=(), dest=None) -> Path:
         request = Request(_normalize("binaries", binaries), _normalize("files", files),
                           _normalize("dirs", dirs))
-        dest = None if dest is None else _normalize("dest", [dest])[0]
-        if dest is not None and os.path.lexists(dest) and not (
-                os.path.isdir(dest) and not os.listdir(dest)):
-            raise ConfigError(f"dest {dest!r} must not exist or be an empty directory")
+        dest = None if dest is None else _normalize_dest(dest)
         search_path = os.environ.get("PATH") or DEFAULT_PATH
         resolved = _resolve_all(request, search_path)
         if dest is not None:
@@ -432,7 +457,12 @@ class RootfsBuilder:
         entry = str(self.cache_dir / _cache_key(request, resolved))
         if _is_fresh(entry):
             return Path(entry)
-        return Path(self._build_entry(entry, request, resolved, search_path))
+        try:
+            return Path(self._build_entry(entry, request, resolved, search_path))
+        except OSError as e:  # _build_entry removed its temp dir; nothing half-built is left
+            raise RootfsError(f"cannot build the rootfs in cache_dir {str(self.cache_dir)!r} "
+                              f"({_describe(e)}); pass another cache_dir= or set "
+                              "MINICTR_CACHE_DIR") from None
 
     def _build_entry(self, entry: str, request: Request, resolved: list[ResolvedInput],
                      search_path: str) -> str:
@@ -461,13 +491,44 @@ class RootfsBuilder:
 
     def _build_into_dest(self, dest: str, request: Request, resolved: list[ResolvedInput],
                          search_path: str) -> Path:
-        created = not os.path.exists(dest)
-        os.makedirs(dest, exist_ok=True)
+        created = _make_dest(dest)
         try:
             _write_manifest(dest, request, _populate(dest, resolved, search_path))
-        except BaseException:
-            shutil.rmtree(dest, ignore_errors=True)  # no half-built tree left behind
-            if not created:
-                os.mkdir(dest)
+        except BaseException as error:
+            _clear_dest(dest, created)  # no half-built tree left behind
+            if isinstance(error, OSError):
+                raise RootfsError(f"dest {dest!r}: cannot build the rootfs there "
+                                  f"({_describe(error)})") from None
             raise
         return Path(dest)
+
+
+def _make_dest(dest: str) -> str | None:
+    """Create `dest` and its missing parents; return the top-most directory this created
+    (None if `dest` was there), which is what a failure has to remove."""
+    top, path = None, dest
+    while not os.path.lexists(path):
+        top, path = path, os.path.dirname(path)
+    try:
+        os.makedirs(dest, exist_ok=True)
+    except OSError as e:
+        _clear_dest(dest, top)  # parents made before the failing one
+        raise RootfsError(f"dest {dest!r}: cannot create it ({_describe(e)})") from None
+    return top
+
+
+def _clear_dest(dest: str, created: str | None) -> None:
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    # An empty dir the caller gave us stays, with its owner and mode: only our files go.
+    # Best effort: this runs while an error is raised, which must not be replaced.
+    try:
+        for name in os.listdir(dest):
+            path = os.path.join(dest, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+    except OSError:
+        pass

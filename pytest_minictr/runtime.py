@@ -11,6 +11,7 @@ import atexit
 import enum
 import os
 import secrets
+import signal
 import subprocess
 import threading
 import time
@@ -23,7 +24,8 @@ from . import errors
 from .client import LauncherClient
 from .errors import ConfigError, ContainerNotFoundError, LauncherError, MinictrError
 from .monitor import Monitor
-from .spec import ContainerSpec, Mount, make_spec
+from .launcher import FORWARDED_SIGNALS
+from .spec import ContainerSpec, Mount, check_seconds, make_spec
 
 DEFAULT_STOP_GRACE = 5.0
 _FINISHED_KEPT = 1024   # statuses of collected containers remembered for runtime.status(id)
@@ -105,6 +107,11 @@ class Container:
         return f"<Container {self.id} {self._status.value} {list(self.args)!r}>"
 
     @property
+    def status_now(self) -> ContainerStatus:
+        """The status as last seen, without looking again."""
+        return self._status
+
+    @property
     def status(self) -> ContainerStatus:
         """Current status; looks at the container without blocking."""
         if self._result is None and self._lock.acquire(blocking=False):
@@ -117,7 +124,8 @@ class Container:
     def wait(self, timeout: float | None = None) -> Result:
         """Wait for the end and return the Result. With `timeout`, raise WaitTimeoutError if
         the container still runs then (it keeps running). An interrupt (Ctrl-C) kills it."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None \
+            else time.monotonic() + check_seconds(timeout, "timeout", allow_zero=True)
         with self._lock:
             if self._result is None and not self._collect(deadline):
                 raise WaitTimeoutError(list(self.args), timeout)
@@ -125,23 +133,34 @@ class Container:
 
     def stop(self, grace: float = DEFAULT_STOP_GRACE) -> Result:
         """SIGTERM to the command, then after `grace` seconds SIGKILL of everything inside."""
+        grace = check_seconds(grace, "grace", allow_zero=True)
         if self._result is None:
             self._request_end(grace)
         return self.wait()
 
     def send_signal(self, signum: int) -> None:
-        """Send a signal to the command (through the container's init, which forwards it)."""
-        if self._result is None:
-            self._runtime._client.request({"op": "signal", "id": self.id, "signum": int(signum)})
+        """Send a signal to the command (through the container's init, which forwards it).
+        SIGKILL kills the whole container; SIGSTOP cannot be passed on (it would stop the
+        init: an init cannot forward what it cannot catch)."""
+        signum = _check_signal(signum)
+        if signum == signal.SIGKILL:
+            self.kill()
+        elif self._result is None:
+            self._ask({"op": "signal", "id": self.id, "signum": signum})
 
     def kill(self) -> Result:
         return self.stop(grace=0)
 
     def _request_end(self, grace: float) -> None:
         try:
-            self._runtime._client.request({"op": "stop", "id": self.id, "grace": grace})
+            self._ask({"op": "stop", "id": self.id, "grace": grace})
         except LauncherError:
             pass  # a dead launcher took the container with it; wait() reports that
+
+    def _ask(self, request: dict) -> None:
+        reply = self._runtime._client.request(request)
+        if not reply["ok"]:
+            raise _error_from_reply(reply["error"])
 
     def _collect(self, deadline: float | None) -> bool:
         try:
@@ -150,27 +169,29 @@ class Container:
         except BaseException:
             self._abort()
             raise
-        event = self._monitor.event
-        self._runtime._forget(self)
+        monitor, self._monitor = self._monitor, None  # the Result holds the output from now on
+        event = monitor.event
         if event is None:
             self._status = ContainerStatus.EXITED
+            self._runtime._forget(self)
             raise LauncherError(f"the minictr launcher died while container {self.id} ran; "
                                 "the container was killed with it")
         self._status = {"timeout": ContainerStatus.TIMED_OUT,
                         "stop": ContainerStatus.STOPPED}.get(event["ended_by"],
                                                              ContainerStatus.EXITED)
         self._result = Result(
-            args=self.args, returncode=event["returncode"], stdout=self._monitor.stdout,
-            stderr=self._monitor.stderr, timed_out=event["ended_by"] == "timeout",
-            output_truncated=self._monitor.truncated, wall_time=event["wall_time"],
+            args=self.args, returncode=event["returncode"], stdout=monitor.stdout,
+            stderr=monitor.stderr, timed_out=event["ended_by"] == "timeout",
+            output_truncated=monitor.truncated, wall_time=event["wall_time"],
             cpu_time=event.get("cpu_time"), memory_peak=event.get("memory_peak"),
             oom_killed=event.get("oom_killed"), container_id=self.id)
+        self._runtime._forget(self)
         return True
 
     def _abort(self) -> None:
         """The caller was interrupted while waiting: kill the container and wait for its end,
         so that an interrupted test run leaves nothing behind."""
-        if self._monitor.finished:
+        if self._monitor is None or self._monitor.finished:
             return
         self._request_end(grace=0)
         try:
@@ -187,8 +208,10 @@ class ContainerRuntime:
     def __init__(self) -> None:
         self._client = LauncherClient()
         self._lock = threading.Lock()
-        self._running: dict[str, Container] = {}
-        self._finished: OrderedDict[str, Container] = OrderedDict()
+        # Weak: a container nobody refers to any more is not kept alive (nor its pipes, which
+        # it could block on) by us; the launcher still ends it at its time limit or at close().
+        self._running: weakref.WeakValueDictionary[str, Container] = weakref.WeakValueDictionary()
+        self._finished: OrderedDict[str, ContainerStatus] = OrderedDict()
         _open_runtimes.add(self)
 
     def __enter__(self) -> "ContainerRuntime":
@@ -221,15 +244,18 @@ class ContainerRuntime:
         return self._launch(spec, input_data, stdin, stdout, stderr)
 
     def status(self, container_id: str) -> ContainerStatus:
-        return self._get(container_id).status
+        """Status of a running container, or of one of the last 1024 finished."""
+        with self._lock:
+            finished = self._finished.get(container_id)
+        return finished if finished is not None else self._get(container_id).status
 
     def stop(self, container_id: str, grace: float = DEFAULT_STOP_GRACE) -> Result:
         return self._get(container_id).stop(grace)
 
     def list(self) -> list[Container]:
-        """Containers still running, then the most recently finished ones."""
+        """The containers still running (whose results were not collected yet)."""
         with self._lock:
-            return [*self._running.values(), *self._finished.values()]
+            return list(self._running.values())
 
     def close(self) -> None:
         """Kill every container still running and stop the launcher."""
@@ -257,17 +283,18 @@ class ContainerRuntime:
 
     def _get(self, container_id: str) -> Container:
         with self._lock:
-            container = self._running.get(container_id) or self._finished.get(container_id)
+            container = self._running.get(container_id)
         if container is None:
-            raise ContainerNotFoundError(f"no container {container_id!r} in this runtime")
+            state = "has finished" if container_id in self._finished else "is unknown"
+            raise ContainerNotFoundError(f"container {container_id!r} {state} in this runtime")
         return container
 
     def _forget(self, container: Container) -> None:
         with self._lock:
-            if self._running.pop(container.id, None) is not None:
-                self._finished[container.id] = container
-                while len(self._finished) > _FINISHED_KEPT:
-                    self._finished.popitem(last=False)
+            self._running.pop(container.id, None)
+            self._finished[container.id] = container.status_now
+            while len(self._finished) > _FINISHED_KEPT:
+                self._finished.popitem(last=False)
 
 
 class _Pipes:
@@ -290,8 +317,11 @@ class _Pipes:
             raise
 
     def _pipe(self) -> tuple[int, int]:
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        return read_end, write_end
+        try:
+            return os.pipe2(os.O_CLOEXEC)
+        except OSError as error:  # EMFILE: containers left running unread hold their pipes
+            raise MinictrError(f"cannot make a pipe for the container: {error.strerror} "
+                               "(wait() for finished containers, or raise `ulimit -n`)") from None
 
     def _source(self, stdin: Any, input_data: bytes | None) -> tuple[int, int | None]:
         if input_data is not None:
@@ -331,11 +361,24 @@ class _Pipes:
 
 
 def _fileno(target: Any, name: str) -> int:
-    fd = target if isinstance(target, int) and not isinstance(target, bool) \
-        else getattr(target, "fileno", lambda: None)()
-    if not isinstance(fd, int) or fd < 0:
-        raise ConfigError(f"{name}={target!r}: expected a file object or descriptor")
+    """The open descriptor behind `target` (an int, or a file with a real fileno())."""
+    try:
+        fd = target if isinstance(target, int) and not isinstance(target, bool) \
+            else target.fileno()
+        os.fstat(fd)
+    except (AttributeError, ValueError, OSError, TypeError) as error:  # io.UnsupportedOperation
+
+        raise ConfigError(f"{name}={target!r}: expected an open file or file descriptor "
+                          f"({error})") from None
     return fd
+
+
+def _check_signal(signum: Any) -> int:
+    if isinstance(signum, bool) or not isinstance(signum, int) or \
+            signum not in set(FORWARDED_SIGNALS) | {signal.SIGKILL}:
+        raise ConfigError(f"signal {signum!r}: expected a signal the container's init can pass "
+                          "on (not SIGSTOP, SIGCHLD or a fault signal)")
+    return int(signum)
 
 
 def _check_input(input_data: Any, stdin: Any) -> bytes | None:

@@ -18,6 +18,17 @@ from .errors import ConfigError
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_OUTPUT_LIMIT = 64 * 1024 ** 2
 NETWORK_MODES = ("none", "loopback")
+# Bounds past which the kernel (or select()/poll() in the launcher) would refuse or overflow.
+MAX_SECONDS = 10 ** 6              # about 11 days: any wait, timeout or grace
+MAX_SIZE = 2 ** 62                 # bytes; the cgroup and tmpfs parsers stop near 2**63
+MIN_MEMORY = 4 * 1024 ** 2         # below this the container's own init cannot even start
+# pids.max refuses more than PID_MAX_LIMIT (4194304, EINVAL), and the launcher adds one for
+# the container's init (launcher._with_room_for_the_init).
+MAX_PIDS = 4194304 - 1
+# Mount points the container gets from us (mounts.build_root): mounting over or inside them
+# would hide or break our /proc and /dev; below /tmp is fine, /tmp itself would hide ours.
+OWN_MOUNTS = ("/proc", "/dev")
+OWN_MOUNT_POINTS = (*OWN_MOUNTS, "/tmp")
 
 _SIZE_UNITS = {"": 1, "b": 1}
 for _power, _letter in enumerate("kmgt", start=1):
@@ -25,7 +36,7 @@ for _power, _letter in enumerate("kmgt", start=1):
         _SIZE_UNITS[_suffix] = 1024 ** _power
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 # RFC 1123 labels; the kernel would take any 64 bytes, but other programs choke on the rest.
-_HOSTNAME_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*$")
+_HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
 
 
 @dataclass(frozen=True)
@@ -104,19 +115,33 @@ def parse_size(value: int | str, name: str = "size") -> int:
         match = _SIZE_RE.match(value)
         if not match:
             raise ConfigError(f"{name}={value!r}: not a size (use e.g. '512K', '64M', '1G')")
-        number, unit = float(match.group(1)), match.group(2).lower()
+        number, unit = match.group(1), match.group(2).lower()
         if unit not in _SIZE_UNITS:
             raise ConfigError(f"{name}={value!r}: unknown unit {match.group(2)!r} (use K, M, G)")
-    size = int(number * _SIZE_UNITS[unit])
+    size = number if isinstance(number, int) else _scaled(number, _SIZE_UNITS[unit])
     if size <= 0:
         raise ConfigError(f"{name}={value!r}: must be positive")
+    if size > MAX_SIZE:
+        raise ConfigError(f"{name}={value!r}: must be at most 2**62 bytes ({MAX_SIZE})")
     return size
+
+
+def _scaled(number: str, unit: int) -> int:
+    """'1.5' * 1024 in integers, rounded down: a float would round byte counts past 2**53
+    and overflow to infinity on a long digit string."""
+    whole, _, fraction = number.partition(".")
+    if len(whole.lstrip("0")) > 24:  # far past MAX_SIZE; int() refuses 4300+ digits anyway
+        return MAX_SIZE + 1
+    fraction = fraction[:24]  # below a byte even in terabytes
+    return int(whole + fraction) * unit // 10 ** len(fraction)
 
 
 def parse_cpus(value: float | int | str, name: str = "cpus") -> float:
     """Number of CPUs like `docker --cpus`: 0.5 is half of one CPU. Returns percent of one CPU."""
     try:
         cpus = float(value) if not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int past float range: far more CPUs than any host has
+        cpus = math.inf
     except (TypeError, ValueError):
         raise ConfigError(f"{name}={value!r}: expected a number of CPUs such as 0.5 or 2") from None
     return _check_cpu_percent(cpus * 100, name, value)
@@ -149,8 +174,9 @@ def make_spec(
     layer: str | os.PathLike | None = None,
 ) -> ContainerSpec:
     """Validate every keyword of `ContainerRuntime.run()`; one ConfigError names a bad one."""
+    rootfs = _check_rootfs(image)
     return ContainerSpec(
-        rootfs=_check_rootfs(image),
+        rootfs=rootfs,
         argv=_check_command(command),
         env=_check_env(env),
         cwd=_check_container_path(cwd, "cwd"),
@@ -161,12 +187,12 @@ def make_spec(
         output_limit=DEFAULT_OUTPUT_LIMIT if output_limit is None
         else parse_size(output_limit, "output_limit"),
         limits=Limits(
-            memory=None if memory_limit is None else parse_size(memory_limit, "memory_limit"),
+            memory=None if memory_limit is None else _check_memory_limit(memory_limit),
             cpu_percent=None if cpu_limit is None else _check_cpu_limit(cpu_limit),
-            pids=None if pids_limit is None else _check_positive_int(pids_limit, "pids_limit"),
+            pids=None if pids_limit is None else _check_pids_limit(pids_limit),
         ),
         mounts=tuple(_check_mount(m) for m in _check_sequence(mounts, "mounts")),
-        layer=None if layer is None else _check_host_dir(layer, "layer"),
+        layer=None if layer is None else _check_layer(layer, rootfs),
     )
 
 
@@ -180,10 +206,40 @@ def _check_host_dir(value: Any, name: str, what: str = "directory", fix: str = "
     path = os.fspath(value)
     if isinstance(path, bytes) or "\0" in path:
         raise ConfigError(f"{name}={value!r}: expected a str path without NUL bytes")
+    _check_encodable(path, name)
     if not os.path.isdir(path):
         problem = "does not exist" if not os.path.lexists(path) else "is not a directory"
         raise ConfigError(f"{name}={path!r}: {what} {problem}{fix}")
     return os.path.realpath(path)
+
+
+def _check_layer(value: Any, rootfs: str) -> str:
+    # overlayfs would write upper/ and work/ into the base every container shares (or refuse
+    # the overlap with ELOOP, late, inside the container): compare real paths here instead.
+    layer = _check_host_dir(value, "layer")
+    if layer == rootfs or _is_within(layer, rootfs) or _is_within(rootfs, layer):
+        where = ("is the rootfs" if layer == rootfs else "is inside the rootfs"
+                 if _is_within(layer, rootfs) else "contains the rootfs")
+        raise ConfigError(f"layer={os.fspath(value)!r}: {where} (image={rootfs!r}); the "
+                          "writable layer must be a directory apart from it, e.g. "
+                          "tempfile.mkdtemp()")
+    return layer
+
+
+def _is_within(path: str, directory: str) -> bool:
+    return path.startswith(directory.rstrip("/") + "/")
+
+
+def _check_encodable(value: str, name: str) -> None:
+    """The kernel takes bytes: a str that os.fsencode() cannot turn into them (a lone
+    surrogate such as '\\ud800') would fail late, in the launcher or the container."""
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError as error:
+        bad = value[error.start:error.end]
+        raise ConfigError(f"{name}={value!r}: {bad!r} at index {error.start} cannot be encoded "
+                          f"for the kernel ({error.reason}); strings from os.fsdecode() or "
+                          "os.listdir() are fine") from None
 
 
 def _check_command(command: Any) -> tuple[str, ...]:
@@ -193,9 +249,10 @@ def _check_command(command: Any) -> tuple[str, ...]:
     items = tuple(_check_sequence(command, "command"))
     if not items:
         raise ConfigError("command=[]: the command is empty")
-    for item in items:
+    for index, item in enumerate(items):
         if not isinstance(item, str) or "\0" in item:
             raise ConfigError(f"command item {item!r}: arguments must be str without NUL bytes")
+        _check_encodable(item, f"command[{index}]")
     if not items[0]:
         raise ConfigError("command[0]='': the program name is empty")
     return items
@@ -212,6 +269,8 @@ def _check_env(env: Any) -> tuple[tuple[str, str], ...]:
                 raise ConfigError(f"env name {name!r}: must be a non-empty str without '=' or NUL")
             if not isinstance(value, str) or "\0" in value:
                 raise ConfigError(f"env[{name!r}]={value!r}: values must be str without NUL")
+            _check_encodable(name, "env name")
+            _check_encodable(value, f"env[{name!r}]")
             merged[name] = value
     return tuple(merged.items())
 
@@ -219,11 +278,17 @@ def _check_env(env: Any) -> tuple[tuple[str, str], ...]:
 def _check_container_path(path: Any, name: str) -> str:
     if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
         raise ConfigError(f"{name}={path!r}: expected an absolute path inside the container")
-    return os.path.normpath(path)
+    _check_encodable(path, name)
+    # normpath keeps a leading '//' (POSIX leaves it implementation-defined); Linux does not
+    # care, but '//proc' must not slip past the checks that compare paths with '/proc'.
+    return "/" + os.path.normpath(path).lstrip("/")
 
 
 def _check_hostname(hostname: Any) -> str:
-    if not isinstance(hostname, str) or not _HOSTNAME_RE.match(hostname) or len(hostname) > 64:
+    # fullmatch: '$' would let a trailing newline through. The pattern is ASCII-only, so it
+    # also keeps out what os.fsencode() cannot encode.
+    if not isinstance(hostname, str) or not _HOSTNAME_RE.fullmatch(hostname) \
+            or len(hostname) > 64:
         raise ConfigError(f"hostname={hostname!r}: expected letters, digits, '-' and '.', "
                           "at most 64 characters")
     return hostname
@@ -245,19 +310,49 @@ def _check_user(user: Any) -> bool:
     return user
 
 
-def _check_seconds(value: Any, name: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name}={value!r}: expected a positive number of seconds")
+def check_seconds(value: Any, name: str, allow_zero: bool = False) -> float:
+    """A duration given by the user, as float seconds: finite, positive (or 0 with
+    `allow_zero`, e.g. a stop grace) and at most MAX_SECONDS, past which select()/poll()
+    timeouts overflow. ConfigError names `name` otherwise."""
+    expected = "a number of seconds, 0 or more" if allow_zero else "a positive number of seconds"
+    # Comparisons, not math.isfinite(): that one raises OverflowError on a huge int.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value!r}: expected {expected}")
+    if value > MAX_SECONDS:
+        raise ConfigError(f"{name}={value!r}: must be at most {MAX_SECONDS} seconds "
+                          f"(about {MAX_SECONDS // 86400} days)")
     return float(value)
+
+
+def _check_seconds(value: Any, name: str) -> float | None:
+    return None if value is None else check_seconds(value, name)
 
 
 def _check_cpu_limit(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"cpu_limit={value!r}: expected a percent of one CPU, e.g. 50")
-    return _check_cpu_percent(float(value), "cpu_limit", value)
+    percent = math.inf if value > 1e300 else float(value)  # float() overflows on a huge int
+    return _check_cpu_percent(percent, "cpu_limit", value)
+
+
+def _check_memory_limit(value: Any) -> int:
+    size = parse_size(value, "memory_limit")
+    if size < MIN_MEMORY:
+        # The kernel takes 1M, then OOM-kills the container before its command runs, with no
+        # output at all (or refuses with EBUSY, under the group's current usage).
+        raise ConfigError(f"memory_limit={value!r}: must be at least 4 MiB ({MIN_MEMORY} "
+                          "bytes), or the container is killed before it starts; use e.g. '64M'")
+    return size
+
+
+def _check_pids_limit(value: Any) -> int:
+    pids = _check_positive_int(value, "pids_limit")
+    if pids > MAX_PIDS:
+        raise ConfigError(f"pids_limit={value!r}: must be at most {MAX_PIDS} (the kernel's "
+                          "PID_MAX_LIMIT, less one for the container's init); use None for "
+                          "no limit")
+    return pids
 
 
 def _check_positive_int(value: Any, name: str) -> int:
@@ -275,14 +370,52 @@ def _check_sequence(value: Any, name: str) -> Sequence[Any]:
 def _check_mount(mount: Any) -> Mount:
     if not isinstance(mount, Mount):
         raise ConfigError(f"mounts item {mount!r}: expected Mount.bind(...) or Mount.tmpfs(...)")
-    target = _check_container_path(mount.target, "mount target")
+    target = _check_mount_target(mount.target)
+    if not isinstance(mount.read_only, bool):  # 'no' would be truthy: a silent read-only
+        raise ConfigError(f"mount read_only={mount.read_only!r} (on {target!r}): "
+                          "expected True or False")
+    if mount.source is None:
+        _check_tmpfs(mount, target)
+        return Mount(target=target, read_only=False, size=mount.size)
+    source = mount.source
+    if not isinstance(source, str) or "\0" in source or not os.path.isabs(source):
+        raise ConfigError(f"mount source {source!r}: expected an absolute host path")
+    _check_encodable(source, "mount source")
+    if not os.path.exists(source):
+        raise ConfigError(f"mount source {source!r}: does not exist on the host")
+    if mount.size is not None:
+        raise ConfigError(f"mount size={mount.size!r} (on {target!r}): only a tmpfs has a size; "
+                          f"a bind mount of {source!r} shows it as it is (drop size)")
+    return Mount(target=target, source=os.path.realpath(source), read_only=mount.read_only)
+
+
+def _check_mount_target(value: Any) -> str:
+    target = _check_container_path(value, "mount target")
+    if ".." in value.split("/"):
+        # Lexical normalization would be wrong wherever a component is a symlink in the
+        # rootfs, and where it really points is only known inside the container.
+        raise ConfigError(f"mount target {value!r}: '..' is not allowed; give the path "
+                          f"without it, e.g. {target!r}")
     if target == "/":
         raise ConfigError("mount target '/': cannot mount over the container's root")
-    source = mount.source
-    if source is not None:
-        if not isinstance(source, str) or "\0" in source or not os.path.isabs(source):
-            raise ConfigError(f"mount source {source!r}: expected an absolute host path")
-        if not os.path.exists(source):
-            raise ConfigError(f"mount source {source!r}: does not exist on the host")
-        source = os.path.realpath(source)
-    return Mount(target=target, source=source, read_only=bool(mount.read_only), size=mount.size)
+    for own in OWN_MOUNT_POINTS:
+        if target == own or (own in OWN_MOUNTS and _is_within(target, own)):
+            what = "is" if target == own else "is inside"
+            raise ConfigError(f"mount target {value!r}: {what} {own}, which the container "
+                              f"gets from minictr; mount somewhere else"
+                              + (" (below /tmp is fine, e.g. '/tmp/data')" if own == "/tmp"
+                                 else ""))
+    return target
+
+
+def _check_tmpfs(mount: Mount, target: str) -> None:
+    size = mount.size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int)
+                             or not 0 < size <= MAX_SIZE):
+        raise ConfigError(f"mount size={size!r} (on {target!r}): expected a positive int of "
+                          f"bytes, at most 2**62; Mount.tmpfs({target!r}, size='16M') parses "
+                          "units")
+    if mount.read_only:
+        # mounts.py never remounts a tmpfs read-only: an empty read-only dir would be useless.
+        raise ConfigError(f"mount read_only=True (on {target!r}): a tmpfs starts empty and is "
+                          f"always writable; use Mount.tmpfs({target!r})")

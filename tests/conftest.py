@@ -24,8 +24,9 @@ def host_snapshot() -> dict[str, frozenset]:
         "mounts": frozenset(line.split()[4] for line in Path("/proc/self/mountinfo").read_text()
                             .splitlines()),
         "processes": frozenset(_descendants(os.getpid())),
+        # the plugin's per-test layers are the only temp dirs minictr makes: named by our pid
         "temp dirs": frozenset(p.name for p in Path(tempfile.gettempdir()).iterdir()
-                               if "minictr" in p.name and "bench" not in p.name),
+                               if p.name.startswith(f"minictr-layer-{os.getpid()}-")),
         "cgroups": frozenset(_container_cgroups()),
     }
 

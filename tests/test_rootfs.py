@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -298,6 +300,61 @@ def test_bad_inputs_raise_config_error(builder, bad):
     with pytest.raises(ConfigError):
         builder.build(files=bad)
     assert not builder.cache_dir.exists()
+
+
+LONE = "\ud800"  # a lone surrogate: a valid str that os.fsencode() cannot encode
+
+
+@pytest.mark.parametrize("kind", ["binaries", "files", "dirs"])
+def test_strings_the_kernel_cannot_take_are_config_errors(builder, kind):
+    with pytest.raises(ConfigError, match=re.escape(f"{kind} item {'/x' + LONE + 'y'!r}: "
+                                                    f"{LONE!r} at index 2 cannot be encoded")):
+        builder.build(**{kind: ["/x" + LONE + "y"]})
+    assert not builder.cache_dir.exists()
+
+
+def test_unencodable_dest_is_a_config_error(builder, tmp_path):
+    with pytest.raises(ConfigError, match=r"dest=.*cannot be encoded"):
+        builder.build(binaries=["sh"], dest=tmp_path / f"\udcff{LONE}")  # '\udcff' is fine
+    assert os.listdir(tmp_path) == []
+
+
+def test_dest_that_cannot_be_created_is_a_rootfs_error(builder, tmp_path):
+    (tmp_path / "somefile").write_text("")
+    for dest, problem in [("/proc/nonexistent/dest", "No such file or directory"),
+                          (tmp_path / "somefile/sub", "Not a directory"),
+                          (tmp_path / "somefile/a/b", "Not a directory")]:
+        with pytest.raises(RootfsError, match=f"dest '{dest}': cannot create it "
+                                              f"\\({problem}"):
+            builder.build(binaries=["sh"], dest=dest)
+    assert sorted(os.listdir(tmp_path)) == ["somefile"]
+    assert not builder.cache_dir.exists()
+
+
+def test_dest_failing_midway_is_a_rootfs_error_and_leaves_nothing(builder, tmp_path,
+                                                                  monkeypatch):
+    def disk_full(root, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(root, "etc"))
+
+    monkeypatch.setattr(rootfs, "_write_manifest", disk_full)
+    dest = tmp_path / "new/parents/dest"
+    with pytest.raises(RootfsError, match=f"dest '{dest}': cannot build the rootfs there "
+                                          f"\\(No space left on device: {dest}/etc\\)"):
+        builder.build(binaries=["sh"], dest=dest)
+    assert os.listdir(tmp_path) == []  # the parents it made are gone too
+    given_dir = tmp_path / "given"
+    given_dir.mkdir(mode=0o750)
+    with pytest.raises(RootfsError, match="No space left on device"):
+        builder.build(binaries=["sh"], dest=given_dir)
+    assert os.listdir(given_dir) == [] and stat.S_IMODE(given_dir.stat().st_mode) == 0o750
+
+
+def test_unusable_cache_dir_is_a_rootfs_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    for cache in ("/proc/nonexistent-cache", tmp_path / "file/cache"):
+        with pytest.raises(RootfsError, match=f"cache_dir '{cache}'.*(No such file|Not a dir)"):
+            RootfsBuilder(cache).build(binaries=["sh"])
+    assert os.listdir(tmp_path) == ["file"]
 
 
 @given(st.text(), st.text())

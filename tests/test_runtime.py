@@ -237,7 +237,8 @@ def test_every_error_is_a_minictr_error():
 def _wait_for_output(container, timeout: float = 10) -> None:
     """Until the command printed its first line (it has installed its traps by then)."""
     deadline = time.monotonic() + timeout
-    while not container._monitor.stdout and time.monotonic() < deadline:
+    while container._monitor is not None and not container._monitor.stdout \
+            and time.monotonic() < deadline:
         try:
             container.wait(timeout=0.02)
         except WaitTimeoutError:
