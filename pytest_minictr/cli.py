@@ -34,7 +34,8 @@ HELP_NETWORK = "none: no interface up; loopback: lo up (default); never the host
 HELP_ROOTFS = "run on this prepared root filesystem instead of building one"
 HELP_BIN = "also copy this host binary (with its libraries) into the built rootfs; repeatable"
 HELP_ENV = "set NAME=VALUE in the container's (otherwise clean) environment; repeatable"
-HELP_USERNS = "run in a user namespace even as root (container root is then not host root)"
+HELP_USERNS = ("run in a user namespace even as root: container root keeps uid 0 for files but "
+               "has no capability over the host")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 

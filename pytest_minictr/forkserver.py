@@ -3,7 +3,7 @@
 Why a separate process: the caller is usually pytest, large (fork cost grows with its memory)
 and often threaded (a forked child of a threaded process can deadlock on a lock some other
 thread held). This process stays small and has one thread; it is started once per runtime
-(`python -m pytest_minictr.forkserver FD`) and reused.
+(by `client.LauncherClient`, as `python -S` calling `forkserver.main([FD])`) and reused.
 
 It speaks `protocol` over one socket. Requests, each answered in order:
   {"op": "run", "id", "spec"} + fds [stdin, stdout, stderr, events]  -> {"ok", "pid"} | error

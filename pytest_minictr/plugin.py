@@ -27,7 +27,8 @@ from . import __version__
 from .errors import ConfigError, MinictrError, UnsupportedError
 from .rootfs import RootfsBuilder, default_cache_dir
 from .runtime import ContainerRuntime, Result
-from .spec import NETWORK_MODES, parse_cpus, parse_size
+from .spec import (NETWORK_MODES, check_hostname, check_memory_limit, check_pids_limit,
+                   check_seconds, parse_cpus)
 
 MARKER_KEYWORDS = ("memory", "cpus", "pids", "timeout", "network", "binaries", "recipe",
                    "rootfs", "hostname", "env")
@@ -92,6 +93,7 @@ class SessionSettings:
 
 _SETTINGS = pytest.StashKey[SessionSettings]()
 _LAST_RESULT = pytest.StashKey[Result]()
+_ROOTFS_MEMO = pytest.StashKey[dict]()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +162,8 @@ def container(request: pytest.FixtureRequest, minictr_runtime: ContainerRuntime,
     try:
         settings = merge_marker(session.defaults, request.node)
         check_host_can_run_containers()
-        rootfs = resolve_rootfs(settings, minictr_rootfs_builder)
+        rootfs = resolve_rootfs(settings, minictr_rootfs_builder,
+                                request.config.stash.setdefault(_ROOTFS_MEMO, {}))
     except UnsupportedError as problem:
         _unavailable(session, problem)
     except MinictrError as error:
@@ -219,10 +222,10 @@ class TestContainer:
 def read_session_settings(config: pytest.Config) -> SessionSettings:
     values = {name: _option(config, name) for name, _, _ in _OPTIONS}
     defaults = ContainerSettings(
-        memory=_size(values["memory"], "--minictr-memory"),
+        memory=_memory(values["memory"], "--minictr-memory"),
         cpu_percent=None if values["cpus"] is None else parse_cpus(values["cpus"],
                                                                    "--minictr-cpus"),
-        pids=_positive_int(values["pids"], "--minictr-pids"),
+        pids=_pids(values["pids"], "--minictr-pids"),
         timeout=_seconds(values["timeout"], "--minictr-timeout"),
         rootfs=_prepared_rootfs(values["rootfs"]),
     )
@@ -268,11 +271,11 @@ def merge_marker(defaults: ContainerSettings, item: pytest.Item) -> ContainerSet
 def _marker_value(keyword: str, value: Any) -> tuple[str, Any]:
     """(settings field, validated value) of one marker keyword; ConfigError names it."""
     if keyword == "memory":
-        return "memory", None if value is None else parse_size(value, "memory")
+        return "memory", _memory(value, "memory")
     if keyword == "cpus":
         return "cpu_percent", None if value is None else parse_cpus(value, "cpus")
     if keyword == "pids":
-        return "pids", _positive_int(value, "pids")
+        return "pids", _pids(value, "pids")
     if keyword == "timeout":
         return "timeout", _seconds(value, "timeout")
     if keyword == "network":
@@ -290,9 +293,7 @@ def _marker_value(keyword: str, value: Any) -> tuple[str, Any]:
     if keyword == "rootfs":
         return "rootfs", _prepared_rootfs(value, "rootfs")
     if keyword == "hostname":
-        if not isinstance(value, str):
-            raise ConfigError(f"hostname={value!r}: expected a str")
-        return "hostname", value
+        return "hostname", check_hostname(value)
     if not isinstance(value, Mapping):  # env
         raise ConfigError(f"env={value!r}: expected a dict of names to values")
     return "env", dict(value)
@@ -312,45 +313,43 @@ def _prepared_rootfs(value: Any, name: str = "--minictr-rootfs") -> str | None:
     return str(path.resolve())
 
 
-def _size(value: str | None, name: str) -> int | None:
-    return None if value is None else parse_size(value.strip(), name)
+def _memory(value: Any, name: str) -> int | None:
+    """From an option (a string, "64M") or a marker (a string or bytes as an int)."""
+    if isinstance(value, str):
+        value = value.strip()
+    return None if value is None else check_memory_limit(value, name)
 
 
-def _positive_int(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    try:
-        number = int(value) if not isinstance(value, (bool, float)) else None
-    except ValueError:
-        number = None
-    if number is None or number <= 0:
-        raise ConfigError(f"{name}={value!r}: expected a positive integer")
-    return number
+def _pids(value: Any, name: str) -> int | None:
+    if isinstance(value, str):  # from an option
+        value = int(value) if value.strip().isdigit() else value
+    return None if value is None else check_pids_limit(value, name)
 
 
 def _seconds(value: Any, name: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        seconds = float(value) if not isinstance(value, bool) else -1.0
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds < float("inf"):
-        raise ConfigError(f"{name}={value!r}: expected a positive number of seconds")
-    return seconds
+    if isinstance(value, str):  # from an option
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return None if value is None else check_seconds(value, name)
 
 
 # ---------------------------------------------------------------------------------------------
 # Rootfs, availability, reports
 
-def resolve_rootfs(settings: ContainerSettings, builder: RootfsBuilder) -> Path:
-    """A prepared rootfs if one was given, else one built (cached) from host binaries."""
+def resolve_rootfs(settings: ContainerSettings, builder: RootfsBuilder, memo: dict) -> Path:
+    """A prepared rootfs if one was given, else one built (cached) from host binaries. Looked
+    up once per session and set of binaries: checking the cache stats every file it copied,
+    milliseconds a test would pay for nothing (a host upgrade mid-run is not our business)."""
     if settings.binaries is None and settings.rootfs is not None:
         return Path(settings.rootfs)
-    wanted = settings.binaries if settings.binaries is not None else BASE_BINARIES
-    present = [name for name in dict.fromkeys(("sh", *wanted))
-               if name in (settings.binaries or ()) or shutil.which(name)]
-    return builder.build(binaries=present)
+    if settings.binaries not in memo:
+        wanted = settings.binaries if settings.binaries is not None else BASE_BINARIES
+        present = [name for name in dict.fromkeys(("sh", *wanted))
+                   if name in (settings.binaries or ()) or shutil.which(name)]
+        memo[settings.binaries] = builder.build(binaries=present)
+    return memo[settings.binaries]
 
 
 def check_host_can_run_containers() -> None:

@@ -31,10 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import ConfigError, RootfsError
+from .spec import DEFAULT_PATH
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = ".minictr-manifest.json"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MERGED_USR_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 MAX_SYMLINK_HOPS = 40  # the kernel's own limit (ELOOP) for path resolution
 LDD_TIMEOUT = 60.0

@@ -180,16 +180,16 @@ def make_spec(
         argv=_check_command(command),
         env=_check_env(env),
         cwd=_check_container_path(cwd, "cwd"),
-        hostname=_check_hostname(hostname),
+        hostname=check_hostname(hostname),
         network=_check_choice(network, "network", NETWORK_MODES),
         user_namespace=_check_user(user),
         timeout=_check_seconds(timeout, "timeout"),
         output_limit=DEFAULT_OUTPUT_LIMIT if output_limit is None
         else parse_size(output_limit, "output_limit"),
         limits=Limits(
-            memory=None if memory_limit is None else _check_memory_limit(memory_limit),
+            memory=None if memory_limit is None else check_memory_limit(memory_limit),
             cpu_percent=None if cpu_limit is None else _check_cpu_limit(cpu_limit),
-            pids=None if pids_limit is None else _check_pids_limit(pids_limit),
+            pids=None if pids_limit is None else check_pids_limit(pids_limit),
         ),
         mounts=tuple(_check_mount(m) for m in _check_sequence(mounts, "mounts")),
         layer=None if layer is None else _check_layer(layer, rootfs),
@@ -284,12 +284,12 @@ def _check_container_path(path: Any, name: str) -> str:
     return "/" + os.path.normpath(path).lstrip("/")
 
 
-def _check_hostname(hostname: Any) -> str:
+def check_hostname(hostname: Any, name: str = "hostname") -> str:
     # fullmatch: '$' would let a trailing newline through. The pattern is ASCII-only, so it
     # also keeps out what os.fsencode() cannot encode.
     if not isinstance(hostname, str) or not _HOSTNAME_RE.fullmatch(hostname) \
             or len(hostname) > 64:
-        raise ConfigError(f"hostname={hostname!r}: expected letters, digits, '-' and '.', "
+        raise ConfigError(f"{name}={hostname!r}: expected letters, digits, '-' and '.', "
                           "at most 64 characters")
     return hostname
 
@@ -336,20 +336,20 @@ def _check_cpu_limit(value: Any) -> float:
     return _check_cpu_percent(percent, "cpu_limit", value)
 
 
-def _check_memory_limit(value: Any) -> int:
-    size = parse_size(value, "memory_limit")
+def check_memory_limit(value: Any, name: str = "memory_limit") -> int:
+    size = parse_size(value, name)
     if size < MIN_MEMORY:
         # The kernel takes 1M, then OOM-kills the container before its command runs, with no
         # output at all (or refuses with EBUSY, under the group's current usage).
-        raise ConfigError(f"memory_limit={value!r}: must be at least 4 MiB ({MIN_MEMORY} "
+        raise ConfigError(f"{name}={value!r}: must be at least 4 MiB ({MIN_MEMORY} "
                           "bytes), or the container is killed before it starts; use e.g. '64M'")
     return size
 
 
-def _check_pids_limit(value: Any) -> int:
-    pids = _check_positive_int(value, "pids_limit")
+def check_pids_limit(value: Any, name: str = "pids_limit") -> int:
+    pids = _check_positive_int(value, name)
     if pids > MAX_PIDS:
-        raise ConfigError(f"pids_limit={value!r}: must be at most {MAX_PIDS} (the kernel's "
+        raise ConfigError(f"{name}={value!r}: must be at most {MAX_PIDS} (the kernel's "
                           "PID_MAX_LIMIT, less one for the container's init); use None for "
                           "no limit")
     return pids

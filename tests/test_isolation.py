@@ -112,3 +112,42 @@ def test_user_namespace_maps_container_root_to_the_caller(runtime, rootfs):
     lines = out.split()
     assert lines[0] == "0"
     assert lines[1:4] == ["0", str(os.geteuid()), "1"]
+
+
+def test_the_callers_stdio_is_out_of_reach(runtime, rootfs):
+    # the init is the only process whose fds a command could reach through /proc: its 0-2
+    # are /dev/null, not whatever the caller had (a log file, a terminal)
+    out = run(runtime, rootfs, "ls -l /proc/1/fd/0 /proc/1/fd/1 /proc/1/fd/2")
+    assert [line.split("-> ")[1] for line in out.splitlines()] == ["/dev/null"] * 3
+
+
+def test_garbage_written_to_the_inits_pipes_harms_nobody(runtime, rootfs):
+    bystander = runtime.run(rootfs, ["sleep", "1"])
+    run(runtime, rootfs, "for fd in /proc/1/fd/*; do echo 'not json' > $fd; done 2>/dev/null; "
+                         "true")
+    assert bystander.wait().returncode == 0
+    assert run(runtime, rootfs, "echo still serving") == "still serving\n"
+
+
+def test_a_read_only_bind_is_read_only_all_the_way_down(runtime, rootfs, tmp_path):
+    from pytest_minictr import Mount
+    from pytest_minictr.linux import mount, umount2
+    (tmp_path / "sub").mkdir()
+    mount("tmpfs", str(tmp_path / "sub"), "tmpfs")
+    try:
+        out = run(runtime, rootfs, "touch /data/top /data/sub/deep 2>&1; true",
+                  mounts=[Mount.bind(tmp_path, "/data")])
+        assert out.count("Read-only file system") == 2
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["sub"]
+    finally:
+        umount2(str(tmp_path / "sub"))
+
+
+def test_symlinks_in_the_image_cannot_place_mount_points_on_the_host(runtime, tmp_path):
+    from pytest_minictr import ContainerSetupError, Mount, RootfsBuilder
+    image = RootfsBuilder().build(binaries=["sh"], dest=tmp_path / "image")
+    target = tmp_path / "host-side"
+    (image / "data").symlink_to(target)
+    with pytest.raises(ContainerSetupError, match="/data is a symlink in the rootfs"):
+        runtime.run(image, ["sh", "-c", "true"], mounts=[Mount.tmpfs("/data/x")])
+    assert not target.exists()

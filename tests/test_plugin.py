@@ -106,6 +106,9 @@ def test_markers_merge_closest_wins(run_tests):
 @pytest.mark.parametrize("marker, message", [
     ("memroy='64M'", "unknown keyword 'memroy'"),
     ("memory='64Q'", "memory='64Q': unknown unit 'Q'"),
+    ("memory='1M'", "memory='1M': must be at least 4 MiB"),
+    ("hostname='a b'", "hostname='a b'"),
+    ("timeout=10**9", "timeout=1000000000: must be at most"),
     ("cpus='lots'", "cpus='lots'"),
     ("pids=0", "pids=0: expected a positive integer"),
     ("network='host'", "network='host'"),
@@ -138,19 +141,19 @@ PRINT_MEMORY = '''
     def test_default(container):
         print("memory", container.settings.memory)
 
-    @pytest.mark.container(memory="4M")
+    @pytest.mark.container(memory="8M")
     def test_marker(container):
         print("memory", container.settings.memory)
 '''
 
 
 def test_option_precedence_ini_env_command_line_marker(run_tests, pytester, monkeypatch):
-    pytester.makeini("[pytest]\nminictr_memory = 1M\n")
-    run_tests(PRINT_MEMORY, "-s").stdout.fnmatch_lines(["*memory 1048576*", "*memory 4194304*"])
-    monkeypatch.setenv("MINICTR_MEMORY", "2M")
-    run_tests(PRINT_MEMORY, "-s").stdout.fnmatch_lines(["*memory 2097152*", "*memory 4194304*"])
-    run_tests(PRINT_MEMORY, "-s", "--minictr-memory=3M").stdout.fnmatch_lines(
-        ["*memory 3145728*", "*memory 4194304*"])
+    pytester.makeini("[pytest]\nminictr_memory = 16M\n")
+    run_tests(PRINT_MEMORY, "-s").stdout.fnmatch_lines(["*memory 16777216*", "*memory 8388608*"])
+    monkeypatch.setenv("MINICTR_MEMORY", "32M")
+    run_tests(PRINT_MEMORY, "-s").stdout.fnmatch_lines(["*memory 33554432*", "*memory 8388608*"])
+    run_tests(PRINT_MEMORY, "-s", "--minictr-memory=48M").stdout.fnmatch_lines(
+        ["*memory 50331648*", "*memory 8388608*"])
 
 
 def test_bad_option_is_a_usage_error(run_tests):

@@ -3,6 +3,7 @@ stop, signals, errors, and nothing left behind on any path."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -252,3 +253,44 @@ def _eventually(predicate, timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def test_stop_after_the_command_ended_reports_how_it_ended(runtime, rootfs):
+    container = runtime.run(rootfs, ["true"])
+    time.sleep(0.3)
+    assert container.stop(grace=1).returncode == 0
+    assert container.status == ContainerStatus.EXITED
+
+
+def test_any_catchable_signal_reaches_the_command(runtime, rootfs):
+    container = sh(runtime, rootfs, "trap 'exit 14' ALRM; echo ready; "
+                                    "while :; do sleep 0.01; done")
+    _wait_for_output(container)
+    container.send_signal(signal.SIGALRM)
+    assert container.wait(timeout=10).returncode == 14
+
+
+@pytest.mark.parametrize("signum", [signal.SIGSTOP, signal.SIGCHLD, 0, 999, "TERM"])
+def test_signals_that_cannot_be_passed_on_are_refused(runtime, rootfs, signum):
+    container = runtime.run(rootfs, ["sleep", "30"])
+    try:
+        with pytest.raises(ConfigError, match="signal"):
+            container.send_signal(signum)
+    finally:
+        container.kill()
+
+
+@pytest.mark.parametrize("stdout", [987654, io.BytesIO(), "out.txt"])
+def test_unusable_stdio_is_a_config_error(runtime, rootfs, stdout):
+    with pytest.raises(ConfigError, match="stdout/stderr"):
+        runtime.run(rootfs, ["echo"], stdout=stdout)
+
+
+@pytest.mark.parametrize("grace", [-1, float("inf"), "x", None, 10**9])
+def test_bad_grace_is_a_config_error(runtime, rootfs, grace):
+    container = runtime.run(rootfs, ["sleep", "30"])
+    try:
+        with pytest.raises(ConfigError, match="grace"):
+            container.stop(grace=grace)
+    finally:
+        container.kill()

@@ -22,7 +22,7 @@ from ..errors import ConfigError, MinictrError
 from ..spec import Limits
 
 PARENT_NAME = "minictr"          # our one directory under each hierarchy's root
-GROUP_PREFIX = "minictr-"        # per container: minictr-<launcher pid>-<container id>
+GROUP_PREFIX = "minictr-"        # per container: minictr-<launcher pid>-<serial>
 _GROUP_NAME_RE = re.compile(r"^minictr-(\d+)-[A-Za-z0-9_.-]+$")
 
 CPU_PERIOD_US = 100_000          # cpu_percent=25 -> 25 000 us of CPU every 100 000 us
@@ -33,6 +33,7 @@ FREEZE_TIMEOUT = 0.5             # seconds we wait for a freezer to report "froz
 # Mount options of a v1 hierarchy that name the controllers we use; anything else in the
 # options (rw, relatime, name=systemd, clone_children...) is not a controller we care about.
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer")
+LIMIT_CONTROLLERS = (("memory", "memory"), ("cpu_percent", "cpu"), ("pids", "pids"))  # Limits field
 V2_CONTROLLERS = ("memory", "cpu", "pids")
 
 
@@ -198,6 +199,14 @@ def make_fresh_dir(path: str) -> None:
     except FileNotFoundError:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         os.mkdir(path)
+
+
+def remove_quietly(path: str) -> None:
+    """Undo a half-made group; the error that made us undo it is the one worth raising."""
+    try:
+        remove_group_dir(path)
+    except MinictrError:
+        pass
 
 
 def remove_group_dir(path: str, timeout: float = REMOVE_TIMEOUT) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 
-from ..errors import MinictrError, UnsupportedError
+from ..errors import UnsupportedError
 from ..spec import Limits
-from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, PARENT_NAME, Cgroup, CgroupBackend,
-                   CgroupMount, CgroupStats, check_group_name, kill_listed, make_fresh_dir,
-                   read_int, read_keyed, read_text, remove_group_dir, wait_until, write_value)
+from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, LIMIT_CONTROLLERS, PARENT_NAME, Cgroup,
+                   CgroupBackend, CgroupMount, CgroupStats, check_group_name, kill_listed,
+                   make_fresh_dir, read_int, read_keyed, read_text, remove_quietly, wait_until,
+                   write_value)
 
 
 class V1Backend(CgroupBackend):
@@ -63,8 +64,7 @@ class V1Backend(CgroupBackend):
                                        "(run as root with a writable cgroupfs)") from e
 
     def check_limits(self, limits: Limits) -> None:
-        for limit, controller in (("memory", "memory"), ("cpu_percent", "cpu"),
-                                  ("pids", "pids")):
+        for limit, controller in LIMIT_CONTROLLERS:
             if getattr(limits, limit) is not None and controller not in self.mount_points:
                 raise UnsupportedError(
                     f"the {limit} limit needs the cgroup v1 {controller} controller, which is "
@@ -84,7 +84,7 @@ class V1Backend(CgroupBackend):
             group.apply_limits(limits)
         except BaseException:
             for path in made:
-                _remove_quietly(path)
+                remove_quietly(path)
             raise
         return group
 
@@ -141,11 +141,3 @@ class V1Cgroup(Cgroup):
             kill_listed(self.processes(), self.processes)
         finally:
             write_value(state, "THAWED")
-
-
-def _remove_quietly(path: str) -> None:
-    """Undo a half-made group; the error that made us undo it is the one worth raising."""
-    try:
-        remove_group_dir(path)
-    except MinictrError:
-        pass

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 
-from ..errors import MinictrError, UnsupportedError
+from ..errors import UnsupportedError
 from ..spec import Limits
-from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, PARENT_NAME, V2_CONTROLLERS, Cgroup,
-                   CgroupBackend, CgroupMount, CgroupStats, check_group_name, kill_listed,
-                   make_fresh_dir, read_int, read_keyed, read_text, remove_group_dir, wait_until,
-                   write_raw, write_value)
+from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, LIMIT_CONTROLLERS, PARENT_NAME,
+                   V2_CONTROLLERS, Cgroup, CgroupBackend, CgroupMount, CgroupStats,
+                   check_group_name, kill_listed, make_fresh_dir, read_int, read_keyed, read_text,
+                   remove_quietly, wait_until, write_raw, write_value)
 
 ROOTLESS_FIX = "systemd-run --user --scope -p Delegate=yes"
 
@@ -88,8 +88,7 @@ class V2Backend(CgroupBackend):
         self._unavailable = unavailable
 
     def check_limits(self, limits: Limits) -> None:
-        for limit, controller in (("memory", "memory"), ("cpu_percent", "cpu"),
-                                  ("pids", "pids")):
+        for limit, controller in LIMIT_CONTROLLERS:
             if getattr(limits, limit) is not None and controller in self._unavailable:
                 raise UnsupportedError(f"the {limit} limit needs the cgroup v2 {controller} "
                                        f"controller: {self._unavailable[controller]}")
@@ -103,7 +102,7 @@ class V2Backend(CgroupBackend):
         try:
             _apply_limits(path, limits)
         except BaseException:
-            _remove_quietly(path)
+            remove_quietly(path)
             raise
         return V2Cgroup(name, path)
 
@@ -168,11 +167,3 @@ class V2Cgroup(Cgroup):
 
 def _read_words(path: str) -> set[str]:
     return set((read_text(path) or "").split())
-
-
-def _remove_quietly(path: str) -> None:
-    """Undo a half-made group; the error that made us undo it is the one worth raising."""
-    try:
-        remove_group_dir(path)
-    except MinictrError:
-        pass
