@@ -207,7 +207,8 @@ class TestContainer:
 
     def _writable_layer(self) -> str:
         if self._layer is None:
-            self._layer = tempfile.mkdtemp(prefix=f"{LAYER_PREFIX}{os.getpid()}-")
+            self._layer = tempfile.mkdtemp(prefix=f"{LAYER_PREFIX}{os.getpid()}-",
+                                           dir=layer_parent())
         return self._layer
 
     def close(self) -> None:
@@ -387,10 +388,18 @@ def _cgroup_backend_name() -> str:
         return "unavailable"
 
 
+def layer_parent() -> str:
+    """Where per-test layers go: /dev/shm, a tmpfs on most hosts (a layer in memory is faster
+    to make and to drop, and what a container writes counts against its memory limit), else
+    the temp dir."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) \
+        else tempfile.gettempdir()
+
+
 def remove_stale_layers() -> None:
     """Writable layers of test processes that died (SIGKILL) before their teardown."""
-    temp = Path(tempfile.gettempdir())
-    for layer in temp.glob(f"{LAYER_PREFIX}*"):
+    for layer in Path(layer_parent()).glob(f"{LAYER_PREFIX}*"):
         owner = layer.name[len(LAYER_PREFIX):].split("-")[0]
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
             shutil.rmtree(layer, ignore_errors=True)

@@ -4,13 +4,13 @@ the host as it found it (mounts, child processes, zombies, temp dirs)."""
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from pytest_minictr import ContainerRuntime, RootfsBuilder
+from pytest_minictr.plugin import layer_parent
 
 BINARIES = ["sh", "echo", "cat", "ls", "sleep", "hostname", "id", "touch", "mkdir", "head",
             "seq", "yes", "wc", "ln", "stat", "setsid", "true", "kill"]
@@ -25,7 +25,7 @@ def host_snapshot() -> dict[str, frozenset]:
                             .splitlines()),
         "processes": frozenset(_descendants(os.getpid())),
         # the plugin's per-test layers are the only temp dirs minictr makes: named by our pid
-        "temp dirs": frozenset(p.name for p in Path(tempfile.gettempdir()).iterdir()
+        "temp dirs": frozenset(p.name for p in Path(layer_parent()).iterdir()
                                if p.name.startswith(f"minictr-layer-{os.getpid()}-")),
         "cgroups": frozenset(_container_cgroups()),
     }
