@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from . import protocol
 from .cgroups import Cgroup
 from .errors import MinictrError
-from .launcher import ChildFds, Launcher
+from .launcher import ChildFds, Launcher, remove_cgroup
 from .spec import ContainerSpec
 
 SETUP_TIMEOUT = 60.0  # seconds a container may take from fork to exec before we give up
@@ -145,7 +145,7 @@ class Forkserver:
             os.waitpid(pid, 0)
             for fd in {pidfd, init_pidfd, status_r, events} - {None}:
                 os.close(fd)
-            _remove_cgroup(started.cgroup)
+            remove_cgroup(started.cgroup)
             return {"ok": False, "error": error}
         container = Running(message["id"], pid, pidfd, init_pidfd, status_r, events, began,
                             began + spec.timeout if spec.timeout else None, cgroup=started.cgroup)
@@ -223,7 +223,7 @@ class Forkserver:
         self._send_event(container)
         for fd in {container.pidfd, container.init_pidfd} - {None}:
             os.close(fd)
-        _remove_cgroup(container.cgroup)
+        remove_cgroup(container.cgroup)
         del self.containers[container.id]
 
     def _send_event(self, container: Running) -> None:
@@ -336,21 +336,6 @@ def _kill_all(container: Running) -> None:
     _kill(container.init_pidfd)
     if container.cgroup is not None:
         container.cgroup.kill()
-
-
-def _remove_cgroup(cgroup: Cgroup | None) -> None:
-    """A group we cannot remove must not take the launcher down: say so; the next launcher's
-    reap_stale() retries once we are gone."""
-    if cgroup is None:
-        return
-    try:
-        cgroup.remove()
-    except MinictrError:
-        try:
-            cgroup.kill()
-            cgroup.remove()
-        except MinictrError as error:
-            print(f"minictr launcher: {error}", file=sys.stderr)
 
 
 def _pidfd_or_none(pid: int | None) -> int | None:

@@ -41,6 +41,7 @@ import resource
 import select
 import signal
 import socket
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -106,8 +107,8 @@ class Launcher:
     """Lives in the launcher process: starts containers and returns the pid to watch.
 
     What a container needs before its spec is known is done ahead, by spare inits that the
-    forkserver makes while it has nothing else to do: the fork, the namespaces, the mount
-    stage, and joining a cgroup. That last one matters most: moving a task between cgroups
+    forkserver makes while it has nothing else to do: the fork, most namespaces, the signal
+    handlers, and joining a cgroup. That last one matters most: moving a task between cgroups
     waits for an RCU grace period (about 2 ms per hierarchy here, five hierarchies on cgroup
     v1), which a spare pays in its own time. A container then only costs what its spec decides.
     """
@@ -171,8 +172,7 @@ class Launcher:
     def _discard(self, spare: Spare) -> None:
         spare.channel.close()  # its end of file tells the spare to exit
         os.waitpid(spare.pid, 0)
-        if spare.cgroup is not None:
-            spare.cgroup.remove()
+        remove_cgroup(spare.cgroup)
 
     def _check_limits(self, limits: Limits) -> None:
         if limits.any():
@@ -188,15 +188,37 @@ class Launcher:
     def _fork_spare(self) -> Spare:
         cgroup = self._new_cgroup(Limits())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        linux.unshare(linux.CLONE_NEWPID)
         try:
-            pid = os.fork()
-            if pid == 0:
-                run_spare(theirs.fileno(), self.own_pidfd, cgroup)
+            linux.unshare(linux.CLONE_NEWPID)
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    run_spare(theirs.fileno(), self.own_pidfd, cgroup)
+            finally:
+                linux.setns(self.own_pid_namespace, linux.CLONE_NEWPID)
+        except BaseException:
+            ours.close()
+            remove_cgroup(cgroup)
+            raise
         finally:
-            linux.setns(self.own_pid_namespace, linux.CLONE_NEWPID)
             theirs.close()
         return Spare(pid, ours, cgroup)
+
+
+def remove_cgroup(cgroup: Cgroup | None) -> None:
+    """Remove a container's group; one that will not go (a process still in it) is killed
+    first. One that still will not go must not take the launcher down, nor hide the error that
+    brought us here: it is reported, and the next launcher's reap_stale() retries."""
+    if cgroup is None:
+        return
+    try:
+        cgroup.remove()
+    except MinictrError:
+        try:
+            cgroup.kill()
+            cgroup.remove()
+        except MinictrError as error:
+            print(f"minictr launcher: {error}", file=sys.stderr)
 
 
 def _with_room_for_the_init(limits: Limits) -> Limits:
