@@ -1,0 +1,73 @@
+"""The runtime as an unprivileged user: a user namespace makes the container possible, and a
+limit that needs cgroups it may not create is refused with the reason and the fix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pytest_minictr import RootfsBuilder
+
+REPO = Path(__file__).resolve().parent.parent
+NOBODY = 65534
+# An interpreter any user may run: this machine's own Python lives under /root (mode 0700).
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+SCRIPT = """
+import sys
+from pytest_minictr import ContainerRuntime, MinictrError
+rootfs = sys.argv[1]
+with ContainerRuntime() as runtime:
+    result = runtime.run(rootfs, ["sh", "-c", "id -u; cat /proc/self/uid_map; echo w > /tmp/w"]
+                         ).wait()
+    print(result.returncode, *result.stdout.decode().split())
+    try:
+        runtime.run(rootfs, ["true"], memory_limit="64M")
+    except MinictrError as error:
+        print(type(error).__name__, error)
+"""
+
+
+@pytest.fixture(scope="module")
+def world_readable_rootfs():
+    place = tempfile.mkdtemp(prefix="minictr-rootless-")
+    os.chmod(place, 0o755)
+    try:
+        yield RootfsBuilder(cache_dir=place).build(binaries=["sh", "id", "cat"])
+    finally:
+        shutil.rmtree(place)
+
+
+def run_as_nobody(rootfs: Path) -> list[str]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become an unprivileged user (setpriv)")
+    for program in ("setpriv", SYSTEM_PYTHON):
+        if not shutil.which(program):
+            pytest.skip(f"{program} is not installed")
+    closed = [str(d) for d in [REPO, *REPO.parents] if not os.stat(d).st_mode & 0o001]
+    if closed:
+        pytest.skip(f"an unprivileged user cannot reach this checkout ({closed[0]} is closed)")
+    done = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         SYSTEM_PYTHON, "-c", SCRIPT, str(rootfs)],
+        env={"PYTHONPATH": str(REPO), "HOME": "/nonexistent", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_an_unprivileged_user_gets_a_container_with_root_inside(world_readable_rootfs):
+    first, _ = run_as_nobody(world_readable_rootfs)
+    # returncode, id -u inside, then the uid map: container 0 is our own uid outside
+    assert first.split() == ["0", "0", "0", str(NOBODY), "1"]
+
+
+def test_limits_without_cgroup_rights_say_why_and_what_to_do(world_readable_rootfs):
+    _, second = run_as_nobody(world_readable_rootfs)
+    assert second.startswith("UnsupportedError resource limits need cgroups:")
+    assert "run as root" in second or "Delegate=yes" in second
