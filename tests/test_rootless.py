@@ -71,3 +71,48 @@ def test_limits_without_cgroup_rights_say_why_and_what_to_do(world_readable_root
     _, second = run_as_nobody(world_readable_rootfs)
     assert second.startswith("UnsupportedError resource limits need cgroups:")
     assert "run as root" in second or "Delegate=yes" in second
+
+
+DELEGATED_SCRIPT = """
+import sys
+from pytest_minictr import ContainerRuntime
+with ContainerRuntime() as runtime:
+    hog = runtime.run(sys.argv[1], ["sh", "-c", 'a=x; while :; do a="$a$a"; done'],
+                      memory_limit="32M", timeout=60).wait()
+    print(hog.oom_killed, hog.returncode)
+"""
+
+
+@pytest.fixture
+def delegated_cgroup():
+    """A cgroup handed to the unprivileged user as systemd's Delegate=yes would: the
+    directory and its cgroup.procs, cgroup.subtree_control and cgroup.threads are theirs."""
+    root = Path("/sys/fs/cgroup")
+    controllers = (root / "cgroup.subtree_control")
+    if os.geteuid() != 0 or not controllers.exists() or \
+            "memory" not in controllers.read_text().split():
+        pytest.skip("needs root on a pure cgroup v2 host with the memory controller "
+                    "(ci/vm-tests runs this in a VM)")
+    group = root / f"delegated-test-{os.getpid()}"
+    group.mkdir()
+    for path in (group, group / "cgroup.procs", group / "cgroup.subtree_control",
+                 group / "cgroup.threads"):
+        os.chown(path, NOBODY, NOBODY)
+    yield group
+    for child in sorted((p for p in group.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        (child / "cgroup.kill").write_text("1")
+        child.rmdir()
+    group.rmdir()
+
+
+def test_limits_work_in_a_delegated_cgroup_v2_subtree(world_readable_rootfs, delegated_cgroup):
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv is not installed")
+    done = subprocess.run(
+        ["sh", "-c", f'echo $$ > {delegated_cgroup}/cgroup.procs && exec "$@"', "sh",
+         "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         SYSTEM_PYTHON, "-c", DELEGATED_SCRIPT, str(world_readable_rootfs)],
+        env={"PYTHONPATH": str(REPO), "HOME": "/nonexistent", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "-9"]

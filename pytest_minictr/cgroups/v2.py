@@ -1,9 +1,12 @@
 """cgroup v2, the unified hierarchy: one leaf directory per container.
 
-Layout: `<cgroup2 mount>/minictr/minictr-<launcher pid>-<id>`. The `minictr` parent holds no
-process (the kernel's no-internal-process rule) and enables in its `cgroup.subtree_control`
-the controllers we use (memory, cpu, pids) that the host's root already passes down. The root's
-own `cgroup.subtree_control` belongs to the host: we read it and never write it.
+Layout: `<base>/minictr/minictr-<launcher pid>-<n>`. The `minictr` parent holds no process
+(the kernel's no-internal-process rule) and enables in its `cgroup.subtree_control` the
+controllers we use (memory, cpu, pids) that its base passes down. As root the base is the
+hierarchy's root, whose `cgroup.subtree_control` belongs to the host: we read it and never
+write it. Without root the base is our own cgroup when it was delegated to us (systemd's
+`Delegate=yes`: we may write its files); being ours, its processes (the caller, the launcher)
+move to a leaf so that it may pass controllers down, and it enables what it was given.
 """
 
 from __future__ import annotations
@@ -18,31 +21,36 @@ from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, LIMIT_CONTROLLERS, PARENT_NAME
                    remove_quietly, wait_until, write_raw, write_value)
 
 ROOTLESS_FIX = "systemd-run --user --scope -p Delegate=yes"
+CALLERS_LEAF = "callers"  # where a delegated base's own processes move
 
 
 class V2Backend(CgroupBackend):
     name = "v2"
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, base: str | None = None):
         self.root = root
-        self.parent = os.path.join(root, PARENT_NAME)
+        self.base = base or root       # where our parent lives (see the module's docstring)
+        self.parent = os.path.join(self.base, PARENT_NAME)
         super().__init__((self.parent,))
         self._unavailable: dict[str, str] = {}    # controller -> why we cannot use it
 
     @classmethod
     def probe(cls, mount: CgroupMount, prepare: bool = True) -> "V2Backend":
         """The backend for this cgroup2 mount, or UnsupportedError saying why and the fix."""
-        if os.geteuid() != 0:
-            raise UnsupportedError(
-                f"cgroup v2 at {mount.mount_point}: running as uid {os.geteuid()}, and only root "
-                "may create cgroups outside a delegated subtree; run as root, or start the "
-                f"tests in a delegated cgroup: `{ROOTLESS_FIX} <command>`")
         if mount.read_only:
             raise UnsupportedError(
                 f"cgroup v2 at {mount.mount_point} is mounted read-only (as inside most "
                 "containers): run on the host, or give the container a writable cgroupfs "
                 "(e.g. `docker run --privileged --cgroupns=private`)")
-        backend = cls(mount.mount_point)
+        base = None
+        if os.geteuid() != 0:
+            base = delegated_cgroup(mount.mount_point)
+            if base is None:
+                raise UnsupportedError(
+                    f"cgroup v2 at {mount.mount_point}: running as uid {os.geteuid()}, and only "
+                    "root may create cgroups outside a delegated subtree; run as root, or start "
+                    f"the tests in a delegated cgroup: `{ROOTLESS_FIX} <command>`")
+        backend = cls(mount.mount_point, base)
         if prepare:
             backend.prepare_parent()
         return backend
@@ -58,8 +66,10 @@ class V2Backend(CgroupBackend):
         except OSError as e:
             raise UnsupportedError(f"cannot create the cgroup {self.parent}: {e.strerror} "
                                    "(run as root with a writable cgroupfs)") from e
-        offered = _read_words(os.path.join(self.root, "cgroup.controllers"))
-        passed_down = _read_words(os.path.join(self.root, "cgroup.subtree_control"))
+        if self.base != self.root:
+            self._take_over_delegated_base()
+        offered = _read_words(os.path.join(self.base, "cgroup.controllers"))
+        passed_down = _read_words(os.path.join(self.base, "cgroup.subtree_control"))
         enabled = _read_words(os.path.join(self.parent, "cgroup.subtree_control"))
         unavailable = {}
         for controller in V2_CONTROLLERS:
@@ -67,14 +77,13 @@ class V2Backend(CgroupBackend):
                 continue
             if controller not in offered:
                 unavailable[controller] = (
-                    f"the kernel offers no {controller} controller on the cgroup2 hierarchy at "
-                    f"{self.root} (bound to a cgroup v1 hierarchy, or disabled on the kernel "
-                    "command line)")
+                    f"no {controller} controller reaches {self.base} (bound to a cgroup v1 "
+                    "hierarchy, disabled on the kernel command line, or not delegated to us)")
             elif controller not in passed_down:
                 unavailable[controller] = (
-                    f"{controller} is not enabled in {self.root}/cgroup.subtree_control, which "
+                    f"{controller} is not enabled in {self.base}/cgroup.subtree_control, which "
                     f"belongs to the host and which minictr does not change; enable it with "
-                    f"`echo +{controller} > {self.root}/cgroup.subtree_control`")
+                    f"`echo +{controller} > {self.base}/cgroup.subtree_control`")
             else:
                 try:
                     # One controller per write: a refused one (cpu, while a realtime thread
@@ -86,6 +95,26 @@ class V2Backend(CgroupBackend):
                                                f"{self.parent}/cgroup.subtree_control: "
                                                f"{e.strerror}")
         self._unavailable = unavailable
+
+    def _take_over_delegated_base(self) -> None:
+        """Move the base's processes to a leaf (a cgroup with processes cannot pass
+        controllers down), then enable in it every controller it was given."""
+        pids = _read_words(os.path.join(self.base, "cgroup.procs"))
+        if pids:
+            leaf = os.path.join(self.base, CALLERS_LEAF)
+            os.makedirs(leaf, exist_ok=True)
+            for pid in pids:
+                try:
+                    write_raw(os.path.join(leaf, "cgroup.procs"), pid)
+                except OSError:
+                    pass  # gone meanwhile, or not ours to move: enabling then says so
+        offered = _read_words(os.path.join(self.base, "cgroup.controllers"))
+        enabled = _read_words(os.path.join(self.base, "cgroup.subtree_control"))
+        for controller in offered & set(V2_CONTROLLERS) - enabled:
+            try:
+                write_raw(os.path.join(self.base, "cgroup.subtree_control"), f"+{controller}")
+            except OSError:
+                pass  # noted as unavailable, with the reason, by prepare_parent()
 
     def check_limits(self, limits: Limits) -> None:
         for limit, controller in LIMIT_CONTROLLERS:
@@ -163,6 +192,19 @@ class V2Cgroup(Cgroup):
 
     def _is_frozen(self) -> bool:
         return read_keyed(os.path.join(self.path, "cgroup.events")).get("frozen") == 1
+
+
+def delegated_cgroup(mount_point: str) -> str | None:
+    """Our own cgroup's directory if we may manage it (its files writable by us), else None."""
+    try:
+        with open("/proc/self/cgroup") as membership:
+            path = next(line[3:].strip() for line in membership if line.startswith("0::"))
+    except (OSError, StopIteration):
+        return None
+    directory = os.path.join(mount_point, path.lstrip("/"))
+    writable = all(os.access(os.path.join(directory, name), os.W_OK)
+                   for name in ("", "cgroup.procs", "cgroup.subtree_control"))
+    return directory if writable else None
 
 
 def _read_words(path: str) -> set[str]:
