@@ -68,30 +68,25 @@ class HostPaths:
 
     @classmethod
     def open(cls, spec: ContainerSpec) -> "HostPaths":
-        """Open what the spec names; ContainerSetupError names what failed."""
-        opened: list[int] = []
-        try:
-            def open_path(path: str | None) -> int | None:
-                if path is None:
-                    return None
-                fds: list[int] = []
-                attempt(f"open {path}", lambda: fds.append(
-                    os.open(path, os.O_PATH | os.O_CLOEXEC)))
-                opened.append(fds[0])
-                return fds[0]
-            return cls(open_path(spec.rootfs), open_path(spec.layer),
-                       [open_path(m.source) for m in spec.mounts])
-        except BaseException:
-            for fd in opened:
-                os.close(fd)
-            raise
-
-    def fds(self) -> list[int]:
-        return [fd for fd in (self.rootfs, self.layer, *self.sources) if fd is not None]
+        """Open what the spec names; ContainerSetupError names what failed. (Run by the init,
+        which exits on a failure: what was opened before it goes with the process.)"""
+        return cls(_open_host_path(spec.rootfs), _open_host_path(spec.layer),
+                   [_open_host_path(m.source) for m in spec.mounts])
 
     def close(self) -> None:
-        for fd in self.fds():
-            os.close(fd)
+        for fd in (self.rootfs, self.layer, *self.sources):
+            if fd is not None:
+                os.close(fd)
+
+
+def _open_host_path(path: str | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        return os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as error:
+        raise ContainerSetupError(f"open {path}: {error.strerror}", f"open {path}",
+                                  error.errno) from None
 
 
 def mount_overlay(rootfs_fd: int, layer_fd: int | None, in_user_namespace: bool) -> None:

@@ -23,8 +23,8 @@ from typing import Any, Mapping, Sequence
 from . import errors
 from .client import LauncherClient
 from .errors import ConfigError, ContainerNotFoundError, LauncherError, MinictrError
-from .monitor import Monitor
 from .launcher import FORWARDED_SIGNALS
+from .monitor import Monitor
 from .spec import ContainerSpec, Mount, check_seconds, make_spec
 
 DEFAULT_STOP_GRACE = 5.0
