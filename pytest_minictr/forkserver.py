@@ -138,7 +138,7 @@ class Forkserver:
                 os.close(fd)
         pid = started.pid
         pidfd = os.pidfd_open(pid)
-        init_pid, error = _read_setup(setup_r, pid, spec.user_namespace)
+        init_pid, error = _read_setup(setup_r, pid, started.keeper)
         init_pidfd = pidfd if init_pid == pid else _pidfd_or_none(init_pid)
         if error is not None:
             _kill(init_pidfd)

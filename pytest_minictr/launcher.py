@@ -3,7 +3,7 @@
 A container is an init process, PID 1 of a new PID namespace, and the command it spawns:
 
     launcher ── init ── command                      (the caller is root: the usual case)
-    launcher ── keeper ── init ── command            (in a user namespace)
+    launcher ── keeper ── init ── command            (the caller is not root)
 
 The init builds the mounts, pivot_roots and spawns the command, then does what the kernel asks
 of a PID 1: orphans are reparented to it (someone has to reap them), and signals reach it only
@@ -12,11 +12,13 @@ be stopped gently otherwise). When the command exits, the init exits, and the ke
 every process left in the namespace, even those that detached with setsid(); the init's exit
 is reported to its parent only after they are all gone.
 
-Without a user namespace the launcher itself unshares CLONE_NEWPID, forks the init straight
-into the new namespace and goes back to its own with setns(): one fork of Python per container.
-A user namespace must exist before the PID namespace it owns (mounting /proc needs privilege
-over the PID namespace), and the launcher cannot leave a user namespace it enters, so that
-case needs the keeper: a child that unshares everything, writes the id maps and forks the init.
+As root, the launcher itself unshares CLONE_NEWPID, forks the init straight into the new
+namespace and goes back to its own with setns(): one fork of Python per container. The init
+builds the container as host root and enters the launcher's user namespace last (see `idmap`).
+Without root, a user namespace must exist before the PID namespace it owns (mounting /proc
+needs privilege over the PID namespace), and the launcher cannot leave a user namespace it
+enters, so that case needs the keeper: a child that unshares everything, writes the id maps
+and forks the init.
 
 The command is started with posix_spawn (vfork-style, no copy of our memory, no Python running
 in the child); it gets a new session (no controlling terminal to push input into:
@@ -47,9 +49,10 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import NoReturn
 
-from . import cgroups, linux, mounts, protocol
+from . import cgroups, idmap, linux, mounts, protocol, security
 from .cgroups import Cgroup, CgroupBackend
 from .errors import CommandNotFoundError, ContainerSetupError, MinictrError, UnsupportedError
+from .idmap import UserNamespace
 from .linux import attempt
 from .spec import ContainerSpec, Limits
 
@@ -97,10 +100,12 @@ class Spare:
 
 @dataclass(frozen=True)
 class Started:
-    """A container just started: the pid to watch (our child) and its cgroup."""
+    """A container just started: the pid to watch (our child), its cgroup, and whether that
+    child is a keeper (which reports the init's pid) or the init itself."""
 
     pid: int
     cgroup: Cgroup | None
+    keeper: bool = False
 
 
 class Launcher:
@@ -121,20 +126,25 @@ class Launcher:
         self.own_pidfd = os.pidfd_open(os.getpid())
         self.own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.spares: deque[Spare] = deque()
-        self.spares_problem = None if os.geteuid() == 0 else "not root"
+        self.rootless = os.geteuid() != 0
+        self.spares_problem = "not root" if self.rootless else None
         self.cgroups, self.cgroups_problem = _detect_cgroups()
+        self.userns, self.userns_problem = (None, None) if self.rootless else _user_namespace()
         self._serial = itertools.count(1)
 
     def start(self, spec: ContainerSpec, fds: ChildFds, spec_data: dict) -> Started:
         """`spec_data` is `spec` as received, passed on as it is to a spare."""
         self._check_limits(spec.limits)
+        if spec.user_namespace and self.userns_problem is not None:
+            raise UnsupportedError(f"no user namespace for the container: {self.userns_problem}"
+                                   " (user=False runs it as host root)")
         limits = _with_room_for_the_init(spec.limits)
-        if spec.user_namespace:
+        if self.rootless:
             cgroup = self._new_cgroup(limits)
             pid = os.fork()
             if pid == 0:
                 run_keeper(spec, fds, self.own_pidfd, cgroup)
-            return Started(pid, cgroup)
+            return Started(pid, cgroup, keeper=True)
         spare = self.spares.popleft() if self.spares else self._fork_spare()
         try:
             if spare.cgroup is not None and limits.any():
@@ -168,6 +178,8 @@ class Launcher:
             self._discard(self.spares.popleft())
         if self.cgroups is not None:
             self.cgroups.release()
+        if self.userns is not None:
+            os.close(self.userns.fd)
 
     def _discard(self, spare: Spare) -> None:
         spare.channel.close()  # its end of file tells the spare to exit
@@ -193,7 +205,7 @@ class Launcher:
             try:
                 pid = os.fork()
                 if pid == 0:
-                    run_spare(theirs.fileno(), self.own_pidfd, cgroup)
+                    run_spare(theirs.fileno(), self.own_pidfd, cgroup, self.userns)
             finally:
                 linux.setns(self.own_pid_namespace, linux.CLONE_NEWPID)
         except BaseException:
@@ -231,6 +243,15 @@ def _apply_limits(cgroup: Cgroup, limits: Limits) -> None:
         cgroup.apply_limits(limits)
     except MinictrError as refused:
         raise UnsupportedError(f"the kernel refused the limits {limits}: {refused}") from None
+
+
+def _user_namespace() -> tuple[UserNamespace | None, str | None]:
+    """The user namespace of this launcher's containers; or why there is none (user
+    namespaces disabled by a sysctl, or a seccomp filter of our own container)."""
+    try:
+        return idmap.make_user_namespace(), None
+    except OSError as problem:
+        return None, f"cannot make a user namespace: {problem.strerror or problem}"
 
 
 def _detect_cgroups() -> tuple[CgroupBackend | None, str | None]:
@@ -294,25 +315,28 @@ def run_init(spec: ContainerSpec, fds: ChildFds, parent_pidfd: int) -> NoReturn:
     code = 1
     try:
         die_with_parent(parent_pidfd, fds.all())
-        code = be_init(spec, fds, SignalForwarder())
+        code = be_init(spec, fds, SignalForwarder(), parent_pidfd, None,
+                       inside_user_namespace=True)
     except BaseException as error:  # noqa: BLE001
         report_failure(fds.setup, error)
     finally:
         os._exit(code)
 
 
-def run_spare(channel: int, parent_pidfd: int, cgroup: Cgroup | None) -> NoReturn:
+def run_spare(channel: int, parent_pidfd: int, cgroup: Cgroup | None,
+              userns: UserNamespace | None) -> NoReturn:
     """A spare init: joins its cgroup, unshares and prepares now, then waits for its
     container's spec and descriptors. A failure is kept until there is a setup pipe to
     report it on."""
     code, fds = 1, None
     try:
-        die_with_parent(parent_pidfd, (channel,))
+        die_with_parent(parent_pidfd, (channel,) if userns is None else (channel, userns.fd))
         forwarder = SignalForwarder()  # some 60 handlers: a third of a millisecond, spent now
         try:
             if cgroup is not None:
                 join_cgroup(cgroup, 0)  # 0: the writer itself (our pid here is 1)
             attempt("unshare namespaces", linux.unshare, SPARE_NAMESPACES)
+            attempt("open low ports", open_low_ports)
             early_failure = None
         except ContainerSetupError as failure:
             early_failure = failure
@@ -323,12 +347,20 @@ def run_spare(channel: int, parent_pidfd: int, cgroup: Cgroup | None) -> NoRetur
         spec, fds = ContainerSpec.from_dict(order[0]), ChildFds(*order[1])
         if early_failure is not None:
             raise early_failure
-        code = be_init(spec, fds, forwarder)
+        code = be_init(spec, fds, forwarder, parent_pidfd, userns)
     except BaseException as error:  # noqa: BLE001
         if fds is not None:
             report_failure(fds.setup, error)
     finally:
         os._exit(code)
+
+
+def open_low_ports() -> None:
+    """Binding a port below 1024 takes CAP_NET_BIND_SERVICE over the network namespace, which
+    root inside lacks once in its user namespace (ours own it): in this namespace of our own,
+    no port is privileged (as Docker does), so a server under test can take port 80."""
+    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as setting:
+        setting.write("0")
 
 
 def join_cgroup(cgroup: Cgroup, pid: int) -> None:
@@ -338,17 +370,22 @@ def join_cgroup(cgroup: Cgroup, pid: int) -> None:
         raise ContainerSetupError(str(error), "join cgroup") from None
 
 
-def be_init(spec: ContainerSpec, fds: ChildFds, forwarder: "SignalForwarder") -> int:
-    """PID 1's life: enter the container, spawn the command, reap until it exits, report."""
+def be_init(spec: ContainerSpec, fds: ChildFds, forwarder: "SignalForwarder", parent_pidfd: int,
+            userns: UserNamespace | None, inside_user_namespace: bool = False) -> int:
+    """PID 1's life: enter the container, spawn the command, reap until it exits, report.
+    `userns`: the launcher's user namespace, entered last when the spec asks for one."""
     # Not dumpable: /proc/1/fd and /proc/1/mem are then closed to a command without
     # CAP_SYS_PTRACE over us (our pipes to the launcher are behind them).
     linux.set_dumpable(False)
-    if not spec.user_namespace:  # a spare: its mount namespace is made now (see mounts)
+    if not inside_user_namespace:  # a spare: its mount namespace is made now (see mounts)
         attempt("unshare the mount namespace", linux.unshare, linux.CLONE_NEWNS)
     host_paths = mounts.HostPaths.open(spec)
     layer_lock = lock_layer(host_paths.layer)
     mounts.prepare_stage()
-    enter_container(spec, host_paths)
+    entered = userns if spec.user_namespace and not inside_user_namespace else None
+    layer_size = enter_container(spec, host_paths, entered, inside_user_namespace)
+    security.confine(spec.security, layer_size, None if entered is None else entered.fd)
+    arm_parent_death_signal(parent_pidfd)  # the id switch into the user namespace disarmed it
     command_pid = spawn_command(spec, fds)
     forwarder.start(command_pid)
     for fd in fds.stdio() + (fds.setup,):
@@ -393,20 +430,27 @@ def put_dev_null_on_stdio() -> None:
         os.close(null)
 
 
-def enter_container(spec: ContainerSpec, host_paths: mounts.HostPaths) -> None:
-    """Mounts, hostname, network, then pivot_root into the new root and chdir to `cwd`."""
-    root = mounts.build_root(spec, host_paths)
+def enter_container(spec: ContainerSpec, host_paths: mounts.HostPaths,
+                    userns: UserNamespace | None, inside_user_namespace: bool) -> int:
+    """Mounts, hostname, network, then pivot_root into the new root and chdir to `cwd`.
+    Returns the size of the writable layer's filesystem, in bytes."""
+    root = mounts.build_root(spec, host_paths, userns, inside_user_namespace)
+    layer = os.statvfs(mounts.layer_path(host_paths.layer))
     host_paths.close()
     attempt("set hostname", socket.sethostname, spec.hostname)
     if spec.network == "loopback":
         attempt("bring up loopback", linux.set_link_up, "lo")
     mounts.enter_root(root)
     attempt(f"chdir to {spec.cwd}", os.chdir, spec.cwd)
+    return layer.f_blocks * layer.f_frsize
 
 
 def spawn_command(spec: ContainerSpec, fds: ChildFds) -> int:
     env = dict(spec.env)
     program = find_program(spec.argv[0], env.get("PATH", ""))
+    # only 0-2 may reach the command (CVE-2024-21626: a leaked fd of a host directory is a
+    # way out of any root); dup2 onto 0-2 clears the flag on those
+    attempt("close descriptors on exec", linux.mark_fds_close_on_exec, 3)
     try:
         return os.posix_spawn(
             program, spec.argv, env,
@@ -500,10 +544,14 @@ def die_with_parent(parent_pidfd: int, keep: tuple[int, ...]) -> None:
     what we inherited from the launcher: other containers' pipes, its socket. A child runs
     no garbage collection: it is short-lived, and a collection would copy shared pages."""
     gc.disable()
+    arm_parent_death_signal(parent_pidfd)
+    close_fds_except((*keep, parent_pidfd))
+
+
+def arm_parent_death_signal(parent_pidfd: int) -> None:
     linux.set_parent_death_signal(signal.SIGKILL)
     if select.select([parent_pidfd], [], [], 0)[0]:
         os._exit(1)
-    close_fds_except(keep)
 
 
 def close_fds_except(keep) -> None:

@@ -46,6 +46,21 @@ MS_STATVFS_FLAGS = {os.ST_RDONLY: MS_RDONLY, os.ST_NOSUID: MS_NOSUID, os.ST_NODE
 # prctl(2)
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
+PR_SET_SECCOMP = 22
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+SECCOMP_MODE_FILTER = 2
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+# detached mounts and idmapping (open_tree(2), mount_setattr(2))
+OPEN_TREE_CLONE = 1
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_IDMAP = 0x00100000
+CLOSE_RANGE_CLOEXEC = 4
+KEYCTL_JOIN_SESSION_KEYRING = 1
 
 # ioctl on a socket, struct ifreq: 16-byte name then a short of flags
 SIOCGIFFLAGS = 0x8913
@@ -53,12 +68,14 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 
 # glibc has no wrapper for pivot_root, so it goes through syscall(2) by number.
+# The calls added since 5.x share one number on every architecture.
+_NEW_CALLS = {"open_tree": 428, "close_range": 436, "mount_setattr": 442}
 _SYSCALL_NUMBERS = {
-    "x86_64": {"pivot_root": 155},
-    "aarch64": {"pivot_root": 41},
-    "riscv64": {"pivot_root": 41},
-    "ppc64le": {"pivot_root": 203},
-    "s390x": {"pivot_root": 217},
+    "x86_64": {"pivot_root": 155, "keyctl": 250, **_NEW_CALLS},
+    "aarch64": {"pivot_root": 41, "keyctl": 219, **_NEW_CALLS},
+    "riscv64": {"pivot_root": 41, "keyctl": 219, **_NEW_CALLS},
+    "ppc64le": {"pivot_root": 203, "keyctl": 271, **_NEW_CALLS},
+    "s390x": {"pivot_root": 217, "keyctl": 280, **_NEW_CALLS},
 }
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -70,6 +87,7 @@ _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong]
 _libc.syscall.restype = ctypes.c_long
+_libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 
 
 def _check(result: int, *paths: str | None) -> None:
@@ -101,8 +119,7 @@ def umount2(target: str, flags: int = 0) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    number = _syscall_number("pivot_root")
-    _check(_libc.syscall(ctypes.c_long(number), _b(new_root), _b(put_old)), new_root)
+    _check(_syscall("pivot_root", _b(new_root), _b(put_old)), new_root)
 
 
 def set_parent_death_signal(signum: int) -> None:
@@ -111,6 +128,66 @@ def set_parent_death_signal(signum: int) -> None:
 
 def set_dumpable(dumpable: bool) -> None:
     _check(_libc.prctl(PR_SET_DUMPABLE, int(dumpable), 0, 0, 0))
+
+
+def set_no_new_privs() -> None:
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+
+
+def drop_bounding_capability(capability: int) -> None:
+    _check(_libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0))
+
+
+def clear_ambient_capabilities() -> None:
+    _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0))
+
+
+def set_capabilities(effective: int, permitted: int, inheritable: int) -> None:
+    """capset(2) of this process, version 3: two 32-bit words per set."""
+    header = struct.pack("=Ii", _LINUX_CAPABILITY_VERSION_3, 0)
+    data = b"".join(struct.pack("=III", (effective >> shift) & 0xFFFFFFFF,
+                                (permitted >> shift) & 0xFFFFFFFF,
+                                (inheritable >> shift) & 0xFFFFFFFF) for shift in (0, 32))
+    _check(_libc.capset(header, data))
+
+
+def install_seccomp_filter(program: bytes) -> None:
+    """prctl(PR_SET_SECCOMP) with a struct sock_fprog; needs no_new_privs (or CAP_SYS_ADMIN)."""
+    instructions = ctypes.create_string_buffer(program, len(program))
+    fprog = ctypes.create_string_buffer(
+        struct.pack("@HP", len(program) // 8, ctypes.addressof(instructions)))
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0))
+
+
+def join_new_session_keyring() -> None:
+    """An anonymous session keyring of our own, in place of the one inherited from the host."""
+    _check(_syscall("keyctl", KEYCTL_JOIN_SESSION_KEYRING, None))
+
+
+def mark_fds_close_on_exec(first: int) -> None:
+    """close_range(first, ~0, CLOSE_RANGE_CLOEXEC): nothing from `first` up survives exec."""
+    _check(_syscall("close_range", first, 0xFFFFFFFF, CLOSE_RANGE_CLOEXEC))
+
+
+def open_idmapped_tree(path_fd: int, userns_fd: int) -> int:
+    """A detached copy of the mount tree at `path_fd` whose file owners read through the id
+    map of `userns_fd` (kernel >= 5.12, and a filesystem that allows it). Returns its fd."""
+    tree = _syscall("open_tree", path_fd, b"", OPEN_TREE_CLONE | AT_RECURSIVE | AT_EMPTY_PATH
+                    | os.O_CLOEXEC)
+    _check(tree)
+    attr = struct.pack("=QQQQ", MOUNT_ATTR_IDMAP, 0, 0, userns_fd)  # struct mount_attr
+    result = _syscall("mount_setattr", tree, b"", AT_EMPTY_PATH,
+                      ctypes.create_string_buffer(attr, len(attr)), len(attr))
+    if result < 0:
+        err = ctypes.get_errno()
+        os.close(tree)
+        raise OSError(err, os.strerror(err))
+    return tree
+
+
+def _syscall(name: str, *args) -> int:
+    return _libc.syscall(ctypes.c_long(_syscall_number(name)),
+                         *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
 
 
 def _syscall_number(name: str) -> int:

@@ -13,7 +13,10 @@ arrives, so that our copy of the host's mount table is current), before the comm
    new root, so the writable layer lives in memory, is charged to the container's memory
    cgroup, and vanishes with the namespace: there is no host temp dir to leak.
 3. `build_root`: the base rootfs (never written: only a lower layer) under the writable layer,
-   then `/proc` for the new PID namespace, a minimal `/dev`, a tmpfs `/tmp`, the user's mounts.
+   then `/proc` for the new PID namespace with the host kernel's knobs masked or read-only, a
+   minimal `/dev`, a tmpfs `/tmp`, the user's mounts. When container root is an unprivileged
+   host uid (see `idmap`), the base is seen through an idmapped mount, so that what host root
+   owns there, container root owns, and can write over in the layer.
 4. `enter_root`: pivot_root, then the old root is detached, so no path leads back to the host
    (the chroot `..` escape has nothing to climb to).
 
@@ -31,6 +34,7 @@ from . import linux
 from .linux import (MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT,
                     MS_STATVFS_FLAGS, attempt)
 from .errors import ContainerSetupError
+from .idmap import UserNamespace
 from .spec import ContainerSpec, Mount
 
 STAGE = "/tmp"
@@ -38,6 +42,14 @@ ROOT = f"{STAGE}/root"
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
+# runc's lists: what of /proc speaks of the host kernel rather than of our processes. Masked
+# (an empty file or directory in its place): kernel memory and symbols, every user's keys,
+# timers and scheduler state of other tasks, hardware. Read-only: the host kernel's knobs
+# (core_pattern runs a program as host root: the classic escape), sysrq, interrupts, buses.
+PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug", "kallsyms", "latency_stats",
+               "timer_stats", "acpi", "asound", "scsi")
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+_IDMAP_UNSUPPORTED = (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 def prepare_stage() -> None:
@@ -49,11 +61,15 @@ def prepare_stage() -> None:
         os.mkdir(f"{STAGE}/{name}", 0o755)
 
 
-def build_root(spec: ContainerSpec, host_paths: "HostPaths") -> str:
-    """Mount everything the container sees under a new root; return that root's path."""
-    mount_overlay(host_paths.rootfs, host_paths.layer, spec.user_namespace)
+def build_root(spec: ContainerSpec, host_paths: "HostPaths", userns: UserNamespace | None,
+               inside_user_namespace: bool) -> str:
+    """Mount everything the container sees under a new root; return that root's path.
+    `userns`: the user namespace its root will enter (see `idmap`), if any;
+    `inside_user_namespace`: we are in one already (not root: the keeper's way)."""
+    mount_overlay(host_paths.rootfs, host_paths.layer, userns, inside_user_namespace)
     mount_proc()
     mount_dev()
+    mask_proc()
     attempt("mount /tmp", mount_tmpfs, _mount_point("/tmp", True), "mode=1777")
     for mount, source_fd in zip(spec.mounts, host_paths.sources):
         mount_user_mount(mount, source_fd)
@@ -89,19 +105,41 @@ def _open_host_path(path: str | None) -> int | None:
                                   error.errno) from None
 
 
-def mount_overlay(rootfs_fd: int, layer_fd: int | None, in_user_namespace: bool) -> None:
+def mount_overlay(rootfs_fd: int, layer_fd: int | None, userns: UserNamespace | None,
+                  inside_user_namespace: bool) -> None:
     """The base rootfs under a writable layer: the stage's tmpfs, or a kept host directory
     (`spec.layer`: successive containers of one test then see each other's writes)."""
-    layer = STAGE if layer_fd is None else f"/proc/self/fd/{layer_fd}"
+    layer = layer_path(layer_fd)
     if layer_fd is not None:
         for name in ("upper", "work"):
             attempt(f"create the layer's {name} dir", os.makedirs, f"{layer}/{name}", 0o755, True)
-    options = f"lowerdir=/proc/self/fd/{rootfs_fd},upperdir={layer}/upper,workdir={layer}/work"
-    if in_user_namespace:
+    lower = rootfs_fd if userns is None else idmapped(rootfs_fd, userns)
+    if userns is not None:
+        # the upper dir's root is the container's "/": its root must own it to write there
+        attempt("chown the layer", os.chown, f"{layer}/upper", userns.host_uid, userns.host_gid)
+    options = f"lowerdir=/proc/self/fd/{lower},upperdir={layer}/upper,workdir={layer}/work"
+    if inside_user_namespace:
         # trusted.* xattrs are out of reach in a user namespace (kernel >= 5.11 needs this)
         options += ",userxattr"
     attempt("mount overlay of the rootfs", linux.mount, "overlay", ROOT, "overlay",
             MS_NOSUID | MS_NODEV, options)
+
+
+def layer_path(layer_fd: int | None) -> str:
+    return STAGE if layer_fd is None else f"/proc/self/fd/{layer_fd}"
+
+
+def idmapped(rootfs_fd: int, userns: UserNamespace) -> int:
+    """A detached view of the base whose host-root files read as container root's (the
+    overlay keeps it alive). Where the kernel or the filesystem cannot idmap (before 5.12; NFS),
+    the base stays as it is: readable, but its root-owned directories not writable inside."""
+    try:
+        return linux.open_idmapped_tree(rootfs_fd, userns.fd)
+    except OSError as error:
+        if error.errno in _IDMAP_UNSUPPORTED:
+            return rootfs_fd
+        raise ContainerSetupError(f"idmap the rootfs: {error.strerror}", "idmap the rootfs",
+                                  error.errno) from None
 
 
 def mount_proc() -> None:
@@ -109,11 +147,35 @@ def mount_proc() -> None:
             MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
+def mask_proc() -> None:
+    """Mask PROC_MASKED (those this kernel has) with /dev/null or an empty read-only tmpfs;
+    bind PROC_READ_ONLY read-only over themselves. Root inside cannot undo either: mounting
+    needs CAP_SYS_ADMIN over our mount namespace, which it never has, and seccomp."""
+    proc = f"{ROOT}/proc"
+    for name in PROC_MASKED:
+        path = f"{proc}/{name}"
+        if os.path.isdir(path):
+            attempt(f"mask /proc/{name}", mount_tmpfs, path, "size=0,mode=0555", MS_RDONLY)
+        elif os.path.exists(path):
+            attempt(f"mask /proc/{name}", linux.mount, f"{ROOT}/dev/null", path, None, MS_BIND)
+    for name in PROC_READ_ONLY:
+        path = f"{proc}/{name}"
+        if os.path.exists(path):
+            attempt(f"bind /proc/{name} read-only", bind_read_only, path)
+
+
+def bind_read_only(path: str) -> None:
+    linux.mount(path, path, None, MS_BIND | MS_REC)
+    linux.mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+                | MS_NOEXEC)
+
+
 def mount_dev() -> None:
-    """A tmpfs /dev with only harmless nodes, bound from the host (mknod is not ours to use)."""
+    """A tmpfs /dev with only harmless nodes, bound from the host (mknod is not ours to use;
+    nodev: a node made anyway would not open)."""
     dev = _mount_point("/dev", True)
-    attempt("mount /dev", linux.mount, "minictr-dev", dev, "tmpfs", MS_NOSUID | MS_NOEXEC,
-            "mode=0755,size=1m")
+    attempt("mount /dev", linux.mount, "minictr-dev", dev, "tmpfs",
+            MS_NOSUID | MS_NOEXEC | MS_NODEV, "mode=0755,size=1m")
     for name in DEV_NODES:
         target = f"{dev}/{name}"
         os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))

@@ -226,7 +226,9 @@ class ContainerRuntime:
             env: Mapping[str, str] | None = None, cwd: str = "/", hostname: str = "minictr",
             input: bytes | None = None, network: str = "loopback", user: bool | None = None,
             mounts: Sequence[Mount] = (), output_limit: int | str | None = None,
-            layer: str | os.PathLike | None = None, stdin: Any = None, stdout: Any = None,
+            layer: str | os.PathLike | None = None, seccomp: bool = True,
+            allow_syscalls: Sequence[str] = (), capabilities: Sequence[str] = (),
+            rlimits: Mapping[str, Any] | None = None, stdin: Any = None, stdout: Any = None,
             stderr: Any = None) -> Container:
         """Start `command` in a new container on the root filesystem `image`; returns at once.
 
@@ -235,11 +237,19 @@ class ContainerRuntime:
         pipe fed with `input`. `layer`: an existing host directory that keeps the container's
         writes (in its `upper` subdirectory), so that the next container given it sees them;
         by default writes go to a tmpfs that vanishes with the container.
+
+        Confinement (strict by default, each keyword loosens one thing): `user=False` makes
+        container root host root (default: an unprivileged host uid); `seccomp=False` drops
+        the syscall filter, `allow_syscalls` lets named calls through it; `capabilities` keeps
+        more than the default few (e.g. ["SYS_PTRACE"]); `rlimits` overrides resource limits
+        ({"nofile": 8192, "core": "unlimited", "stack": (soft, hard)}).
         """
         spec = make_spec(image, command, cpu_limit=cpu_limit, memory_limit=memory_limit,
                          pids_limit=pids_limit, timeout=timeout, env=env, cwd=cwd,
                          hostname=hostname, network=network, user=user, mounts=mounts,
-                         output_limit=output_limit, layer=layer)
+                         output_limit=output_limit, layer=layer, seccomp=seccomp,
+                         allow_syscalls=allow_syscalls, capabilities=capabilities,
+                         rlimits=rlimits)
         input_data = _check_input(input, stdin)
         return self._launch(spec, input_data, stdin, stdout, stderr)
 

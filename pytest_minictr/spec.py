@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
+from . import seccomp, security
 from .errors import ConfigError
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -71,6 +72,17 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class Security:
+    """How far the command is confined beyond its namespaces (see the `security` module).
+    The defaults are the strict ones; each field loosens one thing, by name."""
+
+    seccomp: bool = True                     # the default filter (see the `seccomp` module)
+    allow_syscalls: tuple[str, ...] = ()     # calls that filter lets through after all
+    capabilities: tuple[str, ...] = ()       # kept on top of security.DEFAULT_CAPABILITIES
+    rlimits: tuple[tuple[str, int, int], ...] = ()  # (name, soft, hard) over the defaults
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     """A validated request for one container. Paths inside the container are absolute."""
 
@@ -86,11 +98,13 @@ class ContainerSpec:
     limits: Limits = field(default_factory=Limits)
     mounts: tuple[Mount, ...] = ()
     layer: str | None = None       # host dir keeping the writable layer; None: a fresh tmpfs
+    security: Security = field(default_factory=Security)
 
     def to_dict(self) -> dict[str, Any]:
         # by hand: dataclasses.asdict deep-copies every field, a tenth of a millisecond
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["limits"] = vars(self.limits).copy()
+        values["security"] = vars(self.security).copy()
         values["mounts"] = [vars(m).copy() for m in self.mounts]
         return values
 
@@ -101,6 +115,11 @@ class ContainerSpec:
         values["argv"] = tuple(values["argv"])
         values["env"] = tuple(tuple(pair) for pair in values["env"])
         values["limits"] = Limits(**values["limits"])
+        values["security"] = Security(
+            seccomp=values["security"]["seccomp"],
+            allow_syscalls=tuple(values["security"]["allow_syscalls"]),
+            capabilities=tuple(values["security"]["capabilities"]),
+            rlimits=tuple(tuple(limit) for limit in values["security"]["rlimits"]))
         values["mounts"] = tuple(Mount(**m) for m in values["mounts"])
         return cls(**values)
 
@@ -172,6 +191,10 @@ def make_spec(
     mounts: Sequence[Mount] = (),
     output_limit: int | str | None = DEFAULT_OUTPUT_LIMIT,
     layer: str | os.PathLike | None = None,
+    seccomp: bool = True,
+    allow_syscalls: Sequence[str] = (),
+    capabilities: Sequence[str] = (),
+    rlimits: Mapping[str, Any] | None = None,
 ) -> ContainerSpec:
     """Validate every keyword of `ContainerRuntime.run()`; one ConfigError names a bad one."""
     rootfs = _check_rootfs(image)
@@ -193,6 +216,7 @@ def make_spec(
         ),
         mounts=tuple(_check_mount(m) for m in _check_sequence(mounts, "mounts")),
         layer=None if layer is None else _check_layer(layer, rootfs),
+        security=check_security(seccomp, allow_syscalls, capabilities, rlimits),
     )
 
 
@@ -301,13 +325,73 @@ def _check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
 
 
 def _check_user(user: Any) -> bool:
-    if user is None:  # automatic: only a non-root caller needs a user namespace to mount
-        return os.geteuid() != 0
+    """True (the default, None): container root is an unprivileged uid of the host. False:
+    container root is host root, for a test that needs it (and a caller that is root)."""
+    if user is None:
+        return True
     if not isinstance(user, bool):
-        raise ConfigError(f"user={user!r}: expected True, False or None (automatic)")
+        raise ConfigError(f"user={user!r}: expected True, False or None (default: True)")
     if not user and os.geteuid() != 0:
         raise ConfigError("user=False: without root, a container needs a user namespace")
     return user
+
+
+def check_security(seccomp_on: Any = True, allow_syscalls: Any = (), capabilities: Any = (),
+                   rlimits: Any = None) -> Security:
+    """The loosening keywords, each checked against what it can name."""
+    if not isinstance(seccomp_on, bool):
+        raise ConfigError(f"seccomp={seccomp_on!r}: expected True or False")
+    allowed = _check_names(allow_syscalls, "allow_syscalls", seccomp.FILTERED,
+                           "not a call the default seccomp filter denies")
+    if seccomp_on and os.uname().machine not in seccomp.ARCHITECTURES:
+        raise ConfigError(f"seccomp=True: no syscall table for {os.uname().machine} "
+                          f"(known: {', '.join(seccomp.ARCHITECTURES)}); pass seccomp=False")
+    kept = _check_names(capabilities, "capabilities", security.CAPABILITY_NAMES,
+                        "not a capability", normalize=_capability_name)
+    return Security(seccomp=seccomp_on, allow_syscalls=allowed, capabilities=kept,
+                    rlimits=_check_rlimits(rlimits))
+
+
+def _capability_name(name: str) -> str:
+    name = name.upper()
+    return name[len("CAP_"):] if name.startswith("CAP_") else name
+
+
+def _check_names(names: Any, keyword: str, known: Sequence[str], problem: str,
+                 normalize=lambda name: name) -> tuple[str, ...]:
+    for name in _check_sequence(names, keyword):
+        if not isinstance(name, str) or normalize(name) not in known:
+            raise ConfigError(f"{keyword}: {name!r} is {problem} (known: {', '.join(known)})")
+    return tuple(normalize(name) for name in names)
+
+
+def _check_rlimits(rlimits: Any) -> tuple[tuple[str, int, int], ...]:
+    """{'nofile': 8192, 'core': 'unlimited', 'stack': (8M, 64M)}: one value sets both the
+    soft and the hard limit; a pair sets them apart."""
+    if rlimits is None:
+        return ()
+    if not isinstance(rlimits, Mapping):
+        raise ConfigError(f"rlimits={rlimits!r}: expected a dict such as {{'nofile': 8192}}")
+    checked = []
+    for name, value in rlimits.items():
+        if name not in security.RLIMIT_NAMES:
+            raise ConfigError(f"rlimits: unknown limit {name!r} "
+                              f"(known: {', '.join(sorted(security.RLIMIT_NAMES))})")
+        pair = value if isinstance(value, tuple) and len(value) == 2 else (value, value)
+        soft, hard = (_rlimit_value(name, value, v) for v in pair)
+        if soft > hard:
+            raise ConfigError(f"rlimits: {name}={value!r}: the soft limit exceeds the hard one")
+        checked.append((name, soft, hard))
+    return tuple(checked)
+
+
+def _rlimit_value(name: str, shown: Any, value: Any) -> int:
+    if value is None or value == "unlimited":
+        return security.UNLIMITED
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+        raise ConfigError(f"rlimits: {name}={shown!r}: expected a number from 0 to 2**63, "
+                          "'unlimited', or a (soft, hard) pair of them")
+    return value
 
 
 def check_seconds(value: Any, name: str, allow_zero: bool = False) -> float:

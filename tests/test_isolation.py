@@ -30,7 +30,10 @@ def test_pid_namespace_shows_only_the_container(runtime, rootfs):
 
 def test_hostname_is_the_containers_own(runtime, rootfs):
     assert run(runtime, rootfs, "hostname", hostname="box-1") == "box-1\n"
-    run(runtime, rootfs, "hostname changed-inside")
+    # by default root inside may not change it (like Docker: no CAP_SYS_ADMIN); given the
+    # capability, it changes only its own
+    assert "must be root" in run(runtime, rootfs, "hostname changed-inside 2>&1; true")
+    run(runtime, rootfs, "hostname changed-inside", user=False, capabilities=["SYS_ADMIN"])
     assert socket.gethostname() != "changed-inside"
 
 
@@ -106,25 +109,35 @@ def test_cwd_and_env(runtime, rootfs):
     assert out == "/etc\nhi\n"
 
 
-def test_user_namespace_maps_container_root_to_the_caller(runtime, rootfs):
-    out = run(runtime, rootfs, "id -u; cat /proc/self/uid_map; touch /tmp/x; ls /etc",
-              user=True)
+def test_container_root_is_an_unprivileged_host_uid_that_owns_the_rootfs(runtime, rootfs):
+    from pytest_minictr.idmap import MAPPED_IDS, id_range
+    out = run(runtime, rootfs, "id -u; cat /proc/self/uid_map; stat -c %u /etc; "
+                               "touch /top /etc/new /tmp/x && echo written")
     lines = out.split()
     assert lines[0] == "0"
-    assert lines[1:4] == ["0", str(os.geteuid()), "1"]
+    assert lines[1:4] == ["0", str(id_range("subuid")), str(MAPPED_IDS)]
+    assert lines[4:] == ["0", "written"]  # the host-root-owned base reads as its own
+
+
+def test_user_false_keeps_host_root(runtime, rootfs):
+    out = run(runtime, rootfs, "id -u; cat /proc/self/uid_map", user=False)
+    assert out.split() == ["0", "0", "0", "4294967295"]
 
 
 def test_the_callers_stdio_is_out_of_reach(runtime, rootfs):
     # the init is the only process whose fds a command could reach through /proc: its 0-2
     # are /dev/null, not whatever the caller had (a log file, a terminal)
-    out = run(runtime, rootfs, "ls -l /proc/1/fd/0 /proc/1/fd/1 /proc/1/fd/2")
+    # (with the strongest hand: host root holding CAP_SYS_PTRACE; by default root inside
+    # cannot even list them, see tests/security)
+    out = run(runtime, rootfs, "ls -l /proc/1/fd/0 /proc/1/fd/1 /proc/1/fd/2", user=False,
+              capabilities=["SYS_PTRACE"])
     assert [line.split("-> ")[1] for line in out.splitlines()] == ["/dev/null"] * 3
 
 
 def test_garbage_written_to_the_inits_pipes_harms_nobody(runtime, rootfs):
     bystander = runtime.run(rootfs, ["sleep", "1"])
     run(runtime, rootfs, "for fd in /proc/1/fd/*; do echo 'not json' > $fd; done 2>/dev/null; "
-                         "true")
+                         "true", user=False, capabilities=["SYS_PTRACE"])
     assert bystander.wait().returncode == 0
     assert run(runtime, rootfs, "echo still serving") == "still serving\n"
 
@@ -136,7 +149,7 @@ def test_a_read_only_bind_is_read_only_all_the_way_down(runtime, rootfs, tmp_pat
     mount("tmpfs", str(tmp_path / "sub"), "tmpfs")
     try:
         out = run(runtime, rootfs, "touch /data/top /data/sub/deep 2>&1; true",
-                  mounts=[Mount.bind(tmp_path, "/data")])
+                  mounts=[Mount.bind(tmp_path, "/data")], user=False)  # host root, even so
         assert out.count("Read-only file system") == 2
         assert sorted(p.name for p in tmp_path.rglob("*")) == ["sub"]
     finally:

@@ -5,6 +5,10 @@ in a fresh container and get its output back:
 
   minictr  ContainerRuntime.run(rootfs, ["echo", "hi"]).wait(), one runtime reused
   minictr+limits  the same with memory_limit="64M", pids_limit=64 (a cgroup of its own)
+  minictr-userns  the same with user=False: container root is host root (what the default user
+                  namespace and idmapped base cost, against minictr)
+  minictr-userns-seccomp  user=False, seccomp=False (what the seccomp filter costs, against
+                  minictr-userns)
   bwrap    subprocess.run(["bwrap", "--unshare-all", --ro-bind rootfs /, /proc, /dev, /tmp ...])
   unshare  subprocess.run(["unshare", pid+fork, mount, uts, ipc, net, --mount-proc,
                            "chroot", rootfs, ...])   (util-linux; a floor more than a peer:
@@ -44,6 +48,8 @@ from pytest_minictr import ContainerRuntime, RootfsBuilder  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGESIZE")
 LIMITS = {"memory_limit": "64M", "pids_limit": 64}
+VARIANTS = {"minictr": {}, "minictr+limits": LIMITS, "minictr-userns": {"user": False},
+            "minictr-userns-seccomp": {"user": False, "seccomp": False}}
 EXPECTED = b"hi\n"
 _ballast: list = []  # kept alive for the whole run
 
@@ -82,23 +88,22 @@ def subprocess_peer(argv: list[str]):
 
 def make_peers(runtime: ContainerRuntime, rootfs: str) -> tuple[dict, dict]:
     """The peers to time ({name: callable}) and what each one runs, or why it is skipped."""
-    def minictr() -> None:
-        result = runtime.run(rootfs, ["echo", "hi"]).wait()
-        check(result.returncode, result.stdout, result.stderr)
-
-    def minictr_limits() -> None:
-        result = runtime.run(rootfs, ["echo", "hi"], **LIMITS).wait()
-        check(result.returncode, result.stdout, result.stderr)
+    def minictr(keywords: dict):
+        def run() -> None:
+            result = runtime.run(rootfs, ["echo", "hi"], **keywords).wait()
+            check(result.returncode, result.stdout, result.stderr)
+        return run
 
     commands = {
-        "minictr": "ContainerRuntime().run(rootfs, ['echo', 'hi']).wait()",
-        "minictr+limits": f"ContainerRuntime().run(rootfs, ['echo', 'hi'], **{LIMITS}).wait()",
+        name: f"ContainerRuntime().run(rootfs, ['echo', 'hi'], **{keywords}).wait()"
+        for name, keywords in VARIANTS.items()}
+    commands.update({
         "bwrap": ["bwrap", "--unshare-all", "--ro-bind", rootfs, "/", "--proc", "/proc",
                   "--dev", "/dev", "--tmpfs", "/tmp", "echo", "hi"],
         "unshare": ["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--net",
                     "--mount-proc", "chroot", rootfs, "echo", "hi"],
-    }
-    peers = {"minictr": minictr, "minictr+limits": minictr_limits}
+    })
+    peers = {name: minictr(keywords) for name, keywords in VARIANTS.items()}
     described = {name: commands[name] for name in peers}
     for name in ("bwrap", "unshare"):
         if shutil.which(name) is None:
@@ -138,7 +143,7 @@ def summarize(samples: list[float]) -> dict:
 
 def ratios(stats: dict, described: dict) -> dict:
     out = {}
-    for ours in ("minictr", "minictr+limits"):
+    for ours in VARIANTS:
         mine = stats[ours]["median_ms"]
         for name in ("bwrap", "unshare"):
             theirs = stats.get(name, {}).get("median_ms")
@@ -163,11 +168,11 @@ def print_table(report: dict) -> None:
     print(f"kernel {report['kernel']}, {report['cpus']} CPUs, python {report['python']}, "
           f"caller VmRSS {report['caller_rss_kib'] / 1024:.0f} MiB, "
           f"{report['runs']} runs per peer (+{report['warmup']} warm-up), interleaved")
-    print(f"\n{'peer':<15}{'median ms':>11}{'p95 ms':>10}{'min ms':>10}{'runs':>7}{'failed':>8}")
+    print(f"\n{'peer':<23}{'median ms':>11}{'p95 ms':>10}{'min ms':>10}{'runs':>7}{'failed':>8}")
     for name, row in report["peers"].items():
         cells = [f"{row[k]:>10.2f}" if row[k] is not None else f"{'-':>10}"
                  for k in ("median_ms", "p95_ms", "min_ms")]
-        print(f"{name:<15} {cells[0]}{cells[1]}{cells[2]}{row['runs']:>7}{row['failed']:>8}")
+        print(f"{name:<23} {cells[0]}{cells[1]}{cells[2]}{row['runs']:>7}{row['failed']:>8}")
     loop = report["back_to_back_limits"]
     print(f"\nminictr+limits back to back (not interleaved): median {loop['median_ms']:.2f} ms, "
           f"p95 {loop['p95_ms']:.2f} ms")

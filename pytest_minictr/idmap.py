@@ -1,0 +1,81 @@
+"""Who container root is on the host: the user namespace a root launcher puts its containers in.
+
+Root inside must not be root outside: a process that breaks out of every other layer (a kernel
+bug in a mount, a leaked fd) should find itself an unprivileged uid of the host, with no
+capability over anything the host owns. So a root launcher makes one user namespace, mapping
+container ids 0-65535 to a range of host ids that nobody uses, and each container's init enters
+it as the very last step of its setup, after building the mounts and the network as host root
+(the namespaces it built stay owned by the host, so root inside cannot remount, unmount or
+reconfigure any of them, whatever capabilities it keeps).
+
+The range is root's in /etc/subuid and /etc/subgid when there is one (the administrator's
+word on which ids are free), else DEFAULT_RANGE: far above the ranges useradd hands out.
+All containers of all launchers share the range, as with Docker's userns-remap: they cannot
+reach each other anyway (PID, IPC, network and mount namespaces apart).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+from . import linux
+
+MAPPED_IDS = 65536                       # container ids 0..65535; 65534 is "nobody"
+DEFAULT_RANGE = 1_000_000_000            # useradd's SUB_UID_MAX is 600,100,000 by default
+
+
+@dataclass(frozen=True)
+class UserNamespace:
+    """An open user namespace and the host ids its root has."""
+
+    fd: int
+    host_uid: int
+    host_gid: int
+
+
+def id_range(name: str, user: str = "root") -> int:
+    """The first id of `user`'s range in /etc/sub{u,g}id (`name`), if it has one of at least
+    MAPPED_IDS ids; DEFAULT_RANGE otherwise."""
+    try:
+        with open(f"/etc/{name}") as entries:
+            for line in entries:
+                owner, _, rest = line.strip().partition(":")
+                start, _, count = rest.partition(":")
+                if owner == user and start.isdigit() and count.isdigit() \
+                        and int(count) >= MAPPED_IDS:
+                    return int(start)
+    except OSError:
+        pass
+    return DEFAULT_RANGE
+
+
+def make_user_namespace() -> UserNamespace:
+    """A mapped user namespace held by an fd (close-on-exec). A namespace can only be made by
+    a process entering it, so a child makes it and waits while we write its maps (as host root,
+    the full range at once), then goes; the fd keeps the namespace alive."""
+    uid, gid = id_range("subuid"), id_range("subgid")
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(ready_r)
+            linux.unshare(linux.CLONE_NEWUSER)
+            os.write(ready_w, b"1")
+            signal.pause()
+        finally:
+            os._exit(1)
+    os.close(ready_w)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise OSError("the child making the user namespace failed")
+        for name, start in (("uid_map", uid), ("gid_map", gid)):
+            with open(f"/proc/{pid}/{name}", "w") as id_map:
+                id_map.write(f"0 {start} {MAPPED_IDS}\n")
+        fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(ready_r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return UserNamespace(fd, uid, gid)

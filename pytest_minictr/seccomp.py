@@ -1,0 +1,173 @@
+"""The default seccomp filter: classic BPF assembled here, no libseccomp.
+
+In the spirit of Docker's default profile, but as a deny list: the calls below reach the host
+kernel's global state (keys, modules, clocks, swap, mounts, new namespaces) or are the usual
+first step of a kernel exploit (bpf, userfaultfd, io_uring, perf_event_open), and an ordinary
+program under test never needs them. Everything else is left to the namespaces and the dropped
+capabilities. A test that needs one of them says so with `allow_syscalls=`.
+
+The program checks the architecture first: a 64-bit x86 process can still enter the kernel
+through the 32-bit (int 0x80) and x32 tables, whose numbers mean other calls, so any call that
+is not of the native table fails with ENOSYS (a 32-bit program cannot run under this filter).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from dataclasses import dataclass
+
+# linux/seccomp.h, linux/filter.h, linux/audit.h
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_ERRNO = 0x00050000
+BPF_LD_W_ABS = 0x20      # BPF_LD | BPF_W | BPF_ABS: A = seccomp_data[k]
+BPF_JEQ_K = 0x15         # BPF_JMP | BPF_JEQ | BPF_K
+BPF_JSET_K = 0x45        # BPF_JMP | BPF_JSET | BPF_K
+BPF_JGE_K = 0x35         # BPF_JMP | BPF_JGE | BPF_K
+BPF_RET_K = 0x06
+OFFSET_NR, OFFSET_ARCH = 0, 4
+X32_SYSCALL_BIT = 0x40000000
+CLONE_NEWUSER = 0x10000000
+TIOCSTI, TIOCLINUX = 0x5412, 0x541C
+
+
+@dataclass(frozen=True)
+class Architecture:
+    audit_arch: int
+    numbers: dict[str, int]
+    foreign_bit: int | None = None  # numbers with this bit set belong to another ABI
+
+
+def _offset_of_arg(index: int) -> int:
+    """struct seccomp_data: nr, arch, instruction_pointer (u64), then args[6] (u64). On these
+    little-endian machines the low 32 bits of an argument come first."""
+    return 16 + 8 * index
+
+
+# Per architecture, the number of each call we filter (from the kernel's unistd tables; the
+# test suite compares them with the installed headers). Calls an architecture lacks are absent.
+_COMMON_NEW = {"move_mount": 429, "open_tree": 428, "fsopen": 430, "fsconfig": 431,
+               "fsmount": 432, "fspick": 433, "mount_setattr": 442, "quotactl_fd": 443,
+               "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+               "clone3": 435, "open_tree_attr": 467}
+ARCHITECTURES = {
+    "x86_64": Architecture(0xC000003E, {
+        **_COMMON_NEW,
+        "add_key": 248, "keyctl": 250, "request_key": 249, "kexec_load": 246,
+        "kexec_file_load": 320, "init_module": 175, "finit_module": 313, "delete_module": 176,
+        "create_module": 174, "query_module": 178, "get_kernel_syms": 177, "bpf": 321,
+        "perf_event_open": 298, "userfaultfd": 323, "lookup_dcookie": 212, "mount": 165,
+        "umount2": 166, "pivot_root": 155, "swapon": 167, "swapoff": 168, "reboot": 169,
+        "acct": 163, "open_by_handle_at": 304, "settimeofday": 164, "clock_settime": 227,
+        "clock_adjtime": 305, "setns": 308, "iopl": 172, "ioperm": 173, "uselib": 134,
+        "ustat": 136, "sysfs": 139, "_sysctl": 156, "nfsservctl": 180, "syslog": 103,
+        "quotactl": 179, "vhangup": 153, "kcmp": 312, "fanotify_init": 300, "clone": 56,
+        "unshare": 272, "ioctl": 16}, foreign_bit=X32_SYSCALL_BIT),
+    "aarch64": Architecture(0xC00000B7, {
+        **_COMMON_NEW,
+        "add_key": 217, "keyctl": 219, "request_key": 218, "kexec_load": 104,
+        "kexec_file_load": 294, "init_module": 105, "finit_module": 273, "delete_module": 106,
+        "bpf": 280, "perf_event_open": 241, "userfaultfd": 282, "lookup_dcookie": 18,
+        "mount": 40, "umount2": 39, "pivot_root": 41, "swapon": 224, "swapoff": 225,
+        "reboot": 142, "acct": 89, "open_by_handle_at": 265, "settimeofday": 170,
+        "clock_settime": 112, "clock_adjtime": 266, "setns": 268, "nfsservctl": 42,
+        "syslog": 116, "quotactl": 60, "vhangup": 58, "kcmp": 272, "fanotify_init": 262,
+        "clone": 220, "unshare": 97, "ioctl": 29}),
+}
+
+# Denied outright, with EPERM (what the call returns without privilege: programs handle it).
+DENIED = (
+    # the kernel keyring is not namespaced: keys of the host and of other containers
+    "add_key", "keyctl", "request_key",
+    # replacing or extending the running kernel
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    "create_module", "query_module", "get_kernel_syms",
+    # attack surface far larger than any test needs
+    "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter",
+    "io_uring_register", "lookup_dcookie", "kcmp", "fanotify_init",
+    # the filesystem view stays the one we built
+    "mount", "umount2", "move_mount", "open_tree", "open_tree_attr", "fsopen", "fsconfig",
+    "fsmount", "fspick", "mount_setattr", "pivot_root", "setns",
+    # host-wide state
+    "swapon", "swapoff", "reboot", "acct", "settimeofday", "clock_settime", "clock_adjtime",
+    "syslog", "quotactl", "quotactl_fd", "nfsservctl", "vhangup", "sysfs", "_sysctl", "ustat",
+    "uselib", "iopl", "ioperm",
+    # the inode-handle escape ("shocker", 2014): open any inode of a filesystem by number
+    "open_by_handle_at",
+)
+# Denied for some arguments only: (call, argument, test, value) -> EPERM. A new user namespace
+# gives back every capability (inside it) and with them the kernel surface the rest of this
+# filter closes; ioctl TIOCSTI/TIOCLINUX push input into a terminal we may share.
+ARGUMENT_RULES = (
+    ("clone", 0, "flag", CLONE_NEWUSER),
+    ("unshare", 0, "flag", CLONE_NEWUSER),
+    ("ioctl", 1, "equal", TIOCSTI),
+    ("ioctl", 1, "equal", TIOCLINUX),
+)
+# clone3 passes its flags in memory, out of a filter's reach: ENOSYS makes libc fall back
+# to clone, whose flags we see.
+NOT_IMPLEMENTED = ("clone3",)
+FILTERED = tuple(sorted({*DENIED, *NOT_IMPLEMENTED, *(rule[0] for rule in ARGUMENT_RULES)}))
+
+
+class SeccompUnavailable(Exception):
+    """No syscall table for this architecture."""
+
+
+def host_architecture() -> Architecture:
+    machine = os.uname().machine
+    try:
+        return ARCHITECTURES[machine]
+    except KeyError:
+        raise SeccompUnavailable(f"no seccomp syscall table for {machine} (known: "
+                                 f"{', '.join(ARCHITECTURES)}); run with seccomp=False") from None
+
+
+def build_filter(allowed: tuple[str, ...] = (), arch: Architecture | None = None) -> bytes:
+    """The BPF program (struct sock_filter[]) of the default filter, minus `allowed` calls."""
+    arch = arch or host_architecture()
+    deny = _Assembler()
+    deny.load(OFFSET_ARCH)
+    deny.jump(BPF_JEQ_K, arch.audit_arch, skip_if_true=1)
+    deny.ret(SECCOMP_RET_ERRNO | errno.ENOSYS)
+    deny.load(OFFSET_NR)
+    if arch.foreign_bit is not None:
+        deny.jump(BPF_JGE_K, arch.foreign_bit, skip_if_false=1)
+        deny.ret(SECCOMP_RET_ERRNO | errno.ENOSYS)
+    for names, action in ((DENIED, errno.EPERM), (NOT_IMPLEMENTED, errno.ENOSYS)):
+        for name in names:
+            if name not in allowed and name in arch.numbers:
+                deny.jump(BPF_JEQ_K, arch.numbers[name], skip_if_false=1)
+                deny.ret(SECCOMP_RET_ERRNO | action)
+    for name, argument, test, value in ARGUMENT_RULES:
+        if name not in allowed and name in arch.numbers:
+            deny.load(OFFSET_NR)
+            deny.jump(BPF_JEQ_K, arch.numbers[name], skip_if_false=3)
+            deny.load(_offset_of_arg(argument))
+            deny.jump(BPF_JSET_K if test == "flag" else BPF_JEQ_K, value, skip_if_false=1)
+            deny.ret(SECCOMP_RET_ERRNO | errno.EPERM)
+    deny.ret(SECCOMP_RET_ALLOW)
+    return deny.program()
+
+
+class _Assembler:
+    """struct sock_filter { u16 code; u8 jt; u8 jf; u32 k; }: jumps count instructions to skip."""
+
+    def __init__(self) -> None:
+        self.instructions: list[bytes] = []
+
+    def load(self, offset: int) -> None:
+        self._emit(BPF_LD_W_ABS, 0, 0, offset)
+
+    def jump(self, code: int, value: int, skip_if_true: int = 0, skip_if_false: int = 0) -> None:
+        self._emit(code, skip_if_true, skip_if_false, value)
+
+    def ret(self, value: int) -> None:
+        self._emit(BPF_RET_K, 0, 0, value)
+
+    def _emit(self, code: int, jt: int, jf: int, k: int) -> None:
+        self.instructions.append(struct.pack("=HBBI", code, jt, jf, k))
+
+    def program(self) -> bytes:
+        return b"".join(self.instructions)
