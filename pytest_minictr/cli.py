@@ -1,7 +1,9 @@
 """The `minictr` command (also `python -m pytest_minictr`).
 
     minictr run [--memory 64M] [--cpus 0.5] [--pids N] [--timeout S] [--network MODE]
-                [--hostname H] [--env K=V]... [--rootfs DIR | --bin NAME ...] -- CMD ARGS...
+                [--hostname H] [--env K=V]... [--rootfs DIR | --bin NAME ...]
+                [--no-userns] [--no-seccomp] [--allow-syscall NAME]... [--cap-add CAP]...
+                [--ulimit NAME=SOFT[:HARD]]... -- CMD ARGS...
     minictr rootfs build [--bin NAME ...] DEST
 
 `run` passes stdin, stdout and stderr through and exits with the command's status: 128+N when
@@ -34,8 +36,13 @@ HELP_NETWORK = "none: no interface up; loopback: lo up (default); never the host
 HELP_ROOTFS = "run on this prepared root filesystem instead of building one"
 HELP_BIN = "also copy this host binary (with its libraries) into the built rootfs; repeatable"
 HELP_ENV = "set NAME=VALUE in the container's (otherwise clean) environment; repeatable"
-HELP_USERNS = ("run in a user namespace even as root: container root keeps uid 0 for files but "
-               "has no capability over the host")
+HELP_NO_USERNS = ("make container root host root (root only; by default it is an "
+                  "unprivileged host uid)")
+HELP_NO_SECCOMP = "do not install the default seccomp filter"
+HELP_ALLOW_SYSCALL = "let this call through the default seccomp filter; repeatable"
+HELP_CAP_ADD = "keep this capability too (e.g. NET_RAW, SYS_PTRACE); repeatable"
+HELP_ULIMIT = ("resource limit, like docker: nofile=8192, core=unlimited, stack=8388608:67108864 "
+               "(bytes); repeatable")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
@@ -66,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cwd", default="/", help="working directory inside the container")
     run.add_argument("--env", action="append", type=_env_pair, default=[], metavar="NAME=VALUE",
                      help=HELP_ENV)
-    run.add_argument("--userns", action="store_true", default=None, help=HELP_USERNS)
+    run.add_argument("--no-userns", dest="user", action="store_false", help=HELP_NO_USERNS)
+    run.add_argument("--no-seccomp", dest="seccomp", action="store_false", help=HELP_NO_SECCOMP)
+    run.add_argument("--allow-syscall", action="append", default=[], metavar="NAME",
+                     help=HELP_ALLOW_SYSCALL)
+    run.add_argument("--cap-add", action="append", default=[], metavar="CAP", help=HELP_CAP_ADD)
+    run.add_argument("--ulimit", action="append", type=_ulimit, default=[],
+                     metavar="NAME=SOFT[:HARD]", help=HELP_ULIMIT)
     source = run.add_mutually_exclusive_group()
     source.add_argument("--rootfs", metavar="DIR", help=HELP_ROOTFS)
     source.add_argument("--bin", action="append", default=[], metavar="NAME", help=HELP_BIN)
@@ -96,8 +109,9 @@ def run_command(args: argparse.Namespace) -> int:
         container = runtime.run(
             rootfs, command, memory_limit=args.memory, cpu_limit=args.cpus,
             pids_limit=args.pids, timeout=args.timeout, network=args.network,
-            hostname=args.hostname, cwd=args.cwd, env=dict(args.env), user=args.userns,
-            stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
+            hostname=args.hostname, cwd=args.cwd, env=dict(args.env), user=args.user,
+            seccomp=args.seccomp, allow_syscalls=args.allow_syscall, capabilities=args.cap_add,
+            rlimits=dict(args.ulimit), stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
         for signum in FORWARDED:
             signal.signal(signum, lambda number, _frame: container.send_signal(number))
         result = container.wait()
@@ -123,6 +137,20 @@ def _env_pair(text: str) -> tuple[str, str]:
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE")
     return name, value
+
+
+def _ulimit(text: str) -> tuple[str, tuple]:
+    """'nofile=1024:4096' -> ('nofile', (1024, 4096)); the values are checked by the spec."""
+    name, sep, value = text.partition("=")
+    soft, _, hard = value.partition(":")
+    try:
+        pair = tuple(v if v == "unlimited" else int(v) for v in (soft, hard or soft))
+    except ValueError:
+        pair = ()
+    if not sep or not name or not pair:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=SOFT[:HARD], e.g. "
+                                         "nofile=1024:4096 or core=unlimited")
+    return name, pair
 
 
 def _complain(error: BaseException) -> None:

@@ -8,6 +8,12 @@ it as the very last step of its setup, after building the mounts and the network
 (the namespaces it built stay owned by the host, so root inside cannot remount, unmount or
 reconfigure any of them, whatever capabilities it keeps).
 
+Root inside must also own the base rootfs, or it could not write over /etc (in its layer): host
+root's files are nobody's in the namespace. Two ways, both used: the launcher shows the base
+through an idmapped mount (kernel >= 5.12, and a filesystem that allows it: ext4, xfs, btrfs;
+tmpfs from 6.3), and the rootfs cache, built by root, is owned by the mapped range from the
+start (`shift_ownership`), so that it needs no idmap on any kernel or filesystem.
+
 The range is root's in /etc/subuid and /etc/subgid when there is one (the administrator's
 word on which ids are free), else DEFAULT_RANGE: far above the ranges useradd hands out.
 All containers of all launchers share the range, as with Docker's userns-remap: they cannot
@@ -49,6 +55,17 @@ def id_range(name: str, user: str = "root") -> int:
     except OSError:
         pass
     return DEFAULT_RANGE
+
+
+def shift_ownership(tree: str) -> None:
+    """Give every file of `tree` to the mapped range: host id n becomes the range's n (so
+    root's files become container root's), without following symlinks."""
+    uid_base, gid_base = id_range("subuid"), id_range("subgid")
+    for directory, subdirs, files in os.walk(tree):
+        for name in (directory, *(os.path.join(directory, n) for n in subdirs + files)):
+            st = os.lstat(name)
+            if st.st_uid < MAPPED_IDS and st.st_gid < MAPPED_IDS:
+                os.lchown(name, uid_base + st.st_uid, gid_base + st.st_gid)
 
 
 def make_user_namespace() -> UserNamespace:

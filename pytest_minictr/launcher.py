@@ -49,7 +49,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import NoReturn
 
-from . import cgroups, idmap, linux, mounts, protocol, security
+from . import cgroups, idmap, linux, mounts, protocol, seccomp, security
 from .cgroups import Cgroup, CgroupBackend
 from .errors import CommandNotFoundError, ContainerSetupError, MinictrError, UnsupportedError
 from .idmap import UserNamespace
@@ -130,6 +130,8 @@ class Launcher:
         self.spares_problem = "not root" if self.rootless else None
         self.cgroups, self.cgroups_problem = _detect_cgroups()
         self.userns, self.userns_problem = (None, None) if self.rootless else _user_namespace()
+        if os.uname().machine in seccomp.ARCHITECTURES:
+            seccomp.host_filter()  # the default program, inherited by every init we fork
         self._serial = itertools.count(1)
 
     def start(self, spec: ContainerSpec, fds: ChildFds, spec_data: dict) -> Started:

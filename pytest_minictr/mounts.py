@@ -71,7 +71,7 @@ def build_root(spec: ContainerSpec, host_paths: "HostPaths", userns: UserNamespa
     mount_dev()
     mask_proc()
     attempt("mount /tmp", mount_tmpfs, _mount_point("/tmp", True), "mode=1777")
-    for mount, source_fd in zip(spec.mounts, host_paths.sources):
+    for mount, source_fd in zip(spec.mounts, host_paths.sources, strict=True):
         mount_user_mount(mount, source_fd)
     return ROOT
 
@@ -131,8 +131,12 @@ def layer_path(layer_fd: int | None) -> str:
 
 def idmapped(rootfs_fd: int, userns: UserNamespace) -> int:
     """A detached view of the base whose host-root files read as container root's (the
-    overlay keeps it alive). Where the kernel or the filesystem cannot idmap (before 5.12; NFS),
-    the base stays as it is: readable, but its root-owned directories not writable inside."""
+    overlay keeps it alive); none needed for a base the mapped range owns already (our cache,
+    see idmap). Where the kernel or the filesystem cannot idmap (before 5.12; tmpfs before
+    6.3; NFS), the base stays as it is: readable, but its root-owned directories not writable
+    inside."""
+    if os.fstat(rootfs_fd).st_uid == userns.host_uid:
+        return rootfs_fd
     try:
         return linux.open_idmapped_tree(rootfs_fd, userns.fd)
     except OSError as error:

@@ -27,16 +27,22 @@ from . import __version__
 from .errors import ConfigError, MinictrError, UnsupportedError
 from .rootfs import RootfsBuilder, default_cache_dir
 from .runtime import ContainerRuntime, Result
-from .spec import (NETWORK_MODES, check_hostname, check_memory_limit, check_pids_limit,
-                   check_seconds, parse_cpus)
+from .spec import (NETWORK_MODES, Security, check_hostname, check_memory_limit,
+                   check_pids_limit, check_seconds, check_security, parse_cpus)
 
+# The keywords that loosen the confinement: checked together into one Security value.
+SECURITY_KEYWORDS = ("seccomp", "allow_syscalls", "capabilities", "rlimits")
 MARKER_KEYWORDS = ("memory", "cpus", "pids", "timeout", "network", "binaries", "recipe",
-                   "rootfs", "hostname", "env")
+                   "rootfs", "hostname", "env", "user", *SECURITY_KEYWORDS)
 MARKER_HELP = ("container(memory=None, cpus=None, pids=None, timeout=None, network='loopback', "
-               "binaries=None, recipe=None, rootfs=None, hostname='minictr', env=None): "
+               "binaries=None, recipe=None, rootfs=None, hostname='minictr', env=None, "
+               "user=True, seccomp=True, allow_syscalls=(), capabilities=(), rlimits=None): "
                "configure the `container` fixture of this test (class, module): limits "
                "('64M', 0.5 CPUs, pids), wall-time timeout in seconds, network mode, which "
-               "binaries its rootfs holds (or a prepared rootfs path), hostname, environment")
+               "binaries its rootfs holds (or a prepared rootfs path), hostname, environment; "
+               "and what a test that needs more than the strict default asks for: user=False "
+               "(root inside is host root), seccomp=False, allow_syscalls=['ptrace'], "
+               "capabilities=['NET_RAW'], rlimits={'nofile': 8192}")
 # Every container can run a shell string; these come along where the host has them.
 BASE_BINARIES = ("sh", "env", "echo", "cat", "ls", "true", "false", "sleep", "mkdir", "rm",
                  "cp", "mv", "touch", "head", "tail", "wc", "grep", "sed", "seq", "sort", "tr",
@@ -79,6 +85,8 @@ class ContainerSettings:
     rootfs: str | None = None
     hostname: str = "minictr"
     env: Mapping[str, str] = field(default_factory=dict)
+    user: bool = True
+    security: Security = field(default_factory=Security)
 
 
 @dataclass(frozen=True)
@@ -198,7 +206,10 @@ class TestContainer:
             result = self._runtime.run(
                 self.rootfs, argv, input=input, timeout=timeout or s.timeout,
                 env={**s.env, **(env or {})}, memory_limit=s.memory, cpu_limit=s.cpu_percent,
-                pids_limit=s.pids, network=s.network, hostname=s.hostname,
+                pids_limit=s.pids, network=s.network, hostname=s.hostname, user=s.user,
+                seccomp=s.security.seccomp, allow_syscalls=s.security.allow_syscalls,
+                capabilities=s.security.capabilities,
+                rlimits={name: (soft, hard) for name, soft, hard in s.security.rlimits},
                 layer=self._writable_layer()).wait()
         except UnsupportedError as problem:
             _unavailable(self._session, problem)
@@ -263,7 +274,10 @@ def merge_marker(defaults: ContainerSettings, item: pytest.Item) -> ContainerSet
         keywords.update(marker.kwargs)
     if keywords.get("rootfs") is not None and keywords.get("binaries") is not None:
         raise ConfigError("@pytest.mark.container: give rootfs= or binaries=, not both")
+    security = {key: keywords.pop(key) for key in SECURITY_KEYWORDS if key in keywords}
     values = dict(_marker_value(key, value) for key, value in keywords.items())
+    if security:
+        values["security"] = check_security(**security)
     if values.get("binaries") is not None:
         values["rootfs"] = None  # the marker's binaries beat a --minictr-rootfs default
     return replace(defaults, **values)
@@ -295,6 +309,10 @@ def _marker_value(keyword: str, value: Any) -> tuple[str, Any]:
         return "rootfs", _prepared_rootfs(value, "rootfs")
     if keyword == "hostname":
         return "hostname", check_hostname(value)
+    if keyword == "user":
+        if not isinstance(value, bool):
+            raise ConfigError(f"user={value!r}: expected True (default) or False")
+        return "user", value
     if not isinstance(value, Mapping):  # env
         raise ConfigError(f"env={value!r}: expected a dict of names to values")
     return "env", dict(value)

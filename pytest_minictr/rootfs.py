@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import ConfigError, RootfsError
+from .idmap import shift_ownership
 from .spec import DEFAULT_PATH
 
 FORMAT_VERSION = 1
@@ -472,6 +473,8 @@ class RootfsBuilder:
         tmp = tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-", dir=cache_dir)
         try:
             _write_manifest(tmp, request, _populate(tmp, resolved, search_path))
+            if os.geteuid() == 0:
+                shift_ownership(tmp)  # root inside owns it, with or without an idmap
             if _rename_in(tmp, entry):
                 return entry
             # Either a concurrent builder won the race (use theirs), or the entry is stale.

@@ -14,9 +14,12 @@ is not of the native table fails with ENOSYS (a 32-bit program cannot run under 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import struct
 from dataclasses import dataclass
+
+from .linux import SeccompProgram
 
 # linux/seccomp.h, linux/filter.h, linux/audit.h
 SECCOMP_RET_ALLOW = 0x7FFF0000
@@ -111,63 +114,69 @@ NOT_IMPLEMENTED = ("clone3",)
 FILTERED = tuple(sorted({*DENIED, *NOT_IMPLEMENTED, *(rule[0] for rule in ARGUMENT_RULES)}))
 
 
-class SeccompUnavailable(Exception):
-    """No syscall table for this architecture."""
+@functools.lru_cache(maxsize=16)
+def host_filter(allowed: tuple[str, ...] = ()) -> SeccompProgram:
+    """build_filter() for this machine (the spec checked that it has a table), built once:
+    the launcher builds the default one before forking any init, which inherits it."""
+    return SeccompProgram(build_filter(allowed, ARCHITECTURES[os.uname().machine]))
 
 
-def host_architecture() -> Architecture:
-    machine = os.uname().machine
-    try:
-        return ARCHITECTURES[machine]
-    except KeyError:
-        raise SeccompUnavailable(f"no seccomp syscall table for {machine} (known: "
-                                 f"{', '.join(ARCHITECTURES)}); run with seccomp=False") from None
-
-
-def build_filter(allowed: tuple[str, ...] = (), arch: Architecture | None = None) -> bytes:
-    """The BPF program (struct sock_filter[]) of the default filter, minus `allowed` calls."""
-    arch = arch or host_architecture()
-    deny = _Assembler()
-    deny.load(OFFSET_ARCH)
-    deny.jump(BPF_JEQ_K, arch.audit_arch, skip_if_true=1)
-    deny.ret(SECCOMP_RET_ERRNO | errno.ENOSYS)
-    deny.load(OFFSET_NR)
+def build_filter(allowed: tuple[str, ...], arch: Architecture) -> bytes:
+    """The BPF program (struct sock_filter[]) of the default filter, minus `allowed` calls.
+    Every denied call is one comparison jumping to a shared return: the kernel's cost of
+    installing a filter grows with its length (it translates and JIT-compiles it for each
+    container)."""
+    bpf = _Assembler()
+    bpf.load(OFFSET_ARCH)
+    bpf.jump(BPF_JEQ_K, arch.audit_arch, if_false="ENOSYS")
+    bpf.load(OFFSET_NR)
     if arch.foreign_bit is not None:
-        deny.jump(BPF_JGE_K, arch.foreign_bit, skip_if_false=1)
-        deny.ret(SECCOMP_RET_ERRNO | errno.ENOSYS)
-    for names, action in ((DENIED, errno.EPERM), (NOT_IMPLEMENTED, errno.ENOSYS)):
+        bpf.jump(BPF_JGE_K, arch.foreign_bit, if_true="ENOSYS")
+    for names, label in ((DENIED, "EPERM"), (NOT_IMPLEMENTED, "ENOSYS")):
         for name in names:
             if name not in allowed and name in arch.numbers:
-                deny.jump(BPF_JEQ_K, arch.numbers[name], skip_if_false=1)
-                deny.ret(SECCOMP_RET_ERRNO | action)
-    for name, argument, test, value in ARGUMENT_RULES:
+                bpf.jump(BPF_JEQ_K, arch.numbers[name], if_true=label)
+    for index, (name, argument, test, value) in enumerate(ARGUMENT_RULES):
         if name not in allowed and name in arch.numbers:
-            deny.load(OFFSET_NR)
-            deny.jump(BPF_JEQ_K, arch.numbers[name], skip_if_false=3)
-            deny.load(_offset_of_arg(argument))
-            deny.jump(BPF_JSET_K if test == "flag" else BPF_JEQ_K, value, skip_if_false=1)
-            deny.ret(SECCOMP_RET_ERRNO | errno.EPERM)
-    deny.ret(SECCOMP_RET_ALLOW)
-    return deny.program()
+            bpf.load(OFFSET_NR)
+            bpf.jump(BPF_JEQ_K, arch.numbers[name], if_false=f"rule {index} done")
+            bpf.load(_offset_of_arg(argument))
+            bpf.jump(BPF_JSET_K if test == "flag" else BPF_JEQ_K, value, if_true="EPERM")
+            bpf.label(f"rule {index} done")
+    bpf.ret(SECCOMP_RET_ALLOW)
+    bpf.label("EPERM")
+    bpf.ret(SECCOMP_RET_ERRNO | errno.EPERM)
+    bpf.label("ENOSYS")
+    bpf.ret(SECCOMP_RET_ERRNO | errno.ENOSYS)
+    return bpf.program()
 
 
 class _Assembler:
-    """struct sock_filter { u16 code; u8 jt; u8 jf; u32 k; }: jumps count instructions to skip."""
+    """struct sock_filter { u16 code; u8 jt; u8 jf; u32 k; }; a jump goes to a label, or to
+    the next instruction; offsets (instructions skipped) are resolved at the end."""
 
     def __init__(self) -> None:
-        self.instructions: list[bytes] = []
+        self.code: list[tuple[int, str | None, str | None, int]] = []
+        self.labels: dict[str, int] = {}
 
     def load(self, offset: int) -> None:
-        self._emit(BPF_LD_W_ABS, 0, 0, offset)
+        self.code.append((BPF_LD_W_ABS, None, None, offset))
 
-    def jump(self, code: int, value: int, skip_if_true: int = 0, skip_if_false: int = 0) -> None:
-        self._emit(code, skip_if_true, skip_if_false, value)
+    def jump(self, code: int, value: int, if_true: str | None = None,
+             if_false: str | None = None) -> None:
+        self.code.append((code, if_true, if_false, value))
 
     def ret(self, value: int) -> None:
-        self._emit(BPF_RET_K, 0, 0, value)
+        self.code.append((BPF_RET_K, None, None, value))
 
-    def _emit(self, code: int, jt: int, jf: int, k: int) -> None:
-        self.instructions.append(struct.pack("=HBBI", code, jt, jf, k))
+    def label(self, name: str) -> None:
+        self.labels[name] = len(self.code)
 
     def program(self) -> bytes:
-        return b"".join(self.instructions)
+        def skip(index: int, label: str | None) -> int:
+            distance = 0 if label is None else self.labels[label] - index - 1
+            if not 0 <= distance <= 255:
+                raise ValueError(f"seccomp: jump to {label} out of reach ({distance})")
+            return distance
+        return b"".join(struct.pack("=HBBI", code, skip(i, jt), skip(i, jf), k)
+                        for i, (code, jt, jf, k) in enumerate(self.code))

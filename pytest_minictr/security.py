@@ -42,7 +42,7 @@ _CAPABILITY_NUMBERS = {name: number for number, name in enumerate(CAPABILITY_NAM
 # resource.RLIMIT_* by the names of setrlimit(2) and `ulimit`
 RLIMIT_NAMES = {name.lower()[len("RLIMIT_"):]: getattr(resource, name)
                 for name in dir(resource) if name.startswith("RLIMIT_")}
-UNLIMITED = resource.RLIM_INFINITY
+UNLIMITED = resource.RLIM_INFINITY  # -1 to Python: never compare it as a number
 # Core dumps off (a dump of a crashing test lands in the layer, or worse, in a host pipe
 # handler named by core_pattern); descriptors bounded so that a leak fails fast instead of
 # exhausting the host's file table. fsize: see confine().
@@ -72,7 +72,7 @@ def confine(security: "Security", layer_size: int, userns_fd: int | None) -> Non
     attempt("drop capabilities", drop_capabilities, kept)
     if security.seccomp:
         attempt("install the seccomp filter", linux.install_seccomp_filter,
-                seccomp.build_filter(security.allow_syscalls))
+                seccomp.host_filter(security.allow_syscalls))
 
 
 def drop_capabilities(kept: int) -> None:

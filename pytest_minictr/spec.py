@@ -13,8 +13,9 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
-from . import seccomp, security
+from . import security
 from .errors import ConfigError
+from .seccomp import ARCHITECTURES, FILTERED
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_OUTPUT_LIMIT = 64 * 1024 ** 2
@@ -336,19 +337,19 @@ def _check_user(user: Any) -> bool:
     return user
 
 
-def check_security(seccomp_on: Any = True, allow_syscalls: Any = (), capabilities: Any = (),
+def check_security(seccomp: Any = True, allow_syscalls: Any = (), capabilities: Any = (),
                    rlimits: Any = None) -> Security:
     """The loosening keywords, each checked against what it can name."""
-    if not isinstance(seccomp_on, bool):
-        raise ConfigError(f"seccomp={seccomp_on!r}: expected True or False")
-    allowed = _check_names(allow_syscalls, "allow_syscalls", seccomp.FILTERED,
+    if not isinstance(seccomp, bool):
+        raise ConfigError(f"seccomp={seccomp!r}: expected True or False")
+    allowed = _check_names(allow_syscalls, "allow_syscalls", FILTERED,
                            "not a call the default seccomp filter denies")
-    if seccomp_on and os.uname().machine not in seccomp.ARCHITECTURES:
+    if seccomp and os.uname().machine not in ARCHITECTURES:
         raise ConfigError(f"seccomp=True: no syscall table for {os.uname().machine} "
-                          f"(known: {', '.join(seccomp.ARCHITECTURES)}); pass seccomp=False")
+                          f"(known: {', '.join(ARCHITECTURES)}); pass seccomp=False")
     kept = _check_names(capabilities, "capabilities", security.CAPABILITY_NAMES,
                         "not a capability", normalize=_capability_name)
-    return Security(seccomp=seccomp_on, allow_syscalls=allowed, capabilities=kept,
+    return Security(seccomp=seccomp, allow_syscalls=allowed, capabilities=kept,
                     rlimits=_check_rlimits(rlimits))
 
 
@@ -379,7 +380,7 @@ def _check_rlimits(rlimits: Any) -> tuple[tuple[str, int, int], ...]:
                               f"(known: {', '.join(sorted(security.RLIMIT_NAMES))})")
         pair = value if isinstance(value, tuple) and len(value) == 2 else (value, value)
         soft, hard = (_rlimit_value(name, value, v) for v in pair)
-        if soft > hard:
+        if hard != security.UNLIMITED and (soft == security.UNLIMITED or soft > hard):
             raise ConfigError(f"rlimits: {name}={value!r}: the soft limit exceeds the hard one")
         checked.append((name, soft, hard))
     return tuple(checked)

@@ -46,6 +46,15 @@ def test_timeout_kills_and_says_so(cache_dir):
     assert done.returncode == 137 and b"timed out after 0.3 s" in done.stderr
 
 
+def test_confinement_options(rootfs):
+    done = minictr("run", "--rootfs", str(rootfs), "--ulimit", "nofile=70:80", "--cap-add",
+                   "SYS_PTRACE", "--no-seccomp", "--no-userns", "--", "sh", "-c",
+                   "ulimit -n; ulimit -Hn; cat /proc/self/status /proc/self/uid_map")
+    lines = done.stdout.decode().splitlines()
+    assert lines[:2] == ["70", "80"] and "CapEff:\t00000000000804fb" in lines
+    assert "Seccomp:\t0" in lines and lines[-1].split() == ["0", "0", "4294967295"]
+
+
 def test_env_and_rootfs_options(rootfs):
     done = minictr("run", "--rootfs", str(rootfs), "--env", "NAME=box", "--cwd", "/etc", "--",
                    "sh", "-c", 'echo "$NAME $PWD"')
@@ -56,6 +65,9 @@ def test_env_and_rootfs_options(rootfs):
     (["run", "--", "no-such-command-anywhere"], 127, b"not found on this host's PATH"),
     (["run", "--rootfs", "/no/such/dir", "--", "sh"], 125, b"rootfs does not exist"),
     (["run", "--memory", "64Q", "--", "echo"], 125, b"unknown unit 'Q'"),
+    (["run", "--cap-add", "ROOT", "--", "echo"], 125, b"'ROOT' is not a capability"),
+    (["run", "--allow-syscall", "read", "--", "echo"], 125, b"'read' is not a call"),
+    (["run", "--ulimit", "nofile=9:1", "--", "echo"], 125, b"soft limit exceeds the hard"),
 ])
 def test_errors_are_one_line_with_a_status(args, status, message, cache_dir):
     done = minictr(*args, cache_dir=cache_dir)
@@ -69,6 +81,8 @@ def test_errors_are_one_line_with_a_status(args, status, message, cache_dir):
     (["run", "--"], b"the command to run is missing"),
     (["run", "--cpus", "lots", "--", "echo"], b"--cpus='lots'"),
     (["run", "--network", "host", "--", "echo"], b"invalid choice: 'host'"),
+    (["run", "--ulimit", "nofile", "--", "echo"], b"expected NAME=SOFT[:HARD]"),
+    (["run", "--ulimit", "nofile=lots", "--", "echo"], b"expected NAME=SOFT[:HARD]"),
 ])
 def test_usage_errors_come_from_argparse(args, message, cache_dir):
     done = minictr(*args, cache_dir=cache_dir)

@@ -81,6 +81,18 @@ def test_marker_settings_apply(container):
     assert not container.run("sleep 1", timeout=3).timed_out
 
 
+@pytest.mark.container(capabilities=["net_raw"], rlimits={"nofile": (50, 60)}, seccomp=False)
+def test_a_test_asks_for_more_by_name(container):
+    status = container.run("cat /proc/self/status; ulimit -n; ulimit -Hn").stdout.decode()
+    assert "CapEff:\t00000000000024fb" in status  # the default eight and NET_RAW
+    assert "Seccomp:\t0" in status and status.endswith("50\n60\n")
+
+
+@pytest.mark.container(user=False)
+def test_user_false_makes_container_root_host_root(container):
+    assert container.run("cat /proc/self/uid_map").stdout.split() == [b"0", b"0", b"4294967295"]
+
+
 @pytest.mark.container(memory="32M")
 def test_limits_from_the_marker(container):
     result = container.run('a=x; while :; do a="$a$a"; done')
@@ -116,6 +128,12 @@ def test_markers_merge_closest_wins(run_tests):
     ("binaries=['no-such-binary-x']", "no-such-binary-x"),
     ("rootfs='/no/such/dir'", "rootfs='/no/such/dir': no such directory"),
     ("'64M'", "takes keywords only"),
+    ("user='no'", "user='no'"),
+    ("seccomp=0", "seccomp=0: expected True or False"),
+    ("allow_syscalls=['read']", "'read' is not a call the default seccomp filter denies"),
+    ("capabilities=['CAP_EVERYTHING']", "'CAP_EVERYTHING' is not a capability"),
+    ("rlimits={'files': 10}", "unknown limit 'files'"),
+    ("rlimits={'nofile': (10, 5)}", "the soft limit exceeds the hard one"),
 ])
 def test_bad_marker_fails_that_test_at_setup_naming_it(run_tests, marker, message):
     result = run_tests(f'''

@@ -229,8 +229,36 @@ def test_limits_at_the_bounds_are_accepted():
     ({"command": ["sh", 3]}, "command item 3"),
     ({"hostname": "minictr\n"}, "hostname='minictr\\\\n'"),
     ({"hostname": "-x"}, "hostname='-x'"),
+    ({"seccomp": "off"}, "seccomp='off': expected True or False"),
+    ({"allow_syscalls": "keyctl"}, "allow_syscalls='keyctl': expected a list"),
+    ({"allow_syscalls": ["open"]}, "'open' is not a call the default seccomp filter denies"),
+    ({"capabilities": ["SYS_EVERYTHING"]}, "'SYS_EVERYTHING' is not a capability"),
+    ({"capabilities": [21]}, "21 is not a capability"),
+    ({"rlimits": [("nofile", 1)]}, "rlimits=.*expected a dict"),
+    ({"rlimits": {"nofiles": 1}}, "unknown limit 'nofiles'"),
+    ({"rlimits": {"nofile": -1}}, "nofile=-1: expected a number"),
+    ({"rlimits": {"nofile": 2**63}}, "expected a number from 0 to 2\\*\\*63"),
+    ({"rlimits": {"nofile": True}}, "nofile=True"),
+    ({"rlimits": {"nofile": (2, 1)}}, "the soft limit exceeds the hard one"),
+    ({"rlimits": {"nofile": (1, 2, 3)}}, "nofile=\\(1, 2, 3\\)"),
 ])
 def test_spec_errors_name_the_keyword(tmp_path, kwargs, message):
     arguments = {"command": ["sh"], **kwargs}
     with pytest.raises(ConfigError, match=message):
         make_spec(tmp_path, **arguments)
+
+
+def test_security_keywords_become_one_value():
+    from pytest_minictr.security import UNLIMITED
+    security = make_spec("/", ["x"], capabilities=["cap_net_raw", "SYS_PTRACE"],
+                         allow_syscalls=["keyctl"],
+                         rlimits={"nofile": 10, "core": "unlimited", "stack": (1, None)}).security
+    assert security.capabilities == ("NET_RAW", "SYS_PTRACE")
+    assert security.allow_syscalls == ("keyctl",) and security.seccomp
+    assert security.rlimits == (("nofile", 10, 10), ("core", UNLIMITED, UNLIMITED),
+                                ("stack", 1, UNLIMITED))
+
+
+def test_user_namespace_is_the_default():
+    assert make_spec("/", ["x"]).user_namespace
+    assert make_spec("/", ["x"], user=None).user_namespace
