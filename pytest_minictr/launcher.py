@@ -338,7 +338,7 @@ def run_spare(channel: int, parent_pidfd: int, cgroup: Cgroup | None,
             if cgroup is not None:
                 join_cgroup(cgroup, 0)  # 0: the writer itself (our pid here is 1)
             attempt("unshare namespaces", linux.unshare, SPARE_NAMESPACES)
-            attempt("open low ports", open_low_ports)
+            attempt("open low ports and ping", open_low_ports_and_ping)
             early_failure = None
         except ContainerSetupError as failure:
             early_failure = failure
@@ -357,12 +357,23 @@ def run_spare(channel: int, parent_pidfd: int, cgroup: Cgroup | None,
         os._exit(code)
 
 
-def open_low_ports() -> None:
+def own_network(network: str) -> None:
+    """A network namespace owned by container root's user namespace (see `security`), in
+    place of the one made as host root; low ports need no sysctl in it (root owns it)."""
+    linux.unshare(linux.CLONE_NEWNET)
+    if network == "loopback":
+        linux.set_link_up("lo")
+
+
+def open_low_ports_and_ping() -> None:
     """Binding a port below 1024 takes CAP_NET_BIND_SERVICE over the network namespace, which
     root inside lacks once in its user namespace (ours own it): in this namespace of our own,
     no port is privileged (as Docker does), so a server under test can take port 80."""
     with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as setting:
         setting.write("0")
+    # and ping (ICMP echo sockets) for every group, without CAP_NET_RAW, as Docker does
+    with open("/proc/sys/net/ipv4/ping_group_range", "w") as setting:
+        setting.write(f"0 {2**31 - 1}")
 
 
 def join_cgroup(cgroup: Cgroup, pid: int) -> None:
@@ -386,8 +397,13 @@ def be_init(spec: ContainerSpec, fds: ChildFds, forwarder: "SignalForwarder", pa
     mounts.prepare_stage()
     entered = userns if spec.user_namespace and not inside_user_namespace else None
     layer_size = enter_container(spec, host_paths, entered, inside_user_namespace)
-    security.confine(spec.security, layer_size, None if entered is None else entered.fd)
-    arm_parent_death_signal(parent_pidfd)  # the id switch into the user namespace disarmed it
+    security.limit_resources(spec.security, layer_size)
+    if entered is not None:
+        attempt("enter the user namespace", security.enter_user_namespace, entered.fd)
+        arm_parent_death_signal(parent_pidfd)  # the id switch disarmed it
+        if security.NETWORK_CAPABILITIES & set(spec.security.capabilities):
+            attempt("make a network namespace of its own", own_network, spec.network)
+    security.drop_privileges(spec.security)
     command_pid = spawn_command(spec, fds)
     forwarder.start(command_pid)
     for fd in fds.stdio() + (fds.setup,):

@@ -3,7 +3,8 @@ seccomp. Applied by the container's init as the last step before the command is 
 command inherits it all through execve, and cannot undo any of it).
 
 The order is the kernel's: rlimits first (raising a hard limit needs CAP_SYS_RESOURCE, gone
-later), the id switch into the container's user namespace, then the bounding set (dropping
+later; `limit_resources`), the id switch into the container's user namespace (entering one
+fills every set again, the bounding set too), then (`drop_privileges`) the bounding set (dropping
 from it needs CAP_SETPCAP, which it drops too), no_new_privs (after which setuid bits and file
 capabilities give nothing), the process's own sets, and the seccomp filter last (it needs
 no_new_privs, and would refuse the prctl and capset calls before it).
@@ -31,6 +32,9 @@ CAPABILITY_NAMES = (
     "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP",
     "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ",
     "PERFMON", "BPF", "CHECKPOINT_RESTORE")
+# Capabilities over a network namespace: they count only in one that container root's user
+# namespace owns, so asking for one gets the container a network namespace made inside it.
+NETWORK_CAPABILITIES = frozenset({"NET_ADMIN", "NET_RAW", "NET_BROADCAST"})
 # runc's default list less MKNOD (device nodes), NET_RAW (forged packets, a long CVE record),
 # SYS_CHROOT (the chroot ".." escape needs it), SETPCAP, SETFCAP and AUDIT_WRITE (nothing a
 # test does). What is left lets root inside own and chmod its files, switch to other ids,
@@ -55,18 +59,20 @@ def capability_number(name: str) -> int:
     return _CAPABILITY_NUMBERS[key[len("CAP_"):] if key.startswith("CAP_") else key]
 
 
-def confine(security: "Security", layer_size: int, userns_fd: int | None) -> None:
-    """Apply `security` to this process, which spawns the command next. `userns_fd`: a user
-    namespace to enter as its root (the launcher's, already mapped) first. A failing step
-    raises ContainerSetupError naming it."""
-    attempt("set rlimits", set_rlimits, dict(
-        DEFAULT_RLIMITS, fsize=(layer_size, layer_size),
-        **{name: (soft, hard) for name, soft, hard in security.rlimits}))
+def limit_resources(security: "Security", layer_size: int) -> None:
+    """The first steps, taken as host root: rlimits and a keyring of our own."""
+    defaults = dict(DEFAULT_RLIMITS, fsize=(layer_size, layer_size))
+    attempt("set rlimits", set_rlimits, {
+        **{name: within_hard_limit(name, *pair) for name, pair in defaults.items()},
+        **{name: (soft, hard) for name, soft, hard in security.rlimits}})
     # Joined while still host root: the keyring is owned by (and counted against the key
     # quota of) host root, out of the container's reach; seccomp closes keyctl anyway.
     attempt("join a new session keyring", linux.join_new_session_keyring)
-    if userns_fd is not None:
-        attempt("enter the user namespace", enter_user_namespace, userns_fd)
+
+
+def drop_privileges(security: "Security") -> None:
+    """The last steps before the command: capabilities, then the seccomp filter. A failing
+    step raises ContainerSetupError naming it."""
     kept = sum(1 << capability_number(name)
                for name in (*DEFAULT_CAPABILITIES, *security.capabilities))
     attempt("drop capabilities", drop_capabilities, kept)
@@ -85,9 +91,24 @@ def drop_capabilities(kept: int) -> None:
     linux.clear_ambient_capabilities()
 
 
+def within_hard_limit(name: str, soft: int, hard: int) -> tuple[int, int]:
+    """A default never raises a limit: without root, raising a hard limit is refused."""
+    current = resource.getrlimit(RLIMIT_NAMES[name])[1]
+    if current == UNLIMITED:
+        return soft, hard
+    return min(soft, current), min(hard, current)
+
+
 def set_rlimits(limits: dict[str, tuple[int, int]]) -> None:
     for name, (soft, hard) in limits.items():
-        resource.setrlimit(RLIMIT_NAMES[name], (soft, hard))
+        try:
+            resource.setrlimit(RLIMIT_NAMES[name], (soft, hard))
+        except (OSError, ValueError) as error:  # Python says EPERM with a ValueError
+            shown = tuple("unlimited" if v == UNLIMITED else v for v in (soft, hard))
+            raise OSError(getattr(error, "errno", None) or errno.EPERM,
+                          f"{name}={shown}: {getattr(error, 'strerror', None) or error} "
+                          "(the kernel's ceiling, e.g. fs.nr_open for nofile, or a hard limit "
+                          "raised without root)") from None
 
 
 def enter_user_namespace(userns_fd: int) -> None:

@@ -163,3 +163,17 @@ def test_symlinks_in_the_image_cannot_place_mount_points_on_the_host(runtime, tm
     with pytest.raises(ContainerSetupError, match="/data is a symlink in the rootfs"):
         runtime.run(image, ["sh", "-c", "true"], mounts=[Mount.tmpfs("/data/x")])
     assert not target.exists()
+
+
+def test_rlimits_default_and_override(runtime, rootfs):
+    out = run(runtime, rootfs, "ulimit -c; ulimit -n; ulimit -Hn; ulimit -f")
+    core, soft, hard, fsize = out.split()
+    assert (core, soft, hard) == ("0", "1024", "4096") and fsize != "unlimited"
+    out = run(runtime, rootfs, "ulimit -n; ulimit -c", rlimits={"nofile": 64, "core": "unlimited"})
+    assert out.split() == ["64", "unlimited"]
+
+
+def test_an_rlimit_the_kernel_refuses_names_itself(runtime, rootfs):
+    from pytest_minictr import ContainerSetupError
+    with pytest.raises(ContainerSetupError, match=r"set rlimits: nofile=\(2147483647, "):
+        runtime.run(rootfs, ["true"], rlimits={"nofile": 2**31 - 1})
