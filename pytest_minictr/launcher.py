@@ -367,8 +367,9 @@ def own_network(network: str) -> None:
 
 def open_low_ports_and_ping() -> None:
     """Binding a port below 1024 takes CAP_NET_BIND_SERVICE over the network namespace, which
-    root inside lacks once in its user namespace (ours own it): in this namespace of our own,
-    no port is privileged (as Docker does), so a server under test can take port 80."""
+    root inside lacks once in its user namespace (the host's owns the network namespace), and
+    other uids inside never have: in the container's own network namespace no port is
+    privileged (as Docker does), so a server under test can take port 80."""
     with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as setting:
         setting.write("0")
     # and ping (ICMP echo sockets) for every group, without CAP_NET_RAW, as Docker does
@@ -397,13 +398,7 @@ def be_init(spec: ContainerSpec, fds: ChildFds, forwarder: "SignalForwarder", pa
     mounts.prepare_stage()
     entered = userns if spec.user_namespace and not inside_user_namespace else None
     layer_size = enter_container(spec, host_paths, entered, inside_user_namespace)
-    security.limit_resources(spec.security, layer_size)
-    if entered is not None:
-        attempt("enter the user namespace", security.enter_user_namespace, entered.fd)
-        arm_parent_death_signal(parent_pidfd)  # the id switch disarmed it
-        if security.NETWORK_CAPABILITIES & set(spec.security.capabilities):
-            attempt("make a network namespace of its own", own_network, spec.network)
-    security.drop_privileges(spec.security)
+    confine(spec, layer_size, entered, parent_pidfd)
     command_pid = spawn_command(spec, fds)
     forwarder.start(command_pid)
     for fd in fds.stdio() + (fds.setup,):
@@ -416,6 +411,19 @@ def be_init(spec: ContainerSpec, fds: ChildFds, forwarder: "SignalForwarder", pa
                              "cpu_time": usage.ru_utime + usage.ru_stime})
     del layer_lock
     return 0
+
+
+def confine(spec: ContainerSpec, layer_size: int, userns: UserNamespace | None,
+            parent_pidfd: int) -> None:
+    """The last steps before the command (see `security`): limits, as host root; root of the
+    user namespace; then capabilities and seccomp."""
+    security.limit_resources(spec.security, layer_size)
+    if userns is not None:
+        attempt("enter the user namespace", security.enter_user_namespace, userns.fd)
+        arm_parent_death_signal(parent_pidfd)  # the id switch disarmed it
+        if security.NETWORK_CAPABILITIES & set(spec.security.capabilities):
+            attempt("make a network namespace of its own", own_network, spec.network)
+    security.drop_privileges(spec.security)
 
 
 def lock_layer(layer_fd: int | None) -> int | None:
