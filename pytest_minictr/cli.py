@@ -5,6 +5,7 @@
                 [--no-userns] [--no-seccomp] [--allow-syscall NAME]... [--cap-add CAP]...
                 [--ulimit NAME=SOFT[:HARD]]... -- CMD ARGS...
     minictr rootfs build [--bin NAME ...] DEST
+    minictr doctor [--json]
 
 `run` passes stdin, stdout and stderr through and exits with the command's status: 128+N when
 it died of signal N, 125 when minictr itself failed (one line on stderr, no traceback), 126 or
@@ -19,6 +20,7 @@ import signal
 import sys
 from typing import Sequence
 
+from . import doctor
 from .errors import CommandNotFoundError, MinictrError
 from .rootfs import RootfsBuilder
 from .runtime import ContainerRuntime
@@ -94,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="host binary to copy with its libraries; repeatable")
     build.add_argument("dest", help="directory to create (must not exist or be empty)")
     build.set_defaults(handler=build_rootfs)
+
+    doctor_command = commands.add_parser(
+        "doctor", help="check what this host lets minictr do, and say how to fix the rest")
+    doctor_command.add_argument("--json", action="store_true", help="one JSON object")
+    doctor_command.set_defaults(handler=lambda args: doctor.main(args.json))
     return parser
 
 

@@ -22,8 +22,10 @@ reach each other anyway (PID, IPC, network and mount namespaces apart).
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import subprocess
 from dataclasses import dataclass
 
 from . import linux
@@ -44,17 +46,60 @@ class UserNamespace:
 def id_range(name: str, user: str = "root") -> int:
     """The first id of `user`'s range in /etc/sub{u,g}id (`name`), if it has one of at least
     MAPPED_IDS ids; DEFAULT_RANGE otherwise."""
+    start = subordinate_range(_read(f"/etc/{name}"), user)
+    return DEFAULT_RANGE if start is None else start
+
+
+def subordinate_range(entries: str | None, *owners: str) -> int | None:
+    """The start of the first range of at least MAPPED_IDS ids that /etc/subuid-style
+    `entries` give one of `owners` (a name or a uid), if any."""
+    for line in (entries or "").splitlines():
+        owner, _, rest = line.strip().partition(":")
+        start, _, count = rest.partition(":")
+        if owner in owners and start.isdigit() and count.isdigit() \
+                and int(count) >= MAPPED_IDS:
+            return int(start)
+    return None
+
+
+def subordinate_ids(user: str, subuid: str | None, subgid: str | None,
+                    uid: int | None = None) -> tuple[int, int] | None:
+    """(uid start, gid start) of `user`'s subordinate ranges, if both exist."""
+    owners = (user,) if uid is None else (user, str(uid))
+    uid_start, gid_start = subordinate_range(subuid, *owners), subordinate_range(subgid, *owners)
+    return None if uid_start is None or gid_start is None else (uid_start, gid_start)
+
+
+def _read(path: str) -> str | None:
     try:
-        with open(f"/etc/{name}") as entries:
-            for line in entries:
-                owner, _, rest = line.strip().partition(":")
-                start, _, count = rest.partition(":")
-                if owner == user and start.isdigit() and count.isdigit() \
-                        and int(count) >= MAPPED_IDS:
-                    return int(start)
+        with open(path) as file:
+            return file.read()
     except OSError:
-        pass
-    return DEFAULT_RANGE
+        return None
+
+
+def map_self(uid: int, gid: int) -> None:
+    """Map container root to our own ids, from inside the new namespace. A single-id map is
+    all the kernel lets a process write for itself, and a gid map needs setgroups denied
+    first (CVE-2014-8989)."""
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1\n"),
+                       ("gid_map", f"0 {gid} 1\n")):
+        fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+
+def map_with_helpers(pid: int, uid: int, gid: int, starts: tuple[int, int]) -> None:
+    """Map the user namespace of `pid` in full, from outside it, through the setuid helpers
+    of shadow-utils: container root to our ids, container ids 1-65535 to our subordinate
+    ranges (what /etc/subuid and /etc/subgid grant us). OSError with the helper's words."""
+    for helper, own, start in (("newuidmap", uid, starts[0]), ("newgidmap", gid, starts[1])):
+        done = subprocess.run([helper, str(pid), "0", str(own), "1", "1", str(start),
+                               str(MAPPED_IDS - 1)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise OSError(f"{helper} failed: {done.stderr.strip() or done.returncode}")
 
 
 def shift_ownership(tree: str) -> None:
@@ -79,14 +124,18 @@ def make_user_namespace() -> UserNamespace:
         try:
             os.close(ready_r)
             linux.unshare(linux.CLONE_NEWUSER)
-            os.write(ready_w, b"1")
+            os.write(ready_w, b"ok")
             signal.pause()
+        except OSError as error:
+            os.write(ready_w, str(error.errno).encode())
         finally:
             os._exit(1)
     os.close(ready_w)
     try:
-        if os.read(ready_r, 1) != b"1":
-            raise OSError("the child making the user namespace failed")
+        answer = os.read(ready_r, 16)
+        if answer != b"ok":
+            number = int(answer or errno.EIO)
+            raise OSError(number, f"unshare(CLONE_NEWUSER): {os.strerror(number)}")
         for name, start in (("uid_map", uid), ("gid_map", gid)):
             with open(f"/proc/{pid}/{name}", "w") as id_map:
                 id_map.write(f"0 {start} {MAPPED_IDS}\n")

@@ -39,8 +39,10 @@ import gc
 import itertools
 import json
 import os
+import pwd
 import resource
 import select
+import shutil
 import signal
 import socket
 import sys
@@ -130,6 +132,7 @@ class Launcher:
         self.spares_problem = "not root" if self.rootless else None
         self.cgroups, self.cgroups_problem = _detect_cgroups()
         self.userns, self.userns_problem = (None, None) if self.rootless else _user_namespace()
+        self.subordinate_ids = _subordinate_ids() if self.rootless else None
         if os.uname().machine in seccomp.ARCHITECTURES:
             seccomp.host_filter()  # the default program, inherited by every init we fork
         self._serial = itertools.count(1)
@@ -142,11 +145,7 @@ class Launcher:
                                    " (user=False runs it as host root)")
         limits = _with_room_for_the_init(spec.limits)
         if self.rootless:
-            cgroup = self._new_cgroup(limits)
-            pid = os.fork()
-            if pid == 0:
-                run_keeper(spec, fds, self.own_pidfd, cgroup)
-            return Started(pid, cgroup, keeper=True)
+            return self._start_keeper(spec, fds, self._new_cgroup(limits))
         spare = self.spares.popleft() if self.spares else self._fork_spare()
         try:
             if spare.cgroup is not None and limits.any():
@@ -187,6 +186,44 @@ class Launcher:
         spare.channel.close()  # its end of file tells the spare to exit
         os.waitpid(spare.pid, 0)
         remove_cgroup(spare.cgroup)
+
+    def _start_keeper(self, spec: ContainerSpec, fds: ChildFds,
+                      cgroup: Cgroup | None) -> Started:
+        """Fork the keeper. With subordinate ids, it stops after making its user namespace
+        until we have mapped it in full from out here (only a process outside may)."""
+        ready_r, ready_w, go_r, go_w = (*os.pipe(), *os.pipe()) if self.subordinate_ids \
+            else (None,) * 4
+        ours = {ready_r, go_w} - {None}
+        try:
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    run_keeper(spec, fds, self.own_pidfd, cgroup,
+                               None if ready_w is None else (ready_w, go_r))
+            finally:
+                for fd in {ready_w, go_r} - {None}:
+                    os.close(fd)  # the keeper's ends: its exit must show as end of file
+            if ours:
+                self._map_keeper(pid, ready_r, go_w)
+        except BaseException:
+            remove_cgroup(cgroup)
+            raise
+        finally:
+            for fd in ours:
+                os.close(fd)
+        return Started(pid, cgroup, keeper=True)
+
+    def _map_keeper(self, pid: int, ready: int, go: int) -> None:
+        if os.read(ready, 1) == b"1":  # else the keeper failed: it reports that itself
+            try:
+                idmap.map_with_helpers(pid, os.geteuid(), os.getegid(), self.subordinate_ids)
+            except OSError as error:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise UnsupportedError(
+                    f"cannot map the container's ids with the subordinate ranges of "
+                    f"/etc/subuid and /etc/subgid: {error}") from None
+            os.write(go, b"1")
 
     def _check_limits(self, limits: Limits) -> None:
         if limits.any():
@@ -247,6 +284,26 @@ def _apply_limits(cgroup: Cgroup, limits: Limits) -> None:
         raise UnsupportedError(f"the kernel refused the limits {limits}: {refused}") from None
 
 
+def _subordinate_ids() -> tuple[int, int] | None:
+    """Our subordinate id ranges, where the setuid helpers that map them are installed."""
+    if not (shutil.which("newuidmap") and shutil.which("newgidmap")):
+        return None
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    return idmap.subordinate_ids(user, _read("/etc/subuid"), _read("/etc/subgid"),
+                                 os.geteuid())
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as file:
+            return file.read()
+    except OSError:
+        return None
+
+
 def _user_namespace() -> tuple[UserNamespace | None, str | None]:
     """The user namespace of this launcher's containers; or why there is none (user
     namespaces disabled by a sysctl, or a seccomp filter of our own container)."""
@@ -270,17 +327,23 @@ def _detect_cgroups() -> tuple[CgroupBackend | None, str | None]:
 # ---------------------------------------------------------------------------------------------
 # The keeper (user namespaces only): outside the PID namespace, it owns the namespaces.
 
-def run_keeper(spec: ContainerSpec, fds: ChildFds, parent_pidfd: int,
-               cgroup: Cgroup | None) -> NoReturn:
+def run_keeper(spec: ContainerSpec, fds: ChildFds, parent_pidfd: int, cgroup: Cgroup | None,
+               handshake: tuple[int, int] | None) -> NoReturn:
+    """`handshake`: (ready, go) pipe ends when the launcher maps our ids; else we map our
+    own uid alone."""
     code = 1
     try:
-        die_with_parent(parent_pidfd, fds.all())
+        die_with_parent(parent_pidfd, fds.all() + (handshake or ()))
         if cgroup is not None:
             join_cgroup(cgroup, os.getpid())  # before unshare: no moment runs unlimited
         uid, gid = os.geteuid(), os.getegid()
-        attempt("unshare namespaces", linux.unshare, linux.CLONE_NEWUSER | linux.CLONE_NEWPID
-                | linux.CLONE_NEWNS | SPARE_NAMESPACES)
-        attempt("write uid/gid maps", write_id_maps, uid, gid)
+        attempt("unshare the user namespace", linux.unshare, linux.CLONE_NEWUSER)
+        if handshake is None:
+            attempt("write uid/gid maps", idmap.map_self, uid, gid)
+        else:
+            wait_for_id_maps(*handshake)
+        attempt("unshare namespaces", linux.unshare, linux.CLONE_NEWPID | linux.CLONE_NEWNS
+                | SPARE_NAMESPACES)
         keeper_pidfd = os.pidfd_open(os.getpid())
         init_pid = os.fork()
         if init_pid == 0:
@@ -297,16 +360,13 @@ def run_keeper(spec: ContainerSpec, fds: ChildFds, parent_pidfd: int,
         os._exit(code)
 
 
-def write_id_maps(uid: int, gid: int) -> None:
-    """Map container root to our own ids. A single-id map is all the kernel lets a process
-    write for itself, and a gid map needs setgroups denied first (CVE-2014-8989)."""
-    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1\n"),
-                       ("gid_map", f"0 {gid} 1\n")):
-        fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
+def wait_for_id_maps(ready: int, go: int) -> None:
+    os.write(ready, b"1")
+    if os.read(go, 1) != b"1":
+        raise ContainerSetupError("the launcher could not map the container's ids",
+                                  "write uid/gid maps")
+    os.close(ready)
+    os.close(go)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ shared safely between them.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import pytest
 
-from . import __version__
+from . import __version__, doctor
 from .errors import ConfigError, MinictrError, UnsupportedError
 from .rootfs import RootfsBuilder, default_cache_dir
 from .runtime import ContainerRuntime, Result
@@ -129,9 +130,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_report_header(config: pytest.Config) -> str:
     settings = config.stash[_SETTINGS]
-    return (f"minictr {__version__}: cgroups {_cgroup_backend_name()}, "
-            f"{'root' if os.geteuid() == 0 else 'rootless'}, rootfs {settings.source}, "
-            f"cache {settings.cache_dir}")
+    return (f"minictr {__version__}: {doctor.header(doctor.examine(rehearse=False))}, "
+            f"rootfs {settings.source}, cache {settings.cache_dir}")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -172,10 +172,13 @@ def container(request: pytest.FixtureRequest, minictr_runtime: ContainerRuntime,
         check_host_can_run_containers()
         rootfs = resolve_rootfs(settings, minictr_rootfs_builder,
                                 request.config.stash.setdefault(_ROOTFS_MEMO, {}))
-    except UnsupportedError as problem:
+        problem = None
+    except MinictrError as error:  # reported outside the handler: no chained traceback
+        problem = error
+    if isinstance(problem, UnsupportedError):
         _unavailable(session, problem)
-    except MinictrError as error:
-        pytest.fail(str(error), pytrace=False)
+    elif problem is not None:
+        pytest.fail(str(problem), pytrace=False)
     box = TestContainer(minictr_runtime, rootfs, settings, request.node, session)
     yield box
     box.close()
@@ -212,7 +215,11 @@ class TestContainer:
                 rlimits={name: (soft, hard) for name, soft, hard in s.security.rlimits},
                 layer=self._writable_layer()).wait()
         except UnsupportedError as problem:
-            _unavailable(self._session, problem)
+            unsupported = problem
+        else:
+            unsupported = None
+        if unsupported is not None:  # outside the handler: no chained traceback
+            _unavailable(self._session, unsupported)
         self._item.stash[_LAST_RESULT] = result
         return result
 
@@ -372,23 +379,18 @@ def resolve_rootfs(settings: ContainerSettings, builder: RootfsBuilder, memo: di
 
 
 def check_host_can_run_containers() -> None:
+    """UnsupportedError with doctor's words where the default container cannot run."""
     if not os.path.exists("/proc/self/ns/pid"):
         raise UnsupportedError("this system has no Linux namespaces (/proc/self/ns is missing)")
-    if os.geteuid() != 0 and not _user_namespaces_allowed():
-        raise UnsupportedError("not root, and unprivileged user namespaces are disabled "
-                               "(sysctl kernel.unprivileged_userns_clone or "
-                               "user.max_user_namespaces): run as root or enable them")
+    problem = doctor.problem_text(host_findings())
+    if problem is not None:
+        raise UnsupportedError(f"{problem} (`minictr doctor` says more)")
 
 
-def _user_namespaces_allowed() -> bool:
-    for path, minimum in (("/proc/sys/kernel/unprivileged_userns_clone", 1),
-                          ("/proc/sys/user/max_user_namespaces", 1)):
-        try:
-            if int(Path(path).read_text()) < minimum:
-                return False
-        except (OSError, ValueError):
-            continue
-    return True
+@functools.lru_cache(maxsize=1)
+def host_findings() -> list:
+    """doctor's findings, rehearsal included: once per process, at the first container."""
+    return doctor.examine()
 
 
 def _unavailable(session: SessionSettings, problem: Exception):
@@ -396,14 +398,6 @@ def _unavailable(session: SessionSettings, problem: Exception):
     if session.unavailable == "skip":
         pytest.skip(message)
     pytest.fail(message + " (--minictr-unavailable=skip skips such tests)", pytrace=False)
-
-
-def _cgroup_backend_name() -> str:
-    from . import cgroups
-    try:
-        return cgroups.detect(prepare=False).name
-    except MinictrError:
-        return "unavailable"
 
 
 def layer_parent() -> str:

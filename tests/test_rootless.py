@@ -38,7 +38,7 @@ def world_readable_rootfs():
     place = tempfile.mkdtemp(prefix="minictr-rootless-")
     os.chmod(place, 0o755)
     try:
-        yield RootfsBuilder(cache_dir=place).build(binaries=["sh", "id", "cat"])
+        yield RootfsBuilder(cache_dir=place).build(binaries=["sh", "id", "cat", "touch", "chown"])
     finally:
         shutil.rmtree(place)
 
@@ -65,6 +65,61 @@ def test_an_unprivileged_user_gets_a_container_with_root_inside(world_readable_r
     first, _ = run_as_nobody(world_readable_rootfs)
     # returncode, id -u inside, then the uid map: container 0 is our own uid outside
     assert first.split() == ["0", "0", "0", str(NOBODY), "1"]
+
+
+FULL_MAP_SCRIPT = """
+import sys
+from pytest_minictr import ContainerRuntime
+with ContainerRuntime() as runtime:
+    result = runtime.run(sys.argv[1], ["sh", "-c", "cat /proc/self/uid_map /proc/self/gid_map; "
+                                       "touch /tmp/f && chown 1000:1000 /tmp/f && echo chowned"]
+                         ).wait()
+    print(result.returncode, result.stdout.decode(), result.stderr.decode())
+"""
+MAPPED_USER, MAPPED_UID = "www-data", 33  # a system user of Debian; only this test maps it
+SUBORDINATE_START = 7_000_000
+
+
+@pytest.fixture
+def subordinate_ranges():
+    """/etc/subuid and /etc/subgid ranges for MAPPED_USER, as `usermod --add-subuids` would
+    give; removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to grant subordinate ids")
+    for helper in ("newuidmap", "newgidmap"):
+        if not shutil.which(helper):
+            pytest.skip(f"{helper} is not installed (Debian: uidmap)")
+    try:
+        import pwd
+        if pwd.getpwnam(MAPPED_USER).pw_uid != MAPPED_UID:
+            raise KeyError(MAPPED_USER)
+    except KeyError:
+        pytest.skip(f"no user {MAPPED_USER} with uid {MAPPED_UID} on this host")
+    entry = f"{MAPPED_USER}:{SUBORDINATE_START}:65536\n"
+    files = [Path("/etc/subuid"), Path("/etc/subgid")]
+    saved = [f.read_text() if f.exists() else None for f in files]
+    for file, text in zip(files, saved, strict=True):
+        file.write_text((text or "") + entry)
+    yield SUBORDINATE_START
+    for file, text in zip(files, saved, strict=True):
+        if text is None:
+            file.unlink()
+        else:
+            file.write_text(text)
+
+
+def test_subordinate_ranges_give_a_full_id_map(world_readable_rootfs, subordinate_ranges):
+    done = subprocess.run(
+        ["setpriv", f"--reuid={MAPPED_UID}", f"--regid={MAPPED_UID}", "--clear-groups",
+         SYSTEM_PYTHON, "-c", FULL_MAP_SCRIPT, str(world_readable_rootfs)],
+        env={"PYTHONPATH": str(REPO), "HOME": "/nonexistent", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    words = done.stdout.split()
+    start = str(subordinate_ranges)
+    # uid map then gid map: 0 -> our own id, 1..65535 -> the subordinate range
+    assert words == ["0", "0", str(MAPPED_UID), "1", "1", start, "65535",
+                     "0", str(MAPPED_UID), "1", "1", start, "65535", "chowned"], done.stdout
 
 
 def test_limits_without_cgroup_rights_say_why_and_what_to_do(world_readable_rootfs):
