@@ -231,7 +231,7 @@ class TestContainer:
 
     def close(self) -> None:
         if self._layer is not None:
-            shutil.rmtree(self._layer, ignore_errors=True)
+            remove_layer(self._layer)
             self._layer = None
 
 
@@ -400,6 +400,22 @@ def _unavailable(session: SessionSettings, problem: Exception):
     pytest.fail(message + " (--minictr-unavailable=skip skips such tests)", pytrace=False)
 
 
+def remove_layer(layer: str) -> None:
+    """Remove a writable layer. overlayfs leaves its work dir's inner `work` at mode 000: root
+    removes it anyway, its owner only after giving itself the rights back."""
+    for directory, subdirs, _ in os.walk(layer):
+        for name in subdirs:
+            path = os.path.join(directory, name)
+            # never through a symlink: what the container left there may point anywhere
+            # (nothing of it runs any more, so it cannot swap one in meanwhile)
+            if not os.path.islink(path):
+                try:
+                    os.chmod(path, 0o700)
+                except OSError:
+                    pass  # not ours: rmtree's ignore_errors covers what stays
+    shutil.rmtree(layer, ignore_errors=True)
+
+
 def layer_parent() -> str:
     """Where per-test layers go: /dev/shm, a tmpfs on most hosts (a layer in memory is faster
     to make and to drop, and what a container writes counts against its memory limit), else
@@ -414,7 +430,7 @@ def remove_stale_layers() -> None:
     for layer in Path(layer_parent()).glob(f"{LAYER_PREFIX}*"):
         owner = layer.name[len(LAYER_PREFIX):].split("-")[0]
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
-            shutil.rmtree(layer, ignore_errors=True)
+            remove_layer(layer)
 
 
 def describe_result(result: Result) -> str:

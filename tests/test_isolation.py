@@ -1,7 +1,10 @@
-"""What a command sees from inside a container, observed on the real kernel."""
+"""What a command sees from inside a container, observed on the real kernel. The module also
+runs as an unprivileged user (tests/test_rootless.py): tests that only root can make are
+marked so."""
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from pathlib import Path
@@ -11,6 +14,7 @@ import pytest
 from pytest_minictr.spec import DEFAULT_PATH
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="only root can set this test up")
 
 
 def run(runtime, rootfs, script: str, **kwargs):
@@ -29,9 +33,12 @@ def test_pid_namespace_shows_only_the_container(runtime, rootfs):
 
 def test_hostname_is_the_containers_own(runtime, rootfs):
     assert run(runtime, rootfs, "hostname", hostname="box-1") == "box-1\n"
-    # by default root inside may not change it (like Docker: no CAP_SYS_ADMIN); given the
-    # capability, it changes only its own
+    # by default root inside may not change it (like Docker: no CAP_SYS_ADMIN)
     assert "must be root" in run(runtime, rootfs, "hostname changed-inside 2>&1; true")
+
+
+@needs_root
+def test_a_hostname_changed_inside_stays_inside(runtime, rootfs):
     run(runtime, rootfs, "hostname changed-inside", user=False, capabilities=["SYS_ADMIN"])
     assert socket.gethostname() != "changed-inside"
 
@@ -51,8 +58,9 @@ def test_ipc_namespace_hides_host_sysv_objects(runtime, rootfs):
     assert len(out.splitlines()) == 3  # the three header lines, no objects
 
 
-def test_host_root_is_invisible(runtime, rootfs):
-    marker = Path("/") / f"minictr-marker-{uuid.uuid4().hex}"
+def test_host_root_is_invisible(runtime, rootfs, tmp_path):
+    # in the host's / where we may write there, else in a directory of ours
+    marker = Path("/" if os.geteuid() == 0 else tmp_path) / f"minictr-marker-{uuid.uuid4().hex}"
     marker.write_text("host")
     try:
         out = run(runtime, rootfs, f"ls -a / /..; cat {marker} 2>/dev/null || echo absent")
@@ -108,6 +116,7 @@ def test_cwd_and_env(runtime, rootfs):
     assert out == "/etc\nhi\n"
 
 
+@needs_root  # without root, container root is the caller's uid: tests/test_rootless.py
 def test_container_root_is_an_unprivileged_host_uid_that_owns_the_rootfs(runtime, rootfs):
     from pytest_minictr.idmap import MAPPED_IDS, id_range
     out = run(runtime, rootfs, "id -u; cat /proc/self/uid_map; stat -c %u /etc; "
@@ -118,11 +127,13 @@ def test_container_root_is_an_unprivileged_host_uid_that_owns_the_rootfs(runtime
     assert lines[4:] == ["0", "written"]  # the host-root-owned base reads as its own
 
 
+@needs_root
 def test_user_false_keeps_host_root(runtime, rootfs):
     out = run(runtime, rootfs, "id -u; cat /proc/self/uid_map", user=False)
     assert out.split() == ["0", "0", "0", "4294967295"]
 
 
+@needs_root  # the strongest hand (host root inside, CAP_SYS_PTRACE) is root's to give
 def test_the_callers_stdio_is_out_of_reach(runtime, rootfs):
     # the init is the only process whose fds a command could reach through /proc: its 0-2
     # are /dev/null, not whatever the caller had (a log file, a terminal)
@@ -133,6 +144,7 @@ def test_the_callers_stdio_is_out_of_reach(runtime, rootfs):
     assert [line.split("-> ")[1] for line in out.splitlines()] == ["/dev/null"] * 3
 
 
+@needs_root
 def test_garbage_written_to_the_inits_pipes_harms_nobody(runtime, rootfs):
     bystander = runtime.run(rootfs, ["sleep", "1"])
     run(runtime, rootfs, "for fd in /proc/1/fd/*; do echo 'not json' > $fd; done 2>/dev/null; "
@@ -141,6 +153,7 @@ def test_garbage_written_to_the_inits_pipes_harms_nobody(runtime, rootfs):
     assert run(runtime, rootfs, "echo still serving") == "still serving\n"
 
 
+@needs_root  # it mounts a tmpfs on the host, below the bind
 def test_a_read_only_bind_is_read_only_all_the_way_down(runtime, rootfs, tmp_path):
     from pytest_minictr import Mount
     from pytest_minictr.linux import mount, umount2

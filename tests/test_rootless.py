@@ -1,5 +1,6 @@
-"""The runtime as an unprivileged user: a user namespace makes the container possible, and a
-limit that needs cgroups it may not create is refused with the reason and the fix."""
+"""The runtime, the CLI, the plugin and the isolation tests as an unprivileged user: a user
+namespace makes the container possible (a full id map where subordinate ids are granted), and
+a limit that needs cgroups it may not create is refused with the reason and the fix."""
 
 from __future__ import annotations
 
@@ -171,3 +172,78 @@ def test_limits_work_in_a_delegated_cgroup_v2_subtree(world_readable_rootfs, del
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "-9"]
+
+
+# --- the plugin, the CLI and the isolation tests, as the unprivileged user ----------------------
+
+PYTEST_DISTRIBUTIONS = ("pytest", "pluggy", "iniconfig", "packaging", "pygments")
+
+
+@pytest.fixture(scope="module")
+def open_place():
+    """A directory any user may enter, removed afterwards (pytest's own are 0700)."""
+    place = tempfile.mkdtemp(prefix="minictr-rootless-site-")
+    os.chmod(place, 0o755)
+    yield Path(place)
+    shutil.rmtree(place)
+
+
+@pytest.fixture(scope="module")
+def unprivileged_pytest(open_place):
+    """pytest for the unprivileged user: its pure-Python packages copied where that user may
+    read them (this machine's Python and site-packages live under /root, closed to others),
+    for the system interpreter of the same minor version."""
+    from importlib import metadata
+    if not shutil.which("setpriv") or not Path(SYSTEM_PYTHON).exists():
+        pytest.skip(f"needs setpriv and {SYSTEM_PYTHON}")
+    site = open_place / "site"
+    for name in PYTEST_DISTRIBUTIONS:
+        distribution = metadata.distribution(name)
+        for file in distribution.files or ():
+            source = Path(distribution.locate_file(file))
+            if ".." not in file.parts and source.is_file():
+                (site / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, site / file)
+    for directory, _, _ in os.walk(open_place):
+        os.chmod(directory, 0o755)
+    home = open_place / "home"
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+
+    def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             SYSTEM_PYTHON, *args],
+            env={"PYTHONPATH": f"{site}:{REPO}", "HOME": str(home), "PATH": "/usr/bin:/bin",
+                 "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
+            cwd=cwd, capture_output=True, text=True, timeout=300)
+    return run
+
+
+def test_the_isolation_tests_pass_for_an_unprivileged_user(unprivileged_pytest, open_place):
+    done = unprivileged_pytest("-m", "pytest", "-p", "pytest_minictr.plugin", "-p",
+                               "no:cacheprovider", "-q", f"--basetemp={open_place}/home/tmp",
+                               "tests/test_isolation.py")
+    assert done.returncode == 0, done.stdout[-3000:]
+    summary = done.stdout.splitlines()[-1]
+    assert "passed" in summary and "failed" not in summary, summary
+
+
+def test_the_plugin_and_the_cli_for_an_unprivileged_user(unprivileged_pytest, open_place):
+    tests = open_place / "user-tests"
+    tests.mkdir()
+    (tests / "test_mine.py").write_text(
+        "import pytest\n\n"
+        "@pytest.mark.container(hostname='mine')\n"
+        "def test_mine(container):\n"
+        "    container.run('echo kept > /data.txt')\n"
+        "    assert container.run('id -u; hostname; cat /data.txt').stdout == b'0\\nmine\\nkept\\n'\n")
+    os.chmod(tests, 0o777)
+    done = unprivileged_pytest("-m", "pytest", "-p", "pytest_minictr.plugin", "-p",
+                               "no:cacheprovider", str(tests), cwd=tests)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "minictr 0.1.0: rootless, " in done.stdout and "1 passed" in done.stdout
+    cli = unprivileged_pytest("-m", "pytest_minictr", "run", "--bin", "id", "--bin", "cat",
+                              "--", "sh", "-c", "id -u; cat /proc/self/uid_map")
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.split() == ["0", "0", str(NOBODY), "1"]
