@@ -9,6 +9,10 @@ It speaks `protocol` over one socket. Requests, each answered in order:
   {"op": "run", "id", "spec"} + fds [stdin, stdout, stderr, events]  -> {"ok", "pid"} | error
   {"op": "signal", "id", "signum"}     -> passed to the container's init, which forwards it
   {"op": "stop", "id", "grace"}        -> SIGTERM now, SIGKILL of the whole tree after grace
+  {"op": "exec", "id", "container", "spec"} + fds as for run -> another command inside a
+                                         running container: then signalled, stopped and
+                                         reported by its own `id`, like a container
+  {"op": "stats", "id"}                -> {"ok", "stats": {...}}: the cgroup's figures now
 When a container ends, one JSON line goes to its `events` pipe (returncode, how it ended, wall
 and CPU time) and the pipe is closed. When the caller goes away (end of the socket), every
 container is killed and the launcher exits: nothing outlives the caller.
@@ -28,9 +32,9 @@ import time
 from dataclasses import dataclass
 
 from . import protocol
-from .cgroups import Cgroup
-from .errors import MinictrError
-from .launcher import ChildFds, Launcher, remove_cgroup
+from .cgroups import Cgroup, CgroupStats
+from .errors import ContainerNotFoundError, MinictrError
+from .launcher import ChildFds, ExecTarget, Launcher, remove_cgroup
 from .spec import ContainerSpec
 
 SETUP_TIMEOUT = 60.0  # seconds a container may take from fork to exec before we give up
@@ -51,6 +55,7 @@ class Running:
     kill_at: float | None = None
     ended_by: str | None = None       # "timeout" | "stop" when we ended it
     cgroup: Cgroup | None = None
+    exec_of: str | None = None        # for an exec: the id of the container it runs in
     status_data: bytes = b""          # JSON lines from the init (and keeper)
     child_status: int | None = None   # our child's wait status, once reaped
     event_sent: bool = False
@@ -122,13 +127,42 @@ class Forkserver:
 
     def _op_run(self, message: dict, fds: list[int]) -> dict:
         spec = ContainerSpec.from_dict(message["spec"])
+        return self._start(message["id"], spec, fds, lambda child_fds: self.launcher.start(
+            spec, child_fds, message["spec"]))
+
+    def _op_exec(self, message: dict, fds: list[int]) -> dict:
+        target = self._find(message["container"])
+        if target is None or target.exec_of is not None or _command_ended(target):
+            for fd in fds:
+                os.close(fd)
+            raise ContainerNotFoundError(f"container {message['container']!r} is not running")
+        spec = ContainerSpec.from_dict(message["spec"])
+        return self._start(message["id"], spec, fds, lambda child_fds: self.launcher.start_exec(
+            ExecTarget(target.pid, target.cgroup), spec, child_fds), exec_of=target.id)
+
+    def _op_stats(self, message: dict, _fds) -> dict:
+        container = self._find(message["id"])
+        if container is None or container.exec_of is not None or _command_ended(container):
+            raise ContainerNotFoundError(f"container {message['id']!r} is not running")
+        stats = container.cgroup.stats() if container.cgroup is not None else CgroupStats()
+        helpers = sum(1 for c in self.containers.values() if c.exec_of == container.id)
+        return {"ok": True, "stats": {
+            "memory_current": stats.memory_current, "memory_peak": stats.memory_peak,
+            "cpu_time": stats.cpu_time, "oom_killed": stats.oom_killed,
+            # the group holds our init and each exec's helper besides the command's processes
+            "processes": None if stats.pids_current is None
+            else max(0, stats.pids_current - 1 - helpers)}}
+
+    def _start(self, container_id: str, spec: ContainerSpec, fds: list[int], start,
+               exec_of: str | None = None) -> dict:
+        """Start a container (or an exec: `start` forks what runs it) on the caller's fds
+        [stdin, stdout, stderr, events]; watch it until its end."""
         stdin, stdout, stderr, events = fds
         setup_r, setup_w = os.pipe2(os.O_CLOEXEC)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         began = time.monotonic()
         try:
-            started = self.launcher.start(
-                spec, ChildFds(stdin, stdout, stderr, setup_w, status_w), message["spec"])
+            started = start(ChildFds(stdin, stdout, stderr, setup_w, status_w))
         except BaseException:
             for fd in (setup_r, status_r, events):
                 os.close(fd)
@@ -147,8 +181,9 @@ class Forkserver:
                 os.close(fd)
             remove_cgroup(started.cgroup)
             return {"ok": False, "error": error}
-        container = Running(message["id"], pid, pidfd, init_pidfd, status_r, events, began,
-                            began + spec.timeout if spec.timeout else None, cgroup=started.cgroup)
+        container = Running(container_id, pid, pidfd, init_pidfd, status_r, events, began,
+                            began + spec.timeout if spec.timeout else None, cgroup=started.cgroup,
+                            exec_of=exec_of)
         self.containers[container.id] = container
         self.selector.register(pidfd, selectors.EVENT_READ, (self._on_exit, container))
         self.selector.register(status_r, selectors.EVENT_READ, (self._on_status, container))

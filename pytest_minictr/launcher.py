@@ -53,7 +53,8 @@ from typing import NoReturn
 
 from . import cgroups, idmap, linux, mounts, protocol, seccomp, security
 from .cgroups import Cgroup, CgroupBackend
-from .errors import CommandNotFoundError, ContainerSetupError, MinictrError, UnsupportedError
+from .errors import (CommandNotFoundError, ContainerNotFoundError, ContainerSetupError,
+                     MinictrError, UnsupportedError)
 from .idmap import UserNamespace
 from .linux import attempt
 from .spec import ContainerSpec, Limits
@@ -97,6 +98,16 @@ class Spare:
 
     pid: int
     channel: socket.socket
+    cgroup: Cgroup | None
+
+
+@dataclass(frozen=True)
+class ExecTarget:
+    """A running container another command joins: our child of it (its init; or its keeper,
+    which holds the same namespaces and, unlike the init, lets our uid read them) and its
+    cgroup."""
+
+    child_pid: int
     cgroup: Cgroup | None
 
 
@@ -160,6 +171,22 @@ class Launcher:
         finally:
             spare.channel.close()
         return Started(spare.pid, spare.cgroup)
+
+    def start_exec(self, target: ExecTarget, spec: ContainerSpec, fds: ChildFds) -> Started:
+        """Fork a helper that runs `spec.argv` inside the running container `target`; like a
+        keeper, it reports its command's pid on the setup pipe."""
+        userns = self.userns if spec.user_namespace and not self.rootless else None
+        # as root, the container's user namespace is entered last, as its init did (confine)
+        namespaces = open_namespaces(target.child_pid, skip=() if userns is None else ("user",))
+        try:
+            pid = os.fork()
+            if pid == 0:
+                run_exec(spec, target, fds, self.own_pidfd, userns, namespaces)
+        finally:
+            for fd in namespaces:
+                if fd is not None:
+                    os.close(fd)
+        return Started(pid, None, keeper=True)
 
     def wants_spare(self) -> bool:
         # without root, unshare(CLONE_NEWPID) needs a user namespace first: the keeper's way
@@ -367,6 +394,73 @@ def wait_for_id_maps(ready: int, go: int) -> None:
                                   "write uid/gid maps")
     os.close(ready)
     os.close(go)
+
+
+# ---------------------------------------------------------------------------------------------
+# The exec helper: another command in a running container.
+
+# The user namespace first (without root, it owns the others: joining them needs its
+# capabilities); the mount namespace last (it moves our root into the container).
+JOINED_NAMESPACES = (("user", linux.CLONE_NEWUSER), ("ipc", linux.CLONE_NEWIPC),
+                     ("uts", linux.CLONE_NEWUTS), ("net", linux.CLONE_NEWNET),
+                     ("cgroup", linux.CLONE_NEWCGROUP), ("pid_for_children", linux.CLONE_NEWPID),
+                     ("mnt", linux.CLONE_NEWNS))
+
+
+def run_exec(spec: ContainerSpec, target: ExecTarget, fds: ChildFds, parent_pidfd: int,
+             userns: UserNamespace | None, namespaces: list[int | None]) -> NoReturn:
+    """Join the container's cgroup and namespaces, confine ourselves as its init did its
+    command, spawn `spec.argv` (into the container's PID namespace: pid_for_children), report
+    its pid, wait, report its status. We stay outside the PID namespace: if the container ends,
+    the kernel kills the command, and we report that."""
+    code = 1
+    try:
+        die_with_parent(parent_pidfd, fds.all() + (() if userns is None else (userns.fd,))
+                        + tuple(fd for fd in namespaces if fd is not None))
+        if target.cgroup is not None:
+            join_cgroup(target.cgroup, 0)
+        for (name, nstype), fd in zip(JOINED_NAMESPACES, namespaces, strict=True):
+            if fd is not None:
+                attempt(f"join the container's {name} namespace", linux.setns, fd, nstype)
+                os.close(fd)
+        attempt(f"chdir to {spec.cwd}", os.chdir, spec.cwd)
+        layer = os.statvfs("/")
+        confine(spec, layer.f_blocks * layer.f_frsize, userns, parent_pidfd)
+        command_pid = spawn_command(spec, fds)
+        _write_line(fds.setup, {"pid": command_pid})
+        for fd in fds.stdio() + (fds.setup,):
+            os.close(fd)
+        _, wait_status = os.waitpid(command_pid, 0)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        _write_line(fds.status, {"command": wait_status,
+                                 "cpu_time": usage.ru_utime + usage.ru_stime})
+        code = 0
+    except BaseException as error:  # noqa: BLE001
+        report_failure(fds.setup, error)
+    finally:
+        os._exit(code)
+
+
+def open_namespaces(pid: int, skip: tuple[str, ...]) -> list[int | None]:
+    """fds of `pid`'s namespaces, in JOINED_NAMESPACES order, opened here, by the launcher
+    (once the helper is in the container's mount namespace, /proc is the container's; and a
+    container that has just ended is told apart here). None for those in `skip` and those we
+    share already."""
+    fds: list[int | None] = []
+    try:
+        for name, _ in JOINED_NAMESPACES:
+            path = f"/proc/{pid}/ns/{name}"
+            if name in skip or os.stat(path).st_ino == os.stat(f"/proc/self/ns/{name}").st_ino:
+                fds.append(None)
+            else:
+                fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError:
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+        raise ContainerNotFoundError("the container is not running (it has just ended)") \
+            from None
+    return fds
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import pytest
 from . import __version__, doctor
 from .errors import ConfigError, MinictrError, UnsupportedError
 from .rootfs import RootfsBuilder, default_cache_dir
-from .runtime import ContainerRuntime, Result
+from .runtime import Container, ContainerRuntime, ContainerStats, Result
 from .spec import (NETWORK_MODES, Security, check_hostname, check_memory_limit,
                    check_pids_limit, check_seconds, check_security, parse_cpus)
 
@@ -186,7 +186,8 @@ def container(request: pytest.FixtureRequest, minictr_runtime: ContainerRuntime,
 
 class TestContainer:
     """The `container` fixture's value: run commands in fresh containers that share this
-    test's writable layer on top of the (read-only, shared) `rootfs`."""
+    test's writable layer on top of the (read-only, shared) `rootfs`; or start one in the
+    background and exec commands beside it."""
 
     __test__ = False  # not a test class, despite its name
 
@@ -198,28 +199,70 @@ class TestContainer:
         self._item = item
         self._session = session
         self._layer: str | None = None
+        self._started: Container | None = None
 
     def run(self, cmd: str | Sequence[str], input: bytes | None = None,
             timeout: float | None = None, env: Mapping[str, str] | None = None) -> Result:
         """Run `cmd` (a list, or a string for /bin/sh -c) and return its Result. `timeout`
         overrides the marker's; `env` adds to its environment."""
-        argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else cmd
+        if self._started is not None and self._started.status == "running":
+            raise ConfigError("container.run() while container.start()'s command runs on this "
+                              "test's layer: use container.exec() to run beside it, or "
+                              "container.stop() it first")
+        return self._remember(self._launch(cmd, input, timeout or self.settings.timeout,
+                                           env).wait())
+
+    def start(self, cmd: str | Sequence[str], env: Mapping[str, str] | None = None) -> Container:
+        """Start `cmd` in the background (a server, a daemon under test) on this test's
+        layer, with no time limit; `exec()` runs commands beside it. Stopped after the test."""
+        if self._started is not None and self._started.status == "running":
+            raise ConfigError("container.start(): this test's container already runs; "
+                              "container.stop() it first")
+        self._started = self._launch(cmd, None, None, env)
+        return self._started
+
+    def exec(self, cmd: str | Sequence[str], input: bytes | None = None,
+             timeout: float | None = None, env: Mapping[str, str] | None = None) -> Result:
+        """Run `cmd` inside the container start() started (its namespaces, files, loopback);
+        its Result. `timeout` overrides the marker's."""
+        if self._started is None:
+            raise ConfigError("container.exec() runs beside a command started with "
+                              "container.start(): start one first")
+        return self._remember(self._started.exec(_argv(cmd), input=input,
+                                                 timeout=timeout or self.settings.timeout,
+                                                 env=env))
+
+    def stop(self) -> Result:
+        """Stop what start() started (SIGTERM, then SIGKILL after a grace); its Result."""
+        if self._started is None:
+            raise ConfigError("container.stop(): nothing was started with container.start()")
+        return self._remember(self._started.stop())
+
+    def stats(self) -> ContainerStats:
+        """The started container's figures now (memory, CPU time, processes, limits)."""
+        if self._started is None:
+            raise ConfigError("container.stats(): nothing was started with container.start()")
+        return self._started.stats()
+
+    def _launch(self, cmd: str | Sequence[str], input: bytes | None, timeout: float | None,
+                env: Mapping[str, str] | None) -> Container:
         s = self.settings
         try:
-            result = self._runtime.run(
-                self.rootfs, argv, input=input, timeout=timeout or s.timeout,
+            container = self._runtime.run(
+                self.rootfs, _argv(cmd), input=input, timeout=timeout,
                 env={**s.env, **(env or {})}, memory_limit=s.memory, cpu_limit=s.cpu_percent,
                 pids_limit=s.pids, network=s.network, hostname=s.hostname, user=s.user,
                 seccomp=s.security.seccomp, allow_syscalls=s.security.allow_syscalls,
                 capabilities=s.security.capabilities,
                 rlimits={name: (soft, hard) for name, soft, hard in s.security.rlimits},
-                layer=self._writable_layer()).wait()
+                layer=self._writable_layer())
         except UnsupportedError as problem:
             unsupported = problem
         else:
-            unsupported = None
-        if unsupported is not None:  # outside the handler: no chained traceback
-            _unavailable(self._session, unsupported)
+            return container
+        _unavailable(self._session, unsupported)  # outside the handler: no chained traceback
+
+    def _remember(self, result: Result) -> Result:
         self._item.stash[_LAST_RESULT] = result
         return result
 
@@ -230,6 +273,12 @@ class TestContainer:
         return self._layer
 
     def close(self) -> None:
+        if self._started is not None:
+            try:
+                self._started.kill()
+            except MinictrError:
+                pass  # a dead launcher took it along; the test's report says so already
+            self._started = None
         if self._layer is not None:
             remove_layer(self._layer)
             self._layer = None
@@ -398,6 +447,10 @@ def _unavailable(session: SessionSettings, problem: Exception):
     if session.unavailable == "skip":
         pytest.skip(message)
     pytest.fail(message + " (--minictr-unavailable=skip skips such tests)", pytrace=False)
+
+
+def _argv(cmd: str | Sequence[str]) -> Sequence[str]:
+    return ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else cmd
 
 
 def remove_layer(layer: str) -> None:

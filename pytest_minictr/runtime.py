@@ -25,7 +25,7 @@ from .client import LauncherClient
 from .errors import ConfigError, ContainerNotFoundError, LauncherError, MinictrError
 from .launcher import FORWARDED_SIGNALS
 from .monitor import Monitor
-from .spec import ContainerSpec, Mount, check_seconds, make_spec
+from .spec import ContainerSpec, Limits, Mount, check_seconds, make_exec_spec, make_spec
 
 DEFAULT_STOP_GRACE = 5.0
 _FINISHED_KEPT = 1024   # statuses of collected containers remembered for runtime.status(id)
@@ -88,13 +88,28 @@ class Result:
             raise ContainerProcessError(self.returncode, list(self.args), self.stdout, self.stderr)
 
 
+@dataclass(frozen=True)
+class ContainerStats:
+    """A running container's figures now, from its cgroup (None where this host has none):
+    cheap enough to poll."""
+
+    memory_current: int | None      # bytes in use now (its tmpfs files included)
+    memory_peak: int | None         # bytes, the most so far
+    cpu_time: float | None          # CPU seconds so far, every process of it
+    processes: int | None           # processes and threads of the command(s) alive now
+    oom_killed: bool                # the OOM killer has struck in it
+    limits: Limits                  # the limits in force
+
+
 class Container:
-    """A running (or finished) container. Use `wait()` for its Result; `stop()` to end it."""
+    """A running (or finished) container. Use `wait()` for its Result; `stop()` to end it;
+    `exec()` to run another command in it while it runs; `stats()` for its figures now."""
 
     def __init__(self, runtime: "ContainerRuntime", container_id: str, pid: int,
-                 spec: ContainerSpec, monitor: Monitor):
+                 spec: ContainerSpec, monitor: Monitor, exec_of: str | None = None):
         self.id = container_id
-        self.pid = pid              # host pid of the container's init (PID 1 inside)
+        self.pid = pid              # host pid of the container's init (of an exec: its command)
+        self.exec_of = exec_of      # an exec's container id
         self.spec = spec
         self.args = spec.argv
         self._runtime = runtime
@@ -150,6 +165,24 @@ class Container:
 
     def kill(self) -> Result:
         return self.stop(grace=0)
+
+    def exec(self, cmd: Sequence[str], input: bytes | None = None,
+             timeout: float | None = None, env: Mapping[str, str] | None = None) -> Result:
+        """Run another command in this running container: in its namespaces, cgroup and root,
+        confined as its first command is, in its cwd and environment (`env` added). Returns
+        its Result (memory figures are the container's: see stats()). Raises
+        ContainerNotFoundError once the container has ended."""
+        spec = make_exec_spec(self.spec, cmd, env, timeout)
+        return self._runtime._launch(spec, _check_input(input, None), None, None, None,
+                                     exec_of=self.id).wait()
+
+    def stats(self) -> ContainerStats:
+        """Memory now and at its peak, CPU time so far, processes, limits: from the cgroup.
+        ContainerNotFoundError once the container has ended."""
+        reply = self._runtime._client.request({"op": "stats", "id": self.id})
+        if not reply["ok"]:
+            raise _error_from_reply(reply["error"])
+        return ContainerStats(limits=self.spec.limits, **reply["stats"])
 
     def _request_end(self, grace: float) -> None:
         try:
@@ -265,7 +298,7 @@ class ContainerRuntime:
     def list(self) -> list[Container]:
         """The containers still running (whose results were not collected yet)."""
         with self._lock:
-            return list(self._running.values())
+            return [c for c in self._running.values() if c.exec_of is None]
 
     def close(self) -> None:
         """Kill every container still running and stop the launcher."""
@@ -278,15 +311,17 @@ class ContainerRuntime:
         _open_runtimes.discard(self)
 
     def _launch(self, spec: ContainerSpec, input_data: bytes | None, stdin: Any, stdout: Any,
-                stderr: Any) -> Container:
+                stderr: Any, exec_of: str | None = None) -> Container:
+        """Start a container; or, `exec_of` a container's id, another command in it."""
         container_id = secrets.token_hex(6)
+        request = {"op": "run", "id": container_id, "spec": spec.to_dict()} if exec_of is None \
+            else {"op": "exec", "id": container_id, "container": exec_of, "spec": spec.to_dict()}
         with _Pipes(input_data, stdin, stdout, stderr) as pipes:
-            reply = self._client.request({"op": "run", "id": container_id,
-                                          "spec": spec.to_dict()}, pipes.child_fds())
+            reply = self._client.request(request, pipes.child_fds())
             if not reply["ok"]:
                 raise _error_from_reply(reply["error"])
             monitor = Monitor(*pipes.take_parent_fds(input_data), spec.output_limit)
-        container = Container(self, container_id, reply["pid"], spec, monitor)
+        container = Container(self, container_id, reply["pid"], spec, monitor, exec_of)
         with self._lock:
             self._running[container_id] = container
         return container

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
 from . import security
@@ -221,6 +221,14 @@ def make_spec(
     )
 
 
+def make_exec_spec(spec: ContainerSpec, command: Any, env: Any = None,
+                   timeout: Any = None) -> ContainerSpec:
+    """Another command in the container of `spec`: the same confinement, cwd and environment
+    (`env` added to it), its own argv and time limit."""
+    return replace(spec, argv=_check_command(command), env=_check_env(env, dict(spec.env)),
+                   timeout=_check_seconds(timeout, "timeout"))
+
+
 def _check_rootfs(image: Any) -> str:
     return _check_host_dir(image, "image", "rootfs", " (build one with RootfsBuilder().build)")
 
@@ -283,9 +291,10 @@ def _check_command(command: Any) -> tuple[str, ...]:
     return items
 
 
-def _check_env(env: Any) -> tuple[tuple[str, str], ...]:
+def _check_env(env: Any, base: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
     # A clean environment: the host's never leaks in; TERM is 'dumb' because output is captured.
-    merged = {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "dumb"}
+    merged = dict(base) if base is not None else {"PATH": DEFAULT_PATH, "HOME": "/root",
+                                                  "TERM": "dumb"}
     if env is not None:
         if not isinstance(env, Mapping):
             raise ConfigError(f"env={env!r}: expected a mapping of names to values")

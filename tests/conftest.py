@@ -13,6 +13,7 @@ from pytest_minictr import ContainerRuntime, RootfsBuilder
 from pytest_minictr.plugin import layer_parent
 
 BINARIES = ["sh", "echo", "cat", "ls", "sleep", "hostname", "id", "touch", "mkdir", "head",
+            "readlink", "grep", "rm",
             "seq", "yes", "wc", "ln", "stat", "setsid", "true", "kill"]
 
 

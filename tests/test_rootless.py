@@ -220,10 +220,11 @@ def unprivileged_pytest(open_place):
     return run
 
 
-def test_the_isolation_tests_pass_for_an_unprivileged_user(unprivileged_pytest, open_place):
+def test_the_isolation_and_exec_tests_pass_for_an_unprivileged_user(unprivileged_pytest,
+                                                                     open_place):
     done = unprivileged_pytest("-m", "pytest", "-p", "pytest_minictr.plugin", "-p",
                                "no:cacheprovider", "-q", f"--basetemp={open_place}/home/tmp",
-                               "tests/test_isolation.py")
+                               "tests/test_isolation.py", "tests/test_exec.py")
     assert done.returncode == 0, done.stdout[-3000:]
     summary = done.stdout.splitlines()[-1]
     assert "passed" in summary and "failed" not in summary, summary

@@ -42,6 +42,7 @@ class CgroupStats:
     """What the kernel measured for a container's cgroup; None where this host cannot tell."""
 
     memory_peak: int | None = None     # bytes, highest usage seen
+    memory_current: int | None = None  # bytes in use now
     cpu_time: float | None = None      # seconds of CPU, user + system, all processes
     oom_killed: bool = False           # the OOM killer killed something in the group
     pids_current: int | None = None    # tasks counted now (zombies included)

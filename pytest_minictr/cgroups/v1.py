@@ -126,6 +126,8 @@ class V1Cgroup(Cgroup):
         return CgroupStats(
             memory_peak=read_int(os.path.join(memory, "memory.max_usage_in_bytes"))
             if memory else None,
+            memory_current=read_int(os.path.join(memory, "memory.usage_in_bytes"))
+            if memory else None,
             cpu_time=None if usage_ns is None else usage_ns / 1e9,
             oom_killed=oom_control.get("oom_kill", 0) > 0,     # the line exists since 4.13
             pids_current=read_int(os.path.join(pids, "pids.current")) if pids else None,

@@ -170,6 +170,7 @@ class V2Cgroup(Cgroup):
         usage_usec = read_keyed(os.path.join(self.path, "cpu.stat")).get("usage_usec")
         return CgroupStats(
             memory_peak=read_int(os.path.join(self.path, "memory.peak")),       # 5.19+
+            memory_current=read_int(os.path.join(self.path, "memory.current")),
             cpu_time=None if usage_usec is None else usage_usec / 1e6,
             oom_killed=read_keyed(os.path.join(self.path, "memory.events")).get("oom_kill", 0) > 0,
             pids_current=read_int(os.path.join(self.path, "pids.current")),
