@@ -6,6 +6,8 @@
                 [--ulimit NAME=SOFT[:HARD]]... -- CMD ARGS...
     minictr rootfs build [--bin NAME ...] DEST
     minictr doctor [--json]
+    minictr run -d ... -- CMD; minictr ps [--all] [--json] [--prune]; minictr stop|kill|logs|
+        stats|rm ID; minictr exec ID -- CMD   (detached containers: see `lifecycle`)
 
 `run` passes stdin, stdout and stderr through and exits with the command's status: 128+N when
 it died of signal N, 125 when minictr itself failed (one line on stderr, no traceback), 126 or
@@ -20,11 +22,11 @@ import signal
 import sys
 from typing import Sequence
 
-from . import doctor
+from . import doctor, lifecycle
 from .errors import CommandNotFoundError, MinictrError
 from .rootfs import RootfsBuilder
 from .runtime import ContainerRuntime
-from .spec import NETWORK_MODES, parse_cpus
+from .spec import NETWORK_MODES, make_spec, parse_cpus
 
 EXIT_RUNTIME_ERROR = 125
 EXIT_CANNOT_EXECUTE = 126
@@ -45,6 +47,8 @@ HELP_ALLOW_SYSCALL = "let this call through the default seccomp filter; repeatab
 HELP_CAP_ADD = "keep this capability too (e.g. NET_RAW, SYS_PTRACE); repeatable"
 HELP_ULIMIT = ("resource limit, like docker: nofile=8192, core=unlimited, stack=8388608:67108864 "
                "(bytes); repeatable")
+HELP_DETACH = ("run in the background: print the container's id and return (see ps, logs, "
+               "exec, stop, rm)")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
@@ -85,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     source = run.add_mutually_exclusive_group()
     source.add_argument("--rootfs", metavar="DIR", help=HELP_ROOTFS)
     source.add_argument("--bin", action="append", default=[], metavar="NAME", help=HELP_BIN)
+    run.add_argument("--detach", "-d", action="store_true", help=HELP_DETACH)
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     run.set_defaults(handler=run_command, parser=run)
+    lifecycle.add_commands(commands)
 
     rootfs = commands.add_parser("rootfs", help="build root filesystems")
     rootfs_commands = rootfs.add_subparsers(dest="rootfs_command", required=True,
@@ -111,14 +117,18 @@ def run_command(args: argparse.Namespace) -> int:
     if not args.rootfs and not shutil.which(command[0]):
         raise CommandNotFoundError(f"command {command[0]!r} not found on this host's PATH, "
                                    "so it cannot be copied into a rootfs (give --rootfs DIR)")
-    rootfs = args.rootfs or RootfsBuilder().build(binaries=[command[0], *args.bin])
+    rootfs = str(args.rootfs or RootfsBuilder().build(binaries=[command[0], *args.bin]))
+    keywords = dict(memory_limit=args.memory, cpu_limit=args.cpus, pids_limit=args.pids,
+                    timeout=args.timeout, network=args.network, hostname=args.hostname,
+                    cwd=args.cwd, env=dict(args.env), user=args.user, seccomp=args.seccomp,
+                    allow_syscalls=args.allow_syscall, capabilities=args.cap_add,
+                    rlimits=dict(args.ulimit))
+    make_spec(rootfs, command, **keywords)  # a bad value fails here, before anything starts
+    if args.detach:
+        return lifecycle.run_detached(rootfs, command, keywords)
     with ContainerRuntime() as runtime:
-        container = runtime.run(
-            rootfs, command, memory_limit=args.memory, cpu_limit=args.cpus,
-            pids_limit=args.pids, timeout=args.timeout, network=args.network,
-            hostname=args.hostname, cwd=args.cwd, env=dict(args.env), user=args.user,
-            seccomp=args.seccomp, allow_syscalls=args.allow_syscall, capabilities=args.cap_add,
-            rlimits=dict(args.ulimit), stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr)
+        container = runtime.run(rootfs, command, stdin=sys.stdin, stdout=sys.stdout,
+                                stderr=sys.stderr, **keywords)
         for signum in FORWARDED:
             signal.signal(signum, lambda number, _frame: container.send_signal(number))
         result = container.wait()

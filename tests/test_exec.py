@@ -35,7 +35,7 @@ def running(runtime):
     yield start
     for container in started:
         container.kill()
-    
+
 
 def test_exec_joins_the_first_commands_namespaces_files_and_hostname(running, rootfs):
     container = running(rootfs, f"{SHOW_NAMESPACES} > /tmp/first; echo hi > /data",

@@ -1,0 +1,230 @@
+"""The CLI's detached containers, across processes, daemonless: `minictr run -d` and then
+`ps`, `stop`, `kill`, `exec`, `logs`, `stats`, `rm`. Records live in the state directory
+(`state`); each running container is held by its shim (`shim`), which these commands reach
+through its control socket.
+
+Exit statuses: 0 done; 125 minictr failed (unknown id, not running, still running for `rm`),
+with one `minictr: error: ...` line; `exec` exits with its command's status (128+N after
+signal N), as `run` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import shim
+from .errors import ConfigError, ContainerNotFoundError, MinictrError
+from .state import Record, Store
+
+SHIM_START_TIMEOUT = 120.0  # seconds for the shim to start the container and answer
+
+
+def add_commands(commands) -> None:
+    """The lifecycle subcommands, on the CLI's subparsers."""
+    ps = commands.add_parser("ps", help="list detached containers")
+    ps.add_argument("--all", "-a", action="store_true", help="also those that have ended")
+    ps.add_argument("--json", action="store_true", help="one JSON object per line")
+    ps.add_argument("--prune", action="store_true", help="remove the records of ended ones")
+    ps.set_defaults(handler=list_containers)
+
+    stop = commands.add_parser("stop", help="SIGTERM, then SIGKILL of everything after --time")
+    stop.add_argument("id")
+    stop.add_argument("--time", "-t", type=float, default=10.0, metavar="SECONDS",
+                      help="grace before SIGKILL (default 10)")
+    stop.set_defaults(handler=stop_container)
+
+    kill = commands.add_parser("kill", help="send a signal to the command (default SIGKILL)")
+    kill.add_argument("id")
+    kill.add_argument("signal", nargs="?", default="KILL", help="name or number, e.g. TERM")
+    kill.set_defaults(handler=kill_container)
+
+    exec_command = commands.add_parser("exec", help="run a command in a running container",
+                                       usage="minictr exec ID -- CMD [ARGS...]")
+    exec_command.add_argument("id")
+    exec_command.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    exec_command.add_argument("--timeout", type=float)
+    exec_command.add_argument("command", nargs=argparse.REMAINDER)
+    exec_command.set_defaults(handler=exec_in_container, parser=exec_command)
+
+    logs = commands.add_parser("logs", help="what a detached container wrote")
+    logs.add_argument("id")
+    logs.set_defaults(handler=show_logs)
+
+    stats = commands.add_parser("stats", help="a running container's figures now")
+    stats.add_argument("id")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(handler=show_stats)
+
+    rm = commands.add_parser("rm", help="remove the record of an ended container")
+    rm.add_argument("ids", nargs="+", metavar="ID")
+    rm.add_argument("--force", "-f", action="store_true", help="kill it first if it runs")
+    rm.set_defaults(handler=remove_containers)
+
+
+def run_detached(rootfs: str, command: Sequence[str], keywords: dict) -> int:
+    """Start the container under a shim of its own, print its id once it runs."""
+    store = Store()
+    record = Record(id=secrets.token_hex(6), command=tuple(command), created=time.time())
+    store.create(record)
+    order = {"state_dir": str(store.root), "id": record.id, "rootfs": rootfs,
+             "command": list(command), "keywords": keywords}
+    started = subprocess.Popen([sys.executable, "-m", "pytest_minictr.shim"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    with started.stdin:
+        started.stdin.write(json.dumps(order).encode())
+    answer = _read_answer(started)
+    if not answer.get("ok"):
+        started.kill()
+        started.wait()
+        store.remove(record.id)
+        raise MinictrError(answer.get("message", "the shim failed"))
+    print(record.id)
+    return 0
+
+
+def _read_answer(started: subprocess.Popen) -> dict:
+    """The shim's one line (it keeps running: not communicate(), which waits for its end)."""
+    with started.stdout:
+        if not select.select([started.stdout], [], [], SHIM_START_TIMEOUT)[0]:
+            return {"message": f"the shim did not answer in {SHIM_START_TIMEOUT:g} s"}
+        try:
+            return json.loads(started.stdout.readline() or b"{}")
+        except ValueError:
+            return {"message": "the shim's answer was unreadable"}
+
+
+def list_containers(args: argparse.Namespace) -> int:
+    store = Store()
+    records = store.all()
+    if args.prune:
+        for record in records:
+            if not record.alive:
+                _remove_quietly(store, record.id)
+        records = [r for r in records if r.alive]
+    shown = records if args.all else [r for r in records if r.alive]
+    if args.json:
+        for record in shown:
+            print(json.dumps({**vars(record), "status": record.shown_status}))
+        return 0
+    print(f"{'ID':<14}{'STATUS':<20}{'CODE':>5}  {'CREATED':<20}COMMAND")
+    for record in shown:
+        code = "" if record.returncode is None else str(record.returncode)
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
+        print(f"{record.id:<14}{record.shown_status:<20}{code:>5}  {created:<20}"
+              f"{' '.join(record.command)}")
+    return 0
+
+
+def stop_container(args: argparse.Namespace) -> int:
+    if args.time < 0:
+        raise ConfigError(f"--time {args.time:g}: expected 0 or more seconds")
+    _ask(args.id, {"op": "stop", "grace": args.time})
+    # the shim records the end just after it answers: wait for it, so that `ps` agrees
+    Store().wait_for(args.id, lambda record: not record.alive, 10.0)
+    return 0
+
+
+def kill_container(args: argparse.Namespace) -> int:
+    _ask(args.id, {"op": "signal", "signum": _signal_number(args.signal)})
+    return 0
+
+
+def exec_in_container(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        args.parser.error("the command to run is missing: minictr exec ID -- CMD [ARGS...]")
+    env = dict(_env_pair(pair) for pair in args.env)
+    reply = _ask(args.id, {"op": "exec", "command": command, "env": env or None,
+                           "timeout": args.timeout}, fds=(0, 1, 2))
+    code = reply["returncode"]
+    return code if code >= 0 else 128 - code
+
+
+def show_logs(args: argparse.Namespace) -> int:
+    directory = _existing(Store(), args.id)
+    for name, stream in (("stdout.log", sys.stdout.buffer), ("stderr.log", sys.stderr.buffer)):
+        try:
+            stream.write((directory / name).read_bytes())
+        except FileNotFoundError:
+            pass
+        stream.flush()
+    return 0
+
+
+def show_stats(args: argparse.Namespace) -> int:
+    stats = _ask(args.id, {"op": "stats"})["stats"]
+    if args.json:
+        print(json.dumps(stats))
+        return 0
+    for name, value in stats.items():
+        print(f"{name}: {value}")
+    return 0
+
+
+def remove_containers(args: argparse.Namespace) -> int:
+    store = Store()
+    for container_id in args.ids:
+        if args.force and store.read(container_id).alive:
+            try:
+                _ask(container_id, {"op": "stop", "grace": 0})
+            except ContainerNotFoundError:
+                pass  # it ended meanwhile
+            store.wait_for(container_id, lambda r: not r.alive, 10.0)
+        store.remove(container_id)
+    return 0
+
+
+def _ask(container_id: str, message: dict, fds: tuple[int, ...] = ()) -> dict:
+    store = Store()
+    record = store.read(container_id)
+    if not record.alive:
+        raise ContainerNotFoundError(f"container {container_id} is not running "
+                                     f"({record.shown_status})")
+    try:
+        reply = shim.request(store.path(container_id), message, fds)
+    except OSError:
+        raise ContainerNotFoundError(f"container {container_id} is not running (its shim is "
+                                     "gone)") from None
+    if not reply.get("ok"):
+        raise MinictrError(reply.get("message", "the shim failed"))
+    return reply
+
+
+def _existing(store: Store, container_id: str) -> Path:
+    store.read(container_id)  # ContainerNotFoundError names an unknown id
+    return store.path(container_id)
+
+
+def _remove_quietly(store: Store, container_id: str) -> None:
+    try:
+        store.remove(container_id)
+    except MinictrError:
+        pass  # came back to life? never: but another prune may have removed it
+
+
+def _signal_number(name: str) -> int:
+    text = name.upper()
+    try:
+        return int(text) if text.isdigit() else int(getattr(
+            signal, text if text.startswith("SIG") else f"SIG{text}"))
+    except (AttributeError, ValueError):
+        raise ConfigError(f"signal {name!r}: expected a name (TERM, KILL, HUP...) or a "
+                          "number") from None
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ConfigError(f"--env {text!r}: expected NAME=VALUE")
+    return name, value
+

@@ -1,0 +1,142 @@
+"""The process that holds a detached container (`minictr run -d`), so that it outlives the
+command that started it: a ContainerRuntime of its own, the container's output in log files,
+and a Unix socket (`control` in its state directory) through which later `minictr stop`,
+`kill`, `exec` and `stats` commands reach it. It records the container's end and exits.
+
+Started by the CLI as `python -m pytest_minictr.shim`, in a session of its own, with its order
+(one JSON object) on stdin; it answers one JSON line on stdout (started, or why not) and then
+lets go of stdout, which tells the CLI to return. Killing the shim kills its container (its
+launcher dies with it, and the containers with the launcher).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from . import protocol
+from .errors import MinictrError
+from .runtime import Container, ContainerRuntime
+from .spec import make_exec_spec
+from .state import Store, process_start_time
+
+CONTROL = "control"
+
+
+def request(directory: Path, message: dict, fds: tuple[int, ...] = ()) -> dict:
+    """One request to a shim and its reply; ConnectionError if the shim is gone."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(directory / CONTROL))
+        protocol.send_message(sock, message, list(fds))
+        reply = protocol.recv_message(sock)
+    if reply is None:
+        raise ConnectionError("the shim closed the connection")
+    return reply[0]
+
+
+def main() -> int:
+    order = json.loads(sys.stdin.read())
+    answer = _take_stdout()
+    store = Store(Path(order["state_dir"]))
+    container_id = order["id"]
+    directory = store.path(container_id)
+    runtime = ContainerRuntime()
+    try:
+        with open(directory / "stdout.log", "wb") as out, \
+                open(directory / "stderr.log", "wb") as err:
+            container = runtime.run(order["rootfs"], order["command"], stdout=out, stderr=err,
+                                    **order["keywords"])
+    except MinictrError as error:
+        _answer(answer, {"ok": False, "type": type(error).__name__, "message": str(error)})
+        runtime.close()
+        return 1
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(directory / CONTROL))
+    server.listen()
+    store.update(container_id, status="running", init_pid=container.pid, shim_pid=os.getpid(),
+                 shim_started=process_start_time(os.getpid()))
+    threading.Thread(target=_serve, args=(server, runtime, container), daemon=True).start()
+    _answer(answer, {"ok": True})
+    result = container.wait()
+    store.update(container_id, status=str(container.status), returncode=result.returncode,
+                 finished=time.time())
+    server.close()
+    runtime.close()
+    return 0
+
+
+def _take_stdout() -> int:
+    """Keep the CLI's pipe for our answer alone, and put /dev/null in its place: the launcher
+    we start inherits our stdout, and must not hold the CLI's pipe open."""
+    answer = os.dup(1)
+    os.set_inheritable(answer, False)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    return answer
+
+
+def _answer(fd: int, reply: dict) -> None:
+    """The one line the CLI waits for; closing the pipe after it lets the CLI return."""
+    os.write(fd, json.dumps(reply).encode() + b"\n")
+    os.close(fd)
+
+
+def _serve(server: socket.socket, runtime: ContainerRuntime, container: Container) -> None:
+    while True:
+        try:
+            connection, _ = server.accept()
+        except OSError:
+            return  # closed: the container has ended
+        threading.Thread(target=_handle, args=(connection, runtime, container),
+                         daemon=True).start()
+
+
+def _handle(connection: socket.socket, runtime: ContainerRuntime, container: Container) -> None:
+    with connection:
+        received = protocol.recv_message(connection)
+        if received is None:
+            return
+        message, fds = received
+        try:
+            reply = _answer_request(message, fds, runtime, container)
+        except MinictrError as error:
+            reply = {"ok": False, "type": type(error).__name__, "message": str(error)}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            protocol.send_message(connection, reply)
+        except OSError:
+            pass  # the asking command went away
+
+
+def _answer_request(message: dict, fds: list[int], runtime: ContainerRuntime,
+                    container: Container) -> dict:
+    op = message.get("op")
+    if op == "stop":
+        return {"ok": True, "returncode": container.stop(float(message["grace"])).returncode}
+    if op == "signal":
+        container.send_signal(int(message["signum"]))
+        return {"ok": True}
+    if op == "stats":
+        stats = container.stats()
+        return {"ok": True, "stats": {**vars(stats), "limits": vars(stats.limits)}}
+    if op == "exec":
+        spec = make_exec_spec(container.spec, message["command"], message.get("env"),
+                              message.get("timeout"))
+        stdin, stdout, stderr = fds
+        result = runtime._launch(spec, None, stdin, stdout, stderr, exec_of=container.id).wait()
+        return {"ok": True, "returncode": result.returncode, "timed_out": result.timed_out}
+    return {"ok": False, "type": "ConfigError", "message": f"unknown request {op!r}"}
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the starting terminal is not ours
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Records of detached containers (`minictr run -d`), kept on disk between commands, as runc
+does: no daemon, one directory per container in the state directory.
+
+    <state dir>/<id>/state.json   the record (written whole: temp file + rename)
+    <state dir>/<id>/lock         flock()ed by whoever changes the record or the container
+    <state dir>/<id>/stdout.log, stderr.log   the container's output
+    <state dir>/<id>/control      the Unix socket of its shim (see `shim`)
+
+The state directory is /run/minictr for root, $XDG_RUNTIME_DIR/minictr otherwise (or
+$MINICTR_STATE_DIR). A record names the shim process by pid *and* start time (field 22 of
+/proc/PID/stat): a pid the kernel has given to another process since is never taken for it.
+A record whose shim is gone (killed, machine rebooted) reads as exited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+from .errors import ConfigError, ContainerNotFoundError
+
+RECORD = "state.json"
+ID_PATTERN = re.compile(r"[0-9a-f]{12}")
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    command: tuple[str, ...]
+    created: float                  # epoch seconds
+    shim_pid: int | None = None
+    shim_started: int | None = None  # clock ticks after boot, from /proc/PID/stat
+    init_pid: int | None = None     # host pid of the container's init
+    status: str = "created"         # created | running | exited | stopped | timed_out
+    returncode: int | None = None
+    finished: float | None = None
+
+    @property
+    def alive(self) -> bool:
+        """The shim that holds the container still runs (same pid, same start time)."""
+        return (self.status in ("created", "running") and self.shim_pid is not None
+                and process_start_time(self.shim_pid) == self.shim_started)
+
+    @property
+    def shown_status(self) -> str:
+        if self.status in ("created", "running") and not self.alive:
+            return "exited (shim gone)"
+        return self.status
+
+
+def state_dir() -> Path:
+    if os.environ.get("MINICTR_STATE_DIR"):
+        return Path(os.environ["MINICTR_STATE_DIR"])
+    if os.geteuid() == 0:
+        return Path("/run/minictr")
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime_dir and os.path.isabs(runtime_dir):
+        return Path(runtime_dir, "minictr")
+    return Path(tempfile.gettempdir(), f"minictr-{os.geteuid()}")
+
+
+def process_start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks after boot); None if no such process runs (a zombie
+    waiting for its parent to reap it runs no more)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+class Store:
+    """The records under one state directory."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = root or state_dir()
+
+    def path(self, container_id: str) -> Path:
+        if not ID_PATTERN.fullmatch(container_id):
+            raise ConfigError(f"container id {container_id!r}: expected 12 hex digits "
+                              "(as `minictr ps` shows)")
+        return self.root / container_id
+
+    def create(self, record: Record) -> Path:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory = self.path(record.id)
+        directory.mkdir(mode=0o700)
+        self.write(record)
+        return directory
+
+    def read(self, container_id: str) -> Record:
+        path = self.path(container_id) / RECORD  # ConfigError names a malformed id
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ContainerNotFoundError(f"no container {container_id!r} (`minictr ps --all` "
+                                         "lists them)") from None
+        except ValueError as error:
+            raise ContainerNotFoundError(f"container {container_id!r}: its record is "
+                                         f"unreadable ({error}); `minictr rm` it") from None
+        data["command"] = tuple(data["command"])
+        return Record(**data)
+
+    def write(self, record: Record) -> None:
+        """Replace the record whole: a reader sees the old one or the new one, never half."""
+        directory = self.path(record.id)
+        fd, temp = tempfile.mkstemp(dir=directory, prefix=".state-")
+        with os.fdopen(fd, "w") as file:
+            json.dump(asdict(record), file)
+        os.replace(temp, directory / RECORD)
+
+    def update(self, container_id: str, **changes) -> Record:
+        with self.locked(container_id):
+            record = replace(self.read(container_id), **changes)
+            self.write(record)
+        return record
+
+    @contextlib.contextmanager
+    def locked(self, container_id: str) -> Iterator[None]:
+        """Hold the record's lock: one change at a time (rm against a finishing shim...)."""
+        try:
+            fd = os.open(self.path(container_id) / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                         0o600)
+        except FileNotFoundError:
+            raise ContainerNotFoundError(f"no container {container_id!r}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def all(self) -> list[Record]:
+        records = []
+        for entry in sorted(self.root.iterdir()) if self.root.is_dir() else ():
+            if ID_PATTERN.fullmatch(entry.name):
+                try:
+                    records.append(self.read(entry.name))
+                except ContainerNotFoundError:
+                    continue  # being removed, or unreadable: `rm` deals with it
+        return sorted(records, key=lambda r: r.created)
+
+    def remove(self, container_id: str) -> None:
+        with self.locked(container_id):
+            record = self.read(container_id)
+            if record.alive:
+                raise ConfigError(f"container {container_id} is running: `minictr stop` it "
+                                  "first, or `minictr rm --force`")
+            shutil.rmtree(self.path(container_id))
+
+    def wait_for(self, container_id: str, condition, timeout: float) -> Record:
+        deadline = time.monotonic() + timeout
+        while True:
+            record = self.read(container_id)
+            if condition(record) or time.monotonic() > deadline:
+                return record
+            time.sleep(0.01)

@@ -1,0 +1,151 @@
+"""Detached containers across processes: `minictr run -d`, then ps, logs, exec, stats, stop,
+kill, rm, each a separate process, as a user types them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_minictr.state import Record, Store
+
+REPO = Path(__file__).resolve().parent.parent
+BINARIES = ["--bin", "sleep", "--bin", "cat", "--bin", "hostname"]
+
+
+@pytest.fixture
+def minictr(tmp_path, monkeypatch):
+    """minictr(*args) -> CompletedProcess, with a state directory of the test's own; every
+    container still running at the end is killed and removed."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("MINICTR_STATE_DIR", str(state))
+
+    def run(*args: str, timeout: float = 60, input: bytes | None = None):
+        return subprocess.run([sys.executable, "-m", "pytest_minictr", *args], input=input,
+                              capture_output=True, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    yield run
+    for record in Store(state).all():
+        run("rm", "--force", record.id)
+    assert not any(Store(state).all())
+
+
+def start(minictr, *command: str, options: tuple[str, ...] = ()) -> str:
+    done = minictr("run", "-d", *BINARIES, *options, "--", *command)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.decode().strip()
+
+
+def record(container_id: str) -> Record:
+    return Store().read(container_id)
+
+
+def gone(pid: int | None) -> bool:
+    return pid is not None and not Path(f"/proc/{pid}").exists()
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_a_detached_container_outlives_its_cli_and_is_reached_by_others(minictr):
+    started = time.monotonic()
+    cid = start(minictr, "sh", "-c", "echo out; echo err >&2; echo kept > /tmp/f; sleep 60",
+                options=("--hostname", "svc"))
+    assert time.monotonic() - started < 30 and len(cid) == 12
+    listed = minictr("ps", "--json").stdout.decode().splitlines()
+    assert [json.loads(line)["id"] for line in listed] == [cid]
+    assert json.loads(listed[0])["status"] == "running"
+    wait_until(lambda: minictr("logs", cid).stdout == b"out\n")
+    assert minictr("logs", cid).stderr == b"err\n"
+    execd = minictr("exec", cid, "--", "sh", "-c", "hostname; cat /tmp/f; cat; exit 3",
+                    input=b"piped\n")
+    assert (execd.returncode, execd.stdout) == (3, b"svc\nkept\npiped\n")
+    stats = json.loads(minictr("stats", "--json", cid).stdout)
+    assert stats["processes"] == 2 or os.geteuid() != 0
+
+
+def test_stop_ends_the_whole_tree_and_rm_removes_the_record(minictr):
+    cid = start(minictr, "sh", "-c", "sleep 60 & sleep 60")
+    running = record(cid)
+    assert minictr("stop", "--time", "0.5", cid).returncode == 0
+    ended = record(cid)
+    assert (ended.status, ended.returncode) == ("stopped", -15) or ended.returncode == -9
+    assert gone(running.init_pid)
+    wait_until(lambda: gone(running.shim_pid))
+    table = minictr("ps", "--all").stdout.decode()
+    assert cid in table and "stopped" in table and cid not in minictr("ps").stdout.decode()
+    assert minictr("rm", cid).returncode == 0
+    assert cid not in minictr("ps", "--all").stdout.decode()
+
+
+def test_kill_sends_a_signal_by_name(minictr):
+    cid = start(minictr, "sleep", "60")
+    assert minictr("kill", cid, "TERM").returncode == 0
+    wait_until(lambda: not record(cid).alive)
+    assert record(cid).returncode == -signal.SIGTERM
+
+
+def test_a_killed_shim_leaves_a_stale_record_that_ps_shows_and_prunes(minictr):
+    cid = start(minictr, "sleep", "60")
+    running = record(cid)
+    os.kill(running.shim_pid, signal.SIGKILL)
+    wait_until(lambda: gone(running.init_pid))  # the container went with its shim
+    assert "exited (shim gone)" in minictr("ps", "--all").stdout.decode()
+    assert minictr("ps", "--prune").returncode == 0
+    assert cid not in minictr("ps", "--all").stdout.decode()
+
+
+def test_a_recycled_pid_is_not_taken_for_the_shim():
+    alive = Record(id="0" * 12, command=("x",), created=0, shim_pid=os.getpid(),
+                   shim_started=0, status="running")
+    assert not alive.alive and alive.shown_status == "exited (shim gone)"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["logs", "0123456789ab"], b"no container '0123456789ab'"),
+    (["stop", "nonsense"], b"container id 'nonsense': expected 12 hex digits"),
+    (["exec", "0123456789ab", "--", "true"], b"no container '0123456789ab'"),
+    (["kill", "0123456789ab", "NOPE"], b"signal 'NOPE'"),
+])
+def test_bad_input_is_one_line_and_status_125(minictr, args, message):
+    done = minictr(*args)
+    assert done.returncode == 125, done
+    assert done.stderr.startswith(b"minictr: error: ") and message in done.stderr
+    assert done.stderr.count(b"\n") == 1
+
+
+def test_exec_into_an_ended_container_and_rm_of_a_running_one_are_refused(minictr):
+    cid = start(minictr, "sleep", "60")
+    refused = minictr("rm", cid)
+    assert refused.returncode == 125 and b"is running: `minictr stop` it first" in refused.stderr
+    minictr("stop", "--time", "0", cid)
+    late = minictr("exec", cid, "--", "true")
+    assert late.returncode == 125 and b"is not running (stopped)" in late.stderr
+
+
+def test_two_execs_at_once_and_stop_racing_the_end(minictr):
+    cid = start(minictr, "sh", "-c", "sleep 1")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        minictr("exec", cid, "--", "sh", "-c", "sleep 0.3; echo done"))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.stdout for r in results] == [b"done\n", b"done\n"]
+    time.sleep(0.6)  # about when the command ends by itself
+    stop = minictr("stop", "--time", "0", cid)
+    assert stop.returncode in (0, 125)
+    wait_until(lambda: not record(cid).alive)
+    assert record(cid).status in ("exited", "stopped")
