@@ -73,7 +73,10 @@ def add_commands(commands) -> None:
 def run_detached(rootfs: str, command: Sequence[str], keywords: dict) -> int:
     """Start the container under a shim of its own, print its id once it runs."""
     store = Store()
-    record = Record(id=secrets.token_hex(6), command=tuple(command), created=time.time())
+    container_id = secrets.token_hex(6)
+    record = Record(id=container_id, command=tuple(command), created=time.time(), rootfs=rootfs,
+                    options=keywords, logs=tuple(str(store.path(container_id) / name)
+                                                 for name in ("stdout.log", "stderr.log")))
     store.create(record)
     order = {"state_dir": str(store.root), "id": record.id, "rootfs": rootfs,
              "command": list(command), "keywords": keywords}
@@ -151,12 +154,12 @@ def exec_in_container(args: argparse.Namespace) -> int:
 
 
 def show_logs(args: argparse.Namespace) -> int:
-    directory = _existing(Store(), args.id)
-    for name, stream in (("stdout.log", sys.stdout.buffer), ("stderr.log", sys.stderr.buffer)):
+    logs = Store().read(args.id).logs
+    for path, stream in zip(logs, (sys.stdout.buffer, sys.stderr.buffer), strict=True):
         try:
-            stream.write((directory / name).read_bytes())
+            stream.write(Path(path).read_bytes())
         except FileNotFoundError:
-            pass
+            pass  # the shim had not made it yet
         stream.flush()
     return 0
 
@@ -198,11 +201,6 @@ def _ask(container_id: str, message: dict, fds: tuple[int, ...] = ()) -> dict:
     if not reply.get("ok"):
         raise MinictrError(reply.get("message", "the shim failed"))
     return reply
-
-
-def _existing(store: Store, container_id: str) -> Path:
-    store.read(container_id)  # ContainerNotFoundError names an unknown id
-    return store.path(container_id)
 
 
 def _remove_quietly(store: Store, container_id: str) -> None:

@@ -48,8 +48,8 @@ def main() -> int:
     directory = store.path(container_id)
     runtime = ContainerRuntime()
     try:
-        with open(directory / "stdout.log", "wb") as out, \
-                open(directory / "stderr.log", "wb") as err:
+        stdout_log, stderr_log = store.read(container_id).logs
+        with open(stdout_log, "wb") as out, open(stderr_log, "wb") as err:
             container = runtime.run(order["rootfs"], order["command"], stdout=out, stderr=err,
                                     **order["keywords"])
     except MinictrError as error:

@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -37,6 +37,9 @@ class Record:
     id: str
     command: tuple[str, ...]
     created: float                  # epoch seconds
+    rootfs: str = ""
+    options: dict = field(default_factory=dict)   # the run keywords (limits, network...)
+    logs: tuple[str, ...] = ()      # where its stdout and stderr go
     shim_pid: int | None = None
     shim_started: int | None = None  # clock ticks after boot, from /proc/PID/stat
     init_pid: int | None = None     # host pid of the container's init
@@ -109,6 +112,7 @@ class Store:
             raise ContainerNotFoundError(f"container {container_id!r}: its record is "
                                          f"unreadable ({error}); `minictr rm` it") from None
         data["command"] = tuple(data["command"])
+        data["logs"] = tuple(data.get("logs", ()))
         return Record(**data)
 
     def write(self, record: Record) -> None:

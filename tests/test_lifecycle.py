@@ -65,7 +65,9 @@ def test_a_detached_container_outlives_its_cli_and_is_reached_by_others(minictr)
     assert time.monotonic() - started < 30 and len(cid) == 12
     listed = minictr("ps", "--json").stdout.decode().splitlines()
     assert [json.loads(line)["id"] for line in listed] == [cid]
-    assert json.loads(listed[0])["status"] == "running"
+    listed_record = json.loads(listed[0])
+    assert listed_record["status"] == "running" and listed_record["options"]["hostname"] == "svc"
+    assert listed_record["logs"][0].endswith(f"{cid}/stdout.log")
     wait_until(lambda: minictr("logs", cid).stdout == b"out\n")
     assert minictr("logs", cid).stderr == b"err\n"
     execd = minictr("exec", cid, "--", "sh", "-c", "hostname; cat /tmp/f; cat; exit 3",
