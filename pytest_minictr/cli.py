@@ -17,12 +17,13 @@ it died of signal N, 125 when minictr itself failed (one line on stderr, no trac
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import signal
 import sys
 from typing import Sequence
 
-from . import doctor, lifecycle
+from . import doctor, images, lifecycle
 from .errors import CommandNotFoundError, MinictrError
 from .rootfs import RootfsBuilder
 from .runtime import ContainerRuntime
@@ -47,6 +48,11 @@ HELP_ALLOW_SYSCALL = "let this call through the default seccomp filter; repeatab
 HELP_CAP_ADD = "keep this capability too (e.g. NET_RAW, SYS_PTRACE); repeatable"
 HELP_ULIMIT = ("resource limit, like docker: nofile=8192, core=unlimited, stack=8388608:67108864 "
                "(bytes); repeatable")
+HELP_RECIPE = "build the rootfs from this recipe (minimal, busybox, python3, or a .toml path)"
+HELP_OUTPUT_LIMIT = "bytes kept of each output stream (default 64M); the rest is dropped"
+HELP_LAYER_SIZE = "most bytes the container may write to its filesystem (ENOSPC past it)"
+HELP_JSON = ("capture the output and print one JSON object: verdict, status, times, memory, "
+             "and the head of stdout and stderr")
 HELP_DETACH = ("run in the background: print the container's id and return (see ps, logs, "
                "exec, stop, rm)")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -86,9 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cap-add", action="append", default=[], metavar="CAP", help=HELP_CAP_ADD)
     run.add_argument("--ulimit", action="append", type=_ulimit, default=[],
                      metavar="NAME=SOFT[:HARD]", help=HELP_ULIMIT)
+    run.add_argument("--output-limit", metavar="SIZE", help=HELP_OUTPUT_LIMIT)
+    run.add_argument("--layer-size", metavar="SIZE", help=HELP_LAYER_SIZE)
+    run.add_argument("--json", action="store_true", help=HELP_JSON)
     source = run.add_mutually_exclusive_group()
     source.add_argument("--rootfs", metavar="DIR", help=HELP_ROOTFS)
-    source.add_argument("--bin", action="append", default=[], metavar="NAME", help=HELP_BIN)
+    source.add_argument("--recipe", metavar="NAME", help=HELP_RECIPE)
+    run.add_argument("--bin", action="append", default=[], metavar="NAME", help=HELP_BIN)
     run.add_argument("--detach", "-d", action="store_true", help=HELP_DETACH)
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     run.set_defaults(handler=run_command, parser=run)
@@ -98,10 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
     rootfs_commands = rootfs.add_subparsers(dest="rootfs_command", required=True,
                                             metavar="COMMAND")
     build = rootfs_commands.add_parser("build", help="build a rootfs into a directory")
-    build.add_argument("--bin", action="append", default=[], metavar="NAME", required=True,
+    build.add_argument("--recipe", metavar="NAME", help=HELP_RECIPE)
+    build.add_argument("--bin", action="append", default=[], metavar="NAME",
                        help="host binary to copy with its libraries; repeatable")
     build.add_argument("dest", help="directory to create (must not exist or be empty)")
-    build.set_defaults(handler=build_rootfs)
+    build.set_defaults(handler=build_rootfs, parser=build)
+    rootfs_list = rootfs_commands.add_parser("list", help="the rootfs cache: key, recipe, "
+                                                          "size, age")
+    rootfs_list.add_argument("--json", action="store_true", help="one JSON object per line")
+    rootfs_list.set_defaults(handler=images.list_cache)
+    prune = rootfs_commands.add_parser("prune", help="empty the rootfs cache")
+    prune.set_defaults(handler=images.prune_cache)
+    import_command = rootfs_commands.add_parser(
+        "import", help="unpack a `docker save` or OCI image tarball into a directory")
+    import_command.add_argument("image", help="the image tarball")
+    import_command.add_argument("dest", help="directory to create (must not exist or be empty)")
+    import_command.add_argument("--max-size", default="16G", metavar="SIZE",
+                                help="refuse an image bigger than this unpacked (default 16G)")
+    import_command.set_defaults(handler=images.import_command)
 
     doctor_command = commands.add_parser(
         "doctor", help="check what this host lets minictr do, and say how to fix the rest")
@@ -114,31 +138,45 @@ def run_command(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         args.parser.error("the command to run is missing: minictr run [OPTIONS] -- CMD [ARGS...]")
-    if not args.rootfs and not shutil.which(command[0]):
-        raise CommandNotFoundError(f"command {command[0]!r} not found on this host's PATH, "
-                                   "so it cannot be copied into a rootfs (give --rootfs DIR)")
-    rootfs = str(args.rootfs or RootfsBuilder().build(binaries=[command[0], *args.bin]))
+    rootfs = str(args.rootfs or _build_for(command[0], args))
     keywords = dict(memory_limit=args.memory, cpu_limit=args.cpus, pids_limit=args.pids,
                     timeout=args.timeout, network=args.network, hostname=args.hostname,
                     cwd=args.cwd, env=dict(args.env), user=args.user, seccomp=args.seccomp,
                     allow_syscalls=args.allow_syscall, capabilities=args.cap_add,
-                    rlimits=dict(args.ulimit))
+                    rlimits=dict(args.ulimit), output_limit=args.output_limit,
+                    layer_size=args.layer_size)
     make_spec(rootfs, command, **keywords)  # a bad value fails here, before anything starts
     if args.detach:
         return lifecycle.run_detached(rootfs, command, keywords)
+    # --json: the output is captured for the report, the rest passes through
+    streams = {} if args.json else {"stdout": sys.stdout, "stderr": sys.stderr}
     with ContainerRuntime() as runtime:
-        container = runtime.run(rootfs, command, stdin=sys.stdin, stdout=sys.stdout,
-                                stderr=sys.stderr, **keywords)
+        container = runtime.run(rootfs, command, stdin=sys.stdin, **streams, **keywords)
         for signum in FORWARDED:
             signal.signal(signum, lambda number, _frame: container.send_signal(number))
         result = container.wait()
-    if result.timed_out:
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    elif result.timed_out:
         print(f"minictr: timed out after {args.timeout:g} s", file=sys.stderr)
     return result.returncode if result.returncode >= 0 else 128 - result.returncode
 
 
+def _build_for(program: str, args: argparse.Namespace):
+    """The rootfs of `run` without --rootfs: the recipe's, or the program's own."""
+    if args.recipe:
+        return RootfsBuilder().build(recipe=args.recipe, binaries=args.bin)
+    if not shutil.which(program):
+        raise CommandNotFoundError(f"command {program!r} not found on this host's PATH, "
+                                   "so it cannot be copied into a rootfs (give --rootfs DIR "
+                                   "or --recipe)")
+    return RootfsBuilder().build(binaries=[program, *args.bin])
+
+
 def build_rootfs(args: argparse.Namespace) -> int:
-    print(RootfsBuilder().build(binaries=args.bin, dest=args.dest))
+    if not args.bin and not args.recipe:
+        args.parser.error("give --recipe NAME and/or --bin NAME")
+    print(RootfsBuilder().build(binaries=args.bin, dest=args.dest, recipe=args.recipe))
     return 0
 
 

@@ -104,11 +104,15 @@ def map_with_helpers(pid: int, uid: int, gid: int, starts: tuple[int, int]) -> N
 
 def shift_ownership(tree: str) -> None:
     """Give every file of `tree` to the mapped range: host id n becomes the range's n (so
-    root's files become container root's), without following symlinks."""
+    root's files become container root's), without following symlinks. A file hard-linked
+    to a host file (the builder links what it can) keeps its owner: a chown would change the
+    host's file; the idmapped mount covers it where the kernel has them."""
     uid_base, gid_base = id_range("subuid"), id_range("subgid")
     for directory, subdirs, files in os.walk(tree):
         for name in (directory, *(os.path.join(directory, n) for n in subdirs + files)):
             st = os.lstat(name)
+            if st.st_nlink > 1 and not os.path.isdir(name):
+                continue
             if st.st_uid < MAPPED_IDS and st.st_gid < MAPPED_IDS:
                 os.lchown(name, uid_base + st.st_uid, gid_base + st.st_gid)
 

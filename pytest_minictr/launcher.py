@@ -549,7 +549,7 @@ def be_init(spec: ContainerSpec, fds: ChildFds, forwarder: "SignalForwarder", pa
         attempt("unshare the mount namespace", linux.unshare, linux.CLONE_NEWNS)
     host_paths = mounts.HostPaths.open(spec)
     layer_lock = lock_layer(host_paths.layer)
-    mounts.prepare_stage()
+    mounts.prepare_stage(spec.layer_size)
     entered = userns if spec.user_namespace and not inside_user_namespace else None
     layer_size = enter_container(spec, host_paths, entered, inside_user_namespace)
     confine(spec, layer_size, entered, parent_pidfd)

@@ -52,11 +52,13 @@ PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 _IDMAP_UNSUPPORTED = (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
-def prepare_stage() -> None:
-    """What every container needs before its spec is known: private mounts and the stage."""
+def prepare_stage(layer_size: int | None = None) -> None:
+    """Private mounts and the stage; `layer_size` bounds the stage, and with it the writable
+    layer (a command filling it gets ENOSPC; the host's memory is spared)."""
     attempt("make mounts private", linux.mount, None, "/", None, MS_REC | linux.MS_PRIVATE)
+    size = "" if layer_size is None else f",size={layer_size}"
     attempt(f"mount tmpfs stage on {STAGE}", linux.mount, "minictr", STAGE, "tmpfs",
-            MS_NOSUID | MS_NODEV, "mode=0700")
+            MS_NOSUID | MS_NODEV, "mode=0700" + size)
     for name in ("upper", "work", "root"):
         os.mkdir(f"{STAGE}/{name}", 0o755)
 
@@ -70,7 +72,9 @@ def build_root(spec: ContainerSpec, host_paths: "HostPaths", userns: UserNamespa
     mount_proc()
     mount_dev()
     mask_proc()
-    attempt("mount /tmp", mount_tmpfs, _mount_point("/tmp", True), "mode=1777")
+    # /tmp is writable too: the layer's bound holds for it as well
+    tmp_size = "" if spec.layer_size is None else f",size={spec.layer_size}"
+    attempt("mount /tmp", mount_tmpfs, _mount_point("/tmp", True), "mode=1777" + tmp_size)
     for mount, source_fd in zip(spec.mounts, host_paths.sources, strict=True):
         mount_user_mount(mount, source_fd)
     return ROOT

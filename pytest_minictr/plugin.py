@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import pytest
 
-from . import __version__, doctor
+from . import __version__, doctor, recipes
 from .errors import ConfigError, MinictrError, UnsupportedError
 from .rootfs import RootfsBuilder, default_cache_dir
 from .runtime import Container, ContainerRuntime, ContainerStats, Result
@@ -83,6 +83,7 @@ class ContainerSettings:
     timeout: float | None = None
     network: str = "loopback"
     binaries: tuple[str, ...] | None = None
+    recipe: str | None = None
     rootfs: str | None = None
     hostname: str = "minictr"
     env: Mapping[str, str] = field(default_factory=dict)
@@ -328,13 +329,14 @@ def merge_marker(defaults: ContainerSettings, item: pytest.Item) -> ContainerSet
             raise ConfigError(f"@pytest.mark.container: unknown keyword {unknown[0]!r} "
                               f"(known: {', '.join(MARKER_KEYWORDS)})")
         keywords.update(marker.kwargs)
-    if keywords.get("rootfs") is not None and keywords.get("binaries") is not None:
-        raise ConfigError("@pytest.mark.container: give rootfs= or binaries=, not both")
+    if keywords.get("rootfs") is not None and (keywords.get("binaries") is not None
+                                               or keywords.get("recipe") is not None):
+        raise ConfigError("@pytest.mark.container: give rootfs= or binaries=/recipe=, not both")
     security = {key: keywords.pop(key) for key in SECURITY_KEYWORDS if key in keywords}
     values = dict(_marker_value(key, value) for key, value in keywords.items())
     if security:
         values["security"] = check_security(**security)
-    if values.get("binaries") is not None:
+    if values.get("binaries") is not None or values.get("recipe") is not None:
         values["rootfs"] = None  # the marker's binaries beat a --minictr-rootfs default
     return replace(defaults, **values)
 
@@ -359,8 +361,8 @@ def _marker_value(keyword: str, value: Any) -> tuple[str, Any]:
             raise ConfigError(f"binaries={value!r}: expected a list of program names")
         return "binaries", tuple(value)
     if keyword == "recipe":
-        raise ConfigError(f"recipe={value!r}: rootfs recipes are not available yet; "
-                          "use binaries=[...] or rootfs='DIR'")
+        recipes.find(value)  # ConfigError names an unknown one
+        return "recipe", str(value)
     if keyword == "rootfs":
         return "rootfs", _prepared_rootfs(value, "rootfs")
     if keyword == "hostname":
@@ -417,14 +419,18 @@ def resolve_rootfs(settings: ContainerSettings, builder: RootfsBuilder, memo: di
     """A prepared rootfs if one was given, else one built (cached) from host binaries. Looked
     up once per session and set of binaries: checking the cache stats every file it copied,
     milliseconds a test would pay for nothing (a host upgrade mid-run is not our business)."""
-    if settings.binaries is None and settings.rootfs is not None:
+    if settings.binaries is None and settings.recipe is None and settings.rootfs is not None:
         return Path(settings.rootfs)
-    if settings.binaries not in memo:
-        wanted = settings.binaries if settings.binaries is not None else BASE_BINARIES
-        present = [name for name in dict.fromkeys(("sh", *wanted))
-                   if name in (settings.binaries or ()) or shutil.which(name)]
-        memo[settings.binaries] = builder.build(binaries=present)
-    return memo[settings.binaries]
+    key = (settings.recipe, settings.binaries)
+    if key not in memo:
+        if settings.recipe is not None:
+            memo[key] = builder.build(recipe=settings.recipe, binaries=settings.binaries or ())
+        else:
+            wanted = settings.binaries if settings.binaries is not None else BASE_BINARIES
+            present = [name for name in dict.fromkeys(("sh", *wanted))
+                       if name in (settings.binaries or ()) or shutil.which(name)]
+            memo[key] = builder.build(binaries=present)
+    return memo[key]
 
 
 def check_host_can_run_containers() -> None:

@@ -30,11 +30,12 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import recipes
 from .errors import ConfigError, RootfsError
 from .idmap import shift_ownership
 from .spec import DEFAULT_PATH
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = ".minictr-manifest.json"
 MERGED_USR_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 MAX_SYMLINK_HOPS = 40  # the kernel's own limit (ELOOP) for path resolution
@@ -92,6 +93,31 @@ class Request:
     binaries: tuple[str, ...]
     files: tuple[str, ...]
     dirs: tuple[str, ...]
+    libraries: tuple[str, ...] = ()   # sonames loaded at run time, found in LIBRARY_DIRS
+    python: str | None = None         # an interpreter whose stdlib comes along
+    applets: str | None = None        # a busybox whose applets get links in /bin
+    recipe: str = ""                  # the recipe's name, for `minictr rootfs list`
+
+
+@dataclass(frozen=True)
+class PythonLayout:
+    """Where an interpreter keeps itself, as it says when asked."""
+    executable: str
+    stdlib: str
+    dynload: str
+
+
+# Where the dynamic loader looks for libraries by default (Debian's multiarch dirs first).
+LIBRARY_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu",
+                "/usr/lib/aarch64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib")
+# Parts of a standard library no program under test needs: tests, GUIs, installers, the
+# static libpython (config-*), third-party packages.
+STDLIB_LEFT_OUT = ("site-packages", "dist-packages", "test", "idlelib", "tkinter",
+                   "turtledemo", "ensurepip", "__phello__", "config-")
+PYTHON_PROBE = ("import json, os, sys, sysconfig; print(json.dumps({"
+                "'executable': os.path.realpath(sys.executable), "
+                "'stdlib': sysconfig.get_paths()['stdlib'], "
+                "'dynload': sysconfig.get_config_var('DESTSHARED') or ''}))")
 
 
 def parse_shebang(head: bytes) -> tuple[str, str] | None:
@@ -145,7 +171,7 @@ def _path_str(item, what: str) -> str:
     return name
 
 
-def _normalize_dest(dest) -> str:
+def normalize_dest(dest) -> str:
     path = os.path.abspath(_path_str(dest, f"dest={dest!r}"))
     try:
         usable = not os.path.lexists(path) or (os.path.isdir(path) and not os.listdir(path))
@@ -163,7 +189,7 @@ def _describe(error: OSError) -> str:
 
 
 def _resolve(kind: str, name: str, search_path: str) -> ResolvedInput:
-    path = name
+    path = find_library(name) if kind == "library" else name
     if kind == "binary" and "/" not in name:
         path = shutil.which(name, path=search_path)
         if path is None:
@@ -184,23 +210,28 @@ def _resolve(kind: str, name: str, search_path: str) -> ResolvedInput:
 def _resolve_all(request: Request, search_path: str) -> list[ResolvedInput]:
     # dirs first: copytree wants fresh ground, later single files then only fill gaps.
     return [_resolve(kind, name, search_path) for kind, names in
-            (("dir", request.dirs), ("file", request.files), ("binary", request.binaries))
+            (("dir", request.dirs), ("file", request.files), ("binary", request.binaries),
+             ("library", request.libraries))
             for name in names]
 
 
 def _cache_key(request: Request, resolved: list[ResolvedInput]) -> str:
     # Built by hand, not with asdict(): this runs on every cache hit and asdict deep-copies.
     material = repr((FORMAT_VERSION, request.binaries, request.files, request.dirs,
+                     request.libraries, request.python, request.applets,
                      [(r.kind, r.name, r.path, r.real.path, r.real.dev, r.real.ino, r.real.size,
                        r.real.mtime_ns) for r in resolved]))
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
 class _RootTree:
-    """Copies host paths into `root` at the same path, mirroring host symlinks as symlinks."""
+    """Copies host paths into `root` at the same path, mirroring host symlinks as symlinks.
+    With `link`, a file is hard-linked where the filesystem allows (a cache entry, never
+    written: the python3 recipe's four thousand files then cost a link each)."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, link: bool = False):
         self.root = root
+        self.link = link
         self.sources: dict[str, SourceStat] = {}
         self._done: dict[str, str] = {}  # host path given -> physical host path
         self._trees: list[str] = []
@@ -258,37 +289,89 @@ class _RootTree:
             os.mkdir(self.inside(host))
             os.chmod(self.inside(host), mode)  # explicit: mkdir's mode is masked by umask
 
-    def _copy_file(self, host: str, st: os.stat_result) -> None:
+    def _copy_file(self, host: str, st: os.stat_result, record: bool = True) -> None:
         dst = self.inside(host)
         if os.path.lexists(dst):  # never write through something already in the root
             return
-        self.sources[host] = SourceStat.of(host, st)  # stat before copying: errs on stale
+        if record:
+            self.sources[host] = SourceStat.of(host, st)  # stat before copying: errs on stale
+        if self.link and not st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            try:
+                os.link(host, dst)
+                return
+            except OSError:
+                pass  # another filesystem, or fs.protected_hardlinks: copy it
         shutil.copy2(host, dst, follow_symlinks=False)
         if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
             # A setuid-root copy in a cache outliving host security updates is a hazard,
             # and setuid means nothing to a user-namespace container anyway.
             os.chmod(dst, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
 
-    def add_tree(self, host_dir: str) -> None:
+    def add_tree(self, host_dir: str, left_out: tuple[str, ...] = ()) -> None:
+        """Copy a directory tree but the top-level entries named (or prefixed) in `left_out`.
+        The manifest records its directories, not each file: adding, removing or replacing
+        a file (as package upgrades do) changes its directory; a cache hit stays cheap."""
         real = self.add_path(host_dir)
         if any(real == t or real.startswith(t + "/") for t in self._trees):
             return
         self._trees.append(real)
         try:
-            shutil.copytree(real, self.inside(real), symlinks=True, dirs_exist_ok=True,
-                            ignore=self._record_dir_skip_special,
-                            copy_function=lambda s, d: self._copy_file(s, os.lstat(s)))
-        except (OSError, shutil.Error) as e:
+            for directory, subdirs, names in os.walk(real):
+                if directory == real:
+                    subdirs[:] = [d for d in subdirs if not d.startswith(left_out)] \
+                        if left_out else subdirs
+                self.sources[directory] = SourceStat.of(directory)
+                self._copy_entries(directory, subdirs, names)
+        except OSError as e:
             raise RootfsError(f"cannot copy directory {host_dir!r} into the rootfs: {e}") from None
 
-    def _record_dir_skip_special(self, directory: str, names: list[str]) -> list[str]:
-        # copytree calls this once per directory before copying it, the one place to record
-        # its stat.  Device nodes, FIFOs and sockets are skipped: reading a FIFO would block
-        # and a user-namespace container cannot use host device nodes anyway.
-        self.sources[directory] = SourceStat.of(directory)
-        modes = {name: os.lstat(os.path.join(directory, name)).st_mode for name in names}
-        return [n for n, m in modes.items()
-                if not (stat.S_ISREG(m) or stat.S_ISDIR(m) or stat.S_ISLNK(m))]
+    def _copy_entries(self, directory: str, subdirs: list[str], names: list[str]) -> None:
+        """One directory's entries. Symlinks to directories come as symlinks (os.walk lists
+        them among the subdirs but does not enter them); device nodes, FIFOs and sockets are
+        left out: reading a FIFO would block, and a container cannot use host devices."""
+        for name in list(subdirs):
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                subdirs.remove(name)
+                self._link(path, os.readlink(path), st)
+            else:
+                self.ensure_dir(path, stat.S_IMODE(st.st_mode))
+        for name in names:
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                self._link(path, os.readlink(path), st)
+            elif stat.S_ISREG(st.st_mode):
+                self._copy_file(path, st, record=False)
+
+    def add_python(self, layout: PythonLayout, search_path: str) -> None:
+        """An interpreter, its standard library, and what its extension modules load."""
+        self.add_binary_closure(layout.executable, search_path)
+        self.add_tree(layout.stdlib, STDLIB_LEFT_OUT)
+        if layout.dynload and os.path.isdir(layout.dynload):
+            self.add_tree(layout.dynload)
+            modules = sorted(os.path.join(layout.dynload, name)
+                             for name in os.listdir(layout.dynload) if name.endswith(".so"))
+            for library in _ldd_many(modules, search_path):
+                self.add_path(library)
+        for name in ("python3", "python"):
+            link = self.inside(f"/usr/bin/{name}")
+            if not os.path.lexists(link):
+                os.symlink(layout.executable, link)
+
+    def add_applets(self, busybox: str) -> None:
+        """A link in /bin for each applet this busybox lists (`busybox --list`)."""
+        try:
+            listed = subprocess.run([busybox, "--list"], capture_output=True, text=True,
+                                    timeout=LDD_TIMEOUT, check=True).stdout.split()
+        except (OSError, subprocess.SubprocessError) as e:
+            raise RootfsError(f"{busybox} --list failed: {e}") from None
+        for applet in listed:
+            if "/" not in applet and applet not in (".", ".."):
+                link = self.inside(f"/bin/{applet}")
+                if not os.path.lexists(link):
+                    os.symlink(busybox, link)
 
     def add_binary_closure(self, path: str, search_path: str) -> None:
         pending, seen = [path], set()
@@ -364,9 +447,55 @@ def _ldd_libraries(binary: str, search_path: str) -> list[str]:
     return libraries
 
 
-def _populate(root: str, resolved: list[ResolvedInput], search_path: str
-              ) -> dict[str, SourceStat]:
-    tree = _RootTree(root)
+def _ldd_many(binaries: list[str], search_path: str) -> set[str]:
+    """The libraries of many binaries, one ldd run for all (extension modules: seventy of
+    them in one run instead of seventy runs). One whose library is missing on the host could
+    not be imported there either: it is left as it is, not an error."""
+    if not binaries:
+        return set()
+    ldd = shutil.which("ldd", path=f"{search_path}:{DEFAULT_PATH}")
+    if ldd is None:
+        raise RootfsError("ldd not found on the host; install libc-bin (glibc) to build rootfs")
+    try:
+        proc = subprocess.run([ldd, *binaries], capture_output=True, timeout=LDD_TIMEOUT,
+                              encoding="utf-8", errors="surrogateescape",
+                              env={"LC_ALL": "C", "PATH": f"{search_path}:{DEFAULT_PATH}"})
+    except subprocess.TimeoutExpired:
+        raise RootfsError(f"ldd of {len(binaries)} modules did not finish within "
+                          f"{LDD_TIMEOUT:g} s") from None
+    libraries = set()
+    for line in proc.stdout.splitlines():
+        path = line.strip().rpartition("=>")[2].strip().split(" (0x", 1)[0]
+        if line.startswith(("\t", " ")) and path.startswith("/"):
+            libraries.add(path)
+    return libraries
+
+
+def find_library(soname: str) -> str:
+    for directory in LIBRARY_DIRS:
+        path = os.path.join(directory, soname)
+        if os.path.isfile(path):
+            return path
+    raise RootfsError(f"library {soname!r} not found in {', '.join(LIBRARY_DIRS)}")
+
+
+def probe_python(interpreter: str, search_path: str) -> PythonLayout:
+    """Ask the interpreter (a name on PATH, a path, a pyenv shim) where it keeps itself."""
+    found = interpreter if "/" in interpreter else shutil.which(interpreter, path=search_path)
+    if found is None:
+        raise RootfsError(f"python {interpreter!r} not found on PATH ({search_path})")
+    try:
+        done = subprocess.run([found, "-I", "-S", "-c", PYTHON_PROBE], capture_output=True,
+                              text=True, timeout=LDD_TIMEOUT, check=True)
+        return PythonLayout(**json.loads(done.stdout))
+    except (OSError, subprocess.SubprocessError, ValueError, TypeError) as e:
+        raise RootfsError(f"python {interpreter!r} could not say where its standard library "
+                          f"is: {e}") from None
+
+
+def _populate(root: str, resolved: list[ResolvedInput], search_path: str,
+              request: Request | None = None, link: bool = False) -> dict[str, SourceStat]:
+    tree = _RootTree(root, link)
     for name in MERGED_USR_LINKS:
         # /bin/sh must work even though which("sh") gave /usr/bin/sh.
         if os.path.islink("/" + name) and os.path.isdir("/" + name):
@@ -378,8 +507,12 @@ def _populate(root: str, resolved: list[ResolvedInput], search_path: str
             tree.add_tree(item.path)
         elif item.kind == "file":
             tree.add_path(item.path)
-        else:
+        else:  # binary, library
             tree.add_binary_closure(item.path, search_path)
+    if request is not None and request.python:
+        tree.add_python(probe_python(request.python, search_path), search_path)
+    if request is not None and request.applets:
+        tree.add_applets(request.applets)
     for rel, content in SKELETON_FILES.items():
         if not os.path.lexists(tree.inside(rel)):
             with open(tree.inside(rel), "w") as f:
@@ -440,6 +573,21 @@ def _rename_in(tmp: str, entry: str) -> bool:
         raise
 
 
+def _request(binaries, files, dirs, recipe: recipes.Recipe | None) -> Request:
+    if recipe is None:
+        return Request(_normalize("binaries", binaries), _normalize("files", files),
+                       _normalize("dirs", dirs))
+    return Request(_normalize("binaries", [*recipe.binaries, *_as_list("binaries", binaries)]),
+                   _normalize("files", [*recipe.files, *_as_list("files", files)]),
+                   _normalize("dirs", [*recipe.dirs, *_as_list("dirs", dirs)]),
+                   libraries=recipe.libraries, python=recipe.python, applets=recipe.applets,
+                   recipe=recipe.name)
+
+
+def _as_list(kind: str, items) -> list:
+    return list(_normalize(kind, items)) if items else []
+
+
 class RootfsBuilder:
     """Builds (and caches in `cache_dir`, default `default_cache_dir()`) root filesystems."""
 
@@ -447,10 +595,12 @@ class RootfsBuilder:
         self.cache_dir = Path(os.path.abspath(cache_dir if cache_dir is not None
                                               else default_cache_dir()))
 
-    def build(self, binaries=(), files=(), dirs=(), dest=None) -> Path:
-        request = Request(_normalize("binaries", binaries), _normalize("files", files),
-                          _normalize("dirs", dirs))
-        dest = None if dest is None else _normalize_dest(dest)
+    def build(self, binaries=(), files=(), dirs=(), dest=None, recipe=None) -> Path:
+        """A rootfs holding `binaries` (names on PATH, or paths) with their libraries,
+        `files` and `dirs` (host paths), plus what the `recipe` names (see `recipes`)."""
+        request = _request(binaries, files, dirs, None if recipe is None else
+                           recipes.load(recipe))
+        dest = None if dest is None else normalize_dest(dest)
         search_path = os.environ.get("PATH") or DEFAULT_PATH
         resolved = _resolve_all(request, search_path)
         if dest is not None:
@@ -472,7 +622,8 @@ class RootfsBuilder:
         _remove_dead_temp_dirs(cache_dir)
         tmp = tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-", dir=cache_dir)
         try:
-            _write_manifest(tmp, request, _populate(tmp, resolved, search_path))
+            _write_manifest(tmp, request, _populate(tmp, resolved, search_path, request,
+                                                    link=True))
             if os.geteuid() == 0:
                 shift_ownership(tmp)  # root inside owns it, with or without an idmap
             if _rename_in(tmp, entry):
@@ -494,11 +645,11 @@ class RootfsBuilder:
 
     def _build_into_dest(self, dest: str, request: Request, resolved: list[ResolvedInput],
                          search_path: str) -> Path:
-        created = _make_dest(dest)
+        created = make_dest(dest)
         try:
-            _write_manifest(dest, request, _populate(dest, resolved, search_path))
+            _write_manifest(dest, request, _populate(dest, resolved, search_path, request))
         except BaseException as error:
-            _clear_dest(dest, created)  # no half-built tree left behind
+            clear_dest(dest, created)  # no half-built tree left behind
             if isinstance(error, OSError):
                 raise RootfsError(f"dest {dest!r}: cannot build the rootfs there "
                                   f"({_describe(error)})") from None
@@ -506,7 +657,7 @@ class RootfsBuilder:
         return Path(dest)
 
 
-def _make_dest(dest: str) -> str | None:
+def make_dest(dest: str) -> str | None:
     """Create `dest` and its missing parents; return the top-most directory this created
     (None if `dest` was there), which is what a failure has to remove."""
     top, path = None, dest
@@ -515,12 +666,12 @@ def _make_dest(dest: str) -> str | None:
     try:
         os.makedirs(dest, exist_ok=True)
     except OSError as e:
-        _clear_dest(dest, top)  # parents made before the failing one
+        clear_dest(dest, top)  # parents made before the failing one
         raise RootfsError(f"dest {dest!r}: cannot create it ({_describe(e)})") from None
     return top
 
 
-def _clear_dest(dest: str, created: str | None) -> None:
+def clear_dest(dest: str, created: str | None) -> None:
     if created is not None:
         shutil.rmtree(created, ignore_errors=True)
         return

@@ -28,6 +28,8 @@ from .monitor import Monitor
 from .spec import ContainerSpec, Limits, Mount, check_seconds, make_exec_spec, make_spec
 
 DEFAULT_STOP_GRACE = 5.0
+VERDICT_HEAD = 4096     # bytes of each stream in Result.to_dict()
+_SIGNAL_NUMBERS = {int(number) for number in signal.Signals}
 _FINISHED_KEPT = 1024   # statuses of collected containers remembered for runtime.status(id)
 _ABORT_WAIT = 30.0      # seconds to wait for a killed container's end after an interrupt
 
@@ -86,6 +88,37 @@ class Result:
         """Raise ContainerProcessError (a subprocess.CalledProcessError) if returncode != 0."""
         if self.returncode:
             raise ContainerProcessError(self.returncode, list(self.args), self.stdout, self.stderr)
+
+    @property
+    def verdict(self) -> str:
+        """One word for a grader, the first that holds: "output_limit" (output cut at
+        output_limit: a flood, whatever ended it), "timeout" (killed at its time limit),
+        "memory" (the OOM killer struck), "signal" (killed by a signal), "runtime_error" (exit
+        status not 0), "ok"."""
+        if self.output_truncated:
+            return "output_limit"
+        if self.timed_out:
+            return "timeout"
+        if self.oom_killed:
+            return "memory"
+        if self.returncode < 0:
+            return "signal"
+        return "runtime_error" if self.returncode else "ok"
+
+    def to_dict(self, head: int = VERDICT_HEAD) -> dict[str, Any]:
+        """The Result as JSON-ready values: the verdict, the figures, and the first `head`
+        bytes of stdout and stderr (decoded, undecodable bytes replaced)."""
+        signum = -self.returncode if self.returncode < 0 else None
+        return {
+            "verdict": self.verdict, "returncode": self.returncode,
+            "signal": signal.Signals(signum).name if signum in _SIGNAL_NUMBERS else signum,
+            "wall_time": self.wall_time, "cpu_time": self.cpu_time,
+            "memory_peak": self.memory_peak, "oom_killed": bool(self.oom_killed),
+            "timed_out": self.timed_out, "output_truncated": self.output_truncated,
+            "stdout": self.stdout[:head].decode("utf-8", "replace"),
+            "stderr": self.stderr[:head].decode("utf-8", "replace"),
+            "stdout_bytes": len(self.stdout), "stderr_bytes": len(self.stderr),
+            "args": list(self.args), "container_id": self.container_id}
 
 
 @dataclass(frozen=True)
@@ -261,8 +294,8 @@ class ContainerRuntime:
             mounts: Sequence[Mount] = (), output_limit: int | str | None = None,
             layer: str | os.PathLike | None = None, seccomp: bool = True,
             allow_syscalls: Sequence[str] = (), capabilities: Sequence[str] = (),
-            rlimits: Mapping[str, Any] | None = None, stdin: Any = None, stdout: Any = None,
-            stderr: Any = None) -> Container:
+            rlimits: Mapping[str, Any] | None = None, layer_size: int | str | None = None,
+            stdin: Any = None, stdout: Any = None, stderr: Any = None) -> Container:
         """Start `command` in a new container on the root filesystem `image`; returns at once.
 
         `stdout`/`stderr` default to capture (in the Result); pass a file or fd to send the
@@ -282,7 +315,7 @@ class ContainerRuntime:
                          hostname=hostname, network=network, user=user, mounts=mounts,
                          output_limit=output_limit, layer=layer, seccomp=seccomp,
                          allow_syscalls=allow_syscalls, capabilities=capabilities,
-                         rlimits=rlimits)
+                         rlimits=rlimits, layer_size=layer_size)
         input_data = _check_input(input, stdin)
         return self._launch(spec, input_data, stdin, stdout, stderr)
 

@@ -99,6 +99,7 @@ class ContainerSpec:
     limits: Limits = field(default_factory=Limits)
     mounts: tuple[Mount, ...] = ()
     layer: str | None = None       # host dir keeping the writable layer; None: a fresh tmpfs
+    layer_size: int | None = None  # bytes the fresh tmpfs layer may hold; None: the kernel's
     security: Security = field(default_factory=Security)
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,6 +197,7 @@ def make_spec(
     allow_syscalls: Sequence[str] = (),
     capabilities: Sequence[str] = (),
     rlimits: Mapping[str, Any] | None = None,
+    layer_size: int | str | None = None,
 ) -> ContainerSpec:
     """Validate every keyword of `ContainerRuntime.run()`; one ConfigError names a bad one."""
     rootfs = _check_rootfs(image)
@@ -217,8 +219,22 @@ def make_spec(
         ),
         mounts=tuple(_check_mount(m) for m in _check_sequence(mounts, "mounts")),
         layer=None if layer is None else _check_layer(layer, rootfs),
+        layer_size=_check_layer_size(layer_size, layer),
         security=check_security(seccomp, allow_syscalls, capabilities, rlimits),
     )
+
+
+def _check_layer_size(layer_size: Any, layer: Any) -> int | None:
+    if layer_size is None:
+        return None
+    if layer is not None:
+        raise ConfigError(f"layer_size={layer_size!r}: bounds the fresh tmpfs layer; a kept "
+                          "layer= directory is as big as its filesystem")
+    size = parse_size(layer_size, "layer_size")
+    if size < MIN_MEMORY:
+        raise ConfigError(f"layer_size={layer_size!r}: must be at least 4 MiB (the layer "
+                          "also holds the container's mount points)")
+    return size
 
 
 def make_exec_spec(spec: ContainerSpec, command: Any, env: Any = None,

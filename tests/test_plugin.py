@@ -93,6 +93,12 @@ def test_user_false_makes_container_root_host_root(container):
     assert container.run("cat /proc/self/uid_map").stdout.split() == [b"0", b"0", b"4294967295"]
 
 
+@pytest.mark.container(recipe="python3", memory="64M")
+def test_a_recipe_from_the_marker(container):
+    result = container.run(["python3", "-c", "import sqlite3; print(sqlite3.sqlite_version)"])
+    assert result.returncode == 0 and result.stdout.count(b".") == 2, result.stderr
+
+
 @pytest.mark.container(memory="32M")
 def test_limits_from_the_marker(container):
     result = container.run('a=x; while :; do a="$a$a"; done')
@@ -127,6 +133,7 @@ def test_markers_merge_closest_wins(run_tests):
     ("binaries='sh'", "binaries='sh': expected a list"),
     ("binaries=['no-such-binary-x']", "no-such-binary-x"),
     ("rootfs='/no/such/dir'", "rootfs='/no/such/dir': no such directory"),
+    ("recipe='nonesuch'", "recipe='nonesuch': no such recipe"),
     ("'64M'", "takes keywords only"),
     ("user='no'", "user='no'"),
     ("seccomp=0", "seccomp=0: expected True or False"),

@@ -1,0 +1,241 @@
+"""Root filesystems from elsewhere and the cache's upkeep: `minictr rootfs import IMAGE.tar
+DEST` (a `docker save` or OCI image layout tarball, no daemon), `rootfs list` and `prune`.
+
+An image tarball is untrusted input. Unpacking it writes only inside DEST:
+- a member named with an absolute path or a `..` component is refused (RootfsError names it);
+- nothing is written through a symlink: every parent directory of a member must be a real
+  directory inside DEST (a symlink met on the way is refused), and files are created with
+  O_NOFOLLOW|O_EXCL after removing what was there; symlinks themselves are created as they are
+  (an absolute target is resolved inside the container's root when it runs, never here);
+- a hard link must name a regular file already unpacked inside DEST;
+- device nodes and FIFOs are skipped (a container gets its own /dev), setuid and setgid bits
+  dropped;
+- the bytes unpacked (sparse files counted at their full size) are capped by `max_size`.
+Layers are applied in order; whiteouts (`.wh.NAME`, `.wh..wh..opq`) remove what lower layers
+put there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import stat
+import tarfile
+import time
+from pathlib import Path
+
+from .errors import MinictrError, RootfsError
+from .rootfs import MANIFEST_NAME, clear_dest, make_dest, normalize_dest, default_cache_dir
+from .spec import parse_size
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+
+
+def import_command(args: argparse.Namespace) -> int:
+    print(import_image(args.image, args.dest, parse_size(args.max_size, "--max-size")))
+    return 0
+
+
+def import_image(image: str, dest: str, max_size: int) -> Path:
+    """Unpack the image's layers into `dest` (absent or empty); its path."""
+    dest = normalize_dest(dest)
+    created = make_dest(dest)
+    try:
+        with tarfile.open(image) as outer:
+            budget = [max_size]
+            for name in layer_names(outer):
+                with tarfile.open(fileobj=_member_file(outer, name), mode="r:*") as layer:
+                    apply_layer(layer, dest, budget)
+    except BaseException as error:
+        clear_dest(dest, created)
+        if isinstance(error, (OSError, tarfile.TarError)):
+            raise RootfsError(f"cannot import {image}: {error}") from None
+        raise
+    os.chmod(dest, 0o755)
+    return Path(dest)
+
+
+def layer_names(outer: tarfile.TarFile) -> list[str]:
+    """The layer blobs in order, from `manifest.json` (docker save) or `index.json` (OCI)."""
+    names = set(outer.getnames())
+    if "manifest.json" in names:
+        manifest = _json_member(outer, "manifest.json")
+        return list(manifest[0]["Layers"])
+    if "index.json" in names:
+        manifest = _json_member(outer, "index.json")
+        while "layers" not in manifest:  # an index (of indexes): its first manifest
+            manifest = _json_member(outer, _blob(manifest["manifests"][0]["digest"]))
+        return [_blob(layer["digest"]) for layer in manifest["layers"]]
+    raise RootfsError("not an image tarball: no manifest.json (docker save) or index.json "
+                      "(OCI image layout) in it")
+
+
+def _blob(digest: str) -> str:
+    algorithm, _, value = digest.partition(":")
+    return f"blobs/{algorithm}/{value}"
+
+
+def _json_member(outer: tarfile.TarFile, name: str):
+    try:
+        return json.load(_member_file(outer, name))
+    except ValueError as error:
+        raise RootfsError(f"{name} in the image is not JSON: {error}") from None
+
+
+def _member_file(outer: tarfile.TarFile, name: str):
+    try:
+        member = outer.getmember(name)
+    except KeyError:
+        raise RootfsError(f"the image names {name}, which it does not hold") from None
+    file = outer.extractfile(member)
+    if file is None:
+        raise RootfsError(f"{name} in the image is not a regular file")
+    return file
+
+
+def apply_layer(layer: tarfile.TarFile, dest: str, budget: list[int]) -> None:
+    members = [(safe_name(member.name), member) for member in layer.getmembers()]
+    for name, _ in members:  # whiteouts first: they concern the lower layers
+        base = os.path.basename(name)
+        if base == OPAQUE:
+            directory = _inside(dest, os.path.dirname(name))
+            if os.path.isdir(directory) and not os.path.islink(directory):
+                for entry in os.listdir(directory):
+                    _remove(os.path.join(directory, entry))
+        elif base.startswith(WHITEOUT):
+            _remove(_inside(dest, os.path.join(os.path.dirname(name), base[len(WHITEOUT):])))
+    for name, member in members:
+        if name and not os.path.basename(name).startswith(WHITEOUT):
+            _unpack(layer, member, name, dest, budget)
+
+
+def safe_name(name: str) -> str:
+    """The member's path relative to the root; RootfsError for one that would leave it."""
+    if name.startswith("/") or ".." in name.split("/"):
+        raise RootfsError(f"refused: member {name!r} points outside the rootfs "
+                          "(absolute, or with '..')")
+    return "/".join(part for part in name.split("/") if part not in ("", "."))
+
+
+def _inside(dest: str, name: str) -> str:
+    """dest/name, its parents real directories (made if missing), none a symlink."""
+    path = dest
+    parts = [part for part in name.split("/") if part]
+    for part in parts[:-1]:
+        path = os.path.join(path, part)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.mkdir(path, 0o755)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise RootfsError(f"refused: {name!r} goes through {path[len(dest):]!r}, which is "
+                              "not a directory (a symlink?)")
+    return os.path.join(path, parts[-1]) if parts else path
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def _unpack(layer: tarfile.TarFile, member: tarfile.TarInfo, name: str, dest: str,
+            budget: list[int]) -> None:
+    target = _inside(dest, name)
+    mode = stat.S_IMODE(member.mode) & ~(stat.S_ISUID | stat.S_ISGID)
+    if member.isdir():
+        if os.path.lexists(target) and not os.path.isdir(target):
+            _remove(target)
+        os.makedirs(target, exist_ok=True)
+        os.chmod(target, mode)
+    elif member.isreg():
+        budget[0] -= member.size
+        if budget[0] < 0:
+            raise RootfsError(f"refused: the image unpacks to more than its size limit "
+                              f"(at {name!r}; --max-size raises it)")
+        _remove(target)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(layer.extractfile(member), out)
+        os.chmod(target, mode)
+    elif member.issym():
+        _remove(target)
+        os.symlink(member.linkname, target)
+    elif member.islnk():
+        source = os.path.join(dest, safe_name(member.linkname))
+        if not os.path.isfile(source) or os.path.islink(source):
+            raise RootfsError(f"refused: hard link {name!r} to {member.linkname!r}, not a file "
+                              "unpacked before it")
+        _remove(target)
+        os.link(source, target)
+    else:
+        return  # device nodes, FIFOs: never from an image
+    if os.geteuid() == 0 and member.uid < 65536 and member.gid < 65536:
+        os.lchown(target, member.uid, member.gid)
+
+
+# --- the cache -------------------------------------------------------------------------------
+
+def cache_entries() -> list[dict]:
+    cache = default_cache_dir()
+    entries = []
+    for entry in sorted(cache.iterdir()) if cache.is_dir() else ():
+        manifest = entry / MANIFEST_NAME
+        if not entry.is_dir() or entry.name.startswith(".") or not manifest.is_file():
+            continue
+        try:
+            inputs = json.loads(manifest.read_text()).get("inputs", {})
+        except (OSError, ValueError):
+            inputs = {}
+        entries.append({"key": entry.name, "recipe": inputs.get("recipe") or "",
+                        "binaries": inputs.get("binaries", []), "size": _own_size(entry),
+                        "age": time.time() - manifest.stat().st_mtime, "path": str(entry)})
+    return entries
+
+
+def _own_size(root: Path) -> int:
+    """Bytes of the entry's files, counting hard links to the host (shared) once and not."""
+    total, seen = 0, set()
+    for directory, _, names in os.walk(root):
+        for name in names:
+            st = os.lstat(os.path.join(directory, name))
+            if stat.S_ISREG(st.st_mode) and (st.st_nlink == 1 or st.st_ino not in seen):
+                seen.add(st.st_ino)
+                total += st.st_size if st.st_nlink == 1 else 0
+    return total
+
+
+def list_cache(args: argparse.Namespace) -> int:
+    entries = cache_entries()
+    if args.json:
+        for entry in entries:
+            print(json.dumps(entry))
+        return 0
+    print(f"{'KEY':<34}{'RECIPE':<10}{'SIZE':>10}{'AGE':>9}  BINARIES")
+    for entry in entries:
+        print(f"{entry['key']:<34}{entry['recipe'] or '-':<10}"
+              f"{entry['size'] / 2**20:>8.1f}M{entry['age'] / 3600:>8.1f}h  "
+              f"{' '.join(os.path.basename(b) for b in entry['binaries'])}")
+    return 0
+
+
+def prune_cache(args: argparse.Namespace) -> int:
+    """Empty the cache: each entry renamed aside first, so no builder sees half of one."""
+    cache = default_cache_dir()
+    removed = 0
+    for entry in list(cache.iterdir()) if cache.is_dir() else ():
+        if entry.is_dir():
+            aside = cache / f".pruned-{entry.name}-{os.getpid()}"
+            try:
+                os.rename(entry, aside)
+            except OSError as error:
+                raise MinictrError(f"cannot prune {entry}: {error.strerror}") from None
+            shutil.rmtree(aside, ignore_errors=True)
+            removed += 1
+    print(f"removed {removed} entries from {cache}")
+    return 0

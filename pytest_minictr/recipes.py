@@ -1,0 +1,136 @@
+"""Rootfs recipes: declarative TOML files naming what a rootfs holds, for
+`RootfsBuilder().build(recipe="python3")`, the marker's `recipe=` and `--recipe`.
+
+    description = "..."
+    binaries = ["sh", "/bin/busybox"]   # with every library ldd finds for them
+    files = ["/etc/ssl/certs/ca-certificates.crt"]
+    dirs = ["/usr/share/zoneinfo"]
+    libraries = ["libgcc_s.so.1"]       # loaded at run time (dlopen): ldd cannot see them
+    python = "python3"                  # this interpreter, its stdlib and extension modules
+    applets = "/bin/busybox"            # a link in /bin for each applet of this busybox
+
+A recipe is a path (`x.toml`, or any name with a '/'), or a name looked up in the directories
+of $MINICTR_RECIPE_PATH (':'-separated), then in the package's own `rootfs-builder/`
+(`minimal`, `busybox`, `python3`). TOML comes from the standard library from 3.11; on 3.10 a
+reader for the subset above (strings, lists of strings, comments) stands in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+BUILTIN_DIR = Path(__file__).parent / "rootfs-builder"
+KEYS = {"description": str, "binaries": list, "files": list, "dirs": list, "libraries": list,
+        "python": str, "applets": str}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    path: str
+    description: str = ""
+    binaries: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+    dirs: tuple[str, ...] = ()
+    libraries: tuple[str, ...] = ()
+    python: str | None = None
+    applets: str | None = None
+
+
+def search_path() -> list[Path]:
+    extra = [Path(p) for p in os.environ.get("MINICTR_RECIPE_PATH", "").split(":") if p]
+    return [*extra, BUILTIN_DIR]
+
+
+def available() -> list[str]:
+    names = {p.stem for directory in search_path() if directory.is_dir()
+             for p in directory.glob("*.toml")}
+    return sorted(names)
+
+
+def find(recipe: Any) -> Path:
+    if not isinstance(recipe, (str, os.PathLike)) or not os.fspath(recipe):
+        raise ConfigError(f"recipe={recipe!r}: expected a recipe name ({', '.join(available())})"
+                          " or the path of a .toml file")
+    text = os.fspath(recipe)
+    if "/" in text or text.endswith(".toml"):
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError(f"recipe={text!r}: no such file")
+        return path
+    for directory in search_path():
+        path = directory / f"{text}.toml"
+        if path.is_file():
+            return path
+    raise ConfigError(f"recipe={text!r}: no such recipe (known: {', '.join(available())}; "
+                      "or give a path, or add a directory to MINICTR_RECIPE_PATH)")
+
+
+def load(recipe: Any) -> Recipe:
+    path = find(recipe)
+    try:
+        data = parse_toml(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"recipe {str(path)!r}: cannot read it ({error})") from None
+    for key, value in data.items():
+        expected = KEYS.get(key)
+        if expected is None:
+            raise ConfigError(f"recipe {str(path)!r}: unknown key {key!r} "
+                              f"(known: {', '.join(KEYS)})")
+        if not isinstance(value, expected) or (expected is list and not all(
+                isinstance(item, str) and item for item in value)):
+            what = "a list of strings" if expected is list else "a string"
+            raise ConfigError(f"recipe {str(path)!r}: {key} = {value!r}: expected {what}")
+    return Recipe(name=path.stem, path=str(path), description=data.get("description", ""),
+                  **{key: tuple(data.get(key, ())) for key in ("binaries", "files", "dirs",
+                                                               "libraries")},
+                  python=data.get("python"), applets=data.get("applets"))
+
+
+def parse_toml(text: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        return parse_toml_subset(text)
+    return tomllib.loads(text)
+
+
+def parse_toml_subset(text: str) -> dict:
+    """`key = value` lines, value a string or a (multi-line) list of strings, `#` comments on
+    lines of their own or after a value: what recipes use, as JSON reads it."""
+    data, pending = {}, ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = _without_comment(line).strip()
+        if not line:
+            continue
+        pending = f"{pending} {line}" if pending else line
+        key, sep, value = pending.partition("=")
+        if not sep:
+            raise ValueError(f"line {number}: expected key = value")
+        if value.count("[") > value.count("]"):
+            continue  # a list goes on
+        try:
+            data[key.strip()] = json.loads(re.sub(r",\s*\]", "]", value.strip()))
+        except ValueError:
+            raise ValueError(f"line {number}: unreadable value {value.strip()!r}") from None
+        pending = ""
+    if pending:
+        raise ValueError("unterminated list at the end")
+    return data
+
+
+def _without_comment(line: str) -> str:
+    quoted = False
+    for index, char in enumerate(line):
+        if char == '"':
+            quoted = not quoted
+        elif char == "#" and not quoted:
+            return line[:index]
+    return line
