@@ -577,6 +577,9 @@ def _request(binaries, files, dirs, recipe: recipes.Recipe | None) -> Request:
     if recipe is None:
         return Request(_normalize("binaries", binaries), _normalize("files", files),
                        _normalize("dirs", dirs))
+    if recipe.applets and not os.path.isfile(recipe.applets):
+        raise RootfsError(f"recipe {recipe.name!r} needs {recipe.applets}, which this host "
+                          "lacks (Debian, Ubuntu: apt install busybox-static)")
     return Request(_normalize("binaries", [*recipe.binaries, *_as_list("binaries", binaries)]),
                    _normalize("files", [*recipe.files, *_as_list("files", files)]),
                    _normalize("dirs", [*recipe.dirs, *_as_list("dirs", dirs)]),

@@ -278,6 +278,7 @@ class ContainerRuntime:
         # it could block on) by us; the launcher still ends it at its time limit or at close().
         self._running: weakref.WeakValueDictionary[str, Container] = weakref.WeakValueDictionary()
         self._finished: OrderedDict[str, ContainerStatus] = OrderedDict()
+        self._issued: set[str] = set()
         _open_runtimes.add(self)
 
     def __enter__(self) -> "ContainerRuntime":
@@ -346,7 +347,7 @@ class ContainerRuntime:
     def _launch(self, spec: ContainerSpec, input_data: bytes | None, stdin: Any, stdout: Any,
                 stderr: Any, exec_of: str | None = None) -> Container:
         """Start a container; or, `exec_of` a container's id, another command in it."""
-        container_id = secrets.token_hex(6)
+        container_id = self._new_id()
         request = {"op": "run", "id": container_id, "spec": spec.to_dict()} if exec_of is None \
             else {"op": "exec", "id": container_id, "container": exec_of, "spec": spec.to_dict()}
         with _Pipes(input_data, stdin, stdout, stderr) as pipes:
@@ -358,6 +359,15 @@ class ContainerRuntime:
         with self._lock:
             self._running[container_id] = container
         return container
+
+    def _new_id(self) -> str:
+        """48 random bits, and never one this runtime gave before (a Container handle, or a
+        status lookup, must not find another container under an old id)."""
+        with self._lock:
+            while (container_id := secrets.token_hex(6)) in self._issued:
+                pass
+            self._issued.add(container_id)
+        return container_id
 
     def _get(self, container_id: str) -> Container:
         with self._lock:
