@@ -152,9 +152,14 @@ def run_command(args: argparse.Namespace) -> int:
     streams = {} if args.json else {"stdout": sys.stdout, "stderr": sys.stderr}
     with ContainerRuntime() as runtime:
         container = runtime.run(rootfs, command, stdin=sys.stdin, **streams, **keywords)
-        for signum in FORWARDED:
-            signal.signal(signum, lambda number, _frame: container.send_signal(number))
-        result = container.wait()
+        previous = {signum: signal.signal(signum, lambda number, _frame:
+                                          container.send_signal(number))
+                    for signum in FORWARDED}
+        try:
+            result = container.wait()
+        finally:  # main() may be called in-process (tests): its Ctrl-C must work again after
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     if args.json:
         print(json.dumps(result.to_dict()))
     elif result.timed_out:
@@ -209,7 +214,9 @@ def _ulimit(text: str) -> tuple[str, tuple]:
 
 
 def _complain(error: BaseException) -> None:
-    print(f"minictr: error: {error}", file=sys.stderr)
+    # one line, whatever the message holds (the launcher's 'chdir to /a\nb' had two)
+    text = str(error).replace("\r", "\\r").replace("\n", "\\n")
+    print(f"minictr: error: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -423,7 +423,7 @@ def run_exec(spec: ContainerSpec, target: ExecTarget, fds: ChildFds, parent_pidf
             if fd is not None:
                 attempt(f"join the container's {name} namespace", linux.setns, fd, nstype)
                 os.close(fd)
-        attempt(f"chdir to {spec.cwd}", os.chdir, spec.cwd)
+        attempt(f"chdir to cwd={spec.cwd!r}", os.chdir, spec.cwd)
         layer = os.statvfs("/")
         confine(spec, layer.f_blocks * layer.f_frsize, userns, parent_pidfd)
         command_pid = spawn_command(spec, fds)
@@ -621,7 +621,7 @@ def enter_container(spec: ContainerSpec, host_paths: mounts.HostPaths,
     if spec.network == "loopback":
         attempt("bring up loopback", linux.set_link_up, "lo")
     mounts.enter_root(root)
-    attempt(f"chdir to {spec.cwd}", os.chdir, spec.cwd)
+    attempt(f"chdir to cwd={spec.cwd!r}", os.chdir, spec.cwd)
     return layer.f_blocks * layer.f_frsize
 
 

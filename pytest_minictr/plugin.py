@@ -381,8 +381,12 @@ def _prepared_rootfs(value: Any, name: str = "--minictr-rootfs") -> str | None:
         return None
     if not isinstance(value, (str, os.PathLike)):
         raise ConfigError(f"{name}={value!r}: expected the path of a rootfs directory")
-    path = Path(value).expanduser()
-    if not path.is_dir():
+    try:
+        path = Path(value).expanduser()
+    except (RuntimeError, ValueError):  # '~nosuchuser', '~\0', '~\ud800'
+        raise ConfigError(f"{name}={str(value)!r}: no such user, so no home directory to "
+                          "expand '~' to") from None
+    if not os.path.isdir(path):  # not path.is_dir(): it raises ENAMETOOLONG
         raise ConfigError(f"{name}={str(value)!r}: no such directory")
     if not any(path.iterdir()):
         raise ConfigError(f"{name}={str(value)!r}: the directory is empty (build one with "
@@ -399,7 +403,10 @@ def _memory(value: Any, name: str) -> int | None:
 
 def _pids(value: Any, name: str) -> int | None:
     if isinstance(value, str):  # from an option
-        value = int(value) if value.strip().isdigit() else value
+        try:  # not isdigit(): int() refuses '²', and 4300+ digits
+            value = int(value)
+        except ValueError:
+            pass
     return None if value is None else check_pids_limit(value, name)
 
 

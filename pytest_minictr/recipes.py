@@ -62,12 +62,12 @@ def find(recipe: Any) -> Path:
     text = os.fspath(recipe)
     if "/" in text or text.endswith(".toml"):
         path = Path(text)
-        if not path.is_file():
+        if not os.path.isfile(path):  # (Path.is_file raises on a name too long)
             raise ConfigError(f"recipe={text!r}: no such file")
         return path
     for directory in search_path():
         path = directory / f"{text}.toml"
-        if path.is_file():
+        if os.path.isfile(path):
             return path
     raise ConfigError(f"recipe={text!r}: no such recipe (known: {', '.join(available())}; "
                       "or give a path, or add a directory to MINICTR_RECIPE_PATH)")

@@ -454,8 +454,8 @@ def _fileno(target: Any, name: str) -> int:
         fd = target if isinstance(target, int) and not isinstance(target, bool) \
             else target.fileno()
         os.fstat(fd)
-    except (AttributeError, ValueError, OSError, TypeError) as error:  # io.UnsupportedOperation
-
+    except (AttributeError, ValueError, OSError, TypeError, OverflowError) as error:
+        # io.UnsupportedOperation is a ValueError; a number past C int range, OverflowError
         raise ConfigError(f"{name}={target!r}: expected an open file or file descriptor "
                           f"({error})") from None
     return fd

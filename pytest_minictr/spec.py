@@ -27,6 +27,9 @@ MIN_MEMORY = 4 * 1024 ** 2         # below this the container's own init cannot 
 # pids.max refuses more than PID_MAX_LIMIT (4194304, EINVAL), and the launcher adds one for
 # the container's init (launcher._with_room_for_the_init).
 MAX_PIDS = 4194304 - 1
+# execve() refuses (E2BIG) one argument or NAME=value string of this many bytes, its NUL
+# included: the kernel's MAX_ARG_STRLEN, 32 pages.
+MAX_ARG_STRLEN = 32 * os.sysconf("SC_PAGE_SIZE")
 # Mount points the container gets from us (mounts.build_root): mounting over or inside them
 # would hide or break our /proc and /dev; below /tmp is fine, /tmp itself would hide ours.
 OWN_MOUNTS = ("/proc", "/dev")
@@ -64,7 +67,9 @@ class Mount:
 
     @classmethod
     def bind(cls, source: str | os.PathLike, target: str, read_only: bool = True) -> "Mount":
-        return cls(target=target, source=os.fspath(source), read_only=read_only)
+        # not os.fspath(None): make_spec() names a source that is not a path
+        return cls(target=target, read_only=read_only,
+                   source=os.fspath(source) if isinstance(source, os.PathLike) else source)
 
     @classmethod
     def tmpfs(cls, target: str, size: int | str | None = None) -> "Mount":
@@ -154,7 +159,8 @@ def _scaled(number: str, unit: int) -> int:
     if len(whole.lstrip("0")) > 24:  # far past MAX_SIZE; int() refuses 4300+ digits anyway
         return MAX_SIZE + 1
     fraction = fraction[:24]  # below a byte even in terabytes
-    return int(whole + fraction) * unit // 10 ** len(fraction)
+    # lstrip: int() counts leading zeros against its 4300-digit limit too
+    return int((whole + fraction).lstrip("0") or "0") * unit // 10 ** len(fraction)
 
 
 def parse_cpus(value: float | int | str, name: str = "cpus") -> float:
@@ -302,6 +308,7 @@ def _check_command(command: Any) -> tuple[str, ...]:
         if not isinstance(item, str) or "\0" in item:
             raise ConfigError(f"command item {item!r}: arguments must be str without NUL bytes")
         _check_encodable(item, f"command[{index}]")
+        _check_exec_string(item, f"command[{index}]")
     if not items[0]:
         raise ConfigError("command[0]='': the program name is empty")
     return items
@@ -321,8 +328,18 @@ def _check_env(env: Any, base: Mapping[str, str] | None = None) -> tuple[tuple[s
                 raise ConfigError(f"env[{name!r}]={value!r}: values must be str without NUL")
             _check_encodable(name, "env name")
             _check_encodable(value, f"env[{name!r}]")
+            _check_exec_string(value, f"env[{name!r}]", prefix=f"{name}=")
             merged[name] = value
     return tuple(merged.items())
+
+
+def _check_exec_string(value: str, name: str, prefix: str = "") -> None:
+    """A string execve() would refuse, with E2BIG, late, naming no argument."""
+    size = len(os.fsencode(prefix + value)) + 1
+    if size > MAX_ARG_STRLEN:
+        raise ConfigError(f"{name}={value[:20]!r}...: {size} bytes, past the kernel's limit "
+                          f"of {MAX_ARG_STRLEN} on one argument or NAME=value string "
+                          "(MAX_ARG_STRLEN); pass big data as input= or in a file")
 
 
 def _check_container_path(path: Any, name: str) -> str:
@@ -442,7 +459,8 @@ def _check_seconds(value: Any, name: str) -> float | None:
 def _check_cpu_limit(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"cpu_limit={value!r}: expected a percent of one CPU, e.g. 50")
-    percent = math.inf if value > 1e300 else float(value)  # float() overflows on a huge int
+    # float() overflows on a huge int, either sign
+    percent = math.inf if value > 1e300 else -math.inf if value < -1e300 else float(value)
     return _check_cpu_percent(percent, "cpu_limit", value)
 
 

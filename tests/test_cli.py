@@ -94,3 +94,16 @@ def test_rootfs_build_writes_a_directory(tmp_path):
     done = minictr("rootfs", "build", "--bin", "sh", str(dest))
     assert done.returncode == 0 and (dest / "bin").is_symlink()
     assert Path(done.stdout.decode().strip()) == dest
+
+
+def test_main_in_process_gives_the_signal_handlers_back(rootfs, capfd, monkeypatch):
+    """main() forwards Ctrl-C & co. to its container while it runs; called in-process (a test,
+    a tool), it must leave the caller's handlers as they were (else a later Ctrl-C is lost)."""
+    import signal
+
+    from pytest_minictr.cli import FORWARDED, main
+    before = {signum: signal.getsignal(signum) for signum in FORWARDED}
+    with open(os.devnull) as stdin:  # pytest's own stdin has no file descriptor
+        monkeypatch.setattr("sys.stdin", stdin)
+        assert main(["run", "--rootfs", str(rootfs), "--", "true"]) == 0
+    assert {signum: signal.getsignal(signum) for signum in FORWARDED} == before

@@ -167,7 +167,7 @@ def test_missing_command_raises_before_anything_runs(runtime, rootfs, command, e
 def test_setup_failure_carries_the_step_and_errno(runtime, rootfs):
     with pytest.raises(ContainerSetupError) as raised:
         runtime.run(rootfs, ["ls"], cwd="/no/such/dir")
-    assert raised.value.step == "chdir to /no/such/dir" and raised.value.errno == 2
+    assert raised.value.step == "chdir to cwd='/no/such/dir'" and raised.value.errno == 2
     assert "No such file or directory" in str(raised.value)
 
 
