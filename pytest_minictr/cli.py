@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--network", choices=NETWORK_MODES, default="loopback", help=HELP_NETWORK)
     run.add_argument("--hostname", default="minictr", help="the container's hostname")
     run.add_argument("--cwd", default="/", help="working directory inside the container")
-    run.add_argument("--env", action="append", type=_env_pair, default=[], metavar="NAME=VALUE",
+    run.add_argument("--env", action="append", type=lifecycle.env_pair, default=[], metavar="NAME=VALUE",
                      help=HELP_ENV)
     run.add_argument("--no-userns", dest="user", action="store_false", help=HELP_NO_USERNS)
     run.add_argument("--no-seccomp", dest="seccomp", action="store_false", help=HELP_NO_SECCOMP)
@@ -190,13 +190,6 @@ def _cpus(text: str) -> float:
         return parse_cpus(text, "--cpus")
     except MinictrError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _env_pair(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE")
-    return name, value
 
 
 def _ulimit(text: str) -> tuple[str, tuple]:

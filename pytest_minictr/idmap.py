@@ -46,7 +46,7 @@ class UserNamespace:
 def id_range(name: str, user: str = "root") -> int:
     """The first id of `user`'s range in /etc/sub{u,g}id (`name`), if it has one of at least
     MAPPED_IDS ids; DEFAULT_RANGE otherwise."""
-    start = subordinate_range(_read(f"/etc/{name}"), user)
+    start = subordinate_range(read_text(f"/etc/{name}"), user)
     return DEFAULT_RANGE if start is None else start
 
 
@@ -70,7 +70,8 @@ def subordinate_ids(user: str, subuid: str | None, subgid: str | None,
     return None if uid_start is None or gid_start is None else (uid_start, gid_start)
 
 
-def _read(path: str) -> str | None:
+def read_text(path: str) -> str | None:
+    """The file's text; None if it cannot be read (absent: no subordinate ids there)."""
     try:
         with open(path) as file:
             return file.read()

@@ -319,16 +319,8 @@ def _subordinate_ids() -> tuple[int, int] | None:
         user = pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
         user = str(os.geteuid())
-    return idmap.subordinate_ids(user, _read("/etc/subuid"), _read("/etc/subgid"),
-                                 os.geteuid())
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as file:
-            return file.read()
-    except OSError:
-        return None
+    return idmap.subordinate_ids(user, idmap.read_text("/etc/subuid"),
+                                 idmap.read_text("/etc/subgid"), os.geteuid())
 
 
 def _user_namespace() -> tuple[UserNamespace | None, str | None]:

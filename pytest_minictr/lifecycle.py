@@ -50,7 +50,8 @@ def add_commands(commands) -> None:
     exec_command = commands.add_parser("exec", help="run a command in a running container",
                                        usage="minictr exec ID -- CMD [ARGS...]")
     exec_command.add_argument("id")
-    exec_command.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    exec_command.add_argument("--env", action="append", type=env_pair, default=[],
+                              metavar="NAME=VALUE")
     exec_command.add_argument("--timeout", type=float)
     exec_command.add_argument("command", nargs=argparse.REMAINDER)
     exec_command.set_defaults(handler=exec_in_container, parser=exec_command)
@@ -146,7 +147,7 @@ def exec_in_container(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         args.parser.error("the command to run is missing: minictr exec ID -- CMD [ARGS...]")
-    env = dict(_env_pair(pair) for pair in args.env)
+    env = dict(args.env)
     reply = _ask(args.id, {"op": "exec", "command": command, "env": env or None,
                            "timeout": args.timeout}, fds=(0, 1, 2))
     code = reply["returncode"]
@@ -220,9 +221,10 @@ def _signal_number(name: str) -> int:
                           "number") from None
 
 
-def _env_pair(text: str) -> tuple[str, str]:
+def env_pair(text: str) -> tuple[str, str]:
+    """--env NAME=VALUE, for argparse (`run` and `exec`)."""
     name, sep, value = text.partition("=")
     if not sep or not name:
-        raise ConfigError(f"--env {text!r}: expected NAME=VALUE")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE")
     return name, value
 
