@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,8 @@ import pytest
 from pytest_minictr import ContainerRuntime, LauncherError, RootfsBuilder, RootfsError
 from pytest_minictr.linux import mount, umount2
 from pytest_minictr.plugin import LAYER_PREFIX, layer_parent, remove_stale_layers
+
+from .helpers import eventually, process_gone
 
 REPO = Path(__file__).resolve().parent.parent
 CALLER = textwrap.dedent("""
@@ -35,23 +36,6 @@ CALLER = textwrap.dedent("""
     print("ready", flush=True)
     time.sleep(600)
 """)
-
-
-def gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] in "ZX"
-
-
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def cgroups_of(launcher: int) -> list[str]:
@@ -78,7 +62,7 @@ def test_a_killed_caller_leaves_nothing_the_next_run_does_not_reap(rootfs, tmp_p
     caller.send_signal(signal.SIGKILL)
     caller.wait()
     # the launcher sees its caller's socket close: it kills every container and exits
-    assert wait_until(lambda: gone(launcher) and all(gone(pid) for pid in inits))
+    assert eventually(lambda: process_gone(launcher) and all(process_gone(pid) for pid in inits))
     # what it could not remove, the next runtime does (its start reaps dead launchers')
     with ContainerRuntime() as runtime:
         assert runtime.run(rootfs, ["true"]).wait().returncode == 0
@@ -101,7 +85,7 @@ def test_a_killed_launcher_takes_its_containers_and_is_replaced(rootfs):
         os.kill(launcher, signal.SIGKILL)
         with pytest.raises(LauncherError, match="launcher died"):
             container.wait(timeout=10)
-        assert wait_until(lambda: gone(container.pid))
+        assert eventually(lambda: process_gone(container.pid))
         assert runtime.run(rootfs, ["true"]).wait().returncode == 0  # a fresh launcher
         assert runtime._client.pid != launcher
     finally:

@@ -16,6 +16,8 @@ import pytest
 
 from pytest_minictr.state import Record, Store
 
+from .helpers import eventually, process_gone
+
 REPO = Path(__file__).resolve().parent.parent
 BINARIES = ["--bin", "sleep", "--bin", "cat", "--bin", "hostname"]
 
@@ -47,22 +49,6 @@ def record(container_id: str) -> Record:
     return Store().read(container_id)
 
 
-def gone(pid: int | None) -> bool:
-    """No such process runs (a zombie waiting for its parent runs no more)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return pid is not None
-    return stat[stat.rindex(")") + 2] in "ZX"
-
-
-def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-
-
 def test_a_detached_container_outlives_its_cli_and_is_reached_by_others(minictr):
     started = time.monotonic()
     cid = start(minictr, "sh", "-c", "echo out; echo err >&2; echo kept > /tmp/f; sleep 60",
@@ -73,7 +59,7 @@ def test_a_detached_container_outlives_its_cli_and_is_reached_by_others(minictr)
     listed_record = json.loads(listed[0])
     assert listed_record["status"] == "running" and listed_record["options"]["hostname"] == "svc"
     assert listed_record["logs"][0].endswith(f"{cid}/stdout.log")
-    wait_until(lambda: minictr("logs", cid).stdout == b"out\n")
+    assert eventually(lambda: minictr("logs", cid).stdout == b"out\n")
     assert minictr("logs", cid).stderr == b"err\n"
     execd = minictr("exec", cid, "--", "sh", "-c", "hostname; cat /tmp/f; cat; exit 3",
                     input=b"piped\n")
@@ -89,7 +75,7 @@ def test_stop_ends_the_whole_tree_and_rm_removes_the_record(minictr):
     ended = record(cid)
     assert (ended.status, ended.returncode) == ("stopped", -15) or ended.returncode == -9
     # the end is reported when the command and its tree are dead; the init exits just after
-    wait_until(lambda: gone(running.init_pid) and gone(running.shim_pid))
+    assert eventually(lambda: process_gone(running.init_pid) and process_gone(running.shim_pid))
     table = minictr("ps", "--all").stdout.decode()
     assert cid in table and "stopped" in table and cid not in minictr("ps").stdout.decode()
     assert minictr("rm", cid).returncode == 0
@@ -99,7 +85,7 @@ def test_stop_ends_the_whole_tree_and_rm_removes_the_record(minictr):
 def test_kill_sends_a_signal_by_name(minictr):
     cid = start(minictr, "sleep", "60")
     assert minictr("kill", cid, "TERM").returncode == 0
-    wait_until(lambda: not record(cid).alive)
+    assert eventually(lambda: not record(cid).alive)
     assert record(cid).returncode == -signal.SIGTERM
 
 
@@ -107,7 +93,7 @@ def test_a_killed_shim_leaves_a_stale_record_that_ps_shows_and_prunes(minictr):
     cid = start(minictr, "sleep", "60")
     running = record(cid)
     os.kill(running.shim_pid, signal.SIGKILL)
-    wait_until(lambda: gone(running.init_pid))  # the container went with its shim
+    assert eventually(lambda: process_gone(running.init_pid))  # the container went with its shim
     assert "exited (shim gone)" in minictr("ps", "--all").stdout.decode()
     assert minictr("ps", "--prune").returncode == 0
     assert cid not in minictr("ps", "--all").stdout.decode()
@@ -154,5 +140,5 @@ def test_two_execs_at_once_and_stop_racing_the_end(minictr):
     time.sleep(0.6)  # about when the command ends by itself
     stop = minictr("stop", "--time", "0", cid)
     assert stop.returncode in (0, 125)
-    wait_until(lambda: not record(cid).alive)
+    assert eventually(lambda: not record(cid).alive)
     assert record(cid).status in ("exited", "stopped")

@@ -53,13 +53,18 @@ def run_as_nobody(rootfs: Path) -> list[str]:
     closed = [str(d) for d in [REPO, *REPO.parents] if not os.stat(d).st_mode & 0o001]
     if closed:
         pytest.skip(f"an unprivileged user cannot reach this checkout ({closed[0]} is closed)")
+    return run_as(NOBODY, SCRIPT, str(rootfs)).splitlines()
+
+
+def run_as(uid: int, script: str, *args: str) -> str:
+    """`script`, run by the system Python as the unprivileged `uid`; its stdout."""
     done = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         SYSTEM_PYTHON, "-c", SCRIPT, str(rootfs)],
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+         SYSTEM_PYTHON, "-c", script, *args],
         env={"PYTHONPATH": str(REPO), "HOME": "/nonexistent", "PATH": "/usr/bin:/bin"},
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return done.stdout.splitlines()
+    return done.stdout
 
 
 def test_an_unprivileged_user_gets_a_container_with_root_inside(world_readable_rootfs):
@@ -110,17 +115,12 @@ def subordinate_ranges():
 
 
 def test_subordinate_ranges_give_a_full_id_map(world_readable_rootfs, subordinate_ranges):
-    done = subprocess.run(
-        ["setpriv", f"--reuid={MAPPED_UID}", f"--regid={MAPPED_UID}", "--clear-groups",
-         SYSTEM_PYTHON, "-c", FULL_MAP_SCRIPT, str(world_readable_rootfs)],
-        env={"PYTHONPATH": str(REPO), "HOME": "/nonexistent", "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    words = done.stdout.split()
+    out = run_as(MAPPED_UID, FULL_MAP_SCRIPT, str(world_readable_rootfs))
+    words = out.split()
     start = str(subordinate_ranges)
     # uid map then gid map: 0 -> our own id, 1..65535 -> the subordinate range
     assert words == ["0", "0", str(MAPPED_UID), "1", "1", start, "65535",
-                     "0", str(MAPPED_UID), "1", "1", start, "65535", "chowned"], done.stdout
+                     "0", str(MAPPED_UID), "1", "1", start, "65535", "chowned"], out
 
 
 def test_limits_without_cgroup_rights_say_why_and_what_to_do(world_readable_rootfs):

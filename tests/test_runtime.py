@@ -19,6 +19,7 @@ from pytest_minictr import (CommandNotFoundError, ConfigError, ContainerNotFound
                             UnsupportedError, WaitTimeoutError)
 
 from .conftest import assert_nothing_left, host_snapshot, processes_with
+from .helpers import eventually
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -199,7 +200,7 @@ def test_a_dead_launcher_is_reported_and_replaced(rootfs):
     os.kill(runtime._client.pid, signal.SIGKILL)
     with pytest.raises(LauncherError, match="launcher died"):
         container.wait(timeout=10)
-    assert _eventually(lambda: processes_with(tag) == [])
+    assert eventually(lambda: processes_with(tag) == [])
     assert runtime.run(rootfs, ["echo", "again"]).wait().stdout == b"again\n"
     runtime.close()
     assert_nothing_left(before)
@@ -244,15 +245,6 @@ def _wait_for_output(container, timeout: float = 10) -> None:
             container.wait(timeout=0.02)
         except WaitTimeoutError:
             pass
-
-
-def _eventually(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_stop_after_the_command_ended_reports_how_it_ended(runtime, rootfs):
