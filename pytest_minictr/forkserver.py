@@ -54,6 +54,7 @@ class Running:
     timeout_at: float | None
     kill_at: float | None = None
     ended_by: str | None = None       # "timeout" | "stop" when we ended it
+    killed: bool = False              # we sent SIGKILL (stop without grace, timeout)
     cgroup: Cgroup | None = None
     exec_of: str | None = None        # for an exec: the id of the container it runs in
     status_data: bytes = b""          # JSON lines from the init (and keeper)
@@ -205,6 +206,7 @@ class Forkserver:
                 kill_at = time.monotonic() + grace
                 container.kill_at = min(container.kill_at or kill_at, kill_at)
             else:
+                container.killed = True
                 _kill_all(container)
         return {"ok": True, "running": container is not None}
 
@@ -226,6 +228,7 @@ class Forkserver:
                     and not _command_ended(container):
                 container.ended_by = container.ended_by or "timeout"
                 container.timeout_at = None
+                container.killed = True
                 _kill_all(container)
             if container.kill_at is not None and now >= container.kill_at:
                 container.kill_at = None
@@ -266,7 +269,12 @@ class Forkserver:
             return
         container.event_sent = True
         reports = {"init": container.child_status, **_parse_reports(container.status_data)}
-        event = {"returncode": _returncode(reports), "ended_by": container.ended_by,
+        returncode = _returncode(reports)
+        if container.killed and returncode >= 0:
+            # SIGKILL cannot be caught: the command exited by itself, just before our kill
+            # (stop racing the natural end). Told as it happened.
+            container.ended_by = None
+        event = {"returncode": returncode, "ended_by": container.ended_by,
                  "wall_time": time.monotonic() - container.started,
                  **_measurements(container.cgroup, reports.get("cpu_time"))}
         try:
