@@ -12,9 +12,10 @@ be stopped gently otherwise). When the command exits, the init exits, and the ke
 every process left in the namespace, even those that detached with setsid(); the init's exit
 is reported to its parent only after they are all gone.
 
-As root, the launcher itself unshares CLONE_NEWPID, forks the init straight into the new
-namespace and goes back to its own with setns(): one fork of Python per container. The init
-builds the container as host root and enters the launcher's user namespace last (see `idmap`).
+As root, inits are forked ahead of need as spares by the launcher's zygote (see `zygote`),
+straight into a new PID namespace, as children of the launcher: one fork of Python per
+container, and not of the launcher itself. The init builds the container as host root and
+enters the launcher's user namespace last (see `idmap`).
 Without root, a user namespace must exist before the PID namespace it owns (mounting /proc
 needs privilege over the PID namespace), and the launcher cannot leave a user namespace it
 enters, so that case needs the keeper: a child that unshares everything, writes the id maps
@@ -41,7 +42,6 @@ import json
 import os
 import pwd
 import resource
-import select
 import shutil
 import signal
 import socket
@@ -58,6 +58,7 @@ from .errors import (CommandNotFoundError, ContainerNotFoundError, ContainerSetu
 from .idmap import UserNamespace
 from .linux import attempt
 from .spec import ContainerSpec, Limits
+from .zygote import Zygote, ZygoteGone
 
 # Signals the init passes on to the command: every one a sender may mean for the command. Not
 # those that cannot be caught, SIGCHLD (the init's own business), nor the faults the kernel
@@ -70,7 +71,6 @@ FORWARDED_SIGNALS = tuple(sorted(set(signal.valid_signals()) - {
 # inside shows "/" and nothing of the host's layout.
 SPARE_NAMESPACES = (linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET
                     | linux.CLONE_NEWCGROUP)
-_ALL_FDS = 0x7FFFFFFF
 LAYER_LOCK_WAIT = 2.0  # seconds a container waits for the previous user of its layer to exit
 
 
@@ -147,6 +147,8 @@ class Launcher:
         if os.uname().machine in seccomp.ARCHITECTURES:
             seccomp.host_filter()  # the default program, inherited by every init we fork
         self._serial = itertools.count(1)
+        # last: the zygote is a copy of us as we are now, and each spare a copy of it
+        self.zygote = self._start_zygote() if self.spares_problem is None else None
 
     def start(self, spec: ContainerSpec, fds: ChildFds, spec_data: dict) -> Started:
         """`spec_data` is `spec` as received, passed on as it is to a spare."""
@@ -204,6 +206,8 @@ class Launcher:
         """Let the spares go (end of its channel tells one to exit), remove their cgroups."""
         while self.spares:
             self._discard(self.spares.popleft())
+        if self.zygote is not None:
+            self.zygote.close()
         if self.cgroups is not None:
             self.cgroups.release()
         if self.userns is not None:
@@ -267,13 +271,7 @@ class Launcher:
         cgroup = self._new_cgroup(Limits())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            linux.unshare(linux.CLONE_NEWPID)
-            try:
-                pid = os.fork()
-                if pid == 0:
-                    run_spare(theirs.fileno(), self.own_pidfd, cgroup, self.userns)
-            finally:
-                linux.setns(self.own_pid_namespace, linux.CLONE_NEWPID)
+            pid = self._fork_init(theirs.fileno(), cgroup)
         except BaseException:
             ours.close()
             remove_cgroup(cgroup)
@@ -281,6 +279,39 @@ class Launcher:
         finally:
             theirs.close()
         return Spare(pid, ours, cgroup)
+
+    def _fork_init(self, channel: int, cgroup: Cgroup | None) -> int:
+        """A spare, from the zygote; from us if it is gone."""
+        if self.zygote is not None:
+            try:
+                return self.zygote.fork_spare(channel, None if cgroup is None else cgroup.name)
+            except ZygoteGone as gone:
+                print(f"minictr launcher: the zygote is gone ({gone}); forking spares here",
+                      file=sys.stderr)
+                self.zygote.close()
+                self.zygote = None
+        linux.unshare(linux.CLONE_NEWPID)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                run_spare(channel, self.own_pidfd, cgroup, self.userns)
+        finally:
+            linux.setns(self.own_pid_namespace, linux.CLONE_NEWPID)
+        return pid
+
+    def _start_zygote(self) -> Zygote | None:
+        try:
+            return Zygote(self.own_pidfd, self.own_pid_namespace,
+                          () if self.userns is None else (self.userns.fd,), self._spare_main)
+        except OSError as problem:
+            print(f"minictr launcher: no zygote ({problem}); forking spares here",
+                  file=sys.stderr)
+            return None
+
+    def _spare_main(self, channel: int, cgroup_name: str | None) -> NoReturn:
+        """What a spare forked by the zygote runs (in the zygote's copy of us)."""
+        cgroup = None if cgroup_name is None else self.cgroups.open(cgroup_name)
+        run_spare(channel, self.own_pidfd, cgroup, self.userns)
 
 
 def remove_cgroup(cgroup: Cgroup | None) -> None:
@@ -717,23 +748,12 @@ def die_with_parent(parent_pidfd: int, keep: tuple[int, ...]) -> None:
     no garbage collection: it is short-lived, and a collection would copy shared pages."""
     gc.disable()
     arm_parent_death_signal(parent_pidfd)
-    close_fds_except((*keep, parent_pidfd))
+    linux.close_fds_except((*keep, parent_pidfd))
 
 
 def arm_parent_death_signal(parent_pidfd: int) -> None:
-    linux.set_parent_death_signal(signal.SIGKILL)
-    if select.select([parent_pidfd], [], [], 0)[0]:
+    if not linux.arm_parent_death_signal(parent_pidfd):
         os._exit(1)
-
-
-def close_fds_except(keep) -> None:
-    """Close every descriptor from 3 up but `keep` (close_range(2) under the hood)."""
-    low = 3
-    for fd in sorted(set(keep)):
-        if fd >= low:
-            os.closerange(low, fd)
-            low = fd + 1
-    os.closerange(low, _ALL_FDS)
 
 
 def report_failure(fd: int, error: BaseException) -> None:

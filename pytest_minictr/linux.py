@@ -11,12 +11,15 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import select
+import signal
 import socket
 import struct
 
 from .errors import ContainerSetupError
 
 # clone(2) / unshare(2) flags
+CLONE_PARENT = 0x00008000
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -71,11 +74,11 @@ IFF_UP = 0x1
 # The calls added since 5.x share one number on every architecture.
 _NEW_CALLS = {"open_tree": 428, "close_range": 436, "mount_setattr": 442}
 _SYSCALL_NUMBERS = {
-    "x86_64": {"pivot_root": 155, "keyctl": 250, **_NEW_CALLS},
-    "aarch64": {"pivot_root": 41, "keyctl": 219, **_NEW_CALLS},
-    "riscv64": {"pivot_root": 41, "keyctl": 219, **_NEW_CALLS},
-    "ppc64le": {"pivot_root": 203, "keyctl": 271, **_NEW_CALLS},
-    "s390x": {"pivot_root": 217, "keyctl": 280, **_NEW_CALLS},
+    "x86_64": {"pivot_root": 155, "keyctl": 250, "clone": 56, **_NEW_CALLS},
+    "aarch64": {"pivot_root": 41, "keyctl": 219, "clone": 220, **_NEW_CALLS},
+    "riscv64": {"pivot_root": 41, "keyctl": 219, "clone": 220, **_NEW_CALLS},
+    "ppc64le": {"pivot_root": 203, "keyctl": 271, "clone": 120, **_NEW_CALLS},
+    "s390x": {"pivot_root": 217, "keyctl": 280, **_NEW_CALLS},  # clone: arguments swapped
 }
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -88,6 +91,10 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
                         ctypes.c_ulong]
 _libc.syscall.restype = ctypes.c_long
 _libc.capset.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+# The same C library, called with the GIL held (PyDLL): for clone(2), whose child must wake up
+# holding the GIL that the interpreter thinks it holds.
+_libc_gil = ctypes.PyDLL(None, use_errno=True)
+_libc_gil.syscall.restype = ctypes.c_long
 
 
 def _check(result: int, *paths: str | None) -> None:
@@ -124,6 +131,23 @@ def pivot_root(new_root: str, put_old: str) -> None:
 
 def set_parent_death_signal(signum: int) -> None:
     _check(_libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0))
+
+
+def arm_parent_death_signal(parent_pidfd: int) -> bool:
+    """SIGKILL us when our parent dies (PR_SET_PDEATHSIG); False if it died before that was
+    armed, as its pidfd tells (getppid() says 0 for any parent outside our PID namespace)."""
+    set_parent_death_signal(signal.SIGKILL)
+    return not select.select([parent_pidfd], [], [], 0)[0]
+
+
+def close_fds_except(keep) -> None:
+    """Close every descriptor from 3 up but `keep` (close_range(2) under the hood)."""
+    low = 3
+    for fd in sorted(set(keep)):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, 0x7FFFFFFF)
 
 
 def set_dumpable(dumpable: bool) -> None:
@@ -203,6 +227,29 @@ def _syscall_number(name: str) -> int:
         return _SYSCALL_NUMBERS[os.uname().machine][name]
     except KeyError:
         raise OSError(f"{name}: syscall number unknown on {os.uname().machine}") from None
+
+
+def fork_as_sibling() -> int:
+    """fork(), except that the child's parent is our parent (CLONE_PARENT): it reaps the
+    child, gets its exit status and is the parent its PR_SET_PDEATHSIG watches. Returns 0 in
+    the child, its pid here. Python's own fork steps run around it, as os.fork() runs them
+    (import lock, at-fork hooks, the child's thread state). Only for a single-threaded
+    caller whose child never calls raise(3) or pthread functions: glibc's cached thread id is
+    not updated in the child (os.fork's clone asks the kernel to write it; a raw clone cannot
+    name that field portably), everything else is as after fork()."""
+    number = ctypes.c_long(_syscall_number("clone"))
+    flags = ctypes.c_long(CLONE_PARENT | signal.SIGCHLD)  # SIGCHLD: waitpid() sees it
+    ctypes.pythonapi.PyOS_BeforeFork()
+    # no new stack (the child runs on a copy of ours, like fork); no tid pointers, no TLS
+    pid = _libc_gil.syscall(number, flags, *[ctypes.c_long(0)] * 4)
+    if pid == 0:
+        ctypes.pythonapi.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    ctypes.pythonapi.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, os.strerror(err))
+    return pid
 
 
 def set_link_up(name: str) -> None:

@@ -82,14 +82,49 @@ def test_a_killed_launcher_takes_its_containers_and_is_replaced(rootfs):
     try:
         container = runtime.run(rootfs, ["sleep", "600"])
         launcher = runtime._client.pid
+        helpers = children_of(launcher)  # the container, spares, the zygote (as root)
         os.kill(launcher, signal.SIGKILL)
         with pytest.raises(LauncherError, match="launcher died"):
             container.wait(timeout=10)
-        assert eventually(lambda: process_gone(container.pid))
+        assert eventually(lambda: all(process_gone(pid) for pid in helpers))
         assert runtime.run(rootfs, ["true"]).wait().returncode == 0  # a fresh launcher
         assert runtime._client.pid != launcher
     finally:
         runtime.close()
+
+
+def children_of(pid: int) -> dict[int, int]:
+    """The children of `pid`: their pids and how many PID namespaces deep each one is (a
+    spare or an init, PID 1 of its own, is one deeper than the launcher's other children)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            status = (entry / "status").read_text()
+        except (OSError, ValueError):
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            nspid = next(line for line in status.splitlines() if line.startswith("NSpid:"))
+            found[int(entry.name)] = len(nspid.split()) - 1
+    return found
+
+
+def test_inits_are_the_launchers_children_and_a_killed_zygote_costs_no_container(
+        rootfs, needs_root):
+    with ContainerRuntime() as runtime:
+        container = runtime.run(rootfs, ["sleep", "600"])
+        launcher = runtime._client.pid
+        children = children_of(launcher)
+        # forked by the zygote, yet the launcher's child: it reaps it, its death kills it
+        assert container.pid in children
+        zygotes = [pid for pid, depth in children.items() if depth == 1]
+        assert len(zygotes) == 1, children
+        os.kill(zygotes[0], signal.SIGKILL)
+        # more than the spares made so far: the launcher forks the next ones itself
+        for _ in range(5):
+            assert runtime.run(rootfs, ["echo", "hi"]).wait().stdout == b"hi\n"
+        assert container.kill().returncode == -signal.SIGKILL
+        assert runtime._client.pid == launcher
 
 
 def test_a_full_disk_while_building_is_a_clear_error_and_no_half_entry(tmp_path, needs_root):

@@ -1,0 +1,113 @@
+"""The zygote: a copy of the launcher, made once, that forks the spare inits for it.
+
+Forking the launcher for every container costs the launcher twice: fork(2) copies its page
+tables, and then every page it writes while a waiting spare still shares it is copied on the
+fault (some 400 faults a container here: a millisecond of the launcher's CPU, which is also
+the time a caller's next request waits). The zygote is forked once, when everything a spare
+inherits is ready (user namespace, seccomp program, cgroup backend, signal dispositions); it
+does nothing but fork, so it writes almost no page, and the launcher, sharing pages with
+nothing short-lived any more, writes to its own copies.
+
+Spares are forked with CLONE_PARENT (`linux.fork_as_sibling`): the launcher is their parent,
+as if it had forked them itself. It reaps them and reads their wait status, and their
+PR_SET_PDEATHSIG watches it, not the zygote.
+
+A zygote that is gone (killed) costs speed, never a container: the launcher then forks its
+spares itself again.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+from typing import Callable, NoReturn
+
+from . import linux, protocol
+
+
+class ZygoteGone(Exception):
+    """The zygote died or broke its socket: fork spares another way."""
+
+
+class Zygote:
+    """The launcher's side: the zygote's pid and our end of its socket."""
+
+    def __init__(self, parent_pidfd: int, own_pid_namespace: int, keep: tuple[int, ...],
+                 spare_main: Callable[[int, str | None], NoReturn]):
+        """`spare_main(channel_fd, cgroup_name)` is what each spare runs; `keep`: the fds it
+        needs besides those two (everything else is closed in the zygote)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.pid = os.fork()
+            if self.pid == 0:
+                serve(theirs.fileno(), parent_pidfd, own_pid_namespace, keep, spare_main)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._sock = ours
+
+    def fork_spare(self, channel: int, cgroup_name: str | None) -> int:
+        """A new spare, PID 1 of a new PID namespace, given `channel` (which we keep open);
+        its pid. OSError if the fork failed, ZygoteGone if the zygote cannot answer."""
+        try:
+            protocol.send_message(self._sock, {"cgroup": cgroup_name}, [channel])
+            received = protocol.recv_message(self._sock)
+        except (OSError, EOFError, ValueError) as error:
+            raise ZygoteGone(str(error)) from None
+        if received is None:
+            raise ZygoteGone("end of its socket")
+        reply, _ = received
+        if "pid" not in reply:
+            raise OSError(reply["errno"], reply["error"])
+        return reply["pid"]
+
+    def close(self) -> None:
+        """End of its socket tells the zygote to exit."""
+        self._sock.close()
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def serve(sock: int, parent_pidfd: int, own_pid_namespace: int, keep: tuple[int, ...],
+          spare_main: Callable[[int, str | None], NoReturn]) -> NoReturn:
+    """The zygote's life: a spare for each request, until the end of `sock`."""
+    code = 1
+    try:
+        # Freeze what we inherited: a collection would walk (and so copy) every shared page.
+        gc.collect()
+        gc.freeze()
+        if not linux.arm_parent_death_signal(parent_pidfd):
+            os._exit(1)
+        linux.close_fds_except((sock, parent_pidfd, own_pid_namespace, *keep))
+        with socket.socket(fileno=sock) as conn:
+            while (received := protocol.recv_message(conn)) is not None:
+                request, fds = received
+                protocol.send_message(conn, _fork_spare(fds[0], request["cgroup"],
+                                                        own_pid_namespace, spare_main))
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _fork_spare(channel: int, cgroup_name: str | None, own_pid_namespace: int,
+                spare_main: Callable[[int, str | None], NoReturn]) -> dict:
+    try:
+        # unshare(CLONE_NEWPID) puts our next child, not us, in a new PID namespace: it is
+        # PID 1 there; setns() takes us back for the next one.
+        linux.unshare(linux.CLONE_NEWPID)
+        try:
+            pid = linux.fork_as_sibling()
+            if pid == 0:
+                spare_main(channel, cgroup_name)
+        finally:
+            linux.setns(own_pid_namespace, linux.CLONE_NEWPID)
+    except OSError as error:
+        return {"error": error.strerror or str(error), "errno": error.errno or 0}
+    finally:
+        os.close(channel)
+    return {"pid": pid}
