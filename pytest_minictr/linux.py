@@ -252,6 +252,16 @@ def fork_as_sibling() -> int:
     return pid
 
 
+def write_file(path: str, text: str) -> None:
+    """One write(2) to a /proc or /sys file, without Python's buffered file objects (which a
+    freshly forked child pays for in copied pages)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
 def set_link_up(name: str) -> None:
     """Bring a network interface up in the current network namespace (`ip link set up`)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:

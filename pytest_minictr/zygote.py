@@ -34,14 +34,16 @@ class Zygote:
     """The launcher's side: the zygote's pid and our end of its socket."""
 
     def __init__(self, parent_pidfd: int, own_pid_namespace: int, keep: tuple[int, ...],
-                 spare_main: Callable[[int, str | None], NoReturn]):
-        """`spare_main(channel_fd, cgroup_name)` is what each spare runs; `keep`: the fds it
+                 prepare: Callable[[], None], spare_main: Callable[[int, str | None], NoReturn]):
+        """`prepare()` runs once in the zygote: what every spare inherits rather than does.
+        `spare_main(channel_fd, cgroup_name)` is what each spare runs; `keep`: the fds it
         needs besides those two (everything else is closed in the zygote)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.pid = os.fork()
             if self.pid == 0:
-                serve(theirs.fileno(), parent_pidfd, own_pid_namespace, keep, spare_main)
+                serve(theirs.fileno(), parent_pidfd, own_pid_namespace, keep, prepare,
+                      spare_main)
         except BaseException:
             ours.close()
             raise
@@ -74,7 +76,8 @@ class Zygote:
 
 
 def serve(sock: int, parent_pidfd: int, own_pid_namespace: int, keep: tuple[int, ...],
-          spare_main: Callable[[int, str | None], NoReturn]) -> NoReturn:
+          prepare: Callable[[], None], spare_main: Callable[[int, str | None], NoReturn]
+          ) -> NoReturn:
     """The zygote's life: a spare for each request, until the end of `sock`."""
     code = 1
     try:
@@ -84,6 +87,7 @@ def serve(sock: int, parent_pidfd: int, own_pid_namespace: int, keep: tuple[int,
         if not linux.arm_parent_death_signal(parent_pidfd):
             os._exit(1)
         linux.close_fds_except((sock, parent_pidfd, own_pid_namespace, *keep))
+        prepare()
         with socket.socket(fileno=sock) as conn:
             while (received := protocol.recv_message(conn)) is not None:
                 request, fds = received
