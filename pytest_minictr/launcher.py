@@ -143,6 +143,8 @@ class Launcher:
         self.own_pidfd = os.pidfd_open(os.getpid())
         self.own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.spares: deque[Spare] = deque()
+        # spares asked of the zygote, not yet answered: our end of each one's channel, its cgroup
+        self.ordered: deque[tuple[socket.socket, Cgroup | None]] = deque()
         self.rootless = os.geteuid() != 0
         self.spares_problem = "not root" if self.rootless else None
         self.cgroups, self.cgroups_problem = _detect_cgroups()
@@ -164,7 +166,7 @@ class Launcher:
         limits = _with_room_for_the_init(spec.limits)
         if self.rootless:
             return self._start_keeper(spec, fds, self._new_cgroup(limits))
-        spare = self.spares.popleft() if self.spares else self._fork_spare()
+        spare = self._take_spare()
         try:
             if spare.cgroup is not None and limits.any():
                 _apply_limits(spare.cgroup, limits)
@@ -197,18 +199,40 @@ class Launcher:
 
     def wants_spare(self) -> bool:
         # without root, unshare(CLONE_NEWPID) needs a user namespace first: the keeper's way
-        return len(self.spares) < self.SPARES and self.spares_problem is None
+        return (len(self.spares) + len(self.ordered) < self.SPARES
+                and self.spares_problem is None)
 
     def prepare_spare(self) -> None:
-        """Make one more spare. If this fails (resources, privileges) no more are made; every
-        container then starts from a fresh one, which reports the problem as its own."""
+        """Make one more spare: order it from the zygote (it comes in `spare_arrived`), or
+        fork it here. If this fails (resources, privileges) no more are made; every container
+        then starts from a fresh one, which reports the problem as its own."""
         try:
-            self.spares.append(self._fork_spare())
+            if self.zygote is not None:
+                self._order_spare()
+            else:
+                self.spares.append(self._fork_spare())
         except (OSError, MinictrError) as problem:
             self.spares_problem = str(problem)
 
+    def spare_arrived(self) -> None:
+        """Receive the zygote's answer to our oldest order (waiting for it if need be: it is
+        read when a container needs the spare, by then long there)."""
+        channel, cgroup = self.ordered.popleft()
+        try:
+            pid = self.zygote.receive()
+        except BaseException as error:
+            channel.close()
+            remove_cgroup(cgroup)
+            if isinstance(error, ZygoteGone):
+                self._lose_zygote(error)
+                return
+            raise
+        self.spares.append(Spare(pid, channel, cgroup))
+
     def shut_down(self) -> None:
         """Let the spares go (end of its channel tells one to exit), remove their cgroups."""
+        while self.ordered and self.zygote is not None:
+            self.spare_arrived()  # to know its pid, and wait for it in _discard
         while self.spares:
             self._discard(self.spares.popleft())
         if self.zygote is not None:
@@ -272,11 +296,54 @@ class Launcher:
             return None
         return self.cgroups.create(cgroups.group_name(str(next(self._serial))), limits)
 
+    def _take_spare(self) -> Spare:
+        """A spare for a container starting now: the oldest, from the zygote if it has
+        one for us (or makes one now), else forked here."""
+        if not self.spares and self.zygote is not None:
+            if not self.ordered:
+                self._order_spare()
+            if self.ordered:  # (unless the zygote was found gone)
+                self.spare_arrived()
+        return self.spares.popleft() if self.spares else self._fork_spare()
+
+    def _order_spare(self) -> None:
+        cgroup = self._new_cgroup(Limits())
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.zygote.order(theirs.fileno(), None if cgroup is None else cgroup.name)
+        except BaseException as error:
+            ours.close()
+            remove_cgroup(cgroup)
+            if isinstance(error, ZygoteGone):
+                self._lose_zygote(error)
+                return
+            raise
+        finally:
+            theirs.close()
+        self.ordered.append((ours, cgroup))
+
+    def _lose_zygote(self, gone: ZygoteGone) -> None:
+        """The zygote died: what it did not answer will not come; we fork spares ourselves."""
+        print(f"minictr launcher: the zygote is gone ({gone}); forking spares here",
+              file=sys.stderr)
+        while self.ordered:
+            channel, cgroup = self.ordered.popleft()
+            channel.close()
+            remove_cgroup(cgroup)
+        self.zygote.close()
+        self.zygote = None
+
     def _fork_spare(self) -> Spare:
         cgroup = self._new_cgroup(Limits())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            pid = self._fork_init(theirs.fileno(), cgroup)
+            linux.unshare(linux.CLONE_NEWPID)
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    run_spare(theirs.fileno(), self.own_pidfd, cgroup, self.userns)
+            finally:
+                linux.setns(self.own_pid_namespace, linux.CLONE_NEWPID)
         except BaseException:
             ours.close()
             remove_cgroup(cgroup)
@@ -284,25 +351,6 @@ class Launcher:
         finally:
             theirs.close()
         return Spare(pid, ours, cgroup)
-
-    def _fork_init(self, channel: int, cgroup: Cgroup | None) -> int:
-        """A spare, from the zygote; from us if it is gone."""
-        if self.zygote is not None:
-            try:
-                return self.zygote.fork_spare(channel, None if cgroup is None else cgroup.name)
-            except ZygoteGone as gone:
-                print(f"minictr launcher: the zygote is gone ({gone}); forking spares here",
-                      file=sys.stderr)
-                self.zygote.close()
-                self.zygote = None
-        linux.unshare(linux.CLONE_NEWPID)
-        try:
-            pid = os.fork()
-            if pid == 0:
-                run_spare(channel, self.own_pidfd, cgroup, self.userns)
-        finally:
-            linux.setns(self.own_pid_namespace, linux.CLONE_NEWPID)
-        return pid
 
     def _start_zygote(self) -> Zygote | None:
         try:

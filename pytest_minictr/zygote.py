@@ -51,11 +51,18 @@ class Zygote:
             theirs.close()
         self._sock = ours
 
-    def fork_spare(self, channel: int, cgroup_name: str | None) -> int:
-        """A new spare, PID 1 of a new PID namespace, given `channel` (which we keep open);
-        its pid. OSError if the fork failed, ZygoteGone if the zygote cannot answer."""
+    def order(self, channel: int, cgroup_name: str | None) -> None:
+        """Ask for a spare, PID 1 of a new PID namespace, given `channel` (a copy of it: ours
+        stays open). The answer comes later, in order: `receive()`."""
         try:
             protocol.send_message(self._sock, {"cgroup": cgroup_name}, [channel])
+        except OSError as error:
+            raise ZygoteGone(str(error)) from None
+
+    def receive(self) -> int:
+        """The pid of the spare of the oldest order not yet answered; blocks until it comes.
+        OSError if that fork failed, ZygoteGone if the zygote cannot answer."""
+        try:
             received = protocol.recv_message(self._sock)
         except (OSError, EOFError, ValueError) as error:
             raise ZygoteGone(str(error)) from None
