@@ -22,10 +22,12 @@ starting the command without a container (target <= 5 ms), and speed-up = tests/
 -n2) / tests/s(container -n1) (target >= 1.8 on 2 cores).
 
 Also per configuration: the CPU time of the whole run (pytest, workers, launchers, containers;
-start-up included, so read it at large N) per test, which bounds the xdist speed-up (2 cores
-give at most 2 CPU-seconds per second), and the average cores used meanwhile by anything else
-(other jobs, and kernel threads, some cleaning up after our containers): a figure taken beside
-a busy neighbour is not worth comparing. The script reports and does not judge: it exits 0
+start-up included, so read it at large N) per test; the average cores the machine kept busy
+during the span ("span cores": start-up left out; kernel threads cleaning up after containers
+in), which bounds the xdist speed-up (a -n1 run that keeps 1.5 of 2 CPUs busy can gain at most
+2/1.5 from a second worker); and the average cores used meanwhile by anything else (other
+jobs, and kernel threads, some cleaning up after our containers): a figure taken beside a busy
+neighbour is not worth comparing. The script reports and does not judge: it exits 0
 when every pytest run passed, 1 if one failed (its output's tail is shown).
 
     python tests/benchmarks/bench_plugin.py [--tests 2000] [--json]
@@ -63,18 +65,24 @@ CONFTEST = """\
 import os, time
 import pytest
 _finished = []
+_TICK = os.sysconf("SC_CLK_TCK")
+
+def busy_cpu_s():  # the machine's, as in the script; ~20 us a test
+    with open("/proc/stat") as stat:
+        ticks = [int(x) for x in stat.readline().split()[1:8]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / _TICK
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     yield  # set-up, call, teardown and their reports
-    _finished.append(time.monotonic())
+    _finished.append((time.monotonic(), busy_cpu_s()))
 
 def pytest_sessionfinish(session):
     out = os.environ.get("BENCH_TIMES_DIR")
     if out and _finished:  # the xdist controller runs no test: it writes nothing
         worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
         with open(os.path.join(out, worker), "w") as f:
-            f.write("\\n".join(map(repr, _finished)))
+            f.write("\\n".join(f"{t!r} {busy!r}" for t, busy in _finished))
 """
 
 
@@ -126,17 +134,22 @@ def measure(work: Path, kind: str, workers: int, n: int) -> dict:
     own, busy = own_cpu_s(), busy_cpu_s()
     wall = run_pytest(work, [f"test_{kind}.py", "-n", str(workers)], times_dir,
                       timeout=120 + 0.5 * n)
-    per_worker = [[float(x) for x in path.read_text().split()] for path in times_dir.iterdir()]
-    finished = sorted(t for stamps in per_worker for t in stamps)
+    per_worker = [[tuple(map(float, line.split())) for line in path.read_text().splitlines()]
+                  for path in times_dir.iterdir()]
+    finished = sorted(stamp for stamps in per_worker for stamp in stamps)
     if len(finished) != n:
         raise RunFailed(f"{kind} -n {workers}: {len(finished)} tests recorded, expected {n}")
-    span = finished[-1] - finished[0]
+    span = finished[-1][0] - finished[0][0]
+    span_busy = finished[-1][1] - finished[0][1]
     own, busy = own_cpu_s() - own, busy_cpu_s() - busy
-    steps = [b - a for stamps in per_worker for a, b in itertools.pairwise(stamps)]
+    steps = [b[0] - a[0] for stamps in per_worker for a, b in itertools.pairwise(stamps)]
     return {"tests": n, "workers_used": len(per_worker), "span_s": span,
             "tests_per_s": (n - 1) / span,
             "median_ms": statistics.median(steps) * 1000 if steps else None,
             "pytest_wall_s": wall, "cpu_ms_per_test": own / n * 1000,
+            # what the machine did while the tests ran (start-up left out, neighbours in):
+            # 2 CPUs over this bounds the xdist speed-up that adding workers can give
+            "span_cores": span_busy / span if span else None,
             # Anything else that ran meanwhile (other jobs, kernel threads): noise to watch.
             "other_cores": max(0.0, busy - own) / wall}
 
@@ -146,7 +159,8 @@ def print_table(report: dict) -> None:
           f"{report['tests']} tests per configuration\n")
     columns = {"tests": "tests", "span_s": "span s", "tests_per_s": "tests/s",
                "median_ms": "median ms", "pytest_wall_s": "pytest wall s",
-               "cpu_ms_per_test": "cpu ms/test", "other_cores": "other cores"}
+               "cpu_ms_per_test": "cpu ms/test", "span_cores": "span cores",
+               "other_cores": "other cores"}
     print(f"{'configuration':<15}" + "".join(f"{title:>14}" for title in columns.values()))
     for name, row in report["configurations"].items():
         print(f"{name:<15}" + "".join(f"{row[key]:>14.2f}" if isinstance(row[key], float)
@@ -155,6 +169,10 @@ def print_table(report: dict) -> None:
           f"{report['overhead_ms']:.2f} ms (target <= 5 ms)")
     print(f"xdist speed-up (tests/s container -n2 / -n1): {report['speedup']:.2f} "
           f"(target >= 1.8 on 2 cores)")
+    for kind in ("container", "plain"):
+        cores = report["configurations"][f"{kind} -n1"]["span_cores"]
+        print(f"  {kind} -n1 kept {cores:.2f} of {report['cpus']} CPUs busy: -n2 can give at "
+              f"most {report['cpus'] / cores:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
