@@ -70,9 +70,9 @@ FORWARDED_SIGNALS = tuple(sorted(set(signal.valid_signals()) - {
 # (Python ignores SIGPIPE and SIGXFSZ, the launcher SIGINT): all of them, rather than asking
 # which are ignored (65 lookups: a tenth of a millisecond in a freshly forked init).
 RESET_SIGNALS = tuple(sorted(set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}))
-# The namespaces a spare unshares ahead of need (PID comes from the launcher; the mount
-# namespace when the spec arrives). CGROUP: the cgroup is joined first, so /proc/self/cgroup
-# inside shows "/" and nothing of the host's layout.
+# The namespaces a spare unshares ahead of need (PID comes from its parent; the mount
+# namespace with the mounts, see `mounts`). CGROUP: the cgroup is joined first, so
+# /proc/self/cgroup inside shows "/" and nothing of the host's layout.
 SPARE_NAMESPACES = (linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET
                     | linux.CLONE_NEWCGROUP)
 LAYER_LOCK_WAIT = 2.0  # seconds a container waits for the previous user of its layer to exit
@@ -129,8 +129,9 @@ class Launcher:
     """Lives in the launcher process: starts containers and returns the pid to watch.
 
     What a container needs before its spec is known is done ahead, by spare inits that the
-    forkserver makes while it has nothing else to do: the fork, most namespaces, the signal
-    handlers, and joining a cgroup. That last one matters most: moving a task between cgroups
+    forkserver makes while it has nothing else to do: the fork, the namespaces, the signal
+    handlers, the mounts that do not depend on the spec (see `mounts`), and joining a cgroup.
+    That last one matters most: moving a task between cgroups
     waits for an RCU grace period (about 2 ms per hierarchy here, five hierarchies on cgroup
     v1), which a spare pays in its own time. A container then only costs what its spec decides.
     """
@@ -576,6 +577,8 @@ def run_spare(channel: int, parent_pidfd: int, cgroup: Cgroup | None,
                 join_cgroup(cgroup, 0)  # 0: the writer itself (our pid here is 1)
             attempt("unshare namespaces", linux.unshare, SPARE_NAMESPACES)
             attempt("open low ports and ping", open_low_ports_and_ping)
+            watch = mounts.HostMountWatch()  # before our copy of the host's mounts
+            mounts.prepare()
             early_failure = None
         except ContainerSetupError as failure:
             early_failure = failure
@@ -586,7 +589,7 @@ def run_spare(channel: int, parent_pidfd: int, cgroup: Cgroup | None,
         spec, fds = ContainerSpec.from_dict(order[0]), ChildFds(*order[1])
         if early_failure is not None:
             raise early_failure
-        code = be_init(spec, fds, forwarder, parent_pidfd, userns)
+        code = be_init(spec, fds, forwarder, parent_pidfd, userns, watch)
     except BaseException as error:  # noqa: BLE001
         if fds is not None:
             report_failure(fds.setup, error)
@@ -620,19 +623,28 @@ def join_cgroup(cgroup: Cgroup, pid: int) -> None:
 
 
 def be_init(spec: ContainerSpec, fds: ChildFds, forwarder: "SignalForwarder", parent_pidfd: int,
-            userns: UserNamespace | None, inside_user_namespace: bool = False) -> int:
+            userns: UserNamespace | None, watch: mounts.HostMountWatch | None = None,
+            inside_user_namespace: bool = False) -> int:
     """PID 1's life: enter the container, spawn the command, reap until it exits, report.
-    `userns`: the launcher's user namespace, entered last when the spec asks for one."""
+    `userns`: the launcher's user namespace, entered last when the spec asks for one.
+    `watch`: a spare's (see mounts): its mounts are prepared, unless the host's changed."""
     # Not dumpable: /proc/1/fd and /proc/1/mem are then closed to a command without
     # CAP_SYS_PTRACE over us (our pipes to the launcher are behind them).
     linux.set_dumpable(False)
-    if not inside_user_namespace:  # a spare: its mount namespace is made now (see mounts)
-        attempt("unshare the mount namespace", linux.unshare, linux.CLONE_NEWNS)
+    if inside_user_namespace:  # the keeper made our mount namespace
+        mounts.prepare(unshare=False)
+    else:
+        if watch.changed():
+            watch.go_back()
+            mounts.prepare()
+        watch.close()  # (a way back to the host's mounts has no place in a container's init)
     host_paths = mounts.HostPaths.open(spec)
     layer_lock = lock_layer(host_paths.layer)
-    mounts.prepare_stage(spec.layer_size)
+    mounts.size_stage(spec.layer_size)
+    layer = os.statvfs(mounts.layer_path(host_paths.layer))
     entered = userns if spec.user_namespace and not inside_user_namespace else None
-    layer_size = enter_container(spec, host_paths, entered, inside_user_namespace)
+    enter_container(spec, host_paths, entered, inside_user_namespace)
+    layer_size = layer.f_blocks * layer.f_frsize
     confine(spec, layer_size, entered, parent_pidfd)
     command_pid = spawn_command(spec, fds)
     forwarder.start(command_pid)
@@ -692,18 +704,15 @@ def put_dev_null_on_stdio() -> None:
 
 
 def enter_container(spec: ContainerSpec, host_paths: mounts.HostPaths,
-                    userns: UserNamespace | None, inside_user_namespace: bool) -> int:
-    """Mounts, hostname, network, then pivot_root into the new root and chdir to `cwd`.
-    Returns the size of the writable layer's filesystem, in bytes."""
+                    userns: UserNamespace | None, inside_user_namespace: bool) -> None:
+    """Mounts, hostname, network, then pivot_root into the new root and chdir to `cwd`."""
     root = mounts.build_root(spec, host_paths, userns, inside_user_namespace)
-    layer = os.statvfs(mounts.layer_path(host_paths.layer))
     host_paths.close()
     attempt("set hostname", socket.sethostname, spec.hostname)
     if spec.network == "loopback":
         attempt("bring up loopback", linux.set_link_up, "lo")
     mounts.enter_root(root)
     attempt(f"chdir to cwd={spec.cwd!r}", os.chdir, spec.cwd)
-    return layer.f_blocks * layer.f_frsize
 
 
 def spawn_command(spec: ContainerSpec, fds: ChildFds) -> int:

@@ -1,34 +1,43 @@
 """The container's filesystem view, built inside its own mount namespace, ending in pivot_root.
 
-Runs in the container's init process, right after unshare(CLONE_NEWNS) (taken when the spec
-arrives, so that our copy of the host's mount table is current), before the command:
+Runs in the container's init process, before the command. What does not depend on the spec is
+done by a spare ahead of need (`prepare`), the rest when the spec arrives:
 
-1. `HostPaths.open`: O_PATH fds of the base rootfs, the kept layer and the bind sources. They
-   reach the kernel as `/proc/self/fd/N`: that still works once the stage covers `/tmp` (where
-   they may live), and spares us escaping ',' and ':' in overlay options. (They must be opened
-   here: the kernel refuses to overlay or bind a mount of another mount namespace.)
-2. `prepare_stage`: make every mount private (systemd hosts mount `/` shared; without this each
-   mount below would propagate back to the host), then mount a tmpfs "stage" over `/tmp`, *in
-   this namespace only*. It holds the overlay's upper and work dirs and the mount point of the
-   new root, so the writable layer lives in memory, is charged to the container's memory
-   cgroup, and vanishes with the namespace: there is no host temp dir to leak.
-3. `build_root`: the base rootfs (never written: only a lower layer) under the writable layer,
-   then `/proc` for the new PID namespace with the host kernel's knobs masked or read-only, a
-   minimal `/dev`, a tmpfs `/tmp`, the user's mounts. When container root is an unprivileged
-   host uid (see `idmap`), the base is seen through an idmapped mount, so that what host root
-   owns there, container root owns, and can write over in the layer.
-4. `enter_root`: pivot_root, then the old root is detached, so no path leads back to the host
-   (the chroot `..` escape has nothing to climb to).
+1. `prepare_stage`: unshare(CLONE_NEWNS), make every mount private (systemd hosts mount `/`
+   shared; without this each mount below would propagate back to the host), then mount a tmpfs
+   "stage" over `/tmp`, *in this namespace only*. It holds the overlay's upper and work dirs
+   and the mount point of the new root, so the writable layer lives in memory, is charged to
+   the container's memory cgroup, and vanishes with the namespace: there is no host temp dir
+   to leak.
+2. `enter_stage`: pivot_root into the stage, the host's tree put under `/oldroot` (as
+   bubblewrap does): every host path stays reachable there, the real `/tmp` included, which
+   the stage covered before the pivot and no longer does.
+3. `prepare_proc_and_dev`: `/proc` for the new PID namespace with the host kernel's knobs
+   masked or read-only, and a minimal `/dev`, built in the stage and moved under the new root
+   later (MS_MOVE takes the masks along).
+4. `HostPaths.open` (the spec has come): O_PATH fds of the base rootfs, the kept layer and the
+   bind sources, under `/oldroot`. They reach the kernel as `/proc/self/fd/N`, which spares
+   us escaping ',' and ':' in overlay options. (They must be opened in this namespace: the
+   kernel refuses to overlay or bind a mount of another one. So the copy of the host's mount
+   table a spare made may not be stale: `HostMountWatch` tells, and a stale copy is made
+   again.)
+5. `build_root`: the base rootfs (never written: only a lower layer) under the writable layer,
+   our `/dev`, a tmpfs `/tmp`, the user's mounts, our `/proc`. When container root is an
+   unprivileged host uid (see `idmap`), the base is seen through an idmapped mount, so that
+   what host root owns there, container root owns, and can write over in the layer.
+6. `enter_root`: pivot_root, then the old root (stage and host) is detached, so no path leads
+   back to the host (the chroot `..` escape has nothing to climb to).
 
-Until pivot_root, paths are resolved against the host's root, so a symlink inside the image
-(`/data -> /var/lib/x`) would steer a mount point, or a directory we create, onto the host:
-`_mount_point` refuses any symlink on the way to a target.
+Until the last pivot_root, paths are resolved against the stage, which holds the host's tree,
+so a symlink inside the image (`/data -> /oldroot/var/lib/x`) would steer a mount point, or a
+directory we create, onto the host: `_mount_point` refuses any symlink on the way to a target.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import select
 
 from . import linux
 from .linux import (MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT,
@@ -37,8 +46,10 @@ from .errors import ContainerSetupError
 from .idmap import UserNamespace
 from .spec import ContainerSpec, Mount
 
-STAGE = "/tmp"
-ROOT = f"{STAGE}/root"
+STAGE = "/tmp"          # where the stage is mounted; once we pivot into it, our "/"
+HOST = "/oldroot"        # the host's tree, in the stage
+ROOT = "/newroot"        # the container's root, in the stage
+PROC, DEV = "/proc", "/dev"  # built in the stage, then moved under ROOT
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
@@ -52,15 +63,70 @@ PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 _IDMAP_UNSUPPORTED = (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
-def prepare_stage(layer_size: int | None = None) -> None:
-    """Private mounts and the stage; `layer_size` bounds the stage, and with it the writable
-    layer (a command filling it gets ENOSPC; the host's memory is spared)."""
+def prepare(unshare: bool = True) -> None:
+    """Everything of the container's mounts that does not depend on its spec (see above).
+    `unshare`: False if our mount namespace was made for us (the keeper's way)."""
+    prepare_stage(unshare)
+    enter_stage()
+    prepare_proc_and_dev()
+
+
+def prepare_stage(unshare: bool = True) -> None:
+    """A mount namespace of our own, its mounts private, and the stage."""
+    if unshare:
+        attempt("unshare the mount namespace", linux.unshare, linux.CLONE_NEWNS)
     attempt("make mounts private", linux.mount, None, "/", None, MS_REC | linux.MS_PRIVATE)
-    size = "" if layer_size is None else f",size={layer_size}"
     attempt(f"mount tmpfs stage on {STAGE}", linux.mount, "minictr", STAGE, "tmpfs",
-            MS_NOSUID | MS_NODEV, "mode=0700" + size)
-    for name in ("upper", "work", "root"):
-        os.mkdir(f"{STAGE}/{name}", 0o755)
+            MS_NOSUID | MS_NODEV, "mode=0700")
+    for name in ("upper", "work", ROOT, HOST, PROC, DEV):
+        os.mkdir(f"{STAGE}/{name.lstrip('/')}", 0o755)
+
+
+def enter_stage() -> None:
+    os.chdir(STAGE)
+    attempt("pivot_root into the stage", linux.pivot_root, ".", HOST.lstrip("/"))
+    os.chdir("/")
+
+
+def prepare_proc_and_dev() -> None:
+    mount_proc(PROC)
+    mount_dev(DEV)
+    mask_proc(PROC)
+
+
+def size_stage(layer_size: int | None) -> None:
+    """`layer_size` bounds the stage, and with it the writable layer (a command filling it
+    gets ENOSPC; the host's memory is spared)."""
+    if layer_size is not None:
+        attempt("size the writable layer", linux.mount, None, "/", None,
+                MS_REMOUNT | MS_NOSUID | MS_NODEV, f"size={layer_size}")
+
+
+class HostMountWatch:
+    """The host's mount namespace, and whether its mount table changed since we copied it
+    (a spare copies it before its spec comes; a mount made on the host meanwhile, say a
+    filesystem on the rootfs' path, would be missing from the copy). Opened before the copy.
+
+    poll() on a mountinfo file reports POLLPRI once the namespace it was opened in (the
+    host's: the open took a reference) changed its mounts."""
+
+    def __init__(self) -> None:
+        self.namespace = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        self.table = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+
+    def changed(self) -> bool:
+        poller = select.poll()
+        poller.register(self.table, select.POLLPRI)
+        return bool(poller.poll(0))
+
+    def go_back(self) -> None:
+        """Back into the host's mount namespace (and its root), leaving our copy behind."""
+        attempt("rejoin the host's mount namespace", linux.setns, self.namespace,
+                linux.CLONE_NEWNS)
+
+    def close(self) -> None:
+        os.close(self.namespace)
+        os.close(self.table)
 
 
 def build_root(spec: ContainerSpec, host_paths: "HostPaths", userns: UserNamespace | None,
@@ -69,14 +135,14 @@ def build_root(spec: ContainerSpec, host_paths: "HostPaths", userns: UserNamespa
     `userns`: the user namespace its root will enter (see `idmap`), if any;
     `inside_user_namespace`: we are in one already (not root: the keeper's way)."""
     mount_overlay(host_paths.rootfs, host_paths.layer, userns, inside_user_namespace)
-    mount_proc()
-    mount_dev()
-    mask_proc()
+    attempt("move /dev", linux.mount, DEV, _mount_point("/dev", True), None, linux.MS_MOVE)
     # /tmp is writable too: the layer's bound holds for it as well
     tmp_size = "" if spec.layer_size is None else f",size={spec.layer_size}"
     attempt("mount /tmp", mount_tmpfs, _mount_point("/tmp", True), "mode=1777" + tmp_size)
     for mount, source_fd in zip(spec.mounts, host_paths.sources, strict=True):
         mount_user_mount(mount, source_fd)
+    # last: until here, /proc/self/fd/N named our fds (the user's mounts use it)
+    attempt("move /proc", linux.mount, PROC, _mount_point("/proc", True), None, linux.MS_MOVE)
     return ROOT
 
 
@@ -103,7 +169,7 @@ def _open_host_path(path: str | None) -> int | None:
     if path is None:
         return None
     try:
-        return os.open(path, os.O_PATH | os.O_CLOEXEC)
+        return os.open(HOST + path, os.O_PATH | os.O_CLOEXEC)
     except OSError as error:
         raise ContainerSetupError(f"open {path}: {error.strerror}", f"open {path}",
                                   error.errno) from None
@@ -130,7 +196,7 @@ def mount_overlay(rootfs_fd: int, layer_fd: int | None, userns: UserNamespace | 
 
 
 def layer_path(layer_fd: int | None) -> str:
-    return STAGE if layer_fd is None else f"/proc/self/fd/{layer_fd}"
+    return "/" if layer_fd is None else f"/proc/self/fd/{layer_fd}"
 
 
 def idmapped(rootfs_fd: int, userns: UserNamespace) -> int:
@@ -150,22 +216,20 @@ def idmapped(rootfs_fd: int, userns: UserNamespace) -> int:
                                   error.errno) from None
 
 
-def mount_proc() -> None:
-    attempt("mount /proc", linux.mount, "proc", _mount_point("/proc", True), "proc",
-            MS_NOSUID | MS_NODEV | MS_NOEXEC)
+def mount_proc(proc: str) -> None:
+    attempt("mount /proc", linux.mount, "proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
-def mask_proc() -> None:
+def mask_proc(proc: str) -> None:
     """Mask PROC_MASKED (those this kernel has) with /dev/null or an empty read-only tmpfs;
     bind PROC_READ_ONLY read-only over themselves. Root inside cannot undo either: mounting
     needs CAP_SYS_ADMIN over our mount namespace, which it never has, and seccomp."""
-    proc = f"{ROOT}/proc"
     for name in PROC_MASKED:
         path = f"{proc}/{name}"
         if os.path.isdir(path):
             attempt(f"mask /proc/{name}", mount_tmpfs, path, "size=0,mode=0555", MS_RDONLY)
         elif os.path.exists(path):
-            attempt(f"mask /proc/{name}", linux.mount, f"{ROOT}/dev/null", path, None, MS_BIND)
+            attempt(f"mask /proc/{name}", linux.mount, f"{HOST}/dev/null", path, None, MS_BIND)
     for name in PROC_READ_ONLY:
         path = f"{proc}/{name}"
         if os.path.exists(path):
@@ -178,16 +242,15 @@ def bind_read_only(path: str) -> None:
                 | MS_NOEXEC)
 
 
-def mount_dev() -> None:
+def mount_dev(dev: str) -> None:
     """A tmpfs /dev with only harmless nodes, bound from the host (mknod is not ours to use;
     nodev: a node made anyway would not open)."""
-    dev = _mount_point("/dev", True)
     attempt("mount /dev", linux.mount, "minictr-dev", dev, "tmpfs",
             MS_NOSUID | MS_NOEXEC | MS_NODEV, "mode=0755,size=1m")
     for name in DEV_NODES:
         target = f"{dev}/{name}"
         os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
-        attempt(f"bind /dev/{name}", linux.mount, f"/dev/{name}", target, None, MS_BIND)
+        attempt(f"bind /dev/{name}", linux.mount, f"{HOST}/dev/{name}", target, None, MS_BIND)
     for name, link in DEV_LINKS.items():
         os.symlink(link, f"{dev}/{name}")
     os.mkdir(dev + "/pts", 0o755)

@@ -78,11 +78,12 @@ def run() -> dict:
 
 def _as_init(rootless: bool, userns: idmap.UserNamespace | None) -> dict:
     try:
-        _step("mount namespace", mounts.prepare_stage)
-        os.mkdir(f"{mounts.STAGE}/lower")
-        lower = os.open(f"{mounts.STAGE}/lower", os.O_PATH)
+        _step("mount namespace", mounts.prepare_stage, False)  # unshared by our parent
+        _step("pivot_root", mounts.enter_stage)
+        _step("/proc", mounts.mount_proc, mounts.PROC)
+        os.mkdir("/lower")
+        lower = os.open("/lower", os.O_PATH)
         _step("overlayfs", mounts.mount_overlay, lower, None, None, rootless)
-        _step("/proc", mounts.mount_proc)
         _step("pivot_root", mounts.enter_root, mounts.ROOT)
         if userns is not None:
             _step("user namespace", security.enter_user_namespace, userns.fd)

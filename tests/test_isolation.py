@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -166,6 +167,24 @@ def test_a_read_only_bind_is_read_only_all_the_way_down(runtime, rootfs, tmp_pat
         assert sorted(p.name for p in tmp_path.rglob("*")) == ["sub"]
     finally:
         umount2(str(tmp_path / "sub"))
+
+
+@needs_root  # it mounts a tmpfs on the host
+def test_a_mount_made_on_the_host_after_the_spares_copied_the_mounts_is_seen(runtime, rootfs,
+                                                                               tmp_path):
+    from pytest_minictr import Mount
+    from pytest_minictr.linux import mount, umount2
+    (tmp_path / "before").write_text("")
+    run(runtime, rootfs, "true")
+    time.sleep(0.5)  # the next spares are ready: their copies of the host's mounts are made
+    mount("tmpfs", str(tmp_path), "tmpfs")
+    try:
+        (tmp_path / "after").write_text("")
+        for _ in range(3):  # every spare made before the mount
+            assert run(runtime, rootfs, "ls /data", mounts=[Mount.bind(tmp_path, "/data")]) \
+                == "after\n"
+    finally:
+        umount2(str(tmp_path))
 
 
 def test_symlinks_in_the_image_cannot_place_mount_points_on_the_host(runtime, tmp_path):
