@@ -131,9 +131,9 @@ class Launcher:
     What a container needs before its spec is known is done ahead, by spare inits that the
     forkserver makes while it has nothing else to do: the fork, the namespaces, the signal
     handlers, the mounts that do not depend on the spec (see `mounts`), and joining a cgroup.
-    That last one matters most: moving a task between cgroups
-    waits for an RCU grace period (about 2 ms per hierarchy here, five hierarchies on cgroup
-    v1), which a spare pays in its own time. A container then only costs what its spec decides.
+    That last one matters most: moving a task between cgroups waits for an RCU grace period
+    (about 2 ms per hierarchy here, five hierarchies on cgroup v1), which a spare pays in its
+    own time. A container then only costs what its spec decides.
     """
 
     SPARES = 2  # enough to cover a burst of starts while the next spare joins its cgroup
