@@ -2,11 +2,13 @@
 
 Forking the launcher for every container costs the launcher twice: fork(2) copies its page
 tables, and then every page it writes while a waiting spare still shares it is copied on the
-fault (measured here: 411 faults a container; with them the fork, 2.4 of the launcher's
-3.5 ms of CPU a container, time a caller's next request may wait for). The zygote is forked once, when everything a spare
-inherits is ready (user namespace, seccomp program, cgroup backend, signal dispositions); it
-does nothing but fork, so it writes almost no page, and the launcher, sharing pages with
-nothing short-lived any more, writes to its own copies.
+fault (measured here: 411 faults a container; with the fork, 2.4 of the launcher's 3.5 ms of
+CPU a container, time in which a caller's next request waits). The zygote is forked once,
+when everything a spare inherits is ready (user namespace, seccomp program, cgroup backend,
+signal dispositions); it does nothing but fork, so it writes almost no page, and the launcher,
+sharing pages with nothing short-lived any more, writes to its own copies. The machine does
+about as much work as before (the fork is the zygote's now, and the pages a spare writes are
+copied for the spare): what changes is that none of it is on the path of a request.
 
 Spares are forked with CLONE_PARENT (`linux.fork_as_sibling`): the launcher is their parent,
 as if it had forked them itself. It reaps them and reads their wait status, and their
