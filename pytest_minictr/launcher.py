@@ -222,12 +222,8 @@ class Launcher:
         try:
             pid = self.zygote.receive()
         except BaseException as error:
-            channel.close()
-            remove_cgroup(cgroup)
-            if isinstance(error, ZygoteGone):
-                self._lose_zygote(error)
-                return
-            raise
+            self._drop_order(channel, cgroup, error)
+            return
         self.spares.append(Spare(pid, channel, cgroup))
 
     def shut_down(self) -> None:
@@ -313,26 +309,27 @@ class Launcher:
         try:
             self.zygote.order(theirs.fileno(), None if cgroup is None else cgroup.name)
         except BaseException as error:
-            ours.close()
-            remove_cgroup(cgroup)
-            if isinstance(error, ZygoteGone):
-                self._lose_zygote(error)
-                return
-            raise
+            self._drop_order(ours, cgroup, error)
+            return
         finally:
             theirs.close()
         self.ordered.append((ours, cgroup))
 
-    def _lose_zygote(self, gone: ZygoteGone) -> None:
-        """The zygote died: what it did not answer will not come; we fork spares ourselves."""
-        print(f"minictr launcher: the zygote is gone ({gone}); forking spares here",
-              file=sys.stderr)
-        while self.ordered:
-            channel, cgroup = self.ordered.popleft()
-            channel.close()
-            remove_cgroup(cgroup)
-        self.zygote.close()
-        self.zygote = None
+    def _drop_order(self, channel: socket.socket, cgroup: Cgroup | None,
+                    error: BaseException) -> None:
+        """An order that failed: its channel and cgroup go. A gone zygote is let go (the
+        caller goes on without it); any other failure is raised again."""
+        channel.close()
+        remove_cgroup(cgroup)
+        if not isinstance(error, ZygoteGone):
+            raise error
+        if self.zygote is not None:  # we are the first to find it gone
+            print(f"minictr launcher: the zygote is gone ({error}); forking spares here",
+                  file=sys.stderr)
+            self.zygote.close()
+            self.zygote = None
+            while self.ordered:  # what it did not answer will not come
+                self._drop_order(*self.ordered.popleft(), error)
 
     def _fork_spare(self) -> Spare:
         cgroup = self._new_cgroup(Limits())
