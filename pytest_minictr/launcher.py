@@ -577,7 +577,7 @@ def run_spare(channel: int, parent_pidfd: int, cgroup: Cgroup | None,
             watch = mounts.HostMountWatch()  # before our copy of the host's mounts
             mounts.prepare()
             early_failure = None
-        except ContainerSetupError as failure:
+        except Exception as failure:  # noqa: BLE001 - whatever it is, the caller hears of it
             early_failure = failure
         with socket.socket(fileno=channel) as sock:
             order = protocol.recv_message(sock)
