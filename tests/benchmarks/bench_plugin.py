@@ -1,11 +1,13 @@
 """Per-test cost of the pytest plugin's `container` fixture, and the pytest-xdist speed-up.
 
-What it runs: in a temp dir, two generated test files of N parametrized tests each:
+What it runs: in a temp dir, generated test files of N parametrized tests each:
 
   container  def test_container(container, i):
                  assert container.run(["echo", "hi"]).stdout == b"hi\\n"
   plain      def test_plain(i):      # the baseline peer: the same command, no container
                  assert subprocess.run(["echo", "hi"], capture_output=True).stdout == b"hi\\n"
+  bwrap      def test_bwrap(i):      # the sandbox peer, where bwrap is installed: the same
+                 subprocess.run(["bwrap", "--unshare-all", ..., "echo", "hi"])  # in a sandbox
 
 each with `python -m pytest -q -p no:cacheprovider -n 1` and `-n 2` (xdist), in subprocesses
 sharing one rootfs cache, built by a 1-test warm-up run before anything is timed.
@@ -40,6 +42,7 @@ import itertools
 import json
 import os
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -56,6 +59,13 @@ TESTS = {
     "plain": ("import subprocess\nimport pytest\n\n@pytest.mark.parametrize('i', range({n}))\n"
               "def test_plain(i):\n"
               "    done = subprocess.run(['echo', 'hi'], capture_output=True)\n"
+              "    assert done.stdout == b'hi\\n'\n"),
+    # the host's / read-only, as our base is; its own /proc, /dev, /tmp, every namespace
+    "bwrap": ("import subprocess\nimport pytest\n\n@pytest.mark.parametrize('i', range({n}))\n"
+              "def test_bwrap(i):\n"
+              "    done = subprocess.run(['bwrap', '--unshare-all', '--die-with-parent',\n"
+              "                           '--ro-bind', '/', '/', '--proc', '/proc', '--dev', '/dev',\n"
+              "                           '--tmpfs', '/tmp', 'echo', 'hi'], capture_output=True)\n"
               "    assert done.stdout == b'hi\\n'\n"),
 }
 # Around pytest_runtest_protocol, not in pytest_runtest_logfinish: the xdist controller also
@@ -154,6 +164,15 @@ def measure(work: Path, kind: str, workers: int, n: int) -> dict:
             "other_cores": max(0.0, busy - own) / wall}
 
 
+def overhead(configurations: dict, kind: str) -> float:
+    """Median ms per test of `kind` over the plain tests', both -n1."""
+    return configurations[f"{kind} -n1"]["median_ms"] - configurations["plain -n1"]["median_ms"]
+
+
+def speedup(configurations: dict, kind: str) -> float:
+    return configurations[f"{kind} -n2"]["tests_per_s"] / configurations[f"{kind} -n1"]["tests_per_s"]
+
+
 def print_table(report: dict) -> None:
     print(f"kernel {report['kernel']}, {report['cpus']} CPUs, python {report['python']}, "
           f"{report['tests']} tests per configuration\n")
@@ -169,7 +188,12 @@ def print_table(report: dict) -> None:
           f"{report['overhead_ms']:.2f} ms (target <= 5 ms)")
     print(f"xdist speed-up (tests/s container -n2 / -n1): {report['speedup']:.2f} "
           f"(target >= 1.8 on 2 cores)")
-    for kind in ("container", "plain"):
+    if "bwrap_overhead_ms" in report:
+        print(f"  bwrap, the same way: overhead {report['bwrap_overhead_ms']:.2f} ms, "
+              f"speed-up {report['bwrap_speedup']:.2f}")
+    else:
+        print("  (bwrap is not installed: no sandbox peer)")
+    for kind in report["kinds"]:
         cores = report["configurations"][f"{kind} -n1"]["span_cores"]
         print(f"  {kind} -n1 kept {cores:.2f} of {report['cpus']} CPUs busy: -n2 can give at "
               f"most {report['cpus'] / cores:.2f}x")
@@ -183,28 +207,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.tests < 2:
         parser.error("--tests: at least 2")  # a span needs two ends
 
+    kinds = [kind for kind in TESTS if kind != "bwrap" or shutil.which("bwrap")]
     with tempfile.TemporaryDirectory(prefix="minictr-bench-plugin-") as tmp:
         work = Path(tmp)
         (work / "pytest.ini").write_text("[pytest]\n")  # rootdir here: no outer config applies
         (work / "conftest.py").write_text(CONFTEST)
-        for kind, source in TESTS.items():
-            (work / f"test_{kind}.py").write_text(source.format(n=args.tests))
+        for kind in kinds:
+            (work / f"test_{kind}.py").write_text(TESTS[kind].format(n=args.tests))
         try:
             # Builds the rootfs into the shared cache, so no timed run pays for it.
             run_pytest(work, ["test_container.py::test_container[0]"], None, timeout=300)
             configurations = {f"{kind} -n{workers}": measure(work, kind, workers, args.tests)
-                              for kind in ("container", "plain") for workers in (1, 2)}
+                              for kind in kinds for workers in (1, 2)}
         except RunFailed as failure:
             print(f"FAILED {failure}", file=sys.stderr)
             return 1
 
     report = {"kernel": os.uname().release, "cpus": os.cpu_count(),
-              "python": sys.version.split()[0], "tests": args.tests,
+              "python": sys.version.split()[0], "tests": args.tests, "kinds": kinds,
               "configurations": configurations,
-              "overhead_ms": configurations["container -n1"]["median_ms"]
-              - configurations["plain -n1"]["median_ms"],
-              "speedup": configurations["container -n2"]["tests_per_s"]
-              / configurations["container -n1"]["tests_per_s"]}
+              "overhead_ms": overhead(configurations, "container"),
+              "speedup": speedup(configurations, "container")}
+    if "bwrap" in kinds:
+        report["bwrap_overhead_ms"] = overhead(configurations, "bwrap")
+        report["bwrap_speedup"] = speedup(configurations, "bwrap")
     if args.json:
         print(json.dumps(report, indent=2))
     else:
