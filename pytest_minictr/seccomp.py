@@ -114,10 +114,16 @@ NOT_IMPLEMENTED = ("clone3",)
 FILTERED = tuple(sorted({*DENIED, *NOT_IMPLEMENTED, *(rule[0] for rule in ARGUMENT_RULES)}))
 
 
-@functools.lru_cache(maxsize=16)
 def host_filter(allowed: tuple[str, ...] = ()) -> SeccompProgram:
     """build_filter() for this machine (the spec checked that it has a table), built once:
     the launcher builds the default one before forking any init, which inherits it."""
+    # one cache key however it is called: lru_cache tells host_filter() from host_filter(()),
+    # and an init would build the default program again (a tenth of a millisecond each)
+    return _host_filter(tuple(allowed))
+
+
+@functools.lru_cache(maxsize=16)
+def _host_filter(allowed: tuple[str, ...]) -> SeccompProgram:
     return SeccompProgram(build_filter(allowed, ARCHITECTURES[os.uname().machine]))
 
 

@@ -4,6 +4,7 @@ of the program. (That the kernel applies it is shown from inside containers, tes
 from __future__ import annotations
 
 import errno
+import os
 import re
 import struct
 from pathlib import Path
@@ -76,3 +77,10 @@ def test_allowed_calls_are_left_out():
     assert arch.numbers["keyctl"] in default and arch.numbers["keyctl"] not in loosened
     assert arch.numbers["clone"] in default and arch.numbers["clone"] not in loosened
     assert arch.numbers["mount"] in loosened
+
+
+@pytest.mark.skipif(os.uname().machine not in seccomp.ARCHITECTURES,
+                    reason="no syscall table for this machine")
+def test_the_default_program_is_built_once_however_it_is_asked_for():
+    # the launcher asks with no argument, an init with the spec's (empty) allowed calls
+    assert seccomp.host_filter() is seccomp.host_filter(()) is seccomp.host_filter([])
