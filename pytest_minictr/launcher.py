@@ -336,13 +336,9 @@ class Launcher:
         cgroup = self._new_cgroup(Limits())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            linux.unshare(linux.CLONE_NEWPID)
-            try:
-                pid = os.fork()
-                if pid == 0:
-                    run_spare(theirs.fileno(), self.own_pidfd, cgroup, self.userns)
-            finally:
-                linux.setns(self.own_pid_namespace, linux.CLONE_NEWPID)
+            pid = linux.fork_into_new_pid_namespace(self.own_pid_namespace)
+            if pid == 0:
+                run_spare(theirs.fileno(), self.own_pidfd, cgroup, self.userns)
         except BaseException:
             ours.close()
             remove_cgroup(cgroup)

@@ -253,6 +253,22 @@ def fork_as_sibling() -> int:
     return pid
 
 
+def fork_into_new_pid_namespace(own_pid_namespace: int, fork=os.fork) -> int:
+    """`fork()` a child that is PID 1 of a new PID namespace; we stay in ours. unshare(2)
+    moves our next child, not us, into the new namespace; setns(2) on `own_pid_namespace`
+    takes us back for the one after (in the parent only: the child's children belong in its
+    namespace)."""
+    unshare(CLONE_NEWPID)
+    try:
+        pid = fork()
+    except BaseException:
+        setns(own_pid_namespace, CLONE_NEWPID)
+        raise
+    if pid != 0:
+        setns(own_pid_namespace, CLONE_NEWPID)
+    return pid
+
+
 def write_file(path: str, text: str) -> None:
     """One write(2) to a /proc or /sys file, without Python's buffered file objects (which a
     freshly forked child pays for in copied pages)."""

@@ -89,9 +89,9 @@ def enter_stage() -> None:
 
 
 def prepare_proc_and_dev() -> None:
-    mount_proc(PROC)
-    mount_dev(DEV)
-    mask_proc(PROC)
+    mount_proc()
+    mount_dev()
+    mask_proc()
 
 
 def size_stage(layer_size: int | None) -> None:
@@ -216,22 +216,22 @@ def idmapped(rootfs_fd: int, userns: UserNamespace) -> int:
                                   error.errno) from None
 
 
-def mount_proc(proc: str) -> None:
-    attempt("mount /proc", linux.mount, "proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+def mount_proc() -> None:
+    attempt("mount /proc", linux.mount, "proc", PROC, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
-def mask_proc(proc: str) -> None:
+def mask_proc() -> None:
     """Mask PROC_MASKED (those this kernel has) with /dev/null or an empty read-only tmpfs;
     bind PROC_READ_ONLY read-only over themselves. Root inside cannot undo either: mounting
     needs CAP_SYS_ADMIN over our mount namespace, which it never has, and seccomp."""
     for name in PROC_MASKED:
-        path = f"{proc}/{name}"
+        path = f"{PROC}/{name}"
         if os.path.isdir(path):
             attempt(f"mask /proc/{name}", mount_tmpfs, path, "size=0,mode=0555", MS_RDONLY)
         elif os.path.exists(path):
             attempt(f"mask /proc/{name}", linux.mount, f"{HOST}/dev/null", path, None, MS_BIND)
     for name in PROC_READ_ONLY:
-        path = f"{proc}/{name}"
+        path = f"{PROC}/{name}"
         if os.path.exists(path):
             attempt(f"bind /proc/{name} read-only", bind_read_only, path)
 
@@ -242,22 +242,22 @@ def bind_read_only(path: str) -> None:
                 | MS_NOEXEC)
 
 
-def mount_dev(dev: str) -> None:
+def mount_dev() -> None:
     """A tmpfs /dev with only harmless nodes, bound from the host (mknod is not ours to use;
     nodev: a node made anyway would not open)."""
-    attempt("mount /dev", linux.mount, "minictr-dev", dev, "tmpfs",
+    attempt("mount /dev", linux.mount, "minictr-dev", DEV, "tmpfs",
             MS_NOSUID | MS_NOEXEC | MS_NODEV, "mode=0755,size=1m")
     for name in DEV_NODES:
-        target = f"{dev}/{name}"
+        target = f"{DEV}/{name}"
         os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
         attempt(f"bind /dev/{name}", linux.mount, f"{HOST}/dev/{name}", target, None, MS_BIND)
     for name, link in DEV_LINKS.items():
-        os.symlink(link, f"{dev}/{name}")
-    os.mkdir(dev + "/pts", 0o755)
-    attempt("mount /dev/pts", linux.mount, "devpts", dev + "/pts", "devpts",
+        os.symlink(link, f"{DEV}/{name}")
+    os.mkdir(DEV + "/pts", 0o755)
+    attempt("mount /dev/pts", linux.mount, "devpts", DEV + "/pts", "devpts",
             MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
-    os.mkdir(dev + "/shm", 0o1777)
-    attempt("mount /dev/shm", mount_tmpfs, dev + "/shm", "mode=1777,size=64m", MS_NOEXEC)
+    os.mkdir(DEV + "/shm", 0o1777)
+    attempt("mount /dev/shm", mount_tmpfs, DEV + "/shm", "mode=1777,size=64m", MS_NOEXEC)
 
 
 def mount_tmpfs(target: str, options: str, extra_flags: int = 0) -> None:

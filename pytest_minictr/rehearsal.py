@@ -80,7 +80,7 @@ def _as_init(rootless: bool, userns: idmap.UserNamespace | None) -> dict:
     try:
         _step("mount namespace", mounts.prepare_stage, False)  # unshared by our parent
         _step("pivot_root", mounts.enter_stage)
-        _step("/proc", mounts.mount_proc, mounts.PROC)
+        _step("/proc", mounts.mount_proc)
         os.mkdir("/lower")
         lower = os.open("/lower", os.O_PATH)
         _step("overlayfs", mounts.mount_overlay, lower, None, None, rootless)

@@ -111,15 +111,9 @@ def serve(sock: int, parent_pidfd: int, own_pid_namespace: int, keep: tuple[int,
 def _fork_spare(channel: int, cgroup_name: str | None, own_pid_namespace: int,
                 spare_main: Callable[[int, str | None], NoReturn]) -> dict:
     try:
-        # unshare(CLONE_NEWPID) puts our next child, not us, in a new PID namespace: it is
-        # PID 1 there; setns() takes us back for the next one.
-        linux.unshare(linux.CLONE_NEWPID)
-        try:
-            pid = linux.fork_as_sibling()
-            if pid == 0:
-                spare_main(channel, cgroup_name)
-        finally:
-            linux.setns(own_pid_namespace, linux.CLONE_NEWPID)
+        pid = linux.fork_into_new_pid_namespace(own_pid_namespace, linux.fork_as_sibling)
+        if pid == 0:
+            spare_main(channel, cgroup_name)
     except OSError as error:
         return {"error": error.strerror or str(error), "errno": error.errno or 0}
     finally:
