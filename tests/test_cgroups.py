@@ -241,6 +241,35 @@ def test_remove_leaves_no_directory_and_can_be_repeated(new_group):
     group.remove()
 
 
+def test_remove_takes_child_groups_first(new_group):
+    """A command with write access to its group may have made groups below it."""
+    group = new_group()
+    for path in group.paths:
+        os.mkdir(os.path.join(path, "inner"))
+    group.remove()
+    assert not [path for path in group.paths if os.path.exists(path)]
+
+
+def test_create_makes_a_removed_parent_again(backend, monkeypatch):
+    """The `minictr` parent is made at start-up, and later only when a create() finds it gone
+    (another launcher's release() took it, or an admin): the group still gets its limits."""
+    monkeypatch.setattr(cgroups.v1, "PARENT_NAME", f"minictr-test-{os.getpid()}")
+    monkeypatch.setattr(cgroups.v2, "PARENT_NAME", f"minictr-test-{os.getpid()}")
+    ours = cgroups.detect()
+    try:
+        for _ in range(2):
+            group = ours.create(cgroups.group_name("t"), Limits(memory=64 * MiB))
+            limits = [Path(path, name).read_text().strip() for path in group.paths
+                      for name in ("memory.max", "memory.limit_in_bytes")
+                      if Path(path, name).exists()]
+            assert limits == [str(64 * MiB)]
+            group.remove()
+            ours.release()
+            assert not [path for path in ours.parent_dirs if os.path.exists(path)]
+    finally:
+        ours.release()
+
+
 def test_remove_waits_for_a_dying_process(new_group, spawn):
     group = new_group()
     # Freeing 64 MiB takes the exiting process a moment, during which rmdir says EBUSY.

@@ -154,12 +154,19 @@ def write_value(path: str, value: str | int) -> None:
 
 
 def read_text(path: str) -> str | None:
-    """The file's text, or None if this kernel (or a missing controller) has no such file."""
+    """The file's text, or None if this kernel (or a missing controller) has no such file.
+    By os.read: a text file object costs more than the read (five of these end a container)."""
     try:
-        with open(path) as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode()
 
 
 def read_int(path: str) -> int | None:
@@ -189,16 +196,18 @@ def list_processes(path: str) -> set[int]:
     return pids
 
 
-def make_fresh_dir(path: str) -> None:
-    """mkdir, replacing an empty leftover of the same name (a launcher pid can be reused), and
-    the `minictr` parent if another launcher, exiting, removed it just now (see release())."""
+def make_fresh_dir(path: str, make_parent) -> None:
+    """mkdir, replacing an empty leftover of the same name (a launcher pid can be reused).
+    `make_parent()` makes the `minictr` parent again if it is gone: another launcher, exiting,
+    may have removed it just now (see release()), or an admin. Only then: a container's group
+    is made on every start, and the parent is nearly always there."""
     try:
         os.mkdir(path)
     except FileExistsError:
         remove_group_dir(path, timeout=0)
         os.mkdir(path)
     except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        make_parent()
         os.mkdir(path)
 
 
@@ -216,6 +225,14 @@ def remove_group_dir(path: str, timeout: float = REMOVE_TIMEOUT) -> None:
     rmdir of a cgroup fails with EBUSY while a task is still charged to it, and a task killed
     a moment ago may still be exiting: retry with small sleeps instead of failing at once.
     """
+    try:
+        os.rmdir(path)  # nearly always enough: walking a group lists its dozens of files
+        return
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno != errno.EBUSY:  # (EBUSY: a child group, or a task still exiting)
+            raise MinictrError(f"cannot remove cgroup {path}: {e.strerror}") from e
     deadline = time.monotonic() + timeout
     delay = 0.002
     while True:

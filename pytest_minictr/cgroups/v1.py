@@ -55,7 +55,7 @@ class V1Backend(CgroupBackend):
         return backend
 
     def prepare_parents(self) -> None:
-        """mkdir `minictr` in each hierarchy (again before each create(): it may be gone)."""
+        """mkdir `minictr` in each hierarchy (again when a create() finds one gone)."""
         for parent in self.parent_dirs:
             try:
                 os.makedirs(parent, exist_ok=True)
@@ -74,12 +74,11 @@ class V1Backend(CgroupBackend):
     def create(self, name: str, limits: Limits) -> "V1Cgroup":
         check_group_name(name)
         self.check_limits(limits)
-        self.prepare_parents()
         group = self.open(name)
         made = []
         try:
             for path in group.paths:
-                make_fresh_dir(path)
+                make_fresh_dir(path, self.prepare_parents)
                 made.append(path)
             group.apply_limits(limits)
         except BaseException:

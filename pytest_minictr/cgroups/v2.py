@@ -58,8 +58,9 @@ class V2Backend(CgroupBackend):
     def prepare_parent(self) -> None:
         """mkdir `<root>/minictr` and enable our controllers below it, noting what is missing.
 
-        Done again before each create(): it costs a few small reads, and another tool (or an
-        admin) may have removed the directory since.
+        Done at start-up, and again when a create() finds the directory gone (another
+        launcher's release(), or an admin): not before each create, which would cost a
+        container start a makedirs and three reads.
         """
         try:
             os.makedirs(self.parent, exist_ok=True)
@@ -124,10 +125,9 @@ class V2Backend(CgroupBackend):
 
     def create(self, name: str, limits: Limits) -> "V2Cgroup":
         check_group_name(name)
-        self.prepare_parent()
         self.check_limits(limits)
         path = os.path.join(self.parent, name)
-        make_fresh_dir(path)
+        make_fresh_dir(path, self.prepare_parent)
         try:
             _apply_limits(path, limits)
         except BaseException:
