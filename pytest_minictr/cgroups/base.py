@@ -16,6 +16,7 @@ import re
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import ConfigError, MinictrError
@@ -196,7 +197,7 @@ def list_processes(path: str) -> set[int]:
     return pids
 
 
-def make_fresh_dir(path: str, make_parent) -> None:
+def make_fresh_dir(path: str, make_parent: Callable[[], None]) -> None:
     """mkdir, replacing an empty leftover of the same name (a launcher pid can be reused).
     `make_parent()` makes the `minictr` parent again if it is gone: another launcher, exiting,
     may have removed it just now (see release()), or an admin. Only then: a container's group
