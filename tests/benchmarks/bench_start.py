@@ -27,6 +27,12 @@ line is minictr's median over each peer's: below 1 means minictr starts faster. 
 measurement runs minictr+limits back to back, with no peer in between (a grader's loop). The script
 reports and does not judge: it exits 0 when every run worked, 1 if any failed (shown).
 
+Then what a start costs in CPU, which decides how many fit on a busy machine (pytest-xdist
+workers, a grader's parallel jobs) more than its latency does: minictr and bwrap each run back
+to back, the machine's busy time (/proc/stat: every process and kernel thread, cleanup after
+the run included) over the runs. minictr's is split: this caller, the launcher, the zygote, and
+the rest (the container's init and command, and kernel threads).
+
     python tests/benchmarks/bench_start.py [--runs 300] [--warmup 5] [--caller-mb 200] [--json]
 """
 
@@ -86,14 +92,15 @@ def subprocess_peer(argv: list[str]):
     return run
 
 
+def minictr_peer(runtime: ContainerRuntime, rootfs: str, keywords: dict):
+    def run() -> None:
+        result = runtime.run(rootfs, ["echo", "hi"], **keywords).wait()
+        check(result.returncode, result.stdout, result.stderr)
+    return run
+
+
 def make_peers(runtime: ContainerRuntime, rootfs: str) -> tuple[dict, dict]:
     """The peers to time ({name: callable}) and what each one runs, or why it is skipped."""
-    def minictr(keywords: dict):
-        def run() -> None:
-            result = runtime.run(rootfs, ["echo", "hi"], **keywords).wait()
-            check(result.returncode, result.stdout, result.stderr)
-        return run
-
     commands = {
         name: f"ContainerRuntime().run(rootfs, ['echo', 'hi'], **{keywords}).wait()"
         for name, keywords in VARIANTS.items()}
@@ -103,7 +110,8 @@ def make_peers(runtime: ContainerRuntime, rootfs: str) -> tuple[dict, dict]:
         "unshare": ["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--net",
                     "--mount-proc", "chroot", rootfs, "echo", "hi"],
     })
-    peers = {name: minictr(keywords) for name, keywords in VARIANTS.items()}
+    peers = {name: minictr_peer(runtime, rootfs, keywords)
+             for name, keywords in VARIANTS.items()}
     described = {name: commands[name] for name in peers}
     for name in ("bwrap", "unshare"):
         if shutil.which(name) is None:
@@ -164,6 +172,51 @@ def measure_back_to_back(runtime: ContainerRuntime, rootfs: str, runs: int) -> d
     return summarize(times)
 
 
+def busy_cpu_s() -> float:
+    """CPU time the whole machine spent busy so far (not idle, not waiting on I/O)."""
+    with open("/proc/stat") as stat:
+        ticks = [int(field) for field in stat.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.add(int(entry))
+        except OSError:
+            pass  # gone meanwhile
+    return found
+
+
+def measure_cpu(start, runs: int) -> dict:
+    """ms of CPU per run: the machine's, ours, and our launcher's and zygote's (our child,
+    and its child that outlives the runs), if any."""
+    start()  # the launcher and its zygote exist from here on
+    launchers = children(os.getpid())
+    kept = {pid for launcher in launchers for pid in children(launcher)}
+    helpers = {pid: process_cpu_s(pid) for pid in launchers | kept}
+    machine, own = busy_cpu_s(), time.process_time()
+    for _ in range(runs):
+        start()
+    per_run = {"machine": busy_cpu_s() - machine, "caller": time.process_time() - own}
+    zygotes = kept & {pid for launcher in launchers for pid in children(launcher)}
+    if launchers:
+        per_run["launcher"] = sum(process_cpu_s(pid) - helpers[pid] for pid in launchers)
+        per_run["zygote"] = sum(process_cpu_s(pid) - helpers[pid] for pid in zygotes)
+        per_run["rest"] = per_run["machine"] - sum(
+            per_run[key] for key in ("caller", "launcher", "zygote"))
+    return {key: value * 1000 / runs for key, value in per_run.items()}
+
+
 def print_table(report: dict) -> None:
     print(f"kernel {report['kernel']}, {report['cpus']} CPUs, python {report['python']}, "
           f"caller VmRSS {report['caller_rss_kib'] / 1024:.0f} MiB, "
@@ -176,6 +229,11 @@ def print_table(report: dict) -> None:
     loop = report["back_to_back_limits"]
     print(f"\nminictr+limits back to back (not interleaved): median {loop['median_ms']:.2f} ms, "
           f"p95 {loop['p95_ms']:.2f} ms")
+    print("\nCPU per start, back to back (ms; machine: every process and kernel thread):")
+    for name, row in report["cpu_per_start"].items():
+        split = ", ".join(f"{key} {row[key]:.2f}" for key in ("caller", "launcher", "zygote",
+                                                             "rest") if key in row)
+        print(f"  {name:<8} machine {row['machine']:.2f}" + (f" ({split})" if split else ""))
     print()
     for key, value in report["ratios"].items():
         shown = f"{value:.2f}" if isinstance(value, float) else (value or "n/a")
@@ -204,13 +262,18 @@ def main(argv: list[str] | None = None) -> int:
             peers, described = make_peers(runtime, rootfs)
             times, failures = measure(peers, args.runs, args.warmup)
             back_to_back = measure_back_to_back(runtime, rootfs, args.runs)
+        cpu = {}
+        with ContainerRuntime() as fresh:  # a launcher of its own, to find and measure
+            cpu["minictr"] = measure_cpu(minictr_peer(fresh, rootfs, {}), args.runs)
+        if "bwrap" in peers:
+            cpu["bwrap"] = measure_cpu(peers["bwrap"], args.runs)
 
     stats = {name: {**summarize(times[name]), "failed": len(failures[name])} for name in peers}
     report = {"kernel": os.uname().release, "cpus": os.cpu_count(),
               "python": sys.version.split()[0], "caller_rss_kib": caller_rss_kib(),
               "runs": args.runs, "warmup": args.warmup, "peers": stats,
               "ratios": ratios(stats, described), "commands": described,
-              "back_to_back_limits": back_to_back,
+              "back_to_back_limits": back_to_back, "cpu_per_start": cpu,
               "failures": {name: f for name, f in failures.items() if f}}
     if args.json:
         print(json.dumps(report, indent=2))
