@@ -52,6 +52,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from pytest_minictr import ContainerRuntime, RootfsBuilder  # noqa: E402
 
+from bench_plugin import busy_cpu_s  # noqa: E402 - our neighbour (this script's directory)
+
 PAGE = os.sysconf("SC_PAGESIZE")
 LIMITS = {"memory_limit": "64M", "pids_limit": 64}
 VARIANTS = {"minictr": {}, "minictr+limits": LIMITS, "minictr-userns": {"user": False},
@@ -170,13 +172,6 @@ def measure_back_to_back(runtime: ContainerRuntime, rootfs: str, runs: int) -> d
         times.append((time.perf_counter() - start) * 1000)
         check(result.returncode, result.stdout, result.stderr)
     return summarize(times)
-
-
-def busy_cpu_s() -> float:
-    """CPU time the whole machine spent busy so far (not idle, not waiting on I/O)."""
-    with open("/proc/stat") as stat:
-        ticks = [int(field) for field in stat.readline().split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def process_cpu_s(pid: int) -> float:
