@@ -73,8 +73,7 @@ def subordinate_ids(user: str, subuid: str | None, subgid: str | None,
 def read_text(path: str) -> str | None:
     """The file's text; None if it cannot be read (absent: no subordinate ids there)."""
     try:
-        with open(path) as file:
-            return file.read()
+        return linux.read_file(path)
     except OSError:
         return None
 
@@ -142,8 +141,7 @@ def make_user_namespace() -> UserNamespace:
             number = int(answer or errno.EIO)
             raise OSError(number, f"unshare(CLONE_NEWUSER): {os.strerror(number)}")
         for name, start in (("uid_map", uid), ("gid_map", gid)):
-            with open(f"/proc/{pid}/{name}", "w") as id_map:
-                id_map.write(f"0 {start} {MAPPED_IDS}\n")
+            linux.write_file(f"/proc/{pid}/{name}", f"0 {start} {MAPPED_IDS}\n")
         fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(ready_r)

@@ -270,13 +270,27 @@ def fork_into_new_pid_namespace(own_pid_namespace: int, fork=os.fork) -> int:
 
 
 def write_file(path: str, text: str) -> None:
-    """One write(2) to a /proc or /sys file, without Python's buffered file objects (which a
-    freshly forked child pays for in copied pages)."""
+    """One write(2) to a /proc, /sys or cgroupfs file, which parses each write as a whole and
+    fails it as a whole (with the kernel's errno at write time, which buffered file objects
+    would hide). Without Python's file objects, which cost more than the write (and, in a
+    freshly forked child, copied pages)."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.write(fd, text.encode())
     finally:
         os.close(fd)
+
+
+def read_file(path: str) -> str:
+    """A small file's text by read(2), without Python's file objects (see write_file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode(errors="surrogateescape")
 
 
 def set_link_up(name: str) -> None:

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .. import linux
 from ..errors import ConfigError, MinictrError
 from ..spec import Limits
 
@@ -138,13 +139,8 @@ def _is_zombie(pid: int) -> bool:
 # --- cgroupfs file I/O -------------------------------------------------------------------------
 
 def write_raw(path: str, value: str | int) -> None:
-    """One write(2) per value: cgroupfs parses each write as a whole and fails it as a whole
-    (with the kernel's errno at write time, which buffered file objects would hide)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, str(value).encode())
-    finally:
-        os.close(fd)
+    """One write(2) per value (see linux.write_file); OSError as it comes."""
+    linux.write_file(path, str(value))
 
 
 def write_value(path: str, value: str | int) -> None:
@@ -156,18 +152,11 @@ def write_value(path: str, value: str | int) -> None:
 
 def read_text(path: str) -> str | None:
     """The file's text, or None if this kernel (or a missing controller) has no such file.
-    By os.read: a text file object costs more than the read (five of these end a container)."""
+    (Five of these end each container: linux.read_file, not a text file object.)"""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return linux.read_file(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks).decode()
 
 
 def read_int(path: str) -> int | None:
