@@ -19,9 +19,9 @@ _EXPORTS = {
     "errors": ["CommandNotFoundError", "ConfigError", "ContainerNotFoundError",
                "ContainerSetupError", "LauncherError", "MinictrError", "RootfsError",
                "UnsupportedError"],
-    "rootfs": ["RootfsBuilder"],
-    "runtime": ["Container", "ContainerProcessError", "ContainerRuntime", "ContainerStatus",
-                "Result", "WaitTimeoutError"],
+    "rootfs.builder": ["RootfsBuilder"],
+    "caller.runtime": ["Container", "ContainerProcessError", "ContainerRuntime",
+                       "ContainerStatus", "Result", "WaitTimeoutError"],
     "spec": ["ContainerSpec", "Limits", "Mount", "parse_size"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -29,8 +29,6 @@ __all__ = sorted(_MODULE_OF)
 
 
 def __getattr__(name: str):
-    if name == "cgroups":
-        return importlib.import_module(".cgroups", __name__)
     if name not in _MODULE_OF:
         raise AttributeError(f"module 'pytest_minictr' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)

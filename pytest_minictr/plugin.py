@@ -24,12 +24,14 @@ from typing import Any, Mapping, Sequence
 
 import pytest
 
-from . import __version__, doctor, recipes
-from .errors import ConfigError, MinictrError, UnsupportedError
-from .rootfs import RootfsBuilder, default_cache_dir
-from .runtime import Container, ContainerRuntime, ContainerStats, Result
-from .spec import (NETWORK_MODES, Security, check_hostname, check_memory_limit,
-                   check_pids_limit, check_seconds, check_security, parse_cpus)
+from pytest_minictr import __version__
+from pytest_minictr.caller.runtime import Container, ContainerRuntime, ContainerStats, Result
+from pytest_minictr.doctor import checks as doctor
+from pytest_minictr.errors import ConfigError, MinictrError, UnsupportedError
+from pytest_minictr.rootfs import recipe as recipes
+from pytest_minictr.rootfs.builder import RootfsBuilder, default_cache_dir
+from pytest_minictr.spec import (NETWORK_MODES, Security, check_hostname, check_memory_limit,
+                                 check_pids_limit, check_seconds, check_security, parse_cpus)
 
 # The keywords that loosen the confinement: checked together into one Security value.
 SECURITY_KEYWORDS = ("seccomp", "allow_syscalls", "capabilities", "rlimits")

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import struct
 from typing import Any, Sequence
+
+# Signals the init passes on to the command: every one a sender may mean for the command. Not
+# those that cannot be caught, SIGCHLD (the init's own business), nor the faults the kernel
+# sends a process about itself.
+FORWARDED_SIGNALS = tuple(sorted(set(signal.valid_signals()) - {
+    signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGSEGV, signal.SIGBUS,
+    signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS}))
 
 _HEADER = struct.Struct("!I")
 MAX_FDS = 8

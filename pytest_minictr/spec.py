@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
-from . import security
-from .errors import ConfigError
-from .seccomp import ARCHITECTURES, FILTERED
+from pytest_minictr.container import security
+from pytest_minictr.container.seccomp import ARCHITECTURES, FILTERED
+from pytest_minictr.errors import ConfigError
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_OUTPUT_LIMIT = 64 * 1024 ** 2

@@ -83,7 +83,7 @@ def _descendants(root: int) -> set[str]:
 
 def _is_launcher(pid: int) -> bool:
     try:
-        return b"pytest_minictr.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes() \
+        return b"pytest_minictr.launcher.server" in Path(f"/proc/{pid}/cmdline").read_bytes() \
             and not _is_launcher_child(pid)
     except OSError:
         return False

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_minictr import cgroups, linux
 from pytest_minictr.errors import ConfigError, MinictrError, UnsupportedError
+from pytest_minictr.host import cgroups, linux
 from pytest_minictr.spec import Limits
 
 MiB = 1024 ** 2
@@ -120,7 +120,7 @@ def test_mount_parser_reads_controllers_from_options_not_paths():
 
 
 def test_co_mounted_cpu_and_cpuacct_share_one_directory():
-    from pytest_minictr.cgroups.v1 import V1Backend     # layout only: nothing is created
+    from pytest_minictr.host.cgroups.v1 import V1Backend  # layout only: nothing is created
 
     backend = V1Backend({"cpu": "/h/cpu,cpuacct", "cpuacct": "/h/cpu,cpuacct",
                          "freezer": "/h/freezer"})

@@ -101,7 +101,7 @@ def test_main_in_process_gives_the_signal_handlers_back(rootfs, capfd, monkeypat
     a tool), it must leave the caller's handlers as they were (else a later Ctrl-C is lost)."""
     import signal
 
-    from pytest_minictr.cli import FORWARDED, main
+    from pytest_minictr.cli.main import FORWARDED, main
     before = {signum: signal.getsignal(signum) for signum in FORWARDED}
     with open(os.devnull) as stdin:  # pytest's own stdin has no file descriptor
         monkeypatch.setattr("sys.stdin", stdin)

@@ -57,5 +57,5 @@ def test_ids_are_never_given_twice(runtime, rootfs, monkeypatch):
     assert len(ids) == 200
     # even when chance repeats one: the next draw is taken
     draws = iter([next(iter(ids)), "0123456789ab"])
-    monkeypatch.setattr("pytest_minictr.runtime.secrets.token_hex", lambda _: next(draws))
+    monkeypatch.setattr("pytest_minictr.caller.runtime.secrets.token_hex", lambda _: next(draws))
     assert runtime._new_id() == "0123456789ab"

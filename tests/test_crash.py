@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pytest_minictr import ContainerRuntime, LauncherError, RootfsBuilder, RootfsError
-from pytest_minictr.linux import mount, umount2
+from pytest_minictr.host.linux import mount, umount2
 from pytest_minictr.plugin import LAYER_PREFIX, layer_parent, remove_stale_layers
 
 from .helpers import eventually, process_gone

@@ -22,9 +22,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pytest_minictr import MinictrError, RootfsBuilder, cli, plugin, security, spec
-from pytest_minictr.runtime import Result
-from pytest_minictr.seccomp import FILTERED
+from pytest_minictr import MinictrError, RootfsBuilder, plugin, spec
+from pytest_minictr.caller.runtime import Result
+from pytest_minictr.cli import main as cli
+from pytest_minictr.container import security
+from pytest_minictr.container.seccomp import FILTERED
 from pytest_minictr.spec import MAX_SIZE, MIN_MEMORY, ContainerSpec, Mount
 
 # database=None: no example database written into the repository's .hypothesis/

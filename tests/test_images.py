@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_minictr import ConfigError, RootfsBuilder, RootfsError, recipes
-from pytest_minictr.images import import_image
+from pytest_minictr import ConfigError, RootfsBuilder, RootfsError
+from pytest_minictr.rootfs import recipe as recipes
+from pytest_minictr.rootfs.images import import_image
 
 REPO = Path(__file__).resolve().parent.parent
 BUSYBOX = "/bin/busybox"

@@ -119,7 +119,7 @@ def test_cwd_and_env(runtime, rootfs):
 
 @needs_root  # without root, container root is the caller's uid: tests/test_rootless.py
 def test_container_root_is_an_unprivileged_host_uid_that_owns_the_rootfs(runtime, rootfs):
-    from pytest_minictr.idmap import MAPPED_IDS, id_range
+    from pytest_minictr.host.idmap import MAPPED_IDS, id_range
     out = run(runtime, rootfs, "id -u; cat /proc/self/uid_map; stat -c %u /etc; "
                                "touch /top /etc/new /tmp/x && echo written")
     lines = out.split()
@@ -157,7 +157,7 @@ def test_garbage_written_to_the_inits_pipes_harms_nobody(runtime, rootfs):
 @needs_root  # it mounts a tmpfs on the host, below the bind
 def test_a_read_only_bind_is_read_only_all_the_way_down(runtime, rootfs, tmp_path):
     from pytest_minictr import Mount
-    from pytest_minictr.linux import mount, umount2
+    from pytest_minictr.host.linux import mount, umount2
     (tmp_path / "sub").mkdir()
     mount("tmpfs", str(tmp_path / "sub"), "tmpfs")
     try:
@@ -173,7 +173,7 @@ def test_a_read_only_bind_is_read_only_all_the_way_down(runtime, rootfs, tmp_pat
 def test_a_mount_made_on_the_host_after_the_spares_copied_the_mounts_is_seen(runtime, rootfs,
                                                                                tmp_path):
     from pytest_minictr import Mount
-    from pytest_minictr.linux import mount, umount2
+    from pytest_minictr.host.linux import mount, umount2
     (tmp_path / "before").write_text("")
     run(runtime, rootfs, "true")
     time.sleep(0.5)  # the next spares are ready: their copies of the host's mounts are made

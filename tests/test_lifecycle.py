@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_minictr.state import Record, Store
+from pytest_minictr.cli.detached.records import Record, Store
 
 from .helpers import eventually, process_gone
 

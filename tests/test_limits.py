@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_minictr import ConfigError, ContainerRuntime, UnsupportedError, cgroups
+from pytest_minictr import ConfigError, ContainerRuntime, UnsupportedError
+from pytest_minictr.host import cgroups
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 

@@ -301,7 +301,7 @@ def _child_launcher(parent: int) -> int | None:
             cmdline = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[1]) == parent and b"forkserver" in cmdline:
+        if int(fields[1]) == parent and b"launcher.server" in cmdline:
             return int(stat.parent.name)
     return None
 

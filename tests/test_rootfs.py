@@ -13,11 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from pytest_minictr import rootfs
 from pytest_minictr.errors import ConfigError, RootfsError
-from pytest_minictr.rootfs import RootfsBuilder, default_cache_dir, env_command, parse_shebang
+from pytest_minictr.rootfs import builder as rootfs
+from pytest_minictr.rootfs.builder import (RootfsBuilder, default_cache_dir, env_command,
+                                           parse_shebang)
 
 REPO = Path(__file__).resolve().parents[1]
 CHROOT = shutil.which("chroot")
@@ -188,7 +190,7 @@ def test_stale_library_triggers_rebuild_and_old_entry_is_kept_aside(builder, she
 
 def test_concurrent_builders_agree_and_leave_no_temp_dirs(tmp_path):
     cache = tmp_path / "cache"
-    code = ("import sys; from pytest_minictr.rootfs import RootfsBuilder; "
+    code = ("import sys; from pytest_minictr.rootfs.builder import RootfsBuilder; "
             "print(RootfsBuilder(sys.argv[1]).build(binaries=['sh', 'echo', 'cat', 'ls']))")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(cache)], env=env,

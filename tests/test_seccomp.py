@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_minictr import seccomp
+from pytest_minictr.container import seccomp
 
 # Where Debian's linux-libc-dev puts each table; the generic one serves aarch64.
 HEADERS = {

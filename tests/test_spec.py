@@ -249,7 +249,7 @@ def test_spec_errors_name_the_keyword(tmp_path, kwargs, message):
 
 
 def test_security_keywords_become_one_value():
-    from pytest_minictr.security import UNLIMITED
+    from pytest_minictr.container.security import UNLIMITED
     security = make_spec("/", ["x"], capabilities=["cap_net_raw", "SYS_PTRACE"],
                          allow_syscalls=["keyctl"],
                          rlimits={"nofile": 10, "core": "unlimited", "stack": (1, None)}).security

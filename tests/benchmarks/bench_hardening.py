@@ -31,7 +31,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from pytest_minictr import RootfsBuilder, idmap, linux, mounts, seccomp, security  # noqa: E402
+from pytest_minictr import RootfsBuilder  # noqa: E402
+from pytest_minictr.container import mounts, seccomp, security
+from pytest_minictr.host import idmap, linux
 from pytest_minictr.spec import make_spec  # noqa: E402
 
 STEPS = ("proc masks", "idmap", "rlimits", "keyring", "user namespace", "capabilities",

@@ -80,7 +80,7 @@ def host_mount_points() -> set[str]:
 
 
 def container_uid_range() -> range:
-    from pytest_minictr.idmap import MAPPED_IDS, id_range
+    from pytest_minictr.host.idmap import MAPPED_IDS, id_range
     start = id_range("subuid")
     return range(start, start + MAPPED_IDS)
 

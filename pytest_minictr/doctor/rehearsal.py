@@ -1,7 +1,7 @@
 """A dry run of the default container's setup, for `doctor`: the launcher's own steps, in the
 launcher's order, in throwaway processes, reporting the first step that fails.
 
-Run as its own process (`python -m pytest_minictr.rehearsal`, which prints one JSON line), so
+Run as its own process (`python -m pytest_minictr.doctor.rehearsal`, which prints one JSON line), so
 that the caller, a pytest run with threads perhaps, is never forked. Nothing outlives it: the
 namespaces and mounts go with its processes.
 """
@@ -13,9 +13,10 @@ import os
 import subprocess
 import sys
 
-from . import idmap, linux, mounts, seccomp, security
-from .doctor import Rehearsal
-from .errors import ContainerSetupError
+from pytest_minictr.container import mounts, seccomp, security
+from pytest_minictr.doctor.checks import Rehearsal
+from pytest_minictr.errors import ContainerSetupError
+from pytest_minictr.host import idmap, linux
 
 TIMEOUT = 30  # seconds: a hung mount must not hang doctor
 
@@ -23,7 +24,7 @@ TIMEOUT = 30  # seconds: a hung mount must not hang doctor
 def rehearse() -> Rehearsal:
     """Run the rehearsal in a fresh interpreter; its outcome."""
     try:
-        done = subprocess.run([sys.executable, "-m", "pytest_minictr.rehearsal"],
+        done = subprocess.run([sys.executable, "-m", "pytest_minictr.doctor.rehearsal"],
                               capture_output=True, text=True, timeout=TIMEOUT)
         outcome = json.loads(done.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as error:

@@ -20,12 +20,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from . import errors
-from .client import LauncherClient
-from .errors import ConfigError, ContainerNotFoundError, LauncherError, MinictrError
-from .launcher import FORWARDED_SIGNALS
-from .monitor import Monitor
-from .spec import ContainerSpec, Limits, Mount, check_seconds, make_exec_spec, make_spec
+from pytest_minictr import errors
+from pytest_minictr.caller.client import LauncherClient
+from pytest_minictr.caller.monitor import Monitor
+from pytest_minictr.errors import ConfigError, ContainerNotFoundError, LauncherError, MinictrError
+from pytest_minictr.protocol import FORWARDED_SIGNALS
+from pytest_minictr.spec import (ContainerSpec, Limits, Mount, check_seconds, make_exec_spec,
+                                 make_spec)
 
 DEFAULT_STOP_GRACE = 5.0
 VERDICT_HEAD = 4096     # bytes of each stream in Result.to_dict()

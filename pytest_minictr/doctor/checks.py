@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
-from .errors import MinictrError
+from pytest_minictr import __version__
+from pytest_minictr.errors import MinictrError
 
 MINIMUM_KERNEL = (5, 11)  # close_range(CLOSE_RANGE_CLOEXEC), overlayfs in a user namespace
 IDMAP_KERNEL = (5, 12)    # mount_setattr(MOUNT_ATTR_IDMAP)
@@ -89,7 +89,7 @@ class Host:
         return shutil.which(name)
 
     def cache_dir(self) -> Path:
-        from .rootfs import default_cache_dir
+        from pytest_minictr.rootfs.builder import default_cache_dir
         return default_cache_dir()
 
     def writable(self, path: Path) -> bool:
@@ -100,8 +100,8 @@ class Host:
 
     def cgroups(self) -> tuple[str | None, str]:
         """(backend name, problem) of the cgroups; the name None when there are none."""
-        from . import cgroups
-        from .spec import MIN_MEMORY, Limits
+        from pytest_minictr.host import cgroups
+        from pytest_minictr.spec import MIN_MEMORY, Limits
         try:
             backend = cgroups.detect(prepare=False)
         except MinictrError as problem:
@@ -113,7 +113,7 @@ class Host:
         return backend.name, ""
 
     def rehearse(self) -> Rehearsal:
-        from .rehearsal import rehearse
+        from pytest_minictr.doctor.rehearsal import rehearse
         return rehearse()
 
 
@@ -227,7 +227,7 @@ def check_container_setup(rehearsal: Rehearsal) -> list[Finding]:
 
 
 def check_seccomp(host: Host, rehearsal: Rehearsal) -> Finding:
-    from .seccomp import ARCHITECTURES
+    from pytest_minictr.container.seccomp import ARCHITECTURES
     machine = host.machine()
     if machine not in ARCHITECTURES:
         return Finding("seccomp filter", False, f"no syscall table for {machine}",
@@ -287,7 +287,7 @@ def check_idmap(host: Host) -> Finding:
 
 
 def check_id_mapping(host: Host) -> Finding:
-    from .idmap import subordinate_ids
+    from pytest_minictr.host.idmap import subordinate_ids
     user = host.user()
     helpers = [name for name in ("newuidmap", "newgidmap") if not host.which(name)]
     ranges = subordinate_ids(user, host.read("/etc/subuid"), host.read("/etc/subgid"))

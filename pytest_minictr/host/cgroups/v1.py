@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 
-from ..errors import UnsupportedError
-from ..spec import Limits
+from pytest_minictr.errors import UnsupportedError
+from pytest_minictr.spec import Limits
+
 from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, LIMIT_CONTROLLERS, PARENT_NAME, Cgroup,
                    CgroupBackend, CgroupMount, CgroupStats, check_group_name, kill_listed,
                    make_fresh_dir, read_int, read_keyed, read_text, remove_quietly, wait_until,

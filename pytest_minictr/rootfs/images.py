@@ -26,9 +26,10 @@ import tarfile
 import time
 from pathlib import Path
 
-from .errors import MinictrError, RootfsError
-from .rootfs import MANIFEST_NAME, clear_dest, make_dest, normalize_dest, default_cache_dir
-from .spec import parse_size
+from pytest_minictr.errors import MinictrError, RootfsError
+from pytest_minictr.rootfs.builder import (MANIFEST_NAME, clear_dest, default_cache_dir, make_dest,
+                                           normalize_dest)
+from pytest_minictr.spec import parse_size
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"

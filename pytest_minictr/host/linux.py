@@ -16,7 +16,7 @@ import signal
 import socket
 import struct
 
-from .errors import ContainerSetupError
+from pytest_minictr.errors import ContainerSetupError
 
 # clone(2) / unshare(2) flags
 CLONE_PARENT = 0x00008000

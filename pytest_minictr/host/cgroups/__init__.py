@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import UnsupportedError
-from .base import (V1_CONTROLLERS, Cgroup, CgroupBackend, CgroupMount, CgroupStats,
-                   group_name, owner_pid_of, parse_cgroup_mounts, read_cgroup_mounts)
+from pytest_minictr.errors import UnsupportedError
+
+from .base import (V1_CONTROLLERS, Cgroup, CgroupBackend, CgroupMount, CgroupStats, group_name,
+                   owner_pid_of, parse_cgroup_mounts, read_cgroup_mounts)
 from .v1 import V1Backend
 from .v2 import V2Backend
 

@@ -15,14 +15,15 @@ import sys
 import threading
 from typing import Any, Sequence
 
-from . import protocol
-from .errors import LauncherError
+from pytest_minictr import protocol
+from pytest_minictr.errors import LauncherError
 
 _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)  # what a dead launcher's socket says
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the directory that holds the package: pytest_minictr/caller/client.py, three levels up
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # -S: no site-packages scan, a faster start; the package's own directory goes on sys.path.
 _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
-         "from pytest_minictr.forkserver import main; main(sys.argv[2:])")
+         "from pytest_minictr.launcher.server import main; main(sys.argv[2:])")
 
 
 class LauncherClient:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
-from .errors import ConfigError, ContainerNotFoundError
+from pytest_minictr.errors import ConfigError, ContainerNotFoundError
 
 RECORD = "state.json"
 ID_PATTERN = re.compile(r"[0-9a-f]{12}")

@@ -31,11 +31,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import protocol
-from .cgroups import Cgroup, CgroupStats
-from .errors import ContainerNotFoundError, MinictrError
-from .launcher import ChildFds, ExecTarget, Launcher, remove_cgroup
-from .spec import ContainerSpec
+from pytest_minictr import protocol
+from pytest_minictr.errors import ContainerNotFoundError, MinictrError
+from pytest_minictr.host.cgroups import Cgroup, CgroupStats
+from pytest_minictr.launcher.starter import ChildFds, ExecTarget, Launcher, remove_cgroup
+from pytest_minictr.spec import ContainerSpec
 
 SETUP_TIMEOUT = 60.0  # seconds a container may take from fork to exec before we give up
 

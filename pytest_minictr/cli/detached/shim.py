@@ -3,7 +3,7 @@ command that started it: a ContainerRuntime of its own, the container's output i
 and a Unix socket (`control` in its state directory) through which later `minictr stop`,
 `kill`, `exec` and `stats` commands reach it. It records the container's end and exits.
 
-Started by the CLI as `python -m pytest_minictr.shim`, in a session of its own, with its order
+Started by the CLI as `python -m pytest_minictr.cli.detached.shim`, in a session of its own, with its order
 (one JSON object) on stdin; it answers one JSON line on stdout (started, or why not) and then
 lets go of stdout, which tells the CLI to return. Killing the shim kills its container (its
 launcher dies with it, and the containers with the launcher).
@@ -20,11 +20,11 @@ import threading
 import time
 from pathlib import Path
 
-from . import protocol
-from .errors import MinictrError
-from .runtime import Container, ContainerRuntime
-from .spec import make_exec_spec
-from .state import Store, process_start_time
+from pytest_minictr import protocol
+from pytest_minictr.caller.runtime import Container, ContainerRuntime
+from pytest_minictr.cli.detached.records import Store, process_start_time
+from pytest_minictr.errors import MinictrError
+from pytest_minictr.spec import make_exec_spec
 
 CONTROL = "control"
 

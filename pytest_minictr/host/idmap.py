@@ -28,7 +28,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
-from . import linux
+from pytest_minictr.host import linux
 
 MAPPED_IDS = 65536                       # container ids 0..65535; 65534 is "nobody"
 DEFAULT_RANGE = 1_000_000_000            # useradd's SUB_UID_MAX is 600,100,000 by default

@@ -39,12 +39,12 @@ import errno
 import os
 import select
 
-from . import linux
-from .linux import (MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT,
-                    MS_STATVFS_FLAGS, attempt)
-from .errors import ContainerSetupError
-from .idmap import UserNamespace
-from .spec import ContainerSpec, Mount
+from pytest_minictr.errors import ContainerSetupError
+from pytest_minictr.host import linux
+from pytest_minictr.host.idmap import UserNamespace
+from pytest_minictr.host.linux import (MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC,
+                                       MS_REMOUNT, MS_STATVFS_FLAGS, attempt)
+from pytest_minictr.spec import ContainerSpec, Mount
 
 STAGE = "/tmp"          # where the stage is mounted; once we pivot into it, our "/"
 HOST = "/oldroot"        # the host's tree, in the stage

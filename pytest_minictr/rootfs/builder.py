@@ -30,10 +30,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import recipes
-from .errors import ConfigError, RootfsError
-from .idmap import shift_ownership
-from .spec import DEFAULT_PATH
+from pytest_minictr.errors import ConfigError, RootfsError
+from pytest_minictr.host.idmap import shift_ownership
+from pytest_minictr.rootfs import recipe as recipes
+from pytest_minictr.spec import DEFAULT_PATH
 
 FORMAT_VERSION = 2
 MANIFEST_NAME = ".minictr-manifest.json"

@@ -19,7 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from .linux import SeccompProgram
+from pytest_minictr.host.linux import SeccompProgram
 
 # linux/seccomp.h, linux/filter.h, linux/audit.h
 SECCOMP_RET_ALLOW = 0x7FFF0000

@@ -25,8 +25,9 @@ import os
 import socket
 from typing import Callable, NoReturn
 
-from . import linux, protocol
-from .errors import LauncherError
+from pytest_minictr import protocol
+from pytest_minictr.errors import LauncherError
+from pytest_minictr.host import linux
 
 
 class ZygoteGone(LauncherError):

@@ -17,11 +17,12 @@ import os
 import resource
 from typing import TYPE_CHECKING
 
-from . import linux, seccomp
-from .linux import attempt
+from pytest_minictr.container import seccomp
+from pytest_minictr.host import linux
+from pytest_minictr.host.linux import attempt
 
 if TYPE_CHECKING:
-    from .spec import Security
+    from pytest_minictr.spec import Security
 
 # linux/capability.h, by number
 CAPABILITY_NAMES = (

@@ -23,11 +23,13 @@ import signal
 import sys
 from typing import Sequence
 
-from . import doctor, images, lifecycle
-from .errors import CommandNotFoundError, MinictrError
-from .rootfs import RootfsBuilder
-from .runtime import ContainerRuntime
-from .spec import NETWORK_MODES, make_spec, parse_cpus
+from pytest_minictr.caller.runtime import ContainerRuntime
+from pytest_minictr.cli.detached import commands as lifecycle
+from pytest_minictr.doctor import checks as doctor
+from pytest_minictr.errors import CommandNotFoundError, MinictrError
+from pytest_minictr.rootfs import images
+from pytest_minictr.rootfs.builder import RootfsBuilder
+from pytest_minictr.spec import NETWORK_MODES, make_spec, parse_cpus
 
 EXIT_RUNTIME_ERROR = 125
 EXIT_CANNOT_EXECUTE = 126

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 
-from ..errors import UnsupportedError
-from ..spec import Limits
-from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, LIMIT_CONTROLLERS, PARENT_NAME,
-                   V2_CONTROLLERS, Cgroup, CgroupBackend, CgroupMount, CgroupStats,
-                   check_group_name, kill_listed, make_fresh_dir, read_int, read_keyed, read_text,
-                   remove_quietly, wait_until, write_raw, write_value)
+from pytest_minictr.errors import UnsupportedError
+from pytest_minictr.spec import Limits
+
+from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, LIMIT_CONTROLLERS, PARENT_NAME, V2_CONTROLLERS,
+                   Cgroup, CgroupBackend, CgroupMount, CgroupStats, check_group_name, kill_listed,
+                   make_fresh_dir, read_int, read_keyed, read_text, remove_quietly, wait_until,
+                   write_raw, write_value)
 
 ROOTLESS_FIX = "systemd-run --user --scope -p Delegate=yes"
 CALLERS_LEAF = "callers"  # where a delegated base's own processes move

@@ -10,7 +10,7 @@
     applets = "/bin/busybox"            # a link in /bin for each applet of this busybox
 
 A recipe is a path (`x.toml`, or any name with a '/'), or a name looked up in the directories
-of $MINICTR_RECIPE_PATH (':'-separated), then in the package's own `rootfs-builder/`
+of $MINICTR_RECIPE_PATH (':'-separated), then in the package's own `rootfs/recipes/`
 (`minimal`, `busybox`, `python3`). TOML comes from the standard library from 3.11; on 3.10 a
 reader for the subset above (strings, lists of strings, comments) stands in.
 """
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from pytest_minictr.errors import ConfigError
 
-BUILTIN_DIR = Path(__file__).parent / "rootfs-builder"
+BUILTIN_DIR = Path(__file__).parent / "recipes"
 KEYS = {"description": str, "binaries": list, "files": list, "dirs": list, "libraries": list,
         "python": str, "applets": str}
 

@@ -19,9 +19,9 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import linux
-from ..errors import ConfigError, MinictrError
-from ..spec import Limits
+from pytest_minictr.errors import ConfigError, MinictrError
+from pytest_minictr.host import linux
+from pytest_minictr.spec import Limits
 
 PARENT_NAME = "minictr"          # our one directory under each hierarchy's root
 GROUP_PREFIX = "minictr-"        # per container: minictr-<launcher pid>-<serial>

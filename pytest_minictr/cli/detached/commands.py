@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import shim
-from .errors import ConfigError, ContainerNotFoundError, MinictrError
-from .state import Record, Store
+from pytest_minictr.cli.detached import shim
+from pytest_minictr.cli.detached.records import Record, Store
+from pytest_minictr.errors import ConfigError, ContainerNotFoundError, MinictrError
 
 SHIM_START_TIMEOUT = 120.0  # seconds for the shim to start the container and answer
 
@@ -81,7 +81,7 @@ def run_detached(rootfs: str, command: Sequence[str], keywords: dict) -> int:
     store.create(record)
     order = {"state_dir": str(store.root), "id": record.id, "rootfs": rootfs,
              "command": list(command), "keywords": keywords}
-    started = subprocess.Popen([sys.executable, "-m", "pytest_minictr.shim"],
+    started = subprocess.Popen([sys.executable, "-m", "pytest_minictr.cli.detached.shim"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     with started.stdin:

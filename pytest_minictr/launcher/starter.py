@@ -1,0 +1,386 @@
+"""Starting containers, in the launcher process: spares made ahead of need, the keeper
+without root, the exec helper; the cgroup and limits of each.
+
+A container is an init process, PID 1 of a new PID namespace, and the command it spawns:
+
+    launcher ── init ── command                      (the caller is root: the usual case)
+    launcher ── keeper ── init ── command            (the caller is not root)
+
+As root, inits are forked ahead of need as spares by the launcher's zygote (see `zygote`),
+straight into a new PID namespace, as children of the launcher: one fork of Python per
+container, and not of the launcher itself. The init builds the container as host root and
+enters the launcher's user namespace last (see `host.idmap`).
+Without root, a user namespace must exist before the PID namespace it owns (mounting /proc
+needs privilege over the PID namespace), and the launcher cannot leave a user namespace it
+enters, so that case needs the keeper: a child that unshares everything, writes the id maps
+and forks the init. What those children run is in `container`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pwd
+import shutil
+import signal
+import socket
+import sys
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import NoReturn
+
+from pytest_minictr import protocol
+from pytest_minictr.container import seccomp
+from pytest_minictr.container.init import (JOINED_NAMESPACES, ChildFds, ExecTarget,
+                                           SignalForwarder, run_exec, run_keeper, run_spare)
+from pytest_minictr.errors import ContainerNotFoundError, MinictrError, UnsupportedError
+from pytest_minictr.host import cgroups, idmap, linux
+from pytest_minictr.host.cgroups import Cgroup, CgroupBackend
+from pytest_minictr.host.idmap import UserNamespace
+from pytest_minictr.launcher.zygote import Zygote, ZygoteGone
+from pytest_minictr.spec import ContainerSpec, Limits
+
+
+@dataclass(frozen=True)
+class Spare:
+    """An init forked ahead of need: in its own cgroup and its own PID, mount, UTS, IPC and
+    network namespaces, waiting on `channel` for a spec and the container's descriptors."""
+
+    pid: int
+    channel: socket.socket
+    cgroup: Cgroup | None
+
+
+@dataclass(frozen=True)
+class Started:
+    """A container just started: the pid to watch (our child), its cgroup, and whether that
+    child is a keeper (which reports the init's pid) or the init itself."""
+
+    pid: int
+    cgroup: Cgroup | None
+    keeper: bool = False
+
+
+class Launcher:
+    """Lives in the launcher process: starts containers and returns the pid to watch.
+
+    What a container needs before its spec is known is done ahead, by spare inits that the
+    forkserver makes while it has nothing else to do: the fork, the namespaces, the signal
+    handlers, the mounts that do not depend on the spec (see `mounts`), and joining a cgroup.
+    That last one matters most: moving a task between cgroups waits for an RCU grace period
+    (about 2 ms per hierarchy here, five hierarchies on cgroup v1), which a spare pays in its
+    own time. A container then only costs what its spec decides.
+    """
+
+    SPARES = 2  # enough to cover a burst of starts while the next spare joins its cgroup
+
+    def __init__(self) -> None:
+        # Both are inherited by every child: how an init checks that we are alive, and the
+        # way back to our own PID namespace after forking into a new one.
+        self.own_pidfd = os.pidfd_open(os.getpid())
+        self.own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self.spares: deque[Spare] = deque()
+        # spares asked of the zygote, not yet answered: our end of each one's channel, its cgroup
+        self.ordered: deque[tuple[socket.socket, Cgroup | None]] = deque()
+        self.rootless = os.geteuid() != 0
+        self.spares_problem = "not root" if self.rootless else None
+        self.cgroups, self.cgroups_problem = _detect_cgroups()
+        self.userns, self.userns_problem = (None, None) if self.rootless else _user_namespace()
+        self.subordinate_ids = _subordinate_ids() if self.rootless else None
+        if os.uname().machine in seccomp.ARCHITECTURES:
+            seccomp.host_filter()  # the default program, inherited by every init we fork
+        self._serial = itertools.count(1)
+        self._forwarder: SignalForwarder | None = None  # the zygote's (see _prepare_zygote)
+        # last: the zygote is a copy of us as we are now, and each spare a copy of it
+        self.zygote = self._start_zygote() if self.spares_problem is None else None
+
+    def start(self, spec: ContainerSpec, fds: ChildFds, spec_data: dict) -> Started:
+        """`spec_data` is `spec` as received, passed on as it is to a spare."""
+        self._check_limits(spec.limits)
+        if spec.user_namespace and self.userns_problem is not None:
+            raise UnsupportedError(f"no user namespace for the container: {self.userns_problem}"
+                                   " (user=False runs it as host root)")
+        limits = _with_room_for_the_init(spec.limits)
+        if self.rootless:
+            return self._start_keeper(spec, fds, self._new_cgroup(limits))
+        spare = self._take_spare()
+        try:
+            if spare.cgroup is not None and limits.any():
+                _apply_limits(spare.cgroup, limits)
+        except BaseException:
+            self._discard(spare)
+            raise
+        try:
+            protocol.send_message(spare.channel, spec_data, fds.all())
+        except OSError:
+            pass  # the spare died (someone killed it): that shows up as the container's end
+        finally:
+            spare.channel.close()
+        return Started(spare.pid, spare.cgroup)
+
+    def start_exec(self, target: ExecTarget, spec: ContainerSpec, fds: ChildFds) -> Started:
+        """Fork a helper that runs `spec.argv` inside the running container `target`; like a
+        keeper, it reports its command's pid on the setup pipe."""
+        userns = self.userns if spec.user_namespace and not self.rootless else None
+        # as root, the container's user namespace is entered last, as its init did (confine)
+        namespaces = open_namespaces(target.child_pid, skip=() if userns is None else ("user",))
+        try:
+            pid = os.fork()
+            if pid == 0:
+                run_exec(spec, target, fds, self.own_pidfd, userns, namespaces)
+        finally:
+            for fd in namespaces:
+                if fd is not None:
+                    os.close(fd)
+        return Started(pid, None, keeper=True)
+
+    def wants_spare(self) -> bool:
+        # without root, unshare(CLONE_NEWPID) needs a user namespace first: the keeper's way
+        return (len(self.spares) + len(self.ordered) < self.SPARES
+                and self.spares_problem is None)
+
+    def prepare_spare(self) -> None:
+        """Make one more spare: order it from the zygote (it comes in `spare_arrived`), or
+        fork it here. If this fails (resources, privileges) no more are made; every container
+        then starts from a fresh one, which reports the problem as its own."""
+        try:
+            if self.zygote is not None:
+                self._order_spare()
+            else:
+                self.spares.append(self._fork_spare())
+        except (OSError, MinictrError) as problem:
+            self.spares_problem = str(problem)
+
+    def spare_arrived(self) -> None:
+        """Receive the zygote's answer to our oldest order (waiting for it if need be: it is
+        read when a container needs the spare, by then long there)."""
+        channel, cgroup = self.ordered.popleft()
+        try:
+            pid = self.zygote.receive()
+        except BaseException as error:
+            self._drop_order(channel, cgroup, error)
+            return
+        self.spares.append(Spare(pid, channel, cgroup))
+
+    def shut_down(self) -> None:
+        """Let the spares go (end of its channel tells one to exit), remove their cgroups."""
+        while self.ordered and self.zygote is not None:
+            self.spare_arrived()  # to know its pid, and wait for it in _discard
+        while self.spares:
+            self._discard(self.spares.popleft())
+        if self.zygote is not None:
+            self.zygote.close()
+        if self.cgroups is not None:
+            self.cgroups.release()
+        if self.userns is not None:
+            os.close(self.userns.fd)
+
+    def _discard(self, spare: Spare) -> None:
+        spare.channel.close()  # its end of file tells the spare to exit
+        os.waitpid(spare.pid, 0)
+        remove_cgroup(spare.cgroup)
+
+    def _start_keeper(self, spec: ContainerSpec, fds: ChildFds,
+                      cgroup: Cgroup | None) -> Started:
+        """Fork the keeper. With subordinate ids, it stops after making its user namespace
+        until we have mapped it in full from out here (only a process outside may)."""
+        ready_r, ready_w, go_r, go_w = (*os.pipe(), *os.pipe()) if self.subordinate_ids \
+            else (None,) * 4
+        ours = {ready_r, go_w} - {None}
+        try:
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    run_keeper(spec, fds, self.own_pidfd, cgroup,
+                               None if ready_w is None else (ready_w, go_r))
+            finally:
+                for fd in {ready_w, go_r} - {None}:
+                    os.close(fd)  # the keeper's ends: its exit must show as end of file
+            if ours:
+                self._map_keeper(pid, ready_r, go_w)
+        except BaseException:
+            remove_cgroup(cgroup)
+            raise
+        finally:
+            for fd in ours:
+                os.close(fd)
+        return Started(pid, cgroup, keeper=True)
+
+    def _map_keeper(self, pid: int, ready: int, go: int) -> None:
+        if os.read(ready, 1) == b"1":  # else the keeper failed: it reports that itself
+            try:
+                idmap.map_with_helpers(pid, os.geteuid(), os.getegid(), self.subordinate_ids)
+            except OSError as error:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise UnsupportedError(
+                    f"cannot map the container's ids with the subordinate ranges of "
+                    f"/etc/subuid and /etc/subgid: {error}") from None
+            os.write(go, b"1")
+
+    def _check_limits(self, limits: Limits) -> None:
+        if limits.any():
+            if self.cgroups is None:
+                raise UnsupportedError(f"resource limits need cgroups: {self.cgroups_problem}")
+            self.cgroups.check_limits(limits)
+
+    def _new_cgroup(self, limits: Limits) -> Cgroup | None:
+        if self.cgroups is None:
+            return None
+        return self.cgroups.create(cgroups.group_name(str(next(self._serial))), limits)
+
+    def _take_spare(self) -> Spare:
+        """A spare for a container starting now: the oldest, from the zygote if it has
+        one for us (or makes one now), else forked here."""
+        if not self.spares and self.zygote is not None:
+            if not self.ordered:
+                self._order_spare()
+            if self.ordered:  # (unless the zygote was found gone)
+                self.spare_arrived()
+        return self.spares.popleft() if self.spares else self._fork_spare()
+
+    def _order_spare(self) -> None:
+        cgroup = self._new_cgroup(Limits())
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.zygote.order(theirs.fileno(), None if cgroup is None else cgroup.name)
+        except BaseException as error:
+            self._drop_order(ours, cgroup, error)
+            return
+        finally:
+            theirs.close()
+        self.ordered.append((ours, cgroup))
+
+    def _drop_order(self, channel: socket.socket, cgroup: Cgroup | None,
+                    error: BaseException) -> None:
+        """An order that failed: its channel and cgroup go. A gone zygote is let go (the
+        caller goes on without it); any other failure is raised again."""
+        channel.close()
+        remove_cgroup(cgroup)
+        if not isinstance(error, ZygoteGone):
+            raise error
+        if self.zygote is not None:  # we are the first to find it gone
+            print(f"minictr launcher: the zygote is gone ({error}); forking spares here",
+                  file=sys.stderr)
+            self.zygote.close()
+            self.zygote = None
+            while self.ordered:  # what it did not answer will not come
+                self._drop_order(*self.ordered.popleft(), error)
+
+    def _fork_spare(self) -> Spare:
+        cgroup = self._new_cgroup(Limits())
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid = linux.fork_into_new_pid_namespace(self.own_pid_namespace)
+            if pid == 0:
+                run_spare(theirs.fileno(), self.own_pidfd, cgroup, self.userns)
+        except BaseException:
+            ours.close()
+            remove_cgroup(cgroup)
+            raise
+        finally:
+            theirs.close()
+        return Spare(pid, ours, cgroup)
+
+    def _start_zygote(self) -> Zygote | None:
+        try:
+            return Zygote(self.own_pidfd, self.own_pid_namespace,
+                          () if self.userns is None else (self.userns.fd,),
+                          self._prepare_zygote, self._spare_main)
+        except OSError as problem:
+            print(f"minictr launcher: no zygote ({problem}); forking spares here",
+                  file=sys.stderr)
+            return None
+
+    def _prepare_zygote(self) -> None:
+        """Run in the zygote, once: what every spare inherits rather than makes. Signal
+        handlers and mask survive fork: some 60 of them, a third of a millisecond a spare."""
+        self._forwarder = SignalForwarder()
+
+    def _spare_main(self, channel: int, cgroup_name: str | None) -> NoReturn:
+        """What a spare forked by the zygote runs (in the zygote's copy of us)."""
+        cgroup = None if cgroup_name is None else self.cgroups.open(cgroup_name)
+        run_spare(channel, self.own_pidfd, cgroup, self.userns, self._forwarder)
+
+
+def remove_cgroup(cgroup: Cgroup | None) -> None:
+    """Remove a container's group; one that will not go (a process still in it) is killed
+    first. One that still will not go must not take the launcher down, nor hide the error that
+    brought us here: it is reported, and the next launcher's reap_stale() retries."""
+    if cgroup is None:
+        return
+    try:
+        cgroup.remove()
+    except MinictrError:
+        try:
+            cgroup.kill()
+            cgroup.remove()
+        except MinictrError as error:
+            print(f"minictr launcher: {error}", file=sys.stderr)
+
+
+def _with_room_for_the_init(limits: Limits) -> Limits:
+    """pids_limit counts the command's processes; our init is one more in the group."""
+    return limits if limits.pids is None else replace(limits, pids=limits.pids + 1)
+
+
+def _apply_limits(cgroup: Cgroup, limits: Limits) -> None:
+    try:
+        cgroup.apply_limits(limits)
+    except MinictrError as refused:
+        raise UnsupportedError(f"the kernel refused the limits {limits}: {refused}") from None
+
+
+def _subordinate_ids() -> tuple[int, int] | None:
+    """Our subordinate id ranges, where the setuid helpers that map them are installed."""
+    if not (shutil.which("newuidmap") and shutil.which("newgidmap")):
+        return None
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    return idmap.subordinate_ids(user, idmap.read_text("/etc/subuid"),
+                                 idmap.read_text("/etc/subgid"), os.geteuid())
+
+
+def _user_namespace() -> tuple[UserNamespace | None, str | None]:
+    """The user namespace of this launcher's containers; or why there is none (user
+    namespaces disabled by a sysctl, or a seccomp filter of our own container)."""
+    try:
+        return idmap.make_user_namespace(), None
+    except OSError as problem:
+        return None, f"cannot make a user namespace: {problem.strerror or problem}"
+
+
+def _detect_cgroups() -> tuple[CgroupBackend | None, str | None]:
+    """The host's cgroup backend, after removing what dead launchers left; or why there is
+    none (containers then run without limits or measurements)."""
+    try:
+        backend = cgroups.detect()
+    except MinictrError as problem:
+        return None, str(problem)
+    cgroups.reap_stale(backend)
+    return backend, None
+
+
+def open_namespaces(pid: int, skip: tuple[str, ...]) -> list[int | None]:
+    """fds of `pid`'s namespaces, in JOINED_NAMESPACES order, opened here, by the launcher
+    (once the helper is in the container's mount namespace, /proc is the container's; and a
+    container that has just ended is told apart here). None for those in `skip` and those we
+    share already."""
+    fds: list[int | None] = []
+    try:
+        for name, _ in JOINED_NAMESPACES:
+            path = f"/proc/{pid}/ns/{name}"
+            if name in skip or os.stat(path).st_ino == os.stat(f"/proc/self/ns/{name}").st_ino:
+                fds.append(None)
+            else:
+                fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError:
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+        raise ContainerNotFoundError("the container is not running (it has just ended)") \
+            from None
+    return fds
+
