@@ -2,6 +2,6 @@
 
 import sys
 
-from pytest_minictr.cli import main
+from pytest_minictr.cli.main import main
 
 sys.exit(main())

@@ -41,13 +41,16 @@ class ContainerNotFoundError(MinictrError, KeyError):
 class ContainerSetupError(MinictrError):
     """The container's child failed before the command was executed (mount, chdir, exec...).
 
-    `step` says what was being done, `errno` the kernel's answer (or None).
+    `step` says what was being done, `errno` the kernel's answer (or None), `phase` which
+    part of the setup it belongs to (one of `container.plan.PHASES`, where known).
     """
 
-    def __init__(self, message: str, step: str = "", errno: int | None = None):
+    def __init__(self, message: str, step: str = "", errno: int | None = None,
+                 phase: str = ""):
         super().__init__(message)
         self.step = step
         self.errno = errno
+        self.phase = phase
 
 
 class CommandNotFoundError(ContainerSetupError):

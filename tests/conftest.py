@@ -4,6 +4,7 @@ the host as it found it (mounts, child processes, zombies, temp dirs)."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -11,6 +12,13 @@ import pytest
 
 from pytest_minictr import ContainerRuntime, RootfsBuilder
 from pytest_minictr.plugin import layer_parent
+
+# A run started in the background from a non-interactive shell (`nohup tox &`, some CI
+# runners) inherits SIGINT ignored, and so would every process the tests start: the tests of
+# Ctrl-C would then wait for an interrupt that never comes. A Ctrl-C must mean what it means at
+# a terminal, here and in our children (exec resets a handled signal to its default).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 BINARIES = ["sh", "echo", "cat", "ls", "sleep", "hostname", "id", "touch", "mkdir", "head",
             "readlink", "grep", "rm",

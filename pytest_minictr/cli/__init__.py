@@ -1,6 +1,2 @@
 """The `minictr` command (also `python -m pytest_minictr`): `main` parses and runs one
 subcommand; `detached` holds `run -d` and the commands that reach a detached container."""
-
-from pytest_minictr.cli.main import main
-
-__all__ = ["main"]

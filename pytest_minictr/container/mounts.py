@@ -1,9 +1,10 @@
 """The container's filesystem view, built inside its own mount namespace, ending in pivot_root.
 
-Runs in the container's init process, before the command. What does not depend on the spec is
-done by a spare ahead of need (`prepare`), the rest when the spec arrives:
+Runs in the container's init process, before the command, as steps of its setup plan (see
+`plan`, which gives their order). What does not depend on the spec is done by a spare ahead of
+need, the rest when the spec arrives:
 
-1. `prepare_stage`: unshare(CLONE_NEWNS), make every mount private (systemd hosts mount `/`
+1. `make_mounts_private`, `mount_stage` (in a new mount namespace): every mount private (systemd hosts mount `/`
    shared; without this each mount below would propagate back to the host), then mount a tmpfs
    "stage" over `/tmp`, *in this namespace only*. It holds the overlay's upper and work dirs
    and the mount point of the new root, so the writable layer lives in memory, is charged to
@@ -12,18 +13,19 @@ done by a spare ahead of need (`prepare`), the rest when the spec arrives:
 2. `enter_stage`: pivot_root into the stage, the host's tree put under `/oldroot` (as
    bubblewrap does): every host path stays reachable there, the real `/tmp` included, which
    the stage covered before the pivot and no longer does.
-3. `prepare_proc_and_dev`: `/proc` for the new PID namespace with the host kernel's knobs
+3. `mount_proc`, `mount_dev`, `mask_proc`: `/proc` for the new PID namespace with the host kernel's knobs
    masked or read-only, and a minimal `/dev`, built in the stage and moved under the new root
    later (MS_MOVE takes the masks along).
-4. `HostPaths.open` (the spec has come): O_PATH fds of the base rootfs, the kept layer and the
+4. `open_host_path` (the spec has come): O_PATH fds of the base rootfs, the kept layer and the
    bind sources, under `/oldroot`. They reach the kernel as `/proc/self/fd/N`, which spares
    us escaping ',' and ':' in overlay options. (They must be opened in this namespace: the
    kernel refuses to overlay or bind a mount of another one. So the copy of the host's mount
    table a spare made may not be stale: `HostMountWatch` tells, and a stale copy is made
    again.)
-5. `build_root`: the base rootfs (never written: only a lower layer) under the writable layer,
-   our `/dev`, a tmpfs `/tmp`, the user's mounts, our `/proc`. When container root is an
-   unprivileged host uid (see `idmap`), the base is seen through an idmapped mount, so that
+5. `mount_overlay`, `move_into_root`, `mount_tmp`, the user's mounts: the base rootfs (never
+   written: only a lower layer) under the writable layer, our `/dev`, a tmpfs `/tmp`, the
+   user's mounts, our `/proc`. When container root is an
+   unprivileged host uid (see `host.idmap`), the base is seen through an idmapped mount, so that
    what host root owns there, container root owns, and can write over in the layer.
 6. `enter_root`: pivot_root, then the old root (stage and host) is detached, so no path leads
    back to the host (the chroot `..` escape has nothing to climb to).
@@ -36,15 +38,16 @@ directory we create, onto the host: `_mount_point` refuses any symlink on the wa
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
+import time
 
+from pytest_minictr.container.failure import attempt
 from pytest_minictr.errors import ContainerSetupError
 from pytest_minictr.host import linux
-from pytest_minictr.host.idmap import UserNamespace
 from pytest_minictr.host.linux import (MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC,
-                                       MS_REMOUNT, MS_STATVFS_FLAGS, attempt)
-from pytest_minictr.spec import ContainerSpec, Mount
+                                       MS_REMOUNT, MS_STATVFS_FLAGS)
 
 STAGE = "/tmp"          # where the stage is mounted; once we pivot into it, our "/"
 HOST = "/oldroot"        # the host's tree, in the stage
@@ -61,21 +64,15 @@ PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug", "kallsyms", "latenc
                "timer_stats", "acpi", "asound", "scsi")
 PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 _IDMAP_UNSUPPORTED = (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP)
+LAYER_LOCK_WAIT = 2.0  # seconds a container waits for the previous user of its layer to exit
 
 
-def prepare(unshare: bool = True) -> None:
-    """Everything of the container's mounts that does not depend on its spec (see above).
-    `unshare`: False if our mount namespace was made for us (the keeper's way)."""
-    prepare_stage(unshare)
-    enter_stage()
-    prepare_proc_and_dev()
+def make_mounts_private() -> None:
+    linux.mount(None, "/", None, MS_REC | linux.MS_PRIVATE)
 
 
-def prepare_stage(unshare: bool = True) -> None:
-    """A mount namespace of our own, its mounts private, and the stage."""
-    if unshare:
-        attempt("unshare the mount namespace", linux.unshare, linux.CLONE_NEWNS)
-    attempt("make mounts private", linux.mount, None, "/", None, MS_REC | linux.MS_PRIVATE)
+def mount_stage() -> None:
+    """The stage: a tmpfs over /tmp, in our mount namespace only (see above)."""
     attempt(f"mount tmpfs stage on {STAGE}", linux.mount, "minictr", STAGE, "tmpfs",
             MS_NOSUID | MS_NODEV, "mode=0700")
     for name in ("upper", "work", ROOT, HOST, PROC, DEV):
@@ -84,22 +81,46 @@ def prepare_stage(unshare: bool = True) -> None:
 
 def enter_stage() -> None:
     os.chdir(STAGE)
-    attempt("pivot_root into the stage", linux.pivot_root, ".", HOST.lstrip("/"))
+    linux.pivot_root(".", HOST.lstrip("/"))
     os.chdir("/")
-
-
-def prepare_proc_and_dev() -> None:
-    mount_proc()
-    mount_dev()
-    mask_proc()
 
 
 def size_stage(layer_size: int | None) -> None:
     """`layer_size` bounds the stage, and with it the writable layer (a command filling it
     gets ENOSPC; the host's memory is spared)."""
     if layer_size is not None:
-        attempt("size the writable layer", linux.mount, None, "/", None,
-                MS_REMOUNT | MS_NOSUID | MS_NODEV, f"size={layer_size}")
+        linux.mount(None, "/", None, MS_REMOUNT | MS_NOSUID | MS_NODEV, f"size={layer_size}")
+
+
+def lock_layer(layer_fd: int | None) -> int | None:
+    """Two overlays on one upper dir at once corrupt each other: a kept layer is locked for
+    the container's life (the lock goes with our last fd, at our exit). The previous user of
+    the layer may still be exiting (its result is reported first): it gets a moment."""
+    if layer_fd is None:
+        return None
+    fd = os.open(f"/proc/self/fd/{layer_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    deadline = time.monotonic() + LAYER_LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise ContainerSetupError("the layer directory is in use by another running "
+                                          "container; give each running container its own",
+                                          "lock the layer", errno.EBUSY) from None
+            time.sleep(0.001)
+
+
+def measure_layer(layer_fd: int | None) -> int:
+    """Bytes the writable layer can hold (the stage's tmpfs, or a kept layer's filesystem):
+    no file of the command may grow past it (RLIMIT_FSIZE)."""
+    return measure_filesystem(layer_path(layer_fd))
+
+
+def measure_filesystem(path: str) -> int:
+    info = os.statvfs(path)
+    return info.f_blocks * info.f_frsize
 
 
 class HostMountWatch:
@@ -129,43 +150,10 @@ class HostMountWatch:
         os.close(self.table)
 
 
-def build_root(spec: ContainerSpec, host_paths: "HostPaths", userns: UserNamespace | None,
-               inside_user_namespace: bool) -> str:
-    """Mount everything the container sees under a new root; return that root's path.
-    `userns`: the user namespace its root will enter (see `idmap`), if any;
-    `inside_user_namespace`: we are in one already (not root: the keeper's way)."""
-    mount_overlay(host_paths.rootfs, host_paths.layer, userns, inside_user_namespace)
-    attempt("move /dev", linux.mount, DEV, _mount_point("/dev", True), None, linux.MS_MOVE)
-    # /tmp is writable too: the layer's bound holds for it as well
-    tmp_size = "" if spec.layer_size is None else f",size={spec.layer_size}"
-    attempt("mount /tmp", mount_tmpfs, _mount_point("/tmp", True), "mode=1777" + tmp_size)
-    for mount, source_fd in zip(spec.mounts, host_paths.sources, strict=True):
-        mount_user_mount(mount, source_fd)
-    # last: until here, /proc/self/fd/N named our fds (the user's mounts use it)
-    attempt("move /proc", linux.mount, PROC, _mount_point("/proc", True), None, linux.MS_MOVE)
-    return ROOT
-
-
-class HostPaths:
-    """O_PATH fds of the host paths a spec names: rootfs, layer, and a source per mount."""
-
-    def __init__(self, rootfs: int, layer: int | None, sources: list[int | None]):
-        self.rootfs, self.layer, self.sources = rootfs, layer, sources
-
-    @classmethod
-    def open(cls, spec: ContainerSpec) -> "HostPaths":
-        """Open what the spec names; ContainerSetupError names what failed. (Run by the init,
-        which exits on a failure: what was opened before it goes with the process.)"""
-        return cls(_open_host_path(spec.rootfs), _open_host_path(spec.layer),
-                   [_open_host_path(m.source) for m in spec.mounts])
-
-    def close(self) -> None:
-        for fd in (self.rootfs, self.layer, *self.sources):
-            if fd is not None:
-                os.close(fd)
-
-
-def _open_host_path(path: str | None) -> int | None:
+def open_host_path(path: str | None) -> int | None:
+    """An O_PATH fd of a host path the spec names, through the host's tree in the stage. (It
+    must be opened in this namespace: the kernel refuses to overlay or bind a mount of
+    another one.)"""
     if path is None:
         return None
     try:
@@ -175,40 +163,60 @@ def _open_host_path(path: str | None) -> int | None:
                                   error.errno) from None
 
 
-def mount_overlay(rootfs_fd: int, layer_fd: int | None, userns: UserNamespace | None,
-                  inside_user_namespace: bool) -> None:
+def close_fds(*fds: int | None) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
+
+
+def make_layer_dirs(layer_fd: int) -> None:
+    """A kept layer's upper and work dirs, made by its first container."""
+    for name in ("upper", "work"):
+        attempt(f"create the layer's {name} dir", os.makedirs,
+                f"{layer_path(layer_fd)}/{name}", 0o755, True)
+
+
+def chown_layer(layer_fd: int | None, uid: int, gid: int) -> None:
+    """The upper dir's root is the container's "/": its root must own it to write there."""
+    os.chown(f"{layer_path(layer_fd)}/upper", uid, gid)
+
+
+def mount_overlay(lower_fd: int, layer_fd: int | None, userxattr: bool) -> None:
     """The base rootfs under a writable layer: the stage's tmpfs, or a kept host directory
-    (`spec.layer`: successive containers of one test then see each other's writes)."""
+    (`spec.layer`: successive containers of one test then see each other's writes).
+    `userxattr`: in a user namespace, where trusted.* xattrs are out of reach."""
     layer = layer_path(layer_fd)
-    if layer_fd is not None:
-        for name in ("upper", "work"):
-            attempt(f"create the layer's {name} dir", os.makedirs, f"{layer}/{name}", 0o755, True)
-    lower = rootfs_fd if userns is None else idmapped(rootfs_fd, userns)
-    if userns is not None:
-        # the upper dir's root is the container's "/": its root must own it to write there
-        attempt("chown the layer", os.chown, f"{layer}/upper", userns.host_uid, userns.host_gid)
-    options = f"lowerdir=/proc/self/fd/{lower},upperdir={layer}/upper,workdir={layer}/work"
-    if inside_user_namespace:
-        # trusted.* xattrs are out of reach in a user namespace (kernel >= 5.11 needs this)
-        options += ",userxattr"
-    attempt("mount overlay of the rootfs", linux.mount, "overlay", ROOT, "overlay",
-            MS_NOSUID | MS_NODEV, options)
+    options = f"lowerdir=/proc/self/fd/{lower_fd},upperdir={layer}/upper,workdir={layer}/work"
+    linux.mount("overlay", ROOT, "overlay", MS_NOSUID | MS_NODEV,
+                options + (",userxattr" if userxattr else ""))
+
+
+def move_into_root(path: str) -> None:
+    """Move what the stage holds at `path` (our /proc, /dev) to the same place in the root;
+    MS_MOVE takes their masks and submounts along."""
+    linux.mount(path, _mount_point(path, True), None, linux.MS_MOVE)
+
+
+def mount_tmp(layer_size: int | None) -> None:
+    # /tmp is writable too: the layer's bound holds for it as well
+    size = "" if layer_size is None else f",size={layer_size}"
+    mount_tmpfs(_mount_point("/tmp", True), "mode=1777" + size)
 
 
 def layer_path(layer_fd: int | None) -> str:
     return "/" if layer_fd is None else f"/proc/self/fd/{layer_fd}"
 
 
-def idmapped(rootfs_fd: int, userns: UserNamespace) -> int:
+def idmapped(rootfs_fd: int, userns_fd: int, host_uid: int) -> int:
     """A detached view of the base whose host-root files read as container root's (the
     overlay keeps it alive); none needed for a base the mapped range owns already (our cache,
     see idmap). Where the kernel or the filesystem cannot idmap (before 5.12; tmpfs before
     6.3; NFS), the base stays as it is: readable, but its root-owned directories not writable
     inside."""
-    if os.fstat(rootfs_fd).st_uid == userns.host_uid:
+    if os.fstat(rootfs_fd).st_uid == host_uid:
         return rootfs_fd
     try:
-        return linux.open_idmapped_tree(rootfs_fd, userns.fd)
+        return linux.open_idmapped_tree(rootfs_fd, userns_fd)
     except OSError as error:
         if error.errno in _IDMAP_UNSUPPORTED:
             return rootfs_fd
@@ -217,7 +225,7 @@ def idmapped(rootfs_fd: int, userns: UserNamespace) -> int:
 
 
 def mount_proc() -> None:
-    attempt("mount /proc", linux.mount, "proc", PROC, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    linux.mount("proc", PROC, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
 def mask_proc() -> None:
@@ -264,20 +272,18 @@ def mount_tmpfs(target: str, options: str, extra_flags: int = 0) -> None:
     linux.mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV | extra_flags, options)
 
 
-def mount_user_mount(mount: Mount, source_fd: int | None) -> None:
-    if source_fd is None:
-        size = f",size={mount.size}" if mount.size else ""
-        attempt(f"mount tmpfs on {mount.target}", mount_tmpfs,
-                _mount_point(mount.target, True), "mode=1777" + size)
-        return
+def mount_user_tmpfs(target: str, size: int | None) -> None:
+    mount_tmpfs(_mount_point(target, True), "mode=1777" + (f",size={size}" if size else ""))
+
+
+def bind_user_mount(source_fd: int, target: str, read_only: bool) -> None:
     source = f"/proc/self/fd/{source_fd}"
-    target = _mount_point(mount.target, os.path.isdir(source))
-    attempt(f"bind {mount.source} on {mount.target}", linux.mount, source, target, None,
-            MS_BIND | MS_REC)
+    point = _mount_point(target, os.path.isdir(source))
+    linux.mount(source, point, None, MS_BIND | MS_REC)
     # a setuid binary or a device node planted through a bind must mean nothing here, nor on
     # the host; and read-only must hold for every mount under the bind too, not just its top
-    extra = MS_NOSUID | MS_NODEV | (MS_RDONLY if mount.read_only else 0)
-    attempt(f"restrict {mount.target}", restrict_mount_tree, target, extra)
+    extra = MS_NOSUID | MS_NODEV | (MS_RDONLY if read_only else 0)
+    attempt(f"restrict {target}", restrict_mount_tree, point, extra)
 
 
 def restrict_mount_tree(top: str, extra_flags: int) -> None:
@@ -300,10 +306,10 @@ def _statvfs_mount_flags(path: str) -> int:
     return sum(ms for st, ms in MS_STATVFS_FLAGS.items() if flags & st)
 
 
-def enter_root(root: str) -> None:
+def enter_root() -> None:
     """pivot_root(".", ".") stacks the old root on top of the new one; detaching it leaves
     only the new root, with no directory needed to park the old one in."""
-    os.chdir(root)
+    os.chdir(ROOT)
     attempt("pivot_root", linux.pivot_root, ".", ".")
     attempt("detach the old root", linux.umount2, ".", linux.MNT_DETACH)
     os.chdir("/")

@@ -2,10 +2,11 @@
 seccomp. Applied by the container's init as the last step before the command is spawned (the
 command inherits it all through execve, and cannot undo any of it).
 
-The order is the kernel's: rlimits first (raising a hard limit needs CAP_SYS_RESOURCE, gone
-later; `limit_resources`), the id switch into the container's user namespace (entering one
-fills every set again, the bounding set too), then (`drop_privileges`) the bounding set (dropping
-from it needs CAP_SETPCAP, which it drops too), no_new_privs (after which setuid bits and file
+The order is the kernel's, and `plan.confine` follows it: rlimits first (raising a hard limit
+needs CAP_SYS_RESOURCE, gone later; `set_rlimits`), the id switch into the container's user
+namespace (entering one fills every set again, the bounding set too: `userns`), then
+(`drop_capabilities`) the bounding set (dropping from it needs CAP_SETPCAP, which it drops
+too), no_new_privs (after which setuid bits and file
 capabilities give nothing), the process's own sets, and the seccomp filter last (it needs
 no_new_privs, and would refuse the prctl and capset calls before it).
 """
@@ -13,16 +14,10 @@ no_new_privs, and would refuse the prctl and capset calls before it).
 from __future__ import annotations
 
 import errno
-import os
 import resource
-from typing import TYPE_CHECKING
 
 from pytest_minictr.container import seccomp
 from pytest_minictr.host import linux
-from pytest_minictr.host.linux import attempt
-
-if TYPE_CHECKING:
-    from pytest_minictr.spec import Security
 
 # linux/capability.h, by number
 CAPABILITY_NAMES = (
@@ -50,7 +45,7 @@ RLIMIT_NAMES = {name.lower()[len("RLIMIT_"):]: getattr(resource, name)
 UNLIMITED = resource.RLIM_INFINITY  # -1 to Python: never compare it as a number
 # Core dumps off (a dump of a crashing test lands in the layer, or worse, in a host pipe
 # handler named by core_pattern); descriptors bounded so that a leak fails fast instead of
-# exhausting the host's file table. fsize: see confine().
+# exhausting the host's file table. fsize: see set_rlimits().
 DEFAULT_RLIMITS = {"core": (0, 0), "nofile": (1024, 4096)}
 
 
@@ -60,26 +55,10 @@ def capability_number(name: str) -> int:
     return _CAPABILITY_NUMBERS[key[len("CAP_"):] if key.startswith("CAP_") else key]
 
 
-def limit_resources(security: "Security", layer_size: int) -> None:
-    """The first steps, taken as host root: rlimits and a keyring of our own."""
-    defaults = dict(DEFAULT_RLIMITS, fsize=(layer_size, layer_size))
-    attempt("set rlimits", set_rlimits, {
-        **{name: within_hard_limit(name, *pair) for name, pair in defaults.items()},
-        **{name: (soft, hard) for name, soft, hard in security.rlimits}})
-    # Joined while still host root: the keyring is owned by (and counted against the key
-    # quota of) host root, out of the container's reach; seccomp closes keyctl anyway.
-    attempt("join a new session keyring", linux.join_new_session_keyring)
-
-
-def drop_privileges(security: "Security") -> None:
-    """The last steps before the command: capabilities, then the seccomp filter. A failing
-    step raises ContainerSetupError naming it."""
-    kept = sum(1 << capability_number(name)
-               for name in (*DEFAULT_CAPABILITIES, *security.capabilities))
-    attempt("drop capabilities", drop_capabilities, kept)
-    if security.seccomp:
-        attempt("install the seccomp filter", linux.install_seccomp_filter,
-                seccomp.host_filter(security.allow_syscalls))
+def install_seccomp_filter(allowed: tuple[str, ...]) -> None:
+    """The default filter less `allowed` (built once by the launcher, inherited: see
+    `seccomp`). Needs no_new_privs, which drop_capabilities() set."""
+    linux.install_seccomp_filter(seccomp.host_filter(allowed))
 
 
 def drop_capabilities(kept: int) -> None:
@@ -100,8 +79,11 @@ def within_hard_limit(name: str, soft: int, hard: int) -> tuple[int, int]:
     return min(soft, current), min(hard, current)
 
 
-def set_rlimits(limits: dict[str, tuple[int, int]]) -> None:
-    for name, (soft, hard) in limits.items():
+def set_rlimits(limits: tuple[tuple[str, int, int], ...], layer_size: int) -> None:
+    """`limits` over a default fsize of the writable layer's size (see plan.rlimits_of)."""
+    merged = {"fsize": within_hard_limit("fsize", layer_size, layer_size)}
+    merged.update((name, (soft, hard)) for name, soft, hard in limits)
+    for name, (soft, hard) in merged.items():
         try:
             resource.setrlimit(RLIMIT_NAMES[name], (soft, hard))
         except (OSError, ValueError) as error:  # Python says EPERM with a ValueError
@@ -110,18 +92,6 @@ def set_rlimits(limits: dict[str, tuple[int, int]]) -> None:
                           f"{name}={shown}: {getattr(error, 'strerror', None) or error} "
                           "(the kernel's ceiling, e.g. fs.nr_open for nofile, or a hard limit "
                           "raised without root)") from None
-
-
-def enter_user_namespace(userns_fd: int) -> None:
-    """Become root of the user namespace: the file ids, signals and keyrings of an unprivileged
-    host uid from now on. Its capabilities hold only over namespaces it owns, and it owns none
-    of ours (they were made from outside it), so mounts, hostname and network stay as built.
-    setns alone keeps our host ids, which it does not map: setres[ug]id(0) takes its root's."""
-    linux.setns(userns_fd, linux.CLONE_NEWUSER)
-    os.setgroups([])
-    os.setresgid(0, 0, 0)
-    os.setresuid(0, 0, 0)
-    linux.set_dumpable(False)  # an id change resets it; /proc/1 must stay closed (see launcher)
 
 
 def drop_bounding_set(kept: int) -> None:

@@ -56,7 +56,8 @@ class Rehearsal:
         return order.index(step) < order.index(self.failed_step)
 
 
-REHEARSAL_STEPS = ("user namespace", "mount namespace", "overlayfs", "/proc", "pivot_root",
+# In the order of the container's setup plan (see container.plan), which the rehearsal follows.
+REHEARSAL_STEPS = ("user namespace", "mount namespace", "/proc", "overlayfs", "pivot_root",
                    "seccomp")
 
 

@@ -1,24 +1,36 @@
-"""A dry run of the default container's setup, for `doctor`: the launcher's own steps, in the
-launcher's order, in throwaway processes, reporting the first step that fails.
+"""A dry run of the default container's setup, for `doctor`: the launcher's own setup plan (see
+`container.plan`), all of it but the command, carried out by the launcher's own executor in
+throwaway processes, reporting the first step that fails.
 
-Run as its own process (`python -m pytest_minictr.doctor.rehearsal`, which prints one JSON line), so
-that the caller, a pytest run with threads perhaps, is never forked. Nothing outlives it: the
-namespaces and mounts go with its processes.
+Run as its own process (`python -m pytest_minictr.doctor.rehearsal`, which prints one JSON
+line), so that the caller, a pytest run with threads perhaps, is never forked. Nothing outlives
+it: the namespaces and mounts go with its processes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
-from pytest_minictr.container import mounts, seccomp, security
+from pytest_minictr.container import plan
+from pytest_minictr.container.child import run_plan
+from pytest_minictr.container.init import ChildFds
 from pytest_minictr.doctor.checks import Rehearsal
-from pytest_minictr.errors import ContainerSetupError
 from pytest_minictr.host import idmap, linux
+from pytest_minictr.spec import make_spec
 
 TIMEOUT = 30  # seconds: a hung mount must not hang doctor
+# The doctor's finding that each phase of the plan stands for.
+FINDING_OF_PHASE = {
+    "user namespace": "user namespace", "join cgroup": "mount namespace",
+    "namespaces": "mount namespace", "stage": "mount namespace", "/proc and /dev": "/proc",
+    "layer": "overlayfs", "root": "overlayfs", "pivot_root": "pivot_root",
+    "hostname and loopback": "pivot_root", "rlimits": "seccomp", "capabilities": "seccomp",
+    "seccomp": "seccomp", "exec": "seccomp"}
 
 
 def rehearse() -> Rehearsal:
@@ -34,65 +46,53 @@ def rehearse() -> Rehearsal:
     return Rehearsal()
 
 
-class _Failed(Exception):
-    def __init__(self, step: str, error: BaseException):
-        super().__init__(step)
-        self.step = step
-        self.error = getattr(error, "strerror", None) or str(error)
-
-
-def _step(name: str, action, *args):
-    try:
-        return action(*args)
-    except (OSError, ContainerSetupError) as error:
-        raise _Failed(name, error) from None
-
-
 def run() -> dict:
-    """Our side (the launcher's): the user namespace and the PID namespace; the rest in its
-    first process, PID 1, as an init does. Returns the outcome to print."""
-    rootless = os.geteuid() != 0
+    """The launcher's part (as root: the user namespace, and a child that is PID 1 of a new
+    PID namespace, as a spare is), then the default container's plan but its last step, over
+    an empty rootfs. Returns the outcome to print."""
+    rootfs = tempfile.mkdtemp(prefix="minictr-rehearsal-")
     try:
-        if rootless:
-            _step("user namespace", linux.unshare, linux.CLONE_NEWUSER)
-            _step("user namespace", idmap.map_self, os.geteuid(), os.getegid())
-            userns = None
-        else:
-            userns = _step("user namespace", idmap.make_user_namespace)
-        _step("mount namespace", linux.unshare, linux.CLONE_NEWNS | linux.CLONE_NEWPID)
-    except _Failed as failed:
-        return {"failed": failed.step, "error": failed.error}
-    read, write = os.pipe()
-    pid = os.fork()
+        spec = make_spec(rootfs, ["/rehearsal"])
+        if os.geteuid() != 0:
+            return _carry_out(plan.setup_plan(spec, plan.Where(rootless=True))[:-1])
+        try:
+            userns = idmap.make_user_namespace()
+        except OSError as error:
+            return {"failed": "user namespace", "error": error.strerror or str(error)}
+        where = plan.Where(userns_fd=userns.fd, host_ids=(userns.host_uid, userns.host_gid))
+        return _carry_out(plan.setup_plan(spec, where)[:-1], (userns.fd,))
+    finally:
+        shutil.rmtree(rootfs, ignore_errors=True)
+
+
+def _carry_out(steps: tuple[plan.Step, ...], keep: tuple[int, ...] = ()) -> dict:
+    """`steps` in a child (as root, PID 1 of a new PID namespace); the first failure."""
+    setup_r, setup_w = os.pipe2(os.O_CLOEXEC)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    stdio = [os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC) for _ in range(3)]
+    own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    own_pidfd = os.pidfd_open(os.getpid())
+    fds = ChildFds(*stdio, setup_w, status_w)
+    try:
+        if os.geteuid() == 0:
+            pid = linux.fork_into_new_pid_namespace(own_pid_namespace)
+        else:  # the plan's keeper makes the namespaces
+            pid = os.fork()
+    except OSError as error:
+        return {"failed": "mount namespace", "error": error.strerror or str(error)}
     if pid == 0:
-        os.close(read)
-        outcome = _as_init(rootless, userns)
-        os.write(write, json.dumps(outcome).encode())
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as report:
-        data = report.read()
+        run_plan(steps, fds, own_pidfd, keep)
+    for fd in (setup_w, status_w, *stdio):
+        os.close(fd)
+    with os.fdopen(setup_r, "rb") as report:
+        lines = report.read().splitlines()
     os.waitpid(pid, 0)
-    return json.loads(data) if data else {"failed": "mount namespace",
-                                          "error": "the container's init died"}
-
-
-def _as_init(rootless: bool, userns: idmap.UserNamespace | None) -> dict:
-    try:
-        _step("mount namespace", mounts.prepare_stage, False)  # unshared by our parent
-        _step("pivot_root", mounts.enter_stage)
-        _step("/proc", mounts.mount_proc)
-        os.mkdir("/lower")
-        lower = os.open("/lower", os.O_PATH)
-        _step("overlayfs", mounts.mount_overlay, lower, None, None, rootless)
-        _step("pivot_root", mounts.enter_root, mounts.ROOT)
-        if userns is not None:
-            _step("user namespace", security.enter_user_namespace, userns.fd)
-        if os.uname().machine in seccomp.ARCHITECTURES:
-            _step("seccomp", linux.set_no_new_privs)
-            _step("seccomp", linux.install_seccomp_filter, seccomp.host_filter())
-    except _Failed as failed:
-        return {"failed": failed.step, "error": failed.error}
+    os.close(status_r)
+    for line in lines:
+        error = json.loads(line).get("error")
+        if error is not None:
+            return {"failed": FINDING_OF_PHASE.get(error.get("phase"), "mount namespace"),
+                    "error": error["message"]}
     return {"failed": None}
 
 

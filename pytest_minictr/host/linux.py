@@ -16,7 +16,6 @@ import signal
 import socket
 import struct
 
-from pytest_minictr.errors import ContainerSetupError
 
 # clone(2) / unshare(2) flags
 CLONE_PARENT = 0x00008000
@@ -299,13 +298,3 @@ def set_link_up(name: str) -> None:
         request = struct.pack("16sH14x", name.encode(), 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
         fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", name.encode(), flags | IFF_UP))
-
-
-def attempt(step: str, function, *args) -> None:
-    """Run one setup step in a container's child; an OSError becomes a ContainerSetupError
-    that names the step, to be sent back to the caller."""
-    try:
-        function(*args)
-    except OSError as error:
-        raise ContainerSetupError(f"{step}: {error.strerror or error}", step,
-                                  error.errno) from None

@@ -128,8 +128,8 @@ class Forkserver:
 
     def _op_run(self, message: dict, fds: list[int]) -> dict:
         spec = ContainerSpec.from_dict(message["spec"])
-        return self._start(message["id"], spec, fds, lambda child_fds: self.launcher.start(
-            spec, child_fds, message["spec"]))
+        return self._start(message["id"], spec, fds,
+                           lambda child_fds: self.launcher.start(spec, child_fds))
 
     def _op_exec(self, message: dict, fds: list[int]) -> dict:
         target = self._find(message["container"])

@@ -30,9 +30,10 @@ from dataclasses import dataclass, replace
 from typing import NoReturn
 
 from pytest_minictr import protocol
-from pytest_minictr.container import seccomp
-from pytest_minictr.container.init import (JOINED_NAMESPACES, ChildFds, ExecTarget,
-                                           SignalForwarder, run_exec, run_keeper, run_spare)
+from pytest_minictr.container import plan, seccomp
+from pytest_minictr.container.child import run_plan, run_spare
+from pytest_minictr.container.init import ChildFds, SignalForwarder
+from pytest_minictr.container.plan import JOINED_NAMESPACES, Where
 from pytest_minictr.errors import ContainerNotFoundError, MinictrError, UnsupportedError
 from pytest_minictr.host import cgroups, idmap, linux
 from pytest_minictr.host.cgroups import Cgroup, CgroupBackend
@@ -48,6 +49,16 @@ class Spare:
 
     pid: int
     channel: socket.socket
+    cgroup: Cgroup | None
+
+
+@dataclass(frozen=True)
+class ExecTarget:
+    """A running container another command joins: our child of it (its init; or its keeper,
+    which holds the same namespaces and, unlike the init, lets our uid read them) and its
+    cgroup."""
+
+    child_pid: int
     cgroup: Cgroup | None
 
 
@@ -94,8 +105,9 @@ class Launcher:
         # last: the zygote is a copy of us as we are now, and each spare a copy of it
         self.zygote = self._start_zygote() if self.spares_problem is None else None
 
-    def start(self, spec: ContainerSpec, fds: ChildFds, spec_data: dict) -> Started:
-        """`spec_data` is `spec` as received, passed on as it is to a spare."""
+    def start(self, spec: ContainerSpec, fds: ChildFds) -> Started:
+        """Start a container: hand its plan to a spare (root), or fork a keeper that carries
+        out the whole plan (not root)."""
         self._check_limits(spec.limits)
         if spec.user_namespace and self.userns_problem is not None:
             raise UnsupportedError(f"no user namespace for the container: {self.userns_problem}"
@@ -111,7 +123,8 @@ class Launcher:
             self._discard(spare)
             raise
         try:
-            protocol.send_message(spare.channel, spec_data, fds.all())
+            steps = plan.completed_with(spec, self._where(spare.cgroup))
+            protocol.send_message(spare.channel, plan.encode(steps), fds.all())
         except OSError:
             pass  # the spare died (someone killed it): that shows up as the container's end
         finally:
@@ -125,9 +138,12 @@ class Launcher:
         # as root, the container's user namespace is entered last, as its init did (confine)
         namespaces = open_namespaces(target.child_pid, skip=() if userns is None else ("user",))
         try:
+            steps = plan.exec_plan(spec, self._where(target.cgroup), tuple(namespaces))
             pid = os.fork()
             if pid == 0:
-                run_exec(spec, target, fds, self.own_pidfd, userns, namespaces)
+                run_plan(steps, fds, self.own_pidfd, tuple(fd for fd in namespaces
+                                                           if fd is not None)
+                         + (() if userns is None else (userns.fd,)))
         finally:
             for fd in namespaces:
                 if fd is not None:
@@ -187,12 +203,14 @@ class Launcher:
         ready_r, ready_w, go_r, go_w = (*os.pipe(), *os.pipe()) if self.subordinate_ids \
             else (None,) * 4
         ours = {ready_r, go_w} - {None}
+        handshake = None if ready_w is None else (ready_w, go_r)
         try:
             try:
+                steps = plan.setup_plan(spec, replace(self._where(cgroup), rootless=True,
+                                                      id_maps=handshake))
                 pid = os.fork()
                 if pid == 0:
-                    run_keeper(spec, fds, self.own_pidfd, cgroup,
-                               None if ready_w is None else (ready_w, go_r))
+                    run_plan(steps, fds, self.own_pidfd, handshake or ())
             finally:
                 for fd in {ready_w, go_r} - {None}:
                     os.close(fd)  # the keeper's ends: its exit must show as end of file
@@ -217,6 +235,14 @@ class Launcher:
                     f"cannot map the container's ids with the subordinate ranges of "
                     f"/etc/subuid and /etc/subgid: {error}") from None
             os.write(go, b"1")
+
+    def _where(self, cgroup: Cgroup | None) -> Where:
+        """What a plan needs to know of us besides the spec: the cgroup, the user namespace."""
+        userns = self.userns
+        return Where(cgroup_procs=() if cgroup is None else tuple(
+                         os.path.join(path, "cgroup.procs") for path in cgroup.paths),
+                     userns_fd=None if userns is None else userns.fd,
+                     host_ids=(0, 0) if userns is None else (userns.host_uid, userns.host_gid))
 
     def _check_limits(self, limits: Limits) -> None:
         if limits.any():
@@ -271,9 +297,11 @@ class Launcher:
         cgroup = self._new_cgroup(Limits())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            steps = plan.prepared_ahead(self._where(cgroup))
             pid = linux.fork_into_new_pid_namespace(self.own_pid_namespace)
             if pid == 0:
-                run_spare(theirs.fileno(), self.own_pidfd, cgroup, self.userns)
+                run_spare(theirs.fileno(), self.own_pidfd, steps, self._userns_fds(),
+                          SignalForwarder())
         except BaseException:
             ours.close()
             remove_cgroup(cgroup)
@@ -284,8 +312,7 @@ class Launcher:
 
     def _start_zygote(self) -> Zygote | None:
         try:
-            return Zygote(self.own_pidfd, self.own_pid_namespace,
-                          () if self.userns is None else (self.userns.fd,),
+            return Zygote(self.own_pidfd, self.own_pid_namespace, self._userns_fds(),
                           self._prepare_zygote, self._spare_main)
         except OSError as problem:
             print(f"minictr launcher: no zygote ({problem}); forking spares here",
@@ -300,7 +327,11 @@ class Launcher:
     def _spare_main(self, channel: int, cgroup_name: str | None) -> NoReturn:
         """What a spare forked by the zygote runs (in the zygote's copy of us)."""
         cgroup = None if cgroup_name is None else self.cgroups.open(cgroup_name)
-        run_spare(channel, self.own_pidfd, cgroup, self.userns, self._forwarder)
+        run_spare(channel, self.own_pidfd, plan.prepared_ahead(self._where(cgroup)),
+                  self._userns_fds(), self._forwarder)
+
+    def _userns_fds(self) -> tuple[int, ...]:
+        return () if self.userns is None else (self.userns.fd,)
 
 
 def remove_cgroup(cgroup: Cgroup | None) -> None:

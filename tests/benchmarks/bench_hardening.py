@@ -1,19 +1,19 @@
 """What each protection of the default confinement costs a container start, step by step.
 
 bench_start.py times whole starts against bwrap (and with user=False / seccomp=False); this
-one times the steps themselves, with the project's own functions, in forked children that do
-what a container's init does (a new mount namespace, the stage, the overlay, /proc and /dev),
-so the figures add up to the start-up cost of the hardening:
+one times the steps themselves: the default container's own setup plan (container.plan), but
+its last step, carried out by the project's executor in forked children that are PID 1 of a
+new PID namespace, as a spare is, each step timed. The hardening steps:
 
-  proc masks      mounts.mask_proc(): /dev/null and empty tmpfs over /proc/kcore etc., and
+  proc masks      "mask /proc": /dev/null and empty tmpfs over /proc/kcore etc., and
                   /proc/sys etc. bound read-only
-  idmap           linux.open_idmapped_tree(): the base seen with container root as its owner
-  rlimits         security.set_rlimits() of the defaults
-  keyring         a new session keyring
-  user namespace  security.enter_user_namespace(): setns + setgroups + setresgid/uid
-  capabilities    security.drop_capabilities(): bounding set, no_new_privs, capset, ambient
+  idmap           "idmap the rootfs": the base seen with container root as its owner
+  rlimits         "set rlimits": the defaults
+  keyring         "join a new session keyring"
+  user namespace  "enter the user namespace": setns + setgroups + setresgid/uid
+  capabilities    "drop capabilities": bounding set, no_new_privs, capset, ambient
   seccomp build   seccomp.host_filter() (the BPF program, built once by the launcher)
-  seccomp install linux.install_seccomp_filter()
+  seccomp install "install the seccomp filter"
 
 Needs root. Prints the median and p95 of each step in microseconds over --runs children.
 
@@ -32,8 +32,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from pytest_minictr import RootfsBuilder  # noqa: E402
-from pytest_minictr.container import mounts, seccomp, security
-from pytest_minictr.host import idmap, linux
+from pytest_minictr.container import plan, seccomp  # noqa: E402
+from pytest_minictr.container.executor import Executor  # noqa: E402
+from pytest_minictr.container.init import ChildFds  # noqa: E402
+from pytest_minictr.host import idmap, linux  # noqa: E402
 from pytest_minictr.spec import make_spec  # noqa: E402
 
 STEPS = ("proc masks", "idmap", "rlimits", "keyring", "user namespace", "capabilities",
@@ -47,35 +49,40 @@ def timed(times: dict, name: str, function, *args):
     return result
 
 
-def one_start(rootfs: str, userns: idmap.UserNamespace) -> dict:
-    """In a child: the init's setup, timing the hardening steps; the times as a dict."""
+# the plan's step behind each figure
+STEP_NAMES = {"mask /proc": "proc masks", "idmap the rootfs": "idmap", "set rlimits": "rlimits",
+              "join a new session keyring": "keyring",
+              "enter the user namespace": "user namespace",
+              "drop capabilities": "capabilities", "install the seccomp filter": "seccomp install"}
+
+
+def one_start(steps: tuple[plan.Step, ...]) -> dict:
+    """In a child, PID 1 of a new PID namespace: the plan's steps, the hardening ones timed;
+    the times as a dict."""
     read, write = os.pipe()
-    pid = os.fork()
+    own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY)
+    own_pidfd = os.pidfd_open(os.getpid())
+    pid = linux.fork_into_new_pid_namespace(own_pid_namespace)
     if pid == 0:
         try:
             os.close(read)
             times: dict = {}
-            linux.unshare(linux.CLONE_NEWNS)
-            host_paths = mounts.HostPaths.open(make_spec(rootfs, ["true"]))
-            mounts.prepare_stage()
-            lower = timed(times, "idmap", linux.open_idmapped_tree, host_paths.rootfs, userns.fd)
-            os.close(lower)
-            mounts.mount_overlay(host_paths.rootfs, None, None, False)
-            mounts.mount_proc()
-            mounts.mount_dev()
-            timed(times, "proc masks", mounts.mask_proc)
-            timed(times, "rlimits", security.set_rlimits, dict(security.DEFAULT_RLIMITS))
-            timed(times, "keyring", linux.join_new_session_keyring)
-            timed(times, "user namespace", security.enter_user_namespace, userns.fd)
-            kept = sum(1 << security.capability_number(name)
-                       for name in security.DEFAULT_CAPABILITIES)
-            timed(times, "capabilities", security.drop_capabilities, kept)
-            program = timed(times, "seccomp build", seccomp.host_filter)
-            timed(times, "seccomp install", linux.install_seccomp_filter, program)
+            stdio = [os.open(os.devnull, os.O_RDWR) for _ in range(3)]
+            executor = Executor(fds=ChildFds(*stdio, write, write), forwarder=None,
+                                **{"parent pidfd": own_pidfd})
+            for step in steps:
+                if step.name in STEP_NAMES:
+                    timed(times, STEP_NAMES[step.name], executor.carry_out, step)
+                else:
+                    executor.carry_out(step)
+            timed(times, "seccomp build", seccomp.host_filter)
             os.write(write, json.dumps(times).encode())
+        except BaseException as error:  # noqa: BLE001 - say it, or the parent sees nothing
+            print(f"bench_hardening: {error!r}", file=sys.stderr)
         finally:
             os._exit(0)
-    os.close(write)
+    for fd in (write, own_pid_namespace, own_pidfd):
+        os.close(fd)
     with os.fdopen(read) as results:
         data = results.read()
     os.waitpid(pid, 0)
@@ -94,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         rootfs = str(RootfsBuilder(cache_dir=cache).build(binaries=["true"]))
         userns = idmap.make_user_namespace()
         seccomp.host_filter()  # as the launcher does
-        samples = [one_start(rootfs, userns) for _ in range(args.runs)]
+        # a rootfs of the builder's own, not the cache's shifted one: the idmap step runs
+        os.chown(rootfs, 0, 0)
+        where = plan.Where(userns_fd=userns.fd, host_ids=(userns.host_uid, userns.host_gid))
+        steps = plan.setup_plan(make_spec(rootfs, ["true"]), where)[:-1]
+        samples = [one_start(steps) for _ in range(args.runs)]
     report = {}
     for step in STEPS:
         values = sorted(sample[step] for sample in samples)

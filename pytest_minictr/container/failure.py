@@ -1,0 +1,39 @@
+"""How a container's child tells the launcher what went wrong before its command ran: a
+`ContainerSetupError` naming the step (and the sub-step, inside a step of several calls),
+sent as one JSON line on the close-on-exec setup pipe, whose end of file, once every copy is
+closed, means the command runs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from pytest_minictr.errors import ContainerSetupError
+
+
+def attempt(step: str, function, *args):
+    """Run one part of a setup step; an OSError becomes a ContainerSetupError naming it."""
+    try:
+        return function(*args)
+    except OSError as error:
+        raise ContainerSetupError(f"{step}: {error.strerror or error}", step,
+                                  error.errno) from None
+
+
+def report_failure(fd: int, error: BaseException) -> None:
+    if isinstance(error, ContainerSetupError):
+        failure = error
+    elif isinstance(error, OSError):
+        failure = ContainerSetupError(str(error), "setup", error.errno)
+    else:
+        failure = ContainerSetupError(f"{type(error).__name__}: {error}", "setup")
+    try:
+        write_line(fd, {"error": {"type": type(failure).__name__, "message": str(failure),
+                                  "step": failure.step, "errno": failure.errno,
+                                  "phase": failure.phase}})
+    except OSError:
+        pass  # nobody listens any more: the launcher has gone
+
+
+def write_line(fd: int, message: dict) -> None:
+    os.write(fd, json.dumps(message).encode() + b"\n")

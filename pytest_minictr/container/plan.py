@@ -1,0 +1,309 @@
+"""A container's setup as a plan: one ordered list of named steps, built from the spec by the
+launcher and carried out, step by step, in the container's child (`executor`).
+
+The whole setup, in order (`setup_plan`; each step names the kernel rule or the attack that
+puts it there, where it is built below):
+
+    join cgroup → namespaces → stage → /proc and /dev      (prepared ahead of the spec)
+    → layer → root → pivot_root → hostname and loopback
+    → rlimits → user namespace → capabilities → seccomp → exec
+
+A plan is a value: a tuple of `Step`s, each an action's name with plain arguments (str, int,
+bool, None, tuples of them) and no closures, so that it can cross a socket to a spare init and
+that an executor written in another language could carry it out. A value made by one step and
+used by a later one (an fd the child opened, the layer's size) is kept in a named slot: the
+step that makes it `saves` it, and a later step names it with a `Ref`.
+
+As root, a spare init carries out the prefix that does not depend on the spec
+(`prepared_ahead`) while it waits for one, then the rest (`completed_with`). Without root,
+the user namespace must come first (it owns the others, and mounting /proc takes privilege
+over the PID namespace), so the plan begins in a keeper process that makes the namespaces and
+forks the init, which carries out the rest. `minictr doctor` rehearses this same plan, but its
+last step, in a throwaway process (`doctor.rehearsal`). Another command joining a running
+container follows `exec_plan`: the container's namespaces, then the same confinement steps.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_minictr.container import security
+from pytest_minictr.host import linux
+from pytest_minictr.spec import ContainerSpec, Mount
+
+PHASES = ("join cgroup", "namespaces", "stage", "/proc and /dev", "layer", "root", "pivot_root",
+          "hostname and loopback", "rlimits", "user namespace", "capabilities", "seccomp",
+          "exec")
+# The namespaces of every container but PID and mount, which come with the fork and with the
+# stage. CGROUP after the cgroup is joined: /proc/self/cgroup inside then shows "/" and
+# nothing of the host's layout.
+OTHER_NAMESPACES = (linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET
+                    | linux.CLONE_NEWCGROUP)
+# Joined by an exec helper: the user namespace first (without root it owns the others, and
+# joining those takes its capabilities); the mount namespace last (it moves our root).
+JOINED_NAMESPACES = (("user", linux.CLONE_NEWUSER), ("ipc", linux.CLONE_NEWIPC),
+                     ("uts", linux.CLONE_NEWUTS), ("net", linux.CLONE_NEWNET),
+                     ("cgroup", linux.CLONE_NEWCGROUP), ("pid_for_children", linux.CLONE_NEWPID),
+                     ("mnt", linux.CLONE_NEWNS))
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An argument that is the value a previous step saved in slot `slot`."""
+
+    slot: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """One setup step: `action` carried out with `args`; a failure is reported as `name`."""
+
+    phase: str
+    name: str
+    action: str
+    args: tuple = ()
+    saves: str | None = None
+
+
+@dataclass(frozen=True)
+class Where:
+    """What the launcher knows of a container's setup besides its spec."""
+
+    cgroup_procs: tuple[str, ...] = ()  # the cgroup.procs file of each hierarchy; () no cgroup
+    userns_fd: int | None = None        # root: the user namespace container root enters last
+    host_ids: tuple[int, int] = (0, 0)  # container root's uid and gid on the host
+    rootless: bool = False              # not root: the plan starts in a keeper
+    # Without root: the keeper's (ready, go) pipe ends, when the launcher maps its ids in full
+    # (subordinate ids); None: the keeper maps our own uid alone.
+    id_maps: tuple[int, int] | None = None
+
+
+def setup_plan(spec: ContainerSpec, where: Where) -> tuple[Step, ...]:
+    """The whole setup of one container, in order."""
+    return prepared_ahead(where) + completed_with(spec, where)
+
+
+def prepared_ahead(where: Where) -> tuple[Step, ...]:
+    """The steps that do not depend on the spec: a spare's, while it waits for one."""
+    return (*join_cgroup(where), *enter_namespaces(where), *build_stage(where),
+            *mount_proc_and_dev())
+
+
+def completed_with(spec: ContainerSpec, where: Where) -> tuple[Step, ...]:
+    """The rest of the setup, once the spec has come."""
+    userns = spec.user_namespace and not where.rootless
+    return (*renew_stage(where), *mount_layer(spec, where, userns), *build_root(spec),
+            *pivot_into_root(spec), *name_and_network(spec), *confine(spec, where, userns),
+            Step("exec", "run the command", "run_command_as_init",
+                 (spec.argv, spec.env, Ref("fds"), Ref("forwarder"))))
+
+
+def exec_plan(spec: ContainerSpec, where: Where, namespaces: tuple[int | None, ...]
+              ) -> tuple[Step, ...]:
+    """Another command in a running container: into its cgroup and namespaces (`namespaces`:
+    fds in JOINED_NAMESPACES order, opened by the launcher; None for one we share), then
+    confined exactly as the container's own command was."""
+    userns = spec.user_namespace and where.userns_fd is not None
+    joined = tuple(Step("namespaces", f"join the container's {name} namespace", "setns",
+                        (fd, nstype))
+                   for (name, nstype), fd in zip(JOINED_NAMESPACES, namespaces, strict=True)
+                   if fd is not None)
+    return (*join_cgroup(where), *joined,
+            Step("pivot_root", f"chdir to cwd={spec.cwd!r}", "chdir", (spec.cwd,)),
+            Step("layer", "measure the layer", "measure_filesystem", ("/",), saves="layer size"),
+            *confine(spec, where, userns),
+            Step("exec", "run the command", "run_command_beside",
+                 (spec.argv, spec.env, Ref("fds"))))
+
+
+# --- the steps, in the order the plan takes them ------------------------------------------------
+
+def join_cgroup(where: Where) -> tuple[Step, ...]:
+    # First, before any fork or unshare: no moment of the container runs unlimited. "0" is
+    # the writer itself, whatever PID namespace it sees itself in.
+    return tuple(Step("join cgroup", "join cgroup", "write_file", (procs, "0"))
+                 for procs in where.cgroup_procs)
+
+
+def enter_namespaces(where: Where) -> tuple[Step, ...]:
+    if not where.rootless:
+        # As root the PID namespace came with the fork (a spare is PID 1 of its own).
+        return (Step("namespaces", "unshare namespaces", "unshare", (OTHER_NAMESPACES,)),
+                # Low ports and ping for every uid inside: root inside is not root over this
+                # network namespace (the host's user namespace owns it), as with Docker.
+                Step("namespaces", "open low ports and ping", "open_low_ports_and_ping"))
+    map_ids = (Step("user namespace", "write uid/gid maps", "map_own_ids",
+                    (os.geteuid(), os.getegid())) if where.id_maps is None
+               else Step("user namespace", "write uid/gid maps", "wait_for_id_maps",
+                         where.id_maps))
+    return (Step("user namespace", "unshare the user namespace", "unshare",
+                 (linux.CLONE_NEWUSER,)),
+            map_ids,
+            Step("namespaces", "unshare namespaces", "unshare",
+                 (linux.CLONE_NEWPID | linux.CLONE_NEWNS | OTHER_NAMESPACES,)),
+            # The keeper stays outside the new PID namespace, holding it and the others;
+            # its child is PID 1 there, and carries out the rest of the plan.
+            Step("namespaces", "fork the init", "fork_init_under_keeper", (Ref("fds"),)),
+            # (as root, a spare inherits its forwarder from the zygote, made once)
+            Step("namespaces", "forward signals to the command", "install_signal_forwarder",
+                 saves="forwarder"))
+
+
+def build_stage(where: Where) -> tuple[Step, ...]:
+    """See `mounts`: a tmpfs of our own holding the new root, with the host's tree under it."""
+    unshare = () if where.rootless else (  # the keeper unshared it with the rest
+        Step("stage", "watch the host's mounts", "watch_host_mounts", saves="host mounts"),
+        Step("stage", "unshare the mount namespace", "unshare", (linux.CLONE_NEWNS,)))
+    return (*unshare,
+            # Not dumpable: /proc/1/fd and /proc/1/mem are then closed to a command without
+            # CAP_SYS_PTRACE over us (our pipes to the launcher are behind them).
+            Step("stage", "close /proc/1 to the command", "set_dumpable", (False,)),
+            # systemd hosts mount / shared: without this every mount below would propagate
+            # back to the host.
+            Step("stage", "make mounts private", "make_mounts_private"),
+            Step("stage", "mount the stage", "mount_stage"),
+            Step("stage", "pivot_root into the stage", "enter_stage"))
+
+
+def mount_proc_and_dev() -> tuple[Step, ...]:
+    return (Step("/proc and /dev", "mount /proc", "mount_proc"),
+            Step("/proc and /dev", "mount /dev", "mount_dev"),
+            Step("/proc and /dev", "mask /proc", "mask_proc"))
+
+
+def renew_stage(where: Where) -> tuple[Step, ...]:
+    if where.rootless:
+        return ()
+    # A spare copied the host's mount table before its spec came; a mount made on the host
+    # since (a filesystem on the rootfs' path) would be missing from the copy.
+    return (Step("stage", "renew a stale copy of the host's mounts", "renew_stage_if_stale",
+                 (Ref("host mounts"),)),)
+
+
+def mount_layer(spec: ContainerSpec, where: Where, userns: bool) -> tuple[Step, ...]:
+    """The base rootfs, read-only, under the writable layer. Host paths are opened as O_PATH
+    fds under the stage's /oldroot: the kernel takes them as /proc/self/fd/N, which spares us
+    escaping ',' and ':' in overlay options."""
+    lower = Ref("rootfs")
+    steps = [Step("layer", f"open {spec.rootfs}", "open_host_path", (spec.rootfs,), "rootfs"),
+             Step("layer", f"open {spec.layer}", "open_host_path", (spec.layer,), "layer"),
+             # Two overlays on one upper dir at once corrupt each other.
+             Step("layer", "lock the layer", "lock_layer", (Ref("layer"),), "layer lock"),
+             *([] if spec.layer is None else [
+                 Step("layer", "create the layer's dirs", "make_layer_dirs", (Ref("layer"),))]),
+             Step("layer", "size the writable layer", "size_stage", (spec.layer_size,)),
+             Step("layer", "measure the layer", "measure_layer", (Ref("layer"),), "layer size")]
+    if userns:
+        # Host root's files read as container root's, so that it can write over them in
+        # the layer; and the layer's top is container root's own.
+        steps += [Step("layer", "idmap the rootfs", "idmapped", (Ref("rootfs"), where.userns_fd,
+                                                                where.host_ids[0]), "lower"),
+                  Step("layer", "chown the layer", "chown_layer", (Ref("layer"), *where.host_ids))]
+        lower = Ref("lower")
+    # trusted.* xattrs are out of reach in a user namespace (kernel >= 5.11 needs userxattr)
+    steps.append(Step("layer", "mount overlay of the rootfs", "mount_overlay",
+                      (lower, Ref("layer"), where.rootless)))
+    return tuple(steps)
+
+
+def build_root(spec: ContainerSpec) -> tuple[Step, ...]:
+    steps = [Step("root", "move /dev", "move_into_root", ("/dev",)),
+             Step("root", "mount /tmp", "mount_tmp", (spec.layer_size,))]
+    for index, mount in enumerate(spec.mounts):
+        steps += _user_mount(mount, f"source {index}")
+    # last: until here, /proc/self/fd/N named our fds (the user's mounts use it)
+    steps += [Step("root", "move /proc", "move_into_root", ("/proc",)),
+              Step("root", "close the host's paths", "close_fds",
+                   (Ref("rootfs"), Ref("layer"), *(Ref(f"source {i}")
+                                                   for i in range(len(spec.mounts)))))]
+    return tuple(steps)
+
+
+def _user_mount(mount: Mount, slot: str) -> tuple[Step, ...]:
+    if mount.source is None:
+        return (Step("root", f"mount tmpfs on {mount.target}", "mount_user_tmpfs",
+                     (mount.target, mount.size)),
+                Step("root", "(no source)", "nothing", saves=slot))
+    return (Step("root", f"open {mount.source}", "open_host_path", (mount.source,), slot),
+            Step("root", f"bind {mount.source} on {mount.target}", "bind_user_mount",
+                 (Ref(slot), mount.target, mount.read_only)))
+
+
+def pivot_into_root(spec: ContainerSpec) -> tuple[Step, ...]:
+    # The old root (stage and host) is detached, so no path leads back to the host: the
+    # chroot ".." escape has nothing to climb to.
+    return (Step("pivot_root", "pivot_root", "enter_root"),
+            Step("pivot_root", f"chdir to cwd={spec.cwd!r}", "chdir", (spec.cwd,)))
+
+
+def name_and_network(spec: ContainerSpec) -> tuple[Step, ...]:
+    steps = [Step("hostname and loopback", "set hostname", "set_hostname", (spec.hostname,))]
+    if spec.network == "loopback":
+        steps.append(Step("hostname and loopback", "bring up loopback", "set_link_up", ("lo",)))
+    return tuple(steps)
+
+
+def confine(spec: ContainerSpec, where: Where, userns: bool) -> tuple[Step, ...]:
+    """The last steps before the command, in the kernel's order (see `security`)."""
+    steps = [Step("rlimits", "set rlimits", "set_rlimits",
+                  (rlimits_of(spec), Ref("layer size"))),
+             # while still host root: the keyring is host root's, out of the container's reach
+             Step("rlimits", "join a new session keyring", "join_new_session_keyring")]
+    if userns:
+        steps += [Step("user namespace", "enter the user namespace", "enter_user_namespace",
+                       (where.userns_fd,)),
+                  Step("user namespace", "arm the parent death signal",
+                       "arm_parent_death_signal", (Ref("parent pidfd"),))]
+        if security.NETWORK_CAPABILITIES & set(spec.security.capabilities):
+            steps.append(Step("user namespace", "make a network namespace of its own",
+                              "own_network", (spec.network,)))
+    steps.append(Step("capabilities", "drop capabilities", "drop_capabilities",
+                      (capability_mask(spec),)))
+    if spec.security.seccomp:
+        steps.append(Step("seccomp", "install the seccomp filter", "install_seccomp_filter",
+                          (spec.security.allow_syscalls,)))
+    return tuple(steps)
+
+
+def rlimits_of(spec: ContainerSpec) -> tuple[tuple[str, int, int], ...]:
+    """The defaults (never raising a hard limit: without root that is refused), then the
+    spec's. fsize, the layer's size, is added by the step (only the child can measure it)."""
+    limits = {name: security.within_hard_limit(name, *pair)
+              for name, pair in security.DEFAULT_RLIMITS.items()}
+    limits.update((name, (soft, hard)) for name, soft, hard in spec.security.rlimits)
+    return tuple((name, soft, hard) for name, (soft, hard) in limits.items())
+
+
+def capability_mask(spec: ContainerSpec) -> int:
+    return sum(1 << security.capability_number(name)
+               for name in dict.fromkeys((*security.DEFAULT_CAPABILITIES,
+                                          *spec.security.capabilities)))
+
+
+def encode(steps: tuple[Step, ...]) -> list:
+    """The plan as JSON values, for the socket to a spare."""
+    return [[s.phase, s.name, s.action, [_encode(a) for a in s.args], s.saves] for s in steps]
+
+
+def decode(data: list) -> tuple[Step, ...]:
+    return tuple(Step(phase, name, action, tuple(_decode(a) for a in args), saves)
+                 for phase, name, action, args, saves in data)
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, Ref):
+        return {"ref": value.slot}
+    if isinstance(value, tuple):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        return Ref(value["ref"])
+    if isinstance(value, list):
+        return tuple(_decode(v) for v in value)
+    return value
+
