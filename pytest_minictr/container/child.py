@@ -14,7 +14,7 @@ from typing import NoReturn
 from pytest_minictr import protocol
 from pytest_minictr.container import plan
 from pytest_minictr.container.executor import Executor
-from pytest_minictr.container.failure import report_failure
+from pytest_minictr.container.failure import exit_reporting, report_failure
 from pytest_minictr.container.init import ChildFds, SignalForwarder, die_with_parent
 
 
@@ -53,11 +53,10 @@ def run_plan(steps: tuple[plan.Step, ...], fds: ChildFds, parent_pidfd: int,
              keep: tuple[int, ...] = ()) -> NoReturn:
     """A keeper (whose plan forks the init, which goes on with it) or an exec helper: the
     whole plan, in this child of the launcher. `keep`: fds the plan names besides `fds`."""
-    code = 1
-    try:
-        die_with_parent(parent_pidfd, fds.all() + keep)
-        Executor(fds=fds, forwarder=None, **{"parent pidfd": parent_pidfd}).run(steps)
-    except BaseException as error:  # noqa: BLE001 - everything must reach the caller
-        report_failure(fds.setup, error)
-    finally:
-        os._exit(code)
+    exit_reporting(fds.setup, _carry_out, steps, fds, parent_pidfd, keep)
+
+
+def _carry_out(steps: tuple[plan.Step, ...], fds: ChildFds, parent_pidfd: int,
+               keep: tuple[int, ...]) -> None:
+    die_with_parent(parent_pidfd, fds.all() + keep)
+    Executor(fds=fds, forwarder=None, **{"parent pidfd": parent_pidfd}).run(steps)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable, NoReturn
 
 from pytest_minictr.errors import ContainerSetupError
 
@@ -33,6 +34,20 @@ def report_failure(fd: int, error: BaseException) -> None:
                                   "phase": failure.phase}})
     except OSError:
         pass  # nobody listens any more: the launcher has gone
+
+
+def exit_reporting(setup_fd: int, work: Callable[..., object], *args) -> NoReturn:
+    """`work(*args)` in a forked child, which then exits: it must never return into the
+    launcher. Whatever `work` raises, KeyboardInterrupt and SystemExit included, goes to the
+    setup pipe: the launcher would otherwise see a child die and not know why."""
+    code = 1
+    try:
+        work(*args)
+        code = 0
+    except BaseException as error:  # noqa: BLE001
+        report_failure(setup_fd, error)
+    finally:
+        os._exit(code)
 
 
 def write_line(fd: int, message: dict) -> None:

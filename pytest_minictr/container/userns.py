@@ -9,10 +9,9 @@ namespace its containers share.
 from __future__ import annotations
 
 import os
-from typing import NoReturn
 
 from pytest_minictr.container import init
-from pytest_minictr.container.failure import report_failure, write_line
+from pytest_minictr.container.failure import exit_reporting, write_line
 from pytest_minictr.errors import ContainerSetupError
 from pytest_minictr.host import linux
 
@@ -59,19 +58,12 @@ def fork_init_under_keeper(fds: init.ChildFds) -> None:
     if init_pid == 0:
         init.die_with_parent(keeper_pidfd, fds.all())
         return
-    keep_init(init_pid, keeper_pidfd, fds)
+    exit_reporting(fds.setup, keep_init, init_pid, keeper_pidfd, fds)
 
 
-def keep_init(init_pid: int, keeper_pidfd: int, fds: init.ChildFds) -> NoReturn:
-    code = 1
-    try:
-        write_line(fds.setup, {"pid": init_pid})
-        for fd in fds.stdio() + (fds.setup, keeper_pidfd):
-            os.close(fd)
-        _, wait_status = os.waitpid(init_pid, 0)
-        write_line(fds.status, {"init": wait_status})
-        code = 0
-    except BaseException as error:  # noqa: BLE001 - everything must reach the caller
-        report_failure(fds.setup, error)
-    finally:
-        os._exit(code)
+def keep_init(init_pid: int, keeper_pidfd: int, fds: init.ChildFds) -> None:
+    write_line(fds.setup, {"pid": init_pid})
+    for fd in fds.stdio() + (fds.setup, keeper_pidfd):
+        os.close(fd)
+    _, wait_status = os.waitpid(init_pid, 0)
+    write_line(fds.status, {"init": wait_status})
