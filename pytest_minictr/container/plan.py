@@ -96,6 +96,9 @@ def completed_with(spec: ContainerSpec, where: Where) -> tuple[Step, ...]:
     userns = spec.user_namespace and not where.rootless
     return (*renew_stage(where), *mount_layer(spec, where, userns), *build_root(spec),
             *pivot_into_root(spec), *name_and_network(spec), *confine(spec, where, userns),
+            # Only fds 0-2 reach the command (CVE-2024-21626: a leaked fd of a host directory
+            # is a way out of any root), in a new session (no terminal of ours to push input
+            # into: CVE-2017-5226), with default signal dispositions.
             Step("exec", "run the command", "run_command_as_init",
                  (spec.argv, spec.env, Ref("fds"), Ref("forwarder"))))
 
@@ -163,13 +166,21 @@ def build_stage(where: Where) -> tuple[Step, ...]:
             # systemd hosts mount / shared: without this every mount below would propagate
             # back to the host.
             Step("stage", "make mounts private", "make_mounts_private"),
+            # The writable layer lives in this tmpfs: charged to the container's memory
+            # cgroup, gone with the namespace, no host temp dir to leak.
             Step("stage", "mount the stage", "mount_stage"),
+            # bubblewrap's way: the host's tree under /oldroot, reachable by us until the
+            # container's own pivot_root detaches it.
             Step("stage", "pivot_root into the stage", "enter_stage"))
 
 
 def mount_proc_and_dev() -> tuple[Step, ...]:
     return (Step("/proc and /dev", "mount /proc", "mount_proc"),
+            # only harmless nodes, bound from the host: mknod is not the container's to use
             Step("/proc and /dev", "mount /dev", "mount_dev"),
+            # runc's masks: kcore and kallsyms (kernel memory), keys, timers; and the host
+            # kernel's knobs read-only (core_pattern runs a program as host root: the
+            # classic escape)
             Step("/proc and /dev", "mask /proc", "mask_proc"))
 
 
@@ -209,6 +220,9 @@ def mount_layer(spec: ContainerSpec, where: Where, userns: bool) -> tuple[Step, 
 
 
 def build_root(spec: ContainerSpec) -> tuple[Step, ...]:
+    # Until the last pivot_root, paths resolve against the stage, which holds the host's
+    # tree: a mount point may not lead through a symlink of the image (it would steer the
+    # mount onto the host; runc's CVE-2021-30465 is that race). mounts._mount_point refuses.
     steps = [Step("root", "move /dev", "move_into_root", ("/dev",)),
              Step("root", "mount /tmp", "mount_tmp", (spec.layer_size,))]
     for index, mount in enumerate(spec.mounts):
@@ -247,21 +261,32 @@ def name_and_network(spec: ContainerSpec) -> tuple[Step, ...]:
 
 def confine(spec: ContainerSpec, where: Where, userns: bool) -> tuple[Step, ...]:
     """The last steps before the command, in the kernel's order (see `security`)."""
+    # As host root still: raising a hard limit takes CAP_SYS_RESOURCE. No core dumps (a
+    # dump lands in the layer, or in a host pipe handler that core_pattern names).
     steps = [Step("rlimits", "set rlimits", "set_rlimits",
                   (rlimits_of(spec), Ref("layer size"))),
              # while still host root: the keyring is host root's, out of the container's reach
              Step("rlimits", "join a new session keyring", "join_new_session_keyring")]
     if userns:
+        # Root inside is not root outside. Entered last, so that it owns none of the
+        # namespaces built as host root: whatever capabilities it keeps, it cannot remount,
+        # unmount, rename the host or reconfigure the network.
         steps += [Step("user namespace", "enter the user namespace", "enter_user_namespace",
                        (where.userns_fd,)),
+                  # the id switch disarmed PR_SET_PDEATHSIG (a kernel rule)
                   Step("user namespace", "arm the parent death signal",
                        "arm_parent_death_signal", (Ref("parent pidfd"),))]
         if security.NETWORK_CAPABILITIES & set(spec.security.capabilities):
             steps.append(Step("user namespace", "make a network namespace of its own",
                               "own_network", (spec.network,)))
+    # runc's defaults less MKNOD, NET_RAW (forged packets), SYS_CHROOT (the chroot ".."
+    # escape), SETPCAP, SETFCAP, AUDIT_WRITE; the bounding set too, and no_new_privs, after
+    # which a setuid binary gains nothing.
     steps.append(Step("capabilities", "drop capabilities", "drop_capabilities",
                       (capability_mask(spec),)))
     if spec.security.seccomp:
+        # last: it needs no_new_privs, and would refuse the calls before it (see `seccomp`:
+        # keyrings, modules, bpf, io_uring, mounts, new user namespaces, TIOCSTI...)
         steps.append(Step("seccomp", "install the seccomp filter", "install_seccomp_filter",
                           (spec.security.allow_syscalls,)))
     return tuple(steps)
