@@ -84,11 +84,7 @@ def map_self(uid: int, gid: int) -> None:
     first (CVE-2014-8989)."""
     for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1\n"),
                        ("gid_map", f"0 {gid} 1\n")):
-        fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
+        linux.write_file(f"/proc/self/{name}", text)
 
 
 def map_with_helpers(pid: int, uid: int, gid: int, starts: tuple[int, int]) -> None:

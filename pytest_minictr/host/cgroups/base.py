@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from pytest_minictr.errors import ConfigError, MinictrError
 from pytest_minictr.host import linux
+from pytest_minictr.host.proc import read_stat
 from pytest_minictr.spec import Limits
 
 PARENT_NAME = "minictr"          # our one directory under each hierarchy's root
@@ -128,12 +129,8 @@ def process_is_alive(pid: int) -> bool:
 
 
 def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return True                # gone between the listing and now
-    return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"Z"
+    stat = read_stat(pid)
+    return stat is None or stat.has_exited  # None: gone between the listing and now
 
 
 # --- cgroupfs file I/O -------------------------------------------------------------------------
