@@ -3,7 +3,8 @@ host files it copied, the freshness check of a cache hit, and atomic publication
 
 Entries appear atomically (built in ``.tmp-<key>-<pid>-<random>``, renamed), so concurrent
 builders (pytest-xdist) never see half an entry and all get the same path; a stale entry is
-renamed to ``<key>.stale-<random>`` for a later prune.
+renamed to ``<key>.stale-<random>`` for a later prune. Its upkeep: `cache_entries()` (what
+`minictr rootfs list` shows) and `prune()`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ import json
 import os
 import secrets
 import shutil
+import stat
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pytest_minictr.errors import MinictrError
 
 if TYPE_CHECKING:
     from pytest_minictr.rootfs.builder import Request
@@ -117,3 +122,63 @@ def publish(tmp: str, entry: str) -> None:
         if _rename_in(tmp, entry):
             return
     shutil.rmtree(tmp)
+
+
+# --- upkeep ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One complete entry of the cache, as `minictr rootfs list` shows it."""
+    key: str
+    recipe: str
+    binaries: tuple[str, ...]
+    size: int          # bytes of its own (hard links to host files left out)
+    age: float         # seconds since it was built
+    path: str
+
+
+def cache_entries(cache: Path | None = None) -> list[CacheEntry]:
+    """The complete entries of `cache` (default: default_cache_dir()), by key."""
+    cache = default_cache_dir() if cache is None else cache
+    entries = []
+    for entry in sorted(cache.iterdir()) if cache.is_dir() else ():
+        manifest = entry / MANIFEST_NAME
+        if not entry.is_dir() or entry.name.startswith(".") or not manifest.is_file():
+            continue
+        try:
+            inputs = json.loads(manifest.read_text()).get("inputs", {})
+        except (OSError, ValueError):
+            inputs = {}
+        entries.append(CacheEntry(entry.name, inputs.get("recipe") or "",
+                                  tuple(inputs.get("binaries", [])), _own_size(entry),
+                                  time.time() - manifest.stat().st_mtime, str(entry)))
+    return entries
+
+
+def _own_size(root: Path) -> int:
+    """Bytes of the entry's files, counting hard links to the host (shared) once and not."""
+    total, seen = 0, set()
+    for directory, _, names in os.walk(root):
+        for name in names:
+            st = os.lstat(os.path.join(directory, name))
+            if stat.S_ISREG(st.st_mode) and (st.st_nlink == 1 or st.st_ino not in seen):
+                seen.add(st.st_ino)
+                total += st.st_size if st.st_nlink == 1 else 0
+    return total
+
+
+def prune(cache: Path | None = None) -> int:
+    """Empty the cache; returns how many entries went. Each is renamed aside first, so that
+    no builder sees half of one."""
+    cache = default_cache_dir() if cache is None else cache
+    removed = 0
+    for entry in list(cache.iterdir()) if cache.is_dir() else ():
+        if entry.is_dir():
+            aside = cache / f".pruned-{entry.name}-{os.getpid()}"
+            try:
+                os.rename(entry, aside)
+            except OSError as error:
+                raise MinictrError(f"cannot prune {entry}: {error.strerror}") from None
+            shutil.rmtree(aside, ignore_errors=True)
+            removed += 1
+    return removed
