@@ -3,6 +3,9 @@ with file descriptors riding along (SCM_RIGHTS) on the first byte of a message.
 
 A stream socket rather than SOCK_SEQPACKET because a spec's argv and env can approach
 ARG_MAX (2 MiB), beyond what one datagram may carry.
+
+Also the reports a container's processes send the launcher (`SetupReport`, `EndReport`): the
+wire format both sides keep to, parsed in one place.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import signal
 import socket
 import struct
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 # Signals the init passes on to the command: every one a sender may mean for the command. Not
@@ -89,3 +93,82 @@ class ReplyReader:
             if not chunk:
                 return None
             self._buffer += chunk
+
+
+# --- what a container's processes report to the launcher ----------------------------------------
+#
+# JSON lines on two close-on-exec pipes, written by the container side (see container.init):
+#   setup pipe:  {"pid": N} (a keeper or an exec helper: the process to signal) or
+#                {"error": {"type", "message", "step", "errno"}} (what failed before the command)
+#   status pipe: {"command": wait_status, "cpu_time": seconds} from the init once the command
+#                and all it left are reaped; {"init": wait_status} from a keeper.
+
+# The keys a report may hold and the type of each: a line with anything else is dropped (the
+# command may have written it, see container.init.be_init), never trusted or fatal.
+_REPORT_TYPES = {"command": int, "init": int, "pid": int, "cpu_time": (int, float),
+                 "error": dict}
+
+
+def parse_report_line(line: bytes) -> dict:
+    """The fields of one report line; {} for a line that is not a well-formed report."""
+    try:
+        report = json.loads(line)
+    except ValueError:
+        return {}
+    if not isinstance(report, dict) or not all(
+            isinstance(value, _REPORT_TYPES.get(key, ())) and not isinstance(value, bool)
+            for key, value in report.items()):
+        return {}
+    return report
+
+
+@dataclass(frozen=True)
+class SetupReport:
+    """What the setup pipe said by its end of file: the pid to signal (if not our child's
+    own), or what failed. A later line overrides an earlier one."""
+
+    pid: int | None = None
+    error: dict | None = None
+
+    @classmethod
+    def parse(cls, data: bytes) -> "SetupReport":
+        report = cls()
+        for line in data.splitlines():
+            fields = parse_report_line(line)
+            report = cls(fields.get("pid", report.pid), fields.get("error", report.error))
+        return report
+
+
+@dataclass(frozen=True)
+class EndReport:
+    """What the status pipe has said so far about a container's end."""
+
+    command_status: int | None = None  # the command's wait status, from the init
+    init_status: int | None = None     # the init's wait status, from a keeper (or our waitpid)
+    cpu_time: float | None = None      # seconds, the command and all it started, reaped
+
+    @property
+    def command_ended(self) -> bool:
+        return self.command_status is not None
+
+    def adding(self, line: bytes) -> "EndReport":
+        """This report with one more line's fields (a later line overrides an earlier one)."""
+        fields = parse_report_line(line)
+        return EndReport(fields.get("command", self.command_status),
+                         fields.get("init", self.init_status),
+                         fields.get("cpu_time", self.cpu_time))
+
+    def with_child_status(self, wait_status: int) -> "EndReport":
+        """With our child's own wait status: the init's, unless a keeper (our child then)
+        reported the init's."""
+        return self if self.init_status is not None else replace(self, init_status=wait_status)
+
+    @property
+    def returncode(self) -> int:
+        """The command's status as subprocess reports it (negative: killed by that signal).
+        Without the init's report the init was killed, taking the command with it."""
+        if self.command_status is not None:
+            return os.waitstatus_to_exitcode(self.command_status)
+        if self.init_status is not None and os.WIFSIGNALED(self.init_status):
+            return -os.WTERMSIG(self.init_status)
+        return -signal.SIGKILL

@@ -170,7 +170,7 @@ def test_library_not_found_names_binary_and_library(builder, monkeypatch):
         out = "\tlinux-vdso.so.1 (0x1)\n\tlibmissing.so.7 => not found\n"
         return subprocess.CompletedProcess(cmd, 0, out, "")
 
-    monkeypatch.setattr(rootfs.subprocess, "run", fake_ldd)
+    monkeypatch.setattr(subprocess, "run", fake_ldd)
     with pytest.raises(RootfsError, match=r"cat.*libmissing\.so\.7.*not found"):
         builder.build(binaries=["cat"])
 
@@ -265,7 +265,7 @@ def test_symlink_loop_met_while_walking_is_an_error(tmp_path):
     (tmp_path / "b").symlink_to("a")
     (tmp_path / "root").mkdir()
     with pytest.raises(RootfsError, match="too many levels of symlinks"):
-        rootfs._RootTree(str(tmp_path / "root")).add_path(str(tmp_path / "a"))
+        rootfs.RootTree(str(tmp_path / "root")).add_path(str(tmp_path / "a"))
 
 
 def test_dest_builds_outside_cache(builder, tmp_path):

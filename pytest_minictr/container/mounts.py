@@ -4,18 +4,18 @@ Runs in the container's init process, before the command, as steps of its setup 
 `plan`, which gives their order). What does not depend on the spec is done by a spare ahead of
 need, the rest when the spec arrives:
 
-1. `make_mounts_private`, `mount_stage` (in a new mount namespace): every mount private (systemd hosts mount `/`
-   shared; without this each mount below would propagate back to the host), then mount a tmpfs
-   "stage" over `/tmp`, *in this namespace only*. It holds the overlay's upper and work dirs
-   and the mount point of the new root, so the writable layer lives in memory, is charged to
-   the container's memory cgroup, and vanishes with the namespace: there is no host temp dir
-   to leak.
+1. `make_mounts_private`, `mount_stage` (in a new mount namespace): every mount private
+   (systemd hosts mount `/` shared; without this each mount below would propagate back to the
+   host), then mount a tmpfs "stage" over `/tmp`, *in this namespace only*. It holds the
+   overlay's upper and work dirs and the mount point of the new root, so the writable layer
+   lives in memory, is charged to the container's memory cgroup, and vanishes with the
+   namespace: there is no host temp dir to leak.
 2. `enter_stage`: pivot_root into the stage, the host's tree put under `/oldroot` (as
    bubblewrap does): every host path stays reachable there, the real `/tmp` included, which
    the stage covered before the pivot and no longer does.
-3. `mount_proc`, `mount_dev`, `mask_proc`: `/proc` for the new PID namespace with the host kernel's knobs
-   masked or read-only, and a minimal `/dev`, built in the stage and moved under the new root
-   later (MS_MOVE takes the masks along).
+3. `mount_proc`, `mount_dev`, `mask_proc`: `/proc` for the new PID namespace with the host
+   kernel's knobs masked or read-only, and a minimal `/dev`, built in the stage and moved under
+   the new root later (MS_MOVE takes the masks along).
 4. `open_host_path` (the spec has come): O_PATH fds of the base rootfs, the kept layer and the
    bind sources, under `/oldroot`. They reach the kernel as `/proc/self/fd/N`, which spares
    us escaping ',' and ':' in overlay options. (They must be opened in this namespace: the
@@ -24,9 +24,9 @@ need, the rest when the spec arrives:
    again.)
 5. `mount_overlay`, `move_into_root`, `mount_tmp`, the user's mounts: the base rootfs (never
    written: only a lower layer) under the writable layer, our `/dev`, a tmpfs `/tmp`, the
-   user's mounts, our `/proc`. When container root is an
-   unprivileged host uid (see `host.idmap`), the base is seen through an idmapped mount, so that
-   what host root owns there, container root owns, and can write over in the layer.
+   user's mounts, our `/proc`. When container root is an unprivileged host uid (see
+   `host.idmap`), the base is seen through an idmapped mount, so that what host root owns
+   there, container root owns, and can write over in the layer.
 6. `enter_root`: pivot_root, then the old root (stage and host) is detached, so no path leads
    back to the host (the chroot `..` escape has nothing to climb to).
 

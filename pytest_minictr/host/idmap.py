@@ -78,19 +78,6 @@ def read_text(path: str) -> str | None:
         return None
 
 
-def map_self(uid: int, gid: int) -> None:
-    """Map container root to our own ids, from inside the new namespace. A single-id map is
-    all the kernel lets a process write for itself, and a gid map needs setgroups denied
-    first (CVE-2014-8989)."""
-    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1\n"),
-                       ("gid_map", f"0 {gid} 1\n")):
-        fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
-
-
 def map_with_helpers(pid: int, uid: int, gid: int, starts: tuple[int, int]) -> None:
     """Map the user namespace of `pid` in full, from outside it, through the setuid helpers
     of shadow-utils: container root to our ids, container ids 1-65535 to our subordinate

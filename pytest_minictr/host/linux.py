@@ -16,7 +16,6 @@ import signal
 import socket
 import struct
 
-
 # clone(2) / unshare(2) flags
 CLONE_PARENT = 0x00008000
 CLONE_NEWNS = 0x00020000

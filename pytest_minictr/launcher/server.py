@@ -3,7 +3,7 @@
 Why a separate process: the caller is usually pytest, large (fork cost grows with its memory)
 and often threaded (a forked child of a threaded process can deadlock on a lock some other
 thread held). This process stays small and has one thread; it is started once per runtime
-(by `client.LauncherClient`, as `python -S` calling `forkserver.main([FD])`) and reused.
+(by `client.LauncherClient`, as `python -S` calling `server.main([FD])`) and reused.
 
 It speaks `protocol` over one socket. Requests, each answered in order:
   {"op": "run", "id", "spec"} + fds [stdin, stdout, stderr, events]  -> {"ok", "pid"} | error
@@ -29,37 +29,16 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
 
 from pytest_minictr import protocol
 from pytest_minictr.errors import ContainerNotFoundError, MinictrError
-from pytest_minictr.host.cgroups import Cgroup, CgroupStats
-from pytest_minictr.launcher.starter import ChildFds, ExecTarget, Launcher, remove_cgroup
+from pytest_minictr.host.cgroups import Cgroup
+from pytest_minictr.launcher.life import ENDED_BY, WE_KILLED, Container, Happening
+from pytest_minictr.launcher.starter import ChildFds, ExecTarget, Launcher
+from pytest_minictr.protocol import EndReport, SetupReport
 from pytest_minictr.spec import ContainerSpec
 
 SETUP_TIMEOUT = 60.0  # seconds a container may take from fork to exec before we give up
-
-
-@dataclass
-class Running:
-    """One container, from its command's start until our child (init or keeper) is reaped."""
-
-    id: str
-    pid: int                          # our child: the init, or the keeper above it
-    pidfd: int
-    init_pidfd: int | None
-    status_pipe: int | None
-    events: int
-    started: float
-    timeout_at: float | None
-    kill_at: float | None = None
-    ended_by: str | None = None       # "timeout" | "stop" when we ended it
-    killed: bool = False              # we sent SIGKILL (stop without grace, timeout)
-    cgroup: Cgroup | None = None
-    exec_of: str | None = None        # for an exec: the id of the container it runs in
-    status_data: bytes = b""          # JSON lines from the init (and keeper)
-    child_status: int | None = None   # our child's wait status, once reaped
-    event_sent: bool = False
 
 
 class Forkserver:
@@ -67,7 +46,7 @@ class Forkserver:
         self.control = control
         self.selector = selectors.DefaultSelector()
         self.selector.register(control, selectors.EVENT_READ)
-        self.containers: dict[str, Running] = {}
+        self.containers: dict[str, Container] = {}
         self.launcher = Launcher()
 
     def serve(self) -> None:
@@ -75,7 +54,7 @@ class Forkserver:
             # A spare is made while nothing else waits for us and no container is between its
             # start and its end, so that it never competes with one for a CPU.
             needs_spare = self.launcher.wants_spare() and all(
-                c.event_sent for c in self.containers.values())
+                c.ended for c in self.containers.values())
             events = self.selector.select(0 if needs_spare else self._seconds_to_next_deadline())
             if not events and needs_spare:
                 self.launcher.prepare_spare()  # only when nothing else waits for us
@@ -89,15 +68,15 @@ class Forkserver:
                     self._guarded(handler, container)
             self._fire_deadlines(time.monotonic())
 
-    def _guarded(self, handler, container: Running) -> None:
+    def _guarded(self, handler, container: Container) -> None:
         """A container's end is handled apart from all others': nothing it writes to us, nor
         any failure in handling it, may stop the loop that serves the other containers."""
         try:
             handler(container)
         except Exception as error:  # noqa: BLE001
             print(f"minictr launcher: container {container.id}: {error!r}", file=sys.stderr)
-            if container.id in self.containers and not container.event_sent:
-                container.status_data = b""  # unusable: report what we know ourselves
+            if container.id in self.containers and not container.ended:
+                container.report = EndReport()  # unusable: report what we know ourselves
                 _kill_all(container)
 
     # -- requests ------------------------------------------------------------------------------
@@ -132,8 +111,8 @@ class Forkserver:
                            lambda child_fds: self.launcher.start(spec, child_fds))
 
     def _op_exec(self, message: dict, fds: list[int]) -> dict:
-        target = self._find(message["container"])
-        if target is None or target.exec_of is not None or _command_ended(target):
+        target = self._find_running(message["container"])
+        if target is None:
             for fd in fds:
                 os.close(fd)
             raise ContainerNotFoundError(f"container {message['container']!r} is not running")
@@ -142,14 +121,15 @@ class Forkserver:
             ExecTarget(target.pid, target.cgroup), spec, child_fds), exec_of=target.id)
 
     def _op_stats(self, message: dict, _fds) -> dict:
-        container = self._find(message["id"])
-        if container is None or container.exec_of is not None or _command_ended(container):
+        container = self._find_running(message["id"])
+        if container is None:
             raise ContainerNotFoundError(f"container {message['id']!r} is not running")
-        stats = container.cgroup.stats() if container.cgroup is not None else CgroupStats()
+        stats = container.cgroup.stats()
         helpers = sum(1 for c in self.containers.values() if c.exec_of == container.id)
         return {"ok": True, "stats": {
             "memory_current": stats.memory_current, "memory_peak": stats.memory_peak,
-            "cpu_time": stats.cpu_time, "oom_killed": stats.oom_killed,
+            # a bool for the caller: "not seen" where nothing could see it (no cgroups)
+            "cpu_time": stats.cpu_time, "oom_killed": bool(stats.oom_killed),
             # the group holds our init and each exec's helper besides the command's processes
             "processes": None if stats.pids_current is None
             else max(0, stats.pids_current - 1 - helpers)}}
@@ -172,19 +152,21 @@ class Forkserver:
             for fd in (setup_w, status_w, stdin, stdout, stderr):
                 os.close(fd)
         pid = started.pid
+        cgroup = started.cgroup
         pidfd = os.pidfd_open(pid)
-        init_pid, error = _read_setup(setup_r, pid, started.keeper)
+        setup = _read_setup(setup_r, started.keeper)
+        init_pid = pid if setup.pid is None else setup.pid
         init_pidfd = pidfd if init_pid == pid else _pidfd_or_none(init_pid)
-        if error is not None:
+        if setup.error is not None:
             _kill(init_pidfd)
             os.waitpid(pid, 0)
             for fd in {pidfd, init_pidfd, status_r, events} - {None}:
                 os.close(fd)
-            remove_cgroup(started.cgroup)
-            return {"ok": False, "error": error}
-        container = Running(container_id, pid, pidfd, init_pidfd, status_r, events, began,
-                            began + spec.timeout if spec.timeout else None, cgroup=started.cgroup,
-                            exec_of=exec_of)
+            cgroup.discard()
+            return {"ok": False, "error": setup.error}
+        container = Container(container_id, pid, pidfd, init_pidfd, status_r, events, began,
+                              began + spec.timeout if spec.timeout else None, cgroup,
+                              exec_of=exec_of)
         self.containers[container.id] = container
         self.selector.register(pidfd, selectors.EVENT_READ, (self._on_exit, container))
         self.selector.register(status_r, selectors.EVENT_READ, (self._on_status, container))
@@ -198,22 +180,27 @@ class Forkserver:
 
     def _op_stop(self, message: dict, _fds) -> dict:
         container = self._find(message["id"])
-        if container is not None and not _command_ended(container):
-            container.ended_by = container.ended_by or "stop"
+        if container is not None and not container.ended:
             grace = float(message["grace"])  # checked by the caller: 0 <= grace <= MAX_SECONDS
             if grace > 0:
+                container.advance(Happening.STOP_ASKED)
                 _kill(container.init_pidfd, signal.SIGTERM)
                 kill_at = time.monotonic() + grace
                 container.kill_at = min(container.kill_at or kill_at, kill_at)
             else:
-                container.killed = True
+                container.advance(Happening.KILL_ASKED)
                 _kill_all(container)
         return {"ok": True, "running": container is not None}
 
-    def _find(self, container_id: str) -> Running | None:
+    def _find(self, container_id: str) -> Container | None:
         return self.containers.get(container_id)
 
-
+    def _find_running(self, container_id: str) -> Container | None:
+        """A container (not an exec) whose end has not come."""
+        container = self._find(container_id)
+        if container is None or container.exec_of is not None or container.ended:
+            return None
+        return container
 
     # -- time limits ---------------------------------------------------------------------------
 
@@ -225,65 +212,63 @@ class Forkserver:
     def _fire_deadlines(self, now: float) -> None:
         for container in self.containers.values():
             if container.timeout_at is not None and now >= container.timeout_at \
-                    and not _command_ended(container):
-                container.ended_by = container.ended_by or "timeout"
+                    and not container.ended:
                 container.timeout_at = None
-                container.killed = True
+                container.advance(Happening.TIME_UP)
                 _kill_all(container)
             if container.kill_at is not None and now >= container.kill_at:
                 container.kill_at = None
-                _kill_all(container)
+                _kill_all(container)  # (still STOPPING: the SIGTERM is what asked it to end)
 
     # -- the end of a container ----------------------------------------------------------------
 
-    def _on_status(self, container: Running) -> None:
+    def _on_status(self, container: Container) -> None:
         """The init writes the command's status once the command and everything it left
         behind are dead and reaped: the container's end, told to the caller at once (the
         init's own exit, and the namespaces' teardown, need not hold the caller up)."""
         if container.status_pipe is None:
             return  # _on_exit, in the same round of events, already read it to the end
         chunk = os.read(container.status_pipe, 65536)
-        container.status_data += chunk
+        container.take_status(chunk)
         if not chunk:
             self._close_status_pipe(container)
-        if not chunk or _command_ended(container):
+        if not chunk or container.report.command_ended:
             self._send_event(container)
 
-    def _on_exit(self, container: Running) -> None:
+    def _on_exit(self, container: Container) -> None:
         """Our child exited: the init and every process of the namespace are gone."""
         self.selector.unregister(container.pidfd)
-        _, container.child_status = os.waitpid(container.pid, 0)
+        _, child_status = os.waitpid(container.pid, 0)
         if container.status_pipe is not None:
             # every writer has exited, so this read cannot block
             while chunk := os.read(container.status_pipe, 65536):
-                container.status_data += chunk
+                container.take_status(chunk)
+            container.take_status(b"")
             self._close_status_pipe(container)
+        container.report = container.report.with_child_status(child_status)
         self._send_event(container)
         for fd in {container.pidfd, container.init_pidfd} - {None}:
             os.close(fd)
-        remove_cgroup(container.cgroup)
+        container.cgroup.discard()
         del self.containers[container.id]
 
-    def _send_event(self, container: Running) -> None:
-        if container.event_sent:
+    def _send_event(self, container: Container) -> None:
+        if container.ended:
             return
-        container.event_sent = True
-        reports = {"init": container.child_status, **_parse_reports(container.status_data)}
-        returncode = _returncode(reports)
-        if container.killed and returncode >= 0:
-            # SIGKILL cannot be caught: the command exited by itself, just before our kill
-            # (stop racing the natural end). Told as it happened.
-            container.ended_by = None
-        event = {"returncode": returncode, "ended_by": container.ended_by,
+        life = container.advance(Happening.END_TOLD)
+        report = container.report
+        returncode = report.returncode
+        ended_by = None if life in WE_KILLED and returncode >= 0 else ENDED_BY[life]
+        event = {"returncode": returncode, "ended_by": ended_by,
                  "wall_time": time.monotonic() - container.started,
-                 **_measurements(container.cgroup, reports.get("cpu_time"))}
+                 **_measurements(container.cgroup, report.cpu_time)}
         try:
             os.write(container.events, json.dumps(event).encode() + b"\n")
         except OSError:
             pass  # the caller closed its end: it no longer cares
         os.close(container.events)
 
-    def _close_status_pipe(self, container: Running) -> None:
+    def _close_status_pipe(self, container: Container) -> None:
         self.selector.unregister(container.status_pipe)
         os.close(container.status_pipe)
         container.status_pipe = None
@@ -300,85 +285,43 @@ def _error_reply(kind: str, message: str) -> dict:
     return {"ok": False, "error": {"type": kind, "message": message}}
 
 
-def _read_setup(setup_r: int, child_pid: int, has_keeper: bool) -> tuple[int, dict | None]:
-    """Read the setup pipe until every child closed it: the init's pid (a keeper sends it;
-    otherwise our child is the init), or what failed."""
-    lines = _read_lines(setup_r, SETUP_TIMEOUT)
-    if has_keeper and "pid" not in lines and "error" not in lines:
-        lines["error"] = {"type": "LauncherError",
-                          "message": "the container's keeper died during setup"}
-    return lines.get("pid", child_pid), lines.get("error")
-
-
-def _command_ended(container: Running) -> bool:
-    return b'"command"' in container.status_data
-
-
-# What the init and the keeper may report, and the type of each: a line with anything else
-# is dropped (the command may have written it, see launcher.be_init), never trusted or fatal.
-_REPORT_TYPES = {"command": int, "init": int, "pid": int, "cpu_time": (int, float),
-                 "error": dict}
-
-
-def _parse_reports(data: bytes) -> dict:
-    reports: dict = {}
-    for line in data.splitlines():
-        try:
-            report = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(report, dict) and all(
-                isinstance(value, _REPORT_TYPES.get(key, ())) and not isinstance(value, bool)
-                for key, value in report.items()):
-            reports.update(report)
-    return reports
-
-
-def _read_lines(fd: int, timeout: float | None = None) -> dict:
-    """Read JSON lines until end of file and merge them; `fd` is closed."""
+def _read_setup(setup_r: int, has_keeper: bool) -> SetupReport:
+    """Read the setup pipe until every child closed it (`setup_r` is closed then): the init's
+    pid (a keeper sends it; otherwise our child is the init), or what failed."""
     data = b""
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = time.monotonic() + SETUP_TIMEOUT
     try:
         while True:
-            if deadline is not None:
-                if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                    return {"error": {"type": "LauncherError",
-                                      "message": f"container setup took over {timeout:g} s"}}
-            chunk = os.read(fd, 65536)
+            if not select.select([setup_r], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                return SetupReport(error={"type": "LauncherError", "message":
+                                          f"container setup took over {SETUP_TIMEOUT:g} s"})
+            chunk = os.read(setup_r, 65536)
             if not chunk:
                 break
             data += chunk
     finally:
-        os.close(fd)
-    return _parse_reports(data)
+        os.close(setup_r)
+    setup = SetupReport.parse(data)
+    if has_keeper and setup.pid is None and setup.error is None:
+        return SetupReport(error={"type": "LauncherError",
+                                  "message": "the container's keeper died during setup"})
+    return setup
 
 
-def _returncode(reports: dict) -> int:
-    """The command's status as subprocess reports it (negative: killed by that signal)."""
-    if "command" in reports:
-        return os.waitstatus_to_exitcode(reports["command"])
-    if reports.get("init") is not None and os.WIFSIGNALED(reports["init"]):
-        return -os.WTERMSIG(reports["init"])
-    return -signal.SIGKILL
-
-
-def _measurements(cgroup: Cgroup | None, reaped_cpu_time: float | None) -> dict:
+def _measurements(cgroup: Cgroup, reaped_cpu_time: float | None) -> dict:
     """What the kernel measured. CPU time is the init's count of the command and everything it
     started (all reaped by then), which leaves out our own setup; the cgroup's count, which
     includes it, stands in where the init could not report (killed at a timeout)."""
-    if cgroup is None:
-        return {"cpu_time": reaped_cpu_time, "memory_peak": None, "oom_killed": None}
     stats = cgroup.stats()
     return {"cpu_time": stats.cpu_time if reaped_cpu_time is None else reaped_cpu_time,
             "memory_peak": stats.memory_peak, "oom_killed": stats.oom_killed}
 
 
-def _kill_all(container: Running) -> None:
+def _kill_all(container: Container) -> None:
     """SIGKILL the init (the kernel then kills its PID namespace) and, through the cgroup,
     anything that could have left the namespace's reach."""
     _kill(container.init_pidfd)
-    if container.cgroup is not None:
-        container.cgroup.kill()
+    container.cgroup.kill()
 
 
 def _pidfd_or_none(pid: int | None) -> int | None:

@@ -36,7 +36,7 @@ from pytest_minictr.container.init import ChildFds, SignalForwarder
 from pytest_minictr.container.plan import JOINED_NAMESPACES, Where
 from pytest_minictr.errors import ContainerNotFoundError, MinictrError, UnsupportedError
 from pytest_minictr.host import cgroups, idmap, linux
-from pytest_minictr.host.cgroups import Cgroup, CgroupBackend
+from pytest_minictr.host.cgroups import Cgroup, NullCgroup
 from pytest_minictr.host.idmap import UserNamespace
 from pytest_minictr.launcher.zygote import Zygote, ZygoteGone
 from pytest_minictr.spec import ContainerSpec, Limits
@@ -49,7 +49,7 @@ class Spare:
 
     pid: int
     channel: socket.socket
-    cgroup: Cgroup | None
+    cgroup: Cgroup
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class ExecTarget:
     cgroup."""
 
     child_pid: int
-    cgroup: Cgroup | None
+    cgroup: Cgroup
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Started:
     child is a keeper (which reports the init's pid) or the init itself."""
 
     pid: int
-    cgroup: Cgroup | None
+    cgroup: Cgroup
     keeper: bool = False
 
 
@@ -92,10 +92,11 @@ class Launcher:
         self.own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self.spares: deque[Spare] = deque()
         # spares asked of the zygote, not yet answered: our end of each one's channel, its cgroup
-        self.ordered: deque[tuple[socket.socket, Cgroup | None]] = deque()
+        self.ordered: deque[tuple[socket.socket, Cgroup]] = deque()
         self.rootless = os.geteuid() != 0
         self.spares_problem = "not root" if self.rootless else None
-        self.cgroups, self.cgroups_problem = _detect_cgroups()
+        self.cgroups = cgroups.detect_or_null()
+        cgroups.reap_stale(self.cgroups)  # what dead launchers left
         self.userns, self.userns_problem = (None, None) if self.rootless else _user_namespace()
         self.subordinate_ids = _subordinate_ids() if self.rootless else None
         if os.uname().machine in seccomp.ARCHITECTURES:
@@ -117,7 +118,7 @@ class Launcher:
             return self._start_keeper(spec, fds, self._new_cgroup(limits))
         spare = self._take_spare()
         try:
-            if spare.cgroup is not None and limits.any():
+            if limits.any():
                 _apply_limits(spare.cgroup, limits)
         except BaseException:
             self._discard(spare)
@@ -148,7 +149,7 @@ class Launcher:
             for fd in namespaces:
                 if fd is not None:
                     os.close(fd)
-        return Started(pid, None, keeper=True)
+        return Started(pid, NullCgroup(), keeper=True)  # the container's group is its own
 
     def wants_spare(self) -> bool:
         # without root, unshare(CLONE_NEWPID) needs a user namespace first: the keeper's way
@@ -186,18 +187,17 @@ class Launcher:
             self._discard(self.spares.popleft())
         if self.zygote is not None:
             self.zygote.close()
-        if self.cgroups is not None:
-            self.cgroups.release()
+        self.cgroups.release()
         if self.userns is not None:
             os.close(self.userns.fd)
 
     def _discard(self, spare: Spare) -> None:
         spare.channel.close()  # its end of file tells the spare to exit
         os.waitpid(spare.pid, 0)
-        remove_cgroup(spare.cgroup)
+        spare.cgroup.discard()
 
     def _start_keeper(self, spec: ContainerSpec, fds: ChildFds,
-                      cgroup: Cgroup | None) -> Started:
+                      cgroup: Cgroup) -> Started:
         """Fork the keeper. With subordinate ids, it stops after making its user namespace
         until we have mapped it in full from out here (only a process outside may)."""
         ready_r, ready_w, go_r, go_w = (*os.pipe(), *os.pipe()) if self.subordinate_ids \
@@ -217,7 +217,7 @@ class Launcher:
             if ours:
                 self._map_keeper(pid, ready_r, go_w)
         except BaseException:
-            remove_cgroup(cgroup)
+            cgroup.discard()
             raise
         finally:
             for fd in ours:
@@ -236,23 +236,19 @@ class Launcher:
                     f"/etc/subuid and /etc/subgid: {error}") from None
             os.write(go, b"1")
 
-    def _where(self, cgroup: Cgroup | None) -> Where:
+    def _where(self, cgroup: Cgroup) -> Where:
         """What a plan needs to know of us besides the spec: the cgroup, the user namespace."""
         userns = self.userns
-        return Where(cgroup_procs=() if cgroup is None else tuple(
-                         os.path.join(path, "cgroup.procs") for path in cgroup.paths),
+        return Where(cgroup_procs=tuple(os.path.join(path, "cgroup.procs")
+                                        for path in cgroup.paths),
                      userns_fd=None if userns is None else userns.fd,
                      host_ids=(0, 0) if userns is None else (userns.host_uid, userns.host_gid))
 
     def _check_limits(self, limits: Limits) -> None:
         if limits.any():
-            if self.cgroups is None:
-                raise UnsupportedError(f"resource limits need cgroups: {self.cgroups_problem}")
             self.cgroups.check_limits(limits)
 
-    def _new_cgroup(self, limits: Limits) -> Cgroup | None:
-        if self.cgroups is None:
-            return None
+    def _new_cgroup(self, limits: Limits) -> Cgroup:
         return self.cgroups.create(cgroups.group_name(str(next(self._serial))), limits)
 
     def _take_spare(self) -> Spare:
@@ -269,7 +265,7 @@ class Launcher:
         cgroup = self._new_cgroup(Limits())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.zygote.order(theirs.fileno(), None if cgroup is None else cgroup.name)
+            self.zygote.order(theirs.fileno(), cgroup.name)
         except BaseException as error:
             self._drop_order(ours, cgroup, error)
             return
@@ -277,12 +273,12 @@ class Launcher:
             theirs.close()
         self.ordered.append((ours, cgroup))
 
-    def _drop_order(self, channel: socket.socket, cgroup: Cgroup | None,
+    def _drop_order(self, channel: socket.socket, cgroup: Cgroup,
                     error: BaseException) -> None:
         """An order that failed: its channel and cgroup go. A gone zygote is let go (the
         caller goes on without it); any other failure is raised again."""
         channel.close()
-        remove_cgroup(cgroup)
+        cgroup.discard()
         if not isinstance(error, ZygoteGone):
             raise error
         if self.zygote is not None:  # we are the first to find it gone
@@ -304,7 +300,7 @@ class Launcher:
                           SignalForwarder())
         except BaseException:
             ours.close()
-            remove_cgroup(cgroup)
+            cgroup.discard()
             raise
         finally:
             theirs.close()
@@ -324,30 +320,14 @@ class Launcher:
         handlers and mask survive fork: some 60 of them, a third of a millisecond a spare."""
         self._forwarder = SignalForwarder()
 
-    def _spare_main(self, channel: int, cgroup_name: str | None) -> NoReturn:
+    def _spare_main(self, channel: int, cgroup_name: str) -> NoReturn:
         """What a spare forked by the zygote runs (in the zygote's copy of us)."""
-        cgroup = None if cgroup_name is None else self.cgroups.open(cgroup_name)
+        cgroup = self.cgroups.open(cgroup_name)
         run_spare(channel, self.own_pidfd, plan.prepared_ahead(self._where(cgroup)),
                   self._userns_fds(), self._forwarder)
 
     def _userns_fds(self) -> tuple[int, ...]:
         return () if self.userns is None else (self.userns.fd,)
-
-
-def remove_cgroup(cgroup: Cgroup | None) -> None:
-    """Remove a container's group; one that will not go (a process still in it) is killed
-    first. One that still will not go must not take the launcher down, nor hide the error that
-    brought us here: it is reported, and the next launcher's reap_stale() retries."""
-    if cgroup is None:
-        return
-    try:
-        cgroup.remove()
-    except MinictrError:
-        try:
-            cgroup.kill()
-            cgroup.remove()
-        except MinictrError as error:
-            print(f"minictr launcher: {error}", file=sys.stderr)
 
 
 def _with_room_for_the_init(limits: Limits) -> Limits:
@@ -381,17 +361,6 @@ def _user_namespace() -> tuple[UserNamespace | None, str | None]:
         return idmap.make_user_namespace(), None
     except OSError as problem:
         return None, f"cannot make a user namespace: {problem.strerror or problem}"
-
-
-def _detect_cgroups() -> tuple[CgroupBackend | None, str | None]:
-    """The host's cgroup backend, after removing what dead launchers left; or why there is
-    none (containers then run without limits or measurements)."""
-    try:
-        backend = cgroups.detect()
-    except MinictrError as problem:
-        return None, str(problem)
-    cgroups.reap_stale(backend)
-    return backend, None
 
 
 def open_namespaces(pid: int, skip: tuple[str, ...]) -> list[int | None]:

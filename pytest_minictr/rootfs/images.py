@@ -1,5 +1,5 @@
-"""Root filesystems from elsewhere and the cache's upkeep: `minictr rootfs import IMAGE.tar
-DEST` (a `docker save` or OCI image layout tarball, no daemon), `rootfs list` and `prune`.
+"""Root filesystems from elsewhere: `import_image(IMAGE.tar, DEST)` unpacks a `docker save` or
+OCI image layout tarball, no daemon (`minictr rootfs import`).
 
 An image tarball is untrusted input. Unpacking it writes only inside DEST:
 - a member named with an absolute path or a `..` component is refused (RootfsError names it);
@@ -23,21 +23,13 @@ import os
 import shutil
 import stat
 import tarfile
-import time
 from pathlib import Path
 
-from pytest_minictr.errors import MinictrError, RootfsError
-from pytest_minictr.rootfs.builder import (MANIFEST_NAME, clear_dest, default_cache_dir, make_dest,
-                                           normalize_dest)
-from pytest_minictr.spec import parse_size
+from pytest_minictr.errors import RootfsError
+from pytest_minictr.rootfs.builder import clear_dest, make_dest, normalize_dest
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
-
-
-def import_command(args: argparse.Namespace) -> int:
-    print(import_image(args.image, args.dest, parse_size(args.max_size, "--max-size")))
-    return 0
 
 
 def import_image(image: str, dest: str, max_size: int) -> Path:
@@ -180,63 +172,19 @@ def _unpack(layer: tarfile.TarFile, member: tarfile.TarInfo, name: str, dest: st
         os.lchown(target, member.uid, member.gid)
 
 
-# --- the cache -------------------------------------------------------------------------------
+# --- the argparse handlers, moved to cli.rootfs_commands -------------------------------------
+# TODO(integrator): once cli/main.py takes its handlers from cli.rootfs_commands, delete these.
 
-def cache_entries() -> list[dict]:
-    cache = default_cache_dir()
-    entries = []
-    for entry in sorted(cache.iterdir()) if cache.is_dir() else ():
-        manifest = entry / MANIFEST_NAME
-        if not entry.is_dir() or entry.name.startswith(".") or not manifest.is_file():
-            continue
-        try:
-            inputs = json.loads(manifest.read_text()).get("inputs", {})
-        except (OSError, ValueError):
-            inputs = {}
-        entries.append({"key": entry.name, "recipe": inputs.get("recipe") or "",
-                        "binaries": inputs.get("binaries", []), "size": _own_size(entry),
-                        "age": time.time() - manifest.stat().st_mtime, "path": str(entry)})
-    return entries
-
-
-def _own_size(root: Path) -> int:
-    """Bytes of the entry's files, counting hard links to the host (shared) once and not."""
-    total, seen = 0, set()
-    for directory, _, names in os.walk(root):
-        for name in names:
-            st = os.lstat(os.path.join(directory, name))
-            if stat.S_ISREG(st.st_mode) and (st.st_nlink == 1 or st.st_ino not in seen):
-                seen.add(st.st_ino)
-                total += st.st_size if st.st_nlink == 1 else 0
-    return total
+def import_command(args: argparse.Namespace) -> int:
+    from pytest_minictr.cli import rootfs_commands
+    return rootfs_commands.import_command(args)
 
 
 def list_cache(args: argparse.Namespace) -> int:
-    entries = cache_entries()
-    if args.json:
-        for entry in entries:
-            print(json.dumps(entry))
-        return 0
-    print(f"{'KEY':<34}{'RECIPE':<10}{'SIZE':>10}{'AGE':>9}  BINARIES")
-    for entry in entries:
-        print(f"{entry['key']:<34}{entry['recipe'] or '-':<10}"
-              f"{entry['size'] / 2**20:>8.1f}M{entry['age'] / 3600:>8.1f}h  "
-              f"{' '.join(os.path.basename(b) for b in entry['binaries'])}")
-    return 0
+    from pytest_minictr.cli import rootfs_commands
+    return rootfs_commands.list_cache(args)
 
 
 def prune_cache(args: argparse.Namespace) -> int:
-    """Empty the cache: each entry renamed aside first, so no builder sees half of one."""
-    cache = default_cache_dir()
-    removed = 0
-    for entry in list(cache.iterdir()) if cache.is_dir() else ():
-        if entry.is_dir():
-            aside = cache / f".pruned-{entry.name}-{os.getpid()}"
-            try:
-                os.rename(entry, aside)
-            except OSError as error:
-                raise MinictrError(f"cannot prune {entry}: {error.strerror}") from None
-            shutil.rmtree(aside, ignore_errors=True)
-            removed += 1
-    print(f"removed {removed} entries from {cache}")
-    return 0
+    from pytest_minictr.cli import rootfs_commands
+    return rootfs_commands.prune_cache(args)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError
+from pytest_minictr.host.proc import read_stat
 
 RECORD = "state.json"
 ID_PATTERN = re.compile(r"[0-9a-f]{12}")
@@ -74,12 +75,8 @@ def state_dir() -> Path:
 def process_start_time(pid: int) -> int | None:
     """When `pid` started (clock ticks after boot); None if no such process runs (a zombie
     waiting for its parent to reap it runs no more)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+    stat = read_stat(pid)
+    return None if stat is None or stat.has_exited else stat.start_time
 
 
 class Store:

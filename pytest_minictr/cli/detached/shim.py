@@ -3,10 +3,10 @@ command that started it: a ContainerRuntime of its own, the container's output i
 and a Unix socket (`control` in its state directory) through which later `minictr stop`,
 `kill`, `exec` and `stats` commands reach it. It records the container's end and exits.
 
-Started by the CLI as `python -m pytest_minictr.cli.detached.shim`, in a session of its own, with its order
-(one JSON object) on stdin; it answers one JSON line on stdout (started, or why not) and then
-lets go of stdout, which tells the CLI to return. Killing the shim kills its container (its
-launcher dies with it, and the containers with the launcher).
+Started by the CLI as `python -m pytest_minictr.cli.detached.shim`, in a session of its own,
+with its order (one JSON object) on stdin; it answers one JSON line on stdout (started, or why
+not) and then lets go of stdout, which tells the CLI to return. Killing the shim kills its
+container (its launcher dies with it, and the containers with the launcher).
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@
     group = backend.create(cgroups.group_name(container_id), limits)
     group.join(pid)                                  # by the container's first child, pre-exec
     group.stats(); group.kill(); group.remove()
+    group.discard()                                  # remove, killing first; never raises
+
+    backend = cgroups.detect_or_null()               # or NullBackend(problem): no limits
 
 One small interface (`CgroupBackend`, `Cgroup`, `CgroupStats`) with a backend per cgroup
 version behind it, chosen once at run time from /proc/self/mountinfo; callers never test the
@@ -15,15 +18,17 @@ from __future__ import annotations
 
 import sys
 
-from pytest_minictr.errors import UnsupportedError
+from pytest_minictr.errors import MinictrError, UnsupportedError
 
-from .base import (V1_CONTROLLERS, Cgroup, CgroupBackend, CgroupMount, CgroupStats, group_name,
-                   owner_pid_of, parse_cgroup_mounts, read_cgroup_mounts)
+from .base import V1_CONTROLLERS, Cgroup, CgroupBackend, CgroupStats, group_name, owner_pid_of
+from .mounts import CgroupMount, parse_cgroup_mounts, read_cgroup_mounts
+from .null import NullBackend, NullCgroup
 from .v1 import V1Backend
 from .v2 import V2Backend
 
-__all__ = ["Cgroup", "CgroupBackend", "CgroupMount", "CgroupStats", "detect", "group_name",
-           "owner_pid_of", "parse_cgroup_mounts", "reap_stale"]
+__all__ = ["Cgroup", "CgroupBackend", "CgroupMount", "CgroupStats", "NullBackend", "NullCgroup",
+           "detect", "detect_or_null", "group_name", "owner_pid_of", "parse_cgroup_mounts",
+           "reap_stale"]
 
 
 def detect(prepare: bool = True) -> CgroupBackend:
@@ -53,15 +58,19 @@ def detect(prepare: bool = True) -> CgroupBackend:
         f"({', '.join(V1_CONTROLLERS)})")
 
 
+def detect_or_null(prepare: bool = True) -> CgroupBackend:
+    """As detect(); where the host gives us no usable cgroups, the `NullBackend`, whose
+    `problem` says why (containers then run without limits or measurements)."""
+    try:
+        return detect(prepare)
+    except MinictrError as problem:
+        return NullBackend(str(problem))
+
+
 def reap_stale(backend: CgroupBackend | None = None) -> list[str]:
     """Kill and remove the groups left by dead launchers; returns their names.
 
     Called once when a launcher starts. Where this process cannot use cgroups at all, nothing
     of ours can be removed either, so that is not an error here: [] is returned.
     """
-    if backend is None:
-        try:
-            backend = detect()
-        except UnsupportedError:
-            return []
-    return backend.reap_stale()
+    return (backend or detect_or_null()).reap_stale()

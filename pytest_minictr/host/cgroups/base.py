@@ -14,6 +14,7 @@ import errno
 import os
 import re
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from pytest_minictr.errors import ConfigError, MinictrError
 from pytest_minictr.host import linux
+from pytest_minictr.host.proc import read_stat
 from pytest_minictr.spec import Limits
 
 PARENT_NAME = "minictr"          # our one directory under each hierarchy's root
@@ -46,55 +48,8 @@ class CgroupStats:
     memory_peak: int | None = None     # bytes, highest usage seen
     memory_current: int | None = None  # bytes in use now
     cpu_time: float | None = None      # seconds of CPU, user + system, all processes
-    oom_killed: bool = False           # the OOM killer killed something in the group
+    oom_killed: bool | None = False    # the OOM killer killed something in the group
     pids_current: int | None = None    # tasks counted now (zombies included)
-
-
-@dataclass(frozen=True)
-class CgroupMount:
-    """One cgroupfs mount from /proc/self/mountinfo."""
-
-    mount_point: str
-    version: int                        # 1 (fstype cgroup) or 2 (fstype cgroup2)
-    controllers: frozenset[str]         # v1: the ones of V1_CONTROLLERS it carries; v2: empty
-    read_only: bool
-
-
-# --- finding the hierarchies ------------------------------------------------------------------
-
-def parse_cgroup_mounts(mountinfo: str) -> tuple[CgroupMount, ...]:
-    """The cgroup mounts in a mountinfo text, in mount order.
-
-    Controllers are read from the super options ("rw,cpu,cpuacct"), never guessed from the
-    path: distributions mount cpu and cpuacct together or apart, under either name.
-    """
-    mounts = []
-    for line in mountinfo.splitlines():
-        mount_fields, sep, fs_fields = line.partition(" - ")
-        if not sep:
-            continue
-        mount_part, fs_part = mount_fields.split(), fs_fields.split()
-        if len(mount_part) < 6 or len(fs_part) < 3 or fs_part[0] not in ("cgroup", "cgroup2"):
-            continue
-        mount_options, super_options = mount_part[5].split(","), fs_part[2].split(",")
-        mounts.append(CgroupMount(
-            mount_point=_unescape_mountinfo(mount_part[4]),
-            version=2 if fs_part[0] == "cgroup2" else 1,
-            controllers=frozenset(super_options) & frozenset(V1_CONTROLLERS)
-            if fs_part[0] == "cgroup" else frozenset(),
-            read_only="ro" in mount_options or "ro" in super_options,
-        ))
-    return tuple(mounts)
-
-
-def read_cgroup_mounts() -> tuple[CgroupMount, ...]:
-    with open("/proc/self/mountinfo") as f:
-        return parse_cgroup_mounts(f.read())
-
-
-def _unescape_mountinfo(field: str) -> str:
-    # The kernel writes space, tab, newline and backslash in paths as \ooo octal escapes.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 # --- names ------------------------------------------------------------------------------------
@@ -128,12 +83,8 @@ def process_is_alive(pid: int) -> bool:
 
 
 def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return True                # gone between the listing and now
-    return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"Z"
+    stat = read_stat(pid)
+    return stat is None or stat.has_exited  # None: gone between the listing and now
 
 
 # --- cgroupfs file I/O -------------------------------------------------------------------------
@@ -199,14 +150,6 @@ def make_fresh_dir(path: str, make_parent: Callable[[], None]) -> None:
     except FileNotFoundError:
         make_parent()
         os.mkdir(path)
-
-
-def remove_quietly(path: str) -> None:
-    """Undo a half-made group; the error that made us undo it is the one worth raising."""
-    try:
-        remove_group_dir(path)
-    except MinictrError:
-        pass
 
 
 def remove_group_dir(path: str, timeout: float = REMOVE_TIMEOUT) -> None:
@@ -347,11 +290,28 @@ class Cgroup(abc.ABC):
         for path in self.paths:
             remove_group_dir(path)
 
+    def discard(self) -> None:
+        """Remove the group, killing what is still in it if it will not go; never raises.
+
+        Called when a container has ended or a group is undone half-made, often while another
+        error is on its way up: a group that still will not go (a task stuck in the kernel)
+        must neither take the launcher down nor hide that error. It is reported, and the next
+        launcher's reap_stale() tries again."""
+        try:
+            self.remove()
+        except MinictrError:
+            try:
+                self.kill()
+                self.remove()
+            except MinictrError as error:
+                print(f"minictr: {error}", file=sys.stderr)
+
 
 class CgroupBackend(abc.ABC):
     """One cgroup version on this host: makes containers' groups, reaps stale ones."""
 
     name: str = ""
+    problem: str | None = None  # why this host gives us no cgroups (the null backend only)
 
     def __init__(self, parent_dirs: tuple[str, ...]):
         self.parent_dirs = parent_dirs     # our `minictr` directory in each hierarchy

@@ -14,9 +14,9 @@ from pytest_minictr.errors import UnsupportedError
 from pytest_minictr.spec import Limits
 
 from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, LIMIT_CONTROLLERS, PARENT_NAME, Cgroup,
-                   CgroupBackend, CgroupMount, CgroupStats, check_group_name, kill_listed,
-                   make_fresh_dir, read_int, read_keyed, read_text, remove_quietly, wait_until,
-                   write_value)
+                   CgroupBackend, CgroupStats, check_group_name, kill_listed, make_fresh_dir,
+                   read_int, read_keyed, read_text, wait_until, write_value)
+from .mounts import CgroupMount
 
 
 class V1Backend(CgroupBackend):
@@ -76,15 +76,12 @@ class V1Backend(CgroupBackend):
         check_group_name(name)
         self.check_limits(limits)
         group = self.open(name)
-        made = []
         try:
             for path in group.paths:
                 make_fresh_dir(path, self.prepare_parents)
-                made.append(path)
             group.apply_limits(limits)
         except BaseException:
-            for path in made:
-                remove_quietly(path)
+            group.discard()  # (the directories not made yet are not there to remove)
             raise
         return group
 

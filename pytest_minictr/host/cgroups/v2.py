@@ -17,12 +17,13 @@ from pytest_minictr.errors import UnsupportedError
 from pytest_minictr.spec import Limits
 
 from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, LIMIT_CONTROLLERS, PARENT_NAME, V2_CONTROLLERS,
-                   Cgroup, CgroupBackend, CgroupMount, CgroupStats, check_group_name, kill_listed,
-                   make_fresh_dir, read_int, read_keyed, read_text, remove_quietly, wait_until,
-                   write_raw, write_value)
+                   Cgroup, CgroupBackend, CgroupStats, check_group_name, kill_listed,
+                   make_fresh_dir, read_int, read_keyed, read_text, wait_until, write_raw,
+                   write_value)
 
 ROOTLESS_FIX = "systemd-run --user --scope -p Delegate=yes"
 CALLERS_LEAF = "callers"  # where a delegated base's own processes move
+from .mounts import CgroupMount
 
 
 class V2Backend(CgroupBackend):
@@ -127,14 +128,14 @@ class V2Backend(CgroupBackend):
     def create(self, name: str, limits: Limits) -> "V2Cgroup":
         check_group_name(name)
         self.check_limits(limits)
-        path = os.path.join(self.parent, name)
-        make_fresh_dir(path, self.prepare_parent)
+        group = self.open(name)
+        make_fresh_dir(group.path, self.prepare_parent)
         try:
-            _apply_limits(path, limits)
+            group.apply_limits(limits)
         except BaseException:
-            remove_quietly(path)
+            group.discard()
             raise
-        return V2Cgroup(name, path)
+        return group
 
     def open(self, name: str) -> "V2Cgroup":
         return V2Cgroup(name, os.path.join(self.parent, name))
