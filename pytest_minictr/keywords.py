@@ -24,13 +24,17 @@ def _as_given(text: str, name: str) -> str:
     return text
 
 
-def _number(expected: str, convert: Callable[[str], Any] = float) -> Check:
-    """Text of an option or flag as the number its check takes; ConfigError if it is none."""
+def _number(expected: str, convert: Callable[[str], Any] = float,
+            keep_text: bool = False) -> Check:
+    """Text of an option or flag as the number its check takes (or, `keep_text`, as itself
+    where the check reads text, so that its errors show what was typed); ConfigError if the
+    text is no number at all, which the CLI makes a usage error."""
     def parse(text: str, name: str) -> Any:
         try:  # int() refuses '²' and 4300+ digits with ValueError too
-            return convert(text)
+            number = convert(text)
         except ValueError:
             raise ConfigError(f"{name}={text!r}: expected {expected}") from None
+        return text if keep_text else number
     return parse
 
 
@@ -95,7 +99,7 @@ KEYWORDS = (
             "excluded)", option=True, library="memory_limit", flag=Flag(("--memory",))),
     Keyword("cpus", validate.parse_cpus, "CPU limit in CPUs, like docker: 0.5 is half of one "
             "CPU", option=True, library="cpus", flag=Flag(("--cpus",)),
-            from_text=_number(validate.EXPECTED_CPUS),
+            from_text=_number(validate.EXPECTED_CPUS, keep_text=True),
             legacy=(("cpu_limit", validate.check_cpu_percent),)),
     Keyword("pids", validate.check_pids_limit, "most processes and threads alive at once",
             option=True, library="pids_limit", flag=Flag(("--pids",)),

@@ -70,7 +70,7 @@ def _option(config: pytest.Config, name: str) -> tuple[str | None, str]:
     for value, spelled in ((config.getoption(f"minictr_{name}"),
                             "--minictr-" + name.replace("_", "-")),
                            (os.environ.get(f"MINICTR_{name.upper()}"), f"MINICTR_{name.upper()}"),
-                           (config.getini(f"minictr_{name}"), f"minictr_{name} (ini)")):
+                           (config.getini(f"minictr_{name}"), f"minictr_{name}")):
         if value not in (None, ""):
             return str(value), spelled
     return None, ""
