@@ -12,6 +12,7 @@ A shrunk counterexample that showed a real bug stays below as an `@example`.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import signal
@@ -24,10 +25,12 @@ from hypothesis import strategies as st
 
 from pytest_minictr import MinictrError, RootfsBuilder, keywords, spec
 from pytest_minictr.caller.runtime import Result
-from pytest_minictr.cli import main as cli
 from pytest_minictr.container import security
 from pytest_minictr.container.seccomp import FILTERED
 from pytest_minictr.spec import MAX_SIZE, MIN_MEMORY, ContainerSpec, Mount
+
+# the module: `pytest_minictr.cli` exports its function `main` under the same name
+cli = importlib.import_module("pytest_minictr.cli.main")
 
 # database=None: no example database written into the repository's .hypothesis/
 FAST = settings(deadline=None, max_examples=150, database=None)
