@@ -146,7 +146,7 @@ KEYWORDS = (
                                          collect=dict),
             from_text=_pair("NAME=SOFT[:HARD], e.g. nofile=1024:4096 or core=unlimited",
                             _soft_hard)),
-    Keyword("output_limit", validate.check_size, "bytes kept of each output stream (default "
+    Keyword("output_limit", validate.parse_size, "bytes kept of each output stream (default "
             "64M); the rest is dropped", default=DEFAULT_OUTPUT_LIMIT, marker=False,
             library="output_limit", flag=Flag(("--output-limit",), metavar="SIZE")),
     Keyword("layer_size", check_layer_size, "most bytes the container may write to its "

@@ -161,7 +161,7 @@ def _check_layer_size(layer_size: int | None, layer: Any) -> int | None:
 
 
 def check_layer_size(value: Any, name: str = "layer_size") -> int:
-    size = parse_size(value.strip() if isinstance(value, str) else value, name)
+    size = parse_size(value, name)
     if size < MIN_MEMORY:
         raise ConfigError(f"{name}={value!r}: must be at least 4 MiB (the layer "
                           "also holds the container's mount points)")

@@ -74,17 +74,13 @@ def _scaled(number: str, unit: int) -> int:
 
 
 def check_memory_limit(value: Any, name: str = "memory_limit") -> int:
-    size = parse_size(value.strip() if isinstance(value, str) else value, name)
+    size = parse_size(value, name)
     if size < MIN_MEMORY:
         # The kernel takes 1M, then OOM-kills the container before its command runs, with no
         # output at all (or refuses with EBUSY, under the group's current usage).
         raise ConfigError(f"{name}={value!r}: must be at least 4 MiB ({MIN_MEMORY} "
                           "bytes), or the container is killed before it starts; use e.g. '64M'")
     return size
-
-
-def check_size(value: Any, name: str) -> int:
-    return parse_size(value.strip() if isinstance(value, str) else value, name)
 
 
 def parse_cpus(value: float | int | str, name: str = "cpus") -> float:
