@@ -114,17 +114,15 @@ KEYWORDS = (
             "rootfs holds"),
     Keyword("recipe", validate.check_recipe, "build the rootfs from this recipe (minimal, "
             "busybox, python3, or a .toml path)"),
-    Keyword("rootfs", validate.check_prepared_rootfs, "use this prepared rootfs directory as "
-            "the base of every container", option=True),
+    Keyword("rootfs", validate.check_prepared_rootfs, "a prepared rootfs directory to run on "
+            "instead of one built from host binaries", option=True),
     Keyword("hostname", validate.check_hostname, "the container's hostname", default="minictr",
             nullable=False, library="hostname", flag=Flag(("--hostname",))),
     Keyword("cwd", validate.check_container_path, "working directory inside the container",
             default="/", nullable=False, marker=False, library="cwd", flag=Flag(("--cwd",))),
     Keyword("env", validate.check_env, "set NAME=VALUE in the container's (otherwise clean) "
             "environment", library="env",
-            flag=Flag(("--env",), "append", "NAME=VALUE", collect=dict,
-                      help="set NAME=VALUE in the container's (otherwise clean) environment; "
-                           "repeatable"),
+            flag=Flag(("--env",), "append", "NAME=VALUE", collect=dict),
             from_text=_pair("NAME=VALUE")),
     Keyword("user", validate.check_user, "False: container root is host root (root only); "
             "default: an unprivileged host uid", default=True, library="user",
@@ -135,13 +133,13 @@ KEYWORDS = (
             flag=Flag(("--no-seccomp",), "store_false",
                       help="do not install the default seccomp filter")),
     Keyword("allow_syscalls", validate.check_syscalls, "let this call through the default "
-            "seccomp filter; repeatable", default=(), nullable=False, library="allow_syscalls",
+            "seccomp filter", default=(), nullable=False, library="allow_syscalls",
             flag=Flag(("--allow-syscall",), "append", "NAME")),
     Keyword("capabilities", validate.check_capabilities, "keep this capability too (e.g. "
-            "NET_RAW, SYS_PTRACE); repeatable", default=(), nullable=False,
+            "NET_RAW, SYS_PTRACE)", default=(), nullable=False,
             library="capabilities", flag=Flag(("--cap-add",), "append", "CAP")),
     Keyword("rlimits", validate.check_rlimits, "resource limit, like docker: nofile=8192, "
-            "core=unlimited, stack=8388608:67108864 (bytes); repeatable", default=(),
+            "core=unlimited, stack=8388608:67108864 (bytes)", default=(),
             library="rlimits", flag=Flag(("--ulimit",), "append", "NAME=SOFT[:HARD]",
                                          collect=dict),
             from_text=_pair("NAME=SOFT[:HARD], e.g. nofile=1024:4096 or core=unlimited",

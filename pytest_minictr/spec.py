@@ -173,7 +173,8 @@ def make_exec_spec(spec: ContainerSpec, command: Any, env: Any = None,
     """Another command in the container of `spec`: the same confinement, cwd and environment
     (`env` added to it), its own argv and time limit."""
     added = {} if env is None else check_env(env)
-    return replace(spec, argv=check_command(command), env=tuple({**dict(spec.env), **added}.items()),
+    return replace(spec, argv=check_command(command),
+                   env=tuple({**dict(spec.env), **added}.items()),
                    timeout=None if timeout is None else check_seconds(timeout, "timeout"))
 
 

@@ -163,8 +163,11 @@ def add_keyword_flags(run: argparse.ArgumentParser) -> None:
         if flag.action != "store_false":
             options["type"] = _argparse_type(keyword)
             options["metavar"] = flag.metavar
+        help_text = flag.help or keyword.help
+        if flag.action == "append":
+            help_text += "; repeatable"
         run.add_argument(*flag.names, dest=keyword.name, action=flag.action,
-                         default=argparse.SUPPRESS, help=flag.help or keyword.help, **options)
+                         default=argparse.SUPPRESS, help=help_text, **options)
 
 
 def _argparse_type(keyword: Keyword):
@@ -175,7 +178,6 @@ def _argparse_type(keyword: Keyword):
             return keyword.from_text(text, keyword.flag.names[0])
         except MinictrError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
-    convert.__name__ = keyword.name  # argparse names the type in some of its messages
     return convert
 
 

@@ -43,7 +43,7 @@ def add_options(parser: pytest.Parser) -> None:
 
 def _add_option(parser: pytest.Parser, group, name: str, help_text: str, **options) -> None:
     group.addoption("--minictr-" + name.replace("_", "-"), dest=f"minictr_{name}",
-                    help=help_text, **({"metavar": name.upper()} | options))
+                    help=help_text, **(options or {"metavar": name.upper()}))
     parser.addini(f"minictr_{name}", help_text)
 
 
