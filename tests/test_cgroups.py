@@ -208,8 +208,8 @@ def test_pids_limit_bounds_a_fork_loop(new_group, spawn):
     assert proc.wait() == 0
 
 
-def test_cpu_percent_throttles_a_busy_loop(new_group, spawn):
-    group = new_group(Limits(cpu_percent=25))
+def test_cpus_throttle_a_busy_loop(new_group, spawn):
+    group = new_group(Limits(cpus=0.25))
     start = time.monotonic()
     spawn(group, ["sh", "-c", "while :; do :; done"])
     time.sleep(1.0)
@@ -234,7 +234,7 @@ def test_kill_takes_a_forking_tree(new_group, spawn):
 
 
 def test_remove_leaves_no_directory_and_can_be_repeated(new_group):
-    group = new_group(Limits(memory=64 * MiB, cpu_percent=50, pids=10))
+    group = new_group(Limits(memory=64 * MiB, cpus=0.5, pids=10))
     assert all(os.path.isdir(path) for path in group.paths)
     group.remove()
     assert not [path for path in group.paths if os.path.exists(path)]

@@ -3,7 +3,7 @@ that names it (or, for the CLI, an argparse usage error, or one `minictr: error:
 never another exception type, a traceback, a hang or a leftover.
 
 Most of the suite calls the validating functions in-process (`make_spec`, `parse_size`,
-`Mount.*`, the marker's `_marker_value`, the option parsers, `RootfsBuilder.build`): no
+`Mount.*`, the marker's and the options' checks of the keyword schema, `RootfsBuilder.build`): no
 container, thousands of examples a second. A few tests go through a real runtime or `main()`
 of the CLI, with few examples, since every valid one starts a container.
 
@@ -12,6 +12,7 @@ A shrunk counterexample that showed a real bug stays below as an `@example`.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import signal
@@ -22,12 +23,14 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pytest_minictr import MinictrError, RootfsBuilder, plugin, spec
+from pytest_minictr import MinictrError, RootfsBuilder, keywords, spec
 from pytest_minictr.caller.runtime import Result
-from pytest_minictr.cli import main as cli
 from pytest_minictr.container import security
 from pytest_minictr.container.seccomp import FILTERED
 from pytest_minictr.spec import MAX_SIZE, MIN_MEMORY, ContainerSpec, Mount
+
+# the module: `pytest_minictr.cli` exports its function `main` under the same name
+cli = importlib.import_module("pytest_minictr.cli.main")
 
 # database=None: no example database written into the repository's .hypothesis/
 FAST = settings(deadline=None, max_examples=150, database=None)
@@ -175,8 +178,8 @@ def test_memory_limit(value):
 @FAST
 @given(value=CPUS)
 def test_parse_cpus(value):
-    percent = answer(lambda: spec.parse_cpus(value, "--cpus"), "--cpus")
-    assert percent is None or (type(percent) is float and 1 <= percent <= os.cpu_count() * 100)
+    cpus = answer(lambda: spec.parse_cpus(value, "--cpus"), "--cpus")
+    assert cpus is None or (type(cpus) is float and 0.01 <= cpus <= os.cpu_count())
 
 
 @FAST
@@ -290,12 +293,13 @@ def test_make_exec_spec(tree, command, env, timeout):
 @FAST
 @given(seccomp=st.one_of(st.booleans(), JUNK), allow_syscalls=SYSCALLS,
        capabilities=CAPABILITIES, rlimits=RLIMITS | st.none())
-def test_check_security(seccomp, allow_syscalls, capabilities, rlimits):
-    checked = answer(lambda: spec.check_security(seccomp, allow_syscalls, capabilities,
-                                                 rlimits),
-                     "seccomp", "allow_syscalls", "capabilities", "rlimits")
-    if checked is not None:
-        for _, soft, hard in checked.rlimits:
+def test_check_security(tree, seccomp, allow_syscalls, capabilities, rlimits):
+    made = answer(lambda: spec.make_spec(tree / "root", ["true"], seccomp=seccomp,
+                                         allow_syscalls=allow_syscalls,
+                                         capabilities=capabilities, rlimits=rlimits),
+                  "seccomp", "allow_syscalls", "capabilities", "rlimits")
+    if made is not None:
+        for _, soft, hard in made.security.rlimits:
             assert hard == security.UNLIMITED or soft <= hard
 
 
@@ -325,7 +329,7 @@ def test_marker_value(tree, data, keyword):
         value = data.draw(nested_paths(tree), label="rootfs")
     else:
         value = data.draw(MARKER[keyword], label=keyword)
-    answer(lambda: plugin._marker_value(keyword, value), keyword)
+    answer(lambda: keywords.check_marker_value(keyword, value), keyword)
 
 
 @FAST
@@ -333,7 +337,8 @@ def test_marker_value(tree, data, keyword):
     "seccomp": KEYWORDS["seccomp"], "allow_syscalls": SYSCALLS,
     "capabilities": CAPABILITIES, "rlimits": RLIMITS}))
 def test_marker_security(security_keywords):
-    answer(lambda: plugin.check_security(**security_keywords), *security_keywords)
+    answer(lambda: [keywords.check_marker_value(name, value)
+                    for name, value in security_keywords.items()], *security_keywords)
 
 
 @FAST
@@ -344,9 +349,8 @@ def test_plugin_options(tree, data, option):
     text = data.draw(st.one_of(TEXT, SIZES.filter(lambda v: isinstance(v, str)),
                                CPU_TEXT, st.from_regex(r"\A\s?[0-9²]{0,6}\s?\Z"))
                      if option != "rootfs" else nested_paths(tree).map(str))
-    parse = {"memory": plugin._memory, "pids": plugin._pids, "seconds": plugin._seconds,
-             "rootfs": plugin._prepared_rootfs}[option]
-    answer(lambda: parse(text, "--minictr-x"), "--minictr-x")
+    keyword = keywords.BY_NAME[{"seconds": "timeout"}.get(option, option)]
+    answer(lambda: keywords.check_text(keyword, text, "--minictr-x"), "--minictr-x")
 
 
 # ---------------------------------------------------------------------------------------------

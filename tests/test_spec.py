@@ -62,8 +62,10 @@ def test_sizes_are_exact_and_bounded():
 
 
 @given(st.floats(min_value=0.01, max_value=1.0))
-def test_cpus_are_percent_of_one_cpu(cpus):
-    assert math.isclose(parse_cpus(cpus), cpus * 100)
+def test_cpus_are_a_number_of_cpus(cpus):
+    assert math.isclose(parse_cpus(cpus), cpus)
+    assert math.isclose(make_spec("/", ["x"], cpus=cpus).limits.cpus, cpus)
+    assert math.isclose(make_spec("/", ["x"], cpu_limit=cpus * 100).limits.cpus, cpus)
 
 
 @pytest.mark.parametrize("value", ["lots", -1, 0, float("nan"), float("inf"), 10**6, True,

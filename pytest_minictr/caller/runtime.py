@@ -20,13 +20,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from pytest_minictr import errors
+from pytest_minictr import errors, keywords
 from pytest_minictr.caller.client import LauncherClient
 from pytest_minictr.caller.monitor import Monitor
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError, LauncherError, MinictrError
 from pytest_minictr.protocol import FORWARDED_SIGNALS
-from pytest_minictr.spec import (ContainerSpec, Limits, Mount, check_seconds, make_exec_spec,
-                                 make_spec)
+from pytest_minictr.spec import ContainerSpec, Limits, check_seconds, make_exec_spec, make_spec
 
 DEFAULT_STOP_GRACE = 5.0
 VERDICT_HEAD = 4096     # bytes of each stream in Result.to_dict()
@@ -288,23 +287,22 @@ class ContainerRuntime:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    @keywords.with_library_keywords
     def run(self, image: str | os.PathLike, command: Sequence[str], *,
-            cpu_limit: float | None = None, memory_limit: int | str | None = None,
-            pids_limit: int | None = None, timeout: float | None = None,
-            env: Mapping[str, str] | None = None, cwd: str = "/", hostname: str = "minictr",
-            input: bytes | None = None, network: str = "loopback", user: bool | None = None,
-            mounts: Sequence[Mount] = (), output_limit: int | str | None = None,
-            layer: str | os.PathLike | None = None, seccomp: bool = True,
-            allow_syscalls: Sequence[str] = (), capabilities: Sequence[str] = (),
-            rlimits: Mapping[str, Any] | None = None, layer_size: int | str | None = None,
-            stdin: Any = None, stdout: Any = None, stderr: Any = None) -> Container:
+            input: bytes | None = None, stdin: Any = None, stdout: Any = None,
+            stderr: Any = None, **keywords: Any) -> Container:
         """Start `command` in a new container on the root filesystem `image`; returns at once.
 
         `stdout`/`stderr` default to capture (in the Result); pass a file or fd to send the
         stream there instead (the CLI passes its own). `stdin` defaults to /dev/null, or to a
-        pipe fed with `input`. `layer`: an existing host directory that keeps the container's
-        writes (in its `upper` subdirectory), so that the next container given it sees them;
-        by default writes go to a tmpfs that vanishes with the container.
+        pipe fed with `input`.
+
+        The keywords (declared in `keywords.KEYWORDS`): `memory_limit` ('64M' or bytes),
+        `cpus` (CPUs, 0.5 = half of one; or the older `cpu_limit`, percent of one CPU),
+        `pids_limit`, `timeout` (seconds), `env`, `cwd`, `hostname`, `network`, `mounts`,
+        `output_limit`, `layer_size`. `layer`: an existing host directory that keeps the
+        container's writes (in its `upper` subdirectory), so that the next container given
+        it sees them; by default writes go to a tmpfs that vanishes with the container.
 
         Confinement (strict by default, each keyword loosens one thing): `user=False` makes
         container root host root (default: an unprivileged host uid); `seccomp=False` drops
@@ -312,14 +310,14 @@ class ContainerRuntime:
         more than the default few (e.g. ["SYS_PTRACE"]); `rlimits` overrides resource limits
         ({"nofile": 8192, "core": "unlimited", "stack": (soft, hard)}).
         """
-        spec = make_spec(image, command, cpu_limit=cpu_limit, memory_limit=memory_limit,
-                         pids_limit=pids_limit, timeout=timeout, env=env, cwd=cwd,
-                         hostname=hostname, network=network, user=user, mounts=mounts,
-                         output_limit=output_limit, layer=layer, seccomp=seccomp,
-                         allow_syscalls=allow_syscalls, capabilities=capabilities,
-                         rlimits=rlimits, layer_size=layer_size)
-        input_data = _check_input(input, stdin)
-        return self._launch(spec, input_data, stdin, stdout, stderr)
+        return self.launch(make_spec(image, command, **keywords), input=input, stdin=stdin,
+                           stdout=stdout, stderr=stderr)
+
+    def launch(self, spec: ContainerSpec, *, input: bytes | None = None, stdin: Any = None,
+               stdout: Any = None, stderr: Any = None) -> Container:
+        """Start a container of a spec checked beforehand (by `make_spec`, or by `spec_from`
+        from values the plugin or the CLI checked at their own edge)."""
+        return self._launch(spec, _check_input(input, stdin), stdin, stdout, stderr)
 
     def status(self, container_id: str) -> ContainerStatus:
         """Status of a running container, or of one of the last 1024 finished."""

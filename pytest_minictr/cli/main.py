@@ -24,35 +24,21 @@ import sys
 from typing import Sequence
 
 from pytest_minictr.caller.runtime import ContainerRuntime
+from pytest_minictr.cli import rootfs_commands
 from pytest_minictr.cli.detached import commands as lifecycle
 from pytest_minictr.doctor import checks as doctor
 from pytest_minictr.errors import CommandNotFoundError, MinictrError
-from pytest_minictr.rootfs import images
+from pytest_minictr.keywords import BY_NAME, FLAG_KEYWORDS, Keyword
 from pytest_minictr.rootfs.builder import RootfsBuilder
-from pytest_minictr.spec import NETWORK_MODES, make_spec, parse_cpus
+from pytest_minictr.spec import spec_from
 
 EXIT_RUNTIME_ERROR = 125
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
 
-HELP_MEMORY = "memory limit, e.g. 64M or 1G (swap excluded)"
-HELP_CPUS = "CPU limit in CPUs, like docker: 0.5 is half of one CPU"
-HELP_PIDS = "most processes and threads alive at once"
-HELP_TIMEOUT = "seconds of wall time, then the whole container is killed"
-HELP_NETWORK = "none: no interface up; loopback: lo up (default); never the host's network"
 HELP_ROOTFS = "run on this prepared root filesystem instead of building one"
 HELP_BIN = "also copy this host binary (with its libraries) into the built rootfs; repeatable"
-HELP_ENV = "set NAME=VALUE in the container's (otherwise clean) environment; repeatable"
-HELP_NO_USERNS = ("make container root host root (root only; by default it is an "
-                  "unprivileged host uid)")
-HELP_NO_SECCOMP = "do not install the default seccomp filter"
-HELP_ALLOW_SYSCALL = "let this call through the default seccomp filter; repeatable"
-HELP_CAP_ADD = "keep this capability too (e.g. NET_RAW, SYS_PTRACE); repeatable"
-HELP_ULIMIT = ("resource limit, like docker: nofile=8192, core=unlimited, stack=8388608:67108864 "
-               "(bytes); repeatable")
-HELP_RECIPE = "build the rootfs from this recipe (minimal, busybox, python3, or a .toml path)"
-HELP_OUTPUT_LIMIT = "bytes kept of each output stream (default 64M); the rest is dropped"
-HELP_LAYER_SIZE = "most bytes the container may write to its filesystem (ENOSPC past it)"
+HELP_RECIPE = BY_NAME["recipe"].help
 HELP_JSON = ("capture the output and print one JSON object: verdict, status, times, memory, "
              "and the head of stdout and stderr")
 HELP_DETACH = ("run in the background: print the container's id and return (see ps, logs, "
@@ -78,24 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run one command in a new container",
                               usage="minictr run [OPTIONS] -- CMD [ARGS...]")
-    run.add_argument("--memory", help=HELP_MEMORY)
-    run.add_argument("--cpus", type=_cpus, help=HELP_CPUS)
-    run.add_argument("--pids", type=int, help=HELP_PIDS)
-    run.add_argument("--timeout", type=float, help=HELP_TIMEOUT)
-    run.add_argument("--network", choices=NETWORK_MODES, default="loopback", help=HELP_NETWORK)
-    run.add_argument("--hostname", default="minictr", help="the container's hostname")
-    run.add_argument("--cwd", default="/", help="working directory inside the container")
-    run.add_argument("--env", action="append", type=lifecycle.env_pair, default=[], metavar="NAME=VALUE",
-                     help=HELP_ENV)
-    run.add_argument("--no-userns", dest="user", action="store_false", help=HELP_NO_USERNS)
-    run.add_argument("--no-seccomp", dest="seccomp", action="store_false", help=HELP_NO_SECCOMP)
-    run.add_argument("--allow-syscall", action="append", default=[], metavar="NAME",
-                     help=HELP_ALLOW_SYSCALL)
-    run.add_argument("--cap-add", action="append", default=[], metavar="CAP", help=HELP_CAP_ADD)
-    run.add_argument("--ulimit", action="append", type=_ulimit, default=[],
-                     metavar="NAME=SOFT[:HARD]", help=HELP_ULIMIT)
-    run.add_argument("--output-limit", metavar="SIZE", help=HELP_OUTPUT_LIMIT)
-    run.add_argument("--layer-size", metavar="SIZE", help=HELP_LAYER_SIZE)
+    add_keyword_flags(run)
     run.add_argument("--json", action="store_true", help=HELP_JSON)
     source = run.add_mutually_exclusive_group()
     source.add_argument("--rootfs", metavar="DIR", help=HELP_ROOTFS)
@@ -107,27 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
     lifecycle.add_commands(commands)
 
     rootfs = commands.add_parser("rootfs", help="build root filesystems")
-    rootfs_commands = rootfs.add_subparsers(dest="rootfs_command", required=True,
-                                            metavar="COMMAND")
-    build = rootfs_commands.add_parser("build", help="build a rootfs into a directory")
+    rootfs_subcommands = rootfs.add_subparsers(dest="rootfs_command", required=True,
+                                               metavar="COMMAND")
+    build = rootfs_subcommands.add_parser("build", help="build a rootfs into a directory")
     build.add_argument("--recipe", metavar="NAME", help=HELP_RECIPE)
     build.add_argument("--bin", action="append", default=[], metavar="NAME",
                        help="host binary to copy with its libraries; repeatable")
     build.add_argument("dest", help="directory to create (must not exist or be empty)")
     build.set_defaults(handler=build_rootfs, parser=build)
-    rootfs_list = rootfs_commands.add_parser("list", help="the rootfs cache: key, recipe, "
+    rootfs_list = rootfs_subcommands.add_parser("list", help="the rootfs cache: key, recipe, "
                                                           "size, age")
     rootfs_list.add_argument("--json", action="store_true", help="one JSON object per line")
-    rootfs_list.set_defaults(handler=images.list_cache)
-    prune = rootfs_commands.add_parser("prune", help="empty the rootfs cache")
-    prune.set_defaults(handler=images.prune_cache)
-    import_command = rootfs_commands.add_parser(
+    rootfs_list.set_defaults(handler=rootfs_commands.list_cache)
+    prune = rootfs_subcommands.add_parser("prune", help="empty the rootfs cache")
+    prune.set_defaults(handler=rootfs_commands.prune_cache)
+    import_command = rootfs_subcommands.add_parser(
         "import", help="unpack a `docker save` or OCI image tarball into a directory")
     import_command.add_argument("image", help="the image tarball")
     import_command.add_argument("dest", help="directory to create (must not exist or be empty)")
     import_command.add_argument("--max-size", default="16G", metavar="SIZE",
                                 help="refuse an image bigger than this unpacked (default 16G)")
-    import_command.set_defaults(handler=images.import_command)
+    import_command.set_defaults(handler=rootfs_commands.import_command)
 
     doctor_command = commands.add_parser(
         "doctor", help="check what this host lets minictr do, and say how to fix the rest")
@@ -140,20 +109,18 @@ def run_command(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         args.parser.error("the command to run is missing: minictr run [OPTIONS] -- CMD [ARGS...]")
+    given = {keyword.name: _flag_value(keyword, getattr(args, keyword.name))
+             for keyword in FLAG_KEYWORDS if hasattr(args, keyword.name)}
+    checked = {keyword.name: keyword.validate(given[keyword.name], _spelled(keyword))
+               for keyword in FLAG_KEYWORDS if keyword.name in given}
     rootfs = str(args.rootfs or _build_for(command[0], args))
-    keywords = dict(memory_limit=args.memory, cpu_limit=args.cpus, pids_limit=args.pids,
-                    timeout=args.timeout, network=args.network, hostname=args.hostname,
-                    cwd=args.cwd, env=dict(args.env), user=args.user, seccomp=args.seccomp,
-                    allow_syscalls=args.allow_syscall, capabilities=args.cap_add,
-                    rlimits=dict(args.ulimit), output_limit=args.output_limit,
-                    layer_size=args.layer_size)
-    make_spec(rootfs, command, **keywords)  # a bad value fails here, before anything starts
+    spec = spec_from(rootfs, command, checked)  # a bad value fails here, before anything starts
     if args.detach:
-        return lifecycle.run_detached(rootfs, command, keywords)
+        return lifecycle.run_detached(spec, given)
     # --json: the output is captured for the report, the rest passes through
     streams = {} if args.json else {"stdout": sys.stdout, "stderr": sys.stderr}
     with ContainerRuntime() as runtime:
-        container = runtime.run(rootfs, command, stdin=sys.stdin, **streams, **keywords)
+        container = runtime.launch(spec, stdin=sys.stdin, **streams)
         previous = {signum: signal.signal(signum, lambda number, _frame:
                                           container.send_signal(number))
                     for signum in FORWARDED}
@@ -165,7 +132,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict()))
     elif result.timed_out:
-        print(f"minictr: timed out after {args.timeout:g} s", file=sys.stderr)
+        print(f"minictr: timed out after {spec.timeout:g} s", file=sys.stderr)
     return result.returncode if result.returncode >= 0 else 128 - result.returncode
 
 
@@ -187,25 +154,40 @@ def build_rootfs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cpus(text: str) -> float:
-    try:
-        return parse_cpus(text, "--cpus")
-    except MinictrError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def add_keyword_flags(run: argparse.ArgumentParser) -> None:
+    """The flags of `run` that set container keywords, as the schema declares them. Absent
+    flags stay out of the namespace (SUPPRESS): the spec's defaults apply, unchecked."""
+    for keyword in FLAG_KEYWORDS:
+        flag = keyword.flag
+        options = {"choices": flag.choices} if flag.choices else {}
+        if flag.action != "store_false":
+            options["type"] = _argparse_type(keyword)
+            options["metavar"] = flag.metavar
+        help_text = flag.help or keyword.help
+        if flag.action == "append":
+            help_text += "; repeatable"
+        run.add_argument(*flag.names, dest=keyword.name, action=flag.action,
+                         default=argparse.SUPPRESS, help=help_text, **options)
 
 
-def _ulimit(text: str) -> tuple[str, tuple]:
-    """'nofile=1024:4096' -> ('nofile', (1024, 4096)); the values are checked by the spec."""
-    name, sep, value = text.partition("=")
-    soft, _, hard = value.partition(":")
-    try:
-        pair = tuple(v if v == "unlimited" else int(v) for v in (soft, hard or soft))
-    except ValueError:
-        pair = ()
-    if not sep or not name or not pair:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=SOFT[:HARD], e.g. "
-                                         "nofile=1024:4096 or core=unlimited")
-    return name, pair
+def _argparse_type(keyword: Keyword):
+    """The flag's text as its keyword's check takes it; a text that is not even that (a
+    number, NAME=VALUE) is argparse's usage error."""
+    def convert(text: str):
+        try:
+            return keyword.from_text(text, keyword.flag.names[0])
+        except MinictrError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return convert
+
+
+def _flag_value(keyword: Keyword, value):
+    return keyword.flag.collect(value) if keyword.flag.action == "append" else value
+
+
+def _spelled(keyword: Keyword) -> str:
+    """How an error names the flag's value: the flag, or for a --no-x flag its keyword."""
+    return keyword.name if keyword.flag.action == "store_false" else keyword.flag.names[0]
 
 
 def _complain(error: BaseException) -> None:

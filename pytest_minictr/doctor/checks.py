@@ -108,7 +108,7 @@ class Host:
         except MinictrError as problem:
             return None, str(problem)
         try:
-            backend.check_limits(Limits(memory=MIN_MEMORY, cpu_percent=100.0, pids=1))
+            backend.check_limits(Limits(memory=MIN_MEMORY, cpus=1.0, pids=1))
         except MinictrError as problem:
             return backend.name, str(problem)
         return backend.name, ""

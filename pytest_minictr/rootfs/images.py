@@ -17,7 +17,6 @@ put there.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -170,21 +169,3 @@ def _unpack(layer: tarfile.TarFile, member: tarfile.TarInfo, name: str, dest: st
         return  # device nodes, FIFOs: never from an image
     if os.geteuid() == 0 and member.uid < 65536 and member.gid < 65536:
         os.lchown(target, member.uid, member.gid)
-
-
-# --- the argparse handlers, moved to cli.rootfs_commands -------------------------------------
-# TODO(integrator): once cli/main.py takes its handlers from cli.rootfs_commands, delete these.
-
-def import_command(args: argparse.Namespace) -> int:
-    from pytest_minictr.cli import rootfs_commands
-    return rootfs_commands.import_command(args)
-
-
-def list_cache(args: argparse.Namespace) -> int:
-    from pytest_minictr.cli import rootfs_commands
-    return rootfs_commands.list_cache(args)
-
-
-def prune_cache(args: argparse.Namespace) -> int:
-    from pytest_minictr.cli import rootfs_commands
-    return rootfs_commands.prune_cache(args)

@@ -19,11 +19,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
 from pytest_minictr.cli.detached import shim
 from pytest_minictr.cli.detached.records import Record, Store
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError, MinictrError
+from pytest_minictr.spec import ContainerSpec
 
 SHIM_START_TIMEOUT = 120.0  # seconds for the shim to start the container and answer
 
@@ -71,16 +71,16 @@ def add_commands(commands) -> None:
     rm.set_defaults(handler=remove_containers)
 
 
-def run_detached(rootfs: str, command: Sequence[str], keywords: dict) -> int:
-    """Start the container under a shim of its own, print its id once it runs."""
+def run_detached(spec: ContainerSpec, options: dict) -> int:
+    """Start the container of `spec` (checked by `run`) under a shim of its own, print its id
+    once it runs. `options`: the flags given, kept in the record."""
     store = Store()
     container_id = secrets.token_hex(6)
-    record = Record(id=container_id, command=tuple(command), created=time.time(), rootfs=rootfs,
-                    options=keywords, logs=tuple(str(store.path(container_id) / name)
-                                                 for name in ("stdout.log", "stderr.log")))
+    record = Record(id=container_id, command=spec.argv, created=time.time(), rootfs=spec.rootfs,
+                    options=options, logs=tuple(str(store.path(container_id) / name)
+                                                for name in ("stdout.log", "stderr.log")))
     store.create(record)
-    order = {"state_dir": str(store.root), "id": record.id, "rootfs": rootfs,
-             "command": list(command), "keywords": keywords}
+    order = {"state_dir": str(store.root), "id": record.id, "spec": spec.to_dict()}
     started = subprocess.Popen([sys.executable, "-m", "pytest_minictr.cli.detached.shim"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, start_new_session=True)

@@ -24,7 +24,7 @@ from pytest_minictr import protocol
 from pytest_minictr.caller.runtime import Container, ContainerRuntime
 from pytest_minictr.cli.detached.records import Store, process_start_time
 from pytest_minictr.errors import MinictrError
-from pytest_minictr.spec import make_exec_spec
+from pytest_minictr.spec import ContainerSpec, make_exec_spec
 
 CONTROL = "control"
 
@@ -50,8 +50,8 @@ def main() -> int:
     try:
         stdout_log, stderr_log = store.read(container_id).logs
         with open(stdout_log, "wb") as out, open(stderr_log, "wb") as err:
-            container = runtime.run(order["rootfs"], order["command"], stdout=out, stderr=err,
-                                    **order["keywords"])
+            container = runtime.launch(ContainerSpec.from_dict(order["spec"]), stdout=out,
+                                       stderr=err)
     except MinictrError as error:
         _answer(answer, {"ok": False, "type": type(error).__name__, "message": str(error)})
         runtime.close()

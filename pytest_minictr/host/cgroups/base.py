@@ -29,7 +29,7 @@ PARENT_NAME = "minictr"          # our one directory under each hierarchy's root
 GROUP_PREFIX = "minictr-"        # per container: minictr-<launcher pid>-<serial>
 _GROUP_NAME_RE = re.compile(r"^minictr-(\d+)-[A-Za-z0-9_.-]+$")
 
-CPU_PERIOD_US = 100_000          # cpu_percent=25 -> 25 000 us of CPU every 100 000 us
+CPU_PERIOD_US = 100_000          # cpus=0.25 -> 25 000 us of CPU every 100 000 us
 REMOVE_TIMEOUT = 2.0             # seconds rmdir keeps retrying EBUSY
 KILL_TIMEOUT = 2.0               # seconds kill() keeps killing until the group is empty
 FREEZE_TIMEOUT = 0.5             # seconds we wait for a freezer to report "frozen"
@@ -37,7 +37,7 @@ FREEZE_TIMEOUT = 0.5             # seconds we wait for a freezer to report "froz
 # Mount options of a v1 hierarchy that name the controllers we use; anything else in the
 # options (rw, relatime, name=systemd, clone_children...) is not a controller we care about.
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer")
-LIMIT_CONTROLLERS = (("memory", "memory"), ("cpu_percent", "cpu"), ("pids", "pids"))  # Limits field
+LIMIT_CONTROLLERS = (("memory", "memory"), ("cpus", "cpu"), ("pids", "pids"))  # Limits field
 V2_CONTROLLERS = ("memory", "cpu", "pids")
 
 

@@ -100,8 +100,8 @@ def _apply_limits(dirs: dict[str, str], limits: Limits) -> None:
             write_value(memsw, limits.memory)
         # The OOM killer stays enabled (memory.oom_control untouched): with it disabled, a
         # container at its limit would hang instead of dying.
-    if limits.cpu_percent is not None:
-        quota = round(limits.cpu_percent * CPU_PERIOD_US / 100)
+    if limits.cpus is not None:
+        quota = round(limits.cpus * CPU_PERIOD_US)
         write_value(os.path.join(dirs["cpu"], "cpu.cfs_period_us"), CPU_PERIOD_US)
         write_value(os.path.join(dirs["cpu"], "cpu.cfs_quota_us"), quota)
     if limits.pids is not None:

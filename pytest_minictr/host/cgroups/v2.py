@@ -153,8 +153,8 @@ def _apply_limits(path: str, limits: Limits) -> None:
         # The OOM killer then takes the whole container, not just its biggest process: a
         # half-killed container (init alive, worker gone) would only hang until the timeout.
         write_value(oom_group, 1)
-    if limits.cpu_percent is not None:
-        quota = round(limits.cpu_percent * CPU_PERIOD_US / 100)
+    if limits.cpus is not None:
+        quota = round(limits.cpus * CPU_PERIOD_US)
         write_value(os.path.join(path, "cpu.max"), f"{quota} {CPU_PERIOD_US}")
     if limits.pids is not None:
         write_value(os.path.join(path, "pids.max"), limits.pids)

@@ -1,0 +1,234 @@
+"""The container keywords, declared once: name, check, help, default, and where each is spelled.
+
+Every front end reads this table: the `container` marker (its registration line, its unknown
+keyword error), the `--minictr-*` options with their ini keys and `MINICTR_*` variables, the
+flags of `minictr run`, and the keywords of `ContainerRuntime.run()`. Each front end checks a
+value once, naming it as its user spelled it (`memory=`, `--minictr-memory=`, `--memory=`,
+`memory_limit=`), into the value `spec.spec_from()` puts into the frozen `ContainerSpec`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, make_dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from pytest_minictr import validate
+from pytest_minictr.errors import ConfigError
+from pytest_minictr.spec import (DEFAULT_OUTPUT_LIMIT, check_layer_dir, check_layer_size,
+                                 check_mounts)
+
+Check = Callable[[Any, str], Any]  # (value, the name its user wrote) -> the checked value
+
+
+def _as_given(text: str, name: str) -> str:
+    return text
+
+
+def _number(expected: str, convert: Callable[[str], Any] = float,
+            keep_text: bool = False) -> Check:
+    """Text of an option or flag as the number its check takes (or, `keep_text`, as itself
+    where the check reads text, so that its errors show what was typed); ConfigError if the
+    text is no number at all, which the CLI makes a usage error."""
+    def parse(text: str, name: str) -> Any:
+        try:  # int() refuses '²' and 4300+ digits with ValueError too
+            number = convert(text)
+        except ValueError:
+            raise ConfigError(f"{name}={text!r}: expected {expected}") from None
+        return text if keep_text else number
+    return parse
+
+
+def _pair(expected: str, parse_value: Callable[[str], Any] = str) -> Check:
+    """'NAME=VALUE' of a repeatable flag as a (name, value) pair."""
+    def parse(text: str, name: str) -> tuple[str, Any]:
+        key, sep, value = text.partition("=")
+        try:
+            parsed = parse_value(value)
+        except ValueError:
+            parsed = None
+        if not sep or not key or parsed is None:
+            raise ConfigError(f"{name}={text!r}: expected {expected}")
+        return key, parsed
+    return parse
+
+
+def _soft_hard(text: str) -> tuple:
+    """'1024:4096' -> (1024, 4096), 'unlimited' -> ('unlimited', 'unlimited')."""
+    soft, _, hard = text.partition(":")
+    return tuple(v if v == "unlimited" else int(v) for v in (soft, hard or soft))
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How `minictr run` spells a keyword."""
+
+    names: tuple[str, ...]
+    action: str = "store"                # or "append" (repeatable), "store_false" (--no-x)
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    collect: Callable[[list], Any] = tuple  # a repeated flag's items, as the keyword's value
+    help: str | None = None              # where the flag reads unlike the keyword (--no-x)
+
+
+@dataclass(frozen=True)
+class Keyword:
+    """One container keyword. `name` is the marker's and the settings' name; `library` the
+    keyword of ContainerRuntime.run() (None: not there); `from_text` turns an option's or a
+    flag's text into what `check` takes."""
+
+    name: str
+    check: Check
+    help: str
+    default: Any = None
+    nullable: bool = True          # None stands for the default (no limit), unchecked
+    marker: bool = True
+    option: bool = False           # --minictr-NAME, ini minictr_NAME, MINICTR_NAME
+    library: str | None = None
+    flag: Flag | None = None
+    from_text: Check = _as_given
+    legacy: tuple[tuple[str, Check], ...] = ()  # older library names, each with its own unit
+
+    def validate(self, value: Any, spelled: str) -> Any:
+        if value is None and self.nullable:
+            return self.default
+        return self.check(value, spelled)
+
+
+KEYWORDS = (
+    Keyword("memory", validate.check_memory_limit, "memory limit, e.g. 64M or 1G (swap "
+            "excluded)", option=True, library="memory_limit", flag=Flag(("--memory",))),
+    Keyword("cpus", validate.parse_cpus, "CPU limit in CPUs, like docker: 0.5 is half of one "
+            "CPU", option=True, library="cpus", flag=Flag(("--cpus",)),
+            from_text=_number(validate.EXPECTED_CPUS, keep_text=True),
+            legacy=(("cpu_limit", validate.check_cpu_percent),)),
+    Keyword("pids", validate.check_pids_limit, "most processes and threads alive at once",
+            option=True, library="pids_limit", flag=Flag(("--pids",)),
+            from_text=_number("a positive integer", int)),
+    Keyword("timeout", validate.check_seconds, "seconds of wall time, then the whole container "
+            "is killed", option=True, library="timeout", flag=Flag(("--timeout",)),
+            from_text=_number("a positive number of seconds")),
+    Keyword("network", validate.check_network, "none: no interface up; loopback: lo up "
+            "(default); never the host's network", default="loopback", nullable=False,
+            library="network", flag=Flag(("--network",), choices=validate.NETWORK_MODES)),
+    Keyword("binaries", validate.check_binaries, "host programs (with their libraries) the "
+            "rootfs holds"),
+    Keyword("recipe", validate.check_recipe, "build the rootfs from this recipe (minimal, "
+            "busybox, python3, or a .toml path)"),
+    Keyword("rootfs", validate.check_prepared_rootfs, "a prepared rootfs directory to run on "
+            "instead of one built from host binaries", option=True),
+    Keyword("hostname", validate.check_hostname, "the container's hostname", default="minictr",
+            nullable=False, library="hostname", flag=Flag(("--hostname",))),
+    Keyword("cwd", validate.check_container_path, "working directory inside the container",
+            default="/", nullable=False, marker=False, library="cwd", flag=Flag(("--cwd",))),
+    Keyword("env", validate.check_env, "set NAME=VALUE in the container's (otherwise clean) "
+            "environment", library="env",
+            flag=Flag(("--env",), "append", "NAME=VALUE", collect=dict),
+            from_text=_pair("NAME=VALUE")),
+    Keyword("user", validate.check_user, "False: container root is host root (root only); "
+            "default: an unprivileged host uid", default=True, library="user",
+            flag=Flag(("--no-userns",), "store_false", help="make container root host root "
+                      "(root only; by default it is an unprivileged host uid)")),
+    Keyword("seccomp", validate.check_bool, "False: no seccomp filter", default=True,
+            nullable=False, library="seccomp",
+            flag=Flag(("--no-seccomp",), "store_false",
+                      help="do not install the default seccomp filter")),
+    Keyword("allow_syscalls", validate.check_syscalls, "let this call through the default "
+            "seccomp filter", default=(), nullable=False, library="allow_syscalls",
+            flag=Flag(("--allow-syscall",), "append", "NAME")),
+    Keyword("capabilities", validate.check_capabilities, "keep this capability too (e.g. "
+            "NET_RAW, SYS_PTRACE)", default=(), nullable=False,
+            library="capabilities", flag=Flag(("--cap-add",), "append", "CAP")),
+    Keyword("rlimits", validate.check_rlimits, "resource limit, like docker: nofile=8192, "
+            "core=unlimited, stack=8388608:67108864 (bytes)", default=(),
+            library="rlimits", flag=Flag(("--ulimit",), "append", "NAME=SOFT[:HARD]",
+                                         collect=dict),
+            from_text=_pair("NAME=SOFT[:HARD], e.g. nofile=1024:4096 or core=unlimited",
+                            _soft_hard)),
+    Keyword("output_limit", validate.parse_size, "bytes kept of each output stream (default "
+            "64M); the rest is dropped", default=DEFAULT_OUTPUT_LIMIT, marker=False,
+            library="output_limit", flag=Flag(("--output-limit",), metavar="SIZE")),
+    Keyword("layer_size", check_layer_size, "most bytes the container may write to its "
+            "filesystem (ENOSPC past it)", marker=False, library="layer_size",
+            flag=Flag(("--layer-size",), metavar="SIZE")),
+    Keyword("mounts", check_mounts, "extra mounts: Mount.bind(...), Mount.tmpfs(...)",
+            default=(), nullable=False, marker=False, library="mounts"),
+    Keyword("layer", check_layer_dir, "a host directory keeping the container's writes",
+            marker=False, library="layer"),
+)
+BY_NAME = {keyword.name: keyword for keyword in KEYWORDS}
+DEFAULTS = {keyword.name: keyword.default for keyword in KEYWORDS}
+MARKER_KEYWORDS = tuple(keyword.name for keyword in KEYWORDS if keyword.marker)
+OPTION_KEYWORDS = tuple(keyword for keyword in KEYWORDS if keyword.option)
+FLAG_KEYWORDS = tuple(keyword for keyword in KEYWORDS if keyword.flag is not None)
+# library name -> (keyword, its check when the name is an older one with another unit)
+_LIBRARY = {**{k.library: (k, None) for k in KEYWORDS if k.library},
+            **{name: (k, check) for k in KEYWORDS for name, check in k.legacy}}
+
+ContainerSettings = make_dataclass(
+    "ContainerSettings", [(name, Any, BY_NAME[name].default) for name in MARKER_KEYWORDS],
+    frozen=True,
+    namespace={"__doc__": "What one test's containers are: the options and the markers "
+                          "merged, each value checked (see `KEYWORDS`).",
+               "__module__": __name__})
+
+
+# ---------------------------------------------------------------------------------------------
+# The front ends
+
+def with_library_keywords(function: Callable) -> Callable:
+    """`function` (which takes **keywords) with a signature that lists the library keywords
+    and their defaults, so that help() and inspect show them as if written out."""
+    signature = inspect.signature(function)
+    written = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    listed = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=keyword.default)
+              for name, (keyword, _) in _LIBRARY.items()]
+    function.__signature__ = signature.replace(parameters=[*written, *listed])
+    return function
+
+
+def check_library_keywords(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The keywords of ContainerRuntime.run(), checked, by the schema's names."""
+    checked: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for name, value in given.items():
+        if name not in _LIBRARY:
+            raise ConfigError(f"ContainerRuntime.run(): unknown keyword {name!r} "
+                              f"(known: {', '.join(_LIBRARY)})")
+        keyword, legacy_check = _LIBRARY[name]
+        if keyword.name in spelled:
+            raise ConfigError(f"{spelled[keyword.name]}={given[spelled[keyword.name]]!r} and "
+                              f"{name}={value!r} both set {keyword.name}: give one of them")
+        spelled[keyword.name] = name
+        checked[keyword.name] = keyword.validate(value, name) if legacy_check is None \
+            else None if value is None else legacy_check(value, name)
+    return checked
+
+
+def check_marker_names(names: Iterable[str]) -> None:
+    unknown = sorted(set(names) - set(MARKER_KEYWORDS))
+    if unknown:
+        raise ConfigError(f"@pytest.mark.container: unknown keyword {unknown[0]!r} "
+                          f"(known: {', '.join(MARKER_KEYWORDS)})")
+
+
+def check_marker_value(name: str, value: Any) -> Any:
+    """One keyword of the `container` marker, checked; ConfigError names it."""
+    check_marker_names((name,))
+    return BY_NAME[name].validate(value, name)
+
+
+def check_text(keyword: Keyword, text: str, spelled: str) -> Any:
+    """An option's or a flag's text, checked."""
+    return keyword.validate(keyword.from_text(text, spelled), spelled)
+
+
+def marker_help() -> str:
+    """The marker's line in `pytest --markers`."""
+    signature = ", ".join(f"{name}={BY_NAME[name].default!r}" for name in MARKER_KEYWORDS)
+    return (f"container({signature}): configure the `container` fixture of this test (class, "
+            "module): limits ('64M', 0.5 CPUs, pids), wall-time timeout in seconds, network "
+            "mode, which binaries its rootfs holds (or a prepared rootfs path), hostname, "
+            "environment; and what a test that needs more than the strict default asks for: "
+            "user=False (root inside is host root), seccomp=False, allow_syscalls=['ptrace'], "
+            "capabilities=['NET_RAW'], rlimits={'nofile': 8192}")

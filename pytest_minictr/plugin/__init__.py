@@ -1,0 +1,109 @@
+"""The pytest plugin: the `container` marker and fixture, and the `--minictr-*` options.
+
+    @pytest.mark.container(memory="64M", cpus=0.5, pids=32, timeout=5, binaries=["sh", "seq"])
+    def test_bounded(container):
+        assert container.run("seq 3").stdout == b"1\\n2\\n3\\n"
+
+Settings come from four places; a later one wins: the ini file (`minictr_*` keys), the
+environment (`MINICTR_*`), the command line (`--minictr-*`), and the closest `container`
+marker (function over class over module; their keywords merge). Everything is validated once,
+when the test sets up its fixture: a wrong keyword or value fails that test with a message
+naming it. Each worker of pytest-xdist has its own runtime (and launcher); the rootfs cache is
+shared safely between them.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_minictr import __version__
+from pytest_minictr.caller.runtime import ContainerRuntime
+from pytest_minictr.doctor import checks as doctor
+from pytest_minictr.errors import ConfigError, MinictrError, UnsupportedError
+from pytest_minictr.keywords import marker_help
+from pytest_minictr.plugin.fixture import LAST_RESULT, TestContainer, unavailable
+from pytest_minictr.plugin.host import (  # noqa: F401
+    LAYER_PREFIX,
+    check_host_can_run_containers,
+    describe_result,
+    layer_parent,
+    remove_stale_layers,
+    resolve_rootfs,
+)
+from pytest_minictr.plugin.settings import (SessionSettings, add_options, merge_marker,
+                                            read_session_settings)
+from pytest_minictr.rootfs.builder import RootfsBuilder
+
+_SETTINGS = pytest.StashKey[SessionSettings]()
+_ROOTFS_MEMO = pytest.StashKey[dict]()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", marker_help())
+    try:
+        config.stash[_SETTINGS] = read_session_settings(config)
+    except ConfigError as error:
+        raise pytest.UsageError(f"pytest-minictr: {error}") from None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    settings = config.stash[_SETTINGS]
+    return (f"minictr {__version__}: {doctor.header(doctor.examine(rehearse=False))}, "
+            f"rootfs {settings.source}, cache {settings.cache_dir}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failed test's report shows its last container: command, how it ended, stderr."""
+    outcome = yield
+    report = outcome.get_result()
+    result = item.stash.get(LAST_RESULT, None)
+    if report.failed and result is not None:
+        report.sections.append(("minictr: last container", describe_result(result)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+@pytest.fixture(scope="session")
+def minictr_runtime() -> ContainerRuntime:
+    """The session's ContainerRuntime (one launcher per pytest process or xdist worker)."""
+    remove_stale_layers()
+    with ContainerRuntime() as runtime:
+        yield runtime
+
+
+@pytest.fixture(scope="session")
+def minictr_rootfs_builder(pytestconfig: pytest.Config) -> RootfsBuilder:
+    """A RootfsBuilder on the session's cache dir: build custom root filesystems once."""
+    return RootfsBuilder(cache_dir=pytestconfig.stash[_SETTINGS].cache_dir)
+
+
+@pytest.fixture
+def container(request: pytest.FixtureRequest, minictr_runtime: ContainerRuntime,
+              minictr_rootfs_builder: RootfsBuilder):
+    """A container for this test, configured by the closest `container` marker. Its writable
+    layer is the test's own: successive `run()`s see each other's writes, other tests never."""
+    session = request.config.stash[_SETTINGS]
+    try:
+        settings = merge_marker(session.defaults, request.node)
+        check_host_can_run_containers()
+        rootfs = resolve_rootfs(settings, minictr_rootfs_builder,
+                                request.config.stash.setdefault(_ROOTFS_MEMO, {}))
+        problem = None
+    except MinictrError as error:  # reported outside the handler: no chained traceback
+        problem = error
+    if isinstance(problem, UnsupportedError):
+        unavailable(session, problem)
+    elif problem is not None:
+        pytest.fail(str(problem), pytrace=False)
+    box = TestContainer(minictr_runtime, rootfs, settings, request.node, session)
+    yield box
+    box.close()

@@ -1,0 +1,94 @@
+"""The plugin's settings: the `--minictr-*` options (ini < environment < command line) and the
+`container` markers merged over them, each value checked once through the keyword schema."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_minictr.errors import ConfigError
+from pytest_minictr.keywords import (OPTION_KEYWORDS, ContainerSettings, Keyword,
+                                     check_marker_names, check_marker_value, check_text)
+from pytest_minictr.rootfs.builder import default_cache_dir
+
+HELP_CACHE = "where built root filesystems are cached (default: $XDG_CACHE_HOME/minictr)"
+HELP_UNAVAILABLE = ("where this host cannot run containers: 'fail' the tests that need one "
+                    "(default) or 'skip' them, with the reason either way")
+UNAVAILABLE_CHOICES = ("fail", "skip")
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """The options of the run, before any marker."""
+
+    defaults: ContainerSettings
+    cache_dir: Path
+    unavailable: str          # "fail" | "skip"
+    source: str               # where the rootfs comes from, for the report header
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """--minictr-NAME and the ini key minictr_NAME: one per option keyword, and the two
+    options about the session rather than its containers."""
+    group = parser.getgroup("minictr", "containers (pytest-minictr)")
+    for keyword in OPTION_KEYWORDS:
+        _add_option(parser, group, keyword.name, f"default of every container: {keyword.help}")
+    _add_option(parser, group, "cache_dir", HELP_CACHE)
+    _add_option(parser, group, "unavailable", HELP_UNAVAILABLE, choices=UNAVAILABLE_CHOICES)
+
+
+def _add_option(parser: pytest.Parser, group, name: str, help_text: str, **options) -> None:
+    group.addoption("--minictr-" + name.replace("_", "-"), dest=f"minictr_{name}",
+                    help=help_text, **(options or {"metavar": name.upper()}))
+    parser.addini(f"minictr_{name}", help_text)
+
+
+def read_session_settings(config: pytest.Config) -> SessionSettings:
+    defaults = ContainerSettings(**{keyword.name: _option_value(config, keyword)
+                                    for keyword in OPTION_KEYWORDS})
+    unavailable = _option(config, "unavailable")[0] or "fail"
+    if unavailable not in UNAVAILABLE_CHOICES:
+        raise ConfigError(f"--minictr-unavailable={unavailable!r}: expected 'fail' or 'skip'")
+    cache_dir = _option(config, "cache_dir")[0]
+    source = f"from {defaults.rootfs}" if defaults.rootfs else "built from host binaries"
+    return SessionSettings(defaults, Path(cache_dir).expanduser() if cache_dir
+                           else default_cache_dir(), unavailable, source)
+
+
+def _option_value(config: pytest.Config, keyword: Keyword) -> Any:
+    text, spelled = _option(config, keyword.name)
+    return keyword.default if text is None else check_text(keyword, text, spelled)
+
+
+def _option(config: pytest.Config, name: str) -> tuple[str | None, str]:
+    """Command line, else environment, else ini: the first one set, and how an error names
+    it there."""
+    for value, spelled in ((config.getoption(f"minictr_{name}"),
+                            "--minictr-" + name.replace("_", "-")),
+                           (os.environ.get(f"MINICTR_{name.upper()}"), f"MINICTR_{name.upper()}"),
+                           (config.getini(f"minictr_{name}"), f"minictr_{name}")):
+        if value not in (None, ""):
+            return str(value), spelled
+    return None, ""
+
+
+def merge_marker(defaults: ContainerSettings, item: pytest.Item) -> ContainerSettings:
+    """Apply the `container` markers from the farthest (module) to the closest (function)."""
+    keywords: dict[str, Any] = {}
+    for marker in reversed(list(item.iter_markers("container"))):
+        if marker.args:
+            raise ConfigError(f"@pytest.mark.container{marker.args!r}: takes keywords only, "
+                              f"e.g. container(memory='64M')")
+        check_marker_names(marker.kwargs)
+        keywords.update(marker.kwargs)
+    if keywords.get("rootfs") is not None and (keywords.get("binaries") is not None
+                                               or keywords.get("recipe") is not None):
+        raise ConfigError("@pytest.mark.container: give rootfs= or binaries=/recipe=, not both")
+    values = {name: check_marker_value(name, value) for name, value in keywords.items()}
+    if values.get("binaries") is not None or values.get("recipe") is not None:
+        values["rootfs"] = None  # the marker's binaries beat a --minictr-rootfs default
+    return replace(defaults, **values)

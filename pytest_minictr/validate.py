@@ -1,0 +1,364 @@
+"""The value checkers: one user value in, the checked value out, or a `ConfigError` that names
+the value as the user spelled it (`memory=`, `--minictr-memory=`, `memory_limit=`, `--memory=`).
+
+Pure functions with no state, shared by every front end through the keyword schema
+(`keywords`); the frozen values they feed are in `spec`. Nothing here starts anything.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pytest_minictr.errors import ConfigError
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+NETWORK_MODES = ("none", "loopback")
+EXPECTED_CPUS = "a number of CPUs such as 0.5 or 2"
+# Bounds past which the kernel (or select()/poll() in the launcher) would refuse or overflow.
+MAX_SECONDS = 10 ** 6              # about 11 days: any wait, timeout or grace
+MAX_SIZE = 2 ** 62                 # bytes; the cgroup and tmpfs parsers stop near 2**63
+MIN_MEMORY = 4 * 1024 ** 2         # below this the container's own init cannot even start
+# pids.max refuses more than PID_MAX_LIMIT (4194304, EINVAL), and the launcher adds one for
+# the container's init (launcher._with_room_for_the_init).
+MAX_PIDS = 4194304 - 1
+# execve() refuses (E2BIG) one argument or NAME=value string of this many bytes, its NUL
+# included: the kernel's MAX_ARG_STRLEN, 32 pages.
+MAX_ARG_STRLEN = 32 * os.sysconf("SC_PAGE_SIZE")
+
+_SIZE_UNITS = {"": 1, "b": 1}
+for _power, _letter in enumerate("kmgt", start=1):
+    for _suffix in (_letter, _letter + "b", _letter + "ib"):
+        _SIZE_UNITS[_suffix] = 1024 ** _power
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+# RFC 1123 labels; the kernel would take any 64 bytes, but other programs choke on the rest.
+_HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes, CPUs, counts, durations
+
+def parse_size(value: int | str, name: str = "size") -> int:
+    """'64M' -> 67108864. Units are powers of 1024, like docker's: B, K, M, G, T (KB, KiB ok)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"{name}={value!r}: expected bytes as an int or a string like '64M'")
+    if isinstance(value, int):
+        number, unit = value, ""
+    else:
+        match = _SIZE_RE.match(value)
+        if not match:
+            raise ConfigError(f"{name}={value!r}: not a size (use e.g. '512K', '64M', '1G')")
+        number, unit = match.group(1), match.group(2).lower()
+        if unit not in _SIZE_UNITS:
+            raise ConfigError(f"{name}={value!r}: unknown unit {match.group(2)!r} (use K, M, G)")
+    size = number if isinstance(number, int) else _scaled(number, _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"{name}={value!r}: must be positive")
+    if size > MAX_SIZE:
+        raise ConfigError(f"{name}={value!r}: must be at most 2**62 bytes ({MAX_SIZE})")
+    return size
+
+
+def _scaled(number: str, unit: int) -> int:
+    """'1.5' * 1024 in integers, rounded down: a float would round byte counts past 2**53
+    and overflow to infinity on a long digit string."""
+    whole, _, fraction = number.partition(".")
+    if len(whole.lstrip("0")) > 24:  # far past MAX_SIZE; int() refuses 4300+ digits anyway
+        return MAX_SIZE + 1
+    fraction = fraction[:24]  # below a byte even in terabytes
+    # lstrip: int() counts leading zeros against its 4300-digit limit too
+    return int((whole + fraction).lstrip("0") or "0") * unit // 10 ** len(fraction)
+
+
+def check_memory_limit(value: Any, name: str = "memory_limit") -> int:
+    size = parse_size(value, name)
+    if size < MIN_MEMORY:
+        # The kernel takes 1M, then OOM-kills the container before its command runs, with no
+        # output at all (or refuses with EBUSY, under the group's current usage).
+        raise ConfigError(f"{name}={value!r}: must be at least 4 MiB ({MIN_MEMORY} "
+                          "bytes), or the container is killed before it starts; use e.g. '64M'")
+    return size
+
+
+def parse_cpus(value: float | int | str, name: str = "cpus") -> float:
+    """Number of CPUs like `docker --cpus`: 0.5 is half of one CPU, 2 is two."""
+    try:
+        cpus = float(value) if not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int past float range: far more CPUs than any host has
+        cpus = math.inf
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r}: expected {EXPECTED_CPUS}") from None
+    return _check_cpus(cpus, name, value)
+
+
+def check_cpu_percent(value: Any, name: str = "cpu_limit") -> float:
+    """The seed API's `cpu_limit`: percent of one CPU (50 is half of one); as CPUs."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}={value!r}: expected a percent of one CPU, e.g. 50")
+    # float() overflows on a huge int, either sign
+    percent = math.inf if value > 1e300 else -math.inf if value < -1e300 else float(value)
+    return _check_cpus(percent / 100, name, value)
+
+
+def _check_cpus(cpus: float, name: str, shown: Any) -> float:
+    available = os.cpu_count() or 1
+    # the CFS quota is counted in whole percents of its period: below one, nothing would run
+    if not math.isfinite(cpus) or cpus * 100 < 1:
+        raise ConfigError(f"{name}={shown!r}: must be at least 1% of one CPU")
+    if cpus > available:
+        raise ConfigError(f"{name}={shown!r}: this host has only {available} CPUs")
+    return float(cpus)
+
+
+def check_pids_limit(value: Any, name: str = "pids_limit") -> int:
+    pids = check_positive_int(value, name)
+    if pids > MAX_PIDS:
+        raise ConfigError(f"{name}={value!r}: must be at most {MAX_PIDS} (the kernel's "
+                          "PID_MAX_LIMIT, less one for the container's init); use None for "
+                          "no limit")
+    return pids
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name}={value!r}: expected a positive integer")
+    return value
+
+
+def check_seconds(value: Any, name: str, allow_zero: bool = False) -> float:
+    """A duration given by the user, as float seconds: finite, positive (or 0 with
+    `allow_zero`, e.g. a stop grace) and at most MAX_SECONDS, past which select()/poll()
+    timeouts overflow. ConfigError names `name` otherwise."""
+    expected = "a number of seconds, 0 or more" if allow_zero else "a positive number of seconds"
+    # Comparisons, not math.isfinite(): that one raises OverflowError on a huge int.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+            or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value!r}: expected {expected}")
+    if value > MAX_SECONDS:
+        raise ConfigError(f"{name}={value!r}: must be at most {MAX_SECONDS} seconds "
+                          f"(about {MAX_SECONDS // 86400} days)")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strings the kernel takes: names, paths, arguments, the environment
+
+def check_hostname(hostname: Any, name: str = "hostname") -> str:
+    # fullmatch: '$' would let a trailing newline through. The pattern is ASCII-only, so it
+    # also keeps out what os.fsencode() cannot encode.
+    if not isinstance(hostname, str) or not _HOSTNAME_RE.fullmatch(hostname) \
+            or len(hostname) > 64:
+        raise ConfigError(f"{name}={hostname!r}: expected letters, digits, '-' and '.', "
+                          "at most 64 characters")
+    return hostname
+
+
+def check_network(value: Any, name: str = "network") -> str:
+    if value not in NETWORK_MODES:
+        raise ConfigError(f"{name}={value!r}: expected one of "
+                          f"{', '.join(map(repr, NETWORK_MODES))}")
+    return value
+
+
+def check_encodable(value: str, name: str) -> None:
+    """The kernel takes bytes: a str that os.fsencode() cannot turn into them (a lone
+    surrogate such as '\\ud800') would fail late, in the launcher or the container."""
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError as error:
+        bad = value[error.start:error.end]
+        raise ConfigError(f"{name}={value!r}: {bad!r} at index {error.start} cannot be encoded "
+                          f"for the kernel ({error.reason}); strings from os.fsdecode() or "
+                          "os.listdir() are fine") from None
+
+
+def check_exec_string(value: str, name: str, prefix: str = "") -> None:
+    """A string execve() would refuse, with E2BIG, late, naming no argument."""
+    size = len(os.fsencode(prefix + value)) + 1
+    if size > MAX_ARG_STRLEN:
+        raise ConfigError(f"{name}={value[:20]!r}...: {size} bytes, past the kernel's limit "
+                          f"of {MAX_ARG_STRLEN} on one argument or NAME=value string "
+                          "(MAX_ARG_STRLEN); pass big data as input= or in a file")
+
+
+def check_container_path(path: Any, name: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise ConfigError(f"{name}={path!r}: expected an absolute path inside the container")
+    check_encodable(path, name)
+    # normpath keeps a leading '//' (POSIX leaves it implementation-defined); Linux does not
+    # care, but '//proc' must not slip past the checks that compare paths with '/proc'.
+    return "/" + os.path.normpath(path).lstrip("/")
+
+
+def check_host_dir(value: Any, name: str, what: str = "directory", fix: str = "") -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ConfigError(f"{name}={value!r}: expected the path of a {what} directory")
+    path = os.fspath(value)
+    if isinstance(path, bytes) or "\0" in path:
+        raise ConfigError(f"{name}={value!r}: expected a str path without NUL bytes")
+    check_encodable(path, name)
+    if not os.path.isdir(path):
+        problem = "does not exist" if not os.path.lexists(path) else "is not a directory"
+        raise ConfigError(f"{name}={path!r}: {what} {problem}{fix}")
+    return os.path.realpath(path)
+
+
+def check_prepared_rootfs(value: Any, name: str = "rootfs") -> str:
+    """A rootfs directory prepared beforehand (the plugin's rootfs= and --minictr-rootfs),
+    '~' expanded: it must hold something."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{name}={value!r}: expected the path of a rootfs directory")
+    try:
+        path = Path(value).expanduser()
+    except (RuntimeError, ValueError):  # '~nosuchuser', '~\0', '~\ud800'
+        raise ConfigError(f"{name}={str(value)!r}: no such user, so no home directory to "
+                          "expand '~' to") from None
+    if not os.path.isdir(path):  # not path.is_dir(): it raises ENAMETOOLONG
+        raise ConfigError(f"{name}={str(value)!r}: no such directory")
+    if not any(path.iterdir()):
+        raise ConfigError(f"{name}={str(value)!r}: the directory is empty (build one with "
+                          "`minictr rootfs build --bin sh DEST`)")
+    return str(path.resolve())
+
+
+def is_within(path: str, directory: str) -> bool:
+    return path.startswith(directory.rstrip("/") + "/")
+
+
+def check_command(command: Any) -> tuple[str, ...]:
+    if isinstance(command, (str, bytes)):
+        raise ConfigError(f"command={command!r}: expected a list of arguments, "
+                          f"e.g. ['/bin/sh', '-c', {command!r}]")
+    items = tuple(check_sequence(command, "command"))
+    if not items:
+        raise ConfigError("command=[]: the command is empty")
+    for index, item in enumerate(items):
+        if not isinstance(item, str) or "\0" in item:
+            raise ConfigError(f"command item {item!r}: arguments must be str without NUL bytes")
+        check_encodable(item, f"command[{index}]")
+        check_exec_string(item, f"command[{index}]")
+    if not items[0]:
+        raise ConfigError("command[0]='': the program name is empty")
+    return items
+
+
+def check_env(env: Any, name: str = "env") -> dict[str, str]:
+    """Names and values the container's environment can hold (merged over the defaults, or a
+    container's own environment, by the spec)."""
+    if not isinstance(env, Mapping):
+        raise ConfigError(f"{name}={env!r}: expected a mapping of names to values")
+    for key, value in env.items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise ConfigError(f"{name} name {key!r}: must be a non-empty str without '=' or NUL")
+        if not isinstance(value, str) or "\0" in value:
+            raise ConfigError(f"{name}[{key!r}]={value!r}: values must be str without NUL")
+        check_encodable(key, f"{name} name")
+        check_encodable(value, f"{name}[{key!r}]")
+        check_exec_string(value, f"{name}[{key!r}]", prefix=f"{key}=")
+    return dict(env)
+
+
+def check_user(user: Any, name: str = "user") -> bool:
+    """True (the default, None): container root is an unprivileged uid of the host. False:
+    container root is host root, for a test that needs it (and a caller that is root)."""
+    if user is None:
+        return True
+    if not isinstance(user, bool):
+        raise ConfigError(f"{name}={user!r}: expected True, False or None (default: True)")
+    if not user and os.geteuid() != 0:
+        raise ConfigError(f"{name}=False: without root, a container needs a user namespace")
+    return user
+
+
+def check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}: expected True or False")
+    return value
+
+
+def check_sequence(value: Any, name: str) -> Sequence[Any]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ConfigError(f"{name}={value!r}: expected a list")
+    return value
+
+
+def check_binaries(value: Any, name: str = "binaries") -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or \
+            not all(isinstance(b, str) and b for b in value):
+        raise ConfigError(f"{name}={value!r}: expected a list of program names")
+    return tuple(value)
+
+
+def check_recipe(value: Any, name: str = "recipe") -> str:
+    # imported here: the recipe module reads TOML, which only a rootfs build needs
+    from pytest_minictr.rootfs import recipe as recipes
+    recipes.find(value)  # ConfigError names an unknown one
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# What loosens the confinement, checked against what it can name
+
+def check_syscalls(names: Any, name: str = "allow_syscalls") -> tuple[str, ...]:
+    from pytest_minictr.container.seccomp import FILTERED
+    return _check_names(names, name, FILTERED, "not a call the default seccomp filter denies")
+
+
+def check_seccomp_here(seccomp: bool) -> None:
+    """The filter is written per architecture: on another one it cannot be installed."""
+    from pytest_minictr.container.seccomp import ARCHITECTURES
+    if seccomp and os.uname().machine not in ARCHITECTURES:
+        raise ConfigError(f"seccomp=True: no syscall table for {os.uname().machine} "
+                          f"(known: {', '.join(ARCHITECTURES)}); pass seccomp=False")
+
+
+def check_capabilities(names: Any, name: str = "capabilities") -> tuple[str, ...]:
+    from pytest_minictr.container.security import CAPABILITY_NAMES
+    return _check_names(names, name, CAPABILITY_NAMES, "not a capability",
+                        normalize=_capability_name)
+
+
+def _capability_name(name: str) -> str:
+    name = name.upper()
+    return name[len("CAP_"):] if name.startswith("CAP_") else name
+
+
+def _check_names(names: Any, keyword: str, known: Sequence[str], problem: str,
+                 normalize=lambda name: name) -> tuple[str, ...]:
+    for name in check_sequence(names, keyword):
+        if not isinstance(name, str) or normalize(name) not in known:
+            raise ConfigError(f"{keyword}: {name!r} is {problem} (known: {', '.join(known)})")
+    return tuple(normalize(name) for name in names)
+
+
+def check_rlimits(rlimits: Any, keyword: str = "rlimits") -> tuple[tuple[str, int, int], ...]:
+    """{'nofile': 8192, 'core': 'unlimited', 'stack': (8M, 64M)}: one value sets both the
+    soft and the hard limit; a pair sets them apart."""
+    from pytest_minictr.container.security import RLIMIT_NAMES, UNLIMITED
+    if rlimits is None:
+        return ()
+    if not isinstance(rlimits, Mapping):
+        raise ConfigError(f"{keyword}={rlimits!r}: expected a dict such as {{'nofile': 8192}}")
+    checked = []
+    for name, value in rlimits.items():
+        if name not in RLIMIT_NAMES:
+            raise ConfigError(f"{keyword}: unknown limit {name!r} "
+                              f"(known: {', '.join(sorted(RLIMIT_NAMES))})")
+        pair = value if isinstance(value, tuple) and len(value) == 2 else (value, value)
+        soft, hard = (_rlimit_value(keyword, name, value, v, UNLIMITED) for v in pair)
+        if hard != UNLIMITED and (soft == UNLIMITED or soft > hard):
+            raise ConfigError(f"{keyword}: {name}={value!r}: the soft limit exceeds the hard one")
+        checked.append((name, soft, hard))
+    return tuple(checked)
+
+
+def _rlimit_value(keyword: str, name: str, shown: Any, value: Any, unlimited: int) -> int:
+    if value is None or value == "unlimited":
+        return unlimited
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+        raise ConfigError(f"{keyword}: {name}={shown!r}: expected a number from 0 to 2**63, "
+                          "'unlimited', or a (soft, hard) pair of them")
+    return value
