@@ -20,8 +20,8 @@ _EXPORTS = {
                "ContainerSetupError", "LauncherError", "MinictrError", "RootfsError",
                "UnsupportedError"],
     "rootfs.builder": ["RootfsBuilder"],
-    "caller.runtime": ["Container", "ContainerProcessError", "ContainerRuntime",
-                       "ContainerStatus", "Result", "WaitTimeoutError"],
+    "caller.runtime": ["Container", "ContainerRuntime"],
+    "caller.result": ["ContainerProcessError", "ContainerStatus", "Result", "WaitTimeoutError"],
     "spec": ["ContainerSpec", "Limits", "Mount", "parse_size"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pytest_minictr import MinictrError, RootfsBuilder, keywords, spec
-from pytest_minictr.caller.runtime import Result
+from pytest_minictr.caller.result import Result
 from pytest_minictr.container import security
 from pytest_minictr.container.seccomp import FILTERED
 from pytest_minictr.spec import MAX_SIZE, MIN_MEMORY, ContainerSpec, Mount

@@ -8,130 +8,26 @@ namespaces, mounts, exec) -> `Monitor` (pipes, the launcher's end report) -> `Re
 from __future__ import annotations
 
 import atexit
-import enum
 import os
 import secrets
 import signal
-import subprocess
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from pytest_minictr import errors, keywords
 from pytest_minictr.caller.client import LauncherClient
 from pytest_minictr.caller.monitor import Monitor
+from pytest_minictr.caller.result import ContainerStats, ContainerStatus, Result, WaitTimeoutError
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError, LauncherError, MinictrError
 from pytest_minictr.protocol import FORWARDED_SIGNALS
-from pytest_minictr.spec import ContainerSpec, Limits, check_seconds, make_exec_spec, make_spec
+from pytest_minictr.spec import ContainerSpec, check_seconds, make_exec_spec, make_spec
 
 DEFAULT_STOP_GRACE = 5.0
-VERDICT_HEAD = 4096     # bytes of each stream in Result.to_dict()
-_SIGNAL_NUMBERS = {int(number) for number in signal.Signals}
 _FINISHED_KEPT = 1024   # statuses of collected containers remembered for runtime.status(id)
 _ABORT_WAIT = 30.0      # seconds to wait for a killed container's end after an interrupt
-
-
-class WaitTimeoutError(MinictrError, subprocess.TimeoutExpired):
-    """`Container.wait(timeout=...)` gave up; the container is still running."""
-
-    def __init__(self, cmd, timeout: float):
-        subprocess.TimeoutExpired.__init__(self, cmd, timeout)
-
-    def __str__(self) -> str:
-        return f"container {self.cmd!r} still running after waiting {self.timeout:g} s"
-
-
-class ContainerProcessError(MinictrError, subprocess.CalledProcessError):
-    """`Result.check_returncode()` on a non-zero exit; carries the output like subprocess."""
-
-    def __init__(self, returncode: int, cmd, output: bytes = b"", stderr: bytes = b""):
-        subprocess.CalledProcessError.__init__(self, returncode, cmd, output, stderr)
-
-    def __str__(self) -> str:
-        return subprocess.CalledProcessError.__str__(self)
-
-
-class ContainerStatus(str, enum.Enum):
-    RUNNING = "running"
-    EXITED = "exited"        # the command ended by itself (any exit code or signal)
-    STOPPED = "stopped"      # ended by stop()
-    TIMED_OUT = "timed_out"  # killed when its `timeout` passed
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class Result:
-    """What a container did, shaped like `subprocess.CompletedProcess`, plus what was measured.
-
-    `returncode` is negative when the command was killed by a signal (-9: SIGKILL, as after a
-    timeout). Kernel measurements are None where this host could not take them.
-    """
-
-    args: tuple[str, ...]
-    returncode: int
-    stdout: bytes = b""
-    stderr: bytes = b""
-    timed_out: bool = False
-    output_truncated: bool = False
-    wall_time: float = 0.0
-    cpu_time: float | None = None
-    memory_peak: int | None = None
-    oom_killed: bool | None = None
-    container_id: str = ""
-
-    def check_returncode(self) -> None:
-        """Raise ContainerProcessError (a subprocess.CalledProcessError) if returncode != 0."""
-        if self.returncode:
-            raise ContainerProcessError(self.returncode, list(self.args), self.stdout, self.stderr)
-
-    @property
-    def verdict(self) -> str:
-        """One word for a grader, the first that holds: "output_limit" (output cut at
-        output_limit: a flood, whatever ended it), "timeout" (killed at its time limit),
-        "memory" (the OOM killer struck), "signal" (killed by a signal), "runtime_error" (exit
-        status not 0), "ok"."""
-        if self.output_truncated:
-            return "output_limit"
-        if self.timed_out:
-            return "timeout"
-        if self.oom_killed:
-            return "memory"
-        if self.returncode < 0:
-            return "signal"
-        return "runtime_error" if self.returncode else "ok"
-
-    def to_dict(self, head: int = VERDICT_HEAD) -> dict[str, Any]:
-        """The Result as JSON-ready values: the verdict, the figures, and the first `head`
-        bytes of stdout and stderr (decoded, undecodable bytes replaced)."""
-        signum = -self.returncode if self.returncode < 0 else None
-        return {
-            "verdict": self.verdict, "returncode": self.returncode,
-            "signal": signal.Signals(signum).name if signum in _SIGNAL_NUMBERS else signum,
-            "wall_time": self.wall_time, "cpu_time": self.cpu_time,
-            "memory_peak": self.memory_peak, "oom_killed": bool(self.oom_killed),
-            "timed_out": self.timed_out, "output_truncated": self.output_truncated,
-            "stdout": self.stdout[:head].decode("utf-8", "replace"),
-            "stderr": self.stderr[:head].decode("utf-8", "replace"),
-            "stdout_bytes": len(self.stdout), "stderr_bytes": len(self.stderr),
-            "args": list(self.args), "container_id": self.container_id}
-
-
-@dataclass(frozen=True)
-class ContainerStats:
-    """A running container's figures now, from its cgroup (None where this host has none):
-    cheap enough to poll."""
-
-    memory_current: int | None      # bytes in use now (its tmpfs files included)
-    memory_peak: int | None         # bytes, the most so far
-    cpu_time: float | None          # CPU seconds so far, every process of it
-    processes: int | None           # processes and threads of the command(s) alive now
-    oom_killed: bool                # the OOM killer has struck in it
-    limits: Limits                  # the limits in force
 
 
 class Container:

@@ -26,9 +26,10 @@ from typing import Sequence
 from pytest_minictr.caller.runtime import ContainerRuntime
 from pytest_minictr.cli import rootfs_commands
 from pytest_minictr.cli.detached import commands as lifecycle
+from pytest_minictr.cli.flags import add_keyword_flags, command_of, flag_value, spelled
 from pytest_minictr.doctor import checks as doctor
 from pytest_minictr.errors import CommandNotFoundError, MinictrError
-from pytest_minictr.keywords import BY_NAME, FLAG_KEYWORDS, Keyword
+from pytest_minictr.keywords import BY_NAME, FLAG_KEYWORDS
 from pytest_minictr.rootfs.builder import RootfsBuilder
 from pytest_minictr.spec import spec_from
 
@@ -106,12 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        args.parser.error("the command to run is missing: minictr run [OPTIONS] -- CMD [ARGS...]")
-    given = {keyword.name: _flag_value(keyword, getattr(args, keyword.name))
+    command = command_of(args, "minictr run [OPTIONS] -- CMD [ARGS...]")
+    given = {keyword.name: flag_value(keyword, getattr(args, keyword.name))
              for keyword in FLAG_KEYWORDS if hasattr(args, keyword.name)}
-    checked = {keyword.name: keyword.validate(given[keyword.name], _spelled(keyword))
+    checked = {keyword.name: keyword.validate(given[keyword.name], spelled(keyword))
                for keyword in FLAG_KEYWORDS if keyword.name in given}
     rootfs = str(args.rootfs or _build_for(command[0], args))
     spec = spec_from(rootfs, command, checked)  # a bad value fails here, before anything starts
@@ -152,42 +151,6 @@ def build_rootfs(args: argparse.Namespace) -> int:
         args.parser.error("give --recipe NAME and/or --bin NAME")
     print(RootfsBuilder().build(binaries=args.bin, dest=args.dest, recipe=args.recipe))
     return 0
-
-
-def add_keyword_flags(run: argparse.ArgumentParser) -> None:
-    """The flags of `run` that set container keywords, as the schema declares them. Absent
-    flags stay out of the namespace (SUPPRESS): the spec's defaults apply, unchecked."""
-    for keyword in FLAG_KEYWORDS:
-        flag = keyword.flag
-        options = {"choices": flag.choices} if flag.choices else {}
-        if flag.action != "store_false":
-            options["type"] = _argparse_type(keyword)
-            options["metavar"] = flag.metavar
-        help_text = flag.help or keyword.help
-        if flag.action == "append":
-            help_text += "; repeatable"
-        run.add_argument(*flag.names, dest=keyword.name, action=flag.action,
-                         default=argparse.SUPPRESS, help=help_text, **options)
-
-
-def _argparse_type(keyword: Keyword):
-    """The flag's text as its keyword's check takes it; a text that is not even that (a
-    number, NAME=VALUE) is argparse's usage error."""
-    def convert(text: str):
-        try:
-            return keyword.from_text(text, keyword.flag.names[0])
-        except MinictrError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-    return convert
-
-
-def _flag_value(keyword: Keyword, value):
-    return keyword.flag.collect(value) if keyword.flag.action == "append" else value
-
-
-def _spelled(keyword: Keyword) -> str:
-    """How an error names the flag's value: the flag, or for a --no-x flag its keyword."""
-    return keyword.name if keyword.flag.action == "store_false" else keyword.flag.names[0]
 
 
 def _complain(error: BaseException) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 from pytest_minictr.container import security
 from pytest_minictr.host import linux
-from pytest_minictr.spec import ContainerSpec, Mount
+from pytest_minictr.spec import ContainerSpec
 
 PHASES = ("join cgroup", "namespaces", "stage", "/proc and /dev", "layer", "root", "pivot_root",
           "hostname and loopback", "rlimits", "user namespace", "capabilities", "seccomp",
@@ -188,8 +188,10 @@ def renew_stage(where: Where) -> tuple[Step, ...]:
     if where.rootless:
         return ()
     # A spare copied the host's mount table before its spec came; a mount made on the host
-    # since (a filesystem on the rootfs' path) would be missing from the copy.
-    return (Step("stage", "renew a stale copy of the host's mounts", "renew_stage_if_stale",
+    # since (a filesystem on the rootfs' path) would be missing from the copy, and the layer
+    # and the user's mounts are opened through it. (Part of "layer": what it carries out again
+    # are the stage's own steps, each failing under its own phase.)
+    return (Step("layer", "renew a stale copy of the host's mounts", "renew_stage_if_stale",
                  (Ref("host mounts"),)),)
 
 
@@ -199,7 +201,9 @@ def mount_layer(spec: ContainerSpec, where: Where, userns: bool) -> tuple[Step, 
     escaping ',' and ':' in overlay options."""
     lower = Ref("rootfs")
     steps = [Step("layer", f"open {spec.rootfs}", "open_host_path", (spec.rootfs,), "rootfs"),
-             Step("layer", f"open {spec.layer}", "open_host_path", (spec.layer,), "layer"),
+             Step("layer", f"open {spec.layer}", "open_host_path", (spec.layer,), "layer")
+             if spec.layer is not None else  # the stage itself holds the writable layer
+             Step("layer", "no kept layer", "nothing", saves="layer"),
              # Two overlays on one upper dir at once corrupt each other.
              Step("layer", "lock the layer", "lock_layer", (Ref("layer"),), "layer lock"),
              *([] if spec.layer is None else [
@@ -225,24 +229,22 @@ def build_root(spec: ContainerSpec) -> tuple[Step, ...]:
     # mount onto the host; runc's CVE-2021-30465 is that race). mounts._mount_point refuses.
     steps = [Step("root", "move /dev", "move_into_root", ("/dev",)),
              Step("root", "mount /tmp", "mount_tmp", (spec.layer_size,))]
+    sources = []
     for index, mount in enumerate(spec.mounts):
-        steps += _user_mount(mount, f"source {index}")
+        if mount.source is None:
+            steps.append(Step("root", f"mount tmpfs on {mount.target}", "mount_user_tmpfs",
+                              (mount.target, mount.size)))
+            continue
+        sources.append(Ref(f"source {index}"))
+        steps += [Step("root", f"open {mount.source}", "open_host_path", (mount.source,),
+                       sources[-1].slot),
+                  Step("root", f"bind {mount.source} on {mount.target}", "bind_user_mount",
+                       (sources[-1], mount.target, mount.read_only))]
     # last: until here, /proc/self/fd/N named our fds (the user's mounts use it)
     steps += [Step("root", "move /proc", "move_into_root", ("/proc",)),
               Step("root", "close the host's paths", "close_fds",
-                   (Ref("rootfs"), Ref("layer"), *(Ref(f"source {i}")
-                                                   for i in range(len(spec.mounts)))))]
+                   (Ref("rootfs"), Ref("layer"), *sources))]
     return tuple(steps)
-
-
-def _user_mount(mount: Mount, slot: str) -> tuple[Step, ...]:
-    if mount.source is None:
-        return (Step("root", f"mount tmpfs on {mount.target}", "mount_user_tmpfs",
-                     (mount.target, mount.size)),
-                Step("root", "(no source)", "nothing", saves=slot))
-    return (Step("root", f"open {mount.source}", "open_host_path", (mount.source,), slot),
-            Step("root", f"bind {mount.source} on {mount.target}", "bind_user_mount",
-                 (Ref(slot), mount.target, mount.read_only)))
 
 
 def pivot_into_root(spec: ContainerSpec) -> tuple[Step, ...]:

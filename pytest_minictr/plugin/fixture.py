@@ -10,7 +10,8 @@ from typing import Mapping, Sequence
 
 import pytest
 
-from pytest_minictr.caller.runtime import Container, ContainerRuntime, ContainerStats, Result
+from pytest_minictr.caller.result import ContainerStats, Result
+from pytest_minictr.caller.runtime import Container, ContainerRuntime
 from pytest_minictr.errors import ConfigError, MinictrError, UnsupportedError
 from pytest_minictr.keywords import BY_NAME, ContainerSettings
 from pytest_minictr.plugin.host import LAYER_PREFIX, layer_parent, remove_layer

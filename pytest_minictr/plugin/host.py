@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pytest_minictr.caller.runtime import Result
+from pytest_minictr.caller.result import Result
 from pytest_minictr.doctor import checks as doctor
 from pytest_minictr.errors import UnsupportedError
 from pytest_minictr.keywords import ContainerSettings

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from pytest_minictr.cli.detached import shim
 from pytest_minictr.cli.detached.records import Record, Store
+from pytest_minictr.cli.flags import argparse_type, command_of
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError, MinictrError
+from pytest_minictr.keywords import BY_NAME
 from pytest_minictr.spec import ContainerSpec
 
 SHIM_START_TIMEOUT = 120.0  # seconds for the shim to start the container and answer
@@ -50,8 +52,8 @@ def add_commands(commands) -> None:
     exec_command = commands.add_parser("exec", help="run a command in a running container",
                                        usage="minictr exec ID -- CMD [ARGS...]")
     exec_command.add_argument("id")
-    exec_command.add_argument("--env", action="append", type=env_pair, default=[],
-                              metavar="NAME=VALUE")
+    exec_command.add_argument("--env", action="append", type=argparse_type(BY_NAME["env"]),
+                              default=[], metavar="NAME=VALUE")
     exec_command.add_argument("--timeout", type=float)
     exec_command.add_argument("command", nargs=argparse.REMAINDER)
     exec_command.set_defaults(handler=exec_in_container, parser=exec_command)
@@ -144,9 +146,7 @@ def kill_container(args: argparse.Namespace) -> int:
 
 
 def exec_in_container(args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        args.parser.error("the command to run is missing: minictr exec ID -- CMD [ARGS...]")
+    command = command_of(args, "minictr exec ID -- CMD [ARGS...]")
     env = dict(args.env)
     reply = _ask(args.id, {"op": "exec", "command": command, "env": env or None,
                            "timeout": args.timeout}, fds=(0, 1, 2))
@@ -219,12 +219,3 @@ def _signal_number(name: str) -> int:
     except (AttributeError, ValueError):
         raise ConfigError(f"signal {name!r}: expected a name (TERM, KILL, HUP...) or a "
                           "number") from None
-
-
-def env_pair(text: str) -> tuple[str, str]:
-    """--env NAME=VALUE, for argparse (`run` and `exec`)."""
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE")
-    return name, value
-

@@ -1,6 +1,6 @@
 """The container's cgroup: limits, measurement, and a kill that nothing escapes.
 
-    from pytest_minictr import cgroups
+    from pytest_minictr.host import cgroups
     backend = cgroups.detect()                       # once per process: v1 or v2
     group = backend.create(cgroups.group_name(container_id), limits)
     group.join(pid)                                  # by the container's first child, pre-exec

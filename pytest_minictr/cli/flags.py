@@ -1,0 +1,55 @@
+"""How `minictr` spells things on its command line: the keyword flags of `run`, as the schema
+(`keywords`) declares them, and the command after `--`."""
+
+from __future__ import annotations
+
+import argparse
+
+from pytest_minictr.errors import MinictrError
+from pytest_minictr.keywords import FLAG_KEYWORDS, Keyword
+
+
+def command_of(args: argparse.Namespace, usage: str) -> list[str]:
+    """The command after `--` (or without it); a usage error where there is none."""
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        args.parser.error(f"the command to run is missing: {usage}")
+    return command
+
+
+def add_keyword_flags(run: argparse.ArgumentParser) -> None:
+    """The flags of `run` that set container keywords, as the schema declares them. Absent
+    flags stay out of the namespace (SUPPRESS): the spec's defaults apply, unchecked."""
+    for keyword in FLAG_KEYWORDS:
+        flag = keyword.flag
+        options = {"choices": flag.choices} if flag.choices else {}
+        if flag.action != "store_false":
+            options["type"] = argparse_type(keyword)
+            options["metavar"] = flag.metavar
+        help_text = flag.help or keyword.help
+        if flag.action == "append":
+            help_text += "; repeatable"
+        run.add_argument(*flag.names, dest=keyword.name, action=flag.action,
+                         default=argparse.SUPPRESS, help=help_text, **options)
+
+
+def argparse_type(keyword: Keyword):
+    """The flag's text as its keyword's check takes it; a text that is not even that (a
+    number, NAME=VALUE) is argparse's usage error."""
+    def convert(text: str):
+        try:
+            return keyword.from_text(text, keyword.flag.names[0])
+        except MinictrError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return convert
+
+
+def flag_value(keyword: Keyword, value):
+    return keyword.flag.collect(value) if keyword.flag.action == "append" else value
+
+
+def spelled(keyword: Keyword) -> str:
+    """How an error names the flag's value: the flag, or for a --no-x flag its keyword."""
+    return keyword.name if keyword.flag.action == "store_false" else keyword.flag.names[0]
+
+
