@@ -30,7 +30,11 @@ MAX_FDS = 8
 
 
 def send_message(sock: socket.socket, message: Any, fds: Sequence[int] = ()) -> None:
-    payload = json.dumps(message, separators=(",", ":")).encode()
+    send_payload(sock, json.dumps(message, separators=(",", ":")).encode(), fds)
+
+
+def send_payload(sock: socket.socket, payload: bytes, fds: Sequence[int] = ()) -> None:
+    """One message already encoded (a setup plan: see container.plan.encode)."""
     data = _HEADER.pack(len(payload)) + payload
     sent = socket.send_fds(sock, [data], list(fds)) if fds else sock.send(data)
     if sent < len(data):
@@ -38,8 +42,15 @@ def send_message(sock: socket.socket, message: Any, fds: Sequence[int] = ()) -> 
 
 
 def recv_message(sock: socket.socket) -> tuple[Any, list[int]] | None:
-    """The next message and the fds that came with it, or None at end of stream. The fds are
-    close-on-exec: one that leaked into a command would hold its pipe open for its lifetime."""
+    """The next message and the fds that came with it, or None at end of stream."""
+    received = recv_payload(sock)
+    return None if received is None else (json.loads(received[0]), received[1])
+
+
+def recv_payload(sock: socket.socket) -> tuple[bytes, list[int]] | None:
+    """The next message as it was sent, and the fds that came with it, or None at end of
+    stream. The fds are close-on-exec: one that leaked into a command would hold its pipe
+    open for its lifetime."""
     header, fds, _flags, _addr = socket.recv_fds(sock, _HEADER.size, MAX_FDS)
     for fd in fds:  # (MSG_CMSG_CLOEXEC, tried first, is not honoured on every kernel)
         os.set_inheritable(fd, False)
@@ -47,7 +58,7 @@ def recv_message(sock: socket.socket) -> tuple[Any, list[int]] | None:
         return None
     header += _recv_exactly(sock, _HEADER.size - len(header))
     (length,) = _HEADER.unpack(header)
-    return json.loads(_recv_exactly(sock, length)), fds
+    return _recv_exactly(sock, length), fds
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:

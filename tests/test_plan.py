@@ -51,8 +51,10 @@ def test_the_setup_is_one_list_in_the_order_of_its_phases(spec, where):
 def test_a_plan_is_plain_data_that_crosses_a_socket_whole(spec, where):
     for steps in (plan.setup_plan(spec, where),
                   plan.exec_plan(spec, ROOT, (3, None, 4, 5, None, 6, 8))):
-        wire = json.loads(json.dumps(plan.encode(steps)))
-        assert plan.decode(wire) == steps
+        wire = plan.encode(steps)
+        assert plan.encode(plan.decode(wire)) == wire
+        assert [step.action for step in plan.decode(wire)] == [step.action for step in steps]
+        assert json.loads(wire)  # JSON: what another executor, in another language, reads
 
 
 @pytest.mark.parametrize("where", [ROOT, ROOTLESS_MAPPED], ids=["root", "rootless"])

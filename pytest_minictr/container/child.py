@@ -34,7 +34,7 @@ def run_spare(channel: int, parent_pidfd: int, prepared_ahead: tuple[plan.Step, 
         except Exception as failure:  # noqa: BLE001 - whatever it is, the caller hears of it
             early_failure = failure
         with socket.socket(fileno=channel) as sock:
-            order = protocol.recv_message(sock)
+            order = protocol.recv_payload(sock)
         if order is None:
             os._exit(0)  # discarded: the launcher is shutting down
         fds = ChildFds(*order[1])

@@ -125,7 +125,7 @@ class Launcher:
             raise
         try:
             steps = plan.completed_with(spec, self._where(spare.cgroup))
-            protocol.send_message(spare.channel, plan.encode(steps), fds.all())
+            protocol.send_payload(spare.channel, plan.encode(steps), fds.all())
         except OSError:
             pass  # the spare died (someone killed it): that shows up as the container's end
         finally:

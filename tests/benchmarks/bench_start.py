@@ -197,8 +197,14 @@ def measure_cpu(start, runs: int) -> dict:
     and its child that outlives the runs), if any."""
     start()  # the launcher and its zygote exist from here on
     launchers = children(os.getpid())
-    kept = {pid for launcher in launchers for pid in children(launcher)}
-    helpers = {pid: process_cpu_s(pid) for pid in launchers | kept}
+    # the launcher's children: its zygote, and spares, which a start may take meanwhile
+    helpers = {}
+    for pid in launchers | {pid for launcher in launchers for pid in children(launcher)}:
+        try:
+            helpers[pid] = process_cpu_s(pid)
+        except OSError:
+            pass  # a spare, gone into a container since it was listed
+    kept = set(helpers) - launchers
     machine, own = busy_cpu_s(), time.process_time()
     for _ in range(runs):
         start()
