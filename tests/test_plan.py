@@ -88,3 +88,9 @@ def test_a_failing_step_is_named_with_its_phase():
     assert (raised.value.step, raised.value.phase, raised.value.errno) == (
         "open /no/such/rootfs", "layer", 2)
     assert str(raised.value).startswith("open /no/such/rootfs: No such file")
+
+
+def test_a_plan_kept_encoded_gets_its_command_at_the_end(spec):
+    head = plan.encode(plan.completed_with(spec, ROOT)[:-1])
+    assert plan.encode_with(head, plan.run_command(spec)) == plan.encode(
+        plan.completed_with(spec, ROOT))

@@ -25,6 +25,7 @@ container follows `exec_plan`: the container's namespaces, then the same confine
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -98,11 +99,16 @@ def completed_with(spec: ContainerSpec, where: Where) -> tuple[Step, ...]:
     userns = spec.user_namespace and not where.rootless
     return (*renew_stage(where), *mount_layer(spec, where, userns), *build_root(spec),
             *pivot_into_root(spec), *name_and_network(spec), *confine(spec, where, userns),
-            # Only fds 0-2 reach the command (CVE-2024-21626: a leaked fd of a host directory
-            # is a way out of any root), in a new session (no terminal of ours to push input
-            # into: CVE-2017-5226), with default signal dispositions.
-            Step("exec", "run the command", "run_command_as_init",
-                 (spec.argv, spec.env, Ref("fds"), Ref("forwarder"))))
+            run_command(spec))
+
+
+def run_command(spec: ContainerSpec) -> Step:
+    """The last step, the only one that depends on the command and its environment."""
+    # Only fds 0-2 reach the command (CVE-2024-21626: a leaked fd of a host directory is a
+    # way out of any root), in a new session (no terminal of ours to push input into:
+    # CVE-2017-5226), with default signal dispositions.
+    return Step("exec", "run the command", "run_command_as_init",
+                (spec.argv, spec.env, Ref("fds"), Ref("forwarder")))
 
 
 def exec_plan(spec: ContainerSpec, where: Where, namespaces: tuple[int | None, ...]
@@ -299,21 +305,36 @@ def confine(spec: ContainerSpec, where: Where, userns: bool) -> tuple[Step, ...]
 def rlimits_of(spec: ContainerSpec) -> tuple[tuple[str, int, int], ...]:
     """The defaults (never raising a hard limit: without root that is refused), then the
     spec's. fsize, the layer's size, is added by the step (only the child can measure it)."""
-    limits = {name: security.within_hard_limit(name, *pair)
-              for name, pair in security.DEFAULT_RLIMITS.items()}
+    limits = dict(_default_rlimits())
     limits.update((name, (soft, hard)) for name, soft, hard in spec.security.rlimits)
     return tuple((name, soft, hard) for name, (soft, hard) in limits.items())
 
 
+@functools.cache
+def _default_rlimits() -> dict[str, tuple[int, int]]:
+    # once: our hard limits, which the children inherit, do not change
+    return {name: security.within_hard_limit(name, *pair)
+            for name, pair in security.DEFAULT_RLIMITS.items()}
+
+
 def capability_mask(spec: ContainerSpec) -> int:
+    return _capability_mask(spec.security.capabilities)
+
+
+@functools.lru_cache(maxsize=16)
+def _capability_mask(kept: tuple[str, ...]) -> int:
     return sum(1 << security.capability_number(name)
-               for name in dict.fromkeys((*security.DEFAULT_CAPABILITIES,
-                                          *spec.security.capabilities)))
+               for name in dict.fromkeys((*security.DEFAULT_CAPABILITIES, *kept)))
 
 
 def encode(steps: tuple[Step, ...]) -> bytes:
     """The plan as JSON, for the socket to a spare: each step a list, a Ref {"ref": slot}."""
     return json.dumps(steps, separators=(",", ":"), default=_ref_as_json).encode()
+
+
+def encode_with(encoded: bytes, step: Step) -> bytes:
+    """An encoded plan with one more step at its end (its JSON list closed again)."""
+    return encoded[:-1] + b"," + encode((step,))[1:]
 
 
 def decode(data: bytes) -> tuple[Step, ...]:
