@@ -15,8 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from pytest_minictr import validate
 from pytest_minictr.errors import ConfigError
-from pytest_minictr.spec import (DEFAULT_OUTPUT_LIMIT, check_layer_dir, check_layer_size,
-                                 check_mounts)
+from pytest_minictr.spec import DEFAULT_OUTPUT_LIMIT, check_layer_dir, check_mounts
 
 Check = Callable[[Any, str], Any]  # (value, the name its user wrote) -> the checked value
 
@@ -148,7 +147,7 @@ KEYWORDS = (
     Keyword("output_limit", validate.parse_size, "bytes kept of each output stream (default "
             "64M); the rest is dropped", default=DEFAULT_OUTPUT_LIMIT, marker=False,
             library="output_limit", flag=Flag(("--output-limit",), metavar="SIZE")),
-    Keyword("layer_size", check_layer_size, "most bytes the container may write to its "
+    Keyword("layer_size", validate.check_layer_size, "most bytes the container may write to its "
             "filesystem (ENOSPC past it)", marker=False, library="layer_size",
             flag=Flag(("--layer-size",), metavar="SIZE")),
     Keyword("mounts", check_mounts, "extra mounts: Mount.bind(...), Mount.tmpfs(...)",

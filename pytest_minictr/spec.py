@@ -176,14 +176,6 @@ def _check_layer_size(layer_size: int | None, layer: Any) -> int | None:
     return layer_size
 
 
-def check_layer_size(value: Any, name: str = "layer_size") -> int:
-    size = parse_size(value, name)
-    if size < MIN_MEMORY:
-        raise ConfigError(f"{name}={value!r}: must be at least 4 MiB (the layer "
-                          "also holds the container's mount points)")
-    return size
-
-
 def make_exec_spec(spec: ContainerSpec, command: Any, env: Any = None,
                    timeout: Any = None) -> ContainerSpec:
     """Another command in the container of `spec`: the same confinement, cwd and environment

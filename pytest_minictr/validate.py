@@ -73,12 +73,21 @@ def _scaled(number: str, unit: int) -> int:
 
 
 def check_memory_limit(value: Any, name: str = "memory_limit") -> int:
+    # The kernel takes 1M, then OOM-kills the container before its command runs, with no
+    # output at all (or refuses with EBUSY, under the group's current usage).
+    return size_of_at_least_4_mib(value, name, f" ({MIN_MEMORY} bytes), or the container is "
+                                  "killed before it starts; use e.g. '64M'")
+
+
+def check_layer_size(value: Any, name: str = "layer_size") -> int:
+    return size_of_at_least_4_mib(value, name, " (the layer also holds the container's mount "
+                                  "points)")
+
+
+def size_of_at_least_4_mib(value: Any, name: str, why: str) -> int:
     size = parse_size(value, name)
     if size < MIN_MEMORY:
-        # The kernel takes 1M, then OOM-kills the container before its command runs, with no
-        # output at all (or refuses with EBUSY, under the group's current usage).
-        raise ConfigError(f"{name}={value!r}: must be at least 4 MiB ({MIN_MEMORY} "
-                          "bytes), or the container is killed before it starts; use e.g. '64M'")
+        raise ConfigError(f"{name}={value!r}: must be at least 4 MiB{why}")
     return size
 
 
