@@ -103,7 +103,10 @@ def checked(value: int, what: str) -> int:
 @contextlib.contextmanager
 def running(runtime, rootfs, script: str, ready: str, **kwargs):
     """A container running `script`, given once its command (the init's child) has become
-    the program named `ready`; yields (container, command's host pid). Killed on the way out."""
+    the program named `ready` and waits (asleep: the program has started, not just been
+    exec'd; its dynamic loader holds an fd of its own while it maps the libraries, which a
+    look at the fds taken between exec and main() would see); yields (container, command's
+    host pid). Killed on the way out."""
     container = runtime.run(rootfs, ["sh", "-c", script], timeout=30, **kwargs)
     try:
         deadline = time.monotonic() + 10
@@ -111,13 +114,20 @@ def running(runtime, rootfs, script: str, ready: str, **kwargs):
             children = Path(f"/proc/{container.pid}/task/{container.pid}/children").read_text()
             if children.split():
                 command = int(children.split()[0])
-                if Path(f"/proc/{command}/comm").read_text().strip() == ready:
+                if Path(f"/proc/{command}/comm").read_text().strip() == ready \
+                        and process_state(command) == "S":
                     break
             assert time.monotonic() < deadline, "the command never got going"
             time.sleep(0.01)
         yield container, command
     finally:
         container.kill()
+
+
+def process_state(pid: int) -> str:
+    """R, S, D...: field 3 of /proc/PID/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
 
 
 def proc_status(pid: int | str) -> dict[str, str]:
