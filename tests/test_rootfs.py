@@ -260,6 +260,18 @@ def test_missing_file_and_symlink_loop_raise(builder, tmp_path):
         builder.build(dirs=["/etc/passwd"])
 
 
+@pytest.mark.parametrize("kind, path, problem", [
+    ("dirs", "/", "the host's whole root"), ("dirs", "/usr/..", "the host's whole root"),
+    ("dirs", "/proc/self", "in /proc"), ("files", "/proc/kmsg", "in /proc"),
+    ("dirs", "/sys/kernel", "in /sys"), ("files", "/dev/null", "in /dev")])
+def test_the_whole_host_and_the_kernels_trees_are_refused(builder, tmp_path, kind, path,
+                                                         problem):
+    """Copying / would copy the host; /proc/kmsg would block the build until the kernel logs."""
+    with pytest.raises(RootfsError, match=re.escape(problem)):
+        builder.build(**{kind: [path]}, dest=tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
 def test_symlink_loop_met_while_walking_is_an_error(tmp_path):
     (tmp_path / "a").symlink_to("b")
     (tmp_path / "b").symlink_to("a")

@@ -132,6 +132,7 @@ def _resolve(kind: str, name: str, search_path: str) -> ResolvedInput:
             raise RootfsError(f"binary {name!r} not found on PATH ({search_path})")
         path = os.path.join(os.getcwd(), path)  # a relative PATH entry gives a relative path
     real = os.path.realpath(path)
+    _check_copyable(kind, name, real)
     try:
         st = os.stat(real)
     except OSError as e:
@@ -141,6 +142,22 @@ def _resolve(kind: str, name: str, search_path: str) -> ResolvedInput:
     if kind != "dir" and not stat.S_ISREG(st.st_mode):
         raise RootfsError(f"{kind} {name!r} is not a regular file (directories go in dirs=)")
     return ResolvedInput(kind, name, path, SourceStat.of(real, st))
+
+
+# The kernel's own trees: what reading them copies is live state (/proc/kmsg blocks until the
+# kernel logs something), and a container gets its own /proc and /dev, and no /sys.
+KERNEL_TREES = ("/proc", "/sys", "/dev")
+
+
+def _check_copyable(kind: str, name: str, real: str) -> None:
+    """Refuse what no rootfs should copy: the host's whole root, the kernel's trees."""
+    if real == "/":
+        raise RootfsError(f"{kind} {name!r} is the host's whole root: give the directories "
+                          "the container needs")
+    for tree in KERNEL_TREES:
+        if real == tree or real.startswith(tree + "/"):
+            raise RootfsError(f"{kind} {name!r} is in {tree}, the kernel's live state, not "
+                              f"files to copy (a container gets its own /proc and /dev)")
 
 
 def _resolve_all(request: Request, search_path: str) -> list[ResolvedInput]:
