@@ -73,18 +73,17 @@ class Executor:
     def __init__(self, **slots: Any):
         self.slots = slots
         self.done: list[Step] = []
+        # the one action about the plan itself: it carries out again steps already done
+        self.actions = {**ACTIONS, "renew_stage_if_stale": self._renew_stage_if_stale}
 
     def run(self, steps: tuple[Step, ...]) -> None:
         for step in steps:
             self.carry_out(step)
 
     def carry_out(self, step: Step) -> None:
-        if step.action == "renew_stage_if_stale":
-            self._renew_stage_if_stale(self.slots[step.args[0].slot])
-            return
         args = [self.slots[arg.slot] if type(arg) is Ref else arg for arg in step.args]
         try:
-            result = ACTIONS[step.action](*args)
+            result = self.actions[step.action](*args)
         except OSError as error:
             raise ContainerSetupError(f"{step.name}: {error.strerror or error}", step.name,
                                       error.errno, step.phase) from None
