@@ -61,7 +61,7 @@
 #define AT_RECURSIVE_ 0x8000
 #define MOUNT_ATTR_IDMAP_ 0x00100000ULL
 #define CLOSE_RANGE_CLOEXEC_ 4
-#define MAX_FDS 8
+#define MAX_FDS 32  /* the container's five, and up to eight namespaces an exec helper joins */
 
 /* ---------------------------------------------------------------------------------------
  * JSON, the subset a plan and the launcher's messages use */
@@ -899,7 +899,7 @@ static int exec_failure(const char *program, int errnum) {
 }
 
 /* Spawn the command: a new session (CVE-2017-5226), stdio, default signals, an empty mask,
- * and no other fd (CVE-2024-21626). An exec failure comes back on a close-on-exec pipe. */
+ * and no other fd (CVE-2024-21626). */
 static pid_t spawn_command(json *argv_json, json *env_json) {
     int argc = argv_json->count, envc = env_json->count;
     char **argv = calloc(argc + 1, sizeof *argv), **envp = calloc(envc + 1, sizeof *envp);
@@ -912,9 +912,11 @@ static pid_t spawn_command(json *argv_json, json *env_json) {
     }
     char program[4096];
     if (find_program(argv[0], path, program, sizeof program) < 0) return -1;
-    int pipe_fds[2];
-    if (pipe2(pipe_fds, O_CLOEXEC) < 0) return fail("exec", errno);
-    pid_t pid = fork();
+    /* vfork: the child shares our memory until it execs, so an exec failure comes back in
+     * `exec_errno`, not on a pipe the command could write into through /proc/1/fd */
+    static volatile int exec_errno;
+    exec_errno = 0;
+    pid_t pid = vfork();
     if (pid < 0) return fail_with("ContainerSetupError", "exec", errno, "cannot execute '%s' "
                                   "in the container: %s", program, strerror(errno));
     if (pid == 0) {
@@ -922,27 +924,19 @@ static pid_t spawn_command(json *argv_json, json *env_json) {
         sigset_t none;
         sigemptyset(&none);
         setsid();
-        for (int target = 0; target < 3; target++) {
-            /* an fd of ours may sit on a later target: move each out of the way first */
-            int moved = fcntl(stdio[target], F_DUPFD_CLOEXEC, 10);
-            stdio[target] = moved;
-        }
+        /* an fd of ours may sit on a later target: move each out of the way first */
+        for (int target = 0; target < 3; target++)
+            stdio[target] = fcntl(stdio[target], F_DUPFD_CLOEXEC, 10);
         for (int target = 0; target < 3; target++) dup2(stdio[target], target);
         syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC_);
         sigprocmask(SIG_SETMASK, &none, NULL);
         execve(program, argv, envp);
-        int errnum = errno;
-        write_line(pipe_fds[1], (char *)&errnum, sizeof errnum);
+        exec_errno = errno;
         _exit(127);
     }
-    close(pipe_fds[1]);
-    int errnum = 0;
-    ssize_t got;
-    while ((got = read(pipe_fds[0], &errnum, sizeof errnum)) < 0 && errno == EINTR) {}
-    close(pipe_fds[0]);
-    if (got == sizeof errnum) {
+    if (exec_errno) {
         waitpid(pid, NULL, 0);
-        return exec_failure(program, errnum);
+        return exec_failure(program, exec_errno);
     }
     return pid;
 }
@@ -1176,7 +1170,7 @@ static void run_spare(int channel, json *prepared, int *keep, int keep_count) {
 
 static void run_child(json *plan, json *at, int *received, int count, int *keep,
                       int keep_count) {
-    int base = 100, kept[MAX_FDS + 16], kept_count = 0;
+    int base = 100, kept[MAX_FDS + 1], kept_count = 0;
     for (int i = 0; i < at->count; i++)
         if (at->items[i]->num >= base) base = at->items[i]->num + 1;
     /* out of the way of every target first: a received fd may sit where another goes */
