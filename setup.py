@@ -26,9 +26,30 @@ class BuildNativeProgram(build_ext):
     def build_extension(self, ext: Extension) -> None:
         objects = self.compiler.compile(ext.sources, output_dir=self.build_temp,
                                         extra_postargs=["-O2", "-std=gnu11"])
-        self.compiler.link_executable(objects, self.get_ext_fullpath(ext.name))
+        # -s: a tenth of the size, and nothing a user debugs
+        self.compiler.link_executable(objects, self.get_ext_fullpath(ext.name),
+                                      extra_postargs=["-s"])
 
 
-setup(ext_modules=[Extension("pytest_minictr.container.native._minictr_init",
+COMMANDS = {"build_ext": BuildNativeProgram}
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:  # setuptools < 70.1: the `wheel` package's
+    try:
+        from wheel.bdist_wheel import bdist_wheel
+    except ImportError:
+        bdist_wheel = None
+
+if bdist_wheel is not None:
+    class PlatformWheel(bdist_wheel):
+        """The program links libc, not Python: one wheel per platform serves every Python."""
+
+        def get_tag(self) -> tuple[str, str, str]:
+            return "py3", "none", super().get_tag()[2]
+
+    COMMANDS["bdist_wheel"] = PlatformWheel
+
+
+setup(ext_modules=[Extension("pytest_minictr.container.native.minictr_init",
                              [NATIVE_SOURCE], optional=True)],
-      cmdclass={"build_ext": BuildNativeProgram})
+      cmdclass=COMMANDS)
