@@ -12,7 +12,8 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-NATIVE_SOURCE = "pytest_minictr/container/native/minictr_init.c"
+NATIVE_SOURCES = [f"pytest_minictr/container/native/{name}.c"
+                  for name in ("minictr_init", "plan", "steps", "mounts", "command")]
 NATIVE_PROGRAM = "minictr-init"
 
 
@@ -51,5 +52,6 @@ if bdist_wheel is not None:
 
 
 setup(ext_modules=[Extension("pytest_minictr.container.native.minictr_init",
-                             [NATIVE_SOURCE], optional=True)],
+                             NATIVE_SOURCES, depends=["pytest_minictr/container/native/minictr_init.h"],
+                             optional=True)],
       cmdclass=COMMANDS)

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from pytest_minictr import CommandNotFoundError, ContainerRuntime, ContainerSetupError, Mount
+from pytest_minictr import CommandNotFoundError, ContainerRuntime, ContainerSetupError
 from pytest_minictr.container import executor, plan
 from pytest_minictr.native import PROGRAM, SWITCH, SetupPath, native_path
+from pytest_minictr.spec import Mount
 
 native_only = pytest.mark.skipif(
     native_path().path is not SetupPath.NATIVE,
@@ -26,12 +27,11 @@ def native_actions() -> set[str]:
 
 @pytest.mark.skipif(not os.access(PROGRAM, os.X_OK), reason="the native core was not built")
 def test_every_action_of_the_plan_vocabulary_exists_natively():
-    python_actions = set(Executor_actions())
-    assert native_actions() == python_actions
+    assert native_actions() == python_actions()
 
 
-def Executor_actions() -> list[str]:
-    return list(executor.Executor().actions)
+def python_actions() -> set[str]:
+    return set(executor.Executor().actions)
 
 
 def test_plans_name_only_actions_both_executors_know(rootfs):
@@ -41,7 +41,7 @@ def test_plans_name_only_actions_both_executors_know(rootfs):
               plan.Where(rootless=True), plan.Where(rootless=True, id_maps=(3, 4)))
     steps = [step for where in wheres for step in plan.setup_plan(spec, where)]
     steps += plan.exec_plan(spec, wheres[0], (3, None, None, None, None, None, 4))
-    assert {step.action for step in steps} <= set(Executor_actions())
+    assert {step.action for step in steps} <= python_actions()
 
 
 def test_the_switch_and_the_build_decide_the_path(monkeypatch):
