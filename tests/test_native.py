@@ -80,6 +80,46 @@ def test_nothing_of_pid_1_names_a_host_path(runtime, rootfs, tmp_path):
     assert "/oldroot" not in seen["mountinfo"] and "python" not in seen["cmdline"]
 
 
+@native_only
+def test_a_killed_native_zygote_is_replaced_by_another(rootfs):
+    import signal
+    with ContainerRuntime() as runtime:
+        runtime.run(rootfs, ["true"]).wait()
+        launcher = runtime._client.pid
+        zygote = next(pid for pid in (int(name) for name in os.listdir("/proc")
+                                      if name.isdigit())
+                      if _parent_of(pid) == launcher and _command_of(pid) == b"zygote"
+                      and _pid_namespace(pid) == _pid_namespace(launcher))  # not a spare
+        os.kill(zygote, signal.SIGKILL)
+        for _ in range(4):  # past the spares made before: the next come from a new zygote
+            assert inspect_pid_1(runtime, rootfs)["exe"] == "/memfd:minictr-init (deleted)"
+
+
+def _pid_namespace(pid: int) -> int:
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _command_of(pid: int) -> bytes:
+    """The zygote's (and its spares') role, as their command line says ("zygote")."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            arguments = cmdline.read().split(b"\0")
+    except OSError:
+        return b""
+    return arguments[1] if arguments[0] == b"minictr-init" else b""
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
 def test_the_pure_python_path_runs_with_the_switch(rootfs, monkeypatch):
     monkeypatch.setenv(SWITCH, "0")
     with ContainerRuntime() as fallback:

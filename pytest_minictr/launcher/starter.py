@@ -315,13 +315,18 @@ class Launcher:
         self._lose_zygote(error)
 
     def _lose_zygote(self, error: ZygoteGone) -> None:
+        """A native zygote is replaced (its spares are our only way to keep Python out of
+        containers, and starting one costs one posix_spawn); a Python one is not."""
         if self.zygote is not None:  # we are the first to find it gone
-            print(f"minictr launcher: the zygote is gone ({error}); forking spares here",
+            print(f"minictr launcher: the zygote is gone ({error}); "
+                  f"{'starting another' if self.native else 'forking spares here'}",
                   file=sys.stderr)
             self.zygote.close()
             self.zygote = None
             while self.ordered:  # what it did not answer will not come
                 self._drop_order(*self.ordered.popleft(), error)
+            if self.native is not None:
+                self.zygote = self._start_zygote()
 
     def _fork_spare(self) -> Spare:
         cgroup = self._new_cgroup(Limits())
