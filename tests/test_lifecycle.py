@@ -107,7 +107,7 @@ def test_a_recycled_pid_is_not_taken_for_the_shim():
 
 @pytest.mark.parametrize("args, message", [
     (["logs", "0123456789ab"], b"no container '0123456789ab'"),
-    (["stop", "nonsense"], b"container id 'nonsense': expected 12 hex digits"),
+    (["stop", "nonsense"], b"no container 'nonsense'"),
     (["exec", "0123456789ab", "--", "true"], b"no container '0123456789ab'"),
     (["kill", "0123456789ab", "NOPE"], b"signal 'NOPE'"),
 ])
@@ -124,7 +124,7 @@ def test_exec_into_an_ended_container_and_rm_of_a_running_one_are_refused(minict
     assert refused.returncode == 125 and b"is running: `minictr stop` it first" in refused.stderr
     minictr("stop", "--time", "0", cid)
     late = minictr("exec", cid, "--", "true")
-    assert late.returncode == 125 and b"is not running (stopped)" in late.stderr
+    assert late.returncode == 125 and b"is not running: stopped (137)" in late.stderr
 
 
 def test_two_execs_at_once_and_stop_racing_the_end(minictr):

@@ -28,7 +28,7 @@ def end_line(report: Mapping[str, Any], memory_limit: int | None, timeout: float
     """The line for an end the user did not ask for (`report`: Result.to_dict()); None for
     an ordinary exit, or for a signal the user sent (`asked`: Ctrl-C, `minictr stop`)."""
     if report.get("timed_out"):
-        return f"minictr: timed out after {timeout:g} s: the container was killed"
+        return f"minictr: timed out after {timeout:g} s (killed)"
     if report.get("oom_killed"):
         return (f"minictr: killed by the OOM killer: memory limit {_mib(memory_limit)}, "
                 f"peak {_mib(report.get('memory_peak'))}")

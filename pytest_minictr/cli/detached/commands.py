@@ -244,8 +244,8 @@ def remove_containers(args: argparse.Namespace) -> int:
 def _ask(container_id: str, message: dict, fds: tuple[int, ...] = ()) -> dict:
     reply = _ask_if_running(container_id, message, fds)
     if reply is None:
-        raise ContainerNotFoundError(f"container {container_id} is not running "
-                                     f"({Store().read(container_id).shown_status})")
+        raise ContainerNotFoundError(f"container {container_id} is not running: "
+                                     f"{Store().read(container_id).shown_status}")
     return reply
 
 
