@@ -49,8 +49,11 @@ def flag_value(keyword: Keyword, value):
 
 
 def spelled(keyword: Keyword) -> str:
-    """How an error names the flag's value: the flag, or for a --no-x flag its keyword."""
-    return keyword.name if keyword.flag.action == "store_false" else keyword.flag.names[0]
+    """How an error names the flag's value: the flag, or for a --no-x flag (or a keyword that
+    Docker's flags add to: mounts) its keyword."""
+    if keyword.flag is None or keyword.flag.action == "store_false":
+        return keyword.name
+    return keyword.flag.names[0]
 
 
 class UsageError(MinictrError):
