@@ -200,3 +200,18 @@ def test_a_read_only_marker_and_library_keyword_are_declared_once():
     assert keyword.flag.names == ("--read-only",)
     with ContainerRuntime() as runtime, pytest.raises(ConfigError, match="read_only='yes'"):
         runtime.run("/", ["true"], read_only="yes")
+
+
+def test_the_readmes_command_line_examples_run(tmp_path, cache_dir):
+    """The README's `For example:` block as a script (the `-it` lines want a person)."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("For example:\n\n```sh\n"):].split("```")[1].split("\n", 1)[1]
+    script = "\n".join(line for line in block.splitlines() if " -it " not in line)
+    done = subprocess.run(
+        ["bash", "-c", f'minictr() {{ "{sys.executable}" -m pytest_minictr "$@"; }}\n{script}'],
+        capture_output=True, cwd=REPO, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "MINICTR_CACHE_DIR": str(cache_dir),
+             "MINICTR_STATE_DIR": str(tmp_path / "state")})
+    assert done.returncode == 0, done.stderr
+    assert b"killed by the OOM killer" in done.stderr or b"memory" not in done.stderr
+    assert b"Z " in done.stdout and done.stdout.endswith(b"\n0\n")  # timestamped, then wait
