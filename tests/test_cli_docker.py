@@ -20,6 +20,7 @@ from pytest_minictr.cli.docker_flags import env_file, mount_option, volume_mount
 from pytest_minictr.errors import ConfigError
 from pytest_minictr.spec import Mount
 
+pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 REPO = Path(__file__).resolve().parent.parent
 
@@ -215,3 +216,40 @@ def test_the_readmes_command_line_examples_run(tmp_path, cache_dir):
     assert done.returncode == 0, done.stderr
     assert b"killed by the OOM killer" in done.stderr or b"memory" not in done.stderr
     assert b"Z " in done.stdout and done.stdout.endswith(b"\n0\n")  # timestamped, then wait
+
+
+# --- the same words in the plugin ---------------------------------------------------------------
+
+READ_ONLY_TESTS = '''
+import pytest
+
+@pytest.mark.container(read_only=True)
+def test_read_only(container):
+    done = container.run(["sh", "-c", "touch /x || echo refused; touch /tmp/y && echo tmp"])
+    assert done.stdout == b"refused\\ntmp\\n", done.stderr
+'''
+
+
+def test_the_read_only_marker(pytester, cache_dir):
+    pytester.makepyfile(test_marker=READ_ONLY_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
+                                           f"--minictr-cache-dir={cache_dir}")
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("where, named", [
+    ("marker", "@pytest.mark.container: memory='64Q': unknown unit 'Q'"),
+    ("environment", "environment variable MINICTR_MEMORY='64Q': unknown unit 'Q'"),
+    ("ini", "ini key minictr_memory='64Q': unknown unit 'Q'"),
+])
+def test_plugin_errors_name_the_value_where_the_user_wrote_it(pytester, monkeypatch, cache_dir,
+                                                              where, named):
+    marker = "@pytest.mark.container(memory='64Q')\n" if where == "marker" else ""
+    pytester.makepyfile(test_words=f"import pytest\n{marker}def test_x(container): pass\n")
+    if where == "environment":
+        monkeypatch.setenv("MINICTR_MEMORY", "64Q")
+    if where == "ini":
+        pytester.makeini("[pytest]\nminictr_memory = 64Q\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
+                                           f"--minictr-cache-dir={cache_dir}")
+    assert named in result.stdout.str() + result.stderr.str()
