@@ -15,8 +15,11 @@ import pytest
 
 from pytest_minictr.cli.detached.records import Store
 
+from . import test_lifecycle
 from .helpers import eventually
-from .test_lifecycle import minictr, start  # noqa: F401 (the fixture)
+from .test_lifecycle import start
+
+minictr = test_lifecycle.minictr  # the fixture: a state directory of the test's own
 
 
 def test_a_name_is_usable_wherever_an_id_is_and_is_unique(minictr):
