@@ -201,7 +201,9 @@ def _run_on_terminal(spec, args: argparse.Namespace) -> int:
             container = runtime.launch(spec, stdin=terminal.slave, stdout=terminal.slave,
                                        stderr=terminal.slave)
             terminal.close_slave()
-            with forwarding_signals(container, (signal.SIGTERM, signal.SIGHUP)) as asked:
+            # in raw mode ^C is a byte for the pty; a SIGINT that still comes (`kill -INT`,
+            # or -t without -i, where our terminal stays cooked) is the container's too
+            with forwarding_signals(container) as asked:
                 result = run_on_terminal(terminal, container.wait)
     finally:
         terminal.close()
