@@ -128,7 +128,9 @@ def test_exec_into_an_ended_container_and_rm_of_a_running_one_are_refused(minict
 
 
 def test_two_execs_at_once_and_stop_racing_the_end(minictr):
-    cid = start(minictr, "sh", "-c", "sleep 1")
+    # 3 s: two CLIs starting at once on a loaded 2-core machine took more than the 1 s it was
+    cid = start(minictr, "sh", "-c", "sleep 3")
+    started = time.monotonic()
     results = []
     threads = [threading.Thread(target=lambda: results.append(
         minictr("exec", cid, "--", "sh", "-c", "sleep 0.3; echo done"))) for _ in range(2)]
@@ -137,7 +139,7 @@ def test_two_execs_at_once_and_stop_racing_the_end(minictr):
     for thread in threads:
         thread.join()
     assert [r.stdout for r in results] == [b"done\n", b"done\n"]
-    time.sleep(0.6)  # about when the command ends by itself
+    time.sleep(max(0.0, started + 2.9 - time.monotonic()))  # about when it ends by itself
     stop = minictr("stop", "--time", "0", cid)
     assert stop.returncode in (0, 125)
     assert eventually(lambda: not record(cid).alive)
