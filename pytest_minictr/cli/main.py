@@ -121,13 +121,13 @@ def add_run_command(commands) -> None:
     run.add_argument("--detach", "-d", action="store_true", help=HELP_DETACH)
     run.add_argument("--rm", action="store_true",
                      help="with -d: remove the container's record once it ends")
-    run.add_argument("--name", type=docker_flags_name, metavar="NAME",
+    run.add_argument("--name", type=_name_flag, metavar="NAME",
                      help="with -d: a name to use wherever an id is (unique)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     run.set_defaults(handler=run_command, parser=run)
 
 
-def docker_flags_name(text: str) -> str:
+def _name_flag(text: str) -> str:
     try:
         return docker_flags.check_name(text)
     except ConfigError as error:
