@@ -278,6 +278,12 @@ def bind_device(source: str, target: str, flags: int) -> None:
     linux.mount(None, target, None, MS_REMOUNT | MS_BIND | flags)
 
 
+def make_root_read_only() -> None:
+    """`read_only=True`: the root's own mount only; /tmp, /dev and the user's mounts under it
+    keep theirs (a per-mount flag: MS_BIND with MS_REMOUNT, the overlay itself untouched)."""
+    linux.mount(None, ROOT, None, MS_REMOUNT | MS_BIND | MS_RDONLY | _statvfs_mount_flags(ROOT))
+
+
 def mount_tmpfs(target: str, options: str, extra_flags: int = 0) -> None:
     linux.mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV | extra_flags, options)
 

@@ -40,7 +40,7 @@ int exec_failure(const char *program, int errnum) {
 
 /* Spawn the command: a new session (CVE-2017-5226), stdio, default signals, an empty mask,
  * and no other fd (CVE-2024-21626). */
-pid_t spawn_command(json *argv_json, json *env_json) {
+pid_t spawn_command(json *argv_json, json *env_json, int terminal) {
     int argc = argv_json->count, envc = env_json->count;
     char **argv = calloc(argc + 1, sizeof *argv), **envp = calloc(envc + 1, sizeof *envp);
     const char *path = "";
@@ -64,6 +64,12 @@ pid_t spawn_command(json *argv_json, json *env_json) {
         sigset_t none;
         sigemptyset(&none);
         setsid();
+        /* `minictr run -t`: the pseudo-terminal on its stdin (the CLI's own) becomes its
+         * controlling terminal, so that a shell gets job control and ^C its foreground group */
+        if (terminal && ioctl(fds.stdin_, TIOCSCTTY, 0) < 0) {
+            exec_errno = errno;
+            _exit(127);
+        }
         /* an fd of ours may sit on a later target: move each out of the way first */
         for (int target = 0; target < 3; target++)
             stdio[target] = fcntl(stdio[target], F_DUPFD_CLOEXEC, 10);
@@ -108,7 +114,8 @@ int reap_until(pid_t command) {
 }
 
 int do_run_command_as_init(call *c) {
-    pid_t command = spawn_command(ARG(0), ARG(1));
+    /* args: argv, env, the fds, the forwarder (Refs: ours are globals), terminal */
+    pid_t command = spawn_command(ARG(0), ARG(1), c->count > 4 && NUM(4) == 1);
     if (command < 0) return -1;
     close(fds.stdin_); close(fds.stdout_); close(fds.stderr_); close(fds.setup);
     /* our own 0-2 came from the launcher: nothing of it may be reachable via /proc/1/fd */
@@ -124,7 +131,8 @@ int do_run_command_as_init(call *c) {
 }
 
 int do_run_command_beside(call *c) {
-    pid_t command = spawn_command(ARG(0), ARG(1));
+    /* args: argv, env, the fds (a Ref: ours are globals), terminal */
+    pid_t command = spawn_command(ARG(0), ARG(1), c->count > 3 && NUM(3) == 1);
     if (command < 0) return -1;
     write_status(fds.setup, "pid", command);
     close(fds.stdin_); close(fds.stdout_); close(fds.stderr_); close(fds.setup);

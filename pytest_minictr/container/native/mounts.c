@@ -327,6 +327,13 @@ int do_close_fds(call *c) {
     return 0;
 }
 
+/* read_only=True: the root's own mount only; /tmp, /dev and the user's mounts keep theirs */
+int do_make_root_read_only(call *c) {
+    (void)c;
+    return mount(NULL, "/newroot", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY
+                 | statvfs_mount_flags("/newroot"), NULL);
+}
+
 int do_enter_root(call *c) {
     (void)c;
     if (chdir("/newroot") < 0) return -1;
