@@ -98,11 +98,14 @@ def _is_launcher(pid: int) -> bool:
 
 
 def _is_launcher_child(pid: int) -> bool:
-    """A fork of the launcher (same command line) whose parent is the launcher."""
+    """A fork of the launcher (same command line) whose parent is the launcher, or a native
+    spare or zygote (`minictr-init`, see pytest_minictr.native) whose parent is one."""
     try:
         parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        return Path(f"/proc/{parent}/cmdline").read_bytes() == \
-            Path(f"/proc/{pid}/cmdline").read_bytes()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        launcher = Path(f"/proc/{parent}/cmdline").read_bytes()
+        return launcher == command or (command.startswith(b"minictr-init\0")
+                                       and b"pytest_minictr.launcher.server" in launcher)
     except OSError:
         return False
 

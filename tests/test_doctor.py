@@ -167,7 +167,7 @@ def test_the_quick_look_reads_the_sysctls_without_trying():
     quick = doctor.examine(SimulatedHost(
         files={"/proc/sys/kernel/apparmor_restrict_unprivileged_userns": "1\n"},
         rehearsal=Rehearsal("overlayfs", "never run")), rehearse=False)
-    assert [f.name for f in quick] == ["kernel", "user namespaces", "cgroups"]
+    assert [f.name for f in quick] == ["kernel", "user namespaces", "cgroups", "setup path"]
     assert not finding(quick, "user namespaces").ok
     # inside a container, nothing says user namespaces are refused until one is
     assert finding(doctor.examine(SimulatedHost(files={"/.dockerenv": ""}), rehearse=False),

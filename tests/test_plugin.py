@@ -52,7 +52,8 @@ def test_the_readme_example_passes_under_strict_markers(run_tests):
 def test_report_header_says_what_this_host_does(run_tests):
     result = run_tests("def test_nothing(): pass")
     result.stdout.fnmatch_lines(["minictr 0.1.0: root, cgroups v* (limits), user namespaces "
-                                 "yes, ready, rootfs built from host binaries, cache *"])
+                                 "yes, setup *, ready, rootfs built from host binaries, "
+                                 "cache *"])
 
 
 # --- the fixture ------------------------------------------------------------------------------

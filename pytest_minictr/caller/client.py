@@ -15,7 +15,7 @@ import sys
 import threading
 from typing import Any, Sequence
 
-from pytest_minictr import protocol
+from pytest_minictr import native, protocol
 from pytest_minictr.errors import LauncherError
 
 _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)  # what a dead launcher's socket says
@@ -120,6 +120,10 @@ def _launcher_stderr() -> int | None:
 
 
 def _launcher_env() -> dict[str, str]:
-    # The launcher needs nothing from the caller's environment; containers get their own.
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
+    # The launcher needs nothing from the caller's environment but which setup path to take
+    # (see native); containers get their own.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
+    if native.SWITCH in os.environ:
+        env[native.SWITCH] = os.environ[native.SWITCH]
+    return env
 

@@ -7,9 +7,10 @@ import os
 
 
 def setup_path() -> str:
-    """THE place naming the setup path: 'python' (the plan carried out in Python), until the
-    native core (issue #17) lands and says here whether it is loaded ('native')."""
-    return "python"
+    """'native' (the native core, minictr-init) or 'python' (the fallback): see
+    pytest_minictr.native, which the doctor and the report header ask too."""
+    from pytest_minictr.native import native_path
+    return native_path().path.value
 
 
 def version_text() -> str:

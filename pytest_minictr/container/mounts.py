@@ -54,8 +54,12 @@ HOST = "/oldroot"        # the host's tree, in the stage
 ROOT = "/newroot"        # the container's root, in the stage
 PROC, DEV = "/proc", "/dev"  # built in the stage, then moved under ROOT
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
-DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
-             "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
+DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+             ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
+# A device node bound from the host keeps the flags of the host's /dev unless we set them:
+# nosuid and noexec, as bubblewrap's device binds and the host's devtmpfs have them (a node is
+# never a program; nodev would make it useless).
+DEVICE_BIND_FLAGS = MS_NOSUID | MS_NOEXEC
 # runc's lists: what of /proc speaks of the host kernel rather than of our processes. Masked
 # (an empty file or directory in its place): kernel memory and symbols, every user's keys,
 # timers and scheduler state of other tasks, hardware. Read-only: the host kernel's knobs
@@ -228,17 +232,17 @@ def mount_proc() -> None:
     linux.mount("proc", PROC, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
-def mask_proc() -> None:
+def mask_proc(masked: tuple[str, ...], read_only: tuple[str, ...]) -> None:
     """Mask PROC_MASKED (those this kernel has) with /dev/null or an empty read-only tmpfs;
     bind PROC_READ_ONLY read-only over themselves. Root inside cannot undo either: mounting
     needs CAP_SYS_ADMIN over our mount namespace, which it never has, and seccomp."""
-    for name in PROC_MASKED:
+    for name in masked:
         path = f"{PROC}/{name}"
         if os.path.isdir(path):
             attempt(f"mask /proc/{name}", mount_tmpfs, path, "size=0,mode=0555", MS_RDONLY)
         elif os.path.exists(path):
             attempt(f"mask /proc/{name}", linux.mount, f"{HOST}/dev/null", path, None, MS_BIND)
-    for name in PROC_READ_ONLY:
+    for name in read_only:
         path = f"{PROC}/{name}"
         if os.path.exists(path):
             attempt(f"bind /proc/{name} read-only", bind_read_only, path)
@@ -250,22 +254,28 @@ def bind_read_only(path: str) -> None:
                 | MS_NOEXEC)
 
 
-def mount_dev() -> None:
-    """A tmpfs /dev with only harmless nodes, bound from the host (mknod is not ours to use;
-    nodev: a node made anyway would not open)."""
+def mount_dev(nodes: tuple[str, ...], links: tuple[tuple[str, str], ...],
+              bind_flags: int) -> None:
+    """A tmpfs /dev with only harmless `nodes`, bound from the host with `bind_flags` (mknod is
+    not ours to use; nodev: a node made anyway would not open), and `links`."""
     attempt("mount /dev", linux.mount, "minictr-dev", DEV, "tmpfs",
             MS_NOSUID | MS_NOEXEC | MS_NODEV, "mode=0755,size=1m")
-    for name in DEV_NODES:
+    for name in nodes:
         target = f"{DEV}/{name}"
         os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
-        attempt(f"bind /dev/{name}", linux.mount, f"{HOST}/dev/{name}", target, None, MS_BIND)
-    for name, link in DEV_LINKS.items():
+        attempt(f"bind /dev/{name}", bind_device, f"{HOST}/dev/{name}", target, bind_flags)
+    for name, link in links:
         os.symlink(link, f"{DEV}/{name}")
     os.mkdir(DEV + "/pts", 0o755)
     attempt("mount /dev/pts", linux.mount, "devpts", DEV + "/pts", "devpts",
             MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
     os.mkdir(DEV + "/shm", 0o1777)
     attempt("mount /dev/shm", mount_tmpfs, DEV + "/shm", "mode=1777,size=64m", MS_NOEXEC)
+
+
+def bind_device(source: str, target: str, flags: int) -> None:
+    linux.mount(source, target, None, MS_BIND)
+    linux.mount(None, target, None, MS_REMOUNT | MS_BIND | flags)
 
 
 def make_root_read_only() -> None:

@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from pytest_minictr.container import security
+from pytest_minictr.container import mounts, seccomp, security
 from pytest_minictr.host import linux
 from pytest_minictr.spec import ContainerSpec
 
@@ -185,11 +185,13 @@ def build_stage(where: Where) -> tuple[Step, ...]:
 def mount_proc_and_dev() -> tuple[Step, ...]:
     return (Step("/proc and /dev", "mount /proc", "mount_proc"),
             # only harmless nodes, bound from the host: mknod is not the container's to use
-            Step("/proc and /dev", "mount /dev", "mount_dev"),
+            Step("/proc and /dev", "mount /dev", "mount_dev",
+                 (mounts.DEV_NODES, mounts.DEV_LINKS, mounts.DEVICE_BIND_FLAGS)),
             # runc's masks: kcore and kallsyms (kernel memory), keys, timers; and the host
             # kernel's knobs read-only (core_pattern runs a program as host root: the
             # classic escape)
-            Step("/proc and /dev", "mask /proc", "mask_proc"))
+            Step("/proc and /dev", "mask /proc", "mask_proc",
+                 (mounts.PROC_MASKED, mounts.PROC_READ_ONLY)))
 
 
 def renew_stage(where: Where) -> tuple[Step, ...]:
@@ -300,7 +302,8 @@ def confine(spec: ContainerSpec, where: Where, userns: bool) -> tuple[Step, ...]
         # last: it needs no_new_privs, and would refuse the calls before it (see `seccomp`:
         # keyrings, modules, bpf, io_uring, mounts, new user namespaces, TIOCSTI...)
         steps.append(Step("seccomp", "install the seccomp filter", "install_seccomp_filter",
-                          (spec.security.allow_syscalls,)))
+                          (spec.security.allow_syscalls,
+                           seccomp.host_filter_hex(spec.security.allow_syscalls))))
     return tuple(steps)
 
 

@@ -122,6 +122,16 @@ def host_filter(allowed: tuple[str, ...] = ()) -> SeccompProgram:
     return _host_filter(tuple(allowed))
 
 
+def host_filter_hex(allowed: tuple[str, ...] = ()) -> str:
+    """host_filter()'s program as hex text: how a plan carries it to the native core."""
+    return _host_filter_hex(tuple(allowed))
+
+
+@functools.lru_cache(maxsize=16)
+def _host_filter_hex(allowed: tuple[str, ...]) -> str:
+    return build_filter(allowed, ARCHITECTURES[os.uname().machine]).hex()
+
+
 @functools.lru_cache(maxsize=16)
 def _host_filter(allowed: tuple[str, ...]) -> SeccompProgram:
     return SeccompProgram(build_filter(allowed, ARCHITECTURES[os.uname().machine]))

@@ -55,9 +55,10 @@ def capability_number(name: str) -> int:
     return _CAPABILITY_NUMBERS[key[len("CAP_"):] if key.startswith("CAP_") else key]
 
 
-def install_seccomp_filter(allowed: tuple[str, ...]) -> None:
+def install_seccomp_filter(allowed: tuple[str, ...], _program_hex: str) -> None:
     """The default filter less `allowed` (built once by the launcher, inherited: see
-    `seccomp`). Needs no_new_privs, which drop_capabilities() set."""
+    `seccomp`). Needs no_new_privs, which drop_capabilities() set. (The same program, in hex,
+    is the native core's argument: Python's copy is ready-made, in memory.)"""
     linux.install_seccomp_filter(seccomp.host_filter(allowed))
 
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from pytest_minictr import __version__
+from pytest_minictr import __version__, native
 from pytest_minictr.errors import MinictrError
 
 MINIMUM_KERNEL = (5, 11)  # close_range(CLOSE_RANGE_CLOEXEC), overlayfs in a user namespace
@@ -74,6 +74,9 @@ class Host:
         except KeyError:
             return str(os.geteuid())
 
+    def setup_path(self) -> native.Choice:
+        return native.native_path()
+
     def kernel(self) -> str:
         return platform.release()
 
@@ -123,11 +126,12 @@ def examine(host: Host | None = None, rehearse: bool = True) -> list[Finding]:
     the report header of every pytest run) only what the host says about itself is read."""
     host = host or Host()
     if not rehearse:
-        return [check_kernel(host), check_user_namespaces(host, None), check_cgroups(host)]
+        return [check_kernel(host), check_user_namespaces(host, None), check_cgroups(host),
+                check_setup_path(host)]
     rehearsal = host.rehearse()
     findings = [check_kernel(host), check_user_namespaces(host, rehearsal),
                 *check_container_setup(rehearsal), check_seccomp(host, rehearsal),
-                check_cache(host), check_ldd(host), check_cgroups(host)]
+                check_cache(host), check_ldd(host), check_cgroups(host), check_setup_path(host)]
     if host.euid() == 0:
         findings.append(check_idmap(host))
     else:
@@ -242,6 +246,16 @@ def check_seccomp(host: Host, rehearsal: Rehearsal) -> Finding:
     return Finding("seccomp filter", True, f"installs ({machine})")
 
 
+def check_setup_path(host: Host) -> Finding:
+    """Which path carries out a container's setup: the native core, or pure Python (the same
+    containers, a slower start, and a python3 PID 1 whose command line names host paths)."""
+    choice = host.setup_path()
+    built = choice.path is native.SetupPath.NATIVE or native.SWITCH in choice.reason
+    return Finding("setup path", built, str(choice),
+                   "" if built else "install pytest-minictr from its platform wheel, or "
+                   "reinstall it where a C compiler (gcc) is installed", needed=False)
+
+
 def check_cache(host: Host) -> Finding:
     cache = host.cache_dir()
     if host.writable(cache):
@@ -326,6 +340,7 @@ def header(findings: list[Finding], host: Host | None = None) -> str:
     return (f"{'root' if host.euid() == 0 else 'rootless'}, "
             f"cgroups {host.cgroups()[0] or 'none'} ({limits}), "
             f"user namespaces {'yes' if users.ok else 'no'}, "
+            f"setup {host.setup_path().path.value}, "
             f"{'ready' if ready(findings) else 'NOT READY (minictr doctor)'}")
 
 

@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import NoReturn
 
-from pytest_minictr import protocol
+from pytest_minictr import native, protocol
 from pytest_minictr.container import plan, seccomp
 from pytest_minictr.container.child import run_plan, run_spare
 from pytest_minictr.container.init import ChildFds, SignalForwarder
@@ -38,6 +38,7 @@ from pytest_minictr.errors import ContainerNotFoundError, MinictrError, Unsuppor
 from pytest_minictr.host import cgroups, idmap, linux
 from pytest_minictr.host.cgroups import Cgroup, NullCgroup
 from pytest_minictr.host.idmap import UserNamespace
+from pytest_minictr.launcher.native import NativeZygote
 from pytest_minictr.launcher.zygote import Zygote, ZygoteGone
 from pytest_minictr.spec import ContainerSpec, Limits
 
@@ -109,8 +110,11 @@ class Launcher:
         self._serial = itertools.count(1)
         self._plans: dict[ContainerSpec, bytes] = {}  # see _encoded_plan, oldest first
         self._forwarder: SignalForwarder | None = None  # the zygote's (see _prepare_zygote)
-        # last: the zygote is a copy of us as we are now, and each spare a copy of it
-        self.zygote = self._start_zygote() if self.spares_problem is None else None
+        # last: the zygote is a copy of us as we are now, and each spare a copy of it (the
+        # native one runs keepers and exec helpers too: without root as well)
+        self.native = native.native_program()
+        self.zygote = self._start_zygote() \
+            if self.spares_problem is None or self.native is not None else None
 
     def start(self, spec: ContainerSpec, fds: ChildFds) -> Started:
         """Start a container: hand its plan to a spare (root), or fork a keeper that carries
@@ -145,11 +149,8 @@ class Launcher:
         namespaces = open_namespaces(target.child_pid, skip=() if userns is None else ("user",))
         try:
             steps = plan.exec_plan(spec, self._where(target.cgroup), tuple(namespaces))
-            pid = os.fork()
-            if pid == 0:
-                run_plan(steps, fds, self.own_pidfd, tuple(fd for fd in namespaces
-                                                           if fd is not None)
-                         + (() if userns is None else (userns.fd,)))
+            pid = self._run_plan(steps, fds, tuple(fd for fd in namespaces if fd is not None)
+                                 + (() if userns is None else (userns.fd,)))
         finally:
             for fd in namespaces:
                 if fd is not None:
@@ -212,9 +213,7 @@ class Launcher:
         try:
             try:
                 steps = plan.setup_plan(spec, replace(self._where(cgroup), id_maps=handshake))
-                pid = os.fork()
-                if pid == 0:
-                    run_plan(steps, fds, self.own_pidfd, handshake or ())
+                pid = self._run_plan(steps, fds, handshake or ())
             finally:
                 for fd in {ready_w, go_r} - {None}:
                     os.close(fd)  # the keeper's ends: its exit must show as end of file
@@ -227,6 +226,23 @@ class Launcher:
             for fd in ours:
                 os.close(fd)
         return Started(pid, cgroup, keeper=True)
+
+    def _run_plan(self, steps: tuple[plan.Step, ...], fds: ChildFds,
+                  keep: tuple[int, ...]) -> int:
+        """Run a whole plan (a keeper's, an exec helper's) in a new child of ours: by the
+        native zygote, else in a fork of ours. `keep`: fds the plan names besides `fds`."""
+        if isinstance(self.zygote, NativeZygote):
+            while self.ordered:  # its answers come in order: the spares' first
+                self.spare_arrived()
+        if isinstance(self.zygote, NativeZygote):
+            try:
+                return self.zygote.run(plan.encode(steps), fds.all(), keep)
+            except ZygoteGone as gone:
+                self._lose_zygote(gone)
+        pid = os.fork()
+        if pid == 0:
+            run_plan(steps, fds, self.own_pidfd, keep)
+        return pid
 
     def _map_keeper(self, pid: int, ready: int, go: int) -> None:
         if os.read(ready, 1) == b"1":  # else the keeper failed: it reports that itself
@@ -280,7 +296,7 @@ class Launcher:
         cgroup = self._new_cgroup(Limits())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.zygote.order(theirs.fileno(), cgroup.name)
+            self.zygote.order(theirs.fileno(), cgroup)
         except BaseException as error:
             self._drop_order(ours, cgroup, error)
             return
@@ -296,13 +312,21 @@ class Launcher:
         cgroup.discard()
         if not isinstance(error, ZygoteGone):
             raise error
+        self._lose_zygote(error)
+
+    def _lose_zygote(self, error: ZygoteGone) -> None:
+        """A native zygote is replaced (its spares are our only way to keep Python out of
+        containers, and starting one costs one posix_spawn); a Python one is not."""
         if self.zygote is not None:  # we are the first to find it gone
-            print(f"minictr launcher: the zygote is gone ({error}); forking spares here",
+            print(f"minictr launcher: the zygote is gone ({error}); "
+                  f"{'starting another' if self.native else 'forking spares here'}",
                   file=sys.stderr)
             self.zygote.close()
             self.zygote = None
             while self.ordered:  # what it did not answer will not come
                 self._drop_order(*self.ordered.popleft(), error)
+            if self.native is not None:
+                self.zygote = self._start_zygote()
 
     def _fork_spare(self) -> Spare:
         cgroup = self._new_cgroup(Limits())
@@ -323,12 +347,19 @@ class Launcher:
 
     def _start_zygote(self) -> Zygote | None:
         try:
+            if self.native is not None:
+                return NativeZygote(self.native, self.own_pidfd, self._userns_fds(),
+                                    self._prepared_plan)
             return Zygote(self.own_pidfd, self.own_pid_namespace, self._userns_fds(),
                           self._prepare_zygote, self._spare_main)
         except OSError as problem:
             print(f"minictr launcher: no zygote ({problem}); forking spares here",
                   file=sys.stderr)
             return None
+
+    def _prepared_plan(self, cgroup: Cgroup) -> bytes:
+        """What a spare in `cgroup` carries out before its spec comes, encoded."""
+        return plan.encode(plan.prepared_ahead(self._where(cgroup)))
 
     def _prepare_zygote(self) -> None:
         """Run in the zygote, once: what every spare inherits rather than makes. Signal

@@ -28,6 +28,7 @@ from typing import Callable, NoReturn
 from pytest_minictr import protocol
 from pytest_minictr.errors import LauncherError
 from pytest_minictr.host import linux
+from pytest_minictr.host.cgroups import Cgroup
 
 
 class ZygoteGone(LauncherError):
@@ -55,11 +56,11 @@ class Zygote:
             theirs.close()
         self._sock = ours
 
-    def order(self, channel: int, cgroup_name: str | None) -> None:
-        """Ask for a spare, PID 1 of a new PID namespace, given `channel` (a copy of it: ours
-        stays open). The answer comes later, in order: `receive()`."""
+    def order(self, channel: int, cgroup: Cgroup) -> None:
+        """Ask for a spare, PID 1 of a new PID namespace in `cgroup`, given `channel` (a copy
+        of it: ours stays open). The answer comes later, in order: `receive()`."""
         try:
-            protocol.send_message(self._sock, {"cgroup": cgroup_name}, [channel])
+            protocol.send_message(self._sock, {"cgroup": cgroup.name}, [channel])
         except OSError as error:
             raise ZygoteGone(str(error)) from None
 

@@ -1,0 +1,177 @@
+/* The native core's shared declarations (see minictr_init.c). */
+#ifndef MINICTR_INIT_H
+#define MINICTR_INIT_H
+
+#define _GNU_SOURCE
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <grp.h>
+#include <limits.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434void print_actions(void);
+
+#endif
+#ifndef SYS_open_tree
+#define SYS_open_tree 428void print_actions(void);
+
+#endif
+#ifndef SYS_mount_setattr
+#define SYS_mount_setattr 442void print_actions(void);
+
+#endif
+#ifndef SYS_close_range
+#define SYS_close_range 436void print_actions(void);
+
+#endif
+#define OPEN_TREE_CLONE_ 1
+#define AT_RECURSIVE_ 0x8000
+#define MOUNT_ATTR_IDMAP_ 0x00100000ULL
+#define CLOSE_RANGE_CLOEXEC_ 4
+#define MAX_FDS 32  /* the container's five, and up to eight namespaces an exec helper joins */
+
+typedef struct json {
+    char type;            /* n(ull) b(ool) i(nt) s(tring) a(rray) o(bject) */
+    long long num;
+    char *str;
+    int count;
+    struct json **items;  /* array items; object: key (string), value, key, value... */
+} json;
+
+typedef struct { char *name; long long value, extra; } slot;
+
+typedef struct { int stdin_, stdout_, stderr_, setup, status; } child_fds;
+
+typedef struct {
+    const char *type;       /* ContainerSetupError, CommandNotFoundError */
+    char step[512];         /* the step, or the sub-step inside it, that failed */
+    char message[2048];
+    int errnum;             /* 0: none */
+} failure;
+
+#define NONE LLONG_MIN
+
+typedef struct { json **args; int count; long long result; int has_result; } call;
+#define ARG(i) (c->args[i])
+#define STR(i) (c->args[i]->str)
+#define NUM(i) number(c->args[i])
+#define RETURN(value) do { c->result = (value); c->has_result = 1; return 0; } while (0)
+#define SUB(step, expression) do { if ((expression) < 0) return fail(step, errno); } while (0)
+
+extern failure failed;
+extern child_fds fds;
+extern int parent_pidfd;
+extern const char *failed_phase;
+extern sigset_t waited_signals;
+
+void skip_space(const char **p);
+json *new_json(char type);
+void put_utf8(char **out, unsigned code);
+char *parse_string(const char **p);
+json *parse_list(const char **p, char type, char close);
+json *parse_value(const char **p);
+void free_json(json *v);
+const char *ref_of(const json *v);
+void write_json_string(FILE *out, const char *s);
+void write_line(int fd, const char *text, size_t length);
+int fail(const char *step, int errnum);
+int fail_with(const char *type, const char *step, int errnum, const char *format, ...);
+void report_failure(int fd, const char *phase);
+slot *find_slot(const char *name);
+void save_slot(const char *name, long long value, long long extra);
+long long number(const json *v);
+int carry_out(json *step);
+int run_plan(json *plan);
+int do_renew_stage_if_stale(call *c);
+int write_file(const char *path, const char *text);
+int arm_parent_death_signal(int pidfd);
+int compare_ints(const void *a, const void *b);
+void close_fds_except(int *keep, int count);
+int do_write_file(call *c);
+int do_unshare(call *c);
+int do_setns(call *c);
+int do_set_dumpable(call *c);
+int do_chdir(call *c);
+int do_nothing(call *c);
+int do_set_hostname(call *c);
+int set_link_up(const char *name);
+int do_set_link_up(call *c);
+int do_open_low_ports_and_ping(call *c);
+int do_own_network(call *c);
+int do_map_own_ids(call *c);
+int do_wait_for_id_maps(call *c);
+void write_status(int fd, const char *key, long long value);
+int do_fork_init_under_keeper(call *c);
+int do_install_signal_forwarder(call *c);
+int do_arm_parent_death_signal(call *c);
+int do_enter_user_namespace(call *c);
+int set_rlimit(const char *name, long long soft, long long hard);
+int do_set_rlimits(call *c);
+int do_join_new_session_keyring(call *c);
+int do_drop_capabilities(call *c);
+int do_install_seccomp_filter(call *c);
+char *layer_path(long long layer_fd, char *buffer, size_t size);
+int mount_tmpfs(const char *target, const char *options, unsigned long extra);
+unsigned long statvfs_mount_flags(const char *path);
+int mount_point(const char *container_path, int is_dir, char *path, size_t size);
+int do_watch_host_mounts(call *c);
+int do_make_mounts_private(call *c);
+int do_mount_stage(call *c);
+int do_enter_stage(call *c);
+int do_mount_proc(call *c);
+int do_mount_dev(call *c);
+int bind_read_only(const char *path);
+int do_mask_proc(call *c);
+int do_open_host_path(call *c);
+int do_lock_layer(call *c);
+int do_make_layer_dirs(call *c);
+int do_size_stage(call *c);
+int measure_filesystem(const char *path, long long *size);
+int do_measure_layer(call *c);
+int do_measure_filesystem(call *c);
+int do_idmapped(call *c);
+int do_chown_layer(call *c);
+int do_mount_overlay(call *c);
+int do_move_into_root(call *c);
+int mount_tmp_at(const char *target, long long size);
+int do_mount_tmp(call *c);
+int do_mount_user_tmpfs(call *c);
+int restrict_mount_tree(const char *top, unsigned long extra);
+int do_bind_user_mount(call *c);
+int do_close_fds(call *c);
+int do_enter_root(call *c);
+int do_make_root_read_only(call *c);
+int find_program(const char *name, const char *search, char *found, size_t size);
+int exec_failure(const char *program, int errnum);
+pid_t spawn_command(json *argv_json, json *env_json, int terminal);
+void report_end(int status_fd, int wait_status);
+int reap_until(pid_t command);
+int do_run_command_as_init(call *c);
+int do_run_command_beside(call *c);
+void print_actions(void);
+
+#endif
