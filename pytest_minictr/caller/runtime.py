@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import secrets
 import signal
 import threading
@@ -20,6 +21,7 @@ from typing import Any, Mapping, Sequence
 from pytest_minictr import errors, keywords
 from pytest_minictr.caller.client import LauncherClient
 from pytest_minictr.caller.monitor import Monitor
+from pytest_minictr.caller import services
 from pytest_minictr.caller.result import ContainerStats, ContainerStatus, Result, WaitTimeoutError
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError, LauncherError, MinictrError
 from pytest_minictr.protocol import FORWARDED_SIGNALS
@@ -35,8 +37,10 @@ class Container:
     `exec()` to run another command in it while it runs; `stats()` for its figures now."""
 
     def __init__(self, runtime: "ContainerRuntime", container_id: str, pid: int,
-                 spec: ContainerSpec, monitor: Monitor, exec_of: str | None = None):
+                 spec: ContainerSpec, monitor: Monitor, exec_of: str | None = None,
+                 published: services.Published | None = None):
         self.id = container_id
+        self.published = published or {}  # container port -> (host address, host port)
         self.pid = pid              # host pid of the container's init (of an exec: its command)
         self.exec_of = exec_of      # an exec's container id
         self.spec = spec
@@ -104,6 +108,31 @@ class Container:
         spec = make_exec_spec(self.spec, cmd, env, timeout)
         return self._runtime._launch(spec, _check_input(input, None), None, None, None,
                                      exec_of=self.id).wait()
+
+    def address(self, port: int) -> tuple[str, int]:
+        """(host address, host port) where the published container `port` is reached."""
+        return services.address_of(self.published, port, f"container {self.id}")
+
+    def wait_for_port(self, port: int, timeout: float = 10) -> None:
+        """Return once `port` accepts a connection inside the container's network;
+        ContainerNotReadyError if it does not within `timeout` seconds, or the container
+        ends first."""
+        services.wait_for_port(self, port, timeout)
+
+    def wait_for_output(self, pattern: bytes, timeout: float = 10) -> "re.Match[bytes]":
+        """The match of the bytes regex `pattern` in the container's stdout or stderr, so
+        far or to come; ContainerNotReadyError as for wait_for_port."""
+        return services.wait_for_output(self, pattern, timeout)
+
+    def output_so_far(self) -> tuple[bytes, bytes]:
+        """What the container wrote to stdout and stderr until now (kept, not consumed)."""
+        source = self._result if self._result is not None else self._monitor
+        return (source.stdout, source.stderr) if source is not None else (b"", b"")
+
+    def _ended_within(self, seconds: float) -> bool:
+        """Read its output for up to `seconds`; True once it has ended."""
+        with self._lock:
+            return self._result is not None or self._collect(time.monotonic() + seconds)
 
     def stats(self) -> ContainerStats:
         """Memory now and at its peak, CPU time so far, processes, limits: from the cgroup.
@@ -215,6 +244,11 @@ class ContainerRuntime:
         from values the plugin or the CLI checked at their own edge)."""
         return self._launch(spec, _check_input(input, stdin), stdin, stdout, stderr)
 
+    def pod(self, ports: Any = ()) -> services.Pod:
+        """A pod: containers run with `pod=` it share its network namespace and `ports`
+        (published now, as for run(): [5432], {5432: 15432}...)."""
+        return services.make_pod(self, self._new_id(), ports)
+
     def status(self, container_id: str) -> ContainerStatus:
         """Status of a running container, or of one of the last 1024 finished."""
         with self._lock:
@@ -250,7 +284,8 @@ class ContainerRuntime:
             if not reply["ok"]:
                 raise _error_from_reply(reply["error"])
             monitor = Monitor(*pipes.take_parent_fds(input_data), spec.output_limit)
-        container = Container(self, container_id, reply["pid"], spec, monitor, exec_of)
+        container = Container(self, container_id, reply["pid"], spec, monitor, exec_of,
+                              services.published_of(reply.get("ports", ())))
         with self._lock:
             self._running[container_id] = container
         return container

@@ -13,6 +13,10 @@ It speaks `protocol` over one socket. Requests, each answered in order:
                                          running container: then signalled, stopped and
                                          reported by its own `id`, like a container
   {"op": "stats", "id"}                -> {"ok", "stats": {...}}: the cgroup's figures now
+  {"op": "pod", "pod", "ports"}        -> {"ok", "ports"}: a pod, its ports bound (`networks`)
+  {"op": "end_pod", "pod"}             -> a pod no container joined goes (one ends with its last)
+  {"op": "probe", "id", "port"}        -> {"ok", "errno"}: 0 if the port accepts inside
+A run's reply names the ports published for it (or its pod): [[port, host address, host port]].
 When a container ends, one JSON line goes to its `events` pipe (returncode, how it ended, wall
 and CPU time) and the pipe is closed. When the caller goes away (end of the socket), every
 container is killed and the launcher exits: nothing outlives the caller.
@@ -31,11 +35,13 @@ import sys
 import time
 
 from pytest_minictr import protocol
-from pytest_minictr.errors import ContainerNotFoundError, MinictrError
+from pytest_minictr.errors import ConfigError, ContainerNotFoundError, MinictrError
 from pytest_minictr.host.cgroups import Cgroup
 from pytest_minictr.launcher.life import ENDED_BY, WE_KILLED, Container, Happening
+from pytest_minictr.launcher.networks import SharedNetwork, bind_ports
 from pytest_minictr.launcher.starter import ChildFds, ExecTarget, Launcher
 from pytest_minictr.protocol import EndReport, SetupReport
+from pytest_minictr.ports import from_dicts
 from pytest_minictr.spec import ContainerSpec
 
 SETUP_TIMEOUT = 60.0  # seconds a container may take from fork to exec before we give up
@@ -48,6 +54,8 @@ class Forkserver:
         self.selector.register(control, selectors.EVENT_READ)
         self.containers: dict[str, Container] = {}
         self.launcher = Launcher()
+        self.networks: dict[str, SharedNetwork] = {}     # by pod id, or by container id
+        self.network_of: dict[str, SharedNetwork] = {}   # by id of a running container
 
     def serve(self) -> None:
         while True:
@@ -107,8 +115,72 @@ class Forkserver:
 
     def _op_run(self, message: dict, fds: list[int]) -> dict:
         spec = ContainerSpec.from_dict(message["spec"])
-        return self._start(message["id"], spec, fds,
-                           lambda child_fds: self.launcher.start(spec, child_fds))
+        container_id = message["id"]
+        try:
+            network = self._network_for(container_id, spec)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        joins = network.namespaces if network is not None and network.joined else None
+        try:
+            reply = self._start(container_id, spec, fds,
+                                lambda child_fds: self.launcher.start(spec, child_fds, joins))
+        except BaseException:
+            self._drop_unjoined(network)
+            raise
+        if not reply["ok"] or network is None:
+            self._drop_unjoined(network)
+            return reply
+        network.join(container_id, self.containers[container_id].pid, self.launcher.rootless,
+                     self.launcher.own_pidfd)
+        self.network_of[container_id] = network
+        return {**reply, "ports": network.published()}
+
+    def _network_for(self, container_id: str, spec: ContainerSpec) -> SharedNetwork | None:
+        """The pod's network, or one of the container's own for its published ports."""
+        if spec.pod is not None:
+            network = self.networks.get(spec.pod)
+            if network is None:
+                raise ConfigError(f"pod {spec.pod!r} has ended (with its last container) or "
+                                  "is not this runtime's: make a new one with runtime.pod()")
+            return network
+        if not spec.ports:
+            return None
+        network = self.networks[container_id] = bind_ports(container_id, spec.ports)
+        return network
+
+    def _drop_unjoined(self, network: SharedNetwork | None) -> None:
+        """A container's own network whose container did not start goes with it."""
+        if network is not None and not network.joined and not network.pod:
+            network.end()
+            del self.networks[network.key]
+
+    def _op_pod(self, message: dict, _fds) -> dict:
+        network = self.networks[message["pod"]] = bind_ports(message["pod"],
+                                                             from_dicts(message["ports"]),
+                                                             pod=True)
+        return {"ok": True, "ports": network.published()}
+
+    def _op_end_pod(self, message: dict, _fds) -> dict:
+        network = self.networks.get(message["pod"])
+        if network is not None and not network.members:
+            network.end()
+            del self.networks[network.key]
+        return {"ok": True}
+
+    def _op_probe(self, message: dict, _fds) -> dict:
+        container = self._find_running(message["id"])
+        if container is None:
+            raise ContainerNotFoundError(f"container {message['id']!r} is not running")
+        network = self.network_of.get(container.id)
+        if network is None:  # a container without published ports, probed: its own network
+            network = self.networks[container.id] = SharedNetwork(container.id, {})
+            network.join(container.id, container.pid, self.launcher.rootless,
+                         self.launcher.own_pidfd)
+            self.network_of[container.id] = network
+        return {"ok": True, "errno": network.probe(int(message["port"]),
+                                                   self.launcher.own_pidfd)}
 
     def _op_exec(self, message: dict, fds: list[int]) -> dict:
         target = self._find_running(message["container"])
@@ -262,11 +334,19 @@ class Forkserver:
         event = {"returncode": returncode, "ended_by": ended_by,
                  "wall_time": time.monotonic() - container.started,
                  **_measurements(container.cgroup, report.cpu_time)}
+        self._leave_network(container)
         try:
             os.write(container.events, json.dumps(event).encode() + b"\n")
         except OSError:
             pass  # the caller closed its end: it no longer cares
         os.close(container.events)
+
+    def _leave_network(self, container: Container) -> None:
+        """Before the caller hears of the end: by then its ports are closed, if it was the
+        last container of their network."""
+        network = self.network_of.pop(container.id, None)
+        if network is not None and network.leave(container.id):
+            del self.networks[network.key]
 
     def _close_status_pipe(self, container: Container) -> None:
         self.selector.unregister(container.status_pipe)
@@ -278,6 +358,8 @@ class Forkserver:
             _kill_all(container)
         for container in list(self.containers.values()):
             self._on_exit(container)
+        for network in self.networks.values():
+            network.end()
         self.launcher.shut_down()
 
 

@@ -1,0 +1,164 @@
+"""Network namespaces that outlive one container's view of them, in the launcher: the
+published ports of a container, and pods (several containers in one network namespace).
+
+A `SharedNetwork` is made before its first container starts, so that its ports are bound
+(and a clash reported) before anything runs: a container's own when it publishes ports or is
+probed (`wait_for_port`), a pod's when the caller makes the pod. Its first container's
+network namespace becomes the network's; the forwarder (see `forwarder.relay`) is forked into
+it then. When its last container ends, the forwarder is killed and the listeners and the
+namespace fds closed: the kernel frees the namespace with its last process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+
+from pytest_minictr.errors import ConfigError, ContainerNotFoundError
+from pytest_minictr.forwarder.relay import PROBE, run_forwarder
+from pytest_minictr.ports import Port
+
+LISTEN_BACKLOG = 128
+PROBE_ANSWER_TIMEOUT = 5.0  # the forwarder's own connect gives up after PROBE_TIMEOUT
+
+
+@dataclass
+class Forwarder:
+    pid: int
+    pidfd: int
+    control: socket.socket
+
+    def probe(self, port: int) -> int:
+        self.control.settimeout(PROBE_ANSWER_TIMEOUT)
+        self.control.sendall(PROBE.pack(port))
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = self.control.recv(16)
+            if not chunk:
+                raise ContainerNotFoundError("the container's network has ended")
+            answer += chunk
+        return int(answer)
+
+    def end(self) -> None:
+        self.control.close()
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
+        os.close(self.pidfd)
+
+
+@dataclass
+class SharedNetwork:
+    """One network namespace's ports, forwarder and members (container ids)."""
+
+    key: str                                   # the container's id, or the pod's
+    listeners: dict[socket.socket, Port]
+    members: set[str] = field(default_factory=set)
+    namespaces: tuple[int, ...] = ()           # (user namespace,) network namespace fds
+    forwarder: Forwarder | None = None
+    joined: bool = False                       # a container has entered it
+    pod: bool = False                          # made by runtime.pod(), not by one container
+
+    def published(self) -> list[list]:
+        """[container port, host address, host port] of each listener, as bound."""
+        return [[port.container_port, *sock.getsockname()[:2]]
+                for sock, port in self.listeners.items()]
+
+    def join(self, container_id: str, child_pid: int, rootless: bool,
+             parent_pidfd: int) -> None:
+        """A container started in it; the first one's namespaces become the network's."""
+        self.members.add(container_id)
+        if not self.joined:
+            self.joined = True
+            self.namespaces = _open_namespaces(child_pid, rootless)
+            if self.listeners:
+                self.forwarder = _fork_forwarder(self, parent_pidfd)
+
+    def probe(self, port: int, parent_pidfd: int) -> int:
+        if self.forwarder is None:
+            self.forwarder = _fork_forwarder(self, parent_pidfd)
+        return self.forwarder.probe(port)
+
+    def leave(self, container_id: str) -> bool:
+        """A container ended; True if it was the last (the network has ended then)."""
+        self.members.discard(container_id)
+        if self.members or not self.joined:
+            return False
+        self.end()
+        return True
+
+    def end(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.end()
+            self.forwarder = None
+        for sock in self.listeners:
+            sock.close()
+        for fd in self.namespaces:
+            os.close(fd)
+        self.listeners, self.namespaces = {}, ()
+
+
+def bind_ports(key: str, ports: tuple[Port, ...], pod: bool = False) -> SharedNetwork:
+    """Listening sockets for `ports`, in the launcher's (the host's) network namespace; a
+    port taken or an address not ours is the caller's ConfigError, before anything starts."""
+    listeners: dict[socket.socket, Port] = {}
+    try:
+        for port in ports:
+            listeners[_listen(port)] = port
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return SharedNetwork(key, listeners, pod=pod)
+
+
+def _listen(port: Port) -> socket.socket:
+    family = socket.AF_INET6 if ":" in port.host_address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # a port left in TIME_WAIT by the last run of the same test is free to take again
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((port.host_address, port.host_port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as error:
+        sock.close()
+        raise ConfigError(f"ports: cannot publish container port {port.container_port} on "
+                          f"{port.host_address}:{port.host_port}: {error.strerror} (leave "
+                          "the host port out to get a free one)") from None
+    return sock
+
+
+def _open_namespaces(child_pid: int, rootless: bool) -> tuple[int, ...]:
+    """Our child's (the init's, or the keeper's: the same namespaces) network namespace, and
+    without root its user namespace, which owns it and must be entered first."""
+    names = ("user", "net") if rootless else ("net",)
+    fds: list[int] = []
+    try:
+        for name in names:
+            fds.append(os.open(f"/proc/{child_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise ContainerNotFoundError("the container is not running (it has just ended)") \
+            from None
+    return tuple(fds)
+
+
+def _fork_forwarder(network: SharedNetwork, parent_pidfd: int) -> Forwarder:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            run_forwarder(theirs.fileno(), {sock.fileno(): port.container_port
+                                            for sock, port in network.listeners.items()},
+                          network.namespaces, parent_pidfd)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return Forwarder(pid, os.pidfd_open(pid), ours)
