@@ -153,6 +153,8 @@ def spec_from(image: Any, command: Any, checked: Mapping[str, Any]) -> Container
     from pytest_minictr.keywords import DEFAULTS
     values = {**DEFAULTS, **checked}
     rootfs = check_host_dir(image, "image", "rootfs", " (build one with RootfsBuilder().build)")
+    if command is None:
+        command = _default_command(rootfs)
     check_seccomp_here(values["seccomp"])
     _check_network_sharing(values)
     return ContainerSpec(
@@ -175,6 +177,15 @@ def spec_from(image: Any, command: Any, checked: Mapping[str, Any]) -> Container
         ports=values["ports"],
         pod=values["pod"],
     )
+
+
+def _default_command(rootfs: str) -> tuple[str, ...]:
+    from pytest_minictr.rootfs.cache import image_command
+    command = image_command(rootfs)
+    if not command:
+        raise ConfigError(f"command=None: the rootfs {rootfs!r} has no default command (a "
+                          "recipe declares one: recipe='redis', 'postgresql'); give the command")
+    return command
 
 
 def _check_network_sharing(values: Mapping[str, Any]) -> None:

@@ -213,10 +213,12 @@ class ContainerRuntime:
         self.close()
 
     @keywords.with_library_keywords
-    def run(self, image: str | os.PathLike, command: Sequence[str], *,
+    def run(self, image: str | os.PathLike, command: Sequence[str] | None = None, *,
             input: bytes | None = None, stdin: Any = None, stdout: Any = None,
             stderr: Any = None, **keywords: Any) -> Container:
         """Start `command` in a new container on the root filesystem `image`; returns at once.
+        Without `command`, the image's default (the `command` of the recipe it was built
+        from, e.g. recipe="redis").
 
         `stdout`/`stderr` default to capture (in the Result); pass a file or fd to send the
         stream there instead (the CLI passes its own). `stdin` defaults to /dev/null, or to a
