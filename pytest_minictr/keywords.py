@@ -156,7 +156,7 @@ KEYWORDS = (
             "loopback: 5432, 8080:80, 127.0.0.1::6379 (docker's -p syntax)", default=(),
             nullable=False, marker=False, library="ports",
             flag=Flag(("-p", "--publish"), "append", "[ADDRESS:][HOST_PORT:]PORT"),
-            from_text=lambda text, name: ports.parse_docker_port(text, name)),
+            from_text=ports.check_docker_text),
     Keyword("pod", validate.check_pod, "share this pod's network namespace "
             "(runtime.pod())", marker=False, library="pod"),
     Keyword("layer", check_layer_dir, "a host directory keeping the container's writes",

@@ -60,6 +60,13 @@ def parse_docker_port(text: str, name: str = "-p") -> Port:
     return _port(name, text, inside, host or 0, address.strip("[]"))
 
 
+def check_docker_text(text: str, name: str) -> str:
+    """A `-p` flag's text, checked and kept as text (a detached container's record keeps
+    the flags as given)."""
+    parse_docker_port(text, name)
+    return text
+
+
 def _port_of_item(name: str, item: Any, outside: Any = 0) -> Port:
     if isinstance(item, Port) and not outside:
         return _port(name, item, item.container_port, item.host_port, item.host_address)

@@ -191,7 +191,8 @@ def _default_command(rootfs: str) -> tuple[str, ...]:
 def _check_network_sharing(values: Mapping[str, Any]) -> None:
     """Ports and pods need the loopback of a network namespace made as the spec says."""
     if values["network"] == "none" and (values["ports"] or values["pod"]):
-        what = f"ports={list(values['ports'])!r}" if values["ports"] else "pod="
+        what = (f"ports={[port.container_port for port in values['ports']]!r}"
+                if values["ports"] else "pod=")
         raise ConfigError(f"network='none' and {what}: a published port or a pod is reached "
                           "on the container's loopback; use network='loopback'")
     if values["pod"] is not None and values["ports"]:

@@ -47,6 +47,7 @@ class Record:
     status: str = "created"         # created | running | exited | stopped | timed_out
     returncode: int | None = None
     finished: float | None = None
+    ports: tuple = ()               # [container port, host address, host port] published
 
     @property
     def alive(self) -> bool:
