@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -341,3 +342,40 @@ def test_a_runtime_ends_published_containers_and_pods_on_close(python_rootfs):
         server.wait_for_port(8000, timeout=20)
         addresses = [pod.address(1), server.address(8000)]
     assert all(refused(address) for address in addresses)
+
+
+# --- the command line -------------------------------------------------------------------------
+
+def test_the_cli_publishes_with_dockers_syntax_and_says_where(tmp_path, cache_dir, monkeypatch):
+    """The README's commands: `run -d -p HOST:PORT -p ADDRESS::PORT`, `port ID [PORT]`."""
+    monkeypatch.setenv("MINICTR_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("MINICTR_CACHE_DIR", str(cache_dir))
+    minictr = [sys.executable, "-m", "pytest_minictr"]
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*minictr, *args], capture_output=True, text=True, timeout=60)
+    chosen = free_port()
+    started = cli("run", "-d", "-p", f"{chosen}:80", "-p", "127.0.0.1::6379", "--recipe",
+                  "python3", "--", "python3", "-m", "http.server", "80")
+    assert started.returncode == 0, started.stderr
+    container_id = started.stdout.strip()
+    try:
+        listed = cli("port", container_id).stdout.splitlines()
+        assert listed[0] == f"80/tcp -> 127.0.0.1:{chosen}"
+        assert listed[1].startswith("6379/tcp -> 127.0.0.1:")
+        assert cli("port", container_id, "80").stdout == f"127.0.0.1:{chosen}\n"
+        assert eventually(lambda: not refused(("127.0.0.1", chosen)) and _serves(chosen), 20)
+        missing = cli("port", container_id, "81")
+        assert missing.returncode == 1 and "port 81 is not published" in missing.stderr
+    finally:
+        cli("stop", "-t", "0", container_id)
+    assert refused(("127.0.0.1", chosen))
+    bad = cli("run", "-p", "70000", "--recipe", "python3", "--", "true")
+    assert bad.returncode != 0 and "-p: '70000': expected ports from 1 to 65535" in bad.stderr
+
+
+def _serves(port: int) -> bool:
+    try:
+        return get(("127.0.0.1", port)) == 200
+    except OSError:
+        return False

@@ -107,12 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    command = command_of(args, "minictr run [OPTIONS] -- CMD [ARGS...]")
+    # a recipe's (or a built rootfs's) default command stands in for a missing one
+    command = None if args.command in ([], ["--"]) and (args.recipe or args.rootfs) \
+        else command_of(args, "minictr run [OPTIONS] -- CMD [ARGS...]")
     given = {keyword.name: flag_value(keyword, getattr(args, keyword.name))
              for keyword in FLAG_KEYWORDS if hasattr(args, keyword.name)}
     checked = {keyword.name: keyword.validate(given[keyword.name], spelled(keyword))
                for keyword in FLAG_KEYWORDS if keyword.name in given}
-    rootfs = str(args.rootfs or _build_for(command[0], args))
+    rootfs = str(args.rootfs or _build_for(command and command[0], args))
     spec = spec_from(rootfs, command, checked)  # a bad value fails here, before anything starts
     if args.detach:
         return lifecycle.run_detached(spec, given)
