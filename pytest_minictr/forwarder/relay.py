@@ -21,16 +21,20 @@ The launcher also asks it, on its control socket, whether a port accepts connect
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
-import selectors
+import select
 import socket
 import struct
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pytest_minictr.container.init import die_with_parent
 from pytest_minictr.host import linux
 
-CHUNK = 1 << 18          # bytes moved per read: a bulk transfer costs few system calls
+CHUNK = 1 << 20          # bytes moved per splice: a bulk transfer costs few system calls
+READ, WRITE = select.EPOLLIN, select.EPOLLOUT
+SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PROBE_TIMEOUT = 1.0      # a connect on a loopback answers at once, unless its backlog is full
 PROBE = struct.Struct("!H")
 
@@ -58,28 +62,45 @@ def _nstypes(count: int) -> tuple[int, ...]:
 
 class Relay:
     """Accepts on the listeners, connects inside, moves bytes both ways until both ends have
-    closed; answers the launcher's probes. One thread, one epoll."""
+    closed; answers the launcher's probes. One thread, one epoll, a handler per fd (raw
+    epoll, not `selectors`: a round trip through us is four of its events, and each
+    microsecond of ours is one of the client's)."""
 
     def __init__(self, control: socket.socket, listeners: dict[socket.socket, int]):
-        self.selector = selectors.DefaultSelector()
+        self.epoll = select.epoll()
+        self.handlers: dict[int, Any] = {}
         self.control = control
-        self.selector.register(control, selectors.EVENT_READ, self._answer_probe)
+        self.register(control, READ, self._answer_probe)
         for listener, port in listeners.items():
             listener.setblocking(False)
-            self.selector.register(listener, selectors.EVENT_READ,
-                                   lambda sock, _mask, port=port: self._accept(sock, port))
+            self.register(listener, READ, lambda _mask, sock=listener, port=port:
+                          self._accept(sock, port))
+
+    def register(self, sock: socket.socket, mask: int, handler) -> None:
+        self.epoll.register(sock.fileno(), mask)
+        self.handlers[sock.fileno()] = handler
+
+    def modify(self, sock: socket.socket, mask: int) -> None:
+        self.epoll.modify(sock.fileno(), mask)
+
+    def unregister(self, sock: socket.socket) -> None:
+        self.epoll.unregister(sock.fileno())
+        del self.handlers[sock.fileno()]
 
     def serve(self) -> None:
+        handlers = self.handlers
         while self.control is not None:
-            for key, mask in self.selector.select():
-                key.data(key.fileobj, mask)
+            for fd, mask in self.epoll.poll():
+                handler = handlers.get(fd)
+                if handler is not None:  # (an fd closed by an earlier event of this round)
+                    handler(mask)
 
-    def _answer_probe(self, control: socket.socket, _mask: int) -> None:
-        request = control.recv(PROBE.size)
+    def _answer_probe(self, _mask: int) -> None:
+        request = self.control.recv(PROBE.size)
         if len(request) < PROBE.size:
             self.control = None  # the launcher ended us, or is gone
             return
-        control.sendall(b"%d\n" % probe(PROBE.unpack(request)[0]))
+        self.control.sendall(b"%d\n" % probe(PROBE.unpack(request)[0]))
 
     def _accept(self, listener: socket.socket, port: int) -> None:
         try:
@@ -94,87 +115,107 @@ class Relay:
             outside.close()  # nothing listens inside: the client sees the connection end
             inside.close()
             return
-        self.selector.register(inside, selectors.EVENT_WRITE,
-                               lambda sock, _mask: self._connected(outside, inside))
+        self.register(inside, WRITE, lambda _mask: self._connected(outside, inside))
 
     def _connected(self, outside: socket.socket, inside: socket.socket) -> None:
-        self.selector.unregister(inside)
+        self.unregister(inside)
         if inside.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
             outside.close()
             inside.close()
             return
-        Connection(self.selector, outside, inside)
+        Connection(self, outside, inside)
 
 
 class Connection:
-    """One relayed connection: two sockets, a direction each way. Bytes a slow reader could
-    not take yet wait in `pending` (and we stop reading their source meanwhile)."""
+    """One relayed connection: two sockets, a direction each way, each through a pipe of
+    its own with splice(2), so that bytes go from socket to socket without a copy through
+    us (a bulk transfer costs no more than its system calls). Bytes the target could not
+    take yet wait in the pipe (`buffered`), and we stop reading their source meanwhile."""
 
-    def __init__(self, selector: selectors.BaseSelector, a: socket.socket, b: socket.socket):
-        self.selector = selector
+    def __init__(self, relay: Relay, a: socket.socket, b: socket.socket):
+        self.relay = relay
         self.peer = {a: b, b: a}
-        self.pending: dict[socket.socket, bytes] = {a: b"", b: b""}  # bytes waiting for a sock
-        self.open_reading = {a, b}       # sockets whose end of stream we have not seen
+        self.pipe = {a: _pipe(), b: _pipe()}      # the pipe of the bytes going to a socket
+        self.buffered = {a: 0, b: 0}              # bytes in that pipe
+        self.open_reading = {a, b}                # sockets whose end we have not seen
         self.registered: dict[socket.socket, int] = {}
         for sock in (a, b):
             self._interest(sock)
 
+    def _handler(self, sock: socket.socket):
+        return lambda mask: self._on_event(sock, mask)
+
     def _on_event(self, sock: socket.socket, mask: int) -> None:
         try:
-            if mask & selectors.EVENT_WRITE:
+            if mask & WRITE:
                 self._flush(sock)
-            if mask & selectors.EVENT_READ:
-                self._move(sock)
+            if mask & ~WRITE:  # readable, or an error or hang-up that a read will tell
+                if self._move(sock):
+                    return  # the usual case: all passed on, nothing else changes
         except OSError:  # a reset on either side ends the connection both ways
             self._close()
             return
-        if not self.open_reading and not any(self.pending.values()):
+        if not self.open_reading and not any(self.buffered.values()):
             self._close()
             return
         for each in self.peer:
             self._interest(each)
 
-    def _move(self, source: socket.socket) -> None:
-        data = source.recv(CHUNK)
+    def _move(self, source: socket.socket) -> bool:
+        """Pass on what `source` has; True if all of it went at once."""
         target = self.peer[source]
-        if not data:
+        try:
+            moved = os.splice(source.fileno(), self.pipe[target][1], CHUNK, flags=SPLICE)
+        except BlockingIOError:
+            return True  # woken for nothing
+        if not moved:
             self.open_reading.discard(source)
-            if not self.pending[target]:
+            if not self.buffered[target]:
                 target.shutdown(socket.SHUT_WR)
-            return
-        self.pending[target] = data
+            return False
+        self.buffered[target] += moved
         self._flush(target)
+        return not self.buffered[target]
 
     def _flush(self, target: socket.socket) -> None:
-        data = self.pending[target]
         try:
-            sent = target.send(data)
+            self.buffered[target] -= os.splice(self.pipe[target][0], target.fileno(),
+                                               self.buffered[target], flags=SPLICE)
         except BlockingIOError:
-            sent = 0
-        self.pending[target] = data[sent:]
-        if not self.pending[target] and self.peer[target] not in self.open_reading:
+            pass
+        if not self.buffered[target] and self.peer[target] not in self.open_reading:
             target.shutdown(socket.SHUT_WR)  # its source ended: pass the end on
 
     def _interest(self, sock: socket.socket) -> None:
-        wanted = (selectors.EVENT_READ if sock in self.open_reading
-                  and not self.pending[self.peer[sock]] else 0) \
-            | (selectors.EVENT_WRITE if self.pending[sock] else 0)
+        wanted = (READ if sock in self.open_reading and not self.buffered[self.peer[sock]]
+                  else 0) | (WRITE if self.buffered[sock] else 0)
         had = self.registered.get(sock, 0)
         if wanted == had:
             return
         if not wanted:
-            self.selector.unregister(sock)
+            self.relay.unregister(sock)
         elif not had:
-            self.selector.register(sock, wanted, self._on_event)
+            self.relay.register(sock, wanted, self._handler(sock))
         else:
-            self.selector.modify(sock, wanted, self._on_event)
+            self.relay.modify(sock, wanted)
         self.registered[sock] = wanted
 
     def _close(self) -> None:
         for sock in self.peer:
             if self.registered.pop(sock, 0):
-                self.selector.unregister(sock)
+                self.relay.unregister(sock)
             sock.close()
+            for fd in self.pipe[sock]:
+                os.close(fd)
+
+
+def _pipe() -> tuple[int, int]:
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:  # a pipe holds 64 KiB; 1 MiB (any user's most) lets a bulk transfer move in big steps
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, CHUNK)
+    except OSError:
+        pass
+    return read_end, write_end
 
 
 def probe(port: int) -> int:
