@@ -14,8 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from pytest_minictr import (ConfigError, ContainerNotReadyError, ContainerRuntime, RootfsBuilder,
-                            RootfsError)
+from pytest_minictr import (
+    ConfigError,
+    ContainerNotReadyError,
+    ContainerRuntime,
+    RootfsBuilder,
+    RootfsError,
+)
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.timeout(120)

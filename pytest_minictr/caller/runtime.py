@@ -19,9 +19,9 @@ from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
 from pytest_minictr import errors, keywords
+from pytest_minictr.caller import services
 from pytest_minictr.caller.client import LauncherClient
 from pytest_minictr.caller.monitor import Monitor
-from pytest_minictr.caller import services
 from pytest_minictr.caller.result import ContainerStats, ContainerStatus, Result, WaitTimeoutError
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError, LauncherError, MinictrError
 from pytest_minictr.protocol import FORWARDED_SIGNALS

@@ -14,6 +14,8 @@ shared safely between them.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from pytest_minictr import __version__
@@ -79,22 +81,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
-    stack = request.config.stash.setdefault(_SETTING_UP, [])
-    stack.append(fixturedef)
-    try:
+    with _on_top(request.config, _SETTING_UP, fixturedef):
         yield
-    finally:
-        stack.pop()
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item):
-    running = item.config.stash.setdefault(_RUNNING_TEST, [])
-    running.append(item)
+    with _on_top(item.config, _RUNNING_TEST, item):
+        yield
+
+
+@contextlib.contextmanager
+def _on_top(config: pytest.Config, key: pytest.StashKey[list], value):
+    """`value` on top of the stack `key` while the hook's work goes on (see minictr_service)."""
+    stack = config.stash.setdefault(key, [])
+    stack.append(value)
     try:
         yield
     finally:
-        running.pop()
+        stack.pop()
 
 
 # ---------------------------------------------------------------------------------------------
