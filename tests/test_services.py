@@ -384,3 +384,13 @@ def _serves(port: int) -> bool:
         return get(("127.0.0.1", port)) == 200
     except OSError:
         return False
+
+
+def test_a_container_that_ends_at_once_still_publishes_and_probes_refuse(runtime, rootfs,
+                                                                         no_leftovers):
+    quick = runtime.run(rootfs, ["true"], ports=[80])
+    address = quick.address(80)
+    with pytest.raises(ContainerNotReadyError, match="ended first: exited with status 0"):
+        quick.wait_for_port(80, timeout=10)
+    assert quick.wait().returncode == 0
+    assert refused(address)

@@ -46,6 +46,9 @@ def run_forwarder(control: int, listeners: dict[int, int], namespaces: tuple[int
     code = 1
     try:
         die_with_parent(parent_pidfd, (control, *listeners, *namespaces))
+        # Not dumpable: without root we enter the container's user namespace, where its root
+        # could otherwise open our /proc files (fds: the host's listening sockets).
+        linux.set_dumpable(False)
         for fd, nstype in zip(namespaces, _nstypes(len(namespaces))):
             linux.setns(fd, nstype)
             os.close(fd)

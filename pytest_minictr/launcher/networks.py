@@ -11,6 +11,7 @@ namespace fds closed: the kernel frees the namespace with its last process.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -74,11 +75,21 @@ class SharedNetwork:
         self.members.add(container_id)
         if not self.joined:
             self.joined = True
-            self.namespaces = _open_namespaces(child_pid, rootless)
+            try:
+                self.namespaces = _open_namespaces(child_pid, rootless)
+            except ContainerNotFoundError:
+                return  # it ended already (`true`): nothing to forward to, ever
             if self.listeners:
                 self.forwarder = _fork_forwarder(self, parent_pidfd)
 
+    @property
+    def gone(self) -> bool:
+        """Its first container ended before we could hold its namespace."""
+        return self.joined and not self.namespaces
+
     def probe(self, port: int, parent_pidfd: int) -> int:
+        if self.gone:
+            return errno.ECONNREFUSED  # (a forwarder without a namespace would be the host's)
         if self.forwarder is None:
             self.forwarder = _fork_forwarder(self, parent_pidfd)
         return self.forwarder.probe(port)

@@ -141,7 +141,7 @@ class Forkserver:
         """The pod's network, or one of the container's own for its published ports."""
         if spec.pod is not None:
             network = self.networks.get(spec.pod)
-            if network is None:
+            if network is None or network.gone:
                 raise ConfigError(f"pod {spec.pod!r} has ended (with its last container) or "
                                   "is not this runtime's: make a new one with runtime.pod()")
             return network
