@@ -130,9 +130,15 @@ class Container:
         return (source.stdout, source.stderr) if source is not None else (b"", b"")
 
     def _ended_within(self, seconds: float) -> bool:
-        """Read its output for up to `seconds`; True once it has ended."""
-        with self._lock:
-            return self._result is not None or self._collect(time.monotonic() + seconds)
+        """Read its output for up to `seconds`; True once it has ended. (Another thread may
+        be reading it meanwhile, a service's drain: then that one reads, and we only wait.)"""
+        deadline = time.monotonic() + seconds
+        if not self._lock.acquire(timeout=seconds):
+            return self._result is not None
+        try:
+            return self._result is not None or self._collect(deadline)
+        finally:
+            self._lock.release()
 
     def stats(self) -> ContainerStats:
         """Memory now and at its peak, CPU time so far, processes, limits: from the cgroup.

@@ -125,8 +125,14 @@ def minictr_service(pytestconfig: pytest.Config, minictr_runtime: ContainerRunti
     """Start a server in a container: `minictr_service(recipe="redis", ports=[6379],
     wait_for_port=6379)` returns its Container (`.address(6379)`). Stopped at the end of
     the scope of the fixture that called it (or of the test that did)."""
-    check_host_can_run_containers()
     stash = pytestconfig.stash
+    try:
+        check_host_can_run_containers()
+        problem = None
+    except UnsupportedError as error:  # reported outside the handler: no chained traceback
+        problem = error
+    if problem is not None:
+        unavailable(stash[_SETTINGS], problem)
 
     def now_running():
         setting_up = stash.get(_SETTING_UP, [])
