@@ -129,14 +129,15 @@ class Container:
         source = self._result if self._result is not None else self._monitor
         return (source.stdout, source.stderr) if source is not None else (b"", b"")
 
-    def _ended_within(self, seconds: float) -> bool:
-        """Read its output for up to `seconds`; True once it has ended. (Another thread may
-        be reading it meanwhile, a service's drain: then that one reads, and we only wait.)"""
+    def _ended_within(self, seconds: float, once: bool = False) -> bool:
+        """Read its output for up to `seconds` (`once`: or until some came); True once it
+        has ended. (Another thread may be reading it meanwhile, a service's drain: then that
+        one reads, and we only wait.)"""
         deadline = time.monotonic() + seconds
         if not self._lock.acquire(timeout=seconds):
             return self._result is not None
         try:
-            return self._result is not None or self._collect(deadline)
+            return self._result is not None or self._collect(deadline, once)
         finally:
             self._lock.release()
 
@@ -159,9 +160,9 @@ class Container:
         if not reply["ok"]:
             raise _error_from_reply(reply["error"])
 
-    def _collect(self, deadline: float | None) -> bool:
+    def _collect(self, deadline: float | None, once: bool = False) -> bool:
         try:
-            if not self._monitor.pump(deadline):
+            if not self._monitor.pump(deadline, once):
                 return False
         except BaseException:
             self._abort()

@@ -21,7 +21,9 @@ from pytest_minictr.spec import check_seconds
 if TYPE_CHECKING:
     from pytest_minictr.caller.runtime import Container, ContainerRuntime
 
-POLL_INTERVAL = 0.02    # seconds between two probes of a port (a connect on loopback: ~50 us)
+# Seconds between two probes of a port: from 1 ms (a server that starts in 10 ms is seen at
+# once), doubling to 20 ms (a probe is a request to the launcher and a connect: ~0.2 ms).
+FIRST_PROBE_INTERVAL, POLL_INTERVAL = 0.001, 0.02
 STDERR_TAIL = 2048      # bytes of stderr an error shows
 Published = dict[int, tuple[str, int]]
 
@@ -81,7 +83,7 @@ def wait_for_port(container: "Container", port: Any, timeout: Any) -> None:
         reply = container._runtime._client.request(
             {"op": "probe", "id": container.id, "port": port})
         return reply["ok"] and reply["errno"] == 0
-    _wait_until(container, accepts, awaited, timeout)
+    _wait_until(container, accepts, awaited, timeout, on_output=False)
 
 
 def wait_for_output(container: "Container", pattern: Any, timeout: Any) -> re.Match:
@@ -101,14 +103,18 @@ def wait_for_output(container: "Container", pattern: Any, timeout: Any) -> re.Ma
         if match:
             found.append(match)
         return match is not None
-    _wait_until(container, matches, f"output matching {regex.pattern!r}", timeout)
+    _wait_until(container, matches, f"output matching {regex.pattern!r}", timeout,
+                on_output=True)
     return found[0]
 
 
 def _wait_until(container: "Container", ready: Callable[[], bool], awaited: str,
-                timeout: Any) -> None:
+                timeout: Any, on_output: bool) -> None:
+    """Until `ready()`; it is asked again after each output of the container (`on_output`)
+    or after a growing interval."""
     seconds = check_seconds(timeout, "timeout")
     deadline = time.monotonic() + seconds
+    interval = POLL_INTERVAL if on_output else FIRST_PROBE_INTERVAL
     while True:
         if container._result is None and ready():
             return
@@ -119,7 +125,8 @@ def _wait_until(container: "Container", ready: Callable[[], bool], awaited: str,
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _not_ready(container, awaited, f"not within {seconds:g} s; it still runs")
-        container._ended_within(min(POLL_INTERVAL, remaining))
+        container._ended_within(min(interval, remaining), once=on_output)
+        interval = min(interval * 2, POLL_INTERVAL)
 
 
 def _not_ready(container: "Container", awaited: str, why: str) -> ContainerNotReadyError:
