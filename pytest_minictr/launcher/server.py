@@ -56,6 +56,7 @@ class Forkserver:
         self.launcher = Launcher()
         self.networks: dict[str, SharedNetwork] = {}     # by pod id, or by container id
         self.network_of: dict[str, SharedNetwork] = {}   # by id of a running container
+        self.forwarders_due: list[SharedNetwork] = []     # forked once the run is answered
 
     def serve(self) -> None:
         while True:
@@ -74,6 +75,7 @@ class Forkserver:
                 else:
                     handler, container = key.data
                     self._guarded(handler, container)
+            self._start_due_forwarders()
             self._fire_deadlines(time.monotonic())
 
     def _guarded(self, handler, container: Container) -> None:
@@ -135,7 +137,17 @@ class Forkserver:
         network.join(container_id, self.containers[container_id].pid, self.launcher.rootless,
                      self.launcher.own_pidfd)
         self.network_of[container_id] = network
+        self.forwarders_due.append(network)
         return {**reply, "ports": network.published()}
+
+    def _start_due_forwarders(self) -> None:
+        while self.forwarders_due:
+            network = self.forwarders_due.pop()
+            try:
+                network.start_forwarder(self.launcher.own_pidfd)
+            except OSError as error:  # (EAGAIN: no process to spare) its ports stay unserved
+                print(f"minictr launcher: no forwarder for {network.key}: {error}",
+                      file=sys.stderr)
 
     def _network_for(self, container_id: str, spec: ContainerSpec) -> SharedNetwork | None:
         """The pod's network, or one of the container's own for its published ports."""
