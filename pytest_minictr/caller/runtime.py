@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import re
 import secrets
 import signal
 import threading
@@ -32,9 +31,10 @@ _FINISHED_KEPT = 1024   # statuses of collected containers remembered for runtim
 _ABORT_WAIT = 30.0      # seconds to wait for a killed container's end after an interrupt
 
 
-class Container:
+class Container(services.ServiceMethods):
     """A running (or finished) container. Use `wait()` for its Result; `stop()` to end it;
-    `exec()` to run another command in it while it runs; `stats()` for its figures now."""
+    `exec()` to run another command in it while it runs; `stats()` for its figures now;
+    `address(port)`, `wait_for_port()`, `wait_for_output()` for a server (`services`)."""
 
     def __init__(self, runtime: "ContainerRuntime", container_id: str, pid: int,
                  spec: ContainerSpec, monitor: Monitor, exec_of: str | None = None,
@@ -108,26 +108,6 @@ class Container:
         spec = make_exec_spec(self.spec, cmd, env, timeout)
         return self._runtime._launch(spec, _check_input(input, None), None, None, None,
                                      exec_of=self.id).wait()
-
-    def address(self, port: int) -> tuple[str, int]:
-        """(host address, host port) where the published container `port` is reached."""
-        return services.address_of(self.published, port, f"container {self.id}")
-
-    def wait_for_port(self, port: int, timeout: float = 10) -> None:
-        """Return once `port` accepts a connection inside the container's network;
-        ContainerNotReadyError if it does not within `timeout` seconds, or the container
-        ends first."""
-        services.wait_for_port(self, port, timeout)
-
-    def wait_for_output(self, pattern: bytes, timeout: float = 10) -> "re.Match[bytes]":
-        """The match of the bytes regex `pattern` in the container's stdout or stderr, so
-        far or to come; ContainerNotReadyError as for wait_for_port."""
-        return services.wait_for_output(self, pattern, timeout)
-
-    def output_so_far(self) -> tuple[bytes, bytes]:
-        """What the container wrote to stdout and stderr until now (kept, not consumed)."""
-        source = self._result if self._result is not None else self._monitor
-        return (source.stdout, source.stderr) if source is not None else (b"", b"")
 
     def _ended_within(self, seconds: float, once: bool = False) -> bool:
         """Read its output for up to `seconds` (`once`: or until some came); True once it

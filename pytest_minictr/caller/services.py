@@ -41,6 +41,32 @@ def address_of(published: Published, port: Any, owner: str) -> tuple[str, int]:
     return published[port]
 
 
+class ServiceMethods:
+    """What a Container offers as a server (mixed into `runtime.Container`)."""
+
+    published: Published  # container port -> (host address, host port)
+
+    def address(self, port: int) -> tuple[str, int]:
+        """(host address, host port) where the published container `port` is reached."""
+        return address_of(self.published, port, f"container {self.id}")
+
+    def wait_for_port(self, port: int, timeout: float = 10) -> None:
+        """Return once `port` accepts a connection inside the container's network;
+        ContainerNotReadyError if it does not within `timeout` seconds, or the container
+        ends first."""
+        wait_for_port(self, port, timeout)
+
+    def wait_for_output(self, pattern: bytes, timeout: float = 10) -> re.Match:
+        """The match of the bytes regex `pattern` in the container's stdout or stderr, so
+        far or to come; ContainerNotReadyError as for wait_for_port."""
+        return wait_for_output(self, pattern, timeout)
+
+    def output_so_far(self) -> tuple[bytes, bytes]:
+        """What the container wrote to stdout and stderr until now (kept, not consumed)."""
+        source = self._result if self._result is not None else self._monitor
+        return (source.stdout, source.stderr) if source is not None else (b"", b"")
+
+
 class Pod:
     """Containers that share one network namespace (`runtime.run(..., pod=pod)`): they reach
     each other on 127.0.0.1; each keeps its own PID, mount, IPC and UTS namespaces, cgroup

@@ -15,11 +15,13 @@ import errno
 import os
 import signal
 import socket
+import sys
 from dataclasses import dataclass, field
 
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError
 from pytest_minictr.forwarder.relay import PROBE, run_forwarder
 from pytest_minictr.ports import Port
+from pytest_minictr.spec import ContainerSpec
 
 LISTEN_BACKLOG = 128
 PROBE_ANSWER_TIMEOUT = 5.0  # the forwarder's own connect gives up after PROBE_TIMEOUT
@@ -69,8 +71,7 @@ class SharedNetwork:
         return [[port.container_port, *sock.getsockname()[:2]]
                 for sock, port in self.listeners.items()]
 
-    def join(self, container_id: str, child_pid: int, rootless: bool,
-             parent_pidfd: int) -> None:
+    def join(self, container_id: str, child_pid: int, rootless: bool) -> None:
         """A container started in it; the first one's namespaces become the network's."""
         self.members.add(container_id)
         if not self.joined:
@@ -116,6 +117,85 @@ class SharedNetwork:
         for fd in self.namespaces:
             os.close(fd)
         self.listeners, self.namespaces = {}, ()
+
+
+class Networks:
+    """The launcher's shared networks: by pod id or container id, and which one each running
+    container is in."""
+
+    def __init__(self, rootless: bool, own_pidfd: int):
+        self.rootless = rootless
+        self.own_pidfd = own_pidfd
+        self.by_key: dict[str, SharedNetwork] = {}
+        self.of: dict[str, SharedNetwork] = {}          # by id of a running container
+        self.forwarders_due: list[SharedNetwork] = []   # forked once the run is answered
+
+    def for_run(self, container_id: str, spec: ContainerSpec) -> SharedNetwork | None:
+        """The pod's network, or one of the container's own for its published ports; bound
+        before the container starts."""
+        if spec.pod is not None:
+            network = self.by_key.get(spec.pod)
+            if network is None or network.gone:
+                raise ConfigError(f"pod {spec.pod!r} has ended (with its last container) or "
+                                  "is not this runtime's: make a new one with runtime.pod()")
+            return network
+        if not spec.ports:
+            return None
+        network = self.by_key[container_id] = bind_ports(container_id, spec.ports)
+        return network
+
+    def started(self, network: SharedNetwork, container_id: str, child_pid: int) -> list:
+        """A container of `network` runs: it joins; its ports, as the run's reply names them."""
+        network.join(container_id, child_pid, self.rootless)
+        self.of[container_id] = network
+        self.forwarders_due.append(network)
+        return network.published()
+
+    def not_started(self, network: SharedNetwork | None) -> None:
+        """A container's own network whose container did not start goes with it."""
+        if network is not None and not network.joined and not network.pod:
+            self._end(network)
+
+    def make_pod(self, pod_id: str, ports: tuple[Port, ...]) -> list:
+        network = self.by_key[pod_id] = bind_ports(pod_id, ports, pod=True)
+        return network.published()
+
+    def end_pod(self, pod_id: str) -> None:
+        network = self.by_key.get(pod_id)
+        if network is not None and not network.members:
+            self._end(network)
+
+    def probe(self, container_id: str, child_pid: int, port: int) -> int:
+        network = self.of.get(container_id)
+        if network is None:  # a container without published ports, probed: its own network
+            network = self.by_key[container_id] = SharedNetwork(container_id, {})
+            network.join(container_id, child_pid, self.rootless)
+            self.of[container_id] = network
+        return network.probe(port, self.own_pidfd)
+
+    def leave(self, container_id: str) -> None:
+        """A container ended (before the caller hears of it: by then its ports are closed,
+        if it was the last container of their network)."""
+        network = self.of.pop(container_id, None)
+        if network is not None and network.leave(container_id):
+            del self.by_key[network.key]
+
+    def start_due_forwarders(self) -> None:
+        while self.forwarders_due:
+            network = self.forwarders_due.pop()
+            try:
+                network.start_forwarder(self.own_pidfd)
+            except OSError as error:  # (EAGAIN: no process to spare) its ports stay unserved
+                print(f"minictr launcher: no forwarder for {network.key}: {error}",
+                      file=sys.stderr)
+
+    def end_all(self) -> None:
+        for network in list(self.by_key.values()):
+            self._end(network)
+
+    def _end(self, network: SharedNetwork) -> None:
+        network.end()
+        del self.by_key[network.key]
 
 
 def bind_ports(key: str, ports: tuple[Port, ...], pod: bool = False) -> SharedNetwork:

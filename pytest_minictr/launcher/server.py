@@ -35,13 +35,13 @@ import sys
 import time
 
 from pytest_minictr import protocol
-from pytest_minictr.errors import ConfigError, ContainerNotFoundError, MinictrError
+from pytest_minictr.errors import ContainerNotFoundError, MinictrError
 from pytest_minictr.host.cgroups import Cgroup
 from pytest_minictr.launcher.life import ENDED_BY, WE_KILLED, Container, Happening
-from pytest_minictr.launcher.networks import SharedNetwork, bind_ports
+from pytest_minictr.launcher.networks import Networks
 from pytest_minictr.launcher.starter import ChildFds, ExecTarget, Launcher
-from pytest_minictr.protocol import EndReport, SetupReport
 from pytest_minictr.ports import from_dicts
+from pytest_minictr.protocol import EndReport, SetupReport
 from pytest_minictr.spec import ContainerSpec
 
 SETUP_TIMEOUT = 60.0  # seconds a container may take from fork to exec before we give up
@@ -54,9 +54,7 @@ class Forkserver:
         self.selector.register(control, selectors.EVENT_READ)
         self.containers: dict[str, Container] = {}
         self.launcher = Launcher()
-        self.networks: dict[str, SharedNetwork] = {}     # by pod id, or by container id
-        self.network_of: dict[str, SharedNetwork] = {}   # by id of a running container
-        self.forwarders_due: list[SharedNetwork] = []     # forked once the run is answered
+        self.networks = Networks(self.launcher.rootless, self.launcher.own_pidfd)
 
     def serve(self) -> None:
         while True:
@@ -75,7 +73,7 @@ class Forkserver:
                 else:
                     handler, container = key.data
                     self._guarded(handler, container)
-            self._start_due_forwarders()
+            self.networks.start_due_forwarders()
             self._fire_deadlines(time.monotonic())
 
     def _guarded(self, handler, container: Container) -> None:
@@ -119,7 +117,7 @@ class Forkserver:
         spec = ContainerSpec.from_dict(message["spec"])
         container_id = message["id"]
         try:
-            network = self._network_for(container_id, spec)
+            network = self.networks.for_run(container_id, spec)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -129,70 +127,28 @@ class Forkserver:
             reply = self._start(container_id, spec, fds,
                                 lambda child_fds: self.launcher.start(spec, child_fds, joins))
         except BaseException:
-            self._drop_unjoined(network)
+            self.networks.not_started(network)
             raise
         if not reply["ok"] or network is None:
-            self._drop_unjoined(network)
+            self.networks.not_started(network)
             return reply
-        network.join(container_id, self.containers[container_id].pid, self.launcher.rootless,
-                     self.launcher.own_pidfd)
-        self.network_of[container_id] = network
-        self.forwarders_due.append(network)
-        return {**reply, "ports": network.published()}
-
-    def _start_due_forwarders(self) -> None:
-        while self.forwarders_due:
-            network = self.forwarders_due.pop()
-            try:
-                network.start_forwarder(self.launcher.own_pidfd)
-            except OSError as error:  # (EAGAIN: no process to spare) its ports stay unserved
-                print(f"minictr launcher: no forwarder for {network.key}: {error}",
-                      file=sys.stderr)
-
-    def _network_for(self, container_id: str, spec: ContainerSpec) -> SharedNetwork | None:
-        """The pod's network, or one of the container's own for its published ports."""
-        if spec.pod is not None:
-            network = self.networks.get(spec.pod)
-            if network is None or network.gone:
-                raise ConfigError(f"pod {spec.pod!r} has ended (with its last container) or "
-                                  "is not this runtime's: make a new one with runtime.pod()")
-            return network
-        if not spec.ports:
-            return None
-        network = self.networks[container_id] = bind_ports(container_id, spec.ports)
-        return network
-
-    def _drop_unjoined(self, network: SharedNetwork | None) -> None:
-        """A container's own network whose container did not start goes with it."""
-        if network is not None and not network.joined and not network.pod:
-            network.end()
-            del self.networks[network.key]
+        ports = self.networks.started(network, container_id, self.containers[container_id].pid)
+        return {**reply, "ports": ports}
 
     def _op_pod(self, message: dict, _fds) -> dict:
-        network = self.networks[message["pod"]] = bind_ports(message["pod"],
-                                                             from_dicts(message["ports"]),
-                                                             pod=True)
-        return {"ok": True, "ports": network.published()}
+        return {"ok": True, "ports": self.networks.make_pod(message["pod"],
+                                                           from_dicts(message["ports"]))}
 
     def _op_end_pod(self, message: dict, _fds) -> dict:
-        network = self.networks.get(message["pod"])
-        if network is not None and not network.members:
-            network.end()
-            del self.networks[network.key]
+        self.networks.end_pod(message["pod"])
         return {"ok": True}
 
     def _op_probe(self, message: dict, _fds) -> dict:
         container = self._find_running(message["id"])
         if container is None:
             raise ContainerNotFoundError(f"container {message['id']!r} is not running")
-        network = self.network_of.get(container.id)
-        if network is None:  # a container without published ports, probed: its own network
-            network = self.networks[container.id] = SharedNetwork(container.id, {})
-            network.join(container.id, container.pid, self.launcher.rootless,
-                         self.launcher.own_pidfd)
-            self.network_of[container.id] = network
-        return {"ok": True, "errno": network.probe(int(message["port"]),
-                                                   self.launcher.own_pidfd)}
+        return {"ok": True, "errno": self.networks.probe(container.id, container.pid,
+                                                         int(message["port"]))}
 
     def _op_exec(self, message: dict, fds: list[int]) -> dict:
         target = self._find_running(message["container"])
@@ -346,19 +302,12 @@ class Forkserver:
         event = {"returncode": returncode, "ended_by": ended_by,
                  "wall_time": time.monotonic() - container.started,
                  **_measurements(container.cgroup, report.cpu_time)}
-        self._leave_network(container)
+        self.networks.leave(container.id)
         try:
             os.write(container.events, json.dumps(event).encode() + b"\n")
         except OSError:
             pass  # the caller closed its end: it no longer cares
         os.close(container.events)
-
-    def _leave_network(self, container: Container) -> None:
-        """Before the caller hears of the end: by then its ports are closed, if it was the
-        last container of their network."""
-        network = self.network_of.pop(container.id, None)
-        if network is not None and network.leave(container.id):
-            del self.networks[network.key]
 
     def _close_status_pipe(self, container: Container) -> None:
         self.selector.unregister(container.status_pipe)
@@ -370,8 +319,7 @@ class Forkserver:
             _kill_all(container)
         for container in list(self.containers.values()):
             self._on_exit(container)
-        for network in self.networks.values():
-            network.end()
+        self.networks.end_all()
         self.launcher.shut_down()
 
 
