@@ -10,6 +10,7 @@ value once, naming it as its user spelled it (`memory=`, `--minictr-memory=`, `-
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, make_dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -50,6 +51,20 @@ def _pair(expected: str, parse_value: Callable[[str], Any] = str) -> Check:
             raise ConfigError(f"{name}={text!r}: expected {expected}")
         return key, parsed
     return parse
+
+
+def _env_item(text: str, name: str) -> tuple[str, str | None]:
+    """'NAME=VALUE', or 'NAME' alone for the host's value (None where the host has none: the
+    variable is then left out, as Docker does)."""
+    if "=" in text:
+        return _pair("NAME=VALUE or NAME (the host's value)")(text, name)
+    if not text or not text.replace("_", "a").isalnum() or text[0].isdigit():
+        raise ConfigError(f"{name}={text!r}: expected NAME=VALUE or NAME (the host's value)")
+    return text, os.environ.get(text)
+
+
+def _env_of(items: list[tuple[str, str | None]]) -> dict[str, str]:
+    return {key: value for key, value in items if value is not None}
 
 
 def _soft_hard(text: str) -> tuple:
@@ -119,11 +134,11 @@ KEYWORDS = (
     Keyword("hostname", validate.check_hostname, "the container's hostname", default="minictr",
             nullable=False, library="hostname", flag=Flag(("--hostname",))),
     Keyword("cwd", validate.check_container_path, "working directory inside the container",
-            default="/", nullable=False, marker=False, library="cwd", flag=Flag(("--cwd",))),
+            default="/", nullable=False, marker=False, library="cwd", flag=Flag(("--cwd", "-w"))),
     Keyword("env", validate.check_env, "set NAME=VALUE in the container's (otherwise clean) "
             "environment", library="env",
-            flag=Flag(("--env",), "append", "NAME=VALUE", collect=dict),
-            from_text=_pair("NAME=VALUE")),
+            flag=Flag(("--env", "-e"), "append", "NAME[=VALUE]", collect=_env_of),
+            from_text=_env_item),
     Keyword("user", validate.check_user, "False: container root is host root (root only); "
             "default: an unprivileged host uid", default=True, library="user",
             flag=Flag(("--no-userns",), "store_false", help="make container root host root "
@@ -150,6 +165,9 @@ KEYWORDS = (
     Keyword("layer_size", validate.check_layer_size, "most bytes the container may write to its "
             "filesystem (ENOSPC past it)", marker=False, library="layer_size",
             flag=Flag(("--layer-size",), metavar="SIZE")),
+    Keyword("read_only", validate.check_bool, "the root filesystem read-only (/tmp stays a "
+            "writable tmpfs, mounts keep their own mode)", default=False, nullable=False,
+            library="read_only", flag=Flag(("--read-only",), "store_true")),
     Keyword("mounts", check_mounts, "extra mounts: Mount.bind(...), Mount.tmpfs(...)",
             default=(), nullable=False, marker=False, library="mounts"),
     Keyword("ports", ports.check_ports, "publish this container port on the caller's "

@@ -111,6 +111,8 @@ class ContainerSpec:
     layer: str | None = None       # host dir keeping the writable layer; None: a fresh tmpfs
     layer_size: int | None = None  # bytes the fresh tmpfs layer may hold; None: the kernel's
     security: Security = field(default_factory=Security)
+    read_only: bool = False        # the root read-only (the layer unmounted); /tmp stays a tmpfs
+    terminal: bool = False         # stdin, stdout, stderr are a pseudo-terminal (`minictr run -t`)
     ports: tuple[Port, ...] = ()   # published on the caller's side (see `ports`)
     pod: str | None = None         # the pod whose network namespace it shares
 
@@ -174,6 +176,7 @@ def spec_from(image: Any, command: Any, checked: Mapping[str, Any]) -> Container
         security=Security(seccomp=values["seccomp"], allow_syscalls=values["allow_syscalls"],
                           capabilities=values["capabilities"],
                           rlimits=values["rlimits"] or ()),
+        read_only=values["read_only"],
         ports=values["ports"],
         pod=values["pod"],
     )

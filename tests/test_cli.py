@@ -63,7 +63,8 @@ def test_env_and_rootfs_options(rootfs):
 
 @pytest.mark.parametrize("args, status, message", [
     (["run", "--", "no-such-command-anywhere"], 127, b"not found on this host's PATH"),
-    (["run", "--rootfs", "/no/such/dir", "--", "sh"], 125, b"rootfs does not exist"),
+    (["run", "--rootfs", "/no/such/dir", "--", "sh"], 125,
+     b"--rootfs '/no/such/dir': does not exist (make one with `minictr rootfs build"),
     (["run", "--memory", "64Q", "--", "echo"], 125, b"unknown unit 'Q'"),
     (["run", "--cap-add", "ROOT", "--", "echo"], 125, b"'ROOT' is not a capability"),
     (["run", "--allow-syscall", "read", "--", "echo"], 125, b"'read' is not a call"),
@@ -77,16 +78,17 @@ def test_errors_are_one_line_with_a_status(args, status, message, cache_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "--env", "NOEQUALS", "--", "echo"], b"expected NAME=VALUE"),
+    (["run", "--env", "NO-NAME", "--", "echo"], b"expected NAME=VALUE or NAME"),
     (["run", "--"], b"the command to run is missing"),
     (["run", "--cpus", "lots", "--", "echo"], b"--cpus='lots'"),
     (["run", "--network", "host", "--", "echo"], b"invalid choice: 'host'"),
     (["run", "--ulimit", "nofile", "--", "echo"], b"expected NAME=SOFT[:HARD]"),
     (["run", "--ulimit", "nofile=lots", "--", "echo"], b"expected NAME=SOFT[:HARD]"),
 ])
-def test_usage_errors_come_from_argparse(args, message, cache_dir):
+def test_usage_errors_are_one_line_and_125_as_in_docker(args, message, cache_dir):
     done = minictr(*args, cache_dir=cache_dir)
-    assert done.returncode == 2 and message in done.stderr
+    assert done.returncode == 125 and message in done.stderr
+    assert done.stderr.startswith(b"minictr: error: ") and done.stderr.count(b"\n") == 1
 
 
 def test_rootfs_build_writes_a_directory(tmp_path):

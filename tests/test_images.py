@@ -196,3 +196,21 @@ def test_rootfs_list_and_prune(tmp_path):
     assert [entry["recipe"] for entry in listed] == ["minimal"] and listed[0]["size"] > 0
     assert minictr("prune").returncode == 0
     assert minictr("list", "--json").stdout == "" and os.listdir(tmp_path) == []
+
+
+def test_a_tarball_of_dot_prefixed_members_imports_as_docker_and_podman_take_it(tmp_path):
+    """`tar -C dir -c .` (what a hand-made `docker save` directory gives) names every member
+    './manifest.json', './layer0/layer.tar'; and layers may be made the same way."""
+    saved = tmp_path / "saved"
+    (saved / "layer0").mkdir(parents=True)
+    files = tmp_path / "files"
+    (files / "etc").mkdir(parents=True)
+    (files / "etc" / "motd").write_text("dotted\n")
+    subprocess.run(["tar", "-C", str(files), "-cf", str(saved / "layer0" / "layer.tar"), "."],
+                   check=True, timeout=30)
+    (saved / "manifest.json").write_text(json.dumps([{"Layers": ["./layer0/layer.tar"]}]))
+    image = tmp_path / "image.tar"
+    subprocess.run(["tar", "-C", str(saved), "-cf", str(image), "."], check=True, timeout=30)
+    assert "./manifest.json" in tarfile.open(image).getnames()
+    root = import_image(str(image), str(tmp_path / "root"), 2**30)
+    assert (root / "etc" / "motd").read_text() == "dotted\n"

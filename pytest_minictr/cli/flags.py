@@ -23,7 +23,7 @@ def add_keyword_flags(run: argparse.ArgumentParser) -> None:
     for keyword in FLAG_KEYWORDS:
         flag = keyword.flag
         options = {"choices": flag.choices} if flag.choices else {}
-        if flag.action != "store_false":
+        if flag.action not in ("store_false", "store_true"):
             options["type"] = argparse_type(keyword)
             options["metavar"] = flag.metavar
         help_text = flag.help or keyword.help
@@ -49,7 +49,22 @@ def flag_value(keyword: Keyword, value):
 
 
 def spelled(keyword: Keyword) -> str:
-    """How an error names the flag's value: the flag, or for a --no-x flag its keyword."""
-    return keyword.name if keyword.flag.action == "store_false" else keyword.flag.names[0]
+    """How an error names the flag's value: the flag, or for a --no-x flag (or a keyword that
+    Docker's flags add to: mounts) its keyword."""
+    if keyword.flag is None or keyword.flag.action == "store_false":
+        return keyword.name
+    return keyword.flag.names[0]
+
+
+class UsageError(MinictrError):
+    """A command line that does not parse: 125 with one line, as any error of minictr's."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ours to report (one line, exit 125, JSON with --json)
+    rather than argparse's usage block and exit 2, which Docker users do not expect."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 

@@ -1,5 +1,6 @@
-"""`minictr rootfs import | list | prune`: the argparse handlers, each a thin layer over
-`rootfs.images` and `rootfs.cache` (which take plain arguments and print nothing)."""
+"""`minictr rootfs build | import | list | prune`: the subcommands and their handlers, each a
+thin layer over `rootfs.builder`, `rootfs.images` and `rootfs.cache` (which take plain
+arguments and print nothing)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,41 @@ import dataclasses
 import json
 import os
 
+from pytest_minictr.errors import ConfigError
 from pytest_minictr.rootfs import cache
+from pytest_minictr.rootfs.builder import RootfsBuilder
 from pytest_minictr.rootfs.images import import_image
 from pytest_minictr.spec import parse_size
+
+
+def add_commands(commands, help_recipe: str) -> None:
+    rootfs = commands.add_parser("rootfs", help="build root filesystems")
+    subcommands = rootfs.add_subparsers(dest="rootfs_command", required=True, metavar="COMMAND")
+    build = subcommands.add_parser("build", help="build a rootfs into a directory")
+    build.add_argument("--recipe", metavar="NAME", help=help_recipe)
+    build.add_argument("--bin", action="append", default=[], metavar="NAME",
+                       help="host binary to copy with its libraries; repeatable")
+    build.add_argument("dest", help="directory to create (must not exist or be empty)")
+    build.set_defaults(handler=build_rootfs)
+    listing = subcommands.add_parser("list", help="the rootfs cache: key, recipe, size, age")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.set_defaults(handler=list_cache)
+    prune = subcommands.add_parser("prune", help="empty the rootfs cache")
+    prune.set_defaults(handler=prune_cache)
+    importing = subcommands.add_parser(
+        "import", help="unpack a `docker save` or OCI image tarball into a directory")
+    importing.add_argument("image", help="the image tarball")
+    importing.add_argument("dest", help="directory to create (must not exist or be empty)")
+    importing.add_argument("--max-size", default="16G", metavar="SIZE",
+                           help="refuse an image bigger than this unpacked (default 16G)")
+    importing.set_defaults(handler=import_command)
+
+
+def build_rootfs(args: argparse.Namespace) -> int:
+    if not args.bin and not args.recipe:
+        raise ConfigError("minictr rootfs build: give --recipe NAME and/or --bin NAME")
+    print(RootfsBuilder().build(binaries=args.bin, dest=args.dest, recipe=args.recipe))
+    return 0
 
 
 def import_command(args: argparse.Namespace) -> int:

@@ -53,6 +53,7 @@ ACTIONS: dict[str, Callable[..., Any]] = {
     "mount_overlay": mounts.mount_overlay,
     "move_into_root": mounts.move_into_root,
     "mount_tmp": mounts.mount_tmp,
+    "make_root_read_only": mounts.make_root_read_only,
     "mount_user_tmpfs": mounts.mount_user_tmpfs,
     "bind_user_mount": mounts.bind_user_mount,
     "close_fds": mounts.close_fds,

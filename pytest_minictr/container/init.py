@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import _signal
 import errno
+import fcntl
 import gc
 import os
 import resource
 import signal
+import termios
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -56,10 +58,10 @@ class ChildFds:
 
 
 def run_command_as_init(argv: tuple[str, ...], env: tuple[tuple[str, str], ...], fds: ChildFds,
-                        forwarder: "SignalForwarder") -> NoReturn:
+                        forwarder: "SignalForwarder", terminal: bool = False) -> NoReturn:
     """PID 1's life once the container is built: spawn the command, reap until it exits,
     kill what it left, report its end, exit."""
-    command_pid = spawn_command(argv, env, fds)
+    command_pid = spawn_command(argv, env, fds, terminal)
     forwarder.start(command_pid)
     for fd in fds.stdio() + (fds.setup,):
         os.close(fd)
@@ -71,11 +73,11 @@ def run_command_as_init(argv: tuple[str, ...], env: tuple[tuple[str, str], ...],
 
 
 def run_command_beside(argv: tuple[str, ...], env: tuple[tuple[str, str], ...],
-                       fds: ChildFds) -> NoReturn:
+                       fds: ChildFds, terminal: bool = False) -> NoReturn:
     """An exec helper's end: spawn the command (into the container's PID namespace, as
     pid_for_children), report its pid, wait, report its status. We stay outside that PID
     namespace: if the container ends, the kernel kills the command, and we report that."""
-    command_pid = spawn_command(argv, env, fds)
+    command_pid = spawn_command(argv, env, fds, terminal)
     write_line(fds.setup, {"pid": command_pid})
     for fd in fds.stdio() + (fds.setup,):
         os.close(fd)
@@ -100,12 +102,14 @@ def put_dev_null_on_stdio() -> None:
 
 
 def spawn_command(argv: tuple[str, ...], env_pairs: tuple[tuple[str, str], ...],
-                  fds: ChildFds) -> int:
+                  fds: ChildFds, terminal: bool = False) -> int:
     env = dict(env_pairs)
     program = find_program(argv[0], env.get("PATH", ""))
     # only 0-2 may reach the command (CVE-2024-21626: a leaked fd of a host directory is a
     # way out of any root); dup2 onto 0-2 clears the flag on those
     attempt("close descriptors on exec", linux.mark_fds_close_on_exec, 3)
+    if terminal:
+        return spawn_on_terminal(program, argv, env, fds)
     try:
         return os.posix_spawn(
             program, argv, env,
@@ -114,6 +118,39 @@ def spawn_command(argv: tuple[str, ...], env_pairs: tuple[tuple[str, str], ...],
             setsid=True, setsigmask=(), setsigdef=RESET_SIGNALS)
     except OSError as error:
         raise _exec_failure(program, error) from None
+
+
+def spawn_on_terminal(program: str, argv: tuple[str, ...], env: dict[str, str],
+                      fds: ChildFds) -> int:
+    """The command of `minictr run -t`: a session leader whose controlling terminal is the
+    pseudo-terminal on its stdin (the CLI's own, made for it: no host terminal is reachable),
+    so that a shell gets job control and the terminal's ^C reaches its foreground group.
+    posix_spawn cannot set a controlling terminal (TIOCSCTTY): a fork, which an interactive
+    command can afford. An exec failure comes back as its errno on a close-on-exec pipe."""
+    failed, report = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child execs or exits)
+        try:
+            os.close(failed)
+            os.setsid()
+            fcntl.ioctl(fds.stdin, termios.TIOCSCTTY, 0)
+            for target, fd in enumerate(fds.stdio()):
+                os.dup2(fd, target)
+            for signum in RESET_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, ())
+            os.execve(program, argv, env)
+        except OSError as error:
+            os.write(report, str(error.errno).encode())
+        os._exit(127)
+    os.close(report)
+    with os.fdopen(failed, "rb") as pipe:
+        code = pipe.read()
+    if code:
+        os.waitpid(pid, 0)
+        number = int(code)
+        raise _exec_failure(program, OSError(number, os.strerror(number)))
+    return pid
 
 
 class SignalForwarder:

@@ -268,6 +268,12 @@ def mount_dev() -> None:
     attempt("mount /dev/shm", mount_tmpfs, DEV + "/shm", "mode=1777,size=64m", MS_NOEXEC)
 
 
+def make_root_read_only() -> None:
+    """`read_only=True`: the root's own mount only; /tmp, /dev and the user's mounts under it
+    keep theirs (a per-mount flag: MS_BIND with MS_REMOUNT, the overlay itself untouched)."""
+    linux.mount(None, ROOT, None, MS_REMOUNT | MS_BIND | MS_RDONLY | _statvfs_mount_flags(ROOT))
+
+
 def mount_tmpfs(target: str, options: str, extra_flags: int = 0) -> None:
     linux.mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV | extra_flags, options)
 

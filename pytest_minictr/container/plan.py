@@ -114,7 +114,7 @@ def run_command(spec: ContainerSpec) -> Step:
     # way out of any root), in a new session (no terminal of ours to push input into:
     # CVE-2017-5226), with default signal dispositions.
     return Step("exec", "run the command", "run_command_as_init",
-                (spec.argv, spec.env, Ref("fds"), Ref("forwarder")))
+                (spec.argv, spec.env, Ref("fds"), Ref("forwarder"), spec.terminal))
 
 
 def exec_plan(spec: ContainerSpec, where: Where, namespaces: tuple[int | None, ...]
@@ -132,7 +132,7 @@ def exec_plan(spec: ContainerSpec, where: Where, namespaces: tuple[int | None, .
             Step("layer", "measure the layer", "measure_filesystem", ("/",), saves="layer size"),
             *confine(spec, where, userns),
             Step("exec", "run the command", "run_command_beside",
-                 (spec.argv, spec.env, Ref("fds"))))
+                 (spec.argv, spec.env, Ref("fds"), spec.terminal)))
 
 
 # --- the steps, in the order the plan takes them ------------------------------------------------
@@ -274,8 +274,10 @@ def build_root(spec: ContainerSpec) -> tuple[Step, ...]:
                   Step("root", f"bind {mount.source} on {mount.target}", "bind_user_mount",
                        (sources[-1], mount.target, mount.read_only))]
     # last: until here, /proc/self/fd/N named our fds (the user's mounts use it)
-    steps += [Step("root", "move /proc", "move_into_root", ("/proc",)),
-              Step("root", "close the host's paths", "close_fds",
+    steps.append(Step("root", "move /proc", "move_into_root", ("/proc",)))
+    if spec.read_only:  # last of the mounts: their mount points may have to be made first
+        steps.append(Step("root", "make the root read-only", "make_root_read_only"))
+    steps += [Step("root", "close the host's paths", "close_fds",
                    (Ref("rootfs"), Ref("layer"), *sources))]
     return tuple(steps)
 

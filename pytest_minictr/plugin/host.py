@@ -14,12 +14,8 @@ from pytest_minictr.doctor import checks as doctor
 from pytest_minictr.errors import UnsupportedError
 from pytest_minictr.keywords import ContainerSettings
 from pytest_minictr.rootfs.builder import RootfsBuilder
+from pytest_minictr.rootfs.defaults import BASE_BINARIES
 
-# Every container can run a shell string; these come along where the host has them.
-BASE_BINARIES = ("sh", "env", "echo", "cat", "ls", "true", "false", "sleep", "mkdir", "rm",
-                 "cp", "mv", "touch", "head", "tail", "wc", "grep", "sed", "seq", "sort", "tr",
-                 "cut", "printf", "test", "id", "hostname", "uname", "pwd", "ln", "chmod",
-                 "stat", "date", "basename", "dirname", "expr", "kill", "ps")
 LAYER_PREFIX = "minictr-layer-"  # + the owner's pid: a layer of a dead owner is removed
 STDERR_TAIL = 2000  # characters of the last container's stderr shown for a failed test
 

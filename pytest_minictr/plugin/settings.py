@@ -69,8 +69,9 @@ def _option(config: pytest.Config, name: str) -> tuple[str | None, str]:
     it there."""
     for value, spelled in ((config.getoption(f"minictr_{name}"),
                             "--minictr-" + name.replace("_", "-")),
-                           (os.environ.get(f"MINICTR_{name.upper()}"), f"MINICTR_{name.upper()}"),
-                           (config.getini(f"minictr_{name}"), f"minictr_{name}")):
+                           (os.environ.get(f"MINICTR_{name.upper()}"),
+                            f"environment variable MINICTR_{name.upper()}"),
+                           (config.getini(f"minictr_{name}"), f"ini key minictr_{name}")):
         if value not in (None, ""):
             return str(value), spelled
     return None, ""
@@ -88,7 +89,10 @@ def merge_marker(defaults: ContainerSettings, item: pytest.Item) -> ContainerSet
     if keywords.get("rootfs") is not None and (keywords.get("binaries") is not None
                                                or keywords.get("recipe") is not None):
         raise ConfigError("@pytest.mark.container: give rootfs= or binaries=/recipe=, not both")
-    values = {name: check_marker_value(name, value) for name, value in keywords.items()}
+    try:
+        values = {name: check_marker_value(name, value) for name, value in keywords.items()}
+    except ConfigError as error:  # named as the user wrote it: in the marker
+        raise ConfigError(f"@pytest.mark.container: {error}") from None
     if values.get("binaries") is not None or values.get("recipe") is not None:
         values["rootfs"] = None  # the marker's binaries beat a --minictr-rootfs default
     return replace(defaults, **values)

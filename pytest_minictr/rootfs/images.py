@@ -52,7 +52,7 @@ def import_image(image: str, dest: str, max_size: int) -> Path:
 
 def layer_names(outer: tarfile.TarFile) -> list[str]:
     """The layer blobs in order, from `manifest.json` (docker save) or `index.json` (OCI)."""
-    names = set(outer.getnames())
+    names = set(_outer_members(outer))
     if "manifest.json" in names:
         manifest = _json_member(outer, "manifest.json")
         return list(manifest[0]["Layers"])
@@ -77,9 +77,19 @@ def _json_member(outer: tarfile.TarFile, name: str):
         raise RootfsError(f"{name} in the image is not JSON: {error}") from None
 
 
+def _outer_members(outer: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
+    """The image tarball's members by their names without './' (`tar -C dir -c .` writes
+    './manifest.json'; Docker and Podman take either spelling)."""
+    return {_plain(member.name): member for member in outer.getmembers()}
+
+
+def _plain(name: str) -> str:
+    return "/".join(part for part in name.split("/") if part not in ("", "."))
+
+
 def _member_file(outer: tarfile.TarFile, name: str):
     try:
-        member = outer.getmember(name)
+        member = _outer_members(outer)[_plain(name)]
     except KeyError:
         raise RootfsError(f"the image names {name}, which it does not hold") from None
     file = outer.extractfile(member)
@@ -109,7 +119,7 @@ def safe_name(name: str) -> str:
     if name.startswith("/") or ".." in name.split("/"):
         raise RootfsError(f"refused: member {name!r} points outside the rootfs "
                           "(absolute, or with '..')")
-    return "/".join(part for part in name.split("/") if part not in ("", "."))
+    return _plain(name)
 
 
 def _inside(dest: str, name: str) -> str:

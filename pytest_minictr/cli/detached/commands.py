@@ -1,33 +1,38 @@
 """The CLI's detached containers, across processes, daemonless: `minictr run -d` and then
-`ps`, `stop`, `kill`, `exec`, `logs`, `stats`, `rm`. Records live in the state directory
-(`state`); each running container is held by its shim (`shim`), which these commands reach
-through its control socket.
+`ps`, `stop`, `kill`, `exec`, `logs`, `wait`, `inspect`, `stats`, `rm`; each takes an id or
+the container's --name. Records live in the state directory (`records`); each running
+container is held by its shim (`shim`), which these commands reach through its control socket.
 
-Exit statuses: 0 done; 125 minictr failed (unknown id, not running, still running for `rm`),
-with one `minictr: error: ...` line; `exec` exits with its command's status (128+N after
-signal N), as `run` does.
+Exit statuses, as Docker's: 0 done; 125 minictr failed (unknown id, `rm` of a running one
+without -f), with one `minictr: error: ...` line; `exec` exits with its command's status (126,
+127 when it cannot run; 128+N after signal N), as `run` does. `stop` and `kill` of a
+container that has ended already succeed, quietly.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import select
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from pytest_minictr.cli.detached import shim
+from pytest_minictr.cli.detached import logs, shim
 from pytest_minictr.cli.detached.records import Record, Store
+from pytest_minictr.cli.ends import exit_status, print_end_line
 from pytest_minictr.cli.flags import argparse_type, command_of
-from pytest_minictr.errors import ConfigError, ContainerNotFoundError, MinictrError
+from pytest_minictr.cli.terminal import Terminal, run_on_terminal
+from pytest_minictr.errors import (CommandNotFoundError, ConfigError, ContainerNotFoundError,
+                                   MinictrError)
 from pytest_minictr.keywords import BY_NAME
 from pytest_minictr.spec import ContainerSpec
 
 SHIM_START_TIMEOUT = 120.0  # seconds for the shim to start the container and answer
+EXEC_USAGE = "minictr exec [OPTIONS] ID -- CMD [ARGS...]"
 
 
 def add_commands(commands) -> None:
@@ -50,17 +55,27 @@ def add_commands(commands) -> None:
     kill.set_defaults(handler=kill_container)
 
     exec_command = commands.add_parser("exec", help="run a command in a running container",
-                                       usage="minictr exec ID -- CMD [ARGS...]")
+                                       usage=EXEC_USAGE)
+    exec_command.add_argument("--env", "-e", action="append", type=argparse_type(BY_NAME["env"]),
+                              default=[], metavar="NAME[=VALUE]")
+    exec_command.add_argument("--timeout", type=float, metavar="SECONDS")
+    exec_command.add_argument("--interactive", "-i", action="store_true",
+                              help="keep stdin attached (it always is without -t)")
+    exec_command.add_argument("--tty", "-t", action="store_true",
+                              help="give the command a pseudo-terminal")
     exec_command.add_argument("id")
-    exec_command.add_argument("--env", action="append", type=argparse_type(BY_NAME["env"]),
-                              default=[], metavar="NAME=VALUE")
-    exec_command.add_argument("--timeout", type=float)
     exec_command.add_argument("command", nargs=argparse.REMAINDER)
     exec_command.set_defaults(handler=exec_in_container, parser=exec_command)
 
-    logs = commands.add_parser("logs", help="what a detached container wrote")
-    logs.add_argument("id")
-    logs.set_defaults(handler=show_logs)
+    logs.add_command(commands)
+
+    wait = commands.add_parser("wait", help="wait for a container to end; print its status")
+    wait.add_argument("ids", nargs="+", metavar="ID")
+    wait.set_defaults(handler=wait_for_containers)
+
+    inspect = commands.add_parser("inspect", help="a container's record, as JSON")
+    inspect.add_argument("ids", nargs="+", metavar="ID")
+    inspect.set_defaults(handler=inspect_containers)
 
     stats = commands.add_parser("stats", help="a running container's figures now")
     stats.add_argument("id")
@@ -74,18 +89,20 @@ def add_commands(commands) -> None:
 
     rm = commands.add_parser("rm", help="remove the record of an ended container")
     rm.add_argument("ids", nargs="+", metavar="ID")
-    rm.add_argument("--force", "-f", action="store_true", help="kill it first if it runs")
+    rm.add_argument("--force", "-f", action="store_true", help="stop it first if it runs")
     rm.set_defaults(handler=remove_containers)
 
 
-def run_detached(spec: ContainerSpec, options: dict) -> int:
+def run_detached(spec: ContainerSpec, options: dict, name: str | None = None,
+                 remove: bool = False) -> int:
     """Start the container of `spec` (checked by `run`) under a shim of its own, print its id
     once it runs. `options`: the flags given, kept in the record."""
     store = Store()
     container_id = secrets.token_hex(6)
     record = Record(id=container_id, command=spec.argv, created=time.time(), rootfs=spec.rootfs,
-                    options=options, logs=tuple(str(store.path(container_id) / name)
-                                                for name in ("stdout.log", "stderr.log")))
+                    options=_as_json(options), name=name, remove=remove,
+                    logs=tuple(str(store.path(container_id) / name)
+                               for name in ("stdout.log", "stderr.log")))
     store.create(record)
     order = {"state_dir": str(store.root), "id": record.id, "spec": spec.to_dict()}
     started = subprocess.Popen([sys.executable, "-m", "pytest_minictr.cli.detached.shim"],
@@ -98,7 +115,7 @@ def run_detached(spec: ContainerSpec, options: dict) -> int:
         started.kill()
         started.wait()
         store.remove(record.id)
-        raise MinictrError(answer.get("message", "the shim failed"))
+        raise _error_of(answer)
     print(record.id)
     return 0
 
@@ -127,11 +144,10 @@ def list_containers(args: argparse.Namespace) -> int:
         for record in shown:
             print(json.dumps({**vars(record), "status": record.shown_status}))
         return 0
-    print(f"{'ID':<14}{'STATUS':<20}{'CODE':>5}  {'CREATED':<20}COMMAND")
+    print(f"{'ID':<14}{'NAME':<16}{'STATUS':<22}{'CREATED':<21}COMMAND")
     for record in shown:
-        code = "" if record.returncode is None else str(record.returncode)
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
-        print(f"{record.id:<14}{record.shown_status:<20}{code:>5}  {created:<20}"
+        print(f"{record.id:<14}{record.name or '-':<16}{record.shown_status:<22}{created:<21}"
               f"{' '.join(record.command)}")
     return 0
 
@@ -139,39 +155,76 @@ def list_containers(args: argparse.Namespace) -> int:
 def stop_container(args: argparse.Namespace) -> int:
     if args.time < 0:
         raise ConfigError(f"--time {args.time:g}: expected 0 or more seconds")
-    _ask(args.id, {"op": "stop", "grace": args.time})
-    # the shim records the end just after it answers: wait for it, so that `ps` agrees
-    Store().wait_for(args.id, lambda record: not record.alive, 10.0)
+    container_id = Store().resolve(args.id)
+    if _ask_if_running(container_id, {"op": "stop", "grace": args.time}) is not None:
+        # the shim records the end just after it answers: wait for it, so that `ps` agrees
+        Store().wait_for(container_id, lambda record: not record.alive, 10.0)
     return 0
 
 
 def kill_container(args: argparse.Namespace) -> int:
-    _ask(args.id, {"op": "signal", "signum": _signal_number(args.signal)})
+    signum = _signal_number(args.signal)
+    _ask_if_running(Store().resolve(args.id), {"op": "signal", "signum": signum})
     return 0
 
 
 def exec_in_container(args: argparse.Namespace) -> int:
-    command = command_of(args, "minictr exec ID -- CMD [ARGS...]")
-    env = dict(args.env)
-    reply = _ask(args.id, {"op": "exec", "command": command, "env": env or None,
-                           "timeout": args.timeout}, fds=(0, 1, 2))
-    code = reply["returncode"]
-    return code if code >= 0 else 128 - code
-
-
-def show_logs(args: argparse.Namespace) -> int:
-    logs = Store().read(args.id).logs
-    for path, stream in zip(logs, (sys.stdout.buffer, sys.stderr.buffer), strict=True):
+    args = _options_after_id(args)
+    command = command_of(args, EXEC_USAGE)
+    if args.timeout is not None and not args.timeout > 0:
+        raise ConfigError(f"--timeout {args.timeout:g}: expected a positive number of seconds")
+    env = BY_NAME["env"].flag.collect(args.env)
+    if args.tty:  # a real terminal now: the command may drive it as ours (not TERM=dumb)
+        env = {"TERM": os.environ.get("TERM") or "xterm", **env}
+    message = {"op": "exec", "command": command, "env": env or None, "timeout": args.timeout,
+               "terminal": args.tty}
+    container_id = Store().resolve(args.id)
+    if args.tty:
+        terminal = Terminal(interactive=args.interactive)
         try:
-            stream.write(Path(path).read_bytes())
-        except FileNotFoundError:
-            pass  # the shim had not made it yet
-        stream.flush()
+            fds = (terminal.slave,) * 3
+            reply = run_on_terminal(terminal, lambda: _ask(container_id, message, fds=fds))
+        finally:
+            terminal.close()
+    else:
+        reply = _ask(container_id, message, fds=(0, 1, 2))
+    print_end_line(reply["result"], None, args.timeout)
+    return exit_status(reply["result"]["returncode"])
+
+
+def _options_after_id(args: argparse.Namespace) -> argparse.Namespace:
+    """`exec ID --env X -- CMD`: options between the id and `--` count as options (they were
+    taken for the command); without `--`, an option there is refused rather than run."""
+    command = args.command
+    if "--" in command and command[0] != "--":
+        end = command.index("--")
+        return args.parser.parse_args([*command[:end], args.id, *command[end:]])
+    if command and command[0].startswith("-") and command[0] != "--":
+        raise ConfigError(f"minictr exec: option {command[0]!r} after the container: put it "
+                          f"before ID, or end the options with `--` ({EXEC_USAGE})")
+    return args
+
+
+def wait_for_containers(args: argparse.Namespace) -> int:
+    store = Store()
+    for container_id in map(store.resolve, args.ids):
+        record = store.wait_for(container_id, lambda r: not r.alive, float("inf"))
+        print("" if record.returncode is None else exit_status(record.returncode))
+    return 0
+
+
+def inspect_containers(args: argparse.Namespace) -> int:
+    store = Store()
+    records = [store.read(store.resolve(reference)) for reference in args.ids]
+    print(json.dumps([{**vars(record), "state": {
+        "status": record.shown_status, "running": record.alive,
+        "exit_code": None if record.returncode is None else exit_status(record.returncode)}}
+        for record in records], indent=2))
     return 0
 
 
 def show_stats(args: argparse.Namespace) -> int:
-    stats = _ask(args.id, {"op": "stats"})["stats"]
+    stats = _ask(Store().resolve(args.id), {"op": "stats"})["stats"]
     if args.json:
         print(json.dumps(stats))
         return 0
@@ -183,7 +236,8 @@ def show_stats(args: argparse.Namespace) -> int:
 def show_ports(args: argparse.Namespace) -> int:
     """docker's `port`: one line per published port, `80/tcp -> 127.0.0.1:8080`; with a
     port, only where it is published (exit 1 if it is not)."""
-    record = Store().read(args.id)
+    store = Store()
+    record = store.read(store.resolve(args.id))  # an id or a --name
     if not record.alive:
         raise ContainerNotFoundError(f"container {args.id} is not running "
                                      f"({record.shown_status})")
@@ -200,7 +254,7 @@ def show_ports(args: argparse.Namespace) -> int:
 
 def remove_containers(args: argparse.Namespace) -> int:
     store = Store()
-    for container_id in args.ids:
+    for container_id in map(store.resolve, args.ids):
         if args.force and store.read(container_id).alive:
             try:
                 _ask(container_id, {"op": "stop", "grace": 0})
@@ -212,19 +266,39 @@ def remove_containers(args: argparse.Namespace) -> int:
 
 
 def _ask(container_id: str, message: dict, fds: tuple[int, ...] = ()) -> dict:
+    reply = _ask_if_running(container_id, message, fds)
+    if reply is None:
+        raise ContainerNotFoundError(f"container {container_id} is not running: "
+                                     f"{Store().read(container_id).shown_status}")
+    return reply
+
+
+def _ask_if_running(container_id: str, message: dict, fds: tuple[int, ...] = ()
+                    ) -> dict | None:
+    """The shim's reply; None if the container has ended (or its shim is gone)."""
     store = Store()
-    record = store.read(container_id)
-    if not record.alive:
-        raise ContainerNotFoundError(f"container {container_id} is not running "
-                                     f"({record.shown_status})")
+    if not store.read(container_id).alive:
+        return None
     try:
         reply = shim.request(store.path(container_id), message, fds)
     except OSError:
-        raise ContainerNotFoundError(f"container {container_id} is not running (its shim is "
-                                     "gone)") from None
+        return None
     if not reply.get("ok"):
-        raise MinictrError(reply.get("message", "the shim failed"))
+        raise _error_of(reply)
     return reply
+
+
+def _error_of(reply: dict) -> MinictrError:
+    """The error a shim reported, as the type that gives its exit status (126, 127, 125)."""
+    text = reply.get("message", "the shim failed")
+    if reply.get("type") == "CommandNotFoundError":
+        return CommandNotFoundError(text, "exec", reply.get("errno") or 2)
+    return MinictrError(text)
+
+
+def _as_json(options: dict) -> dict:
+    """The flags given, as the record keeps them (a Mount as its fields)."""
+    return json.loads(json.dumps(options, default=vars))
 
 
 def _remove_quietly(store: Store, container_id: str) -> None:

@@ -4,7 +4,9 @@ does: no daemon, one directory per container in the state directory.
     <state dir>/<id>/state.json   the record (written whole: temp file + rename)
     <state dir>/<id>/lock         flock()ed by whoever changes the record or the container
     <state dir>/<id>/stdout.log, stderr.log   the container's output
+    <state dir>/<id>/stdout.times, stderr.times   when each line began (`logs --timestamps`)
     <state dir>/<id>/control      the Unix socket of its shim (see `shim`)
+    <state dir>/names/<name>      a symlink to the id: `--name` (made atomically, so unique)
 
 The state directory is /run/minictr for root, $XDG_RUNTIME_DIR/minictr otherwise (or
 $MINICTR_STATE_DIR). A record names the shim process by pid *and* start time (field 22 of
@@ -26,10 +28,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
+from pytest_minictr.cli.ends import shown_status
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError
 from pytest_minictr.host.proc import read_stat
 
 RECORD = "state.json"
+NAMES = "names"
 ID_PATTERN = re.compile(r"[0-9a-f]{12}")
 
 
@@ -47,6 +51,8 @@ class Record:
     status: str = "created"         # created | running | exited | stopped | timed_out
     returncode: int | None = None
     finished: float | None = None
+    name: str | None = None         # --name
+    remove: bool = False            # --rm: the shim removes the record once the command ends
     ports: tuple = ()               # [container port, host address, host port] published
 
     @property
@@ -59,7 +65,7 @@ class Record:
     def shown_status(self) -> str:
         if self.status in ("created", "running") and not self.alive:
             return "exited (shim gone)"
-        return self.status
+        return shown_status(self.status, self.returncode)
 
 
 def state_dir() -> Path:
@@ -92,12 +98,44 @@ class Store:
                               "(as `minictr ps` shows)")
         return self.root / container_id
 
+    def resolve(self, reference: str) -> str:
+        """The id of the container `reference` names: its id, or its --name."""
+        if ID_PATTERN.fullmatch(reference) and (self.root / reference).is_dir():
+            return reference
+        try:
+            target = os.readlink(self.root / NAMES / reference) if "/" not in reference \
+                and reference not in ("", ".", "..") else ""
+        except OSError:
+            target = ""
+        if not ID_PATTERN.fullmatch(target) or not (self.root / target).is_dir():
+            raise ContainerNotFoundError(f"no container {reference!r} (`minictr ps --all` "
+                                         "lists them)")
+        return target
+
     def create(self, record: Record) -> Path:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if record.name is not None:
+            self._claim_name(record.name, record.id)
         directory = self.path(record.id)
         directory.mkdir(mode=0o700)
         self.write(record)
         return directory
+
+    def _claim_name(self, name: str, container_id: str) -> None:
+        names = self.root / NAMES
+        names.mkdir(mode=0o700, exist_ok=True)
+        try:
+            holder = self.resolve(name)
+        except ContainerNotFoundError:
+            with contextlib.suppress(FileNotFoundError):
+                (names / name).unlink()  # a dangling name: its container was removed
+        else:
+            raise ConfigError(f"--name {name!r}: already names container {holder} "
+                              f"(`minictr rm {name}` frees it)")
+        try:  # symlink() fails if another `run --name` took it meanwhile
+            os.symlink(container_id, names / name)
+        except FileExistsError:
+            raise ConfigError(f"--name {name!r}: just taken by another container") from None
 
     def read(self, container_id: str) -> Record:
         path = self.path(container_id) / RECORD  # ConfigError names a malformed id
@@ -144,7 +182,7 @@ class Store:
     def all(self) -> list[Record]:
         records = []
         for entry in sorted(self.root.iterdir()) if self.root.is_dir() else ():
-            if ID_PATTERN.fullmatch(entry.name):
+            if ID_PATTERN.fullmatch(entry.name) and entry.name != NAMES:
                 try:
                     records.append(self.read(entry.name))
                 except ContainerNotFoundError:
@@ -158,6 +196,13 @@ class Store:
                 raise ConfigError(f"container {container_id} is running: `minictr stop` it "
                                   "first, or `minictr rm --force`")
             shutil.rmtree(self.path(container_id))
+            self.release_name(record)
+
+    def release_name(self, record: Record) -> None:
+        link = self.root / NAMES / (record.name or "")
+        with contextlib.suppress(OSError):
+            if record.name and os.readlink(link) == record.id:
+                link.unlink()
 
     def wait_for(self, container_id: str, condition, timeout: float) -> Record:
         deadline = time.monotonic() + timeout

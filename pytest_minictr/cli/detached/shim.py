@@ -1,5 +1,6 @@
 """The process that holds a detached container (`minictr run -d`), so that it outlives the
-command that started it: a ContainerRuntime of its own, the container's output in log files,
+command that started it: a ContainerRuntime of its own, the container's output in log files
+(each line's time beside them),
 and a Unix socket (`control` in its state directory) through which later `minictr stop`,
 `kill`, `exec` and `stats` commands reach it. It records the container's end and exits.
 
@@ -18,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pytest_minictr import protocol
@@ -47,15 +49,21 @@ def main() -> int:
     container_id = order["id"]
     directory = store.path(container_id)
     runtime = ContainerRuntime()
+    pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2)]
     try:
-        stdout_log, stderr_log = store.read(container_id).logs
-        with open(stdout_log, "wb") as out, open(stderr_log, "wb") as err:
-            container = runtime.launch(ContainerSpec.from_dict(order["spec"]), stdout=out,
-                                       stderr=err)
+        container = runtime.launch(ContainerSpec.from_dict(order["spec"]),
+                                   stdout=pipes[0][1], stderr=pipes[1][1])
     except MinictrError as error:
-        _answer(answer, {"ok": False, "type": type(error).__name__, "message": str(error)})
+        _answer(answer, _error_reply(error))
         runtime.close()
         return 1
+    finally:
+        for _, write_end in pipes:
+            os.close(write_end)  # the container holds its own: EOF when it ends
+    copiers = [threading.Thread(target=copy_with_times, args=(read_end, Path(log)))
+               for (read_end, _), log in zip(pipes, store.read(container_id).logs, strict=True)]
+    for copier in copiers:
+        copier.start()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(directory / CONTROL))
     server.listen()
@@ -65,11 +73,36 @@ def main() -> int:
     threading.Thread(target=_serve, args=(server, runtime, container), daemon=True).start()
     _answer(answer, {"ok": True})
     result = container.wait()
-    store.update(container_id, status=str(container.status), returncode=result.returncode,
-                 finished=time.time())
+    for copier in copiers:  # every line in the logs before the end is recorded
+        copier.join()
+    record = store.update(container_id, status=str(container.status),
+                          returncode=result.returncode, finished=time.time())
     server.close()
     runtime.close()
+    if record.remove:
+        store.remove(container_id)
     return 0
+
+
+def copy_with_times(read_end: int, log: Path) -> None:
+    """The container's output into `log`, and when each of its lines began into the
+    `.times` file beside it (`minictr logs --timestamps`): `OFFSET EPOCH-SECONDS` lines."""
+    offset, at_line_start = 0, True
+    with open(read_end, "rb", buffering=0) as source, open(log, "wb", buffering=0) as out, \
+            open(log.with_suffix(".times"), "w", buffering=1) as times:
+        while data := source.read(65536):
+            now = time.time()
+            starts = [offset] if at_line_start else []
+            starts += [offset + i + 1 for i, byte in enumerate(data[:-1]) if byte == 10]
+            times.writelines(f"{start} {now:.6f}\n" for start in starts)
+            out.write(data)
+            offset += len(data)
+            at_line_start = data.endswith(b"\n")
+
+
+def _error_reply(error: MinictrError) -> dict:
+    return {"ok": False, "type": type(error).__name__, "message": str(error),
+            "errno": getattr(error, "errno", None)}
 
 
 def _take_stdout() -> int:
@@ -108,7 +141,7 @@ def _handle(connection: socket.socket, runtime: ContainerRuntime, container: Con
         try:
             reply = _answer_request(message, fds, runtime, container)
         except MinictrError as error:
-            reply = {"ok": False, "type": type(error).__name__, "message": str(error)}
+            reply = _error_reply(error)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -130,11 +163,12 @@ def _answer_request(message: dict, fds: list[int], runtime: ContainerRuntime,
         stats = container.stats()
         return {"ok": True, "stats": {**vars(stats), "limits": vars(stats.limits)}}
     if op == "exec":
-        spec = make_exec_spec(container.spec, message["command"], message.get("env"),
-                              message.get("timeout"))
+        spec = replace(make_exec_spec(container.spec, message["command"], message.get("env"),
+                                      message.get("timeout")),
+                       terminal=bool(message.get("terminal")))
         stdin, stdout, stderr = fds
         result = runtime._launch(spec, None, stdin, stdout, stderr, exec_of=container.id).wait()
-        return {"ok": True, "returncode": result.returncode, "timed_out": result.timed_out}
+        return {"ok": True, "result": result.to_dict(head=0)}
     return {"ok": False, "type": "ConfigError", "message": f"unknown request {op!r}"}
 
 

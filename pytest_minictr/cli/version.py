@@ -1,0 +1,27 @@
+"""`minictr --version`: what a bug report needs in one line: our version, which setup path
+runs containers (the native core or the Python fallback), the cgroup backend, the kernel."""
+
+from __future__ import annotations
+
+import os
+
+
+def setup_path() -> str:
+    """THE place naming the setup path: 'python' (the plan carried out in Python), until the
+    native core (issue #17) lands and says here whether it is loaded ('native')."""
+    return "python"
+
+
+def version_text() -> str:
+    from pytest_minictr.host import cgroups  # not at import: --version is the only user
+    backend = cgroups.detect_or_null(prepare=False)
+    return (f"minictr {_package_version()} (setup: {setup_path()}; cgroups: "
+            f"{getattr(backend, 'name', 'none')}; kernel: {os.uname().release})")
+
+
+def _package_version() -> str:
+    from importlib import metadata  # 30 ms: not on the path of every other command
+    try:
+        return metadata.version("pytest-minictr")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"

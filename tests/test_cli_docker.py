@@ -1,0 +1,255 @@
+"""`minictr run` as a Docker user types it: -v, --mount, --read-only, -e NAME, --env-file, -w,
+--version, the default rootfs, Docker's exit codes, one stderr line for each end the user did
+not ask for, and `--json` that always answers in JSON. Bad input to each new flag: one line,
+status 125, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from pytest_minictr import ContainerRuntime
+from pytest_minictr.cli.docker_flags import env_file, mount_option, volume_mount
+from pytest_minictr.errors import ConfigError
+from pytest_minictr.spec import Mount
+
+pytest_plugins = ["pytester"]
+pytestmark = pytest.mark.usefixtures("no_leftovers")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def minictr(*args: str, input: bytes | None = None, env: dict | None = None, cache_dir=None):
+    environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    if cache_dir is not None:
+        environment["MINICTR_CACHE_DIR"] = str(cache_dir)
+    return subprocess.run([sys.executable, "-m", "pytest_minictr", *args], input=input,
+                          capture_output=True, env=environment, timeout=120)
+
+
+def test_version_names_the_package_the_setup_path_the_cgroups_and_the_kernel():
+    done = minictr("--version")
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.decode()
+    assert line.startswith("minictr 0.") and "setup: python" in line
+    assert "cgroups: " in line and f"kernel: {platform.release()}" in line
+
+
+def test_the_default_rootfs_holds_sh_and_the_usual_coreutils(cache_dir):
+    done = minictr("run", "--", "sh", "-c", "sleep 0.01; echo a > /tmp/f; cat /tmp/f; "
+                   "ls / | head -1; wc -l < /tmp/f", cache_dir=cache_dir)
+    assert (done.returncode, done.stdout) == (0, b"a\nbin\n1\n"), done.stderr
+
+
+def test_bind_and_tmpfs_mounts_as_docker_spells_them(tmp_path, cache_dir):
+    (tmp_path / "rw").mkdir(mode=0o777)  # container root is an unprivileged host uid
+    os.chmod(tmp_path / "rw", 0o777)
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "in").write_text("kept\n")
+    done = minictr("run", "-v", f"{tmp_path / 'rw'}:/data", "-v", f"{tmp_path / 'ro'}:/in:ro",
+                   "--mount", "type=tmpfs,target=/scratch,tmpfs-size=1M",
+                   "--mount", f"type=bind,source={tmp_path / 'ro'},target=/again,readonly",
+                   "--", "sh", "-c", "echo out > /data/f; cat /in/in; echo x > /in/y || echo "
+                   "ro; echo x > /again/y || echo ro2; echo s > /scratch/s && cat /scratch/s",
+                   cache_dir=cache_dir)
+    assert done.stdout == b"kept\nro\nro2\ns\n", done.stderr
+    assert (tmp_path / "rw" / "f").read_text() == "out\n"
+    assert not (tmp_path / "ro" / "y").exists()
+
+
+def test_read_only_root_keeps_tmp_writable(cache_dir):
+    done = minictr("run", "--read-only", "--", "sh", "-c",
+                   "touch /x 2>/dev/null || echo refused; touch /tmp/y && echo tmp",
+                   cache_dir=cache_dir)
+    assert done.stdout == b"refused\ntmp\n", done.stderr
+
+
+def test_read_only_in_the_library(runtime, rootfs):
+    result = runtime.run(rootfs, ["sh", "-c", "touch /x; echo $?"], read_only=True).wait()
+    assert result.stdout == b"1\n" and b"Read-only file system" in result.stderr
+
+
+def test_environment_from_the_host_from_a_file_and_w_for_cwd(tmp_path, cache_dir):
+    listed = tmp_path / "env"
+    listed.write_text("# comment\n\nFROM_FILE=file\nBOTH=file\nFROM_HOST_TOO\n")
+    done = minictr("run", "-e", "FROM_HOST", "-e", "BOTH=flag", "-e", "UNSET_ON_HOST",
+                   "--env-file", str(listed), "-w", "/tmp", "--", "sh", "-c",
+                   'echo "$FROM_HOST $FROM_FILE $BOTH $FROM_HOST_TOO ${UNSET_ON_HOST-unset} '
+                   '$PWD"', env={"FROM_HOST": "host", "FROM_HOST_TOO": "too"},
+                   cache_dir=cache_dir)
+    assert done.stdout == b"host file flag too unset /tmp\n", done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-v", "relative:/data"], b"-v 'relative:/data': 'relative' is not an absolute host path"),
+    (["-v", "/tmp"], b"-v '/tmp': expected HOST:CONTAINER or HOST:CONTAINER:ro"),
+    (["-v", "/tmp:/x:rx"], b"expected HOST:CONTAINER or HOST:CONTAINER:ro"),
+    (["-v", "/no/such/dir:/x"], b"mount source '/no/such/dir': does not exist on the host"),
+    (["-v", "/tmp:/proc/x"], b"is inside /proc"),
+    (["--mount", "type=volume,target=/x"], b"type=volume is not supported"),
+    (["--mount", "type=bind,source=/tmp"], b"target= is missing"),
+    (["--mount", "type=bind,source=/tmp,target=/x,z=1"], b"unknown key 'z'"),
+    (["--mount", "type=bind,source=/tmp,target=/x,readonly=maybe"], b"readonly=maybe"),
+    (["--mount", "type=tmpfs,target=/x,tmpfs-size=lots"], b"tmpfs-size='lots'"),
+    (["--env-file", "/no/such/file"], b"--env-file '/no/such/file': No such file"),
+    (["-e", "1BAD"], b"--env='1BAD': expected NAME=VALUE or NAME"),
+    (["-w", "relative"], b"--cwd='relative'"),
+    (["--name", "web"], b"--name goes with -d"),
+    (["--rm"], b"--rm goes with -d"),
+    (["--name", "bad name", "-d"], b"--name 'bad name': expected letters"),
+    (["-t", "-d"], b"-t with -d: minictr cannot attach"),
+    (["--read-only=yes"], b"ignored explicit argument 'yes'"),
+    (["--rootfs", "/etc/passwd"], b"--rootfs '/etc/passwd': is not a directory"),
+])
+def test_bad_input_to_each_new_flag_is_one_line_and_125(args, message, cache_dir):
+    done = minictr("run", *args, "--", "true", cache_dir=cache_dir)
+    assert done.returncode == 125, done
+    assert done.stderr.startswith(b"minictr: error: ") and message in done.stderr, done.stderr
+    assert done.stderr.count(b"\n") == 1 and done.stdout == b""
+
+
+def test_a_bad_env_file_line_is_named(tmp_path, cache_dir):
+    listed = tmp_path / "env"
+    listed.write_text("GOOD=1\nnot a line\n")
+    done = minictr("run", "--env-file", str(listed), "--", "true", cache_dir=cache_dir)
+    assert done.returncode == 125 and b"line 2: 'not a line'" in done.stderr
+
+
+@pytest.mark.parametrize("command, status, message", [
+    (["/etc/passwd"], 126, b"'/etc/passwd' is not executable"),
+    (["/etc"], 126, b"'/etc' is a directory"),
+    (["/no/such/program"], 127, b"'/no/such/program': no such file on this host"),
+    (["no-such-command-anywhere"], 127, b"not found on this host's PATH"),
+])
+def test_commands_that_cannot_run_exit_126_or_127_as_in_a_shell(command, status, message,
+                                                                 cache_dir):
+    done = minictr("run", "--", *command, cache_dir=cache_dir)
+    assert (done.returncode, done.stderr.count(b"\n")) == (status, 1) and message in done.stderr
+
+
+def test_usage_errors_exit_125_and_json_is_always_one_object(cache_dir):
+    assert minictr().returncode == 125
+    for args in (["run", "--json", "--"], ["run", "--json", "--memory", "64Q", "--", "true"],
+                 ["run", "--json", "--bogus", "--", "true"]):
+        done = minictr(*args, cache_dir=cache_dir)
+        answer = json.loads(done.stdout)
+        assert done.returncode == 125 and answer["returncode"] == 125 and answer["error"]
+    ran = json.loads(minictr("run", "--json", "--", "sh", "-c", "exit 3",
+                             cache_dir=cache_dir).stdout)
+    assert (ran["returncode"], ran["verdict"]) == (3, "runtime_error") and "error" not in ran
+
+
+def test_ends_the_user_did_not_ask_for_get_one_line(cache_dir):
+    timed = minictr("run", "--timeout", "0.3", "--", "sleep", "5", cache_dir=cache_dir)
+    assert timed.returncode == 137 and timed.stderr == b"minictr: timed out after 0.3 s (killed)\n"
+    signalled = minictr("run", "--", "sh", "-c", "kill -SEGV $$", cache_dir=cache_dir)
+    assert signalled.returncode == 139
+    assert signalled.stderr == b"minictr: the command was killed by SIGSEGV\n"
+    ordinary = minictr("run", "--", "sh", "-c", "exit 5", cache_dir=cache_dir)
+    assert (ordinary.returncode, ordinary.stderr) == (5, b"")
+
+
+def test_an_oom_kill_names_the_limit_and_the_peak(cache_dir):
+    done = minictr("run", "--memory", "16M", "--", "sh", "-c",
+                   "x=$(head -c 200000000 /dev/zero | tr '\\0' x); echo survived",
+                   cache_dir=cache_dir)
+    if b"OOM" not in done.stderr and done.returncode == 0:
+        pytest.skip("this host enforces no memory limit (no memory cgroup)")
+    assert done.returncode == 137, done.stderr
+    assert done.stderr.startswith(b"minictr: killed by the OOM killer: memory limit 16.0M, "
+                                  b"peak "), done.stderr
+
+
+# --- the flags' parsing, as pure logic ----------------------------------------------------------
+
+def test_volume_and_mount_texts_map_onto_the_librarys_mounts():
+    assert volume_mount("/a:/b") == Mount("/b", "/a", read_only=False)
+    assert volume_mount("/a:/b:ro") == Mount("/b", "/a", read_only=True)
+    assert mount_option("type=bind,src=/a,dst=/b,ro") == Mount("/b", "/a", read_only=True)
+    assert mount_option("type=bind,source=/a,target=/b,readonly=false") == \
+        Mount("/b", "/a", read_only=False)
+    assert mount_option("type=tmpfs,destination=/t,tmpfs-size=1M") == Mount.tmpfs("/t", "1M")
+
+
+def test_env_file_takes_names_alone_from_the_host(tmp_path, monkeypatch):
+    monkeypatch.setenv("ON_HOST", "h")
+    monkeypatch.delenv("NOT_ON_HOST", raising=False)
+    listed = tmp_path / "env"
+    listed.write_text("A=1=2\nON_HOST\nNOT_ON_HOST\n  # indented comment\n")
+    assert env_file(str(listed)) == {"A": "1=2", "ON_HOST": "h"}
+    with pytest.raises(ConfigError, match="line 1"):
+        listed.write_text("=x\n")
+        env_file(str(listed))
+
+
+def test_the_package_declares_its_license_as_an_spdx_expression():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "GPL-3.0-or-later" and project["license-files"] == ["LICENSE"]
+    assert not any(c.startswith("License ::") for c in project["classifiers"])
+
+
+def test_a_read_only_marker_and_library_keyword_are_declared_once():
+    from pytest_minictr.keywords import BY_NAME, MARKER_KEYWORDS
+    keyword = BY_NAME["read_only"]
+    assert keyword.library == "read_only" and "read_only" in MARKER_KEYWORDS
+    assert keyword.flag.names == ("--read-only",)
+    with ContainerRuntime() as runtime, pytest.raises(ConfigError, match="read_only='yes'"):
+        runtime.run("/", ["true"], read_only="yes")
+
+
+def test_the_readmes_command_line_examples_run(tmp_path, cache_dir):
+    """The README's `For example:` block as a script (the `-it` lines want a person)."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("For example:\n\n```sh\n"):].split("```")[1].split("\n", 1)[1]
+    script = "\n".join(line for line in block.splitlines() if " -it " not in line)
+    done = subprocess.run(
+        ["bash", "-c", f'minictr() {{ "{sys.executable}" -m pytest_minictr "$@"; }}\n{script}'],
+        capture_output=True, cwd=REPO, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "MINICTR_CACHE_DIR": str(cache_dir),
+             "MINICTR_STATE_DIR": str(tmp_path / "state")})
+    assert done.returncode == 0, done.stderr
+    assert b"killed by the OOM killer" in done.stderr or b"memory" not in done.stderr
+    assert b"Z " in done.stdout and done.stdout.endswith(b"\n0\n")  # timestamped, then wait
+
+
+# --- the same words in the plugin ---------------------------------------------------------------
+
+READ_ONLY_TESTS = '''
+import pytest
+
+@pytest.mark.container(read_only=True)
+def test_read_only(container):
+    done = container.run(["sh", "-c", "touch /x || echo refused; touch /tmp/y && echo tmp"])
+    assert done.stdout == b"refused\\ntmp\\n", done.stderr
+'''
+
+
+def test_the_read_only_marker(pytester, cache_dir):
+    pytester.makepyfile(test_marker=READ_ONLY_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
+                                           f"--minictr-cache-dir={cache_dir}")
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("where, named", [
+    ("marker", "@pytest.mark.container: memory='64Q': unknown unit 'Q'"),
+    ("environment", "environment variable MINICTR_MEMORY='64Q': unknown unit 'Q'"),
+    ("ini", "ini key minictr_memory='64Q': unknown unit 'Q'"),
+])
+def test_plugin_errors_name_the_value_where_the_user_wrote_it(pytester, monkeypatch, cache_dir,
+                                                              where, named):
+    marker = "@pytest.mark.container(memory='64Q')\n" if where == "marker" else ""
+    pytester.makepyfile(test_words=f"import pytest\n{marker}def test_x(container): pass\n")
+    if where == "environment":
+        monkeypatch.setenv("MINICTR_MEMORY", "64Q")
+    if where == "ini":
+        pytester.makeini("[pytest]\nminictr_memory = 64Q\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
+                                           f"--minictr-cache-dir={cache_dir}")
+    assert named in result.stdout.str() + result.stderr.str()

@@ -1,0 +1,137 @@
+"""Detached containers as Docker users handle them: --name wherever an id goes, `run -d --rm`,
+`logs -f/--tail/--timestamps`, `wait`, `inspect`, quiet `stop`/`kill` of an ended container,
+`rm -f` of a running one, `ps` showing `exited (137)`, `exec` options after the id, and exec's
+exit codes and end lines as `run`'s."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pytest_minictr.cli.detached.records import Store
+
+from . import test_lifecycle
+from .helpers import eventually
+from .test_lifecycle import start
+
+minictr = test_lifecycle.minictr  # the fixture: a state directory of the test's own
+
+
+def test_a_name_is_usable_wherever_an_id_is_and_is_unique(minictr):
+    cid = start(minictr, "sh", "-c", "echo hi; sleep 60", options=("--name", "web"))
+    taken = minictr("run", "-d", "--name", "web", "--", "true")
+    assert taken.returncode == 125 and b"--name 'web': already names container" in taken.stderr
+    assert eventually(lambda: minictr("logs", "web").stdout == b"hi\n")
+    assert minictr("exec", "web", "--", "echo", "in").stdout == b"in\n"
+    assert json.loads(minictr("inspect", "web").stdout)[0]["id"] == cid
+    assert b"web" in minictr("ps").stdout
+    assert minictr("kill", "web").returncode == 0
+    assert minictr("wait", "web").stdout == b"137\n"
+    assert b"exited (137)" in minictr("ps", "-a").stdout or \
+        b"stopped (137)" in minictr("ps", "-a").stdout
+    assert minictr("rm", "web").returncode == 0
+    assert minictr("logs", "web").returncode == 125
+    reused = start(minictr, "true", options=("--name", "web"))  # rm freed the name
+    assert reused != cid
+
+
+def test_stop_and_kill_of_an_ended_container_succeed_quietly(minictr):
+    cid = start(minictr, "sh", "-c", "exit 3")
+    assert minictr("wait", cid).stdout == b"3\n"
+    for args in (["stop", cid], ["kill", cid], ["kill", cid, "TERM"]):
+        done = minictr(*args)
+        assert (done.returncode, done.stderr) == (0, b""), args
+    assert b"exited (3)" in minictr("ps", "-a").stdout
+
+
+def test_rm_force_of_a_running_container_stops_it_first(minictr):
+    cid = start(minictr, "sleep", "60", options=("--name", "long"))
+    assert minictr("rm", "-f", "long").returncode == 0
+    assert not (Store().root / cid).exists() and minictr("ps", "-a").stdout.count(b"\n") == 1
+
+
+def test_run_d_rm_leaves_no_record(minictr):
+    cid = start(minictr, "true", options=("--rm", "--name", "gone"))
+    assert eventually(lambda: not (Store().root / cid).exists())
+    assert minictr("inspect", "gone").returncode == 125
+
+
+def test_logs_tail_timestamps_and_follow(minictr):
+    cid = start(minictr, "sh", "-c", "echo 1; echo 2; echo 3; "
+                "while [ ! -e /tmp/go ]; do sleep 0.05; done; echo 4; echo err >&2")
+    assert eventually(lambda: minictr("logs", cid).stdout == b"1\n2\n3\n")
+    assert minictr("logs", "--tail", "2", cid).stdout == b"2\n3\n"
+    assert minictr("logs", "--tail", "0", cid).stdout == b""
+    stamped = minictr("logs", "--timestamps", cid).stdout.decode().splitlines()
+    when, text = stamped[0].split(" ")
+    moment = datetime.datetime.strptime(when, "%Y-%m-%dT%H:%M:%S.%fZ")
+    assert text == "1" and abs(moment.replace(tzinfo=datetime.timezone.utc).timestamp()
+                               - time.time()) < 120
+    following = subprocess.Popen([sys.executable, "-m", "pytest_minictr", "logs", "-f", cid],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert following.stdout.read(6) == b"1\n2\n3\n"  # printed while it still runs
+        assert minictr("exec", cid, "--", "touch", "/tmp/go").returncode == 0
+        out, err = following.communicate(timeout=30)  # returns once the container has ended
+    finally:
+        following.kill()
+        following.wait()
+    assert (out, err) == (b"4\n", b"err\n")
+    assert minictr("logs", "--tail", "x", cid).returncode == 125
+
+
+def test_inspect_is_json_with_the_state(minictr):
+    cid = start(minictr, "sh", "-c", "exit 7", options=("--name", "seven"))
+    minictr("wait", cid)
+    record = json.loads(minictr("inspect", cid).stdout)[0]
+    assert record["name"] == "seven" and record["state"] == {
+        "status": "exited (7)", "running": False, "exit_code": 7}
+    missing = minictr("inspect", "nobody")
+    assert missing.returncode == 125 and b"no container 'nobody'" in missing.stderr
+
+
+def test_exec_options_after_the_id_work_or_are_refused(minictr):
+    cid = start(minictr, "sleep", "60")
+    after = minictr("exec", cid, "--env", "X=after", "-e", "Y=too", "--", "sh", "-c",
+                    'echo "$X $Y"')
+    assert (after.returncode, after.stdout) == (0, b"after too\n"), after.stderr
+    before = minictr("exec", "--env", "X=before", cid, "--", "sh", "-c", 'echo "$X"')
+    assert before.stdout == b"before\n"
+    refused = minictr("exec", cid, "--env", "X=1", "sh")
+    assert refused.returncode == 125 and b"option '--env' after the container" in refused.stderr
+    plain = minictr("exec", cid, "sh", "-c", "echo -n plain")  # no `--`: all of it the command
+    assert plain.stdout == b"plain"
+
+
+def test_exec_exit_codes_and_end_lines_are_runs(minictr):
+    cid = start(minictr, "sleep", "60")
+    missing = minictr("exec", cid, "--", "nosuch")
+    assert missing.returncode == 127 and b"not found in the container" in missing.stderr
+    minictr("exec", cid, "--", "sh", "-c", "echo data > /tmp/plain")
+    not_executable = minictr("exec", cid, "--", "/tmp/plain")
+    assert not_executable.returncode == 126, not_executable.stderr
+    timed = minictr("exec", "--timeout", "0.3", cid, "--", "sleep", "5")
+    assert timed.returncode == 137 and timed.stderr == b"minictr: timed out after 0.3 s (killed)\n"
+    signalled = minictr("exec", cid, "--", "sh", "-c", "kill -TERM $$")
+    assert signalled.returncode == 143
+    assert signalled.stderr == b"minictr: the command was killed by SIGTERM\n"
+    bad = minictr("exec", "--timeout", "-1", cid, "--", "true")
+    assert bad.returncode == 125 and bad.stderr.count(b"\n") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["wait", "0123456789ab"], b"no container '0123456789ab'"),
+    (["inspect", "../x"], b"no container '../x'"),
+    (["logs", "-f", "nobody"], b"no container 'nobody'"),
+    (["exec", "-t", "nobody", "--", "sh"], b"no container 'nobody'"),
+    (["stop", "--time", "-1", "x"], b"--time -1: expected 0 or more seconds"),
+])
+def test_bad_input_to_the_new_commands_is_one_line_and_125(minictr, args, message):
+    done = minictr(*args)
+    assert done.returncode == 125 and message in done.stderr, done.stderr
+    assert done.stderr.count(b"\n") == 1
