@@ -17,10 +17,12 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "errors": ["CommandNotFoundError", "ConfigError", "ContainerNotFoundError",
-               "ContainerSetupError", "LauncherError", "MinictrError", "RootfsError",
+               "ContainerNotReadyError", "ContainerSetupError", "LauncherError", "MinictrError",
+               "RootfsError",
                "UnsupportedError"],
     "rootfs.builder": ["RootfsBuilder"],
     "caller.runtime": ["Container", "ContainerRuntime"],
+    "caller.services": ["Pod"],
     "caller.result": ["ContainerProcessError", "ContainerStatus", "Result", "WaitTimeoutError"],
     "spec": ["ContainerSpec", "Limits", "Mount", "parse_size"],
 }

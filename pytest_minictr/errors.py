@@ -55,3 +55,16 @@ class ContainerSetupError(MinictrError):
 
 class CommandNotFoundError(ContainerSetupError):
     """The command does not exist (or is not executable) inside the container's root."""
+
+
+class ContainerNotReadyError(MinictrError):
+    """A service did not become ready (`wait_for_port`, `wait_for_output`) in time, or ended
+    first. `awaited` says what was waited for, `ended` how the container ended (None: it
+    still runs), `stderr_tail` the last of what it wrote to stderr."""
+
+    def __init__(self, message: str, awaited: str = "", ended: str | None = None,
+                 stderr_tail: bytes = b""):
+        super().__init__(message)
+        self.awaited = awaited
+        self.ended = ended
+        self.stderr_tail = stderr_tail

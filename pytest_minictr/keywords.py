@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, make_dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from pytest_minictr import validate
+from pytest_minictr import ports, validate
 from pytest_minictr.errors import ConfigError
 from pytest_minictr.spec import DEFAULT_OUTPUT_LIMIT, check_layer_dir, check_mounts
 
@@ -170,6 +170,13 @@ KEYWORDS = (
             library="read_only", flag=Flag(("--read-only",), "store_true")),
     Keyword("mounts", check_mounts, "extra mounts: Mount.bind(...), Mount.tmpfs(...)",
             default=(), nullable=False, marker=False, library="mounts"),
+    Keyword("ports", ports.check_ports, "publish this container port on the caller's "
+            "loopback: 5432, 8080:80, 127.0.0.1::6379 (docker's -p syntax)", default=(),
+            nullable=False, marker=False, library="ports",
+            flag=Flag(("-p", "--publish"), "append", "[ADDRESS:][HOST_PORT:]PORT"),
+            from_text=ports.check_docker_text),
+    Keyword("pod", validate.check_pod, "share this pod's network namespace "
+            "(runtime.pod())", marker=False, library="pod"),
     Keyword("layer", check_layer_dir, "a host directory keeping the container's writes",
             marker=False, library="layer"),
 )

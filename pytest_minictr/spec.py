@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
 from pytest_minictr.errors import ConfigError
+from pytest_minictr.ports import Port, as_dicts, from_dicts
 
 # The checkers' public names, importable from here as before the schema had a module of its own
 from pytest_minictr.validate import (  # noqa: F401
@@ -112,6 +113,8 @@ class ContainerSpec:
     security: Security = field(default_factory=Security)
     read_only: bool = False        # the root read-only (the layer unmounted); /tmp stays a tmpfs
     terminal: bool = False         # stdin, stdout, stderr are a pseudo-terminal (`minictr run -t`)
+    ports: tuple[Port, ...] = ()   # published on the caller's side (see `ports`)
+    pod: str | None = None         # the pod whose network namespace it shares
 
     def to_dict(self) -> dict[str, Any]:
         # by hand: dataclasses.asdict deep-copies every field, a tenth of a millisecond
@@ -119,6 +122,7 @@ class ContainerSpec:
         values["limits"] = vars(self.limits).copy()
         values["security"] = vars(self.security).copy()
         values["mounts"] = [vars(m).copy() for m in self.mounts]
+        values["ports"] = as_dicts(self.ports)
         return values
 
     @classmethod
@@ -134,6 +138,7 @@ class ContainerSpec:
             capabilities=tuple(values["security"]["capabilities"]),
             rlimits=tuple(tuple(limit) for limit in values["security"]["rlimits"]))
         values["mounts"] = tuple(Mount(**m) for m in values["mounts"])
+        values["ports"] = from_dicts(values["ports"])
         return cls(**values)
 
 
@@ -150,7 +155,10 @@ def spec_from(image: Any, command: Any, checked: Mapping[str, Any]) -> Container
     from pytest_minictr.keywords import DEFAULTS
     values = {**DEFAULTS, **checked}
     rootfs = check_host_dir(image, "image", "rootfs", " (build one with RootfsBuilder().build)")
+    if command is None:
+        command = _default_command(rootfs)
     check_seccomp_here(values["seccomp"])
+    _check_network_sharing(values)
     return ContainerSpec(
         rootfs=rootfs,
         argv=check_command(command),
@@ -169,7 +177,36 @@ def spec_from(image: Any, command: Any, checked: Mapping[str, Any]) -> Container
                           capabilities=values["capabilities"],
                           rlimits=values["rlimits"] or ()),
         read_only=values["read_only"],
+        ports=values["ports"],
+        pod=values["pod"],
     )
+
+
+def _default_command(rootfs: str) -> tuple[str, ...]:
+    from pytest_minictr.rootfs.cache import image_command
+    command = image_command(rootfs)
+    if not command:
+        raise ConfigError(f"command=None: the rootfs {rootfs!r} has no default command (a "
+                          "recipe declares one: recipe='redis', 'postgresql'); give the command")
+    return command
+
+
+def _check_network_sharing(values: Mapping[str, Any]) -> None:
+    """Ports and pods need the loopback of a network namespace made as the spec says."""
+    if values["network"] == "none" and (values["ports"] or values["pod"]):
+        what = (f"ports={[port.container_port for port in values['ports']]!r}"
+                if values["ports"] else "pod=")
+        raise ConfigError(f"network='none' and {what}: a published port or a pod is reached "
+                          "on the container's loopback; use network='loopback'")
+    if values["pod"] is not None and values["ports"]:
+        raise ConfigError("ports= and pod=: a pod's containers share its ports; publish "
+                          "them on the pod: runtime.pod(ports=[...])")
+    from pytest_minictr.container.security import NETWORK_CAPABILITIES
+    kept = NETWORK_CAPABILITIES & set(values["capabilities"])
+    if values["pod"] is not None and kept:
+        raise ConfigError(f"capabilities={sorted(kept)!r} and pod=: a network capability "
+                          "gives the container a network namespace of its own (see "
+                          "`security`), so it cannot share the pod's")
 
 
 def _check_layer_size(layer_size: int | None, layer: Any) -> int | None:

@@ -373,3 +373,11 @@ def _rlimit_value(keyword: str, name: str, shown: Any, value: Any, unlimited: in
         raise ConfigError(f"{keyword}: {name}={shown!r}: expected a number from 0 to 2**63, "
                           "'unlimited', or a (soft, hard) pair of them")
     return value
+
+
+def check_pod(value: Any, name: str = "pod") -> str:
+    """A pod of this runtime (`ContainerRuntime.pod()`), as its id."""
+    pod_id = getattr(value, "pod_id", None)
+    if not isinstance(pod_id, str):
+        raise ConfigError(f"{name}={value!r}: expected a pod made by runtime.pod()")
+    return pod_id

@@ -42,8 +42,9 @@ class Monitor:
             os.set_blocking(stdin, False)
             self._watch(stdin, select.POLLOUT)
 
-    def pump(self, deadline: float | None) -> bool:
-        """Move data until the container has ended (True) or `deadline` passes (False)."""
+    def pump(self, deadline: float | None, once: bool = False) -> bool:
+        """Move data until the container has ended (True) or `deadline` passes (False);
+        `once`: or until something was read (a readiness wait looks at each new line)."""
         while self._open - ({self._stdin} if self._stdin is not None else set()):
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = self._poll.poll(None if timeout is None else timeout * 1000)
@@ -51,6 +52,8 @@ class Monitor:
                 self._handle(ready)  # what is ready now is taken; a flood cannot hold us
                 return False
             self._handle(ready)
+            if once and self._open:
+                return False
         self.finished = True
         self.close()
         return True

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
 from pytest_minictr import errors, keywords
+from pytest_minictr.caller import services
 from pytest_minictr.caller.client import LauncherClient
 from pytest_minictr.caller.monitor import Monitor
 from pytest_minictr.caller.result import ContainerStats, ContainerStatus, Result, WaitTimeoutError
@@ -30,13 +31,16 @@ _FINISHED_KEPT = 1024   # statuses of collected containers remembered for runtim
 _ABORT_WAIT = 30.0      # seconds to wait for a killed container's end after an interrupt
 
 
-class Container:
+class Container(services.ServiceMethods):
     """A running (or finished) container. Use `wait()` for its Result; `stop()` to end it;
-    `exec()` to run another command in it while it runs; `stats()` for its figures now."""
+    `exec()` to run another command in it while it runs; `stats()` for its figures now;
+    `address(port)`, `wait_for_port()`, `wait_for_output()` for a server (`services`)."""
 
     def __init__(self, runtime: "ContainerRuntime", container_id: str, pid: int,
-                 spec: ContainerSpec, monitor: Monitor, exec_of: str | None = None):
+                 spec: ContainerSpec, monitor: Monitor, exec_of: str | None = None,
+                 published: services.Published | None = None):
         self.id = container_id
+        self.published = published or {}  # container port -> (host address, host port)
         self.pid = pid              # host pid of the container's init (of an exec: its command)
         self.exec_of = exec_of      # an exec's container id
         self.spec = spec
@@ -105,6 +109,18 @@ class Container:
         return self._runtime._launch(spec, _check_input(input, None), None, None, None,
                                      exec_of=self.id).wait()
 
+    def _ended_within(self, seconds: float, once: bool = False) -> bool:
+        """Read its output for up to `seconds` (`once`: or until some came); True once it
+        has ended. (Another thread may be reading it meanwhile, a service's drain: then that
+        one reads, and we only wait.)"""
+        deadline = time.monotonic() + seconds
+        if not self._lock.acquire(timeout=seconds):
+            return self._result is not None
+        try:
+            return self._result is not None or self._collect(deadline, once)
+        finally:
+            self._lock.release()
+
     def stats(self) -> ContainerStats:
         """Memory now and at its peak, CPU time so far, processes, limits: from the cgroup.
         ContainerNotFoundError once the container has ended."""
@@ -124,9 +140,9 @@ class Container:
         if not reply["ok"]:
             raise _error_from_reply(reply["error"])
 
-    def _collect(self, deadline: float | None) -> bool:
+    def _collect(self, deadline: float | None, once: bool = False) -> bool:
         try:
-            if not self._monitor.pump(deadline):
+            if not self._monitor.pump(deadline, once):
                 return False
         except BaseException:
             self._abort()
@@ -184,10 +200,12 @@ class ContainerRuntime:
         self.close()
 
     @keywords.with_library_keywords
-    def run(self, image: str | os.PathLike, command: Sequence[str], *,
+    def run(self, image: str | os.PathLike, command: Sequence[str] | None = None, *,
             input: bytes | None = None, stdin: Any = None, stdout: Any = None,
             stderr: Any = None, **keywords: Any) -> Container:
         """Start `command` in a new container on the root filesystem `image`; returns at once.
+        Without `command`, the image's default (the `command` of the recipe it was built
+        from, e.g. recipe="redis").
 
         `stdout`/`stderr` default to capture (in the Result); pass a file or fd to send the
         stream there instead (the CLI passes its own). `stdin` defaults to /dev/null, or to a
@@ -214,6 +232,11 @@ class ContainerRuntime:
         """Start a container of a spec checked beforehand (by `make_spec`, or by `spec_from`
         from values the plugin or the CLI checked at their own edge)."""
         return self._launch(spec, _check_input(input, stdin), stdin, stdout, stderr)
+
+    def pod(self, ports: Any = ()) -> services.Pod:
+        """A pod: containers run with `pod=` it share its network namespace and `ports`
+        (published now, as for run(): [5432], {5432: 15432}...)."""
+        return services.make_pod(self, self._new_id(), ports)
 
     def status(self, container_id: str) -> ContainerStatus:
         """Status of a running container, or of one of the last 1024 finished."""
@@ -250,7 +273,8 @@ class ContainerRuntime:
             if not reply["ok"]:
                 raise _error_from_reply(reply["error"])
             monitor = Monitor(*pipes.take_parent_fds(input_data), spec.output_limit)
-        container = Container(self, container_id, reply["pid"], spec, monitor, exec_of)
+        container = Container(self, container_id, reply["pid"], spec, monitor, exec_of,
+                              services.published_of(reply.get("ports", ())))
         with self._lock:
             self._running[container_id] = container
         return container

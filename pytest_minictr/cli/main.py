@@ -135,14 +135,16 @@ def _name_flag(text: str) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    command = command_of(args, RUN_USAGE)
+    # a recipe's (or a built rootfs's) default command stands in for a missing one
+    command = None if args.command in ([], ["--"]) and (args.recipe or args.rootfs) \
+        else command_of(args, RUN_USAGE)
     _check_combinations(args)
     given = {keyword.name: flag_value(keyword, getattr(args, keyword.name))
              for keyword in FLAG_KEYWORDS if hasattr(args, keyword.name)}
     given.update(_docker_keywords(args, given))
     checked = {keyword.name: keyword.validate(given[keyword.name], spelled(keyword))
                for keyword in BY_NAME.values() if keyword.name in given}
-    rootfs = _rootfs_for(command[0], args)
+    rootfs = _rootfs_for(command and command[0], args)
     spec = spec_from(rootfs, command, checked)  # a bad value fails here, before anything starts
     if args.tty:
         spec = dataclasses.replace(spec, terminal=True, env=_with_host_term(spec.env))

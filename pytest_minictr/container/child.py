@@ -37,10 +37,12 @@ def run_spare(channel: int, parent_pidfd: int, prepared_ahead: tuple[plan.Step, 
             order = protocol.recv_payload(sock)
         if order is None:
             os._exit(0)  # discarded: the launcher is shutting down
-        fds = ChildFds(*order[1])
+        fds = ChildFds(*order[1][:5])
         if early_failure is not None:
             raise early_failure
         executor.slots["fds"] = fds
+        if order[1][5:]:  # a pod's network namespace, to join (see plan.name_and_network)
+            executor.slots["pod netns"] = order[1][5]
         executor.run(plan.decode(order[0]))  # its last step runs the command, and exits
     except BaseException as error:  # noqa: BLE001
         if fds is not None:

@@ -81,6 +81,11 @@ class Where:
     # Without root: the keeper's (ready, go) pipe ends, when the launcher maps its ids in full
     # (subordinate ids); None: the keeper maps our own uid alone.
     id_maps: tuple[int, int] | None = None
+    # A pod's later container shares the network namespace of the pod's first (see
+    # `launcher.networks`): its fd (as root, the slot the spare receives it in); without
+    # root also the user namespace that owns it, which must be joined first.
+    pod_netns: "int | Ref | None" = None
+    pod_userns: int | None = None
 
 
 def setup_plan(spec: ContainerSpec, where: Where) -> tuple[Step, ...]:
@@ -98,7 +103,8 @@ def completed_with(spec: ContainerSpec, where: Where) -> tuple[Step, ...]:
     """The rest of the setup, once the spec has come."""
     userns = spec.user_namespace and not where.rootless
     return (*renew_stage(where), *mount_layer(spec, where, userns), *build_root(spec),
-            *pivot_into_root(spec), *name_and_network(spec), *confine(spec, where, userns),
+            *pivot_into_root(spec), *name_and_network(spec, where),
+            *confine(spec, where, userns),
             run_command(spec))
 
 
@@ -145,6 +151,8 @@ def enter_namespaces(where: Where) -> tuple[Step, ...]:
                 # Low ports and ping for every uid inside: root inside is not root over this
                 # network namespace (the host's user namespace owns it), as with Docker.
                 Step("namespaces", "open low ports and ping", "open_low_ports_and_ping"))
+    if where.pod_userns is not None:
+        return join_pod(where)
     map_ids = (Step("user namespace", "write uid/gid maps", "map_own_ids",
                     (os.geteuid(), os.getegid())) if where.id_maps is None
                else Step("user namespace", "write uid/gid maps", "wait_for_id_maps",
@@ -158,6 +166,23 @@ def enter_namespaces(where: Where) -> tuple[Step, ...]:
             # its child is PID 1 there, and carries out the rest of the plan.
             Step("namespaces", "fork the init", "fork_init_under_keeper", (Ref("fds"),)),
             # (as root, a spare inherits its forwarder from the zygote, made once)
+            Step("namespaces", "forward signals to the command", "install_signal_forwarder",
+                 saves="forwarder"))
+
+
+def join_pod(where: Where) -> tuple[Step, ...]:
+    """Without root, a pod's later container: the pod's user namespace (it owns the network
+    namespace; joining one takes CAP_SYS_ADMIN over it, which only its own user namespace
+    gives us), new PID, mount, UTS, IPC and cgroup namespaces of its own, the pod's network
+    namespace. Its containers share their user namespace, as a Kubernetes pod does."""
+    return (Step("user namespace", "join the pod's user namespace", "setns",
+                 (where.pod_userns, linux.CLONE_NEWUSER)),
+            Step("namespaces", "unshare namespaces", "unshare",
+                 (linux.CLONE_NEWPID | linux.CLONE_NEWNS
+                  | (OTHER_NAMESPACES & ~linux.CLONE_NEWNET),)),
+            Step("namespaces", "join the pod's network namespace", "setns",
+                 (where.pod_netns, linux.CLONE_NEWNET)),
+            Step("namespaces", "fork the init", "fork_init_under_keeper", (Ref("fds"),)),
             Step("namespaces", "forward signals to the command", "install_signal_forwarder",
                  saves="forwarder"))
 
@@ -266,9 +291,14 @@ def pivot_into_root(spec: ContainerSpec) -> tuple[Step, ...]:
             Step("pivot_root", f"chdir to cwd={spec.cwd!r}", "chdir", (spec.cwd,)))
 
 
-def name_and_network(spec: ContainerSpec) -> tuple[Step, ...]:
+def name_and_network(spec: ContainerSpec, where: Where) -> tuple[Step, ...]:
     steps = [Step("hostname and loopback", "set hostname", "set_hostname", (spec.hostname,))]
-    if spec.network == "loopback":
+    if where.pod_netns is not None:
+        if not where.rootless:  # (without root, the keeper joined it: see join_pod)
+            # As host root still: the pod's first container made it as host root too.
+            steps.append(Step("hostname and loopback", "join the pod's network namespace",
+                              "setns", (where.pod_netns, linux.CLONE_NEWNET)))
+    elif spec.network == "loopback":
         steps.append(Step("hostname and loopback", "bring up loopback", "set_link_up", ("lo",)))
     return tuple(steps)
 

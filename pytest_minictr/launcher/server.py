@@ -13,6 +13,10 @@ It speaks `protocol` over one socket. Requests, each answered in order:
                                          running container: then signalled, stopped and
                                          reported by its own `id`, like a container
   {"op": "stats", "id"}                -> {"ok", "stats": {...}}: the cgroup's figures now
+  {"op": "pod", "pod", "ports"}        -> {"ok", "ports"}: a pod, its ports bound (`networks`)
+  {"op": "end_pod", "pod"}             -> a pod no container joined goes (one ends with its last)
+  {"op": "probe", "id", "port"}        -> {"ok", "errno"}: 0 if the port accepts inside
+A run's reply names the ports published for it (or its pod): [[port, host address, host port]].
 When a container ends, one JSON line goes to its `events` pipe (returncode, how it ended, wall
 and CPU time) and the pipe is closed. When the caller goes away (end of the socket), every
 container is killed and the launcher exits: nothing outlives the caller.
@@ -34,7 +38,9 @@ from pytest_minictr import protocol
 from pytest_minictr.errors import ContainerNotFoundError, MinictrError
 from pytest_minictr.host.cgroups import Cgroup
 from pytest_minictr.launcher.life import ENDED_BY, WE_KILLED, Container, Happening
+from pytest_minictr.launcher.networks import Networks
 from pytest_minictr.launcher.starter import ChildFds, ExecTarget, Launcher
+from pytest_minictr.ports import from_dicts
 from pytest_minictr.protocol import EndReport, SetupReport
 from pytest_minictr.spec import ContainerSpec
 
@@ -48,6 +54,7 @@ class Forkserver:
         self.selector.register(control, selectors.EVENT_READ)
         self.containers: dict[str, Container] = {}
         self.launcher = Launcher()
+        self.networks = Networks(self.launcher.rootless, self.launcher.own_pidfd)
 
     def serve(self) -> None:
         while True:
@@ -66,6 +73,7 @@ class Forkserver:
                 else:
                     handler, container = key.data
                     self._guarded(handler, container)
+            self.networks.start_due_forwarders()
             self._fire_deadlines(time.monotonic())
 
     def _guarded(self, handler, container: Container) -> None:
@@ -107,8 +115,40 @@ class Forkserver:
 
     def _op_run(self, message: dict, fds: list[int]) -> dict:
         spec = ContainerSpec.from_dict(message["spec"])
-        return self._start(message["id"], spec, fds,
-                           lambda child_fds: self.launcher.start(spec, child_fds))
+        container_id = message["id"]
+        try:
+            network = self.networks.for_run(container_id, spec)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        joins = network.namespaces if network is not None and network.joined else None
+        try:
+            reply = self._start(container_id, spec, fds,
+                                lambda child_fds: self.launcher.start(spec, child_fds, joins))
+        except BaseException:
+            self.networks.not_started(network)
+            raise
+        if not reply["ok"] or network is None:
+            self.networks.not_started(network)
+            return reply
+        ports = self.networks.started(network, container_id, self.containers[container_id].pid)
+        return {**reply, "ports": ports}
+
+    def _op_pod(self, message: dict, _fds) -> dict:
+        return {"ok": True, "ports": self.networks.make_pod(message["pod"],
+                                                           from_dicts(message["ports"]))}
+
+    def _op_end_pod(self, message: dict, _fds) -> dict:
+        self.networks.end_pod(message["pod"])
+        return {"ok": True}
+
+    def _op_probe(self, message: dict, _fds) -> dict:
+        container = self._find_running(message["id"])
+        if container is None:
+            raise ContainerNotFoundError(f"container {message['id']!r} is not running")
+        return {"ok": True, "errno": self.networks.probe(container.id, container.pid,
+                                                         int(message["port"]))}
 
     def _op_exec(self, message: dict, fds: list[int]) -> dict:
         target = self._find_running(message["container"])
@@ -262,6 +302,7 @@ class Forkserver:
         event = {"returncode": returncode, "ended_by": ended_by,
                  "wall_time": time.monotonic() - container.started,
                  **_measurements(container.cgroup, report.cpu_time)}
+        self.networks.leave(container.id)
         try:
             os.write(container.events, json.dumps(event).encode() + b"\n")
         except OSError:
@@ -278,6 +319,7 @@ class Forkserver:
             _kill_all(container)
         for container in list(self.containers.values()):
             self._on_exit(container)
+        self.networks.end_all()
         self.launcher.shut_down()
 
 

@@ -116,16 +116,18 @@ class Launcher:
         self.zygote = self._start_zygote() \
             if self.spares_problem is None or self.native is not None else None
 
-    def start(self, spec: ContainerSpec, fds: ChildFds) -> Started:
+    def start(self, spec: ContainerSpec, fds: ChildFds,
+              joins: tuple[int, ...] | None = None) -> Started:
         """Start a container: hand its plan to a spare (root), or fork a keeper that carries
-        out the whole plan (not root)."""
+        out the whole plan (not root). `joins`: the namespace fds of the pod it joins (see
+        `networks`): the network namespace, and without root the user namespace before it."""
         self._check_limits(spec.limits)
         if spec.user_namespace and self.userns_problem is not None:
             raise UnsupportedError(f"no user namespace for the container: {self.userns_problem}"
                                    " (user=False runs it as host root)")
         limits = _with_room_for_the_init(spec.limits)
         if self.rootless:
-            return self._start_keeper(spec, fds, self._new_cgroup(limits))
+            return self._start_keeper(spec, fds, self._new_cgroup(limits), joins)
         spare = self._take_spare()
         try:
             if limits.any():
@@ -133,8 +135,12 @@ class Launcher:
         except BaseException:
             self._discard(spare)
             raise
+        # a pod's later container: its spare joins the pod's network namespace, sent with
+        # the container's fds (the spare was forked before anyone knew of the pod)
+        steps = self._encoded_plan(spec) if joins is None else plan.encode(
+            plan.completed_with(spec, replace(self.where, pod_netns=plan.Ref("pod netns"))))
         try:
-            protocol.send_payload(spare.channel, self._encoded_plan(spec), fds.all())
+            protocol.send_payload(spare.channel, steps, fds.all() + tuple(joins or ()))
         except OSError:
             pass  # the spare died (someone killed it): that shows up as the container's end
         finally:
@@ -202,18 +208,22 @@ class Launcher:
         os.waitpid(spare.pid, 0)
         spare.cgroup.discard()
 
-    def _start_keeper(self, spec: ContainerSpec, fds: ChildFds,
-                      cgroup: Cgroup) -> Started:
+    def _start_keeper(self, spec: ContainerSpec, fds: ChildFds, cgroup: Cgroup,
+                      joins: tuple[int, ...] | None = None) -> Started:
         """Fork the keeper. With subordinate ids, it stops after making its user namespace
-        until we have mapped it in full from out here (only a process outside may)."""
-        ready_r, ready_w, go_r, go_w = (*os.pipe(), *os.pipe()) if self.subordinate_ids \
-            else (None,) * 4
+        until we have mapped it in full from out here (only a process outside may). In a
+        pod, it joins the pod's user namespace (mapped already) and network namespace."""
+        ready_r, ready_w, go_r, go_w = (*os.pipe(), *os.pipe()) \
+            if self.subordinate_ids and joins is None else (None,) * 4
         ours = {ready_r, go_w} - {None}
         handshake = None if ready_w is None else (ready_w, go_r)
+        where = replace(self._where(cgroup), id_maps=handshake)
+        if joins is not None:
+            where = replace(where, pod_userns=joins[0], pod_netns=joins[1])
         try:
             try:
-                steps = plan.setup_plan(spec, replace(self._where(cgroup), id_maps=handshake))
-                pid = self._run_plan(steps, fds, handshake or ())
+                steps = plan.setup_plan(spec, where)
+                pid = self._run_plan(steps, fds, (handshake or ()) + (joins or ()))
             finally:
                 for fd in {ready_w, go_r} - {None}:
                     os.close(fd)  # the keeper's ends: its exit must show as end of file

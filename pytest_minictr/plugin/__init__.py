@@ -14,6 +14,8 @@ shared safely between them.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from pytest_minictr import __version__
@@ -30,12 +32,17 @@ from pytest_minictr.plugin.host import (  # noqa: F401
     remove_stale_layers,
     resolve_rootfs,
 )
+from pytest_minictr.plugin.services import ServiceFactory
 from pytest_minictr.plugin.settings import (SessionSettings, add_options, merge_marker,
                                             read_session_settings)
 from pytest_minictr.rootfs.builder import RootfsBuilder
 
 _SETTINGS = pytest.StashKey[SessionSettings]()
 _ROOTFS_MEMO = pytest.StashKey[dict]()
+# What runs now, for minictr_service: the fixtures being set up (innermost last), the test
+_SETTING_UP = pytest.StashKey[list]()
+_RUNNING_TEST = pytest.StashKey[list]()
+_SERVICES = pytest.StashKey[ServiceFactory]()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,6 +74,32 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     result = item.stash.get(LAST_RESULT, None)
     if report.failed and result is not None:
         report.sections.append(("minictr: last container", describe_result(result)))
+    services = item.config.stash.get(_SERVICES, None)
+    if report.failed and services is not None:
+        report.sections.extend(services.report_sections(item))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
+    with _on_top(request.config, _SETTING_UP, fixturedef):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item):
+    with _on_top(item.config, _RUNNING_TEST, item):
+        yield
+
+
+@contextlib.contextmanager
+def _on_top(config: pytest.Config, key: pytest.StashKey[list], value):
+    """`value` on top of the stack `key` while the hook's work goes on (see minictr_service)."""
+    stack = config.stash.setdefault(key, [])
+    stack.append(value)
+    try:
+        yield
+    finally:
+        stack.pop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +117,32 @@ def minictr_runtime() -> ContainerRuntime:
 def minictr_rootfs_builder(pytestconfig: pytest.Config) -> RootfsBuilder:
     """A RootfsBuilder on the session's cache dir: build custom root filesystems once."""
     return RootfsBuilder(cache_dir=pytestconfig.stash[_SETTINGS].cache_dir)
+
+
+@pytest.fixture(scope="session")
+def minictr_service(pytestconfig: pytest.Config, minictr_runtime: ContainerRuntime,
+                    minictr_rootfs_builder: RootfsBuilder):
+    """Start a server in a container: `minictr_service(recipe="redis", ports=[6379],
+    wait_for_port=6379)` returns its Container (`.address(6379)`). Stopped at the end of
+    the scope of the fixture that called it (or of the test that did)."""
+    stash = pytestconfig.stash
+    try:
+        check_host_can_run_containers()
+        problem = None
+    except UnsupportedError as error:  # reported outside the handler: no chained traceback
+        problem = error
+    if problem is not None:
+        unavailable(stash[_SETTINGS], problem)
+
+    def now_running():
+        setting_up = stash.get(_SETTING_UP, [])
+        running = stash.get(_RUNNING_TEST, [])
+        return (setting_up[-1] if setting_up else None), (running[-1] if running else None)
+    factory = stash[_SERVICES] = ServiceFactory(minictr_runtime, minictr_rootfs_builder,
+                                                now_running)
+    yield factory
+    factory.stop_all()
+    del stash[_SERVICES]
 
 
 @pytest.fixture

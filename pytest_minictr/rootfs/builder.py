@@ -74,6 +74,7 @@ class Request:
     python: str | None = None         # an interpreter whose stdlib comes along
     applets: str | None = None        # a busybox whose applets get links in /bin
     recipe: str = ""                  # the recipe's name, for `minictr rootfs list`
+    command: tuple[str, ...] = ()     # the recipe's default command (see cache.image_command)
 
 
 def _normalize(kind: str, items) -> tuple[str, ...]:
@@ -185,7 +186,7 @@ def _resolve_all(request: Request, search_path: str) -> list[ResolvedInput]:
 def _cache_key(request: Request, resolved: list[ResolvedInput]) -> str:
     # Built by hand, not with asdict(): this runs on every cache hit and asdict deep-copies.
     material = repr((FORMAT_VERSION, request.binaries, request.files, request.dirs,
-                     request.libraries, request.python, request.applets,
+                     request.libraries, request.python, request.applets, request.command,
                      [(r.kind, r.name, r.path, r.real.path, r.real.dev, r.real.ino, r.real.size,
                        r.real.mtime_ns) for r in resolved]))
     return hashlib.sha256(material.encode()).hexdigest()[:32]
@@ -230,7 +231,7 @@ def _request(binaries, files, dirs, recipe: recipes.Recipe | None) -> Request:
                    _normalize("files", [*recipe.files, *_as_list("files", files)]),
                    _normalize("dirs", [*recipe.dirs, *_as_list("dirs", dirs)]),
                    libraries=recipe.libraries, python=recipe.python, applets=recipe.applets,
-                   recipe=recipe.name)
+                   recipe=recipe.name, command=recipe.command)
 
 
 def _as_list(kind: str, items) -> list:

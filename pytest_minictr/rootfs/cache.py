@@ -64,6 +64,16 @@ def write_manifest(root: str, request: Request, sources: dict[str, SourceStat]) 
     os.chmod(root, 0o755)  # mkdtemp made it 0700; containers in a userns must read it
 
 
+def image_command(root: str) -> tuple[str, ...]:
+    """The default command a recipe declared for the rootfs `root` (docker's CMD); () if it
+    has none, or is no rootfs we built."""
+    try:
+        with open(os.path.join(root, MANIFEST_NAME), "rb") as f:
+            return tuple(json.load(f)["inputs"].get("command") or ())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ()
+
+
 # manifest path -> (its identity, what it says of each source): a manifest is written once,
 # and parsing a recipe's (python3: 188 sources) was a third of a cache hit
 _manifests: dict[str, tuple[tuple, list[tuple[str, tuple[int, int, int, int]]]]] = {}

@@ -8,6 +8,12 @@
     libraries = ["libgcc_s.so.1"]       # loaded at run time (dlopen): ldd cannot see them
     python = "python3"                  # this interpreter, its stdlib and extension modules
     applets = "/bin/busybox"            # a link in /bin for each applet of this busybox
+    command = ["redis-server"]          # the default command of a container on this rootfs
+    package = "redis-server"            # the Debian package that installs what it names
+
+A path may hold `*` where a version goes (`/usr/lib/postgresql/*/bin/postgres`): the newest
+installed version is taken. What a recipe names but the host lacks is a RootfsError that
+names `package`, the fix.
 
 A recipe is a path (`x.toml`, or any name with a '/'), or a name looked up in the directories
 of $MINICTR_RECIPE_PATH (':'-separated), then in the package's own `rootfs/recipes/`
@@ -17,18 +23,20 @@ reader for the subset above (strings, lists of strings, comments) stands in.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_minictr.errors import ConfigError
+from pytest_minictr.errors import ConfigError, RootfsError
 
 BUILTIN_DIR = Path(__file__).parent / "recipes"
 KEYS = {"description": str, "binaries": list, "files": list, "dirs": list, "libraries": list,
-        "python": str, "applets": str}
+        "python": str, "applets": str, "command": list, "package": str}
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,8 @@ class Recipe:
     libraries: tuple[str, ...] = ()
     python: str | None = None
     applets: str | None = None
+    command: tuple[str, ...] = ()
+    package: str | None = None
 
 
 def search_path() -> list[Path]:
@@ -103,13 +113,43 @@ def _parse(path: Path) -> Recipe:
             raise ConfigError(f"recipe {str(path)!r}: unknown key {key!r} "
                               f"(known: {', '.join(KEYS)})")
         if not isinstance(value, expected) or (expected is list and not all(
-                isinstance(item, str) and item for item in value)):
+                isinstance(item, str) and (item or key == "command") for item in value)):
             what = "a list of strings" if expected is list else "a string"
             raise ConfigError(f"recipe {str(path)!r}: {key} = {value!r}: expected {what}")
-    return Recipe(name=path.stem, path=str(path), description=data.get("description", ""),
-                  **{key: tuple(data.get(key, ())) for key in ("binaries", "files", "dirs",
-                                                               "libraries")},
-                  python=data.get("python"), applets=data.get("applets"))
+    recipe = Recipe(name=path.stem, path=str(path), description=data.get("description", ""),
+                    **{key: tuple(data.get(key, ())) for key in ("binaries", "files", "dirs",
+                                                                 "libraries", "command")},
+                    python=data.get("python"), applets=data.get("applets"),
+                    package=data.get("package"))
+    return with_versions_found(recipe)
+
+
+def with_versions_found(recipe: Recipe) -> Recipe:
+    """The recipe with each `*` path replaced by the newest version installed; RootfsError
+    naming the package where something it names is not on this host."""
+    found = {key: tuple(_installed(recipe, item) for item in getattr(recipe, key))
+             for key in ("binaries", "files", "dirs")}
+    return Recipe(**{**vars(recipe), **found})
+
+
+def _installed(recipe: Recipe, item: str) -> str:
+    if "*" in item:
+        matches = sorted(glob.glob(item), key=_version_order)
+        if matches:
+            return matches[-1]
+    elif shutil.which(item) if "/" not in item else os.path.exists(item):
+        return item
+    if recipe.package is None:
+        return item  # the builder names what is missing
+    raise RootfsError(f"recipe {recipe.name!r} needs {item}, which this host lacks: install "
+                      f"the Debian package {recipe.package} (apt-get install "
+                      f"{recipe.package})")
+
+
+def _version_order(path: str) -> list:
+    """'/usr/lib/postgresql/15/...' after '/usr/lib/postgresql/9.6/...'."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
+            for part in re.split(r"(\d+)", path)]
 
 
 def parse_toml(text: str) -> dict:

@@ -82,6 +82,11 @@ def add_commands(commands) -> None:
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(handler=show_stats)
 
+    port = commands.add_parser("port", help="a running container's published ports")
+    port.add_argument("id")
+    port.add_argument("port", nargs="?", type=int, help="only this container port")
+    port.set_defaults(handler=show_ports)
+
     rm = commands.add_parser("rm", help="remove the record of an ended container")
     rm.add_argument("ids", nargs="+", metavar="ID")
     rm.add_argument("--force", "-f", action="store_true", help="stop it first if it runs")
@@ -225,6 +230,25 @@ def show_stats(args: argparse.Namespace) -> int:
         return 0
     for name, value in stats.items():
         print(f"{name}: {value}")
+    return 0
+
+
+def show_ports(args: argparse.Namespace) -> int:
+    """docker's `port`: one line per published port, `80/tcp -> 127.0.0.1:8080`; with a
+    port, only where it is published (exit 1 if it is not)."""
+    store = Store()
+    record = store.read(store.resolve(args.id))  # an id or a --name
+    if not record.alive:
+        raise ContainerNotFoundError(f"container {args.id} is not running "
+                                     f"({record.shown_status})")
+    shown = [(port, address, host_port) for port, address, host_port in record.ports
+             if args.port in (None, port)]
+    for port, address, host_port in shown:
+        where = f"[{address}]:{host_port}" if ":" in address else f"{address}:{host_port}"
+        print(where if args.port is not None else f"{port}/tcp -> {where}")
+    if args.port is not None and not shown:
+        print(f"minictr: container port {args.port} is not published", file=sys.stderr)
+        return 1
     return 0
 
 

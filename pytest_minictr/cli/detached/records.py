@@ -53,6 +53,7 @@ class Record:
     finished: float | None = None
     name: str | None = None         # --name
     remove: bool = False            # --rm: the shim removes the record once the command ends
+    ports: tuple = ()               # [container port, host address, host port] published
 
     @property
     def alive(self) -> bool:

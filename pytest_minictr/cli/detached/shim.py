@@ -68,7 +68,8 @@ def main() -> int:
     server.bind(str(directory / CONTROL))
     server.listen()
     store.update(container_id, status="running", init_pid=container.pid, shim_pid=os.getpid(),
-                 shim_started=process_start_time(os.getpid()))
+                 shim_started=process_start_time(os.getpid()),
+                 ports=[[port, *where] for port, where in container.published.items()])
     threading.Thread(target=_serve, args=(server, runtime, container), daemon=True).start()
     _answer(answer, {"ok": True})
     result = container.wait()

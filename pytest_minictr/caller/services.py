@@ -1,0 +1,183 @@
+"""Containers as services, from the caller: published addresses, pods, readiness.
+
+`Container.address(port)` and `Pod.address(port)` read what the launcher bound (see
+`launcher.networks`); `wait_for_port` asks the launcher whether the port accepts a connection
+inside the container's network namespace (its forwarder tries), `wait_for_output` searches
+what the container wrote so far and goes on reading. Both give up with ContainerNotReadyError,
+which says what was awaited, how the container ended if it did, and the tail of its stderr.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from pytest_minictr.errors import ConfigError, ContainerNotReadyError
+from pytest_minictr.ports import Port, as_dicts, check_ports
+from pytest_minictr.spec import check_seconds
+
+if TYPE_CHECKING:
+    from pytest_minictr.caller.runtime import Container, ContainerRuntime
+
+# Seconds between two probes of a port: from 1 ms (a server that starts in 10 ms is seen at
+# once), doubling to 20 ms (a probe is a request to the launcher and a connect: ~0.2 ms).
+FIRST_PROBE_INTERVAL, POLL_INTERVAL = 0.001, 0.02
+STDERR_TAIL = 2048      # bytes of stderr an error shows
+Published = dict[int, tuple[str, int]]
+
+
+def published_of(reply_ports: list) -> Published:
+    return {port: (address, host_port) for port, address, host_port in reply_ports}
+
+
+def address_of(published: Published, port: Any, owner: str) -> tuple[str, int]:
+    """(host address, host port) where container port `port` is reached from here."""
+    if port not in published:
+        known = ", ".join(map(str, published)) or "none"
+        raise ConfigError(f"{owner}: port {port!r} is not published (published: {known}; "
+                          "publish it with ports=[...])")
+    return published[port]
+
+
+class ServiceMethods:
+    """What a Container offers as a server (mixed into `runtime.Container`)."""
+
+    published: Published  # container port -> (host address, host port)
+
+    def address(self, port: int) -> tuple[str, int]:
+        """(host address, host port) where the published container `port` is reached."""
+        return address_of(self.published, port, f"container {self.id}")
+
+    def wait_for_port(self, port: int, timeout: float = 10) -> None:
+        """Return once `port` accepts a connection inside the container's network;
+        ContainerNotReadyError if it does not within `timeout` seconds, or the container
+        ends first."""
+        wait_for_port(self, port, timeout)
+
+    def wait_for_output(self, pattern: bytes, timeout: float = 10) -> re.Match:
+        """The match of the bytes regex `pattern` in the container's stdout or stderr, so
+        far or to come; ContainerNotReadyError as for wait_for_port."""
+        return wait_for_output(self, pattern, timeout)
+
+    def output_so_far(self) -> tuple[bytes, bytes]:
+        """What the container wrote to stdout and stderr until now (kept, not consumed)."""
+        source = self._result if self._result is not None else self._monitor
+        return (source.stdout, source.stderr) if source is not None else (b"", b"")
+
+
+class Pod:
+    """Containers that share one network namespace (`runtime.run(..., pod=pod)`): they reach
+    each other on 127.0.0.1; each keeps its own PID, mount, IPC and UTS namespaces, cgroup
+    and limits. The pod's ports are published once it is made; its namespace ends with its
+    last container (a pod is used once: make another for a new set)."""
+
+    def __init__(self, runtime: "ContainerRuntime", pod_id: str, published: Published):
+        self.pod_id = pod_id
+        self.published = published
+        self._runtime = runtime
+
+    def __repr__(self) -> str:
+        return f"<Pod {self.pod_id} ports={self.published}>"
+
+    def address(self, port: int) -> tuple[str, int]:
+        return address_of(self.published, port, f"pod {self.pod_id}")
+
+    def close(self) -> None:
+        """Let go of the pod's ports if no container ever joined it (one that did ends
+        with its last container)."""
+        self._runtime._client.request({"op": "end_pod", "pod": self.pod_id})
+
+
+def make_pod(runtime: "ContainerRuntime", pod_id: str, ports: Any) -> Pod:
+    checked: tuple[Port, ...] = check_ports(ports)
+    reply = runtime._client.request({"op": "pod", "pod": pod_id, "ports": as_dicts(checked)})
+    if not reply["ok"]:
+        from pytest_minictr.caller.runtime import _error_from_reply
+        raise _error_from_reply(reply["error"])
+    return Pod(runtime, pod_id, published_of(reply["ports"]))
+
+
+def wait_for_port(container: "Container", port: Any, timeout: Any) -> None:
+    """Until `port` accepts a connection on the container's loopback."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"wait_for_port({port!r}): expected a port from 1 to 65535")
+    awaited = f"port {port} to accept connections inside the container"
+
+    def accepts() -> bool:
+        reply = container._runtime._client.request(
+            {"op": "probe", "id": container.id, "port": port})
+        return reply["ok"] and reply["errno"] == 0
+    _wait_until(container, accepts, awaited, timeout, on_output=False)
+
+
+def wait_for_output(container: "Container", pattern: Any, timeout: Any) -> re.Match:
+    """Until `pattern` (a bytes regex) matches what the container wrote to stdout or stderr;
+    the match."""
+    try:
+        regex = re.compile(pattern)
+        regex.search(b"")
+    except (TypeError, re.error) as error:
+        raise ConfigError(f"wait_for_output({pattern!r}): expected a bytes regex such as "
+                          f"rb'ready to accept' ({error})") from None
+    found: list[re.Match] = []
+
+    def matches() -> bool:
+        stdout, stderr = container.output_so_far()
+        match = regex.search(stdout) or regex.search(stderr)
+        if match:
+            found.append(match)
+        return match is not None
+    _wait_until(container, matches, f"output matching {regex.pattern!r}", timeout,
+                on_output=True)
+    return found[0]
+
+
+def _wait_until(container: "Container", ready: Callable[[], bool], awaited: str,
+                timeout: Any, on_output: bool) -> None:
+    """Until `ready()`; it is asked again after each output of the container (`on_output`)
+    or after a growing interval."""
+    seconds = check_seconds(timeout, "timeout")
+    deadline = time.monotonic() + seconds
+    interval = POLL_INTERVAL if on_output else FIRST_PROBE_INTERVAL
+    while True:
+        if container._result is None and ready():
+            return
+        if container._result is not None or container._ended_within(0):
+            if ready():  # (what it wrote before its end may be what we wait for)
+                return
+            raise _not_ready(container, awaited, f"it ended first: {_how_it_ended(container)}")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _not_ready(container, awaited, f"not within {seconds:g} s; it still runs")
+        container._ended_within(min(interval, remaining), once=on_output)
+        interval = min(interval * 2, POLL_INTERVAL)
+
+
+def _not_ready(container: "Container", awaited: str, why: str) -> ContainerNotReadyError:
+    stderr = container.output_so_far()[1][-STDERR_TAIL:]
+    ended = None if container._result is None else _how_it_ended(container)
+    shown = stderr.decode(errors="replace").rstrip() or "(nothing)"
+    return ContainerNotReadyError(
+        f"container {container.id} {list(container.args)!r} is not ready: waited for "
+        f"{awaited}, {why}; its stderr ends with:\n{shown}", awaited, ended, stderr)
+
+
+def _how_it_ended(container: "Container") -> str:
+    result = container._result
+    if result.timed_out:
+        return "killed at its time limit"
+    if result.oom_killed:
+        return "killed by the OOM killer (memory limit)"
+    if result.returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-result.returncode).name}"
+        except ValueError:
+            return f"killed by signal {-result.returncode}"
+    return f"exited with status {result.returncode}"
+
+
+def tail(data: bytes, size: int = STDERR_TAIL) -> str:
+    return data[-size:].decode(errors="replace")
+

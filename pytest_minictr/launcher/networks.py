@@ -1,0 +1,260 @@
+"""Network namespaces that outlive one container's view of them, in the launcher: the
+published ports of a container, and pods (several containers in one network namespace).
+
+A `SharedNetwork` is made before its first container starts, so that its ports are bound
+(and a clash reported) before anything runs: a container's own when it publishes ports or is
+probed (`wait_for_port`), a pod's when the caller makes the pod. Its first container's
+network namespace becomes the network's; the forwarder (see `forwarder.relay`) is forked into
+it then. When its last container ends, the forwarder is killed and the listeners and the
+namespace fds closed: the kernel frees the namespace with its last process.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+
+from pytest_minictr.errors import ConfigError, ContainerNotFoundError
+from pytest_minictr.forwarder.relay import PROBE, run_forwarder
+from pytest_minictr.ports import Port
+from pytest_minictr.spec import ContainerSpec
+
+LISTEN_BACKLOG = 128
+PROBE_ANSWER_TIMEOUT = 5.0  # the forwarder's own connect gives up after PROBE_TIMEOUT
+
+
+@dataclass
+class Forwarder:
+    pid: int
+    pidfd: int
+    control: socket.socket
+
+    def probe(self, port: int) -> int:
+        self.control.settimeout(PROBE_ANSWER_TIMEOUT)
+        self.control.sendall(PROBE.pack(port))
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = self.control.recv(16)
+            if not chunk:
+                raise ContainerNotFoundError("the container's network has ended")
+            answer += chunk
+        return int(answer)
+
+    def end(self) -> None:
+        self.control.close()
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
+        os.close(self.pidfd)
+
+
+@dataclass
+class SharedNetwork:
+    """One network namespace's ports, forwarder and members (container ids)."""
+
+    key: str                                   # the container's id, or the pod's
+    listeners: dict[socket.socket, Port]
+    members: set[str] = field(default_factory=set)
+    namespaces: tuple[int, ...] = ()           # (user namespace,) network namespace fds
+    forwarder: Forwarder | None = None
+    joined: bool = False                       # a container has entered it
+    pod: bool = False                          # made by runtime.pod(), not by one container
+
+    def published(self) -> list[list]:
+        """[container port, host address, host port] of each listener, as bound."""
+        return [[port.container_port, *sock.getsockname()[:2]]
+                for sock, port in self.listeners.items()]
+
+    def join(self, container_id: str, child_pid: int, rootless: bool) -> None:
+        """A container started in it; the first one's namespaces become the network's."""
+        self.members.add(container_id)
+        if not self.joined:
+            self.joined = True
+            try:
+                self.namespaces = _open_namespaces(child_pid, rootless)
+            except ContainerNotFoundError:
+                return  # it ended already (`true`): nothing to forward to, ever
+
+    def start_forwarder(self, parent_pidfd: int) -> None:
+        """Fork the forwarder, if it has ports to serve and none yet. The launcher does it
+        once it has answered the run (a fork costs it 1 to 15 ms, by the machine's load):
+        the caller goes on meanwhile, and a connection made before waits in the backlog."""
+        if self.listeners and self.forwarder is None and not self.gone and self.joined:
+            self.forwarder = _fork_forwarder(self, parent_pidfd)
+
+    @property
+    def gone(self) -> bool:
+        """Its first container ended before we could hold its namespace."""
+        return self.joined and not self.namespaces
+
+    def probe(self, port: int, parent_pidfd: int) -> int:
+        if self.gone:
+            return errno.ECONNREFUSED  # (a forwarder without a namespace would be the host's)
+        if self.forwarder is None:
+            self.forwarder = _fork_forwarder(self, parent_pidfd)
+        return self.forwarder.probe(port)
+
+    def leave(self, container_id: str) -> bool:
+        """A container ended; True if it was the last (the network has ended then)."""
+        self.members.discard(container_id)
+        if self.members or not self.joined:
+            return False
+        self.end()
+        return True
+
+    def end(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.end()
+            self.forwarder = None
+        for sock in self.listeners:
+            sock.close()
+        for fd in self.namespaces:
+            os.close(fd)
+        self.listeners, self.namespaces = {}, ()
+
+
+class Networks:
+    """The launcher's shared networks: by pod id or container id, and which one each running
+    container is in."""
+
+    def __init__(self, rootless: bool, own_pidfd: int):
+        self.rootless = rootless
+        self.own_pidfd = own_pidfd
+        self.by_key: dict[str, SharedNetwork] = {}
+        self.of: dict[str, SharedNetwork] = {}          # by id of a running container
+        self.forwarders_due: list[SharedNetwork] = []   # forked once the run is answered
+
+    def for_run(self, container_id: str, spec: ContainerSpec) -> SharedNetwork | None:
+        """The pod's network, or one of the container's own for its published ports; bound
+        before the container starts."""
+        if spec.pod is not None:
+            network = self.by_key.get(spec.pod)
+            if network is None or network.gone:
+                raise ConfigError(f"pod {spec.pod!r} has ended (with its last container) or "
+                                  "is not this runtime's: make a new one with runtime.pod()")
+            return network
+        if not spec.ports:
+            return None
+        network = self.by_key[container_id] = bind_ports(container_id, spec.ports)
+        return network
+
+    def started(self, network: SharedNetwork, container_id: str, child_pid: int) -> list:
+        """A container of `network` runs: it joins; its ports, as the run's reply names them."""
+        network.join(container_id, child_pid, self.rootless)
+        self.of[container_id] = network
+        self.forwarders_due.append(network)
+        return network.published()
+
+    def not_started(self, network: SharedNetwork | None) -> None:
+        """A container's own network whose container did not start goes with it."""
+        if network is not None and not network.joined and not network.pod:
+            self._end(network)
+
+    def make_pod(self, pod_id: str, ports: tuple[Port, ...]) -> list:
+        network = self.by_key[pod_id] = bind_ports(pod_id, ports, pod=True)
+        return network.published()
+
+    def end_pod(self, pod_id: str) -> None:
+        network = self.by_key.get(pod_id)
+        if network is not None and not network.members:
+            self._end(network)
+
+    def probe(self, container_id: str, child_pid: int, port: int) -> int:
+        network = self.of.get(container_id)
+        if network is None:  # a container without published ports, probed: its own network
+            network = self.by_key[container_id] = SharedNetwork(container_id, {})
+            network.join(container_id, child_pid, self.rootless)
+            self.of[container_id] = network
+        return network.probe(port, self.own_pidfd)
+
+    def leave(self, container_id: str) -> None:
+        """A container ended (before the caller hears of it: by then its ports are closed,
+        if it was the last container of their network)."""
+        network = self.of.pop(container_id, None)
+        if network is not None and network.leave(container_id):
+            del self.by_key[network.key]
+
+    def start_due_forwarders(self) -> None:
+        while self.forwarders_due:
+            network = self.forwarders_due.pop()
+            try:
+                network.start_forwarder(self.own_pidfd)
+            except OSError as error:  # (EAGAIN: no process to spare) its ports stay unserved
+                print(f"minictr launcher: no forwarder for {network.key}: {error}",
+                      file=sys.stderr)
+
+    def end_all(self) -> None:
+        for network in list(self.by_key.values()):
+            self._end(network)
+
+    def _end(self, network: SharedNetwork) -> None:
+        network.end()
+        del self.by_key[network.key]
+
+
+def bind_ports(key: str, ports: tuple[Port, ...], pod: bool = False) -> SharedNetwork:
+    """Listening sockets for `ports`, in the launcher's (the host's) network namespace; a
+    port taken or an address not ours is the caller's ConfigError, before anything starts."""
+    listeners: dict[socket.socket, Port] = {}
+    try:
+        for port in ports:
+            listeners[_listen(port)] = port
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return SharedNetwork(key, listeners, pod=pod)
+
+
+def _listen(port: Port) -> socket.socket:
+    family = socket.AF_INET6 if ":" in port.host_address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # a port left in TIME_WAIT by the last run of the same test is free to take again
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((port.host_address, port.host_port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as error:
+        sock.close()
+        raise ConfigError(f"ports: cannot publish container port {port.container_port} on "
+                          f"{port.host_address}:{port.host_port}: {error.strerror} (leave "
+                          "the host port out to get a free one)") from None
+    return sock
+
+
+def _open_namespaces(child_pid: int, rootless: bool) -> tuple[int, ...]:
+    """Our child's (the init's, or the keeper's: the same namespaces) network namespace, and
+    without root its user namespace, which owns it and must be entered first."""
+    names = ("user", "net") if rootless else ("net",)
+    fds: list[int] = []
+    try:
+        for name in names:
+            fds.append(os.open(f"/proc/{child_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise ContainerNotFoundError("the container is not running (it has just ended)") \
+            from None
+    return tuple(fds)
+
+
+def _fork_forwarder(network: SharedNetwork, parent_pidfd: int) -> Forwarder:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            run_forwarder(theirs.fileno(), {sock.fileno(): port.container_port
+                                            for sock, port in network.listeners.items()},
+                          network.namespaces, parent_pidfd)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return Forwarder(pid, os.pidfd_open(pid), ours)
