@@ -81,6 +81,8 @@ static void run_spare(int channel, json *prepared, int *keep, int keep_count) {
     close(channel);
     if (received_count < 5) _exit(1);
     fds = (child_fds){received[0], received[1], received[2], received[3], received[4]};
+    if (received_count > 5)  /* a pod's network namespace, to join (plan.name_and_network) */
+        save_slot("pod netns", received[5], 0);
     if (early < 0) {
         failed = early_failure;
         report_failure(fds.setup, early_phase);
