@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 from pytest_minictr.container import security
 from pytest_minictr.host import linux
-from pytest_minictr.spec import ContainerSpec
+from pytest_minictr.spec import ContainerSpec, Security
 
 PHASES = ("join cgroup", "namespaces", "stage", "/proc and /dev", "layer", "root", "pivot_root",
           "hostname and loopback", "rlimits", "user namespace", "capabilities", "seccomp",
@@ -325,6 +325,94 @@ def capability_mask(spec: ContainerSpec) -> int:
 def _capability_mask(kept: tuple[str, ...]) -> int:
     return sum(1 << security.capability_number(name)
                for name in dict.fromkeys((*security.DEFAULT_CAPABILITIES, *kept)))
+
+
+# --- a sandboxed test body ----------------------------------------------------------------------
+# The body is a fork of the pytest worker (it lives in its memory), not a command: no rootfs, no
+# exec. Its setup is this plan's own steps, in three parts around the forks of `container.body`.
+
+@dataclass(frozen=True)
+class BodyView:
+    """What a sandboxed test body sees and may do (see `plugin.sandbox`)."""
+
+    cwd: str
+    read_only: tuple[str, ...]   # host dirs under /tmp shown as they are (the test's files)
+    writable: tuple[str, ...]    # host paths bound read-write (tmp_path, writable=[...])
+    hostname: str
+    network: str
+    user_namespace: bool
+    security: Security
+
+
+class BodyPlan(NamedTuple):
+    namespaces: tuple[Step, ...]   # in the worker's child (without root: the keeper)
+    view: tuple[Step, ...]         # in the body's init, PID 1 of its namespace
+    confinement: tuple[Step, ...]  # in the body, last before the test function runs
+    rootless: bool
+
+
+def body_plan(view: BodyView, where: Where) -> BodyPlan:
+    return BodyPlan(body_namespaces(where), body_view(view), body_confinement(view, where),
+                    where.rootless)
+
+
+def body_namespaces(where: Where) -> tuple[Step, ...]:
+    if not where.rootless:  # the PID namespace came with the fork; the user one comes last
+        return (*join_cgroup(where),
+                Step("namespaces", "unshare namespaces", "unshare",
+                     (linux.CLONE_NEWNS | OTHER_NAMESPACES,)))
+    # without root the user namespace comes first: it owns the others (see `enter_namespaces`)
+    return (*join_cgroup(where),
+            Step("user namespace", "unshare the user namespace", "unshare",
+                 (linux.CLONE_NEWUSER,)),
+            Step("user namespace", "write uid/gid maps", "map_own_ids",
+                 (os.geteuid(), os.getegid())),
+            Step("namespaces", "unshare namespaces", "unshare",
+                 (linux.CLONE_NEWPID | linux.CLONE_NEWNS | OTHER_NAMESPACES,)))
+
+
+def body_view(view: BodyView) -> tuple[Step, ...]:
+    """The stage, /proc and /dev as for a container; then the host's tree read-only in place
+    of a rootfs, a private /tmp, the binds, and the same pivot_root."""
+    binds = tuple((path, True) for path in view.read_only) \
+        + tuple((path, False) for path in view.writable)
+    steps = [Step("stage", "make mounts private", "make_mounts_private"),
+             Step("stage", "mount the stage", "mount_stage"),
+             Step("stage", "pivot_root into the stage", "enter_stage"),
+             *mount_proc_and_dev(),
+             Step("root", "bind the host's tree read-only", "bind_host_root"),
+             Step("root", "mount /tmp", "mount_tmp", (None,))]
+    for index, (path, read_only) in enumerate(binds):
+        steps += [Step("root", f"open {path}", "open_host_path", (path,), f"bind {index}"),
+                  Step("root", f"bind {path} {'read-only' if read_only else 'writable'}",
+                       "bind_user_mount", (Ref(f"bind {index}"), path, read_only))]
+    steps += [Step("root", "move /dev", "move_into_root", ("/dev",)),
+              Step("root", "move /proc", "move_into_root", ("/proc",)),
+              Step("root", "close the host's paths", "close_fds",
+                   tuple(Ref(f"bind {index}") for index in range(len(binds)))),
+              *pivot_into_root(view), *name_and_network(view)]
+    return tuple(steps)
+
+
+def body_confinement(view: BodyView, where: Where) -> tuple[Step, ...]:
+    """As `confine`; as root, the user namespace is made here, last, mapping container root
+    to our own uid alone: it owns none of the namespaces built as host root."""
+    userns = () if where.rootless or not view.user_namespace else (
+        Step("user namespace", "unshare the user namespace", "unshare", (linux.CLONE_NEWUSER,)),
+        Step("user namespace", "write uid/gid maps", "map_own_ids",
+             (os.geteuid(), os.getegid())))
+    steps = (Step("rlimits", "close the worker's handles", "close_inherited_handles",
+                  (Ref("report"),)),
+             # fsize unbounded: the body writes to host paths (tmp_path), not to a layer
+             Step("rlimits", "set rlimits", "set_rlimits", (rlimits_of(view), -1)),
+             Step("rlimits", "join a new session keyring", "join_new_session_keyring"),
+             *userns,
+             Step("capabilities", "drop capabilities", "drop_capabilities",
+                  (capability_mask(view),)))
+    if view.security.seccomp:
+        steps += (Step("seccomp", "install the seccomp filter", "install_seccomp_filter",
+                       (view.security.allow_syscalls,)),)
+    return steps
 
 
 def encode(steps: tuple[Step, ...]) -> bytes:

@@ -156,6 +156,14 @@ class Launcher:
                     os.close(fd)
         return Started(pid, NullCgroup(), keeper=True)  # the container's group is its own
 
+    def sandbox_cgroup(self, limits: Limits) -> Cgroup:
+        """The group of a sandboxed test body (see `sandboxes`): its pids limit counts the
+        body's processes, not its init (nor, without root, its keeper)."""
+        self._check_limits(limits)
+        room = 2 if self.rootless else 1
+        return self._new_cgroup(limits if limits.pids is None
+                                else replace(limits, pids=limits.pids + room))
+
     def wants_spare(self) -> bool:
         # without root, unshare(CLONE_NEWPID) needs a user namespace first: the keeper's way
         return (len(self.spares) + len(self.ordered) < self.SPARES
