@@ -65,12 +65,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     settings = config.stash[_SETTINGS]
-    bodies = ("every test's body (--minictr-sandbox-tests), but those using the `container` "
-              "fixture" if settings.sandbox_tests else
-              "bodies of tests marked `container` that do not use the `container` fixture")
+    bodies = ("all (--minictr-sandbox-tests) but those using the `container` fixture"
+              if settings.sandbox_tests else
+              "those marked `container` that do not use the `container` fixture")
     return [f"minictr {__version__}: {doctor.header(doctor.examine(rehearse=False))}, "
             f"rootfs {settings.source}, cache {settings.cache_dir}",
-            f"minictr: runs sandboxed the {bodies}"]
+            f"minictr: test bodies run sandboxed: {bodies}"]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -116,7 +116,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     body = item.stash.get(sandbox.OUTCOME, None)
     if call.when == "call" and body is not None and not sandbox._in_body:
         del item.stash[sandbox.OUTCOME]
-        sandbox.apply_outcome(outcome.get_result(), body, item.config)
+        sandbox.apply_outcome(item, outcome.get_result(), body)
 
 
 @pytest.hookimpl(hookwrapper=True, specname="pytest_runtest_makereport")

@@ -266,16 +266,20 @@ def _category(name: str) -> type[Warning]:
     return found if isinstance(found, type) and issubclass(found, Warning) else UserWarning
 
 
-def apply_outcome(report: pytest.TestReport, outcome: BodyOutcome,
-                  config: pytest.Config) -> None:
+def apply_outcome(item: pytest.Item, report: pytest.TestReport, outcome: BodyOutcome) -> None:
     """The worker's call report takes the body's verdict; it keeps its own sections (what
-    the worker captured, which includes what the body printed) and duration."""
+    the worker captured, which includes what the body printed) and duration. The item takes
+    the properties the body recorded (JUnit XML reads them at teardown)."""
+    config = item.config
     if outcome.report is not None:
-        body = config.hook.pytest_report_from_serializable(config=config,
-                                                           data=outcome.report)
+        data = outcome.report
+        if isinstance(data.get("longrepr"), list):  # a skip's (path, line, reason): JSON made
+            data = {**data, "longrepr": tuple(data["longrepr"])}  # it a list
+        body = config.hook.pytest_report_from_serializable(config=config, data=data)
         report.outcome = body.outcome
         report.longrepr = body.longrepr
-        report.user_properties = body.user_properties
+        item.user_properties = [tuple(pair) for pair in body.user_properties]
+        report.user_properties = list(item.user_properties)
         if hasattr(body, "wasxfail"):
             report.wasxfail = body.wasxfail
         elif hasattr(report, "wasxfail"):
