@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -43,5 +43,5 @@ def pytest_for(uid: int, place: Path) -> Callable[..., subprocess.CompletedProce
              SYSTEM_PYTHON, *args],
             env={"PYTHONPATH": f"{site}:{REPO}", "HOME": str(home), "PATH": "/usr/bin:/bin",
                  "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
-            cwd=cwd, capture_output=True, text=True, timeout=timeout)
+            cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
     return run

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 from pytest_minictr.container.executor import Executor
 from pytest_minictr.container.failure import report_failure, write_line
 from pytest_minictr.container.plan import BodyPlan
 from pytest_minictr.host import linux
+
 
 def run_sandboxed(plan: BodyPlan, report_fd: int, body: Callable[[], bytes]) -> NoReturn:
     """In the worker's child: carry out `plan` and run `body` (which returns the report) in

@@ -220,7 +220,8 @@ def open_idmapped_tree(path_fd: int, userns_fd: int) -> int:
 def set_tree_attributes(path: str, attributes: int) -> None:
     """Add mount `attributes` (MOUNT_ATTR_*) to the mount at `path` and every mount below it,
     in one call (kernel >= 5.12): a remount per submount costs a walk of the mount table."""
-    attr = struct.pack("=QQQQ", attributes, 0, 0, 0)  # struct mount_attr: set, clear, propagation, fd
+    # struct mount_attr: attributes to set, to clear, propagation, userns fd
+    attr = struct.pack("=QQQQ", attributes, 0, 0, 0)
     result = _syscall("mount_setattr", -100, os.fsencode(path), AT_RECURSIVE,  # AT_FDCWD
                       ctypes.create_string_buffer(attr, len(attr)), len(attr))
     if result < 0:

@@ -22,6 +22,7 @@ from pytest_minictr.caller.runtime import ContainerRuntime
 from pytest_minictr.doctor import checks as doctor
 from pytest_minictr.errors import ConfigError, MinictrError, UnsupportedError
 from pytest_minictr.keywords import marker_help
+from pytest_minictr.plugin import sandbox
 from pytest_minictr.plugin.fixture import LAST_RESULT, TestContainer, unavailable
 from pytest_minictr.plugin.host import (  # noqa: F401
     LAYER_PREFIX,
@@ -31,9 +32,12 @@ from pytest_minictr.plugin.host import (  # noqa: F401
     remove_stale_layers,
     resolve_rootfs,
 )
-from pytest_minictr.plugin import sandbox
-from pytest_minictr.plugin.settings import (SessionSettings, add_options, merge_marker,
-                                            read_session_settings)
+from pytest_minictr.plugin.settings import (
+    SessionSettings,
+    add_options,
+    merge_marker,
+    read_session_settings,
+)
 from pytest_minictr.rootfs.builder import RootfsBuilder
 
 _SETTINGS = pytest.StashKey[SessionSettings]()
@@ -68,8 +72,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     bodies = ("all (--minictr-sandbox-tests) but those using the `container` fixture"
               if settings.sandbox_tests else
               "those marked `container` that do not use the `container` fixture")
-    return [f"minictr {__version__}: {doctor.header(doctor.examine(rehearse=False))}, "
-            f"rootfs {settings.source}, cache {settings.cache_dir}",
+    return [(f"minictr {__version__}: {doctor.header(doctor.examine(rehearse=False))}, "
+             f"rootfs {settings.source}, cache {settings.cache_dir}"),
             f"minictr: test bodies run sandboxed: {bodies}"]
 
 
@@ -110,20 +114,15 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function):
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """A sandboxed body's call report: the body's verdict, given after every other plugin's
-    wrapper made the worker's (which saw a test that returned)."""
+    """A sandboxed body's call report gets the body's verdict, after every other plugin's
+    wrapper made the worker's (which saw a test that returned). A failed test's report shows
+    its last container: command, how it ended, stderr."""
     outcome = yield
+    report = outcome.get_result()
     body = item.stash.get(sandbox.OUTCOME, None)
     if call.when == "call" and body is not None and not sandbox._in_body:
         del item.stash[sandbox.OUTCOME]
-        sandbox.apply_outcome(item, outcome.get_result(), body)
-
-
-@pytest.hookimpl(hookwrapper=True, specname="pytest_runtest_makereport")
-def show_last_container(item: pytest.Item, call: pytest.CallInfo):
-    """A failed test's report shows its last container: command, how it ended, stderr."""
-    outcome = yield
-    report = outcome.get_result()
+        sandbox.apply_outcome(item, report, body)
     result = item.stash.get(LAST_RESULT, None)
     if report.failed and result is not None:
         report.sections.append(("minictr: last container", describe_result(result)))
