@@ -48,6 +48,7 @@ class SandboxLease:
             raise error_from_reply(reply["error"])
         self._events = events_r
         self.cgroup_procs: tuple[str, ...] = tuple(reply["cgroup_procs"])
+        self.init_pid: int | None = reply["init_pid"]  # as root: the spare init to join
 
     def watch(self, pid: int | None) -> None:
         """From now on the launcher watches `pid` (None: the fork failed; the group goes)."""

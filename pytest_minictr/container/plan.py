@@ -329,7 +329,14 @@ def _capability_mask(kept: tuple[str, ...]) -> int:
 
 # --- a sandboxed test body ----------------------------------------------------------------------
 # The body is a fork of the pytest worker (it lives in its memory), not a command: no rootfs, no
-# exec. Its setup is this plan's own steps, in three parts around the forks of `container.body`.
+# exec. As root it joins a spare's cgroup and namespaces (its PID one through the fork, see
+# `plugin.sandbox`), whose stage, /proc and /dev are built already; without root it makes its
+# own, in a keeper and an init (see `container.body`).
+
+# The cgroup namespace after the cgroup; the mount namespace last: it moves our root.
+BODY_JOINED = (("net", linux.CLONE_NEWNET), ("uts", linux.CLONE_NEWUTS),
+               ("ipc", linux.CLONE_NEWIPC), ("cgroup", linux.CLONE_NEWCGROUP),
+               ("mnt", linux.CLONE_NEWNS))
 
 @dataclass(frozen=True)
 class BodyView:
@@ -345,22 +352,24 @@ class BodyView:
 
 
 class BodyPlan(NamedTuple):
-    namespaces: tuple[Step, ...]   # in the worker's child (without root: the keeper)
-    view: tuple[Step, ...]         # in the body's init, PID 1 of its namespace
+    namespaces: tuple[Step, ...]   # root: in the body; without root: in its keeper
+    view: tuple[Step, ...]         # root: in the body; without root: in its init (PID 1)
     confinement: tuple[Step, ...]  # in the body, last before the test function runs
     rootless: bool
 
 
-def body_plan(view: BodyView, where: Where) -> BodyPlan:
-    return BodyPlan(body_namespaces(where), body_view(view), body_confinement(view, where),
-                    where.rootless)
+def body_plan(view: BodyView, where: Where, joined: tuple[int, ...] = ()) -> BodyPlan:
+    """`joined`: as root, fds of the spare's namespaces, in BODY_JOINED order."""
+    return BodyPlan(body_namespaces(where, joined), body_view(view, where),
+                    body_confinement(view, where), where.rootless)
 
 
-def body_namespaces(where: Where) -> tuple[Step, ...]:
-    if not where.rootless:  # the PID namespace came with the fork; the user one comes last
+def body_namespaces(where: Where, joined: tuple[int, ...]) -> tuple[Step, ...]:
+    if not where.rootless:  # the user namespace comes last (see body_confinement)
         return (*join_cgroup(where),
-                Step("namespaces", "unshare namespaces", "unshare",
-                     (linux.CLONE_NEWNS | OTHER_NAMESPACES,)))
+                *(Step("namespaces", f"join the spare's {name} namespace", "setns", (fd, kind))
+                  for (name, kind), fd in zip(BODY_JOINED, joined, strict=True)),
+                Step("namespaces", "close the spare's namespaces", "close_fds", joined))
     # without root the user namespace comes first: it owns the others (see `enter_namespaces`)
     return (*join_cgroup(where),
             Step("user namespace", "unshare the user namespace", "unshare",
@@ -371,15 +380,17 @@ def body_namespaces(where: Where) -> tuple[Step, ...]:
                  (linux.CLONE_NEWPID | linux.CLONE_NEWNS | OTHER_NAMESPACES,)))
 
 
-def body_view(view: BodyView) -> tuple[Step, ...]:
-    """The stage, /proc and /dev as for a container; then the host's tree read-only in place
-    of a rootfs, a private /tmp, the binds, and the same pivot_root."""
+def body_view(view: BodyView, where: Where) -> tuple[Step, ...]:
+    """The stage, /proc and /dev as for a container (as root, the spare's); then the host's
+    tree read-only in place of a rootfs, a private /tmp, the binds, the same pivot_root."""
     binds = tuple((path, True) for path in view.read_only) \
         + tuple((path, False) for path in view.writable)
-    steps = [Step("stage", "make mounts private", "make_mounts_private"),
-             Step("stage", "mount the stage", "mount_stage"),
-             Step("stage", "pivot_root into the stage", "enter_stage"),
-             *mount_proc_and_dev(),
+    stage = () if not where.rootless else (
+        Step("stage", "make mounts private", "make_mounts_private"),
+        Step("stage", "mount the stage", "mount_stage"),
+        Step("stage", "pivot_root into the stage", "enter_stage"),
+        *mount_proc_and_dev())
+    steps = [*stage,
              Step("root", "bind the host's tree read-only", "bind_host_root"),
              Step("root", "mount /tmp", "mount_tmp", (None,))]
     for index, (path, read_only) in enumerate(binds):

@@ -5,7 +5,10 @@ watched, killed at the timeout and removed here, by a process the body can neith
 take down with it: an OOM kill, a timeout or a body that dies hard still ends in a report
 with the kernel's figures, and in nothing left behind.
 
-  {"op": "sandbox", "id", "limits", "timeout"} + fds [events] -> {"ok", "cgroup_procs"}
+  {"op": "sandbox", "id", "limits", "timeout"} + fds [events]
+      -> {"ok", "cgroup_procs", "init_pid"}: as root, a spare init (see `starter`) whose
+         cgroup, namespaces and stage the body joins, its limits set; without root (no
+         spares), a cgroup alone, and init_pid None
   {"op": "watch", "id", "pid"}  the caller's child that joined the group: its end is the
                                 sandbox's end (the timeout counts from here)
 At the end, one JSON line on `events`: timed_out, oom_killed, memory_peak, cpu_time,
@@ -18,6 +21,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from pytest_minictr.host.cgroups import Cgroup
 
@@ -28,6 +32,7 @@ class Sandbox:
     cgroup: Cgroup
     events: int                       # the caller's pipe for the end event
     timeout: float | None
+    release: Callable[[], None]       # removes the group (as root: with the spare it was)
     pidfd: int | None = None          # the worker's child, once watched
     timeout_at: float | None = None
     timed_out: bool = False
@@ -69,7 +74,7 @@ class Sandbox:
         except OSError:
             pass  # the caller closed its end: it no longer cares
         os.close(self.events)
-        self.cgroup.discard()
+        self.release()
 
 
 def _pids_refused(cgroup: Cgroup) -> int:

@@ -20,6 +20,7 @@ container is killed and the launcher exits: nothing outlives the caller.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -195,15 +196,22 @@ class Forkserver:
         return {"ok": True, "running": container is not None}
 
     def _op_sandbox(self, message: dict, fds: list[int]) -> dict:
+        limits = Limits(**message["limits"])
         try:
-            cgroup = self.launcher.sandbox_cgroup(Limits(**message["limits"]))
+            if self.launcher.rootless:
+                cgroup, init_pid = self.launcher.sandbox_cgroup(limits), None
+                release = cgroup.discard
+            else:
+                spare = self.launcher.spare_for_body(limits)
+                cgroup, init_pid = spare.cgroup, spare.pid
+                release = functools.partial(self.launcher.release_spare, spare)
         except BaseException:
             os.close(fds[0])
             raise
         self.sandboxes[message["id"]] = Sandbox(message["id"], cgroup, fds[0],
-                                                message["timeout"])
-        return {"ok": True, "cgroup_procs": [os.path.join(path, "cgroup.procs")
-                                             for path in cgroup.paths]}
+                                                message["timeout"], release)
+        return {"ok": True, "init_pid": init_pid,
+                "cgroup_procs": [os.path.join(path, "cgroup.procs") for path in cgroup.paths]}
 
     def _op_watch(self, message: dict, _fds) -> dict:
         sandbox = self.sandboxes[message["id"]]

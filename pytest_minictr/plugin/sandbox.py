@@ -34,7 +34,7 @@ from pytest_minictr.caller.runtime import ContainerRuntime
 from pytest_minictr.caller.sandbox import SandboxEnd
 from pytest_minictr.container import seccomp
 from pytest_minictr.container.body import run_sandboxed
-from pytest_minictr.container.plan import BodyView, Where, body_plan
+from pytest_minictr.container.plan import BODY_JOINED, BodyView, Where, body_plan
 from pytest_minictr.errors import ConfigError, UnsupportedError
 from pytest_minictr.host import linux
 from pytest_minictr.keywords import ContainerSettings
@@ -99,16 +99,20 @@ def run_body(item: pytest.Function, settings: ContainerSettings,
         seccomp.host_filter(view.security.allow_syscalls)  # built once, inherited
     lease = runtime.sandbox(Limits(settings.memory, settings.cpus, settings.pids),
                             settings.timeout)
-    plan = body_plan(view, Where(cgroup_procs=lease.cgroup_procs, rootless=os.geteuid() != 0))
+    where = Where(cgroup_procs=lease.cgroup_procs, rootless=lease.init_pid is None)
+    namespaces = _open_namespaces(lease.init_pid)
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     pid = None
     try:
         try:
-            pid = _fork()
+            plan = body_plan(view, where, tuple(namespaces[name] for name, _ in BODY_JOINED
+                                                if name in namespaces))
+            pid = _fork(namespaces.get("pid"))
         finally:
             if pid == 0:
                 run_sandboxed(plan, report_w, lambda: call_in_body(item, settings.env))
-            os.close(report_w)
+            for fd in (report_w, *namespaces.values()):
+                os.close(fd)
             lease.watch(pid)
         data = _read_to_end(report_r)
         status = os.waitpid(pid, 0)[1]
@@ -123,12 +127,34 @@ def run_body(item: pytest.Function, settings: ContainerSettings,
                       settings, item.config)
 
 
-def _fork() -> int:
-    """As root, straight into a new PID namespace (one fork fewer); without root the child
-    makes its user namespace first, then the PID one (see `container.body`)."""
-    if os.geteuid() != 0:
+def _open_namespaces(init_pid: int | None) -> dict[str, int]:
+    """As root, fds of the spare's namespaces (the body joins them); {} without root."""
+    fds: dict[str, int] = {}
+    if init_pid is not None:
+        try:
+            for name in ("pid", *(name for name, _ in BODY_JOINED)):
+                fds[name] = os.open(f"/proc/{init_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+    return fds
+
+
+def _fork(pid_namespace: int | None) -> int:
+    """As root, into the spare's PID namespace: setns(2) moves our next child there, not us;
+    setns back to ours at once (in the parent only). Without root, an ordinary fork (see
+    `container.body`)."""
+    if pid_namespace is None:
         return os.fork()
-    return linux.fork_into_new_pid_namespace(_own_pid_namespace())
+    linux.setns(pid_namespace, linux.CLONE_NEWPID)
+    pid = None
+    try:
+        pid = os.fork()
+    finally:
+        if pid != 0:
+            linux.setns(_own_pid_namespace(), linux.CLONE_NEWPID)
+    return pid
 
 
 _pid_namespace_fd: list[int] = []
