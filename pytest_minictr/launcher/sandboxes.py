@@ -57,14 +57,13 @@ class Sandbox:
         self.cgroup.kill()  # the body's init dies, and its namespace with it
 
     def end(self) -> None:
-        """The child is gone: kill what it left in the group, tell the caller what the kernel
-        measured, remove the group."""
+        """The child is gone: tell the caller what the kernel measured (first: it waits for
+        this), then kill what the body left in the group and remove it."""
         if self.ended:
             return
         self.ended = True
         if self.pidfd is not None:
             os.close(self.pidfd)
-        self.cgroup.kill()
         stats = self.cgroup.stats()
         event = {"timed_out": self.timed_out, "oom_killed": bool(stats.oom_killed),
                  "memory_peak": stats.memory_peak, "cpu_time": stats.cpu_time,
@@ -74,6 +73,7 @@ class Sandbox:
         except OSError:
             pass  # the caller closed its end: it no longer cares
         os.close(self.events)
+        self.cgroup.kill()
         self.release()
 
 

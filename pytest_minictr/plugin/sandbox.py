@@ -114,7 +114,7 @@ def run_body(item: pytest.Function, settings: ContainerSettings,
             for fd in (report_w, *namespaces.values()):
                 os.close(fd)
             lease.watch(pid)
-        data = _read_to_end(report_r)
+        lines = [json.loads(line) for line in _read_to_end(report_r).splitlines() if line]
         status = os.waitpid(pid, 0)[1]
         pid = None
     finally:
@@ -122,9 +122,11 @@ def run_body(item: pytest.Function, settings: ContainerSettings,
         if pid:  # interrupted (Ctrl-C, pytest-timeout): the body goes with us
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-        end = lease.end()
-    return outcome_of([json.loads(line) for line in data.splitlines() if line], status, end,
-                      settings, item.config)
+            lease.end(wait=False)
+    # the figures are for a failed test's report: a passed one need not wait for them
+    body = next((line for line in lines if "report" in line), None)
+    end = lease.end(wait=body is None or body["report"]["outcome"] == "failed")
+    return outcome_of(lines, status, end, settings, item.config)
 
 
 def _open_namespaces(init_pid: int | None) -> dict[str, int]:
