@@ -22,9 +22,10 @@ import signal
 from collections.abc import Callable
 from typing import NoReturn
 
+from pytest_minictr.container.body_plan import BodyPlan
 from pytest_minictr.container.executor import Executor
 from pytest_minictr.container.failure import report_failure, write_line
-from pytest_minictr.container.plan import BodyPlan, Step
+from pytest_minictr.container.plan import Step
 from pytest_minictr.host import linux
 
 

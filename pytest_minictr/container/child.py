@@ -53,10 +53,13 @@ def run_spare(channel: int, parent_pidfd: int, prepared_ahead: tuple[plan.Step, 
 
 
 def _tell(channel: int, word: bytes) -> None:
+    # MSG_NOSIGNAL: a container's launcher closes its end once the order is sent, maybe
+    # before this; our SIGPIPE may be at its default (the command's), which would kill us
     try:
-        os.write(channel, word)
+        with socket.socket(fileno=os.dup(channel)) as sock:
+            sock.send(word, socket.MSG_NOSIGNAL)
     except OSError:
-        pass  # the launcher is gone: the recv below ends us
+        pass  # nobody reads it: a container's spare, or a launcher gone
 
 
 def run_plan(steps: tuple[plan.Step, ...], fds: ChildFds, parent_pidfd: int,

@@ -34,7 +34,8 @@ from pytest_minictr.caller.runtime import ContainerRuntime
 from pytest_minictr.caller.sandbox import SandboxEnd
 from pytest_minictr.container import seccomp
 from pytest_minictr.container.body import run_sandboxed
-from pytest_minictr.container.plan import BODY_JOINED, BodyView, Where, body_plan
+from pytest_minictr.container.body_plan import BODY_JOINED, BodyView, body_plan
+from pytest_minictr.container.plan import Where
 from pytest_minictr.errors import ConfigError, UnsupportedError
 from pytest_minictr.host import linux
 from pytest_minictr.keywords import ContainerSettings
