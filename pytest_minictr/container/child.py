@@ -33,9 +33,6 @@ def run_spare(channel: int, parent_pidfd: int, prepared_ahead: tuple[plan.Step, 
             early_failure = None
         except Exception as failure:  # noqa: BLE001 - whatever it is, the caller hears of it
             early_failure = failure
-        # A sandboxed test body joins our namespaces as they are (see launcher.sandboxes):
-        # the launcher waits for this word before it hands us out for one.
-        _tell(channel, b"0" if early_failure else b"1")
         with socket.socket(fileno=channel) as sock:
             order = protocol.recv_payload(sock)
         if order is None:
@@ -50,16 +47,6 @@ def run_spare(channel: int, parent_pidfd: int, prepared_ahead: tuple[plan.Step, 
             report_failure(fds.setup, error)
     finally:
         os._exit(code)
-
-
-def _tell(channel: int, word: bytes) -> None:
-    # MSG_NOSIGNAL: a container's launcher closes its end once the order is sent, maybe
-    # before this; our SIGPIPE may be at its default (the command's), which would kill us
-    try:
-        with socket.socket(fileno=os.dup(channel)) as sock:
-            sock.send(word, socket.MSG_NOSIGNAL)
-    except OSError:
-        pass  # nobody reads it: a container's spare, or a launcher gone
 
 
 def run_plan(steps: tuple[plan.Step, ...], fds: ChildFds, parent_pidfd: int,

@@ -74,11 +74,11 @@ IFF_UP = 0x1
 # The calls added since 5.x share one number on every architecture.
 _NEW_CALLS = {"open_tree": 428, "close_range": 436, "mount_setattr": 442}
 _SYSCALL_NUMBERS = {
-    "x86_64": {"pivot_root": 155, "keyctl": 250, "clone": 56, **_NEW_CALLS},
-    "aarch64": {"pivot_root": 41, "keyctl": 219, "clone": 220, **_NEW_CALLS},
-    "riscv64": {"pivot_root": 41, "keyctl": 219, "clone": 220, **_NEW_CALLS},
-    "ppc64le": {"pivot_root": 203, "keyctl": 271, "clone": 120, **_NEW_CALLS},
-    "s390x": {"pivot_root": 217, "keyctl": 280, **_NEW_CALLS},  # clone: arguments swapped
+    "x86_64": {"recvmsg": 47, "pivot_root": 155, "keyctl": 250, "clone": 56, **_NEW_CALLS},
+    "aarch64": {"recvmsg": 212, "pivot_root": 41, "keyctl": 219, "clone": 220, **_NEW_CALLS},
+    "riscv64": {"recvmsg": 212, "pivot_root": 41, "keyctl": 219, "clone": 220, **_NEW_CALLS},
+    "ppc64le": {"recvmsg": 342, "pivot_root": 203, "keyctl": 271, "clone": 120, **_NEW_CALLS},
+    "s390x": {"recvmsg": 372, "pivot_root": 217, "keyctl": 280, **_NEW_CALLS},  # clone: arguments swapped
 }
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -227,6 +227,12 @@ def set_tree_attributes(path: str, attributes: int) -> None:
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
+
+
+def waits_in(pid: int, name: str) -> bool:
+    """Whether `pid` is blocked in the system call `name` now (/proc/PID/syscall: its
+    number first; "running" when it is not in one)."""
+    return read_file(f"/proc/{pid}/syscall").split(" ", 1)[0] == str(_syscall_number(name))
 
 
 def _syscall(name: str, *args) -> int:

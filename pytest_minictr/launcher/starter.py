@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import NoReturn
@@ -34,8 +35,12 @@ from pytest_minictr.container import plan, seccomp
 from pytest_minictr.container.child import run_plan, run_spare
 from pytest_minictr.container.init import ChildFds, SignalForwarder
 from pytest_minictr.container.plan import JOINED_NAMESPACES, Where
-from pytest_minictr.errors import (ContainerNotFoundError, LauncherError, MinictrError,
-                                   UnsupportedError)
+from pytest_minictr.errors import (
+    ContainerNotFoundError,
+    LauncherError,
+    MinictrError,
+    UnsupportedError,
+)
 from pytest_minictr.host import cgroups, idmap, linux
 from pytest_minictr.host.cgroups import Cgroup, NullCgroup
 from pytest_minictr.host.idmap import UserNamespace
@@ -374,17 +379,22 @@ class Launcher:
 
 
 def _wait_until_prepared(spare: Spare) -> None:
-    """A spare says when its namespaces and stage are built (see `child.run_spare`): before,
-    /proc/PID/ns of it could still name ours."""
-    spare.channel.settimeout(SPARE_READY_TIMEOUT)
-    try:
-        word = spare.channel.recv(1)
-    except OSError as error:  # socket.timeout included
-        word = repr(error).encode()
-    finally:
-        spare.channel.settimeout(None)
-    if word != b"1":
-        raise LauncherError(f"a spare init failed its setup ({word!r}); see `minictr doctor`")
+    """Until the spare has built its namespaces and stage: before, /proc/PID/ns of it could
+    still name ours. Done, it waits for its order in recvmsg (see `child.run_spare`), which
+    is all it ever does there; the spare itself is left alone (a word from it on the
+    channel, tried first, disturbed the containers' starts)."""
+    deadline = time.monotonic() + SPARE_READY_TIMEOUT
+    while True:
+        try:
+            if linux.waits_in(spare.pid, "recvmsg"):
+                return
+        except OSError as error:
+            raise LauncherError(f"a spare init is gone ({error}); see `minictr doctor`") \
+                from None
+        if time.monotonic() > deadline:
+            raise LauncherError(f"a spare init took over {SPARE_READY_TIMEOUT:g} s to build "
+                                "its namespaces; see `minictr doctor`")
+        time.sleep(0.0005)
 
 
 def _with_room_for_the_init(limits: Limits) -> Limits:
