@@ -133,6 +133,10 @@ KEYWORDS = (
             "instead of one built from host binaries", option=True),
     Keyword("hostname", validate.check_hostname, "the container's hostname", default="minictr",
             nullable=False, library="hostname", flag=Flag(("--hostname",))),
+    # Marker only: a container writes to its layer, and shares host paths with `mounts`.
+    Keyword("writable", validate.check_writable, "host paths a sandboxed test body may write "
+            "besides its tmp_path (the rest of the host is read-only to it)", default=(),
+            nullable=False),
     Keyword("cwd", validate.check_container_path, "working directory inside the container",
             default="/", nullable=False, marker=False, library="cwd", flag=Flag(("--cwd", "-w"))),
     Keyword("env", validate.check_env, "set NAME=VALUE in the container's (otherwise clean) "
@@ -250,9 +254,10 @@ def check_text(keyword: Keyword, text: str, spelled: str) -> Any:
 def marker_help() -> str:
     """The marker's line in `pytest --markers`."""
     signature = ", ".join(f"{name}={BY_NAME[name].default!r}" for name in MARKER_KEYWORDS)
-    return (f"container({signature}): configure the `container` fixture of this test (class, "
-            "module): limits ('64M', 0.5 CPUs, pids), wall-time timeout in seconds, network "
-            "mode, which binaries its rootfs holds (or a prepared rootfs path), hostname, "
+    return (f"container({signature}): on a test that uses the `container` fixture, configure "
+            "it; on any other test, run its body sandboxed (writable= names host paths it may "
+            "write besides tmp_path). Limits ('64M', 0.5 CPUs, pids), wall-time timeout in "
+            "seconds, network mode, which binaries its rootfs holds (or a prepared rootfs path), hostname, "
             "environment; and what a test that needs more than the strict default asks for: "
             "user=False (root inside is host root), seccomp=False, allow_syscalls=['ptrace'], "
             "capabilities=['NET_RAW'], rlimits={'nofile': 8192}")

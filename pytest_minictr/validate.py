@@ -303,6 +303,23 @@ def check_binaries(value: Any, name: str = "binaries") -> tuple[str, ...]:
     return tuple(value)
 
 
+def check_writable(value: Any, name: str = "writable") -> tuple[str, ...]:
+    """Host paths a sandboxed test body may write: absolute, existing (a mount point cannot be
+    made in the read-only host tree), by their real paths (a symlink would be bound as its
+    target anyway)."""
+    paths = []
+    for path in check_sequence(value, name):
+        if not isinstance(path, (str, os.PathLike)) or not os.path.isabs(os.fspath(path)) \
+                or "\0" in os.fspath(path):
+            raise ConfigError(f"{name}={value!r}: {path!r} is not an absolute host path")
+        check_encodable(os.fspath(path), name)
+        if not os.path.exists(path):
+            raise ConfigError(f"{name}={value!r}: {os.fspath(path)!r} does not exist on the host"
+                              " (create it first, e.g. in a fixture)")
+        paths.append(os.path.realpath(path))
+    return tuple(paths)
+
+
 def check_recipe(value: Any, name: str = "recipe") -> str:
     # imported here: the recipe module reads TOML, which only a rootfs build needs
     from pytest_minictr.rootfs import recipe as recipes

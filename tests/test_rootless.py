@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pytest_minictr import RootfsBuilder
+from tests.unprivileged import pytest_for
 
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -176,9 +177,6 @@ def test_limits_work_in_a_delegated_cgroup_v2_subtree(world_readable_rootfs, del
 
 # --- the plugin, the CLI and the isolation tests, as the unprivileged user ----------------------
 
-PYTEST_DISTRIBUTIONS = ("pytest", "pluggy", "iniconfig", "packaging", "pygments")
-
-
 @pytest.fixture(scope="module")
 def open_place():
     """A directory any user may enter, removed afterwards (pytest's own are 0700)."""
@@ -190,34 +188,7 @@ def open_place():
 
 @pytest.fixture(scope="module")
 def unprivileged_pytest(open_place):
-    """pytest for the unprivileged user: its pure-Python packages copied where that user may
-    read them (this machine's Python and site-packages live under /root, closed to others),
-    for the system interpreter of the same minor version."""
-    from importlib import metadata
-    if not shutil.which("setpriv") or not Path(SYSTEM_PYTHON).exists():
-        pytest.skip(f"needs setpriv and {SYSTEM_PYTHON}")
-    site = open_place / "site"
-    for name in PYTEST_DISTRIBUTIONS:
-        distribution = metadata.distribution(name)
-        for file in distribution.files or ():
-            source = Path(distribution.locate_file(file))
-            if ".." not in file.parts and source.is_file():
-                (site / file).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, site / file)
-    for directory, _, _ in os.walk(open_place):
-        os.chmod(directory, 0o755)
-    home = open_place / "home"
-    home.mkdir()
-    os.chown(home, NOBODY, NOBODY)
-
-    def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-             SYSTEM_PYTHON, *args],
-            env={"PYTHONPATH": f"{site}:{REPO}", "HOME": str(home), "PATH": "/usr/bin:/bin",
-                 "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
-            cwd=cwd, capture_output=True, text=True, timeout=300)
-    return run
+    return pytest_for(NOBODY, open_place)
 
 
 def test_the_isolation_and_exec_tests_pass_for_an_unprivileged_user(unprivileged_pytest,

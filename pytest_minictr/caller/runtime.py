@@ -21,10 +21,11 @@ from pytest_minictr import errors, keywords
 from pytest_minictr.caller import services
 from pytest_minictr.caller.client import LauncherClient
 from pytest_minictr.caller.monitor import Monitor
+from pytest_minictr.caller.sandbox import SandboxLease
 from pytest_minictr.caller.result import ContainerStats, ContainerStatus, Result, WaitTimeoutError
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError, LauncherError, MinictrError
 from pytest_minictr.protocol import FORWARDED_SIGNALS
-from pytest_minictr.spec import ContainerSpec, check_seconds, make_exec_spec, make_spec
+from pytest_minictr.spec import ContainerSpec, Limits, check_seconds, make_exec_spec, make_spec
 
 DEFAULT_STOP_GRACE = 5.0
 _FINISHED_KEPT = 1024   # statuses of collected containers remembered for runtime.status(id)
@@ -251,6 +252,11 @@ class ContainerRuntime:
         """The containers still running (whose results were not collected yet)."""
         with self._lock:
             return [c for c in self._running.values() if c.exec_of is None]
+
+    def sandbox(self, limits: Limits, timeout: float | None) -> SandboxLease:
+        """A cgroup with `limits` for a process the caller forks itself (a sandboxed test
+        body, see `plugin.sandbox`), which the launcher kills at `timeout` and removes."""
+        return SandboxLease(self._client, self._new_id(), limits, timeout, _error_from_reply)
 
     def close(self) -> None:
         """Kill every container still running and stop the launcher."""

@@ -195,6 +195,15 @@ def mount_overlay(lower_fd: int, layer_fd: int | None, userxattr: bool) -> None:
                 options + (",userxattr" if userxattr else ""))
 
 
+def bind_host_root() -> None:
+    """A sandboxed test body's root (see `plan.body_view`): the host's whole tree, every
+    submount read-only, nosuid and nodev. The body owns none of these mounts' namespace's
+    privileges (capabilities dropped, mount calls refused by seccomp): it cannot undo that."""
+    linux.mount(HOST, ROOT, None, MS_BIND | MS_REC)
+    attempt("make the host's tree read-only", linux.set_tree_attributes, ROOT,
+            linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV)
+
+
 def move_into_root(path: str) -> None:
     """Move what the stage holds at `path` (our /proc, /dev) to the same place in the root;
     MS_MOVE takes their masks and submounts along."""

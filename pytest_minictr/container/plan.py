@@ -21,6 +21,7 @@ over the PID namespace), so the plan begins in a keeper process that makes the n
 forks the init, which carries out the rest. `minictr doctor` rehearses this same plan, but its
 last step, in a throwaway process (`doctor.rehearsal`). Another command joining a running
 container follows `exec_plan`: the container's namespaces, then the same confinement steps.
+A sandboxed test body's plan (`body_plan`) is made of these steps too.
 """
 
 from __future__ import annotations

@@ -14,7 +14,11 @@ no_new_privs, and would refuse the prctl and capset calls before it).
 from __future__ import annotations
 
 import errno
+import os
+import re
 import resource
+import socket
+import stat
 
 from pytest_minictr.container import seccomp
 from pytest_minictr.host import linux
@@ -47,6 +51,8 @@ UNLIMITED = resource.RLIM_INFINITY  # -1 to Python: never compare it as a number
 # handler named by core_pattern); descriptors bounded so that a leak fails fast instead of
 # exhausting the host's file table. fsize: see set_rlimits().
 DEFAULT_RLIMITS = {"core": (0, 0), "nofile": (1024, 4096)}
+_NAMESPACE_LINK = re.compile(r"(\w+):\[\d+\]")  # nsfs: "mnt:[4026531841]"
+_KEPT_SOCKETS = (socket.AF_INET, socket.AF_INET6)
 
 
 def capability_number(name: str) -> int:
@@ -105,3 +111,32 @@ def drop_bounding_set(kept: int) -> None:
                 if error.errno == errno.EINVAL:  # past the last capability this kernel has
                     return
                 raise
+
+
+def close_inherited_handles(report_fd: int) -> None:
+    """Close what the worker held that leads out of the sandbox: directories (an fd of a host
+    directory is a way out of any root: CVE-2024-21626), unix and netlink sockets (the
+    launcher's, which runs containers as host root, is one), namespaces and pidfds. Files,
+    pipes, terminals and IP sockets stay: fixtures hand them to the body (the captured
+    output is such a file)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != report_fd and _leads_out(fd):
+            os.close(fd)
+
+
+def _leads_out(fd: int) -> bool:
+    try:
+        mode = os.fstat(fd).st_mode
+        link = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return False  # the listing's own fd, closed since
+    if stat.S_ISDIR(mode) or link == "anon_inode:[pidfd]":
+        return True
+    if stat.S_ISSOCK(mode):
+        probe = socket.socket(fileno=os.dup(fd))
+        try:
+            return probe.family not in _KEPT_SOCKETS
+        finally:
+            probe.close()
+    return bool(_NAMESPACE_LINK.fullmatch(link)) and not link.startswith("pipe:")

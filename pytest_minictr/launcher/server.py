@@ -24,6 +24,7 @@ container is killed and the launcher exits: nothing outlives the caller.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -39,10 +40,11 @@ from pytest_minictr.errors import ContainerNotFoundError, MinictrError
 from pytest_minictr.host.cgroups import Cgroup
 from pytest_minictr.launcher.life import ENDED_BY, WE_KILLED, Container, Happening
 from pytest_minictr.launcher.networks import Networks
+from pytest_minictr.launcher.sandboxes import Sandbox
 from pytest_minictr.launcher.starter import ChildFds, ExecTarget, Launcher
 from pytest_minictr.ports import from_dicts
 from pytest_minictr.protocol import EndReport, SetupReport
-from pytest_minictr.spec import ContainerSpec
+from pytest_minictr.spec import ContainerSpec, Limits
 
 SETUP_TIMEOUT = 60.0  # seconds a container may take from fork to exec before we give up
 
@@ -53,6 +55,7 @@ class Forkserver:
         self.selector = selectors.DefaultSelector()
         self.selector.register(control, selectors.EVENT_READ)
         self.containers: dict[str, Container] = {}
+        self.sandboxes: dict[str, Sandbox] = {}  # sandboxed test bodies (see `sandboxes`)
         self.launcher = Launcher()
         self.networks = Networks(self.launcher.rootless, self.launcher.own_pidfd)
 
@@ -232,6 +235,39 @@ class Forkserver:
                 _kill_all(container)
         return {"ok": True, "running": container is not None}
 
+    def _op_sandbox(self, message: dict, fds: list[int]) -> dict:
+        limits = Limits(**message["limits"])
+        try:
+            if self.launcher.rootless:
+                cgroup, init_pid = self.launcher.sandbox_cgroup(limits), None
+                release = cgroup.discard
+            else:
+                spare = self.launcher.spare_for_body(limits)
+                cgroup, init_pid = spare.cgroup, spare.pid
+                release = functools.partial(self.launcher.release_spare, spare)
+        except BaseException:
+            os.close(fds[0])
+            raise
+        self.sandboxes[message["id"]] = Sandbox(message["id"], cgroup, fds[0],
+                                                message["timeout"], release)
+        return {"ok": True, "init_pid": init_pid,
+                "cgroup_procs": [os.path.join(path, "cgroup.procs") for path in cgroup.paths]}
+
+    def _op_watch(self, message: dict, _fds) -> dict:
+        sandbox = self.sandboxes[message["id"]]
+        if sandbox.watch(message["pid"]):
+            self.selector.register(sandbox.pidfd, selectors.EVENT_READ,
+                                   (self._on_sandbox_exit, sandbox))
+        else:
+            self._on_sandbox_exit(sandbox)
+        return {"ok": True}
+
+    def _on_sandbox_exit(self, sandbox: Sandbox) -> None:
+        if sandbox.pidfd is not None:
+            self.selector.unregister(sandbox.pidfd)
+        del self.sandboxes[sandbox.id]
+        sandbox.end()
+
     def _find(self, container_id: str) -> Container | None:
         return self.containers.get(container_id)
 
@@ -245,11 +281,14 @@ class Forkserver:
     # -- time limits ---------------------------------------------------------------------------
 
     def _seconds_to_next_deadline(self) -> float | None:
-        deadlines = [t for c in self.containers.values() for t in (c.timeout_at, c.kill_at)
-                     if t is not None]
+        deadlines = [t for c in (*self.containers.values(), *self.sandboxes.values())
+                     for t in (c.timeout_at, c.kill_at) if t is not None]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _fire_deadlines(self, now: float) -> None:
+        for sandbox in self.sandboxes.values():
+            if sandbox.timeout_at is not None and now >= sandbox.timeout_at:
+                sandbox.time_up()
         for container in self.containers.values():
             if container.timeout_at is not None and now >= container.timeout_at \
                     and not container.ended:
@@ -315,6 +354,8 @@ class Forkserver:
         container.status_pipe = None
 
     def shutdown(self) -> None:
+        for sandbox in list(self.sandboxes.values()):
+            self._on_sandbox_exit(sandbox)
         for container in list(self.containers.values()):
             _kill_all(container)
         for container in list(self.containers.values()):

@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import NoReturn
@@ -34,7 +35,12 @@ from pytest_minictr.container import plan, seccomp
 from pytest_minictr.container.child import run_plan, run_spare
 from pytest_minictr.container.init import ChildFds, SignalForwarder
 from pytest_minictr.container.plan import JOINED_NAMESPACES, Where
-from pytest_minictr.errors import ContainerNotFoundError, MinictrError, UnsupportedError
+from pytest_minictr.errors import (
+    ContainerNotFoundError,
+    LauncherError,
+    MinictrError,
+    UnsupportedError,
+)
 from pytest_minictr.host import cgroups, idmap, linux
 from pytest_minictr.host.cgroups import Cgroup, NullCgroup
 from pytest_minictr.host.idmap import UserNamespace
@@ -43,6 +49,7 @@ from pytest_minictr.launcher.zygote import Zygote, ZygoteGone
 from pytest_minictr.spec import ContainerSpec, Limits
 
 PLANS_KEPT = 32  # specs whose plan is kept encoded (see Launcher._encoded_plan)
+SPARE_READY_TIMEOUT = 60.0  # seconds a spare may take to build its namespaces and stage
 
 
 @dataclass(frozen=True)
@@ -162,6 +169,32 @@ class Launcher:
                 if fd is not None:
                     os.close(fd)
         return Started(pid, NullCgroup(), keeper=True)  # the container's group is its own
+
+    def sandbox_cgroup(self, limits: Limits) -> Cgroup:
+        """Without root, the group of a sandboxed test body (see `sandboxes`): its pids limit
+        counts the body's processes, not its keeper and init."""
+        self._check_limits(limits)
+        return self._new_cgroup(limits if limits.pids is None
+                                else replace(limits, pids=limits.pids + 2))
+
+    def spare_for_body(self, limits: Limits) -> Spare:
+        """As root, a spare whose cgroup, namespaces and stage a sandboxed test body joins
+        (the body forks from the caller, and is spared making them), `limits` on its group."""
+        self._check_limits(limits)
+        spare = self._take_spare()
+        try:
+            _wait_until_prepared(spare)
+            if limits.any():
+                _apply_limits(spare.cgroup, _with_room_for_the_init(limits))
+        except BaseException:
+            self._discard(spare)
+            raise
+        return spare
+
+    def release_spare(self, spare: Spare) -> None:
+        """A spare a body used: its processes are dead (see `sandboxes`); reap it, remove its
+        group."""
+        self._discard(spare)
 
     def wants_spare(self) -> bool:
         # without root, unshare(CLONE_NEWPID) needs a user namespace first: the keeper's way
@@ -384,6 +417,25 @@ class Launcher:
 
     def _userns_fds(self) -> tuple[int, ...]:
         return () if self.userns is None else (self.userns.fd,)
+
+
+def _wait_until_prepared(spare: Spare) -> None:
+    """Until the spare has built its namespaces and stage: before, /proc/PID/ns of it could
+    still name ours. Done, it waits for its order in recvmsg (see `child.run_spare`), which
+    is all it ever does there; the spare itself is left alone (a word from it on the
+    channel, tried first, disturbed the containers' starts)."""
+    deadline = time.monotonic() + SPARE_READY_TIMEOUT
+    while True:
+        try:
+            if linux.waits_in(spare.pid, "recvmsg"):
+                return
+        except OSError as error:
+            raise LauncherError(f"a spare init is gone ({error}); see `minictr doctor`") \
+                from None
+        if time.monotonic() > deadline:
+            raise LauncherError(f"a spare init took over {SPARE_READY_TIMEOUT:g} s to build "
+                                "its namespaces; see `minictr doctor`")
+        time.sleep(0.0005)
 
 
 def _with_room_for_the_init(limits: Limits) -> Limits:

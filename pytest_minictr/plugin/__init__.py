@@ -1,4 +1,5 @@
-"""The pytest plugin: the `container` marker and fixture, and the `--minictr-*` options.
+"""The pytest plugin: the `container` marker and fixture, sandboxed test bodies (see
+`sandbox`), and the `--minictr-*` options.
 
     @pytest.mark.container(memory="64M", cpus=0.5, pids=32, timeout=5, binaries=["sh", "seq"])
     def test_bounded(container):
@@ -23,6 +24,7 @@ from pytest_minictr.caller.runtime import ContainerRuntime
 from pytest_minictr.doctor import checks as doctor
 from pytest_minictr.errors import ConfigError, MinictrError, UnsupportedError
 from pytest_minictr.keywords import marker_help
+from pytest_minictr.plugin import sandbox
 from pytest_minictr.plugin.fixture import LAST_RESULT, TestContainer, unavailable
 from pytest_minictr.plugin.host import (  # noqa: F401
     LAYER_PREFIX,
@@ -43,6 +45,8 @@ _ROOTFS_MEMO = pytest.StashKey[dict]()
 _SETTING_UP = pytest.StashKey[list]()
 _RUNNING_TEST = pytest.StashKey[list]()
 _SERVICES = pytest.StashKey[ServiceFactory]()
+_BODY_RUNTIME = pytest.StashKey[ContainerRuntime]()  # the sandboxed bodies' launcher
+_BODY_SETTINGS = pytest.StashKey[object]()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,17 +64,68 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"pytest-minictr: {error}") from None
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_unconfigure(config: pytest.Config) -> None:
+    runtime = config.stash.get(_BODY_RUNTIME, None)
+    if runtime is not None:
+        runtime.close()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
     settings = config.stash[_SETTINGS]
-    return (f"minictr {__version__}: {doctor.header(doctor.examine(rehearse=False))}, "
-            f"rootfs {settings.source}, cache {settings.cache_dir}")
+    bodies = ("all (--minictr-sandbox-tests) but those using the `container` fixture"
+              if settings.sandbox_tests else
+              "those marked `container` that do not use the `container` fixture")
+    return [(f"minictr {__version__}: {doctor.header(doctor.examine(rehearse=False))}, "
+             f"rootfs {settings.source}, cache {settings.cache_dir}"),
+            f"minictr: test bodies run sandboxed: {bodies}"]
 
 
-@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A sandboxed body's settings are checked here: a wrong one is a setup error."""
+    session = item.config.stash[_SETTINGS]
+    if sandbox.wants_sandbox(item, session):
+        try:
+            item.stash[_BODY_SETTINGS] = sandbox.body_settings(item, session)
+            problem = None
+        except MinictrError as error:
+            problem = error
+        if problem is not None:
+            pytest.fail(str(problem), pytrace=False)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function):
+    """A sandboxed body: called in its sandbox; its verdict lands in the report (below)."""
+    settings = pyfuncitem.stash.get(_BODY_SETTINGS, None)
+    if settings is None or sandbox._in_body:
+        return None
+    config = pyfuncitem.config
+    try:
+        if _BODY_RUNTIME not in config.stash:
+            config.stash[_BODY_RUNTIME] = ContainerRuntime()
+        outcome = sandbox.run_body(pyfuncitem, settings, config.stash[_BODY_RUNTIME])
+        problem = None
+    except UnsupportedError as error:
+        problem = error
+    if problem is not None:
+        unavailable(config.stash[_SETTINGS], problem)
+    pyfuncitem.stash[sandbox.OUTCOME] = outcome
+    if outcome.failure is not None:
+        pytest.fail(outcome.failure, pytrace=False)
+    return True
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """A failed test's report shows its last container: command, how it ended, stderr."""
+    """A sandboxed body's call report gets the body's verdict, after every other plugin's
+    wrapper made the worker's (which saw a test that returned). A failed test's report shows
+    its last container: command, how it ended, stderr."""
     outcome = yield
     report = outcome.get_result()
+    body = item.stash.get(sandbox.OUTCOME, None)
+    if call.when == "call" and body is not None and not sandbox._in_body:
+        del item.stash[sandbox.OUTCOME]
+        sandbox.apply_outcome(item, report, body)
     result = item.stash.get(LAST_RESULT, None)
     if report.failed and result is not None:
         report.sections.append(("minictr: last container", describe_result(result)))
@@ -153,6 +208,10 @@ def container(request: pytest.FixtureRequest, minictr_runtime: ContainerRuntime,
     session = request.config.stash[_SETTINGS]
     try:
         settings = merge_marker(session.defaults, request.node)
+        if settings.writable:
+            raise ConfigError(f"@pytest.mark.container: writable={list(settings.writable)!r} is "
+                              "for a test body run sandboxed (without the `container` "
+                              "fixture); a container writes to its own layer")
         check_host_can_run_containers()
         rootfs = resolve_rootfs(settings, minictr_rootfs_builder,
                                 request.config.stash.setdefault(_ROOTFS_MEMO, {}))

@@ -19,6 +19,10 @@ HELP_CACHE = "where built root filesystems are cached (default: $XDG_CACHE_HOME/
 HELP_UNAVAILABLE = ("where this host cannot run containers: 'fail' the tests that need one "
                     "(default) or 'skip' them, with the reason either way")
 UNAVAILABLE_CHOICES = ("fail", "skip")
+HELP_SANDBOX_TESTS = ("run every collected test's body sandboxed (the `container` marker's "
+                      "defaults: --minictr-memory and the others), as a marker on each would; "
+                      "tests that use the `container` fixture are not affected")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class SessionSettings:
     cache_dir: Path
     unavailable: str          # "fail" | "skip"
     source: str               # where the rootfs comes from, for the report header
+    sandbox_tests: bool = False  # every test's body sandboxed, marked or not
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -39,6 +44,10 @@ def add_options(parser: pytest.Parser) -> None:
         _add_option(parser, group, keyword.name, f"default of every container: {keyword.help}")
     _add_option(parser, group, "cache_dir", HELP_CACHE)
     _add_option(parser, group, "unavailable", HELP_UNAVAILABLE, choices=UNAVAILABLE_CHOICES)
+    # default None, not False: unset on the command line lets the environment and ini speak
+    group.addoption("--minictr-sandbox-tests", dest="minictr_sandbox_tests",
+                    action="store_true", default=None, help=HELP_SANDBOX_TESTS)
+    parser.addini("minictr_sandbox_tests", HELP_SANDBOX_TESTS)
 
 
 def _add_option(parser: pytest.Parser, group, name: str, help_text: str, **options) -> None:
@@ -56,7 +65,16 @@ def read_session_settings(config: pytest.Config) -> SessionSettings:
     cache_dir = _option(config, "cache_dir")[0]
     source = f"from {defaults.rootfs}" if defaults.rootfs else "built from host binaries"
     return SessionSettings(defaults, Path(cache_dir).expanduser() if cache_dir
-                           else default_cache_dir(), unavailable, source)
+                           else default_cache_dir(), unavailable, source,
+                           _flag(*_option(config, "sandbox_tests")))
+
+
+def _flag(text: str | None, spelled: str) -> bool:
+    if text is None or text.lower() in _FALSE:
+        return False
+    if text.lower() in _TRUE:
+        return True
+    raise ConfigError(f"{spelled}={text!r}: expected 1 or 0 (true/false, yes/no, on/off)")
 
 
 def _option_value(config: pytest.Config, keyword: Keyword) -> Any:

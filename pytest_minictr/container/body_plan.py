@@ -1,0 +1,128 @@
+"""The setup plan of a sandboxed test body (see `plugin.sandbox`): the steps of `plan`, in
+the order `plan` gives them, for a process that is a fork of the pytest worker rather than a
+command: no rootfs and no exec, the host's tree read-only in their place.
+
+    root:     join the spare's cgroup and namespaces → host tree read-only → /tmp → binds
+              → /dev and /proc (the spare's) → pivot_root → hostname and loopback
+              → rlimits → user namespace → capabilities → seccomp → the test function
+    rootless: join cgroup → user namespace → namespaces (keeper) → stage → /proc and /dev
+              → host tree ... as above, without the user namespace step (init, then body)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from pytest_minictr.container.plan import (
+    OTHER_NAMESPACES,
+    Ref,
+    Step,
+    Where,
+    capability_mask,
+    join_cgroup,
+    mount_proc_and_dev,
+    name_and_network,
+    pivot_into_root,
+    rlimits_of,
+)
+from pytest_minictr.host import linux
+from pytest_minictr.spec import Security
+
+# The body is a fork of the pytest worker (it lives in its memory), not a command: no rootfs, no
+# exec. As root it joins a spare's cgroup and namespaces (its PID one through the fork, see
+# `plugin.sandbox`), whose stage, /proc and /dev are built already; without root it makes its
+# own, in a keeper and an init (see `container.body`).
+
+# The cgroup namespace after the cgroup; the mount namespace last: it moves our root.
+BODY_JOINED = (("net", linux.CLONE_NEWNET), ("uts", linux.CLONE_NEWUTS),
+               ("ipc", linux.CLONE_NEWIPC), ("cgroup", linux.CLONE_NEWCGROUP),
+               ("mnt", linux.CLONE_NEWNS))
+
+@dataclass(frozen=True)
+class BodyView:
+    """What a sandboxed test body sees and may do (see `plugin.sandbox`)."""
+
+    cwd: str
+    read_only: tuple[str, ...]   # host dirs under /tmp shown as they are (the test's files)
+    writable: tuple[str, ...]    # host paths bound read-write (tmp_path, writable=[...])
+    hostname: str
+    network: str
+    user_namespace: bool
+    security: Security
+
+
+class BodyPlan(NamedTuple):
+    namespaces: tuple[Step, ...]   # root: in the body; without root: in its keeper
+    view: tuple[Step, ...]         # root: in the body; without root: in its init (PID 1)
+    confinement: tuple[Step, ...]  # in the body, last before the test function runs
+    rootless: bool
+
+
+def body_plan(view: BodyView, where: Where, joined: tuple[int, ...] = ()) -> BodyPlan:
+    """`joined`: as root, fds of the spare's namespaces, in BODY_JOINED order."""
+    return BodyPlan(body_namespaces(where, joined), body_view(view, where),
+                    body_confinement(view, where), where.rootless)
+
+
+def body_namespaces(where: Where, joined: tuple[int, ...]) -> tuple[Step, ...]:
+    if not where.rootless:  # the user namespace comes last (see body_confinement)
+        return (*join_cgroup(where),
+                *(Step("namespaces", f"join the spare's {name} namespace", "setns", (fd, kind))
+                  for (name, kind), fd in zip(BODY_JOINED, joined, strict=True)),
+                Step("namespaces", "close the spare's namespaces", "close_fds", joined))
+    # without root the user namespace comes first: it owns the others (see `enter_namespaces`)
+    return (*join_cgroup(where),
+            Step("user namespace", "unshare the user namespace", "unshare",
+                 (linux.CLONE_NEWUSER,)),
+            Step("user namespace", "write uid/gid maps", "map_own_ids",
+                 (os.geteuid(), os.getegid())),
+            Step("namespaces", "unshare namespaces", "unshare",
+                 (linux.CLONE_NEWPID | linux.CLONE_NEWNS | OTHER_NAMESPACES,)))
+
+
+def body_view(view: BodyView, where: Where) -> tuple[Step, ...]:
+    """The stage, /proc and /dev as for a container (as root, the spare's); then the host's
+    tree read-only in place of a rootfs, a private /tmp, the binds, the same pivot_root."""
+    binds = tuple((path, True) for path in view.read_only) \
+        + tuple((path, False) for path in view.writable)
+    stage = () if not where.rootless else (
+        Step("stage", "make mounts private", "make_mounts_private"),
+        Step("stage", "mount the stage", "mount_stage"),
+        Step("stage", "pivot_root into the stage", "enter_stage"),
+        *mount_proc_and_dev())
+    steps = [*stage,
+             Step("root", "bind the host's tree read-only", "bind_host_root"),
+             Step("root", "mount /tmp", "mount_tmp", (None,))]
+    for index, (path, read_only) in enumerate(binds):
+        steps += [Step("root", f"open {path}", "open_host_path", (path,), f"bind {index}"),
+                  Step("root", f"bind {path} {'read-only' if read_only else 'writable'}",
+                       "bind_user_mount", (Ref(f"bind {index}"), path, read_only))]
+    steps += [Step("root", "move /dev", "move_into_root", ("/dev",)),
+              Step("root", "move /proc", "move_into_root", ("/proc",)),
+              Step("root", "close the host's paths", "close_fds",
+                   tuple(Ref(f"bind {index}") for index in range(len(binds)))),
+              *pivot_into_root(view), *name_and_network(view)]
+    return tuple(steps)
+
+
+def body_confinement(view: BodyView, where: Where) -> tuple[Step, ...]:
+    """As `confine`; as root, the user namespace is made here, last, mapping container root
+    to our own uid alone: it owns none of the namespaces built as host root."""
+    userns = () if where.rootless or not view.user_namespace else (
+        Step("user namespace", "unshare the user namespace", "unshare", (linux.CLONE_NEWUSER,)),
+        Step("user namespace", "write uid/gid maps", "map_own_ids",
+             (os.geteuid(), os.getegid())))
+    steps = (Step("rlimits", "close the worker's handles", "close_inherited_handles",
+                  (Ref("report"),)),
+             # fsize unbounded: the body writes to host paths (tmp_path), not to a layer
+             Step("rlimits", "set rlimits", "set_rlimits", (rlimits_of(view), -1)),
+             Step("rlimits", "join a new session keyring", "join_new_session_keyring"),
+             *userns,
+             Step("capabilities", "drop capabilities", "drop_capabilities",
+                  (capability_mask(view),)))
+    if view.security.seccomp:
+        steps += (Step("seccomp", "install the seccomp filter", "install_seccomp_filter",
+                       (view.security.allow_syscalls,)),)
+    return steps

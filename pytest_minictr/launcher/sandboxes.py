@@ -1,0 +1,91 @@
+"""The launcher's part in a sandboxed test body (see `plugin.sandbox`, `container.body`).
+
+The body is forked by the caller, since it lives in the caller's memory; its cgroup is made,
+watched, killed at the timeout and removed here, by a process the body can neither reach nor
+take down with it: an OOM kill, a timeout or a body that dies hard still ends in a report
+with the kernel's figures, and in nothing left behind.
+
+  {"op": "sandbox", "id", "limits", "timeout"} + fds [events]
+      -> {"ok", "cgroup_procs", "init_pid"}: as root, a spare init (see `starter`) whose
+         cgroup, namespaces and stage the body joins, its limits set; without root (no
+         spares), a cgroup alone, and init_pid None
+  {"op": "watch", "id", "pid"}  the caller's child that joined the group: its end is the
+                                sandbox's end (the timeout counts from here)
+At the end, one JSON line on `events`: timed_out, oom_killed, memory_peak, cpu_time,
+pids_refused (forks the pids limit refused).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from pytest_minictr.host.cgroups import Cgroup
+
+
+@dataclass
+class Sandbox:
+    id: str
+    cgroup: Cgroup
+    events: int                       # the caller's pipe for the end event
+    timeout: float | None
+    release: Callable[[], None]       # removes the group (as root: with the spare it was)
+    pidfd: int | None = None          # the worker's child, once watched
+    timeout_at: float | None = None
+    timed_out: bool = False
+    ended: bool = False
+    kill_at = None                    # (read with the containers' deadlines)
+
+    def watch(self, pid: int | None) -> bool:
+        """Start watching the child; False if it is gone already (None: never forked)."""
+        if pid is None:
+            return False
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False
+        if self.timeout is not None:
+            self.timeout_at = time.monotonic() + self.timeout
+        return True
+
+    def time_up(self) -> None:
+        self.timeout_at = None
+        self.timed_out = True
+        self.cgroup.kill()  # the body's init dies, and its namespace with it
+
+    def end(self) -> None:
+        """The child is gone: tell the caller what the kernel measured (first: it waits for
+        this), then kill what the body left in the group and remove it."""
+        if self.ended:
+            return
+        self.ended = True
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+        stats = self.cgroup.stats()
+        event = {"timed_out": self.timed_out, "oom_killed": bool(stats.oom_killed),
+                 "memory_peak": stats.memory_peak, "cpu_time": stats.cpu_time,
+                 "pids_refused": _pids_refused(self.cgroup)}
+        try:
+            os.write(self.events, json.dumps(event).encode() + b"\n")
+        except OSError:
+            pass  # the caller closed its end: it no longer cares
+        os.close(self.events)
+        self.cgroup.kill()
+        self.release()
+
+
+def _pids_refused(cgroup: Cgroup) -> int:
+    """How many forks the pids limit refused (v2 pids.events, v1 the same file), 0 if unknown."""
+    for path in cgroup.paths:
+        try:
+            with open(os.path.join(path, "pids.events")) as events:
+                for line in events:
+                    key, _, value = line.partition(" ")
+                    if key == "max":
+                        return int(value)
+        except OSError:
+            continue
+    return 0

@@ -1,0 +1,91 @@
+"""Per-test cost of a sandboxed test body (#16), against the same test unmarked and against a
+bare `os.fork` per test (pytest-forked's approach, without its report's trip back).
+
+What it runs: in a temp dir, generated test files of N trivial parametrized tests each,
+
+  marked    @pytest.mark.container                 # its body forked into its sandbox
+            def test_marked(i): assert i >= 0
+  unmarked  def test_unmarked(i): assert i >= 0     # the baseline: in the worker
+  forked    def test_forked(i):                     # the peer: the cheapest isolation there is
+                pid = os.fork()                     # a child that runs nothing and exits
+                if pid == 0: os._exit(0)
+                assert os.waitpid(pid, 0)[1] == 0
+
+from workers of ~200 MB (a conftest touches 200 MB of ballast: fork cost grows with the
+parent's page tables), each with `-n 1` and `-n 2` (xdist). The clocks and the figures are
+`bench_plugin`'s (one monotonic stamp after each test's teardown, per worker):
+
+  overhead(kind) = median ms per test (kind -n1) - median (unmarked -n1)
+  ratio          = overhead(marked) / overhead(forked)   (aim: <= 1.5)
+
+    python tests/benchmarks/bench_sandbox.py [--tests 300] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_plugin import CONFTEST, RunFailed, measure, run_pytest  # noqa: E402
+
+HEAD = "import os\nimport pytest\n\n@pytest.mark.parametrize('i', range({n}))\n"
+TESTS = {
+    "unmarked": HEAD + "def test_unmarked(i):\n    assert i >= 0\n",
+    "marked": HEAD.replace("@pytest", "@pytest.mark.container\n@pytest", 1)
+    + "def test_marked(i):\n    assert i >= 0\n",
+    "forked": HEAD + ("def test_forked(i):\n    pid = os.fork()\n    if pid == 0:\n"
+                      "        os._exit(0)\n    assert os.waitpid(pid, 0)[1] == 0\n"),
+}
+# written byte by byte: calloc's untouched pages would cost a fork nothing
+BALLAST = "BALLAST = bytearray(b'\\x01') * (200 * 1024 * 1024)\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tests", type=int, default=300)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.tests < 2:
+        parser.error("--tests: at least 2")
+    with tempfile.TemporaryDirectory(prefix="minictr-bench-sandbox-") as tmp:
+        work = Path(tmp)
+        (work / "pytest.ini").write_text("[pytest]\n")
+        (work / "conftest.py").write_text(BALLAST + CONFTEST)
+        for kind, text in TESTS.items():
+            (work / f"test_{kind}.py").write_text(text.format(n=args.tests))
+        try:
+            run_pytest(work, ["test_marked.py::test_marked[0]"], None, timeout=300)  # warm-up
+            rows = {f"{kind} -n{workers}": measure(work, kind, workers, args.tests)
+                    for kind in TESTS for workers in (1, 2)}
+        except RunFailed as failure:
+            print(f"FAILED {failure}", file=sys.stderr)
+            return 1
+    base = rows["unmarked -n1"]["median_ms"]
+    report = {"kernel": os.uname().release, "cpus": os.cpu_count(), "tests": args.tests,
+              "configurations": rows,
+              "overhead_ms": {kind: rows[f"{kind} -n1"]["median_ms"] - base
+                              for kind in ("marked", "forked")}}
+    report["ratio"] = report["overhead_ms"]["marked"] / report["overhead_ms"]["forked"]
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"kernel {report['kernel']}, {report['cpus']} CPUs, {args.tests} tests each, "
+          "workers of ~200 MB\n")
+    print(f"{'configuration':<15}{'median ms':>12}{'tests/s':>12}{'cpu ms/test':>14}"
+          f"{'other cores':>14}")
+    for name, row in rows.items():
+        print(f"{name:<15}{row['median_ms']:>12.2f}{row['tests_per_s']:>12.1f}"
+              f"{row['cpu_ms_per_test']:>14.2f}{row['other_cores']:>14.2f}")
+    marked, forked = report["overhead_ms"]["marked"], report["overhead_ms"]["forked"]
+    print(f"\nper-test overhead over unmarked (-n1 medians): sandboxed {marked:.2f} ms, "
+          f"bare fork {forked:.2f} ms; ratio {report['ratio']:.2f} (aim <= 1.5)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

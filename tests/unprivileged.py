@@ -1,0 +1,47 @@
+"""pytest for an unprivileged user: this machine's Python and site-packages live under /root,
+closed to others, so pytest's pure-Python packages are copied where any user may read them,
+for the system interpreter of the same minor version."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEM_PYTHON = "/usr/bin/python3"
+PYTEST_DISTRIBUTIONS = ("pytest", "pluggy", "iniconfig", "packaging", "pygments")
+
+
+def pytest_for(uid: int, place: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """A runner of the system Python as `uid` (setpriv), with pytest and this checkout on its
+    path; `place` (open to all) gets the copied site and a home of the user's own."""
+    if not shutil.which("setpriv") or not Path(SYSTEM_PYTHON).exists():
+        pytest.skip(f"needs setpriv and {SYSTEM_PYTHON}")
+    site = place / "site"
+    for name in PYTEST_DISTRIBUTIONS:
+        distribution = metadata.distribution(name)
+        for file in distribution.files or ():
+            source = Path(distribution.locate_file(file))
+            if ".." not in file.parts and source.is_file():
+                (site / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, site / file)
+    for directory, _, _ in os.walk(place):
+        os.chmod(directory, 0o755)
+    home = place / "home"
+    home.mkdir()
+    os.chown(home, uid, uid)
+
+    def run(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+             SYSTEM_PYTHON, *args],
+            env={"PYTHONPATH": f"{site}:{REPO}", "HOME": str(home), "PATH": "/usr/bin:/bin",
+                 "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
+            cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+    return run
