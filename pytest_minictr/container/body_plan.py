@@ -21,6 +21,7 @@ from pytest_minictr.container.plan import (
     Step,
     Where,
     capability_mask,
+    install_seccomp,
     join_cgroup,
     mount_proc_and_dev,
     name_and_network,
@@ -39,6 +40,12 @@ from pytest_minictr.spec import Security
 BODY_JOINED = (("net", linux.CLONE_NEWNET), ("uts", linux.CLONE_NEWUTS),
                ("ipc", linux.CLONE_NEWIPC), ("cgroup", linux.CLONE_NEWCGROUP),
                ("mnt", linux.CLONE_NEWNS))
+
+# Actions only a body's plan names. A body is a fork of the pytest worker, so its plan is
+# always carried out by the Python executor: the native core (`container/native`) runs
+# containers' plans and has no need of these.
+BODY_ONLY_ACTIONS = frozenset({"bind_host_root", "close_inherited_handles"})
+
 
 @dataclass(frozen=True)
 class BodyView:
@@ -103,7 +110,7 @@ def body_view(view: BodyView, where: Where) -> tuple[Step, ...]:
               Step("root", "move /proc", "move_into_root", ("/proc",)),
               Step("root", "close the host's paths", "close_fds",
                    tuple(Ref(f"bind {index}") for index in range(len(binds)))),
-              *pivot_into_root(view), *name_and_network(view)]
+              *pivot_into_root(view), *name_and_network(view, where)]
     return tuple(steps)
 
 
@@ -123,6 +130,5 @@ def body_confinement(view: BodyView, where: Where) -> tuple[Step, ...]:
              Step("capabilities", "drop capabilities", "drop_capabilities",
                   (capability_mask(view),)))
     if view.security.seccomp:
-        steps += (Step("seccomp", "install the seccomp filter", "install_seccomp_filter",
-                       (view.security.allow_syscalls,)),)
+        steps += (install_seccomp(view.security.allow_syscalls),)
     return steps

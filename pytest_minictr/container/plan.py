@@ -332,10 +332,14 @@ def confine(spec: ContainerSpec, where: Where, userns: bool) -> tuple[Step, ...]
     if spec.security.seccomp:
         # last: it needs no_new_privs, and would refuse the calls before it (see `seccomp`:
         # keyrings, modules, bpf, io_uring, mounts, new user namespaces, TIOCSTI...)
-        steps.append(Step("seccomp", "install the seccomp filter", "install_seccomp_filter",
-                          (spec.security.allow_syscalls,
-                           seccomp.host_filter_hex(spec.security.allow_syscalls))))
+        steps.append(install_seccomp(spec.security.allow_syscalls))
     return tuple(steps)
+
+
+def install_seccomp(allowed: tuple[str, ...]) -> Step:
+    """The filter less `allowed`; its program in hex too, the native core's argument."""
+    return Step("seccomp", "install the seccomp filter", "install_seccomp_filter",
+                (allowed, seccomp.host_filter_hex(allowed)))
 
 
 def rlimits_of(spec: ContainerSpec) -> tuple[tuple[str, int, int], ...]:
