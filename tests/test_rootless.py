@@ -4,10 +4,12 @@ a limit that needs cgroups it may not create is refused with the reason and the 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -189,11 +191,13 @@ def open_place():
 
 
 @pytest.fixture(scope="module")
-def unprivileged_pytest(open_place):
-    """pytest for the unprivileged user: its pure-Python packages copied where that user may
-    read them (this machine's Python and site-packages live under /root, closed to others),
-    for the system interpreter of the same minor version."""
+def user_site(open_place):
+    """pytest for unprivileged users: its pure-Python packages copied where any user may read
+    them (this machine's Python and site-packages may live under /root, closed to others), for
+    the system interpreter of the same minor version."""
     from importlib import metadata
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become an unprivileged user (setpriv)")
     if not shutil.which("setpriv") or not Path(SYSTEM_PYTHON).exists():
         pytest.skip(f"needs setpriv and {SYSTEM_PYTHON}")
     site = open_place / "site"
@@ -206,18 +210,28 @@ def unprivileged_pytest(open_place):
                 shutil.copyfile(source, site / file)
     for directory, _, _ in os.walk(open_place):
         os.chmod(directory, 0o755)
-    home = open_place / "home"
-    home.mkdir()
-    os.chown(home, NOBODY, NOBODY)
+    return site
 
+
+def python_as(uid: int, gid: int, home: Path, site: Path):
+    """A function running the system Python with `args` as `uid`:`gid` (supplementary groups
+    cleared), with pytest and this checkout importable."""
     def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
         return subprocess.run(
-            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+            ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
              SYSTEM_PYTHON, *args],
             env={"PYTHONPATH": f"{site}:{REPO}", "HOME": str(home), "PATH": "/usr/bin:/bin",
                  "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
             cwd=cwd, capture_output=True, text=True, timeout=300)
     return run
+
+
+@pytest.fixture(scope="module")
+def unprivileged_pytest(open_place, user_site):
+    home = open_place / "home"
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+    return python_as(NOBODY, NOBODY, home, user_site)
 
 
 def test_the_isolation_and_exec_tests_pass_for_an_unprivileged_user(unprivileged_pytest,
@@ -230,8 +244,8 @@ def test_the_isolation_and_exec_tests_pass_for_an_unprivileged_user(unprivileged
     assert "passed" in summary and "failed" not in summary, summary
 
 
-def test_the_plugin_and_the_cli_for_an_unprivileged_user(unprivileged_pytest, open_place):
-    tests = open_place / "user-tests"
+def user_test_file(tests: Path) -> Path:
+    """A directory any user may write, holding a user's test of a container."""
     tests.mkdir()
     (tests / "test_mine.py").write_text(
         "import pytest\n\n"
@@ -240,6 +254,11 @@ def test_the_plugin_and_the_cli_for_an_unprivileged_user(unprivileged_pytest, op
         "    container.run('echo kept > /data.txt')\n"
         "    assert container.run('id -u; hostname; cat /data.txt').stdout == b'0\\nmine\\nkept\\n'\n")
     os.chmod(tests, 0o777)
+    return tests
+
+
+def test_the_plugin_and_the_cli_for_an_unprivileged_user(unprivileged_pytest, open_place):
+    tests = user_test_file(open_place / "user-tests")
     done = unprivileged_pytest("-m", "pytest", "-p", "pytest_minictr.plugin", "-p",
                                "no:cacheprovider", str(tests), cwd=tests)
     assert done.returncode == 0, done.stdout[-3000:]
@@ -248,3 +267,88 @@ def test_the_plugin_and_the_cli_for_an_unprivileged_user(unprivileged_pytest, op
                               "--", "sh", "-c", "id -u; cat /proc/self/uid_map")
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.split() == ["0", "0", str(NOBODY), "1"]
+
+
+# --- real accounts: doctor, run and the plugin agree for any uid --------------------------------
+
+ACCOUNT_SUBORDINATE_START = 8_000_000
+
+
+@dataclass(frozen=True)
+class Account:
+    """Someone the tests become: a uid that is not the overflow id 65534, so a rehearsal that
+    read its ids after unsharing (when they read as 65534) would be caught."""
+
+    uid: int
+    gid: int
+    home: Path
+    ranges: bool
+
+
+def useradd(name: str) -> int:
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", "--user-group", name],
+                   check=True, capture_output=True, timeout=60)
+    import pwd
+    return pwd.getpwnam(name).pw_uid
+
+
+@pytest.fixture(scope="module", params=["an account", "an account with subordinate ids",
+                                        "a uid without an account"])
+def account(request, open_place):
+    """A real account made with useradd for these tests (its own group, a home, a passwd
+    entry), with or without /etc/subuid and /etc/subgid ranges; or a bare uid that names no
+    one. The ranges useradd may grant are replaced by ours (or none); all is undone after."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create accounts")
+    if request.param != "a uid without an account" and not shutil.which("useradd"):
+        pytest.skip("useradd is not installed (Debian: passwd)")
+    files = [Path("/etc/subuid"), Path("/etc/subgid")]
+    saved = [f.read_text() if f.exists() else None for f in files]
+    name = f"minictr-t{os.getpid()}"
+    ranges = request.param == "an account with subordinate ids"
+    if request.param == "a uid without an account":
+        uid, home = 4242 + os.getpid() % 1000, open_place / f"home-{request.param_index}"
+        home.mkdir()
+        os.chown(home, uid, uid)
+    else:
+        uid, home = useradd(name), Path("/home") / name
+    if ranges:
+        for file in files:
+            if not shutil.which(f"new{file.name[3:]}map"):
+                pytest.skip(f"new{file.name[3:]}map is not installed (Debian: uidmap)")
+    for file, text in zip(files, saved, strict=True):
+        kept = [line for line in (text or "").splitlines(keepends=True)
+                if not line.startswith(f"{name}:")]
+        if ranges:
+            kept.append(f"{name}:{ACCOUNT_SUBORDINATE_START}:65536\n")
+        file.write_text("".join(kept))
+    yield Account(uid, uid, home, ranges)
+    if request.param != "a uid without an account":
+        subprocess.run(["userdel", "--remove", name], capture_output=True, timeout=60)
+    for file, text in zip(files, saved, strict=True):
+        if text is None:
+            file.unlink(missing_ok=True)
+        else:
+            file.write_text(text)
+
+
+def test_doctor_run_and_the_plugin_agree_for_a_real_account(account, user_site):
+    as_account = python_as(account.uid, account.gid, account.home, user_site)
+    doctor = as_account("-m", "pytest_minictr", "doctor", "--json")
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    checks = {check["name"]: check for check in json.loads(doctor.stdout)["checks"]}
+    assert checks["user namespaces"]["ok"], checks["user namespaces"]
+    assert checks["id mapping"]["ok"] is account.ranges, checks["id mapping"]
+
+    run = as_account("-m", "pytest_minictr", "run", "--bin", "id", "--bin", "cat", "--",
+                     "sh", "-c", "id -u; cat /proc/self/uid_map")
+    assert run.returncode == 0, run.stderr
+    full = ["1", str(ACCOUNT_SUBORDINATE_START), "65535"] if account.ranges else []
+    assert run.stdout.split() == ["0", "0", str(account.uid), "1", *full]
+
+    tests = user_test_file(account.home / "tests")
+    plugin = as_account("-m", "pytest", "-p", "pytest_minictr.plugin", "-p", "no:cacheprovider",
+                        str(tests), cwd=tests)
+    assert plugin.returncode == 0, plugin.stdout[-3000:]
+    assert "rootless, " in plugin.stdout and "user namespaces yes, ready" in plugin.stdout
+    assert "1 passed" in plugin.stdout
