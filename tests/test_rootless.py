@@ -52,10 +52,14 @@ def run_as_nobody(rootfs: Path) -> list[str]:
     for program in ("setpriv", SYSTEM_PYTHON):
         if not shutil.which(program):
             pytest.skip(f"{program} is not installed")
+    skip_unless_others_reach_the_checkout()
+    return run_as(NOBODY, SCRIPT, str(rootfs)).splitlines()
+
+
+def skip_unless_others_reach_the_checkout() -> None:
     closed = [str(d) for d in [REPO, *REPO.parents] if not os.stat(d).st_mode & 0o001]
     if closed:
         pytest.skip(f"an unprivileged user cannot reach this checkout ({closed[0]} is closed)")
-    return run_as(NOBODY, SCRIPT, str(rootfs)).splitlines()
 
 
 def run_as(uid: int, script: str, *args: str) -> str:
@@ -200,6 +204,7 @@ def user_site(open_place):
         pytest.skip("needs root to become an unprivileged user (setpriv)")
     if not shutil.which("setpriv") or not Path(SYSTEM_PYTHON).exists():
         pytest.skip(f"needs setpriv and {SYSTEM_PYTHON}")
+    skip_unless_others_reach_the_checkout()
     site = open_place / "site"
     for name in PYTEST_DISTRIBUTIONS:
         distribution = metadata.distribution(name)

@@ -96,7 +96,7 @@ def load(recipe: Any) -> Recipe:
 
 def parse_toml(text: str) -> dict:
     try:
-        import tomllib
+        import tomllib  # novermin (3.10 falls back below)
     except ModuleNotFoundError:  # Python 3.10
         return parse_toml_subset(text)
     return tomllib.loads(text)
