@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pytest_minictr import RootfsBuilder
+from .helpers import skip_unless_others_reach_the_checkout
 
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -55,11 +56,6 @@ def run_as_nobody(rootfs: Path) -> list[str]:
     skip_unless_others_reach_the_checkout()
     return run_as(NOBODY, SCRIPT, str(rootfs)).splitlines()
 
-
-def skip_unless_others_reach_the_checkout() -> None:
-    closed = [str(d) for d in [REPO, *REPO.parents] if not os.stat(d).st_mode & 0o001]
-    if closed:
-        pytest.skip(f"an unprivileged user cannot reach this checkout ({closed[0]} is closed)")
 
 
 def run_as(uid: int, script: str, *args: str) -> str:
