@@ -3,6 +3,7 @@ the host as it found it (mounts, child processes, zombies, temp dirs)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -157,3 +158,22 @@ def no_leftovers(runtime):
     before = host_snapshot()
     yield
     assert_nothing_left(before)
+
+
+# --- what a test needs of the host: skipped, naming it, where the host lacks it -----------------
+# The suite runs as root and as an ordinary user (CI's runner user): a test that needs cgroup
+# limits or host root says so with a marker rather than failing for a rootless run.
+
+@functools.cache
+def limits_problem() -> str:
+    """Why cgroup limits cannot be had here, as doctor says it; '' when they can."""
+    from pytest_minictr.doctor.checks import Host
+    return Host().cgroups()[1]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("needs_root") and os.geteuid() != 0:
+        pytest.skip("needs root (host root in a container, or another user's ids)")
+    if item.get_closest_marker("needs_limits") and limits_problem():
+        pytest.skip(f"needs cgroup limits, which this host denies: {limits_problem()}")

@@ -1,9 +1,15 @@
-"""Small waits shared by the tests that watch processes come and go from outside."""
+"""Small helpers shared by the tests: waits for processes that come and go, and a skip for
+tests whose unprivileged user could not reach the checkout."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def eventually(predicate, timeout: float = 10.0) -> bool:
@@ -25,3 +31,10 @@ def process_gone(pid: int | None) -> bool:
     except OSError:
         return True
     return stat[stat.rindex(")") + 2] in "ZX"
+
+
+def skip_unless_others_reach_the_checkout() -> None:
+    """Skips a test whose unprivileged user could not reach this checkout (a home of 0700)."""
+    closed = [str(d) for d in [REPO, *REPO.parents] if not os.stat(d).st_mode & 0o001]
+    if closed:
+        pytest.skip(f"an unprivileged user cannot reach this checkout ({closed[0]} is closed)")

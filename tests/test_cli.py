@@ -46,6 +46,7 @@ def test_timeout_kills_and_says_so(cache_dir):
     assert done.returncode == 137 and b"timed out after 0.3 s" in done.stderr
 
 
+@pytest.mark.needs_root  # --no-userns: host root in the container
 def test_confinement_options(rootfs):
     done = minictr("run", "--rootfs", str(rootfs), "--ulimit", "nofile=70:80", "--cap-add",
                    "SYS_PTRACE", "--no-seccomp", "--no-userns", "--", "sh", "-c",

@@ -94,8 +94,9 @@ class SimulatedHost(Host):
     went. Anything not described is what a healthy rootless host would say."""
 
     def __init__(self, files=None, euid=1000, kernel="6.8.0-45-generic", rehearsal=None,
-                 programs=("ldd",), cache_writable=True, cgroups=("v2", "")):
+                 programs=("ldd",), cache_writable=True, cgroups=("v2", ""), env=None):
         self.files, self._euid, self._kernel = files or {}, euid, kernel
+        self.env = env or {}
         self._rehearsal = rehearsal or Rehearsal()
         self.programs, self.cache_writable, self._cgroups = programs, cache_writable, cgroups
 
@@ -110,6 +111,9 @@ class SimulatedHost(Host):
 
     def machine(self):
         return "x86_64"
+
+    def environ(self, name):
+        return self.env.get(name)
 
     def read(self, path):
         return self.files.get(path)
@@ -234,3 +238,59 @@ def test_where_containers_cannot_run_the_plugin_says_what_doctor_says(tmp_path, 
     assert "user namespaces: root cannot make one (unshare(CLONE_NEWUSER): No space left on " \
            "device): the sysctl user.max_user_namespaces is 0 (fix: sudo sysctl -w " \
            "user.max_user_namespaces=15000" in done.stdout.replace("\n", "")
+
+
+# --- CI runners and containers: the place is named with the change its owner makes --------------
+
+APPARMOR = {"/proc/sys/kernel/apparmor_restrict_unprivileged_userns": "1\n"}
+NO_DELEGATION = ("v2", "cgroup v2: /sys/fs/cgroup/user.slice is not yours; run as root")
+
+
+@pytest.mark.parametrize("host, line, fix", [
+    (SimulatedHost(env={"GITHUB_ACTIONS": "true"}, files=APPARMOR, rehearsal=REFUSED,
+                   cgroups=NO_DELEGATION),
+     "- this host: GitHub Actions runner (GITHUB_ACTIONS=true, "
+     "kernel.apparmor_restrict_unprivileged_userns=1)",
+     "add a step before the tests: `sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`"),
+    (SimulatedHost(env={"GITLAB_CI": "true"}, files={"/.dockerenv": ""}, rehearsal=REFUSED),
+     "- this host: GitLab CI job in a container (Docker executor) (GITLAB_CI=true, /.dockerenv)",
+     "`[runners.docker] privileged = true`"),
+    (SimulatedHost(files={"/.dockerenv": ""}, euid=0,
+                   rehearsal=Rehearsal("/proc", "Operation not permitted")),
+     "- this host: a container: Docker, Podman or Docker-in-Docker (/.dockerenv)",
+     "--security-opt systempaths=unconfined"),
+    (SimulatedHost(files={"/run/.containerenv": ""}, euid=0, cgroups=("v2", "read-only; x")),
+     "- this host: a container: Docker, Podman or Docker-in-Docker (/run/.containerenv)",
+     "`--privileged`"),
+], ids=["github-apparmor", "gitlab-docker", "dind-proc", "podman-no-limits"])
+def test_a_ci_runner_or_container_is_named_with_its_fix(host, line, fix):
+    text = doctor.render(doctor.examine(host), host)
+    lines = text.splitlines()
+    assert line in lines, text
+    assert lines[lines.index(line) + 1].startswith("    fix: ")
+    assert fix in lines[lines.index(line) + 1], text
+
+
+@pytest.mark.parametrize("host, line", [
+    (SimulatedHost(env={"GITHUB_ACTIONS": "true"}, euid=0),
+     "✓ this host: GitHub Actions runner (GITHUB_ACTIONS=true)"),
+    (SimulatedHost(env={"GITLAB_CI": "true"}), "✓ this host: GitLab CI job (shell executor) "
+                                               "(GITLAB_CI=true)"),
+], ids=["github-root", "gitlab-shell"])
+def test_a_ci_runner_where_all_works_is_named_without_a_fix(host, line):
+    lines = doctor.render(doctor.examine(host), host).splitlines()
+    assert line in lines
+    assert not lines[lines.index(line) + 1].startswith("    fix:")
+
+
+def test_a_workstation_is_no_place_to_name():
+    assert all(f.name != "this host" for f in doctor.examine(SimulatedHost()))
+
+
+def test_the_place_comes_from_the_real_environment():
+    """For real: doctor as a process, told by its environment that it runs a GitLab job."""
+    needs_root()
+    done = minictr_doctor(env={"GITLAB_CI": "true"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert any(line.startswith("✓ this host: GitLab CI job") for line in
+               done.stdout.splitlines()), done.stdout

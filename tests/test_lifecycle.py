@@ -128,12 +128,14 @@ def test_exec_into_an_ended_container_and_rm_of_a_running_one_are_refused(minict
 
 
 def test_two_execs_at_once_and_stop_racing_the_end(minictr):
-    # 3 s: two CLIs starting at once on a loaded 2-core machine took more than the 1 s it was
-    cid = start(minictr, "sh", "-c", "sleep 3")
-    started = time.monotonic()
+    # The command outlives both execs however slow their start (each is a `minictr exec`
+    # process: under CI load a second or more), then ends by itself a moment later.
+    cid = start(minictr, "sh", "-c", "until [ -e /exec-0 ] && [ -e /exec-1 ]; "
+                                     "do sleep 0.05; done; sleep 0.6")
     results = []
-    threads = [threading.Thread(target=lambda: results.append(
-        minictr("exec", cid, "--", "sh", "-c", "sleep 0.3; echo done"))) for _ in range(2)]
+    threads = [threading.Thread(target=lambda n=n: results.append(
+        minictr("exec", cid, "--", "sh", "-c", f"sleep 0.3; echo done; : > /exec-{n}")))
+        for n in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -21,7 +21,8 @@ ROOTLESS = plan.Where(rootless=True)
 ROOTLESS_MAPPED = plan.Where(rootless=True, id_maps=(5, 6))
 
 
-@pytest.fixture(params=["default", "mounts", "loosened", "host root"])
+@pytest.fixture(params=["default", "mounts", "loosened",
+                        pytest.param("host root", marks=pytest.mark.needs_root)])
 def spec(request, tmp_path):
     keywords = {
         "default": {},

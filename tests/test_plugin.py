@@ -36,6 +36,7 @@ def test_marker_is_registered_with_its_keywords(pytester):
     result.stdout.fnmatch_lines(["@pytest.mark.container(memory=*cpus=*pids=*timeout=*"])
 
 
+@pytest.mark.needs_limits
 def test_the_readme_example_passes_under_strict_markers(run_tests):
     result = run_tests('''
         import pytest
@@ -49,6 +50,7 @@ def test_the_readme_example_passes_under_strict_markers(run_tests):
     result.assert_outcomes(passed=1)
 
 
+@pytest.mark.needs_root
 def test_report_header_says_what_this_host_does(run_tests):
     result = run_tests("def test_nothing(): pass")
     result.stdout.fnmatch_lines(["minictr 0.1.0: root, cgroups v* (limits), user namespaces "
@@ -89,23 +91,27 @@ def test_a_test_asks_for_more_by_name(container):
     assert "Seccomp:\t0" in status and status.endswith("50\n60\n")
 
 
+@pytest.mark.needs_root
 @pytest.mark.container(user=False)
 def test_user_false_makes_container_root_host_root(container):
     assert container.run("cat /proc/self/uid_map").stdout.split() == [b"0", b"0", b"4294967295"]
 
 
+@pytest.mark.needs_limits
 @pytest.mark.container(recipe="python3", memory="64M")
 def test_a_recipe_from_the_marker(container):
     result = container.run(["python3", "-c", "import sqlite3; print(sqlite3.sqlite_version)"])
     assert result.returncode == 0 and result.stdout.count(b".") == 2, result.stderr
 
 
+@pytest.mark.needs_limits
 @pytest.mark.container(memory="32M")
 def test_limits_from_the_marker(container):
     result = container.run('a=x; while :; do a="$a$a"; done')
     assert result.oom_killed and result.returncode < 0
 
 
+@pytest.mark.needs_limits
 def test_markers_merge_closest_wins(run_tests):
     result = run_tests('''
         import pytest
@@ -236,6 +242,7 @@ UNAVAILABLE_CGROUPS = '''
 '''
 
 
+@pytest.mark.needs_root
 @pytest.mark.parametrize("policy, outcomes", [(None, {"failed": 1, "passed": 1}),
                                               ("skip", {"skipped": 1, "passed": 1})])
 def test_where_limits_cannot_be_had_fail_or_skip_with_the_reason(pytester, cache_dir, policy,

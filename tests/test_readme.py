@@ -15,14 +15,25 @@ EXAMPLES = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 LIBRARY = [code for code in EXAMPLES if "def test_" not in code]
 TEST_FILES = [code for code in EXAMPLES if "def test_" in code]
 
+LIMITS = re.compile(r"\b(memory|cpus|pids|memory_limit|cpu_limit|pids_limit)=")
 
-@pytest.mark.parametrize("code", LIBRARY, ids=[f"library-{n}" for n in range(len(LIBRARY))])
+
+def needing_what_they_use(examples: list[str]) -> list:
+    """Each example, marked to be skipped where the host denies what it uses: limits, or host
+    root (user=False)."""
+    def marks(code: str) -> list:
+        return [mark for mark, used in ((pytest.mark.needs_limits, LIMITS.search(code)),
+                                        (pytest.mark.needs_root, "user=False" in code)) if used]
+    return [pytest.param(code, marks=marks(code)) for code in examples]
+
+
+@pytest.mark.parametrize("code", needing_what_they_use(LIBRARY), ids=[f"library-{n}" for n in range(len(LIBRARY))])
 def test_library_example_runs(code, cache_dir, monkeypatch):
     monkeypatch.setenv("MINICTR_CACHE_DIR", str(cache_dir))
     exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
 
 
-@pytest.mark.parametrize("code", TEST_FILES, ids=[f"tests-{n}" for n in range(len(TEST_FILES))])
+@pytest.mark.parametrize("code", needing_what_they_use(TEST_FILES), ids=[f"tests-{n}" for n in range(len(TEST_FILES))])
 def test_plugin_example_passes(code, pytester, cache_dir):
     pytester.makepyfile(test_readme_example=code)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--strict-markers",

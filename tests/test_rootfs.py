@@ -149,6 +149,8 @@ def test_static_binary_gets_no_libraries(builder):
     busybox = "/bin/busybox"
     if not os.path.isfile(busybox):
         pytest.skip(f"{busybox} missing (install busybox-static)")
+    if not shutil.which("file"):
+        pytest.skip("file(1) is not installed (Debian: file): it tells a static binary")
     if "statically linked" not in subprocess.run(["file", "-L", busybox], capture_output=True,
                                                  text=True).stdout:
         pytest.skip(f"{busybox} is not statically linked (install busybox-static)")

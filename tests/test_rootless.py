@@ -4,21 +4,21 @@ a limit that needs cgroups it may not create is refused with the reason and the 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from pytest_minictr import RootfsBuilder
-from tests.unprivileged import pytest_for
+from tests.unprivileged import SYSTEM_PYTHON, pytest_for, python_as, user_site
 
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
-# An interpreter any user may run: this machine's own Python lives under /root (mode 0700).
-SYSTEM_PYTHON = "/usr/bin/python3"
 
 SCRIPT = """
 import sys
@@ -51,10 +51,9 @@ def run_as_nobody(rootfs: Path) -> list[str]:
     for program in ("setpriv", SYSTEM_PYTHON):
         if not shutil.which(program):
             pytest.skip(f"{program} is not installed")
-    closed = [str(d) for d in [REPO, *REPO.parents] if not os.stat(d).st_mode & 0o001]
-    if closed:
-        pytest.skip(f"an unprivileged user cannot reach this checkout ({closed[0]} is closed)")
+    skip_unless_others_reach_the_checkout()
     return run_as(NOBODY, SCRIPT, str(rootfs)).splitlines()
+
 
 
 def run_as(uid: int, script: str, *args: str) -> str:
@@ -191,6 +190,11 @@ def unprivileged_pytest(open_place):
     return pytest_for(NOBODY, open_place)
 
 
+@pytest.fixture(scope="module")
+def site_for_users(open_place):
+    return user_site(open_place)
+
+
 def test_the_isolation_and_exec_tests_pass_for_an_unprivileged_user(unprivileged_pytest,
                                                                      open_place):
     done = unprivileged_pytest("-m", "pytest", "-p", "pytest_minictr.plugin", "-p",
@@ -201,8 +205,8 @@ def test_the_isolation_and_exec_tests_pass_for_an_unprivileged_user(unprivileged
     assert "passed" in summary and "failed" not in summary, summary
 
 
-def test_the_plugin_and_the_cli_for_an_unprivileged_user(unprivileged_pytest, open_place):
-    tests = open_place / "user-tests"
+def user_test_file(tests: Path) -> Path:
+    """A directory any user may write, holding a user's test of a container."""
     tests.mkdir()
     (tests / "test_mine.py").write_text(
         "import pytest\n\n"
@@ -211,6 +215,11 @@ def test_the_plugin_and_the_cli_for_an_unprivileged_user(unprivileged_pytest, op
         "    container.run('echo kept > /data.txt')\n"
         "    assert container.run('id -u; hostname; cat /data.txt').stdout == b'0\\nmine\\nkept\\n'\n")
     os.chmod(tests, 0o777)
+    return tests
+
+
+def test_the_plugin_and_the_cli_for_an_unprivileged_user(unprivileged_pytest, open_place):
+    tests = user_test_file(open_place / "user-tests")
     done = unprivileged_pytest("-m", "pytest", "-p", "pytest_minictr.plugin", "-p",
                                "no:cacheprovider", str(tests), cwd=tests)
     assert done.returncode == 0, done.stdout[-3000:]
@@ -219,3 +228,88 @@ def test_the_plugin_and_the_cli_for_an_unprivileged_user(unprivileged_pytest, op
                               "--", "sh", "-c", "id -u; cat /proc/self/uid_map")
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.split() == ["0", "0", str(NOBODY), "1"]
+
+
+# --- real accounts: doctor, run and the plugin agree for any uid --------------------------------
+
+ACCOUNT_SUBORDINATE_START = 8_000_000
+
+
+@dataclass(frozen=True)
+class Account:
+    """Someone the tests become: a uid that is not the overflow id 65534, so a rehearsal that
+    read its ids after unsharing (when they read as 65534) would be caught."""
+
+    uid: int
+    gid: int
+    home: Path
+    ranges: bool
+
+
+def useradd(name: str) -> int:
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", "--user-group", name],
+                   check=True, capture_output=True, timeout=60)
+    import pwd
+    return pwd.getpwnam(name).pw_uid
+
+
+@pytest.fixture(scope="module", params=["an account", "an account with subordinate ids",
+                                        "a uid without an account"])
+def account(request, open_place):
+    """A real account made with useradd for these tests (its own group, a home, a passwd
+    entry), with or without /etc/subuid and /etc/subgid ranges; or a bare uid that names no
+    one. The ranges useradd may grant are replaced by ours (or none); all is undone after."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create accounts")
+    if request.param != "a uid without an account" and not shutil.which("useradd"):
+        pytest.skip("useradd is not installed (Debian: passwd)")
+    files = [Path("/etc/subuid"), Path("/etc/subgid")]
+    saved = [f.read_text() if f.exists() else None for f in files]
+    name = f"minictr-t{os.getpid()}"
+    ranges = request.param == "an account with subordinate ids"
+    if request.param == "a uid without an account":
+        uid, home = 4242 + os.getpid() % 1000, open_place / f"home-{request.param_index}"
+        home.mkdir()
+        os.chown(home, uid, uid)
+    else:
+        uid, home = useradd(name), Path("/home") / name
+    if ranges:
+        for file in files:
+            if not shutil.which(f"new{file.name[3:]}map"):
+                pytest.skip(f"new{file.name[3:]}map is not installed (Debian: uidmap)")
+    for file, text in zip(files, saved, strict=True):
+        kept = [line for line in (text or "").splitlines(keepends=True)
+                if not line.startswith(f"{name}:")]
+        if ranges:
+            kept.append(f"{name}:{ACCOUNT_SUBORDINATE_START}:65536\n")
+        file.write_text("".join(kept))
+    yield Account(uid, uid, home, ranges)
+    if request.param != "a uid without an account":
+        subprocess.run(["userdel", "--remove", name], capture_output=True, timeout=60)
+    for file, text in zip(files, saved, strict=True):
+        if text is None:
+            file.unlink(missing_ok=True)
+        else:
+            file.write_text(text)
+
+
+def test_doctor_run_and_the_plugin_agree_for_a_real_account(account, site_for_users):
+    as_account = python_as(account.uid, account.gid, account.home, site_for_users)
+    doctor = as_account("-m", "pytest_minictr", "doctor", "--json")
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    checks = {check["name"]: check for check in json.loads(doctor.stdout)["checks"]}
+    assert checks["user namespaces"]["ok"], checks["user namespaces"]
+    assert checks["id mapping"]["ok"] is account.ranges, checks["id mapping"]
+
+    run = as_account("-m", "pytest_minictr", "run", "--bin", "id", "--bin", "cat", "--",
+                     "sh", "-c", "id -u; cat /proc/self/uid_map")
+    assert run.returncode == 0, run.stderr
+    full = ["1", str(ACCOUNT_SUBORDINATE_START), "65535"] if account.ranges else []
+    assert run.stdout.split() == ["0", "0", str(account.uid), "1", *full]
+
+    tests = user_test_file(account.home / "tests")
+    plugin = as_account("-m", "pytest", "-p", "pytest_minictr.plugin", "-p", "no:cacheprovider",
+                        str(tests), cwd=tests)
+    assert plugin.returncode == 0, plugin.stdout[-3000:]
+    assert "rootless, " in plugin.stdout and "user namespaces yes, ready" in plugin.stdout
+    assert "1 passed" in plugin.stdout

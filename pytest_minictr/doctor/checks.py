@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from pytest_minictr import __version__, native
+from pytest_minictr.doctor.places import inside_a_container, recognise
 from pytest_minictr.errors import MinictrError
 
 MINIMUM_KERNEL = (5, 11)  # close_range(CLOSE_RANGE_CLOEXEC), overlayfs in a user namespace
@@ -80,6 +81,9 @@ class Host:
     def kernel(self) -> str:
         return platform.release()
 
+    def environ(self, name: str) -> str | None:
+        return os.environ.get(name)
+
     def machine(self) -> str:
         return platform.machine()
 
@@ -136,7 +140,20 @@ def examine(host: Host | None = None, rehearse: bool = True) -> list[Finding]:
         findings.append(check_idmap(host))
     else:
         findings.append(check_id_mapping(host))
-    return findings
+    place = check_place(host, findings)
+    return findings if place is None else [*findings, place]
+
+
+def check_place(host: Host, findings: list[Finding]) -> Finding | None:
+    """The CI runner or container recognised here, with the change its owner makes when
+    anything (limits included) is missing."""
+    place = recognise(host)
+    if place is None:
+        return None
+    cgroups = next(f for f in findings if f.name == "cgroups")
+    lacking = not ready(findings) or not cgroups.ok
+    return Finding("this host", not (lacking and place.fix), f"{place.name} ({place.evidence})",
+                   place.fix, needed=False)
 
 
 def kernel_version(release: str) -> tuple[int, int]:
@@ -201,14 +218,6 @@ def known_blocker(host: Host, refused: bool) -> tuple[str, str] | None:
                 "run the outer container with --security-opt seccomp=unconfined "
                 "--security-opt apparmor=unconfined (or --privileged)")
     return None
-
-
-def inside_a_container(host: Host) -> bool:
-    markers = (host.read("/.dockerenv"), host.read("/run/.containerenv"))
-    if any(marker is not None for marker in markers):
-        return True
-    environ = host.read("/proc/1/environ") or ""
-    return "container=" in environ
 
 
 def check_container_setup(rehearsal: Rehearsal) -> list[Finding]:

@@ -154,7 +154,7 @@ def _version_order(path: str) -> list:
 
 def parse_toml(text: str) -> dict:
     try:
-        import tomllib
+        import tomllib  # novermin (3.10 falls back below)
     except ModuleNotFoundError:  # Python 3.10
         return parse_toml_subset(text)
     return tomllib.loads(text)

@@ -54,7 +54,8 @@ class RootTree:
             if stat.S_ISLNK(st.st_mode):
                 hops += 1
                 if hops > MAX_SYMLINK_HOPS:
-                    raise RootfsError(f"too many levels of symlinks resolving {host_path!r}")
+                    raise RootfsError(f"cannot reach the file or directory {host_path!r}: too "
+                                      "many levels of symlinks (a loop?)")
                 target = os.readlink(host)
                 self._link(host, target, st)
                 # A relative target is relative to the link's directory, an absolute one is

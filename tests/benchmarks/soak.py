@@ -16,8 +16,8 @@ launcher, zombies and leftover processes, and the RSS of caller and launcher. An
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -154,10 +154,6 @@ def soak(rootfs: str, runs: int, cache: str) -> dict:
             "wrong_count": len(wrong), "leaks": leaks, **rss}
 
 
-def _worker(rootfs: str, runs: int, cache: str, results) -> None:
-    results.put(soak(rootfs, runs, cache))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10000, help="runs per worker")
@@ -170,15 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers == 1:
             reports = [soak(rootfs, args.runs, cache)]
         else:
-            results = multiprocessing.Queue()
-            workers = [multiprocessing.Process(target=_worker,
-                                               args=(rootfs, args.runs, cache, results))
-                       for _ in range(args.workers)]
-            for worker in workers:
-                worker.start()
-            reports = [results.get() for _ in workers]
-            for worker in workers:
-                worker.join()
+            # A pool, not Processes feeding a Queue: a worker that dies at once (as on a host
+            # where containers cannot run) must end the soak with its error, while a parent
+            # reading a Queue, whose pipe's write end it holds too, would wait forever.
+            with concurrent.futures.ProcessPoolExecutor(args.workers) as pool:
+                futures = [pool.submit(soak, rootfs, args.runs, cache)
+                           for _ in range(args.workers)]
+                reports = [future.result() for future in futures]
     failed = any(r["wrong_count"] or r["leaks"] for r in reports)
     if args.json:
         print(json.dumps({"workers": reports, "failed": failed}, indent=2))
