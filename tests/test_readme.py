@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import glob
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,12 +20,25 @@ TEST_FILES = [code for code in EXAMPLES if "def test_" in code]
 LIMITS = re.compile(r"\b(memory|cpus|pids|memory_limit|cpu_limit|pids_limit)=")
 
 
+# The servers the services examples start, and the clients they query them with (each found
+# as ci/install-deps installs it from Debian's packages).
+SERVERS = {"postgresql": ("postgresql", lambda: glob.glob("/usr/lib/postgresql/*/bin/postgres")
+                          and shutil.which("psql")),
+           "redis": ("redis-server and redis-tools",
+                     lambda: shutil.which("redis-server") and shutil.which("redis-cli"))}
+
+
 def needing_what_they_use(examples: list[str]) -> list:
-    """Each example, marked to be skipped where the host denies what it uses: limits, or host
-    root (user=False)."""
+    """Each example, marked to be skipped where the host denies what it uses: limits, host
+    root (user=False), or a server and its client that are not installed."""
     def marks(code: str) -> list:
-        return [mark for mark, used in ((pytest.mark.needs_limits, LIMITS.search(code)),
-                                        (pytest.mark.needs_root, "user=False" in code)) if used]
+        marks = [mark for mark, used in ((pytest.mark.needs_limits, LIMITS.search(code)),
+                                         (pytest.mark.needs_root, "user=False" in code)) if used]
+        for recipe, (packages, installed) in SERVERS.items():
+            if f'recipe="{recipe}"' in code and not installed():
+                marks.append(pytest.mark.skip(reason=f"needs the Debian packages {packages}, "
+                                                     "which this host lacks"))
+        return marks
     return [pytest.param(code, marks=marks(code)) for code in examples]
 
 
