@@ -359,8 +359,12 @@ class Launcher:
 
     def _lose_zygote(self, error: ZygoteGone) -> None:
         """A native zygote is replaced (its spares are our only way to keep Python out of
-        containers, and starting one costs one posix_spawn); a Python one is not."""
+        containers, and starting one costs one posix_spawn); a Python one is not, nor a
+        native one that died before its first answer (it would die again: one dead zygote
+        and one restart per container)."""
         if self.zygote is not None:  # we are the first to find it gone
+            if self.native is not None and not self.zygote.answered:
+                self.native = None
             print(f"minictr launcher: the zygote is gone ({error}); "
                   f"{'starting another' if self.native else 'forking spares here'}",
                   file=sys.stderr)

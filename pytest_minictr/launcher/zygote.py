@@ -55,6 +55,7 @@ class Zygote:
         finally:
             theirs.close()
         self._sock = ours
+        self.answered = 0  # orders answered with a pid: 0 when it died, it never worked
 
     def order(self, channel: int, cgroup: Cgroup) -> None:
         """Ask for a spare, PID 1 of a new PID namespace in `cgroup`, given `channel` (a copy
@@ -76,6 +77,7 @@ class Zygote:
         reply, _ = received
         if "pid" not in reply:
             raise OSError(reply["errno"], reply["error"])
+        self.answered += 1
         return reply["pid"]
 
     def close(self) -> None:
