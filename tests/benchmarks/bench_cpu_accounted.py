@@ -8,7 +8,7 @@ launcher and what it reaped (spare inits, keepers, exec helpers, and the command
 the zygote; and, for bwrap, the caller and what it reaped (bwrap and its command). Kernel
 threads are left out on both sides, so it holds on a shared machine too.
 
-    python tests/benchmarks/bench_cpu_accounted.py [--runs 200]
+    python tests/benchmarks/bench_cpu_accounted.py [--runs 200] [--parts]
 """
 
 from __future__ import annotations
@@ -61,18 +61,19 @@ def _cmdline(pid: str) -> bytes:
         return b""
 
 
-def measure_minictr(rootfs, runs: int, switch: str) -> float:
-    """ms of CPU per start: caller, launcher (and all it reaped), zygote."""
+def measure_minictr(rootfs, runs: int, switch: str, **keywords) -> float:
+    """ms of CPU per start: caller, launcher (and all it reaped), zygote; `keywords` for
+    run() (the variants that show what a part of the setup costs)."""
     os.environ["MINICTR_NATIVE"] = switch
     with ContainerRuntime() as runtime:
         for _ in range(5):
-            runtime.run(rootfs, ["echo", "hi"]).wait()
+            runtime.run(rootfs, ["echo", "hi"], **keywords).wait()
         launchers, zygotes = launcher_and_zygote()
         before = (process_cpu_s(os.getpid(), False)
                   + sum(process_cpu_s(pid, True) for pid in launchers)
                   + sum(process_cpu_s(pid, False) for pid in zygotes))
         for _ in range(runs):
-            runtime.run(rootfs, ["echo", "hi"]).wait()
+            runtime.run(rootfs, ["echo", "hi"], **keywords).wait()
         after = (process_cpu_s(os.getpid(), False)
                  + sum(process_cpu_s(pid, True) for pid in launchers)
                  + sum(process_cpu_s(pid, False) for pid in zygotes))
@@ -91,19 +92,27 @@ def measure_bwrap(rootfs, runs: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--parts", action="store_true",
+                        help="also the native core without the user namespace, and without seccomp")
     args = parser.parse_args()
     cache = tempfile.mkdtemp(prefix="minictr-bench-")
     try:
         rootfs = RootfsBuilder(cache_dir=cache).build(binaries=["echo"])
         figures = {"minictr native": measure_minictr(rootfs, args.runs, "1"),
                    "minictr python": measure_minictr(rootfs, args.runs, "0")}
+        if args.parts:
+            # what the user namespace (with its idmapped base), then seccomp, cost on top of
+            # the rest: each variant drops one more
+            figures["native user=False"] = measure_minictr(rootfs, args.runs, "1", user=False)
+            figures["  and seccomp=False"] = measure_minictr(rootfs, args.runs, "1", user=False,
+                                                             seccomp=False)
         if shutil.which("bwrap"):
             figures["bwrap"] = measure_bwrap(rootfs, args.runs)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     print(f"CPU per start, counted per process ({args.runs} runs each, ms):")
     for name, value in figures.items():
-        print(f"  {name:16} {value:6.2f}")
+        print(f"  {name:20} {value:6.2f}")
     if "bwrap" in figures:
         for name in ("minictr native", "minictr python"):
             print(f"ratio {name}/bwrap: {figures[name] / figures['bwrap']:.2f}")
