@@ -155,6 +155,7 @@ def test_ends_the_user_did_not_ask_for_get_one_line(cache_dir):
     assert (ordinary.returncode, ordinary.stderr) == (5, b"")
 
 
+@pytest.mark.needs_limits
 def test_an_oom_kill_names_the_limit_and_the_peak(cache_dir):
     done = minictr("run", "--memory", "16M", "--", "sh", "-c",
                    "x=$(head -c 200000000 /dev/zero | tr '\\0' x); echo survived",

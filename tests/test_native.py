@@ -81,6 +81,7 @@ def inspect_pid_1(runtime, rootfs) -> dict[str, str]:
 
 
 @native_only
+@pytest.mark.needs_root
 def test_nothing_of_pid_1_names_a_host_path(runtime, rootfs, tmp_path):
     seen = inspect_pid_1(runtime, rootfs)
     assert seen["exe"] == "/memfd:minictr-init (deleted)"
@@ -95,6 +96,7 @@ def test_nothing_of_pid_1_names_a_host_path(runtime, rootfs, tmp_path):
 
 
 @native_only
+@pytest.mark.needs_root
 def test_a_killed_native_zygote_is_replaced_by_another(rootfs):
     import signal
     with ContainerRuntime() as runtime:
@@ -134,6 +136,7 @@ def _parent_of(pid: int) -> int:
         return 0
 
 
+@pytest.mark.needs_root
 def test_the_pure_python_path_runs_with_the_switch(rootfs, monkeypatch):
     monkeypatch.setenv(SWITCH, "0")
     with ContainerRuntime() as fallback:

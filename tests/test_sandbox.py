@@ -295,6 +295,7 @@ def test_the_session_goes_on():
 """
 
 
+@pytest.mark.needs_limits
 def test_every_abnormal_end_is_a_failed_test_with_one_line(pytester):
     pytester.makepyfile(ENDS + REMEMBER_LAUNCHER.format(path=str(pytester.path / "pid")))
     result = run(pytester, "-rA")

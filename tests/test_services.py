@@ -69,6 +69,7 @@ def netns_of(pid: int) -> int:
 
 # --- published ports --------------------------------------------------------------------------
 
+@pytest.mark.needs_root
 def test_a_published_port_is_reached_on_the_callers_loopback(runtime, python_rootfs, no_leftovers):
     server = runtime.run(python_rootfs, [*HTTP, "8000"], ports=[8000], timeout=60)
     server.wait_for_port(8000, timeout=20)
@@ -126,6 +127,7 @@ def test_bad_ports_are_refused_before_anything_starts(runtime, rootfs, ports, me
         runtime.run(rootfs, ["true"], ports=ports)
 
 
+@pytest.mark.needs_root
 def test_a_host_port_in_use_is_one_clear_error_and_nothing_is_left(runtime, rootfs, no_leftovers):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -206,6 +208,7 @@ def test_wait_for_port_without_published_ports(runtime, python_rootfs):
 
 # --- pods -------------------------------------------------------------------------------------
 
+@pytest.mark.needs_root
 def test_a_client_container_reaches_a_server_container_in_its_pod(runtime, python_rootfs,
                                                                   no_leftovers):
     pod = runtime.pod(ports=[8000])
@@ -277,6 +280,7 @@ def needs(*programs: str) -> None:
             pytest.skip(f"{program} is not installed (ci/install-deps installs it)")
 
 
+@pytest.mark.needs_limits
 def test_postgresql_queried_with_psql(runtime, cache_dir):
     needs("psql")
     rootfs = RootfsBuilder(cache_dir=cache_dir).build(recipe="postgresql")
@@ -293,6 +297,7 @@ def test_postgresql_queried_with_psql(runtime, cache_dir):
         pg.stop()
 
 
+@pytest.mark.needs_limits
 def test_redis_queried_with_redis_cli(runtime, cache_dir):
     needs("redis-cli")
     rootfs = RootfsBuilder(cache_dir=cache_dir).build(recipe="redis")

@@ -47,6 +47,7 @@ def test_in_the_body(minictr_service):
 '''
 
 
+@pytest.mark.needs_limits
 def test_a_module_service_is_shared_stopped_after_and_logs_a_failure(pytester, cache_dir,
                                                                      tmp_path, monkeypatch):
     seen = tmp_path / "seen"
@@ -69,6 +70,7 @@ def test_a_module_service_is_shared_stopped_after_and_logs_a_failure(pytester, c
             assert sock.connect_ex((host, port)) != 0
 
 
+@pytest.mark.needs_limits
 def test_services_under_xdist_each_worker_its_own(pytester, cache_dir, tmp_path, monkeypatch):
     pytest.importorskip("xdist")
     seen = tmp_path / "seen"
