@@ -72,7 +72,6 @@ class NativeZygote(Zygote):
             theirs.close()
             os.close(memfd)
         self._sock = ours
-        self.answered = 0
 
     def order(self, channel: int, cgroup: Cgroup) -> None:
         self._send(b'{"spare":' + self._prepared_plan(cgroup) + b"}", (channel,))

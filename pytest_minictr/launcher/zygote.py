@@ -38,6 +38,8 @@ class ZygoteGone(LauncherError):
 class Zygote:
     """The launcher's side: the zygote's pid and our end of its socket."""
 
+    answered = 0  # orders answered with a pid: 0 when it died, it never worked
+
     def __init__(self, parent_pidfd: int, own_pid_namespace: int, keep: tuple[int, ...],
                  prepare: Callable[[], None], spare_main: Callable[[int, str | None], NoReturn]):
         """`prepare()` runs once in the zygote: what every spare inherits rather than does.
@@ -55,7 +57,6 @@ class Zygote:
         finally:
             theirs.close()
         self._sock = ours
-        self.answered = 0  # orders answered with a pid: 0 when it died, it never worked
 
     def order(self, channel: int, cgroup: Cgroup) -> None:
         """Ask for a spare, PID 1 of a new PID namespace in `cgroup`, given `channel` (a copy
