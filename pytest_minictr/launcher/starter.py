@@ -274,14 +274,14 @@ class Launcher:
                   keep: tuple[int, ...]) -> int:
         """Run a whole plan (a keeper's, an exec helper's) in a new child of ours: by the
         native zygote, else in a fork of ours. `keep`: fds the plan names besides `fds`."""
-        if isinstance(self.zygote, NativeZygote):
+        while isinstance(self.zygote, NativeZygote):  # (or the one that replaced it)
             while self.ordered:  # its answers come in order: the spares' first
                 self.spare_arrived()
-        if isinstance(self.zygote, NativeZygote):
-            try:
-                return self.zygote.run(plan.encode(steps), fds.all(), keep)
-            except ZygoteGone as gone:
-                self._lose_zygote(gone)
+            if isinstance(self.zygote, NativeZygote):
+                try:
+                    return self.zygote.run(plan.encode(steps), fds.all(), keep)
+                except ZygoteGone as gone:
+                    self._lose_zygote(gone)
         pid = os.fork()
         if pid == 0:
             run_plan(steps, fds, self.own_pidfd, keep)
@@ -327,8 +327,10 @@ class Launcher:
 
     def _take_spare(self) -> Spare:
         """A spare for a container starting now: the oldest, from the zygote if it has
-        one for us (or makes one now), else forked here."""
-        if not self.spares and self.zygote is not None:
+        one for us (or makes one now), else forked here. A zygote found gone on the way is
+        asked no more: the one that replaced it is (this ends: one that never answered is not
+        replaced, see _lose_zygote)."""
+        while not self.spares and self.zygote is not None:
             if not self.ordered:
                 self._order_spare()
             if self.ordered:  # (unless the zygote was found gone)
