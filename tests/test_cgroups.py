@@ -42,7 +42,7 @@ def backend() -> cgroups.CgroupBackend:
 @pytest.fixture
 def new_group(backend):
     """Makes groups for the test; afterwards kills and removes them, then checks that no
-    minictr-<our pid>-* directory is left in any hierarchy."""
+    minictr-<our pid>@* directory is left in any hierarchy."""
     made = []
 
     def make(limits: Limits = Limits(), name: str | None = None) -> cgroups.Cgroup:
@@ -55,7 +55,7 @@ def new_group(backend):
         group.kill()
         group.remove()
     left = [str(p) for parent in backend.parent_dirs
-            for p in Path(parent).glob(f"minictr-{os.getpid()}-*")]
+            for p in Path(parent).glob(f"minictr-{os.getpid()}@*")]
     left += [path for group in made for path in group.paths if os.path.exists(path)]
     assert not left, f"cgroups left behind: {left}"
 
@@ -140,7 +140,14 @@ def test_detect_picks_the_version_the_host_runs(backend):
 def test_group_names_must_carry_the_owner_pid(backend):
     with pytest.raises(ConfigError, match="group_name"):
         backend.create("../escape", Limits())
-    assert cgroups.owner_pid_of(cgroups.group_name("abc", owner_pid=42)) == 42
+
+
+def test_a_group_name_says_its_owner_and_the_pid_namespace_its_pid_means_something_in():
+    here = os.stat("/proc/self/ns/pid").st_ino
+    assert cgroups.owner_of(cgroups.group_name("a-1", owner_pid=42)) == cgroups.Owner(42, here)
+    assert cgroups.owner_of(cgroups.group_name("b", 7, pid_namespace=9)) == cgroups.Owner(7, 9)
+    assert cgroups.owner_of("minictr-42-abc") == cgroups.Owner(42, None)  # an older name
+    assert cgroups.owner_of("minictr-x") is None and cgroups.owner_of("minictr-4@-a") is None
 
 
 # --- limits and measurements -------------------------------------------------------------------
@@ -318,6 +325,35 @@ def test_reap_stale_takes_dead_owners_groups_only(backend, new_group, spawn):
     assert not [path for path in stale.paths if os.path.exists(path)]
     assert not is_running(orphan)
     assert all(os.path.isdir(path) for path in live.paths)
+    assert keeper.poll() is None
+
+
+def test_reap_stale_in_another_pid_namespace_kills_nothing_of_ours(backend, new_group, spawn):
+    # Seen from a new PID namespace (a CI job's container sharing the host's cgroupfs), our
+    # pid is no process: a reap that judged it there would remove the group a spare of ours
+    # is about to join, and try to kill our live container (whose pids read 0 there).
+    live = new_group()
+    keeper = spawn(live, ["sleep", "100"])
+    about_to_be_joined = new_group()
+    code = "from pytest_minictr.host import cgroups; print(cgroups.reap_stale())"
+    inner = subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-c", code],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert inner.returncode == 0 and not inner.stderr, inner.stderr
+    assert live.name not in inner.stdout and about_to_be_joined.name not in inner.stdout
+    assert all(os.path.isdir(path) for path in live.paths + about_to_be_joined.paths)
+    assert keeper.poll() is None
+
+
+def test_another_pid_namespaces_group_goes_only_once_empty_and_old(backend, new_group, spawn):
+    busy = new_group(name=cgroups.group_name("busy", pid_namespace=1))
+    keeper = spawn(busy, ["sleep", "100"])
+    empty = new_group(name=cgroups.group_name("empty", pid_namespace=1))
+
+    assert empty.name not in backend.reap_stale()  # young: its owner may be about to fill it
+    removed = backend.reap_stale(grace=0)
+
+    assert empty.name in removed and busy.name not in removed
+    assert not [path for path in empty.paths if os.path.exists(path)]
     assert keeper.poll() is None
 
 

@@ -42,7 +42,7 @@ def cgroups_of(launcher: int) -> list[str]:
     return [os.path.join(directory, name)
             for directory, subdirs, _ in os.walk("/sys/fs/cgroup")
             if os.path.basename(directory) == "minictr"
-            for name in subdirs if name.startswith(f"minictr-{launcher}-")]
+            for name in subdirs if name.startswith(f"minictr-{launcher}@")]
 
 
 @pytest.fixture

@@ -87,8 +87,8 @@ time.sleep(300)
 
 
 def groups_owned_by(pid: int) -> list[Path]:
-    return [*Path("/sys/fs/cgroup").glob(f"*/minictr/minictr-{pid}-*"),
-            *Path("/sys/fs/cgroup/minictr").glob(f"minictr-{pid}-*")]
+    return [*Path("/sys/fs/cgroup").glob(f"*/minictr/minictr-{pid}@*"),
+            *Path("/sys/fs/cgroup/minictr").glob(f"minictr-{pid}@*")]
 
 
 def test_groups_of_a_killed_launcher_are_reaped_by_the_next(rootfs):

@@ -299,7 +299,7 @@ def test_ctrl_c_stops_running_containers_and_cleans_up(pytester, cache_dir, tmp_
     assert pytest_run.returncode == pytest.ExitCode.INTERRUPTED, output
     assert not processes_with("3033.5")
     assert launcher is not None and not Path(f"/proc/{launcher}").exists()
-    assert not list(Path("/sys/fs/cgroup").glob(f"*/minictr/minictr-{launcher}-*"))
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/minictr/minictr-{launcher}@*"))
 
 
 def _child_launcher(parent: int) -> int | None:

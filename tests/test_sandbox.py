@@ -29,7 +29,7 @@ def launcher_groups(pid_file: Path) -> list[Path]:
     """The cgroups left by the launcher whose pid the inner session wrote to `pid_file`."""
     pid = pid_file.read_text().strip()
     return [group for parent in Path("/sys/fs/cgroup").glob("**/minictr")
-            for group in parent.glob(f"minictr-{pid}-*")]
+            for group in parent.glob(f"minictr-{pid}@*")]
 
 
 REMEMBER_LAUNCHER = """

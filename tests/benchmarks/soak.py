@@ -88,7 +88,7 @@ def accounting(launcher: int, cache: str) -> dict:
 
 def launcher_cgroups(launcher: int) -> list[str]:
     """The groups named after our launcher, in any hierarchy (under a `minictr` parent)."""
-    prefix = f"minictr-{launcher}-"
+    prefix = f"minictr-{launcher}@"
     return sorted(os.path.join(directory, name)
                   for directory, subdirs, _ in os.walk("/sys/fs/cgroup")
                   if os.path.basename(directory) == "minictr"

@@ -20,14 +20,14 @@ import sys
 
 from pytest_minictr.errors import MinictrError, UnsupportedError
 
-from .base import V1_CONTROLLERS, Cgroup, CgroupBackend, CgroupStats, group_name, owner_pid_of
+from .base import V1_CONTROLLERS, Cgroup, CgroupBackend, CgroupStats, Owner, group_name, owner_of
 from .mounts import CgroupMount, parse_cgroup_mounts, read_cgroup_mounts
 from .null import NullBackend, NullCgroup
 from .v1 import V1Backend
 from .v2 import V2Backend
 
 __all__ = ["Cgroup", "CgroupBackend", "CgroupMount", "CgroupStats", "NullBackend", "NullCgroup",
-           "detect", "detect_or_null", "group_name", "owner_pid_of", "parse_cgroup_mounts",
+           "Owner", "detect", "detect_or_null", "group_name", "owner_of", "parse_cgroup_mounts",
            "reap_stale"]
 
 

@@ -26,8 +26,11 @@ from pytest_minictr.host.proc import read_stat
 from pytest_minictr.spec import Limits
 
 PARENT_NAME = "minictr"          # our one directory under each hierarchy's root
-GROUP_PREFIX = "minictr-"        # per container: minictr-<launcher pid>-<serial>
-_GROUP_NAME_RE = re.compile(r"^minictr-(\d+)-[A-Za-z0-9_.-]+$")
+GROUP_PREFIX = "minictr-"        # per container: minictr-<launcher pid>@<its PID ns>-<serial>
+_GROUP_NAME_RE = re.compile(r"^minictr-(\d+)(?:@(\d+))?-[A-Za-z0-9_.-]+$")
+# seconds: a group of another PID namespace's launcher is only removed once empty and this
+# old (see reap_stale): a young empty one may be a spare's, about to be joined.
+FOREIGN_GRACE = 60.0
 
 CPU_PERIOD_US = 100_000          # cpus=0.25 -> 25 000 us of CPU every 100 000 us
 REMOVE_TIMEOUT = 2.0             # seconds rmdir keeps retrying EBUSY
@@ -54,21 +57,46 @@ class CgroupStats:
 
 # --- names ------------------------------------------------------------------------------------
 
-def group_name(container_id: str, owner_pid: int | None = None) -> str:
-    """The cgroup name of a container; the owner (launcher) pid lets `reap_stale` find orphans."""
-    return f"{GROUP_PREFIX}{os.getpid() if owner_pid is None else owner_pid}-{container_id}"
+@dataclass(frozen=True)
+class Owner:
+    """The launcher a group name names: its pid, as seen in its PID namespace (the inode of
+    /proc/<pid>/ns/pid; None in a name made before names carried it)."""
+
+    pid: int
+    pid_namespace: int | None
 
 
-def owner_pid_of(name: str) -> int | None:
-    """The launcher pid encoded in a group name, or None if the name is not one of ours."""
+def group_name(container_id: str, owner_pid: int | None = None,
+               pid_namespace: int | None = None) -> str:
+    """The cgroup name of a container. Its owner (the launcher: this process unless said) and
+    that owner's PID namespace let `reap_stale` find orphans: a pid means something only in
+    its own namespace, and launchers in containers may share the host's cgroupfs."""
+    pid = os.getpid() if owner_pid is None else owner_pid
+    namespace = own_pid_namespace() if pid_namespace is None else pid_namespace
+    return f"{GROUP_PREFIX}{pid}@{namespace}-{container_id}"
+
+
+def owner_of(name: str) -> Owner | None:
+    """The launcher a group name names, or None if the name is not one of ours."""
     match = _GROUP_NAME_RE.match(name)
-    return int(match.group(1)) if match else None
+    if match is None:
+        return None
+    return Owner(int(match.group(1)), None if match.group(2) is None else int(match.group(2)))
+
+
+def own_pid_namespace() -> int:
+    """Our PID namespace's inode (0 where /proc cannot tell)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def check_group_name(name: str) -> None:
-    if owner_pid_of(name) is None:
-        raise ConfigError(f"cgroup name {name!r}: expected 'minictr-<launcher pid>-<id>' "
-                          "(id of letters, digits, '_', '.', '-'); use cgroups.group_name()")
+    if owner_of(name) is None:
+        raise ConfigError(f"cgroup name {name!r}: expected 'minictr-<launcher pid>@<its PID "
+                          "namespace>-<id>' (id of letters, digits, '_', '.', '-'); use "
+                          "cgroups.group_name()")
 
 
 def process_is_alive(pid: int) -> bool:
@@ -342,31 +370,62 @@ class CgroupBackend(abc.ABC):
             except OSError:
                 pass
 
-    def reap_stale(self) -> list[str]:
+    def reap_stale(self, grace: float = FOREIGN_GRACE) -> list[str]:
         """Kill and remove the groups whose owner launcher is dead; returns their names.
 
-        Groups of live launchers (pytest-xdist runs several) are left alone. A group that
-        cannot be removed (a task stuck in the kernel) is reported as a warning, not raised:
-        it belongs to nobody, and blocking every later launcher on it would help nobody.
+        Groups of live launchers (pytest-xdist runs several) are left alone. Only a launcher
+        of our own PID namespace can be judged: its pid means the same here. One in another
+        namespace (a CI job in a container that shares this host's cgroupfs, or the host seen
+        from such a job) is never killed, whatever its pid is here; its group is removed once
+        empty and older than `grace` seconds (when a PID namespace ends, the kernel kills all
+        in it, so a dead namespace's groups are empty). A group that cannot be removed (a task
+        stuck in the kernel) is reported as a warning, not raised: it belongs to nobody, and
+        blocking every later launcher on it would help nobody.
         """
-        stale = set()
-        for parent in self.parent_dirs:
-            try:
-                entries = os.listdir(parent)
-            except FileNotFoundError:
-                continue
-            for entry in entries:
-                owner = owner_pid_of(entry)
-                if owner is not None and not process_is_alive(owner):
-                    stale.add(entry)
+        here = own_pid_namespace()
         removed = []
-        for name in sorted(stale):
-            group = self.open(name)
-            try:
-                group.kill()
-                group.remove()
-            except MinictrError as e:
-                warnings.warn(f"stale cgroup left behind: {e}", RuntimeWarning, stacklevel=2)
-            else:
+        for name in sorted(self._group_names()):
+            owner = owner_of(name)
+            if owner.pid_namespace == here:
+                if not process_is_alive(owner.pid) and self._kill_and_remove(name):
+                    removed.append(name)
+            elif self._remove_if_empty_since(name, time.time() - grace):
                 removed.append(name)
         return removed
+
+    def _group_names(self) -> set[str]:
+        """The names of our groups under every parent."""
+        names = set()
+        for parent in self.parent_dirs:
+            try:
+                names.update(entry for entry in os.listdir(parent) if owner_of(entry))
+            except FileNotFoundError:
+                continue
+        return names
+
+    def _kill_and_remove(self, name: str) -> bool:
+        group = self.open(name)
+        try:
+            group.kill()
+            group.remove()
+        except MinictrError as e:
+            warnings.warn(f"stale cgroup left behind: {e}", RuntimeWarning, stacklevel=3)
+            return False
+        return True
+
+    def _remove_if_empty_since(self, name: str, made_before: float) -> bool:
+        """rmdir the group if it was made before `made_before` and holds no process (a pid
+        of a namespace we cannot see reads 0 in cgroup.procs: it counts); once, quietly (a
+        process that joins meanwhile makes rmdir fail, and the group is its owner's)."""
+        paths = [path for path in self.open(name).paths if os.path.isdir(path)]
+        try:
+            if any(os.stat(path).st_mtime > made_before or list_processes(path)
+                   for path in paths):
+                return False
+            for path in paths:
+                os.rmdir(path)
+        except FileNotFoundError:
+            pass  # removed meanwhile (by its owner)
+        except OSError:
+            return False
+        return True

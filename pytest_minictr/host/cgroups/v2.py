@@ -1,6 +1,6 @@
 """cgroup v2, the unified hierarchy: one leaf directory per container.
 
-Layout: `<base>/minictr/minictr-<launcher pid>-<n>`. The `minictr` parent holds no process
+Layout: `<base>/minictr/minictr-<launcher pid>@<its PID namespace>-<n>`. The `minictr` parent holds no process
 (the kernel's no-internal-process rule) and enables in its `cgroup.subtree_control` the
 controllers we use (memory, cpu, pids) that its base passes down. As root the base is the
 hierarchy's root, whose `cgroup.subtree_control` belongs to the host: we read it and never
