@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pytest_minictr import ContainerRuntime, RootfsBuilder
+from pytest_minictr.host import cgroups
 from pytest_minictr.plugin import layer_parent
 
 # A run started in the background from a non-interactive shell (`nohup tox &`, some CI
@@ -49,7 +50,7 @@ def _container_cgroups() -> set[str]:
     for parent in [*Path("/sys/fs/cgroup").glob("*/minictr"), Path("/sys/fs/cgroup/minictr")]:
         try:
             groups = [parent / name for name in os.listdir(parent)
-                      if name.startswith("minictr-") and int(name.split("-")[1]) in ours]
+                      if (owner := cgroups.owner_of(name)) is not None and owner.pid in ours]
         except OSError:
             continue  # no such parent, or removed while we looked
         for group in groups:
