@@ -143,8 +143,8 @@ def build_filter(allowed: tuple[str, ...], arch: Architecture) -> bytes:
     The call number is looked up in a search tree (a few JGE splits down to leaves of up to
     LEAF comparisons), not a chain of comparisons: when a filter is installed the kernel
     (5.11+) runs it once for each of the ~460 call numbers, under a spinlock, to cache those
-    it always allows. With the chain that took ~80 us of every container start (each allowed
-    number walked all 60 comparisons); with the tree, ~35 us. Calls filtered on an argument
+    it always allows. With the chain that took ~70 us of every container start (each allowed
+    number walked all 60 comparisons); with the tree, ~30 us. Calls filtered on an argument
     end in a block that loads it. Every jump goes forward (a BPF rule), to shared returns."""
     bpf = _Assembler()
     bpf.load(OFFSET_ARCH)
