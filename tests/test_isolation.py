@@ -46,12 +46,15 @@ def test_a_hostname_changed_inside_stays_inside(runtime, rootfs):
 
 @pytest.mark.parametrize("network, lo_up", [("none", False), ("loopback", True)])
 def test_network_namespace_has_only_loopback(runtime, rootfs, network, lo_up):
-    out = run(runtime, rootfs, "cat /proc/net/dev; echo ---; cat /proc/net/fib_trie",
-              network=network)
-    devices, routes = out.split("---")
+    # (the spare brings lo up ahead; "none" must still look like a fresh namespace)
+    out = run(runtime, rootfs, "cat /proc/net/dev; echo ---; cat /proc/net/fib_trie; echo ---;"
+              " cat /proc/net/if_inet6 2>/dev/null", network=network)
+    devices, routes, addresses6 = out.split("---")
     interfaces = [line.split(":")[0].strip() for line in devices.splitlines()[2:]]
     assert interfaces == ["lo"]
     assert ("127.0.0.1" in routes) == lo_up  # lo has its address only once it is up
+    if os.path.exists("/proc/net/if_inet6"):  # (not on a kernel booted without IPv6)
+        assert ("00000000000000000000000000000001" in addresses6) == lo_up
 
 
 def test_ipc_namespace_hides_host_sysv_objects(runtime, rootfs):

@@ -20,6 +20,7 @@ from pytest_minictr.container.plan import (
     Ref,
     Step,
     Where,
+    bring_up_loopback,
     capability_mask,
     install_seccomp,
     join_cgroup,
@@ -86,7 +87,8 @@ def body_namespaces(where: Where, joined: tuple[int, ...]) -> tuple[Step, ...]:
             Step("user namespace", "write uid/gid maps", "map_own_ids",
                  (os.geteuid(), os.getegid())),
             Step("namespaces", "unshare namespaces", "unshare",
-                 (linux.CLONE_NEWPID | linux.CLONE_NEWNS | OTHER_NAMESPACES,)))
+                 (linux.CLONE_NEWPID | linux.CLONE_NEWNS | OTHER_NAMESPACES,)),
+            bring_up_loopback())
 
 
 def body_view(view: BodyView, where: Where) -> tuple[Step, ...]:

@@ -24,6 +24,7 @@ ACTIONS: dict[str, Callable[..., Any]] = {
     "setns": linux.setns,
     "set_dumpable": linux.set_dumpable,
     "set_link_up": linux.set_link_up,
+    "take_loopback_down": linux.take_loopback_down,
     "set_hostname": socket.sethostname,
     "chdir": os.chdir,
     "nothing": lambda: None,

@@ -68,6 +68,7 @@ KEYCTL_JOIN_SESSION_KEYRING = 1
 # ioctl on a socket, struct ifreq: 16-byte name then a short of flags
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
+SIOCSIFADDR = 0x8916
 IFF_UP = 0x1
 
 # glibc has no wrapper for pivot_root, so it goes through syscall(2) by number.
@@ -308,6 +309,19 @@ def read_file(path: str) -> str:
     finally:
         os.close(fd)
     return b"".join(chunks).decode(errors="surrogateescape")
+
+
+def take_loopback_down() -> None:
+    """Undo set_link_up("lo") in a new network namespace: down, and without the 127.0.0.1 its
+    coming up gave it (down alone leaves the address routed to a dead device: a connect
+    there hangs instead of failing). ::1 goes with the down. As the namespace was made.
+    (IPv4 has no SIOCDIFADDR: setting 0.0.0.0 is how an address is removed by ioctl.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags & ~IFF_UP))
+        no_address = struct.pack("=H14x", socket.AF_INET)
+        fcntl.ioctl(sock, SIOCSIFADDR, struct.pack("16s16s8x", b"lo", no_address))
 
 
 def set_link_up(name: str) -> None:

@@ -7,6 +7,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <net/if.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -120,6 +122,7 @@ int do_nothing(call *c);
 int do_set_hostname(call *c);
 int set_link_up(const char *name);
 int do_set_link_up(call *c);
+int do_take_loopback_down(call *c);
 int do_open_low_ports_and_ping(call *c);
 int do_own_network(call *c);
 int do_map_own_ids(call *c);

@@ -229,6 +229,7 @@ int do_renew_stage_if_stale(call *c);
 static const struct { const char *name; int (*run)(call *); } actions[] = {
     {"write_file", do_write_file}, {"unshare", do_unshare}, {"setns", do_setns},
     {"set_dumpable", do_set_dumpable}, {"set_link_up", do_set_link_up},
+    {"take_loopback_down", do_take_loopback_down},
     {"set_hostname", do_set_hostname}, {"chdir", do_chdir}, {"nothing", do_nothing},
     {"open_low_ports_and_ping", do_open_low_ports_and_ping}, {"own_network", do_own_network},
     {"map_own_ids", do_map_own_ids}, {"wait_for_id_maps", do_wait_for_id_maps},

@@ -66,6 +66,31 @@ int set_link_up(const char *name) {
 
 int do_set_link_up(call *c) { return set_link_up(STR(0)); }
 
+/* See linux.take_loopback_down: as a new network namespace has it. */
+int do_take_loopback_down(call *c) {
+    (void)c;
+    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (sock < 0) return -1;
+    struct ifreq request = {0};
+    snprintf(request.ifr_name, IFNAMSIZ, "lo");
+    int result = ioctl(sock, SIOCGIFFLAGS, &request);
+    if (result == 0) {
+        request.ifr_flags &= ~IFF_UP;
+        result = ioctl(sock, SIOCSIFFLAGS, &request);
+    }
+    if (result == 0) {
+        struct sockaddr_in *address = (struct sockaddr_in *)&request.ifr_addr;
+        memset(&request.ifr_ifru, 0, sizeof request.ifr_ifru);
+        address->sin_family = AF_INET;
+        address->sin_addr.s_addr = htonl(INADDR_ANY);  /* 0.0.0.0 removes it (no SIOCDIFADDR) */
+        result = ioctl(sock, SIOCSIFADDR, &request);
+    }
+    int saved = errno;
+    close(sock);
+    errno = saved;
+    return result;
+}
+
 int do_open_low_ports_and_ping(call *c) {
     (void)c;
     if (write_file("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0") < 0) return -1;
