@@ -317,9 +317,7 @@ def take_loopback_down() -> None:
     there hangs instead of failing). ::1 goes with the down. As the namespace was made.
     (IPv4 has no SIOCDIFADDR: setting 0.0.0.0 is how an address is removed by ioctl.)"""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        request = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
-        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags & ~IFF_UP))
+        _set_link_flag(sock, "lo", up=False)
         no_address = struct.pack("=H14x", socket.AF_INET)
         fcntl.ioctl(sock, SIOCSIFADDR, struct.pack("16s16s8x", b"lo", no_address))
 
@@ -327,6 +325,11 @@ def take_loopback_down() -> None:
 def set_link_up(name: str) -> None:
     """Bring a network interface up in the current network namespace (`ip link set up`)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        request = struct.pack("16sH14x", name.encode(), 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
-        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", name.encode(), flags | IFF_UP))
+        _set_link_flag(sock, name, up=True)
+
+
+def _set_link_flag(sock: socket.socket, name: str, up: bool) -> None:
+    request = struct.pack("16sH14x", name.encode(), 0)
+    flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+    flags = flags | IFF_UP if up else flags & ~IFF_UP
+    fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", name.encode(), flags))

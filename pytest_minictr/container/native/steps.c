@@ -48,37 +48,19 @@ int do_chdir(call *c) { return chdir(STR(0)); }
 int do_nothing(call *c) { RETURN(NONE); }
 int do_set_hostname(call *c) { return sethostname(STR(0), strlen(STR(0))); }
 
-int set_link_up(const char *name) {
+/* IFF_UP set or cleared on `name`; taken down, it also loses its IPv4 address, as a new
+   network namespace has it (see linux.take_loopback_down). */
+static int set_link(const char *name, int up) {
     int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (sock < 0) return -1;
     struct ifreq request = {0};
     snprintf(request.ifr_name, IFNAMSIZ, "%s", name);
     int result = ioctl(sock, SIOCGIFFLAGS, &request);
     if (result == 0) {
-        request.ifr_flags |= IFF_UP;
+        request.ifr_flags = up ? request.ifr_flags | IFF_UP : request.ifr_flags & ~IFF_UP;
         result = ioctl(sock, SIOCSIFFLAGS, &request);
     }
-    int saved = errno;
-    close(sock);
-    errno = saved;
-    return result;
-}
-
-int do_set_link_up(call *c) { return set_link_up(STR(0)); }
-
-/* See linux.take_loopback_down: as a new network namespace has it. */
-int do_take_loopback_down(call *c) {
-    (void)c;
-    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (sock < 0) return -1;
-    struct ifreq request = {0};
-    snprintf(request.ifr_name, IFNAMSIZ, "lo");
-    int result = ioctl(sock, SIOCGIFFLAGS, &request);
-    if (result == 0) {
-        request.ifr_flags &= ~IFF_UP;
-        result = ioctl(sock, SIOCSIFFLAGS, &request);
-    }
-    if (result == 0) {
+    if (result == 0 && !up) {
         struct sockaddr_in *address = (struct sockaddr_in *)&request.ifr_addr;
         memset(&request.ifr_ifru, 0, sizeof request.ifr_ifru);
         address->sin_family = AF_INET;
@@ -89,6 +71,15 @@ int do_take_loopback_down(call *c) {
     close(sock);
     errno = saved;
     return result;
+}
+
+int set_link_up(const char *name) { return set_link(name, 1); }
+
+int do_set_link_up(call *c) { return set_link_up(STR(0)); }
+
+int do_take_loopback_down(call *c) {
+    (void)c;
+    return set_link("lo", 0);
 }
 
 int do_open_low_ports_and_ping(call *c) {
