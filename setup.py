@@ -13,7 +13,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 NATIVE_SOURCES = [f"pytest_minictr/container/native/{name}.c"
-                  for name in ("minictr_init", "plan", "steps", "mounts", "command")]
+                  for name in ("minictr_init", "executor", "steps", "mounts", "command")]
 NATIVE_PROGRAM = "minictr-init"
 
 

@@ -22,7 +22,7 @@ _EXPORTS = {
                "UnsupportedError"],
     "rootfs.builder": ["RootfsBuilder"],
     "caller.runtime": ["Container", "ContainerRuntime"],
-    "caller.services": ["Pod"],
+    "caller.pods": ["Pod"],
     "caller.result": ["ContainerProcessError", "ContainerStatus", "Result", "WaitTimeoutError"],
     "spec": ["ContainerSpec", "Limits", "Mount", "parse_size"],
 }

@@ -35,7 +35,7 @@ class Choice:
         return f"{self.path.value} ({self.reason})"
 
 
-def native_path(program: str = PROGRAM) -> Choice:
+def setup_path(program: str = PROGRAM) -> Choice:
     """The path containers take from a launcher started with this environment."""
     if os.environ.get(SWITCH, "1") == "0":
         return Choice(SetupPath.PYTHON, f"{SWITCH}=0")
@@ -79,4 +79,4 @@ def why_it_cannot_run(program: str) -> str | None:
 
 def native_program() -> str | None:
     """The native core's program, if containers are to use it."""
-    return PROGRAM if native_path().path is SetupPath.NATIVE else None
+    return PROGRAM if setup_path().path is SetupPath.NATIVE else None

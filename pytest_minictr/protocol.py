@@ -115,7 +115,7 @@ class ReplyReader:
 #                and all it left are reaped; {"init": wait_status} from a keeper.
 
 # The keys a report may hold and the type of each: a line with anything else is dropped (the
-# command may have written it, see container.init.be_init), never trusted or fatal.
+# command may have written it, see container.init.run_command_as_init), never trusted or fatal.
 _REPORT_TYPES = {"command": int, "init": int, "pid": int, "cpu_time": (int, float),
                  "error": dict}
 

@@ -36,8 +36,8 @@ def test_version_names_the_package_the_setup_path_the_cgroups_and_the_kernel():
     done = minictr("--version")
     assert done.returncode == 0, done.stderr
     line = done.stdout.decode()
-    from pytest_minictr.native import native_path
-    assert line.startswith("minictr 0.") and f"setup: {native_path().path.value}" in line
+    from pytest_minictr.native import setup_path
+    assert line.startswith("minictr 0.") and f"setup: {setup_path().path.value}" in line
     assert "cgroups: " in line and f"kernel: {platform.release()}" in line
 
 

@@ -12,12 +12,12 @@ import pytest
 
 from pytest_minictr import CommandNotFoundError, ContainerRuntime, ContainerSetupError
 from pytest_minictr.container import body_plan, executor, plan
-from pytest_minictr.native import PROGRAM, SWITCH, SetupPath, native_path, why_it_cannot_run
+from pytest_minictr.native import PROGRAM, SWITCH, SetupPath, setup_path, why_it_cannot_run
 from pytest_minictr.spec import Mount
 
 native_only = pytest.mark.skipif(
-    native_path().path is not SetupPath.NATIVE,
-    reason=f"the native core is not in use here ({native_path()})")
+    setup_path().path is not SetupPath.NATIVE,
+    reason=f"the native core is not in use here ({setup_path()})")
 
 
 def native_actions() -> set[str]:
@@ -47,11 +47,11 @@ def test_plans_name_only_actions_both_executors_know(rootfs):
 
 def test_the_switch_and_the_build_decide_the_path(monkeypatch):
     monkeypatch.setenv(SWITCH, "0")
-    assert native_path().path is SetupPath.PYTHON and SWITCH in native_path().reason
+    assert setup_path().path is SetupPath.PYTHON and SWITCH in setup_path().reason
     monkeypatch.delenv(SWITCH)
     runs = os.access(PROGRAM, os.X_OK) and why_it_cannot_run(PROGRAM) is None
     expected = SetupPath.NATIVE if runs else SetupPath.PYTHON
-    assert native_path().path is expected
+    assert setup_path().path is expected
 
 
 def test_a_core_the_loader_refuses_leaves_the_python_path_and_says_why(tmp_path, monkeypatch):
@@ -61,7 +61,7 @@ def test_a_core_the_loader_refuses_leaves_the_python_path_and_says_why(tmp_path,
     program.write_text("#!/bin/sh\necho \"minictr-init: version 'GLIBC_2.99' not found\" >&2\n"
                        "exit 1\n")
     program.chmod(0o755)
-    choice = native_path(str(program))
+    choice = setup_path(str(program))
     assert choice.path is SetupPath.PYTHON
     assert "cannot run on this host" in choice.reason and "GLIBC_2.99" in choice.reason
 

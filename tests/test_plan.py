@@ -14,7 +14,7 @@ from pytest_minictr.container.executor import Executor
 from pytest_minictr.spec import make_spec
 
 # What a child knows before its first step (see container.child).
-GIVEN_SLOTS = {"fds", "forwarder", "parent pidfd"}
+GIVEN_SLOTS = {"fds", "signal_proxy", "parent pidfd"}
 ROOT = plan.Where(cgroup_procs=("/sys/fs/cgroup/x/cgroup.procs",), userns_fd=7,
                   host_ids=(1_000_000_000, 1_000_000_000))
 ROOTLESS = plan.Where(rootless=True)

@@ -1,6 +1,6 @@
 """The caller's side of the launcher: start it once, send it requests, start a new one if it died.
 
-The caller (pytest, a CLI, a grader) never forks a container itself; see `forkserver`.
+The caller (pytest, a CLI, a grader) never forks a container itself; see `launcher.server`.
 Requests may come from several threads: one lock serialises each request with its reply.
 """
 

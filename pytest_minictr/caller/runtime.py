@@ -18,7 +18,7 @@ from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
 from pytest_minictr import errors, keywords
-from pytest_minictr.caller import services
+from pytest_minictr.caller import pods, readiness
 from pytest_minictr.caller.client import LauncherClient
 from pytest_minictr.caller.monitor import Monitor
 from pytest_minictr.caller.sandbox import SandboxLease
@@ -32,14 +32,14 @@ _FINISHED_KEPT = 1024   # statuses of collected containers remembered for runtim
 _ABORT_WAIT = 30.0      # seconds to wait for a killed container's end after an interrupt
 
 
-class Container(services.ServiceMethods):
+class Container(readiness.ServiceMethods):
     """A running (or finished) container. Use `wait()` for its Result; `stop()` to end it;
     `exec()` to run another command in it while it runs; `stats()` for its figures now;
-    `address(port)`, `wait_for_port()`, `wait_for_output()` for a server (`services`)."""
+    `address(port)`, `wait_for_port()`, `wait_for_output()` for a server (`readiness`)."""
 
     def __init__(self, runtime: "ContainerRuntime", container_id: str, pid: int,
                  spec: ContainerSpec, monitor: Monitor, exec_of: str | None = None,
-                 published: services.Published | None = None):
+                 published: pods.Published | None = None):
         self.id = container_id
         self.published = published or {}  # container port -> (host address, host port)
         self.pid = pid              # host pid of the container's init (of an exec: its command)
@@ -234,10 +234,10 @@ class ContainerRuntime:
         from values the plugin or the CLI checked at their own edge)."""
         return self._launch(spec, _check_input(input, stdin), stdin, stdout, stderr)
 
-    def pod(self, ports: Any = ()) -> services.Pod:
+    def pod(self, ports: Any = ()) -> pods.Pod:
         """A pod: containers run with `pod=` it share its network namespace and `ports`
         (published now, as for run(): [5432], {5432: 15432}...)."""
-        return services.make_pod(self, self._new_id(), ports)
+        return pods.make_pod(self, self._new_id(), ports)
 
     def status(self, container_id: str) -> ContainerStatus:
         """Status of a running container, or of one of the last 1024 finished."""
@@ -280,7 +280,7 @@ class ContainerRuntime:
                 raise _error_from_reply(reply["error"])
             monitor = Monitor(*pipes.take_parent_fds(input_data), spec.output_limit)
         container = Container(self, container_id, reply["pid"], spec, monitor, exec_of,
-                              services.published_of(reply.get("ports", ())))
+                              pods.published_of(reply.get("ports", ())))
         with self._lock:
             self._running[container_id] = container
         return container

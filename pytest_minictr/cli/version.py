@@ -6,17 +6,17 @@ from __future__ import annotations
 import os
 
 
-def setup_path() -> str:
+def setup_path_name() -> str:
     """'native' (the native core, minictr-init) or 'python' (the fallback): see
     pytest_minictr.native, which the doctor and the report header ask too."""
-    from pytest_minictr.native import native_path
-    return native_path().path.value
+    from pytest_minictr import native
+    return native.setup_path().path.value
 
 
 def version_text() -> str:
     from pytest_minictr.host import cgroups  # not at import: --version is the only user
     backend = cgroups.detect_or_null(prepare=False)
-    return (f"minictr {_package_version()} (setup: {setup_path()}; cgroups: "
+    return (f"minictr {_package_version()} (setup: {setup_path_name()}; cgroups: "
             f"{getattr(backend, 'name', 'none')}; kernel: {os.uname().release})")
 
 

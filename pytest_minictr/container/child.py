@@ -15,19 +15,19 @@ from pytest_minictr import protocol
 from pytest_minictr.container import plan
 from pytest_minictr.container.executor import Executor
 from pytest_minictr.container.failure import exit_reporting, report_failure
-from pytest_minictr.container.init import ChildFds, SignalForwarder, die_with_parent
+from pytest_minictr.container.init import ChildFds, SignalProxy, die_with_parent
 
 
 def run_spare(channel: int, parent_pidfd: int, prepared_ahead: tuple[plan.Step, ...],
-              keep: tuple[int, ...], forwarder: SignalForwarder) -> NoReturn:
+              keep: tuple[int, ...], signal_proxy: SignalProxy) -> NoReturn:
     """A spare init, PID 1 of its PID namespace: carries out the steps that need no spec now,
     then waits on `channel` for the rest of its plan and the container's descriptors. A
-    failure is kept until there is a setup pipe to report it on. `forwarder`: inherited from
+    failure is kept until there is a setup pipe to report it on. `signal_proxy`: inherited from
     the zygote, installed already; `keep`: fds the plan names (the user namespace's)."""
     code, fds = 1, None
     try:
         die_with_parent(parent_pidfd, (channel, *keep))
-        executor = Executor(forwarder=forwarder, **{"parent pidfd": parent_pidfd})
+        executor = Executor(signal_proxy=signal_proxy, **{"parent pidfd": parent_pidfd})
         try:
             executor.run(prepared_ahead)
             early_failure = None
@@ -61,4 +61,4 @@ def run_plan(steps: tuple[plan.Step, ...], fds: ChildFds, parent_pidfd: int,
 def _carry_out(steps: tuple[plan.Step, ...], fds: ChildFds, parent_pidfd: int,
                keep: tuple[int, ...]) -> None:
     die_with_parent(parent_pidfd, fds.all() + keep)
-    Executor(fds=fds, forwarder=None, **{"parent pidfd": parent_pidfd}).run(steps)
+    Executor(fds=fds, signal_proxy=None, **{"parent pidfd": parent_pidfd}).run(steps)

@@ -35,7 +35,7 @@ ACTIONS: dict[str, Callable[..., Any]] = {
     "fork_init_under_keeper": userns.fork_init_under_keeper,
     "enter_user_namespace": userns.enter_user_namespace,
     "arm_parent_death_signal": init.arm_parent_death_signal,
-    "install_signal_forwarder": init.SignalForwarder,
+    "install_signal_proxy": init.SignalProxy,
     "watch_host_mounts": mounts.HostMountWatch,
     "make_mounts_private": mounts.make_mounts_private,
     "mount_stage": mounts.mount_stage,
@@ -72,7 +72,7 @@ ACTIONS: dict[str, Callable[..., Any]] = {
 
 class Executor:
     """Runs plan steps in order, keeping what they save. `slots`: values known before the
-    first step (the child's descriptors, its parent's pidfd, the signal forwarder)."""
+    first step (the child's descriptors, its parent's pidfd, the signal proxy)."""
 
     def __init__(self, **slots: Any):
         self.slots = slots

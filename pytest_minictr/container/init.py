@@ -58,11 +58,11 @@ class ChildFds:
 
 
 def run_command_as_init(argv: tuple[str, ...], env: tuple[tuple[str, str], ...], fds: ChildFds,
-                        forwarder: "SignalForwarder", terminal: bool = False) -> NoReturn:
+                        signal_proxy: "SignalProxy", terminal: bool = False) -> NoReturn:
     """PID 1's life once the container is built: spawn the command, reap until it exits,
     kill what it left, report its end, exit."""
     command_pid = spawn_command(argv, env, fds, terminal)
-    forwarder.start(command_pid)
+    signal_proxy.start(command_pid)
     for fd in fds.stdio() + (fds.setup,):
         os.close(fd)
     put_dev_null_on_stdio()
@@ -153,7 +153,7 @@ def spawn_on_terminal(program: str, argv: tuple[str, ...], env: dict[str, str],
     return pid
 
 
-class SignalForwarder:
+class SignalProxy:
     """Passes forwarded signals to the command. Signals stay blocked until the command's pid
     is known, so none arriving in between is lost (the command starts with an empty mask)."""
 

@@ -83,7 +83,7 @@ class Where:
     # (subordinate ids); None: the keeper maps our own uid alone.
     id_maps: tuple[int, int] | None = None
     # A pod's later container shares the network namespace of the pod's first (see
-    # `launcher.networks`): its fd (as root, the slot the spare receives it in); without
+    # `launcher.pods`): its fd (as root, the slot the spare receives it in); without
     # root also the user namespace that owns it, which must be joined first.
     pod_netns: "int | Ref | None" = None
     pod_userns: int | None = None
@@ -115,7 +115,7 @@ def run_command(spec: ContainerSpec) -> Step:
     # way out of any root), in a new session (no terminal of ours to push input into:
     # CVE-2017-5226), with default signal dispositions.
     return Step("exec", "run the command", "run_command_as_init",
-                (spec.argv, spec.env, Ref("fds"), Ref("forwarder"), spec.terminal))
+                (spec.argv, spec.env, Ref("fds"), Ref("signal_proxy"), spec.terminal))
 
 
 def exec_plan(spec: ContainerSpec, where: Where, namespaces: tuple[int | None, ...]
@@ -168,9 +168,9 @@ def enter_namespaces(where: Where) -> tuple[Step, ...]:
             # The keeper stays outside the new PID namespace, holding it and the others;
             # its child is PID 1 there, and carries out the rest of the plan.
             Step("namespaces", "fork the init", "fork_init_under_keeper", (Ref("fds"),)),
-            # (as root, a spare inherits its forwarder from the zygote, made once)
-            Step("namespaces", "forward signals to the command", "install_signal_forwarder",
-                 saves="forwarder"))
+            # (as root, a spare inherits its signal proxy from the zygote, made once)
+            Step("namespaces", "forward signals to the command", "install_signal_proxy",
+                 saves="signal_proxy"))
 
 
 def bring_up_loopback() -> Step:
@@ -193,8 +193,8 @@ def join_pod(where: Where) -> tuple[Step, ...]:
             Step("namespaces", "join the pod's network namespace", "setns",
                  (where.pod_netns, linux.CLONE_NEWNET)),
             Step("namespaces", "fork the init", "fork_init_under_keeper", (Ref("fds"),)),
-            Step("namespaces", "forward signals to the command", "install_signal_forwarder",
-                 saves="forwarder"))
+            Step("namespaces", "forward signals to the command", "install_signal_proxy",
+                 saves="signal_proxy"))
 
 
 def build_stage(where: Where) -> tuple[Step, ...]:

@@ -76,7 +76,7 @@ class Host:
             return str(os.geteuid())
 
     def setup_path(self) -> native.Choice:
-        return native.native_path()
+        return native.setup_path()
 
     def kernel(self) -> str:
         return platform.release()

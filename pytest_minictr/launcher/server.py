@@ -13,7 +13,7 @@ It speaks `protocol` over one socket. Requests, each answered in order:
                                          running container: then signalled, stopped and
                                          reported by its own `id`, like a container
   {"op": "stats", "id"}                -> {"ok", "stats": {...}}: the cgroup's figures now
-  {"op": "pod", "pod", "ports"}        -> {"ok", "ports"}: a pod, its ports bound (`networks`)
+  {"op": "pod", "pod", "ports"}        -> {"ok", "ports"}: a pod, its ports bound (`pods`)
   {"op": "end_pod", "pod"}             -> a pod no container joined goes (one ends with its last)
   {"op": "probe", "id", "port"}        -> {"ok", "errno"}: 0 if the port accepts inside
 A run's reply names the ports published for it (or its pod): [[port, host address, host port]].
@@ -39,9 +39,9 @@ from pytest_minictr import protocol
 from pytest_minictr.errors import ContainerNotFoundError, MinictrError
 from pytest_minictr.host.cgroups import Cgroup
 from pytest_minictr.launcher.life import ENDED_BY, WE_KILLED, Container, Happening
-from pytest_minictr.launcher.networks import Networks
+from pytest_minictr.launcher.pods import Pods
 from pytest_minictr.launcher.sandboxes import Sandbox
-from pytest_minictr.launcher.starter import ChildFds, ExecTarget, Launcher
+from pytest_minictr.launcher.starter import ChildFds, ExecTarget, Starter
 from pytest_minictr.ports import from_dicts
 from pytest_minictr.protocol import EndReport, SetupReport
 from pytest_minictr.spec import ContainerSpec, Limits
@@ -49,25 +49,25 @@ from pytest_minictr.spec import ContainerSpec, Limits
 SETUP_TIMEOUT = 60.0  # seconds a container may take from fork to exec before we give up
 
 
-class Forkserver:
+class Launcher:
     def __init__(self, control: socket.socket):
         self.control = control
         self.selector = selectors.DefaultSelector()
         self.selector.register(control, selectors.EVENT_READ)
         self.containers: dict[str, Container] = {}
         self.sandboxes: dict[str, Sandbox] = {}  # sandboxed test bodies (see `sandboxes`)
-        self.launcher = Launcher()
-        self.networks = Networks(self.launcher.rootless, self.launcher.own_pidfd)
+        self.starter = Starter()
+        self.pods = Pods(self.starter.rootless, self.starter.own_pidfd)
 
     def serve(self) -> None:
         while True:
             # A spare is made while nothing else waits for us and no container is between its
             # start and its end, so that it never competes with one for a CPU.
-            needs_spare = self.launcher.wants_spare() and all(
+            needs_spare = self.starter.wants_spare() and all(
                 c.ended for c in self.containers.values())
             events = self.selector.select(0 if needs_spare else self._seconds_to_next_deadline())
             if not events and needs_spare:
-                self.launcher.prepare_spare()  # only when nothing else waits for us
+                self.starter.prepare_spare()  # only when nothing else waits for us
             for key, _ in events:
                 if key.fileobj is self.control:
                     if not self._handle_request():
@@ -76,7 +76,7 @@ class Forkserver:
                 else:
                     handler, container = key.data
                     self._guarded(handler, container)
-            self.networks.start_due_forwarders()
+            self.pods.start_due_forwarders()
             self._fire_deadlines(time.monotonic())
 
     def _guarded(self, handler, container: Container) -> None:
@@ -120,37 +120,37 @@ class Forkserver:
         spec = ContainerSpec.from_dict(message["spec"])
         container_id = message["id"]
         try:
-            network = self.networks.for_run(container_id, spec)
+            pod = self.pods.for_run(container_id, spec)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        joins = network.namespaces if network is not None and network.joined else None
+        joins = pod.namespaces if pod is not None and pod.joined else None
         try:
             reply = self._start(container_id, spec, fds,
-                                lambda child_fds: self.launcher.start(spec, child_fds, joins))
+                                lambda child_fds: self.starter.start(spec, child_fds, joins))
         except BaseException:
-            self.networks.not_started(network)
+            self.pods.not_started(pod)
             raise
-        if not reply["ok"] or network is None:
-            self.networks.not_started(network)
+        if not reply["ok"] or pod is None:
+            self.pods.not_started(pod)
             return reply
-        ports = self.networks.started(network, container_id, self.containers[container_id].pid)
+        ports = self.pods.started(pod, container_id, self.containers[container_id].pid)
         return {**reply, "ports": ports}
 
     def _op_pod(self, message: dict, _fds) -> dict:
-        return {"ok": True, "ports": self.networks.make_pod(message["pod"],
+        return {"ok": True, "ports": self.pods.make_pod(message["pod"],
                                                            from_dicts(message["ports"]))}
 
     def _op_end_pod(self, message: dict, _fds) -> dict:
-        self.networks.end_pod(message["pod"])
+        self.pods.end_pod(message["pod"])
         return {"ok": True}
 
     def _op_probe(self, message: dict, _fds) -> dict:
         container = self._find_running(message["id"])
         if container is None:
             raise ContainerNotFoundError(f"container {message['id']!r} is not running")
-        return {"ok": True, "errno": self.networks.probe(container.id, container.pid,
+        return {"ok": True, "errno": self.pods.probe(container.id, container.pid,
                                                          int(message["port"]))}
 
     def _op_exec(self, message: dict, fds: list[int]) -> dict:
@@ -160,7 +160,7 @@ class Forkserver:
                 os.close(fd)
             raise ContainerNotFoundError(f"container {message['container']!r} is not running")
         spec = ContainerSpec.from_dict(message["spec"])
-        return self._start(message["id"], spec, fds, lambda child_fds: self.launcher.start_exec(
+        return self._start(message["id"], spec, fds, lambda child_fds: self.starter.start_exec(
             ExecTarget(target.pid, target.cgroup), spec, child_fds), exec_of=target.id)
 
     def _op_stats(self, message: dict, _fds) -> dict:
@@ -238,13 +238,13 @@ class Forkserver:
     def _op_sandbox(self, message: dict, fds: list[int]) -> dict:
         limits = Limits(**message["limits"])
         try:
-            if self.launcher.rootless:
-                cgroup, init_pid = self.launcher.sandbox_cgroup(limits), None
+            if self.starter.rootless:
+                cgroup, init_pid = self.starter.sandbox_cgroup(limits), None
                 release = cgroup.discard
             else:
-                spare = self.launcher.spare_for_body(limits)
+                spare = self.starter.spare_for_body(limits)
                 cgroup, init_pid = spare.cgroup, spare.pid
-                release = functools.partial(self.launcher.release_spare, spare)
+                release = functools.partial(self.starter.release_spare, spare)
         except BaseException:
             os.close(fds[0])
             raise
@@ -341,7 +341,7 @@ class Forkserver:
         event = {"returncode": returncode, "ended_by": ended_by,
                  "wall_time": time.monotonic() - container.started,
                  **_measurements(container.cgroup, report.cpu_time)}
-        self.networks.leave(container.id)
+        self.pods.leave(container.id)
         try:
             os.write(container.events, json.dumps(event).encode() + b"\n")
         except OSError:
@@ -360,8 +360,8 @@ class Forkserver:
             _kill_all(container)
         for container in list(self.containers.values()):
             self._on_exit(container)
-        self.networks.end_all()
-        self.launcher.shut_down()
+        self.pods.end_all()
+        self.starter.shut_down()
 
 
 def _error_reply(kind: str, message: str) -> dict:
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     # The caller decides what an interrupt means; a Ctrl-C must not kill us before we clean up.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=int(args[0]))
-    server = Forkserver(control)
+    server = Launcher(control)
     # Everything imported so far lives as long as we do: freezing it keeps the collector of a
     # forked child from touching (and so copying) those pages.
     gc.collect()

@@ -33,7 +33,7 @@ from typing import NoReturn
 from pytest_minictr import native, protocol
 from pytest_minictr.container import plan, seccomp
 from pytest_minictr.container.child import run_plan, run_spare
-from pytest_minictr.container.init import ChildFds, SignalForwarder
+from pytest_minictr.container.init import ChildFds, SignalProxy
 from pytest_minictr.container.plan import JOINED_NAMESPACES, Where
 from pytest_minictr.errors import (
     ContainerNotFoundError,
@@ -48,7 +48,7 @@ from pytest_minictr.launcher.native import NativeZygote
 from pytest_minictr.launcher.zygote import Zygote, ZygoteGone
 from pytest_minictr.spec import ContainerSpec, Limits
 
-PLANS_KEPT = 32  # specs whose plan is kept encoded (see Launcher._encoded_plan)
+PLANS_KEPT = 32  # specs whose plan is kept encoded (see Starter._encoded_plan)
 SPARE_READY_TIMEOUT = 60.0  # seconds a spare may take to build its namespaces and stage
 
 
@@ -82,11 +82,11 @@ class Started:
     keeper: bool = False
 
 
-class Launcher:
+class Starter:
     """Lives in the launcher process: starts containers and returns the pid to watch.
 
     What a container needs before its spec is known is done ahead, by spare inits that the
-    forkserver makes while it has nothing else to do: the fork, the namespaces, the signal
+    launcher makes while it has nothing else to do: the fork, the namespaces, the signal
     handlers, the mounts that do not depend on the spec (see `mounts`), and joining a cgroup.
     That last one matters most: moving a task between cgroups waits for an RCU grace period
     (about 2 ms per hierarchy here, five hierarchies on cgroup v1), which a spare pays in its
@@ -116,18 +116,18 @@ class Launcher:
             seccomp.host_filter()  # the default program, inherited by every init we fork
         self._serial = itertools.count(1)
         self._plans: dict[ContainerSpec, bytes] = {}  # see _encoded_plan, oldest first
-        self._forwarder: SignalForwarder | None = None  # the zygote's (see _prepare_zygote)
+        self._signal_proxy: SignalProxy | None = None  # the zygote's (see _prepare_zygote)
         # last: the zygote is a copy of us as we are now, and each spare a copy of it (the
         # native one runs keepers and exec helpers too: without root as well)
-        self.native = native.native_program()
+        self.native_program = native.native_program()
         self.zygote = self._start_zygote() \
-            if self.spares_problem is None or self.native is not None else None
+            if self.spares_problem is None or self.native_program is not None else None
 
     def start(self, spec: ContainerSpec, fds: ChildFds,
               joins: tuple[int, ...] | None = None) -> Started:
         """Start a container: hand its plan to a spare (root), or fork a keeper that carries
         out the whole plan (not root). `joins`: the namespace fds of the pod it joins (see
-        `networks`): the network namespace, and without root the user namespace before it."""
+        `launcher.pods`): the network namespace, and without root the user namespace before it."""
         self._check_limits(spec.limits)
         if spec.user_namespace and self.userns_problem is not None:
             raise UnsupportedError(f"no user namespace for the container: {self.userns_problem}"
@@ -365,16 +365,16 @@ class Launcher:
         native one that died before its first answer (it would die again: one dead zygote
         and one restart per container)."""
         if self.zygote is not None:  # we are the first to find it gone
-            if self.native is not None and not self.zygote.answered:
-                self.native = None
+            if self.native_program is not None and not self.zygote.answered:
+                self.native_program = None
             print(f"minictr launcher: the zygote is gone ({error}); "
-                  f"{'starting another' if self.native else 'forking spares here'}",
+                  f"{'starting another' if self.native_program else 'forking spares here'}",
                   file=sys.stderr)
             self.zygote.close()
             self.zygote = None
             while self.ordered:  # what it did not answer will not come
                 self._drop_order(*self.ordered.popleft(), error)
-            if self.native is not None:
+            if self.native_program is not None:
                 self.zygote = self._start_zygote()
 
     def _fork_spare(self) -> Spare:
@@ -385,7 +385,7 @@ class Launcher:
             pid = linux.fork_into_new_pid_namespace(self.own_pid_namespace)
             if pid == 0:
                 run_spare(theirs.fileno(), self.own_pidfd, steps, self._userns_fds(),
-                          SignalForwarder())
+                          SignalProxy())
         except BaseException:
             ours.close()
             cgroup.discard()
@@ -396,8 +396,8 @@ class Launcher:
 
     def _start_zygote(self) -> Zygote | None:
         try:
-            if self.native is not None:
-                return NativeZygote(self.native, self.own_pidfd, self._userns_fds(),
+            if self.native_program is not None:
+                return NativeZygote(self.native_program, self.own_pidfd, self._userns_fds(),
                                     self._prepared_plan)
             return Zygote(self.own_pidfd, self.own_pid_namespace, self._userns_fds(),
                           self._prepare_zygote, self._spare_main)
@@ -413,13 +413,13 @@ class Launcher:
     def _prepare_zygote(self) -> None:
         """Run in the zygote, once: what every spare inherits rather than makes. Signal
         handlers and mask survive fork: some 60 of them, a third of a millisecond a spare."""
-        self._forwarder = SignalForwarder()
+        self._signal_proxy = SignalProxy()
 
     def _spare_main(self, channel: int, cgroup_name: str) -> NoReturn:
         """What a spare forked by the zygote runs (in the zygote's copy of us)."""
         cgroup = self.cgroups.open(cgroup_name)
         run_spare(channel, self.own_pidfd, plan.prepared_ahead(self._where(cgroup)),
-                  self._userns_fds(), self._forwarder)
+                  self._userns_fds(), self._signal_proxy)
 
     def _userns_fds(self) -> tuple[int, ...]:
         return () if self.userns is None else (self.userns.fd,)

@@ -68,7 +68,7 @@ def one_start(steps: tuple[plan.Step, ...]) -> dict:
             os.close(read)
             times: dict = {}
             stdio = [os.open(os.devnull, os.O_RDWR) for _ in range(3)]
-            executor = Executor(fds=ChildFds(*stdio, write, write), forwarder=None,
+            executor = Executor(fds=ChildFds(*stdio, write, write), signal_proxy=None,
                                 **{"parent pidfd": own_pidfd})
             for step in steps:
                 if step.name in STEP_NAMES:

@@ -114,7 +114,7 @@ int reap_until(pid_t command) {
 }
 
 int do_run_command_as_init(call *c) {
-    /* args: argv, env, the fds, the forwarder (Refs: ours are globals), terminal */
+    /* args: argv, env, the fds, the signal proxy (Refs: ours are globals), terminal */
     pid_t command = spawn_command(ARG(0), ARG(1), c->count > 4 && NUM(4) == 1);
     if (command < 0) return -1;
     close(fds.stdin_); close(fds.stdout_); close(fds.stderr_); close(fds.setup);

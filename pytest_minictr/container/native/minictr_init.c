@@ -11,7 +11,7 @@
  * Policy stays in Python (which mounts, capabilities, the seccomp program, the id maps): the
  * plan carries it as plain values. This program only carries steps out, and reports a failed
  * one as the Python executor does: {"error": {type, message, step, errno, phase}} on the setup
- * pipe. This file is its life (the zygote, a spare, a keeper or exec helper); plan.c holds the
+ * pipe. This file is its life (the zygote, a spare, a keeper or exec helper); executor.c holds the
  * executor, steps.c and mounts.c the actions, command.c the command and PID 1.
  *
  * Like CPython's _posixsubprocess, the dangerous window between fork and exec is a small C

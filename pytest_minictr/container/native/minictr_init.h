@@ -129,7 +129,7 @@ int do_map_own_ids(call *c);
 int do_wait_for_id_maps(call *c);
 void write_status(int fd, const char *key, long long value);
 int do_fork_init_under_keeper(call *c);
-int do_install_signal_forwarder(call *c);
+int do_install_signal_proxy(call *c);
 int do_arm_parent_death_signal(call *c);
 int do_enter_user_namespace(call *c);
 int set_rlimit(const char *name, long long soft, long long hard);

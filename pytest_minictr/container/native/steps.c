@@ -142,7 +142,7 @@ int do_fork_init_under_keeper(call *c) {
     _exit(0);
 }
 
-int do_install_signal_forwarder(call *c) {
+int do_install_signal_proxy(call *c) {
     (void)c;
     /* forwarded signals stay blocked since the zygote; the init waits for them (sigwait) */
     RETURN(NONE);

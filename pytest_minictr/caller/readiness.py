@@ -1,10 +1,9 @@
-"""Containers as services, from the caller: published addresses, pods, readiness.
+"""Containers as services, from the caller: their published addresses and readiness.
 
-`Container.address(port)` and `Pod.address(port)` read what the launcher bound (see
-`launcher.networks`); `wait_for_port` asks the launcher whether the port accepts a connection
-inside the container's network namespace (its forwarder tries), `wait_for_output` searches
-what the container wrote so far and goes on reading. Both give up with ContainerNotReadyError,
-which says what was awaited, how the container ended if it did, and the tail of its stderr.
+`wait_for_port` asks the launcher whether the port accepts a connection inside the
+container's network namespace (its forwarder tries), `wait_for_output` searches what the
+container wrote so far and goes on reading. Both give up with ContainerNotReadyError, which
+says what was awaited, how the container ended if it did, and the tail of its stderr.
 """
 
 from __future__ import annotations
@@ -14,31 +13,17 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from pytest_minictr.caller.pods import Published, address_of
 from pytest_minictr.errors import ConfigError, ContainerNotReadyError
-from pytest_minictr.ports import Port, as_dicts, check_ports
 from pytest_minictr.spec import check_seconds
 
 if TYPE_CHECKING:
-    from pytest_minictr.caller.runtime import Container, ContainerRuntime
+    from pytest_minictr.caller.runtime import Container
 
 # Seconds between two probes of a port: from 1 ms (a server that starts in 10 ms is seen at
 # once), doubling to 20 ms (a probe is a request to the launcher and a connect: ~0.2 ms).
 FIRST_PROBE_INTERVAL, POLL_INTERVAL = 0.001, 0.02
 STDERR_TAIL = 2048      # bytes of stderr an error shows
-Published = dict[int, tuple[str, int]]
-
-
-def published_of(reply_ports: list) -> Published:
-    return {port: (address, host_port) for port, address, host_port in reply_ports}
-
-
-def address_of(published: Published, port: Any, owner: str) -> tuple[str, int]:
-    """(host address, host port) where container port `port` is reached from here."""
-    if port not in published:
-        known = ", ".join(map(str, published)) or "none"
-        raise ConfigError(f"{owner}: port {port!r} is not published (published: {known}; "
-                          "publish it with ports=[...])")
-    return published[port]
 
 
 class ServiceMethods:
@@ -65,38 +50,6 @@ class ServiceMethods:
         """What the container wrote to stdout and stderr until now (kept, not consumed)."""
         source = self._result if self._result is not None else self._monitor
         return (source.stdout, source.stderr) if source is not None else (b"", b"")
-
-
-class Pod:
-    """Containers that share one network namespace (`runtime.run(..., pod=pod)`): they reach
-    each other on 127.0.0.1; each keeps its own PID, mount, IPC and UTS namespaces, cgroup
-    and limits. The pod's ports are published once it is made; its namespace ends with its
-    last container (a pod is used once: make another for a new set)."""
-
-    def __init__(self, runtime: "ContainerRuntime", pod_id: str, published: Published):
-        self.pod_id = pod_id
-        self.published = published
-        self._runtime = runtime
-
-    def __repr__(self) -> str:
-        return f"<Pod {self.pod_id} ports={self.published}>"
-
-    def address(self, port: int) -> tuple[str, int]:
-        return address_of(self.published, port, f"pod {self.pod_id}")
-
-    def close(self) -> None:
-        """Let go of the pod's ports if no container ever joined it (one that did ends
-        with its last container)."""
-        self._runtime._client.request({"op": "end_pod", "pod": self.pod_id})
-
-
-def make_pod(runtime: "ContainerRuntime", pod_id: str, ports: Any) -> Pod:
-    checked: tuple[Port, ...] = check_ports(ports)
-    reply = runtime._client.request({"op": "pod", "pod": pod_id, "ports": as_dicts(checked)})
-    if not reply["ok"]:
-        from pytest_minictr.caller.runtime import _error_from_reply
-        raise _error_from_reply(reply["error"])
-    return Pod(runtime, pod_id, published_of(reply["ports"]))
 
 
 def wait_for_port(container: "Container", port: Any, timeout: Any) -> None:

@@ -1,10 +1,11 @@
-"""Network namespaces that outlive one container's view of them, in the launcher: the
-published ports of a container, and pods (several containers in one network namespace).
+"""Pods, in the launcher: network namespaces that outlive one container's view of them.
+A pod is several containers in one network namespace (`runtime.pod()`), or one container's
+own namespace when it publishes ports or is probed: a pod of one.
 
-A `SharedNetwork` is made before its first container starts, so that its ports are bound
+A `Pod` is made before its first container starts, so that its ports are bound
 (and a clash reported) before anything runs: a container's own when it publishes ports or is
 probed (`wait_for_port`), a pod's when the caller makes the pod. Its first container's
-network namespace becomes the network's; the forwarder (see `forwarder.relay`) is forked into
+network namespace becomes the pod's; the forwarder (see `forwarder.relay`) is forked into
 it then. When its last container ends, the forwarder is killed and the listeners and the
 namespace fds closed: the kernel frees the namespace with its last process.
 """
@@ -55,7 +56,7 @@ class Forwarder:
 
 
 @dataclass
-class SharedNetwork:
+class Pod:
     """One network namespace's ports, forwarder and members (container ids)."""
 
     key: str                                   # the container's id, or the pod's
@@ -64,7 +65,7 @@ class SharedNetwork:
     namespaces: tuple[int, ...] = ()           # (user namespace,) network namespace fds
     forwarder: Forwarder | None = None
     joined: bool = False                       # a container has entered it
-    pod: bool = False                          # made by runtime.pod(), not by one container
+    made_by_caller: bool = False               # by runtime.pod(), not for one container
 
     def published(self) -> list[list]:
         """[container port, host address, host port] of each listener, as bound."""
@@ -72,7 +73,7 @@ class SharedNetwork:
                 for sock, port in self.listeners.items()]
 
     def join(self, container_id: str, child_pid: int, rootless: bool) -> None:
-        """A container started in it; the first one's namespaces become the network's."""
+        """A container started in it; the first one's namespaces become the pod's."""
         self.members.add(container_id)
         if not self.joined:
             self.joined = True
@@ -101,7 +102,7 @@ class SharedNetwork:
         return self.forwarder.probe(port)
 
     def leave(self, container_id: str) -> bool:
-        """A container ended; True if it was the last (the network has ended then)."""
+        """A container ended; True if it was the last (the pod has ended then)."""
         self.members.discard(container_id)
         if self.members or not self.joined:
             return False
@@ -119,86 +120,86 @@ class SharedNetwork:
         self.listeners, self.namespaces = {}, ()
 
 
-class Networks:
-    """The launcher's shared networks: by pod id or container id, and which one each running
+class Pods:
+    """The launcher's pods: by pod id or container id, and which one each running
     container is in."""
 
     def __init__(self, rootless: bool, own_pidfd: int):
         self.rootless = rootless
         self.own_pidfd = own_pidfd
-        self.by_key: dict[str, SharedNetwork] = {}
-        self.of: dict[str, SharedNetwork] = {}          # by id of a running container
-        self.forwarders_due: list[SharedNetwork] = []   # forked once the run is answered
+        self.by_key: dict[str, Pod] = {}
+        self.of: dict[str, Pod] = {}          # by id of a running container
+        self.forwarders_due: list[Pod] = []   # forked once the run is answered
 
-    def for_run(self, container_id: str, spec: ContainerSpec) -> SharedNetwork | None:
-        """The pod's network, or one of the container's own for its published ports; bound
+    def for_run(self, container_id: str, spec: ContainerSpec) -> Pod | None:
+        """The pod it joins, or one of the container's own for its published ports; bound
         before the container starts."""
         if spec.pod is not None:
-            network = self.by_key.get(spec.pod)
-            if network is None or network.gone:
+            pod = self.by_key.get(spec.pod)
+            if pod is None or pod.gone:
                 raise ConfigError(f"pod {spec.pod!r} has ended (with its last container) or "
                                   "is not this runtime's: make a new one with runtime.pod()")
-            return network
+            return pod
         if not spec.ports:
             return None
-        network = self.by_key[container_id] = bind_ports(container_id, spec.ports)
-        return network
+        pod = self.by_key[container_id] = bind_ports(container_id, spec.ports)
+        return pod
 
-    def started(self, network: SharedNetwork, container_id: str, child_pid: int) -> list:
-        """A container of `network` runs: it joins; its ports, as the run's reply names them."""
-        network.join(container_id, child_pid, self.rootless)
-        self.of[container_id] = network
-        self.forwarders_due.append(network)
-        return network.published()
+    def started(self, pod: Pod, container_id: str, child_pid: int) -> list:
+        """A container of `pod` runs: it joins; its ports, as the run's reply names them."""
+        pod.join(container_id, child_pid, self.rootless)
+        self.of[container_id] = pod
+        self.forwarders_due.append(pod)
+        return pod.published()
 
-    def not_started(self, network: SharedNetwork | None) -> None:
-        """A container's own network whose container did not start goes with it."""
-        if network is not None and not network.joined and not network.pod:
-            self._end(network)
+    def not_started(self, pod: Pod | None) -> None:
+        """A container's own pod (of one) whose container did not start goes with it."""
+        if pod is not None and not pod.joined and not pod.made_by_caller:
+            self._end(pod)
 
     def make_pod(self, pod_id: str, ports: tuple[Port, ...]) -> list:
-        network = self.by_key[pod_id] = bind_ports(pod_id, ports, pod=True)
-        return network.published()
+        pod = self.by_key[pod_id] = bind_ports(pod_id, ports, made_by_caller=True)
+        return pod.published()
 
     def end_pod(self, pod_id: str) -> None:
-        network = self.by_key.get(pod_id)
-        if network is not None and not network.members:
-            self._end(network)
+        pod = self.by_key.get(pod_id)
+        if pod is not None and not pod.members:
+            self._end(pod)
 
     def probe(self, container_id: str, child_pid: int, port: int) -> int:
-        network = self.of.get(container_id)
-        if network is None:  # a container without published ports, probed: its own network
-            network = self.by_key[container_id] = SharedNetwork(container_id, {})
-            network.join(container_id, child_pid, self.rootless)
-            self.of[container_id] = network
-        return network.probe(port, self.own_pidfd)
+        pod = self.of.get(container_id)
+        if pod is None:  # a container without published ports, probed: a pod of its own
+            pod = self.by_key[container_id] = Pod(container_id, {})
+            pod.join(container_id, child_pid, self.rootless)
+            self.of[container_id] = pod
+        return pod.probe(port, self.own_pidfd)
 
     def leave(self, container_id: str) -> None:
         """A container ended (before the caller hears of it: by then its ports are closed,
-        if it was the last container of their network)."""
-        network = self.of.pop(container_id, None)
-        if network is not None and network.leave(container_id):
-            del self.by_key[network.key]
+        if it was the last container of their pod)."""
+        pod = self.of.pop(container_id, None)
+        if pod is not None and pod.leave(container_id):
+            del self.by_key[pod.key]
 
     def start_due_forwarders(self) -> None:
         while self.forwarders_due:
-            network = self.forwarders_due.pop()
+            pod = self.forwarders_due.pop()
             try:
-                network.start_forwarder(self.own_pidfd)
+                pod.start_forwarder(self.own_pidfd)
             except OSError as error:  # (EAGAIN: no process to spare) its ports stay unserved
-                print(f"minictr launcher: no forwarder for {network.key}: {error}",
+                print(f"minictr launcher: no forwarder for {pod.key}: {error}",
                       file=sys.stderr)
 
     def end_all(self) -> None:
-        for network in list(self.by_key.values()):
-            self._end(network)
+        for pod in list(self.by_key.values()):
+            self._end(pod)
 
-    def _end(self, network: SharedNetwork) -> None:
-        network.end()
-        del self.by_key[network.key]
+    def _end(self, pod: Pod) -> None:
+        pod.end()
+        del self.by_key[pod.key]
 
 
-def bind_ports(key: str, ports: tuple[Port, ...], pod: bool = False) -> SharedNetwork:
+def bind_ports(key: str, ports: tuple[Port, ...], made_by_caller: bool = False) -> Pod:
     """Listening sockets for `ports`, in the launcher's (the host's) network namespace; a
     port taken or an address not ours is the caller's ConfigError, before anything starts."""
     listeners: dict[socket.socket, Port] = {}
@@ -209,7 +210,7 @@ def bind_ports(key: str, ports: tuple[Port, ...], pod: bool = False) -> SharedNe
         for sock in listeners:
             sock.close()
         raise
-    return SharedNetwork(key, listeners, pod=pod)
+    return Pod(key, listeners, made_by_caller=made_by_caller)
 
 
 def _listen(port: Port) -> socket.socket:
@@ -244,14 +245,14 @@ def _open_namespaces(child_pid: int, rootless: bool) -> tuple[int, ...]:
     return tuple(fds)
 
 
-def _fork_forwarder(network: SharedNetwork, parent_pidfd: int) -> Forwarder:
+def _fork_forwarder(pod: Pod, parent_pidfd: int) -> Forwarder:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         pid = os.fork()
         if pid == 0:
             run_forwarder(theirs.fileno(), {sock.fileno(): port.container_port
-                                            for sock, port in network.listeners.items()},
-                          network.namespaces, parent_pidfd)
+                                            for sock, port in pod.listeners.items()},
+                          pod.namespaces, parent_pidfd)
     except BaseException:
         ours.close()
         raise

@@ -236,7 +236,7 @@ static const struct { const char *name; int (*run)(call *); } actions[] = {
     {"fork_init_under_keeper", do_fork_init_under_keeper},
     {"enter_user_namespace", do_enter_user_namespace},
     {"arm_parent_death_signal", do_arm_parent_death_signal},
-    {"install_signal_forwarder", do_install_signal_forwarder},
+    {"install_signal_proxy", do_install_signal_proxy},
     {"watch_host_mounts", do_watch_host_mounts}, {"make_mounts_private", do_make_mounts_private},
     {"mount_stage", do_mount_stage}, {"enter_stage", do_enter_stage},
     {"mount_proc", do_mount_proc}, {"mount_dev", do_mount_dev}, {"mask_proc", do_mask_proc},
