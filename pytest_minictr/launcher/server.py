@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import os
 import select
 import selectors
@@ -37,8 +36,8 @@ import time
 
 from pytest_minictr import protocol
 from pytest_minictr.errors import ContainerNotFoundError, MinictrError
-from pytest_minictr.host.cgroups import Cgroup
-from pytest_minictr.launcher.life import ENDED_BY, WE_KILLED, Container, Happening
+from pytest_minictr.launcher.ends import Ends
+from pytest_minictr.launcher.life import Container, Happening
 from pytest_minictr.launcher.pods import Pods
 from pytest_minictr.launcher.sandboxes import Sandbox
 from pytest_minictr.launcher.starter import ChildFds, ExecTarget, Starter
@@ -58,6 +57,7 @@ class Launcher:
         self.sandboxes: dict[str, Sandbox] = {}  # sandboxed test bodies (see `sandboxes`)
         self.starter = Starter()
         self.pods = Pods(self.starter.rootless, self.starter.own_pidfd)
+        self.ends = Ends(self.selector, self.containers, self.pods)
 
     def serve(self) -> None:
         while True:
@@ -211,8 +211,8 @@ class Launcher:
                               began + spec.timeout if spec.timeout else None, cgroup,
                               exec_of=exec_of)
         self.containers[container.id] = container
-        self.selector.register(pidfd, selectors.EVENT_READ, (self._on_exit, container))
-        self.selector.register(status_r, selectors.EVENT_READ, (self._on_status, container))
+        self.selector.register(pidfd, selectors.EVENT_READ, (self.ends.on_exit, container))
+        self.selector.register(status_r, selectors.EVENT_READ, (self.ends.on_status, container))
         return {"ok": True, "pid": init_pid}
 
     def _op_signal(self, message: dict, _fds) -> dict:
@@ -299,67 +299,13 @@ class Launcher:
                 container.kill_at = None
                 _kill_all(container)  # (still STOPPING: the SIGTERM is what asked it to end)
 
-    # -- the end of a container ----------------------------------------------------------------
-
-    def _on_status(self, container: Container) -> None:
-        """The init writes the command's status once the command and everything it left
-        behind are dead and reaped: the container's end, told to the caller at once (the
-        init's own exit, and the namespaces' teardown, need not hold the caller up)."""
-        if container.status_pipe is None:
-            return  # _on_exit, in the same round of events, already read it to the end
-        chunk = os.read(container.status_pipe, 65536)
-        container.take_status(chunk)
-        if not chunk:
-            self._close_status_pipe(container)
-        if not chunk or container.report.command_ended:
-            self._send_event(container)
-
-    def _on_exit(self, container: Container) -> None:
-        """Our child exited: the init and every process of the namespace are gone."""
-        self.selector.unregister(container.pidfd)
-        _, child_status = os.waitpid(container.pid, 0)
-        if container.status_pipe is not None:
-            # every writer has exited, so this read cannot block
-            while chunk := os.read(container.status_pipe, 65536):
-                container.take_status(chunk)
-            container.take_status(b"")
-            self._close_status_pipe(container)
-        container.report = container.report.with_child_status(child_status)
-        self._send_event(container)
-        for fd in {container.pidfd, container.init_pidfd} - {None}:
-            os.close(fd)
-        container.cgroup.discard()
-        del self.containers[container.id]
-
-    def _send_event(self, container: Container) -> None:
-        if container.ended:
-            return
-        life = container.advance(Happening.END_TOLD)
-        report = container.report
-        returncode = report.returncode
-        ended_by = None if life in WE_KILLED and returncode >= 0 else ENDED_BY[life]
-        event = {"returncode": returncode, "ended_by": ended_by,
-                 "wall_time": time.monotonic() - container.started,
-                 **_measurements(container.cgroup, report.cpu_time)}
-        self.pods.leave(container.id)
-        try:
-            os.write(container.events, json.dumps(event).encode() + b"\n")
-        except OSError:
-            pass  # the caller closed its end: it no longer cares
-        os.close(container.events)
-
-    def _close_status_pipe(self, container: Container) -> None:
-        self.selector.unregister(container.status_pipe)
-        os.close(container.status_pipe)
-        container.status_pipe = None
-
     def shutdown(self) -> None:
         for sandbox in list(self.sandboxes.values()):
             self._on_sandbox_exit(sandbox)
         for container in list(self.containers.values()):
             _kill_all(container)
         for container in list(self.containers.values()):
-            self._on_exit(container)
+            self.ends.on_exit(container)
         self.pods.end_all()
         self.starter.shut_down()
 
@@ -389,15 +335,6 @@ def _read_setup(setup_r: int, has_keeper: bool) -> SetupReport:
         return SetupReport(error={"type": "LauncherError",
                                   "message": "the container's keeper died during setup"})
     return setup
-
-
-def _measurements(cgroup: Cgroup, reaped_cpu_time: float | None) -> dict:
-    """What the kernel measured. CPU time is the init's count of the command and everything it
-    started (all reaped by then), which leaves out our own setup; the cgroup's count, which
-    includes it, stands in where the init could not report (killed at a timeout)."""
-    stats = cgroup.stats()
-    return {"cpu_time": stats.cpu_time if reaped_cpu_time is None else reaped_cpu_time,
-            "memory_peak": stats.memory_peak, "oom_killed": stats.oom_killed}
 
 
 def _kill_all(container: Container) -> None:
