@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pytest_minictr.caller.pods import Published, address_of
 from pytest_minictr.errors import ConfigError, ContainerNotReadyError
-from pytest_minictr.spec import check_seconds
+from pytest_minictr.validate import check_seconds
 
 if TYPE_CHECKING:
     from pytest_minictr.caller.runtime import Container

@@ -1,7 +1,7 @@
 """The library's front door: `ContainerRuntime.run()` starts a container, `Container.wait()`
 gives its `Result`.
 
-Data flows one way: keywords -> `spec.make_spec` (validated, frozen) -> the launcher (fork,
+Data flows one way: keywords -> `keywords.make_spec` (validated, frozen) -> the launcher (fork,
 namespaces, mounts, exec) -> `Monitor` (pipes, the launcher's end report) -> `Result`.
 """
 
@@ -26,7 +26,9 @@ from pytest_minictr.caller.sandbox import SandboxLease
 from pytest_minictr.caller.result import ContainerStats, ContainerStatus, Result, WaitTimeoutError
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError, LauncherError
 from pytest_minictr.protocol import FORWARDED_SIGNALS
-from pytest_minictr.spec import ContainerSpec, Limits, check_seconds, make_exec_spec, make_spec
+from pytest_minictr.keywords import make_exec_spec, make_spec
+from pytest_minictr.spec import ContainerSpec, Limits
+from pytest_minictr.validate import check_seconds
 
 DEFAULT_STOP_GRACE = 5.0
 _FINISHED_KEPT = 1024   # statuses of collected containers remembered for runtime.status(id)

@@ -32,6 +32,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from pytest_minictr.confinement import NETWORK_CAPABILITIES
 from pytest_minictr.container import mounts, seccomp, security
 from pytest_minictr.host import linux
 from pytest_minictr.spec import ContainerSpec
@@ -330,7 +331,7 @@ def confine(spec: ContainerSpec, where: Where, userns: bool) -> tuple[Step, ...]
                   # the id switch disarmed PR_SET_PDEATHSIG (a kernel rule)
                   Step("user namespace", "arm the parent death signal",
                        "arm_parent_death_signal", (Ref("parent pidfd"),))]
-        if security.NETWORK_CAPABILITIES & set(spec.security.capabilities):
+        if NETWORK_CAPABILITIES & set(spec.security.capabilities):
             steps.append(Step("user namespace", "make a network namespace of its own",
                               "own_network", (spec.network,)))
     # runc's defaults less MKNOD, NET_RAW (forged packets), SYS_CHROOT (the chroot ".."

@@ -109,7 +109,8 @@ class Host:
     def cgroups(self) -> tuple[str | None, str]:
         """(backend name, problem) of the cgroups; the name None when there are none."""
         from pytest_minictr.host import cgroups
-        from pytest_minictr.spec import MIN_MEMORY, Limits
+        from pytest_minictr.spec import Limits
+        from pytest_minictr.validate import MIN_MEMORY
         try:
             backend = cgroups.detect(prepare=False)
         except MinictrError as problem:

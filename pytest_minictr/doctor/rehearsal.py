@@ -21,7 +21,7 @@ from pytest_minictr.container.child import run_plan
 from pytest_minictr.container.init import ChildFds
 from pytest_minictr.doctor.checks import Rehearsal
 from pytest_minictr.host import idmap, linux
-from pytest_minictr.spec import make_spec
+from pytest_minictr.keywords import make_spec
 
 TIMEOUT = 30  # seconds: a hung mount must not hang doctor
 # The doctor's finding that each phase of the plan stands for.

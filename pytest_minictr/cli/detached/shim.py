@@ -26,7 +26,8 @@ from pytest_minictr import protocol
 from pytest_minictr.caller.runtime import Container, ContainerRuntime
 from pytest_minictr.cli.detached.records import Store, process_start_time
 from pytest_minictr.errors import MinictrError
-from pytest_minictr.spec import ContainerSpec, make_exec_spec
+from pytest_minictr.keywords import make_exec_spec
+from pytest_minictr.spec import ContainerSpec
 
 CONTROL = "control"
 
