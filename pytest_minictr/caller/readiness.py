@@ -14,7 +14,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from pytest_minictr.caller.pods import Published, address_of
-from pytest_minictr.errors import ConfigError, ContainerNotReadyError
+from pytest_minictr import protocol
+from pytest_minictr.errors import ConfigError, ContainerNotReadyError, MinictrError
 from pytest_minictr.validate import check_seconds
 
 if TYPE_CHECKING:
@@ -59,9 +60,14 @@ def wait_for_port(container: "Container", port: Any, timeout: Any) -> None:
     awaited = f"port {port} to accept connections inside the container"
 
     def accepts() -> bool:
-        reply = container._runtime._client.request(
-            {"op": "probe", "id": container.id, "port": port})
-        return reply["ok"] and reply["errno"] == 0
+        try:
+            reply = container._runtime._client.call(protocol.PROBE, id=container.id, port=port)
+        except MinictrError:
+            # Not ready: the container or its network has ended (how, _wait_until tells), or
+            # its forwarder did not answer (asked again), or the launcher died (its monitor
+            # then reports that).
+            return False
+        return reply["errno"] == 0
     _wait_until(container, accepts, awaited, timeout, on_output=False)
 
 

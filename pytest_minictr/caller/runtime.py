@@ -17,7 +17,7 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
-from pytest_minictr import errors, keywords
+from pytest_minictr import errors, keywords, protocol
 from pytest_minictr.caller import pods, readiness
 from pytest_minictr.caller.client import LauncherClient
 from pytest_minictr.caller.monitor import Monitor
@@ -98,7 +98,7 @@ class Container(readiness.ServiceMethods):
         if signum == signal.SIGKILL:
             self.kill()
         elif self._result is None:
-            self._ask({"op": "signal", "id": self.id, "signum": signum})
+            self._runtime._client.call(protocol.SIGNAL, id=self.id, signum=signum)
 
     def kill(self) -> Result:
         return self.stop(grace=0)
@@ -128,21 +128,14 @@ class Container(readiness.ServiceMethods):
     def stats(self) -> ContainerStats:
         """Memory now and at its peak, CPU time so far, processes, limits: from the cgroup.
         ContainerNotFoundError once the container has ended."""
-        reply = self._runtime._client.request({"op": "stats", "id": self.id})
-        if not reply["ok"]:
-            raise _error_from_reply(reply["error"])
+        reply = self._runtime._client.call(protocol.STATS, id=self.id)
         return ContainerStats(limits=self.spec.limits, **reply["stats"])
 
     def _request_end(self, grace: float) -> None:
         try:
-            self._ask({"op": "stop", "id": self.id, "grace": grace})
+            self._runtime._client.call(protocol.STOP, id=self.id, grace=grace)
         except LauncherError:
             pass  # a dead launcher took the container with it; wait() reports that
-
-    def _ask(self, request: dict) -> None:
-        reply = self._runtime._client.request(request)
-        if not reply["ok"]:
-            raise _error_from_reply(reply["error"])
 
     def _collect(self, deadline: float | None, once: bool = False) -> bool:
         try:
@@ -259,7 +252,7 @@ class ContainerRuntime:
     def sandbox(self, limits: Limits, timeout: float | None) -> SandboxLease:
         """A cgroup with `limits` for a process the caller forks itself (a sandboxed test
         body, see `plugin.sandbox`), which the launcher kills at `timeout` and removes."""
-        return SandboxLease(self._client, self._new_id(), limits, timeout, _error_from_reply)
+        return SandboxLease(self._client, self._new_id(), limits, timeout)
 
     def close(self) -> None:
         """Kill every container still running and stop the launcher."""
@@ -275,12 +268,11 @@ class ContainerRuntime:
                 stderr: Any, exec_of: str | None = None) -> Container:
         """Start a container; or, `exec_of` a container's id, another command in it."""
         container_id = self._new_id()
-        request = {"op": "run", "id": container_id, "spec": spec.to_dict()} if exec_of is None \
-            else {"op": "exec", "id": container_id, "container": exec_of, "spec": spec.to_dict()}
+        op, target = (protocol.RUN, {}) if exec_of is None \
+            else (protocol.EXEC, {"container": exec_of})
         with Pipes(input_data, stdin, stdout, stderr) as pipes:
-            reply = self._client.request(request, pipes.child_fds())
-            if not reply["ok"]:
-                raise _error_from_reply(reply["error"])
+            reply = self._client.call(op, fds=pipes.child_fds(), id=container_id,
+                                      spec=spec.to_dict(), **target)
             monitor = Monitor(*pipes.take_parent_fds(input_data), spec.output_limit)
         container = Container(self, container_id, reply["pid"], spec, monitor, exec_of,
                               pods.published_of(reply.get("ports", ())))
@@ -329,17 +321,6 @@ def _check_input(input_data: Any, stdin: Any) -> bytes | None:
     if stdin is not None:
         raise ConfigError("input= and stdin= cannot be used together")
     return bytes(input_data)
-
-
-def _error_from_reply(error: dict) -> errors.MinictrError:
-    """The launcher's error as the exception it was there (all are in `errors`)."""
-    kind = getattr(errors, error.get("type", ""), None)
-    message = error["message"]
-    if isinstance(kind, type) and issubclass(kind, errors.ContainerSetupError):
-        return kind(message, error.get("step", ""), error.get("errno"))
-    if isinstance(kind, type) and issubclass(kind, errors.MinictrError):
-        return kind(message)
-    return LauncherError(message)
 
 
 _open_runtimes: "weakref.WeakSet[ContainerRuntime]" = weakref.WeakSet()

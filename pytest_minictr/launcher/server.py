@@ -5,18 +5,8 @@ and often threaded (a forked child of a threaded process can deadlock on a lock 
 thread held). This process stays small and has one thread; it is started once per runtime
 (by `client.LauncherClient`, as `python -S` calling `server.main([FD])`) and reused.
 
-It speaks `protocol` over one socket. Requests, each answered in order:
-  {"op": "run", "id", "spec"} + fds [stdin, stdout, stderr, events]  -> {"ok", "pid"} | error
-  {"op": "signal", "id", "signum"}     -> passed to the container's init, which forwards it
-  {"op": "stop", "id", "grace"}        -> SIGTERM now, SIGKILL of the whole tree after grace
-  {"op": "exec", "id", "container", "spec"} + fds as for run -> another command inside a
-                                         running container: then signalled, stopped and
-                                         reported by its own `id`, like a container
-  {"op": "stats", "id"}                -> {"ok", "stats": {...}}: the cgroup's figures now
-  {"op": "pod", "pod", "ports"}        -> {"ok", "ports"}: a pod, its ports bound (`pods`)
-  {"op": "end_pod", "pod"}             -> a pod no container joined goes (one ends with its last)
-  {"op": "probe", "id", "port"}        -> {"ok", "errno"}: 0 if the port accepts inside
-A run's reply names the ports published for it (or its pod): [[port, host address, host port]].
+It speaks `protocol` over one socket: the requests of `protocol.REQUESTS` (their fields, fds
+and replies are declared there), each answered in order by the `_op_` method of its name.
 When a container ends, one JSON line goes to its `events` pipe (returncode, how it ended, wall
 and CPU time) and the pipe is closed. When the caller goes away (end of the socket), every
 container is killed and the launcher exits: nothing outlives the caller.
@@ -35,7 +25,7 @@ import sys
 import time
 
 from pytest_minictr import protocol
-from pytest_minictr.errors import ContainerNotFoundError, MinictrError
+from pytest_minictr.errors import ContainerNotFoundError, LauncherError, MinictrError
 from pytest_minictr.launcher.ends import Ends
 from pytest_minictr.launcher.life import Container, Happening
 from pytest_minictr.launcher.pods import Pods
@@ -58,6 +48,8 @@ class Launcher:
         self.starter = Starter()
         self.pods = Pods(self.starter.rootless, self.starter.own_pidfd)
         self.ends = Ends(self.selector, self.containers, self.pods)
+        # the dispatch, by the one table of requests (a request without its method fails here)
+        self.handlers = {op: getattr(self, f"_op_{op}") for op in protocol.REQUESTS}
 
     def serve(self) -> None:
         while True:
@@ -101,15 +93,15 @@ class Launcher:
         if received is None:
             return False
         message, fds = received
-        handler = getattr(self, f"_op_{message.get('op')}", None)
+        handler = self.handlers.get(message.get("op"))
         try:
             if handler is None:
                 raise ValueError(f"unknown request {message.get('op')!r}")
             reply = handler(message, fds)
         except MinictrError as error:
-            reply = _error_reply(type(error).__name__, str(error))
+            reply = _error_reply(error)
         except Exception as error:  # noqa: BLE001 - the caller must get an answer, not a hang
-            reply = _error_reply("LauncherError", f"{type(error).__name__}: {error}")
+            reply = _error_reply(LauncherError(f"{type(error).__name__}: {error}"))
         try:
             protocol.send_message(self.control, {**reply, "seq": message.get("seq")})
         except OSError:
@@ -310,8 +302,8 @@ class Launcher:
         self.starter.shut_down()
 
 
-def _error_reply(kind: str, message: str) -> dict:
-    return {"ok": False, "error": {"type": kind, "message": message}}
+def _error_reply(error: MinictrError) -> dict:
+    return {"ok": False, "error": protocol.error_fields(error)}
 
 
 def _read_setup(setup_r: int, has_keeper: bool) -> SetupReport:
@@ -322,8 +314,8 @@ def _read_setup(setup_r: int, has_keeper: bool) -> SetupReport:
     try:
         while True:
             if not select.select([setup_r], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                return SetupReport(error={"type": "LauncherError", "message":
-                                          f"container setup took over {SETUP_TIMEOUT:g} s"})
+                return SetupReport(error=protocol.error_fields(LauncherError(
+                    f"container setup took over {SETUP_TIMEOUT:g} s")))
             chunk = os.read(setup_r, 65536)
             if not chunk:
                 break
@@ -332,8 +324,8 @@ def _read_setup(setup_r: int, has_keeper: bool) -> SetupReport:
         os.close(setup_r)
     setup = SetupReport.parse(data)
     if has_keeper and setup.pid is None and setup.error is None:
-        return SetupReport(error={"type": "LauncherError",
-                                  "message": "the container's keeper died during setup"})
+        return SetupReport(error=protocol.error_fields(LauncherError(
+            "the container's keeper died during setup")))
     return setup
 
 
