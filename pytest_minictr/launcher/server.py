@@ -55,11 +55,11 @@ class Launcher:
         while True:
             # A spare is made while nothing else waits for us and no container is between its
             # start and its end, so that it never competes with one for a CPU.
-            needs_spare = self.starter.wants_spare() and all(
+            needs_spare = self.starter.spares.wanted() and all(
                 c.ended for c in self.containers.values())
             events = self.selector.select(0 if needs_spare else self._seconds_to_next_deadline())
             if not events and needs_spare:
-                self.starter.prepare_spare()  # only when nothing else waits for us
+                self.starter.spares.prepare()  # only when nothing else waits for us
             for key, _ in events:
                 if key.fileobj is self.control:
                     if not self._handle_request():
@@ -236,7 +236,7 @@ class Launcher:
             else:
                 spare = self.starter.spare_for_body(limits)
                 cgroup, init_pid = spare.cgroup, spare.pid
-                release = functools.partial(self.starter.release_spare, spare)
+                release = functools.partial(self.starter.spares.discard, spare)
         except BaseException:
             os.close(fds[0])
             raise
