@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pytest_minictr.caller.pods import Published, address_of
 from pytest_minictr import protocol
+from pytest_minictr.caller.result import STDERR_TAIL, tail
 from pytest_minictr.errors import ConfigError, ContainerNotReadyError, MinictrError
 from pytest_minictr.validate import check_seconds
 
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 # Seconds between two probes of a port: from 1 ms (a server that starts in 10 ms is seen at
 # once), doubling to 20 ms (a probe is a request to the launcher and a connect: ~0.2 ms).
 FIRST_PROBE_INTERVAL, POLL_INTERVAL = 0.001, 0.02
-STDERR_TAIL = 2048      # bytes of stderr an error shows
 
 
 class ServiceMethods:
@@ -117,7 +117,7 @@ def _wait_until(container: "Container", ready: Callable[[], bool], awaited: str,
 def _not_ready(container: "Container", awaited: str, why: str) -> ContainerNotReadyError:
     stderr = container.output_so_far()[1][-STDERR_TAIL:]
     ended = None if container._result is None else _how_it_ended(container)
-    shown = stderr.decode(errors="replace").rstrip() or "(nothing)"
+    shown = tail(stderr).rstrip() or "(nothing)"
     return ContainerNotReadyError(
         f"container {container.id} {list(container.args)!r} is not ready: waited for "
         f"{awaited}, {why}; its stderr ends with:\n{shown}", awaited, ended, stderr)
@@ -135,8 +135,4 @@ def _how_it_ended(container: "Container") -> str:
         except ValueError:
             return f"killed by signal {-result.returncode}"
     return f"exited with status {result.returncode}"
-
-
-def tail(data: bytes, size: int = STDERR_TAIL) -> str:
-    return data[-size:].decode(errors="replace")
 
