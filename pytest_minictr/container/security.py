@@ -9,11 +9,15 @@ namespace (entering one fills every set again, the bounding set too: `userns`), 
 too), no_new_privs (after which setuid bits and file
 capabilities give nothing), the process's own sets, and the seccomp filter last (it needs
 no_new_privs, and would refuse the prctl and capset calls before it).
+
+The defaults live here too, with how a spec's choices combine with them (`rlimits_with`,
+`capability_mask`): the launcher computes those into the plan's arguments (see `plan`).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import resource
@@ -46,6 +50,13 @@ def capability_number(name: str) -> int:
     return _CAPABILITY_NUMBERS[capability_name(name)]
 
 
+@functools.lru_cache(maxsize=16)
+def capability_mask(kept: tuple[str, ...]) -> int:
+    """The default capabilities and `kept` (a spec's), as the mask drop_capabilities() keeps."""
+    return sum(1 << capability_number(name)
+               for name in dict.fromkeys((*DEFAULT_CAPABILITIES, *kept)))
+
+
 def install_seccomp_filter(allowed: tuple[str, ...], _program_hex: str) -> None:
     """The default filter less `allowed` (built once by the launcher, inherited: see
     `seccomp`). Needs no_new_privs, which drop_capabilities() set. (The same program, in hex,
@@ -71,8 +82,22 @@ def within_hard_limit(name: str, soft: int, hard: int) -> tuple[int, int]:
     return min(soft, current), min(hard, current)
 
 
+def rlimits_with(chosen: tuple[tuple[str, int, int], ...]) -> tuple[tuple[str, int, int], ...]:
+    """The defaults (never raising a hard limit: without root that is refused), then `chosen`
+    (a spec's). fsize, the layer's size, is added by the step (only the child can measure it)."""
+    limits = dict(_default_rlimits())
+    limits.update((name, (soft, hard)) for name, soft, hard in chosen)
+    return tuple((name, soft, hard) for name, (soft, hard) in limits.items())
+
+
+@functools.cache
+def _default_rlimits() -> dict[str, tuple[int, int]]:
+    # once: our hard limits, which the children inherit, do not change
+    return {name: within_hard_limit(name, *pair) for name, pair in DEFAULT_RLIMITS.items()}
+
+
 def set_rlimits(limits: tuple[tuple[str, int, int], ...], layer_size: int) -> None:
-    """`limits` over a default fsize of the writable layer's size (see plan.rlimits_of)."""
+    """`limits` over a default fsize of the writable layer's size (see rlimits_with)."""
     merged = {"fsize": within_hard_limit("fsize", layer_size, layer_size)}
     merged.update((name, (soft, hard)) for name, soft, hard in limits)
     for name, (soft, hard) in merged.items():

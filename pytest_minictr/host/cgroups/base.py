@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pytest_minictr.errors import MinictrError
 from pytest_minictr.spec import Limits
 
-from . import reaping
 from .files import is_zombie, list_processes, remove_group_dir, wait_until, write_raw
-from .reaping import FOREIGN_GRACE
+from .reaping import FOREIGN_GRACE, reap_orphans
 
 CPU_PERIOD_US = 100_000          # cpus=0.25 -> 25 000 us of CPU every 100 000 us
 KILL_TIMEOUT = 2.0               # seconds kill() keeps killing until the group is empty
@@ -161,4 +160,4 @@ class CgroupBackend(abc.ABC):
     def reap_stale(self, grace: float = FOREIGN_GRACE) -> list[str]:
         """Kill and remove the groups whose owner launcher is dead; returns their names (see
         `reaping`: groups of live launchers, and of other PID namespaces', are left alone)."""
-        return reaping.reap_stale(self.parent_dirs, self.open, grace)
+        return reap_orphans(self.parent_dirs, self.open, grace)

@@ -17,7 +17,7 @@ from .files import is_zombie, list_processes
 from .names import own_pid_namespace, owner_of
 
 # seconds: a group of another PID namespace's launcher is only removed once empty and this
-# old (see reap_stale): a young empty one may be a spare's, about to be joined.
+# old (see reap_orphans): a young empty one may be a spare's, about to be joined.
 FOREIGN_GRACE = 60.0
 
 
@@ -31,7 +31,7 @@ class Group(Protocol):
     def remove(self) -> None: ...
 
 
-def reap_stale(parent_dirs: tuple[str, ...], open_group: Callable[[str], Group],
+def reap_orphans(parent_dirs: tuple[str, ...], open_group: Callable[[str], Group],
                grace: float = FOREIGN_GRACE) -> list[str]:
     """Kill and remove the groups whose owner launcher is dead; returns their names.
 
