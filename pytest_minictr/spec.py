@@ -57,7 +57,8 @@ class Mount:
 @dataclass(frozen=True)
 class Security:
     """How far the command is confined beyond its namespaces (see the `security` module).
-    The defaults are the strict ones; each field loosens one thing, by name."""
+    The defaults are the strict ones; each field loosens one thing, by a name `confinement`
+    knows."""
 
     seccomp: bool = True                     # the default filter (see the `seccomp` module)
     allow_syscalls: tuple[str, ...] = ()     # calls that filter lets through after all
