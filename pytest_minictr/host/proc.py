@@ -51,3 +51,7 @@ def open_namespaces(pid: int, names: Iterable[str]) -> dict[str, int]:
         raise
     return fds
 
+
+def shares_namespace(pid: int, name: str) -> bool:
+    """Whether `pid` is in our own namespace `name` (nsfs tells a namespace by its inode)."""
+    return os.stat(f"/proc/{pid}/ns/{name}").st_ino == os.stat(f"/proc/self/ns/{name}").st_ino

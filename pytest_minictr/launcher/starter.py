@@ -30,7 +30,7 @@ from pytest_minictr.container import plan, seccomp
 from pytest_minictr.container.init import ChildFds
 from pytest_minictr.container.plan import JOINED_NAMESPACES, Where
 from pytest_minictr.errors import ContainerNotFoundError, MinictrError, UnsupportedError
-from pytest_minictr.host import cgroups, idmap
+from pytest_minictr.host import cgroups, idmap, proc
 from pytest_minictr.host.cgroups import Cgroup, NullCgroup
 from pytest_minictr.host.idmap import UserNamespace
 from pytest_minictr.launcher.spares import Spare, SparePool, where_in
@@ -262,19 +262,12 @@ def open_namespaces(pid: int, skip: tuple[str, ...]) -> list[int | None]:
     (once the helper is in the container's mount namespace, /proc is the container's; and a
     container that has just ended is told apart here). None for those in `skip` and those we
     share already."""
-    fds: list[int | None] = []
     try:
-        for name, _ in JOINED_NAMESPACES:
-            path = f"/proc/{pid}/ns/{name}"
-            if name in skip or os.stat(path).st_ino == os.stat(f"/proc/self/ns/{name}").st_ino:
-                fds.append(None)
-            else:
-                fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        opened = proc.open_namespaces(pid, [
+            name for name, _ in JOINED_NAMESPACES
+            if name not in skip and not proc.shares_namespace(pid, name)])
     except OSError:
-        for fd in fds:
-            if fd is not None:
-                os.close(fd)
         raise ContainerNotFoundError("the container is not running (it has just ended)") \
             from None
-    return fds
+    return [opened.get(name) for name, _ in JOINED_NAMESPACES]
 

@@ -39,6 +39,7 @@ from pytest_minictr.container.body_plan import BODY_JOINED, BodyPlan, BodyView, 
 from pytest_minictr.container.plan import Where
 from pytest_minictr.errors import ConfigError, UnsupportedError
 from pytest_minictr.host import linux
+from pytest_minictr.host.proc import open_namespaces
 from pytest_minictr.keywords import ContainerSettings
 from pytest_minictr.plugin.settings import SessionSettings, merge_marker
 from pytest_minictr.spec import Limits, Security
@@ -131,16 +132,9 @@ def run_body(item: pytest.Function, settings: ContainerSettings,
 
 def _open_namespaces(init_pid: int | None) -> dict[str, int]:
     """As root, fds of the spare's namespaces (the body joins them); {} without root."""
-    fds: dict[str, int] = {}
-    if init_pid is not None:
-        try:
-            for name in ("pid", *(name for name, _ in BODY_JOINED)):
-                fds[name] = os.open(f"/proc/{init_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            for fd in fds.values():
-                os.close(fd)
-            raise
-    return fds
+    if init_pid is None:
+        return {}
+    return open_namespaces(init_pid, ("pid", *(name for name, _ in BODY_JOINED)))
 
 
 def _fork(pid_namespace: int | None) -> int:
