@@ -24,7 +24,8 @@ _EXPORTS = {
     "caller.runtime": ["Container", "ContainerRuntime"],
     "caller.pods": ["Pod"],
     "caller.result": ["ContainerProcessError", "ContainerStatus", "Result", "WaitTimeoutError"],
-    "spec": ["ContainerSpec", "Limits", "Mount", "parse_size"],
+    "spec": ["ContainerSpec", "Limits", "Mount"],
+    "sizes": ["parse_size"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass, make_dataclass
-from typing import Any, Callable, Iterable, Mapping
+from dataclasses import dataclass, make_dataclass, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from pytest_minictr import ports, validate
+from pytest_minictr import confinement, ports, sizes, validate
 from pytest_minictr.errors import ConfigError
-from pytest_minictr.spec import DEFAULT_OUTPUT_LIMIT, check_layer_dir, check_mounts
+from pytest_minictr.spec import DEFAULT_ENV, DEFAULT_OUTPUT_LIMIT, ContainerSpec, Limits, Security
 
 Check = Callable[[Any, str], Any]  # (value, the name its user wrote) -> the checked value
 
@@ -73,6 +73,15 @@ def _soft_hard(text: str) -> tuple:
     return tuple(v if v == "unlimited" else int(v) for v in (soft, hard or soft))
 
 
+def _check_recipe(value: Any, name: str) -> str:
+    """A recipe the rootfs builder can find; ConfigError names an unknown one."""
+    # imported here: the recipe module (glob, shutil, TOML) is for a rootfs build, and the
+    # caller's import of the schema would pay for it (bz2 and lzma come with shutil)
+    from pytest_minictr.rootfs.recipe import find
+    find(value)
+    return str(value)
+
+
 @dataclass(frozen=True)
 class Flag:
     """How `minictr run` spells a keyword."""
@@ -127,7 +136,7 @@ KEYWORDS = (
             library="network", flag=Flag(("--network",), choices=validate.NETWORK_MODES)),
     Keyword("binaries", validate.check_binaries, "host programs (with their libraries) the "
             "rootfs holds"),
-    Keyword("recipe", validate.check_recipe, "build the rootfs from this recipe (minimal, "
+    Keyword("recipe", _check_recipe, "build the rootfs from this recipe (minimal, "
             "busybox, python3, or a .toml path)"),
     Keyword("rootfs", validate.check_prepared_rootfs, "a prepared rootfs directory to run on "
             "instead of one built from host binaries", option=True),
@@ -151,19 +160,19 @@ KEYWORDS = (
             nullable=False, library="seccomp",
             flag=Flag(("--no-seccomp",), "store_false",
                       help="do not install the default seccomp filter")),
-    Keyword("allow_syscalls", validate.check_syscalls, "let this call through the default "
+    Keyword("allow_syscalls", confinement.check_syscalls, "let this call through the default "
             "seccomp filter", default=(), nullable=False, library="allow_syscalls",
             flag=Flag(("--allow-syscall",), "append", "NAME")),
-    Keyword("capabilities", validate.check_capabilities, "keep this capability too (e.g. "
+    Keyword("capabilities", confinement.check_capabilities, "keep this capability too (e.g. "
             "NET_RAW, SYS_PTRACE)", default=(), nullable=False,
             library="capabilities", flag=Flag(("--cap-add",), "append", "CAP")),
-    Keyword("rlimits", validate.check_rlimits, "resource limit, like docker: nofile=8192, "
+    Keyword("rlimits", confinement.check_rlimits, "resource limit, like docker: nofile=8192, "
             "core=unlimited, stack=8388608:67108864 (bytes)", default=(),
             library="rlimits", flag=Flag(("--ulimit",), "append", "NAME=SOFT[:HARD]",
                                          collect=dict),
             from_text=_pair("NAME=SOFT[:HARD], e.g. nofile=1024:4096 or core=unlimited",
                             _soft_hard)),
-    Keyword("output_limit", validate.parse_size, "bytes kept of each output stream (default "
+    Keyword("output_limit", sizes.parse_size, "bytes kept of each output stream (default "
             "64M); the rest is dropped", default=DEFAULT_OUTPUT_LIMIT, marker=False,
             library="output_limit", flag=Flag(("--output-limit",), metavar="SIZE")),
     Keyword("layer_size", validate.check_layer_size, "most bytes the container may write to its "
@@ -172,7 +181,7 @@ KEYWORDS = (
     Keyword("read_only", validate.check_bool, "the root filesystem read-only (/tmp stays a "
             "writable tmpfs, mounts keep their own mode)", default=False, nullable=False,
             library="read_only", flag=Flag(("--read-only",), "store_true")),
-    Keyword("mounts", check_mounts, "extra mounts: Mount.bind(...), Mount.tmpfs(...)",
+    Keyword("mounts", validate.check_mounts, "extra mounts: Mount.bind(...), Mount.tmpfs(...)",
             default=(), nullable=False, marker=False, library="mounts"),
     Keyword("ports", ports.check_ports, "publish this container port on the caller's "
             "loopback: 5432, 8080:80, 127.0.0.1::6379 (docker's -p syntax)", default=(),
@@ -181,7 +190,7 @@ KEYWORDS = (
             from_text=ports.check_docker_text),
     Keyword("pod", validate.check_pod, "share this pod's network namespace "
             "(runtime.pod())", marker=False, library="pod"),
-    Keyword("layer", check_layer_dir, "a host directory keeping the container's writes",
+    Keyword("layer", validate.check_layer_dir, "a host directory keeping the container's writes",
             marker=False, library="layer"),
 )
 BY_NAME = {keyword.name: keyword for keyword in KEYWORDS}
@@ -261,3 +270,91 @@ def marker_help() -> str:
             "environment; and what a test that needs more than the strict default asks for: "
             "user=False (root inside is host root), seccomp=False, allow_syscalls=['ptrace'], "
             "capabilities=['NET_RAW'], rlimits={'nofile': 8192}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec, from checked keywords
+
+def make_spec(image: str | os.PathLike, command: Sequence[str], **keywords: Any) -> ContainerSpec:
+    """Check every keyword of `ContainerRuntime.run()`; one ConfigError names a bad one."""
+    return spec_from(image, command, check_library_keywords(keywords))
+
+
+def spec_from(image: Any, command: Any, checked: Mapping[str, Any]) -> ContainerSpec:
+    """The spec of checked keyword values (by the schema's names; a missing one is its
+    default), `image` and `command` checked here, as is what spans keywords (the layer and
+    the rootfs, seccomp and this machine, ports and pods)."""
+    values = {**DEFAULTS, **checked}
+    rootfs = validate.check_host_dir(image, "image", "rootfs",
+                                     " (build one with RootfsBuilder().build)")
+    if command is None:
+        command = _default_command(rootfs)
+    confinement.check_seccomp_here(values["seccomp"])
+    _check_network_sharing(values)
+    return ContainerSpec(
+        rootfs=rootfs,
+        argv=validate.check_command(command),
+        env=tuple({**dict(DEFAULT_ENV), **(values["env"] or {})}.items()),
+        cwd=values["cwd"],
+        hostname=values["hostname"],
+        network=values["network"],
+        user_namespace=values["user"],
+        timeout=values["timeout"],
+        output_limit=values["output_limit"],
+        limits=Limits(memory=values["memory"], cpus=values["cpus"], pids=values["pids"]),
+        mounts=values["mounts"],
+        layer=None if values["layer"] is None
+        else validate.check_layer_apart(values["layer"], rootfs),
+        layer_size=_check_layer_size(values["layer_size"], values["layer"]),
+        security=Security(seccomp=values["seccomp"], allow_syscalls=values["allow_syscalls"],
+                          capabilities=values["capabilities"],
+                          rlimits=values["rlimits"] or ()),
+        read_only=values["read_only"],
+        ports=values["ports"],
+        pod=values["pod"],
+    )
+
+
+def make_exec_spec(spec: ContainerSpec, command: Any, env: Any = None,
+                   timeout: Any = None) -> ContainerSpec:
+    """Another command in the container of `spec`: the same confinement, cwd and environment
+    (`env` added to it), its own argv and time limit."""
+    added = {} if env is None else validate.check_env(env)
+    return replace(spec, argv=validate.check_command(command),
+                   env=tuple({**dict(spec.env), **added}.items()),
+                   timeout=None if timeout is None
+                   else validate.check_seconds(timeout, "timeout"))
+
+
+def _default_command(rootfs: str) -> tuple[str, ...]:
+    # imported here, as `_check_recipe` is: only a rootfs that is used needs the cache's reader
+    from pytest_minictr.rootfs.cache import image_command
+    command = image_command(rootfs)
+    if not command:
+        raise ConfigError(f"command=None: the rootfs {rootfs!r} has no default command (a "
+                          "recipe declares one: recipe='redis', 'postgresql'); give the command")
+    return command
+
+
+def _check_network_sharing(values: Mapping[str, Any]) -> None:
+    """Ports and pods need the loopback of a network namespace made as the spec says."""
+    if values["network"] == "none" and (values["ports"] or values["pod"]):
+        what = (f"ports={[port.container_port for port in values['ports']]!r}"
+                if values["ports"] else "pod=")
+        raise ConfigError(f"network='none' and {what}: a published port or a pod is reached "
+                          "on the container's loopback; use network='loopback'")
+    if values["pod"] is not None and values["ports"]:
+        raise ConfigError("ports= and pod=: a pod's containers share its ports; publish "
+                          "them on the pod: runtime.pod(ports=[...])")
+    kept = confinement.NETWORK_CAPABILITIES & set(values["capabilities"])
+    if values["pod"] is not None and kept:
+        raise ConfigError(f"capabilities={sorted(kept)!r} and pod=: a network capability "
+                          "gives the container a network namespace of its own (see "
+                          "`security`), so it cannot share the pod's")
+
+
+def _check_layer_size(layer_size: int | None, layer: Any) -> int | None:
+    if layer_size is not None and layer is not None:
+        raise ConfigError(f"layer_size={layer_size!r}: bounds the fresh tmpfs layer; a kept "
+                          "layer= directory is as big as its filesystem")
+    return layer_size

@@ -4,6 +4,10 @@ with file descriptors riding along (SCM_RIGHTS) on the first byte of a message.
 A stream socket rather than SOCK_SEQPACKET because a spec's argv and env can approach
 ARG_MAX (2 MiB), beyond what one datagram may carry.
 
+The requests the launcher answers are declared once, in `REQUESTS`: the client sends them
+by these names, the launcher's server dispatches on the same table. An error crosses the
+socket (or a setup pipe) as `error_fields()` and comes back as its class with `error_of()`.
+
 Also the reports a container's processes send the launcher (`SetupReport`, `EndReport`): the
 wire format both sides keep to, parsed in one place.
 """
@@ -16,7 +20,9 @@ import signal
 import socket
 import struct
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+from pytest_minictr import errors
 
 # Signals the init passes on to the command: every one a sender may mean for the command. Not
 # those that cannot be caught, SIGCHLD (the init's own business), nor the faults the kernel
@@ -104,6 +110,75 @@ class ReplyReader:
             if not chunk:
                 return None
             self._buffer += chunk
+
+
+# --- the requests the launcher answers ----------------------------------------------------------
+#
+# Each request is {"op": NAME, "seq": N, FIELD: value...}, answered in order by
+# {"ok": true, "seq": N, REPLY FIELD: value...} or {"ok": false, "seq": N, "error": ERROR}
+# (ERROR: error_fields()). The client's call() returns the first or raises the second.
+
+RUN, EXEC, SIGNAL, STOP, STATS = "run", "exec", "signal", "stop", "stats"
+POD, END_POD, PROBE = "pod", "end_pod", "probe"
+SANDBOX, WATCH = "sandbox", "watch"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request: the fields it sends, the fds riding along, the fields of its reply."""
+
+    fields: tuple[str, ...]
+    reply: tuple[str, ...]
+    does: str
+    fds: tuple[str, ...] = ()
+
+
+STDIO_FDS = ("stdin", "stdout", "stderr", "events")
+REQUESTS = {
+    RUN: Request(("id", "spec"), ("pid", "ports"), "start a container of `spec` (a "
+                 "ContainerSpec.to_dict()); `ports`, only where it publishes some or joins a "
+                 "pod: [[container port, host address, host port]]", STDIO_FDS),
+    EXEC: Request(("id", "container", "spec"), ("pid",), "another command inside a running "
+                  "container: then signalled, stopped and reported by its own `id`, like a "
+                  "container", STDIO_FDS),
+    SIGNAL: Request(("id", "signum"), ("running",), "passed to the container's init, which "
+                    "forwards it"),
+    STOP: Request(("id", "grace"), ("running",), "SIGTERM now, SIGKILL of the whole tree after "
+                  "`grace` seconds (0: at once)"),
+    STATS: Request(("id",), ("stats",), "the cgroup's figures now: memory_current, "
+                   "memory_peak, cpu_time, oom_killed, processes"),
+    POD: Request(("pod", "ports"), ("ports",), "a pod, its ports bound (see launcher.pods)"),
+    END_POD: Request(("pod",), (), "a pod no container joined goes (one ends with its last)"),
+    PROBE: Request(("id", "port"), ("errno",), "0 if the port accepts a connection inside "
+                   "the container's network namespace, else the errno of the attempt"),
+    SANDBOX: Request(("id", "limits", "timeout"), ("init_pid", "cgroup_procs"), "a cgroup with "
+                     "`limits` for a sandboxed test body (see launcher.sandboxes); as root, "
+                     "`init_pid` is the spare whose namespaces it joins", ("events",)),
+    WATCH: Request(("id", "pid"), (), "watch the body forked into a sandbox (None: the fork "
+                   "failed); its end goes to the sandbox's events pipe"),
+}
+
+
+def error_fields(error: errors.MinictrError) -> dict[str, Any]:
+    """An error as it crosses to another process (`error_of` makes it an error again)."""
+    fields = {"type": type(error).__name__, "message": str(error)}
+    if isinstance(error, errors.ContainerSetupError):
+        fields.update(step=error.step, errno=error.errno, phase=error.phase)
+    return fields
+
+
+def error_of(fields: Mapping[str, Any]) -> errors.MinictrError:
+    """The error another process sent, as the class of `errors` it was there; a type this
+    side does not know is a LauncherError."""
+    kind = getattr(errors, fields.get("type", ""), None)
+    message = fields["message"]
+    if isinstance(kind, type) and issubclass(kind, errors.ContainerSetupError):
+        # (the native core sends a null phase where a step has none)
+        return kind(message, fields.get("step") or "", fields.get("errno"),
+                    fields.get("phase") or "")
+    if isinstance(kind, type) and issubclass(kind, errors.MinictrError):
+        return kind(message)
+    return errors.LauncherError(message)
 
 
 # --- what a container's processes report to the launcher ----------------------------------------

@@ -13,13 +13,13 @@ import re
 from typing import Any, Mapping, Sequence
 
 from pytest_minictr.errors import ConfigError
+from pytest_minictr.sizes import MAX_SIZE, parse_size
+from pytest_minictr.spec import Mount
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NETWORK_MODES = ("none", "loopback")
 EXPECTED_CPUS = "a number of CPUs such as 0.5 or 2"
 # Bounds past which the kernel (or select()/poll() in the launcher) would refuse or overflow.
 MAX_SECONDS = 10 ** 6              # about 11 days: any wait, timeout or grace
-MAX_SIZE = 2 ** 62                 # bytes; the cgroup and tmpfs parsers stop near 2**63
 MIN_MEMORY = 4 * 1024 ** 2         # below this the container's own init cannot even start
 # pids.max refuses more than PID_MAX_LIMIT (4194304, EINVAL), and the launcher adds one for
 # the container's init (launcher._with_room_for_the_init).
@@ -28,49 +28,12 @@ MAX_PIDS = 4194304 - 1
 # included: the kernel's MAX_ARG_STRLEN, 32 pages.
 MAX_ARG_STRLEN = 32 * os.sysconf("SC_PAGE_SIZE")
 
-_SIZE_UNITS = {"": 1, "b": 1}
-for _power, _letter in enumerate("kmgt", start=1):
-    for _suffix in (_letter, _letter + "b", _letter + "ib"):
-        _SIZE_UNITS[_suffix] = 1024 ** _power
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 # RFC 1123 labels; the kernel would take any 64 bytes, but other programs choke on the rest.
 _HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
 
 
 # ---------------------------------------------------------------------------------------------
 # Sizes, CPUs, counts, durations
-
-def parse_size(value: int | str, name: str = "size") -> int:
-    """'64M' -> 67108864. Units are powers of 1024, like docker's: B, K, M, G, T (KB, KiB ok)."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ConfigError(f"{name}={value!r}: expected bytes as an int or a string like '64M'")
-    if isinstance(value, int):
-        number, unit = value, ""
-    else:
-        match = _SIZE_RE.match(value)
-        if not match:
-            raise ConfigError(f"{name}={value!r}: not a size (use e.g. '512K', '64M', '1G')")
-        number, unit = match.group(1), match.group(2).lower()
-        if unit not in _SIZE_UNITS:
-            raise ConfigError(f"{name}={value!r}: unknown unit {match.group(2)!r} (use K, M, G)")
-    size = number if isinstance(number, int) else _scaled(number, _SIZE_UNITS[unit])
-    if size <= 0:
-        raise ConfigError(f"{name}={value!r}: must be positive")
-    if size > MAX_SIZE:
-        raise ConfigError(f"{name}={value!r}: must be at most 2**62 bytes ({MAX_SIZE})")
-    return size
-
-
-def _scaled(number: str, unit: int) -> int:
-    """'1.5' * 1024 in integers, rounded down: a float would round byte counts past 2**53
-    and overflow to infinity on a long digit string."""
-    whole, _, fraction = number.partition(".")
-    if len(whole.lstrip("0")) > 24:  # far past MAX_SIZE; int() refuses 4300+ digits anyway
-        return MAX_SIZE + 1
-    fraction = fraction[:24]  # below a byte even in terabytes
-    # lstrip: int() counts leading zeros against its 4300-digit limit too
-    return int((whole + fraction).lstrip("0") or "0") * unit // 10 ** len(fraction)
-
 
 def check_memory_limit(value: Any, name: str = "memory_limit") -> int:
     # The kernel takes 1M, then OOM-kills the container before its command runs, with no
@@ -320,81 +283,97 @@ def check_writable(value: Any, name: str = "writable") -> tuple[str, ...]:
     return tuple(paths)
 
 
-def check_recipe(value: Any, name: str = "recipe") -> str:
-    # imported here: the recipe module reads TOML, which only a rootfs build needs
-    from pytest_minictr.rootfs import recipe as recipes
-    recipes.find(value)  # ConfigError names an unknown one
-    return str(value)
-
-
-# ---------------------------------------------------------------------------------------------
-# What loosens the confinement, checked against what it can name
-
-def check_syscalls(names: Any, name: str = "allow_syscalls") -> tuple[str, ...]:
-    from pytest_minictr.container.seccomp import FILTERED
-    return _check_names(names, name, FILTERED, "not a call the default seccomp filter denies")
-
-
-def check_seccomp_here(seccomp: bool) -> None:
-    """The filter is written per architecture: on another one it cannot be installed."""
-    from pytest_minictr.container.seccomp import ARCHITECTURES
-    if seccomp and os.uname().machine not in ARCHITECTURES:
-        raise ConfigError(f"seccomp=True: no syscall table for {os.uname().machine} "
-                          f"(known: {', '.join(ARCHITECTURES)}); pass seccomp=False")
-
-
-def check_capabilities(names: Any, name: str = "capabilities") -> tuple[str, ...]:
-    from pytest_minictr.container.security import CAPABILITY_NAMES
-    return _check_names(names, name, CAPABILITY_NAMES, "not a capability",
-                        normalize=_capability_name)
-
-
-def _capability_name(name: str) -> str:
-    name = name.upper()
-    return name[len("CAP_"):] if name.startswith("CAP_") else name
-
-
-def _check_names(names: Any, keyword: str, known: Sequence[str], problem: str,
-                 normalize=lambda name: name) -> tuple[str, ...]:
-    for name in check_sequence(names, keyword):
-        if not isinstance(name, str) or normalize(name) not in known:
-            raise ConfigError(f"{keyword}: {name!r} is {problem} (known: {', '.join(known)})")
-    return tuple(normalize(name) for name in names)
-
-
-def check_rlimits(rlimits: Any, keyword: str = "rlimits") -> tuple[tuple[str, int, int], ...]:
-    """{'nofile': 8192, 'core': 'unlimited', 'stack': (8M, 64M)}: one value sets both the
-    soft and the hard limit; a pair sets them apart."""
-    from pytest_minictr.container.security import RLIMIT_NAMES, UNLIMITED
-    if rlimits is None:
-        return ()
-    if not isinstance(rlimits, Mapping):
-        raise ConfigError(f"{keyword}={rlimits!r}: expected a dict such as {{'nofile': 8192}}")
-    checked = []
-    for name, value in rlimits.items():
-        if name not in RLIMIT_NAMES:
-            raise ConfigError(f"{keyword}: unknown limit {name!r} "
-                              f"(known: {', '.join(sorted(RLIMIT_NAMES))})")
-        pair = value if isinstance(value, tuple) and len(value) == 2 else (value, value)
-        soft, hard = (_rlimit_value(keyword, name, value, v, UNLIMITED) for v in pair)
-        if hard != UNLIMITED and (soft == UNLIMITED or soft > hard):
-            raise ConfigError(f"{keyword}: {name}={value!r}: the soft limit exceeds the hard one")
-        checked.append((name, soft, hard))
-    return tuple(checked)
-
-
-def _rlimit_value(keyword: str, name: str, shown: Any, value: Any, unlimited: int) -> int:
-    if value is None or value == "unlimited":
-        return unlimited
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
-        raise ConfigError(f"{keyword}: {name}={shown!r}: expected a number from 0 to 2**63, "
-                          "'unlimited', or a (soft, hard) pair of them")
-    return value
-
-
 def check_pod(value: Any, name: str = "pod") -> str:
     """A pod of this runtime (`ContainerRuntime.pod()`), as its id."""
     pod_id = getattr(value, "pod_id", None)
     if not isinstance(pod_id, str):
         raise ConfigError(f"{name}={value!r}: expected a pod made by runtime.pod()")
     return pod_id
+
+
+# ---------------------------------------------------------------------------------------------
+# The writable layer and extra mounts
+
+# Mount points the container gets from us (mounts.build_root): mounting over or inside them
+# would hide or break our /proc and /dev; below /tmp is fine, /tmp itself would hide ours.
+OWN_MOUNTS = ("/proc", "/dev")
+OWN_MOUNT_POINTS = (*OWN_MOUNTS, "/tmp")
+
+
+def check_layer_dir(value: Any, name: str = "layer") -> str:
+    """An existing host directory, as given: its real path is compared with the rootfs's
+    (and kept in the spec) once both are known (`check_layer_apart`)."""
+    check_host_dir(value, name)
+    return os.fspath(value)
+
+
+def check_layer_apart(layer: str, rootfs: str) -> str:
+    """The layer's real path, which must be apart from the rootfs's."""
+    # overlayfs would write upper/ and work/ into the base every container shares (or refuse
+    # the overlap with ELOOP, late, inside the container): compare real paths here instead.
+    real = os.path.realpath(layer)
+    if real == rootfs or is_within(real, rootfs) or is_within(rootfs, real):
+        where = ("is the rootfs" if real == rootfs else "is inside the rootfs"
+                 if is_within(real, rootfs) else "contains the rootfs")
+        raise ConfigError(f"layer={layer!r}: {where} (image={rootfs!r}); the "
+                          "writable layer must be a directory apart from it, e.g. "
+                          "tempfile.mkdtemp()")
+    return real
+
+
+def check_mounts(mounts: Any, name: str = "mounts") -> tuple[Mount, ...]:
+    return tuple(_check_mount(m) for m in check_sequence(mounts, name))
+
+
+def _check_mount(mount: Any) -> Mount:
+    if not isinstance(mount, Mount):
+        raise ConfigError(f"mounts item {mount!r}: expected Mount.bind(...) or Mount.tmpfs(...)")
+    target = _check_mount_target(mount.target)
+    if not isinstance(mount.read_only, bool):  # 'no' would be truthy: a silent read-only
+        raise ConfigError(f"mount read_only={mount.read_only!r} (on {target!r}): "
+                          "expected True or False")
+    if mount.source is None:
+        _check_tmpfs(mount, target)
+        return Mount(target=target, read_only=False, size=mount.size)
+    source = mount.source
+    if not isinstance(source, str) or "\0" in source or not os.path.isabs(source):
+        raise ConfigError(f"mount source {source!r}: expected an absolute host path")
+    check_encodable(source, "mount source")
+    if not os.path.exists(source):
+        raise ConfigError(f"mount source {source!r}: does not exist on the host")
+    if mount.size is not None:
+        raise ConfigError(f"mount size={mount.size!r} (on {target!r}): only a tmpfs has a size; "
+                          f"a bind mount of {source!r} shows it as it is (drop size)")
+    return Mount(target=target, source=os.path.realpath(source), read_only=mount.read_only)
+
+
+def _check_mount_target(value: Any) -> str:
+    target = check_container_path(value, "mount target")
+    if ".." in value.split("/"):
+        # Lexical normalization would be wrong wherever a component is a symlink in the
+        # rootfs, and where it really points is only known inside the container.
+        raise ConfigError(f"mount target {value!r}: '..' is not allowed; give the path "
+                          f"without it, e.g. {target!r}")
+    if target == "/":
+        raise ConfigError("mount target '/': cannot mount over the container's root")
+    for own in OWN_MOUNT_POINTS:
+        if target == own or (own in OWN_MOUNTS and is_within(target, own)):
+            what = "is" if target == own else "is inside"
+            raise ConfigError(f"mount target {value!r}: {what} {own}, which the container "
+                              f"gets from minictr; mount somewhere else"
+                              + (" (below /tmp is fine, e.g. '/tmp/data')" if own == "/tmp"
+                                 else ""))
+    return target
+
+
+def _check_tmpfs(mount: Mount, target: str) -> None:
+    size = mount.size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int)
+                             or not 0 < size <= MAX_SIZE):
+        raise ConfigError(f"mount size={size!r} (on {target!r}): expected a positive int of "
+                          f"bytes, at most 2**62; Mount.tmpfs({target!r}, size='16M') parses "
+                          "units")
+    if mount.read_only:
+        # mounts.py never remounts a tmpfs read-only: an empty read-only dir would be useless.
+        raise ConfigError(f"mount read_only=True (on {target!r}): a tmpfs starts empty and is "
+                          f"always writable; use Mount.tmpfs({target!r})")

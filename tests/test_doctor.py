@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from pytest_minictr import doctor
-from pytest_minictr.doctor.checks import Finding, Host, Rehearsal
+from pytest_minictr.doctor.checks import Finding
+from pytest_minictr.doctor.host import Host, Rehearsal
 
 pytest_plugins = ["pytester"]
 REPO = Path(__file__).resolve().parent.parent

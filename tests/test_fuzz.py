@@ -23,11 +23,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pytest_minictr import MinictrError, RootfsBuilder, keywords, spec
+from pytest_minictr import MinictrError, RootfsBuilder, confinement, keywords, validate
 from pytest_minictr.caller.result import Result
-from pytest_minictr.container import security
-from pytest_minictr.container.seccomp import FILTERED
-from pytest_minictr.spec import MAX_SIZE, MIN_MEMORY, ContainerSpec, Mount
+from pytest_minictr.confinement import FILTERED
+from pytest_minictr.keywords import make_exec_spec, make_spec
+from pytest_minictr.sizes import MAX_SIZE, parse_size
+from pytest_minictr.spec import ContainerSpec, Mount
+from pytest_minictr.validate import MIN_MEMORY
 
 # the module: `pytest_minictr.cli` exports its function `main` under the same name
 cli = importlib.import_module("pytest_minictr.cli.main")
@@ -87,14 +89,14 @@ COMMANDS = st.one_of(st.lists(ARGS, max_size=4), st.tuples(ARGS), st.just([]),
                      st.just(["true"] * 100_000), TEXT, st.binary(), JUNK)
 SYSCALLS = st.one_of(st.lists(st.one_of(st.sampled_from(FILTERED), TEXT, SCALARS), max_size=3),
                      JUNK)
-CAP_NAMES = st.sampled_from(security.CAPABILITY_NAMES)
+CAP_NAMES = st.sampled_from(confinement.CAPABILITY_NAMES)
 CAPABILITIES = st.one_of(st.lists(st.one_of(
     CAP_NAMES, CAP_NAMES.map(str.lower), CAP_NAMES.map("CAP_".__add__), TEXT, SCALARS),
     max_size=3), JUNK)
 RLIMIT_VALUES = st.one_of(st.integers(-2, 2 ** 64), st.sampled_from(["unlimited", None]),
                           HUGE_INTS, SCALARS)
 RLIMITS = st.one_of(st.dictionaries(
-    st.one_of(st.sampled_from(sorted(security.RLIMIT_NAMES)), HASHABLE),
+    st.one_of(st.sampled_from(sorted(confinement.RLIMIT_NAMES)), HASHABLE),
     st.one_of(RLIMIT_VALUES, st.tuples(RLIMIT_VALUES, RLIMIT_VALUES),
               st.lists(RLIMIT_VALUES, max_size=3)), max_size=3), JUNK)
 
@@ -164,21 +166,21 @@ def make_mount(kind: str, target, other, read_only, tree: Path):
 @given(value=SIZES, name=st.sampled_from(["memory_limit", "output_limit", "tmpfs size"]))
 @example(value="0" * 4300 + "1", name="memory_limit")  # int() refused 4300+ digits
 def test_parse_size(value, name):
-    size = answer(lambda: spec.parse_size(value, name), name)
+    size = answer(lambda: parse_size(value, name), name)
     assert size is None or (type(size) is int and 0 < size <= MAX_SIZE)
 
 
 @FAST
 @given(value=SIZES)
 def test_memory_limit(value):
-    size = answer(lambda: spec.check_memory_limit(value), "memory_limit")
+    size = answer(lambda: validate.check_memory_limit(value), "memory_limit")
     assert size is None or MIN_MEMORY <= size <= MAX_SIZE
 
 
 @FAST
 @given(value=CPUS)
 def test_parse_cpus(value):
-    cpus = answer(lambda: spec.parse_cpus(value, "--cpus"), "--cpus")
+    cpus = answer(lambda: validate.parse_cpus(value, "--cpus"), "--cpus")
     assert cpus is None or (type(cpus) is float and 0.01 <= cpus <= os.cpu_count())
 
 
@@ -186,8 +188,8 @@ def test_parse_cpus(value):
 @given(value=st.one_of(SECONDS, st.integers(), HUGE_INTS), allow_zero=st.booleans(),
        name=st.sampled_from(["timeout", "grace"]))
 def test_check_seconds(value, allow_zero, name):
-    seconds = answer(lambda: spec.check_seconds(value, name, allow_zero), name)
-    assert seconds is None or (0 <= seconds <= spec.MAX_SECONDS and (allow_zero or seconds))
+    seconds = answer(lambda: validate.check_seconds(value, name, allow_zero), name)
+    assert seconds is None or (0 <= seconds <= validate.MAX_SECONDS and (allow_zero or seconds))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +200,7 @@ KEYWORDS = {
     "memory_limit": SIZES, "output_limit": SIZES, "layer_size": SIZES,
     "pids_limit": PIDS, "timeout": SECONDS, "env": ENVS, "cwd": CONTAINER_PATHS,
     "hostname": HOSTNAMES,
-    "network": st.one_of(st.sampled_from(spec.NETWORK_MODES + ("host", "None", "")), JUNK),
+    "network": st.one_of(st.sampled_from(validate.NETWORK_MODES + ("host", "None", "")), JUNK),
     "user": st.one_of(st.booleans(), JUNK), "seccomp": st.one_of(st.booleans(), JUNK),
     "allow_syscalls": SYSCALLS, "capabilities": CAPABILITIES, "rlimits": RLIMITS,
 }
@@ -216,7 +218,7 @@ def test_make_spec_keyword(tree, data, keyword):
         keyword, value = keyword
     else:
         value = data.draw(KEYWORDS[keyword], label=keyword)
-    made = answer(lambda: spec.make_spec(tree / "root", ["true"], **{keyword: value}),
+    made = answer(lambda: make_spec(tree / "root", ["true"], **{keyword: value}),
                   *NAMED.get(keyword, (keyword,)))
     assert made is None or isinstance(made, ContainerSpec)
 
@@ -225,7 +227,7 @@ def test_make_spec_keyword(tree, data, keyword):
 @given(keywords=st.fixed_dictionaries({}, optional=KEYWORDS))
 def test_make_spec_keywords_together(tree, keywords):
     names = [n for keyword in keywords for n in NAMED.get(keyword, (keyword,))]
-    made = answer(lambda: spec.make_spec(tree / "root", ["true"], **keywords), *names)
+    made = answer(lambda: make_spec(tree / "root", ["true"], **keywords), *names)
     assert made is None or isinstance(made, ContainerSpec)
 
 
@@ -233,7 +235,7 @@ def test_make_spec_keywords_together(tree, keywords):
 @given(command=COMMANDS)
 @example(command=["true", HUGE])  # E2BIG, late, at exec
 def test_command(tree, command):
-    made = answer(lambda: spec.make_spec(tree / "root", command), "command")
+    made = answer(lambda: make_spec(tree / "root", command), "command")
     if made is not None:
         assert made.argv and all(isinstance(arg, str) for arg in made.argv)
 
@@ -244,7 +246,7 @@ def test_command(tree, command):
 @example(env={"A": "\0"})
 @example(env={"\ud800": "1"})
 def test_env(tree, env):
-    made = answer(lambda: spec.make_spec(tree / "root", ["true"], env=env), "env")
+    made = answer(lambda: make_spec(tree / "root", ["true"], env=env), "env")
     if made is not None:
         assert all("=" not in name and "\0" not in name + value for name, value in made.env)
 
@@ -257,7 +259,7 @@ def test_mounts(tree, mounts):
         made = [make_mount(*m, tree) if isinstance(m, tuple) and len(m) == 4
                 and m[0] in ("bind", "tmpfs", "raw") else m for m in mounts] \
             if isinstance(mounts, list) else mounts
-        return spec.make_spec(tree / "root", ["true"], mounts=made)
+        return make_spec(tree / "root", ["true"], mounts=made)
     made = answer(call, "mount", "tmpfs size")
     if made is not None:
         for mount in made.mounts:
@@ -273,7 +275,7 @@ def test_paths(tree, data, where):
     mounts = [Mount.bind(path, "/data")] if where == "source" and isinstance(
         path, (str, os.PathLike)) else [Mount.bind(tree / "file", path)] \
         if where == "target" else []
-    made = answer(lambda: spec.make_spec(image, ["true"], mounts=mounts, **keywords),
+    made = answer(lambda: make_spec(image, ["true"], mounts=mounts, **keywords),
                   {"source": "mount", "target": "mount"}.get(where, where))
     if made is not None:
         assert os.path.isdir(made.rootfs)
@@ -283,8 +285,8 @@ def test_paths(tree, data, where):
 @FAST
 @given(command=COMMANDS, env=ENVS, timeout=SECONDS | st.none())
 def test_make_exec_spec(tree, command, env, timeout):
-    base = spec.make_spec(tree / "root", ["true"], env={"KEPT": "1"})
-    made = answer(lambda: spec.make_exec_spec(base, command, env, timeout),
+    base = make_spec(tree / "root", ["true"], env={"KEPT": "1"})
+    made = answer(lambda: make_exec_spec(base, command, env, timeout),
                   "command", "env", "timeout")
     if made is not None:
         assert dict(made.env)["KEPT"] == "1" or "KEPT" in (env or {})
@@ -294,13 +296,13 @@ def test_make_exec_spec(tree, command, env, timeout):
 @given(seccomp=st.one_of(st.booleans(), JUNK), allow_syscalls=SYSCALLS,
        capabilities=CAPABILITIES, rlimits=RLIMITS | st.none())
 def test_check_security(tree, seccomp, allow_syscalls, capabilities, rlimits):
-    made = answer(lambda: spec.make_spec(tree / "root", ["true"], seccomp=seccomp,
+    made = answer(lambda: make_spec(tree / "root", ["true"], seccomp=seccomp,
                                          allow_syscalls=allow_syscalls,
                                          capabilities=capabilities, rlimits=rlimits),
                   "seccomp", "allow_syscalls", "capabilities", "rlimits")
     if made is not None:
         for _, soft, hard in made.security.rlimits:
-            assert hard == security.UNLIMITED or soft <= hard
+            assert hard == confinement.UNLIMITED or soft <= hard
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,10 +431,11 @@ VALID_ISH = {
                            | st.sampled_from(["\udcff", "x" * 100_000]), max_size=3),
     "cwd": st.sampled_from(["/", "/bin", "/tmp", "/nonexistent", "/a\nb", "/bin/true"]),
     "hostname": st.sampled_from(["a", "a-b.c", "x" * 63]),
-    "network": st.sampled_from(spec.NETWORK_MODES), "user": st.sampled_from([True, False, None]),
+    "network": st.sampled_from(validate.NETWORK_MODES),
+    "user": st.sampled_from([True, False, None]),
     "seccomp": st.booleans(), "allow_syscalls": st.lists(st.sampled_from(FILTERED), max_size=2),
     "capabilities": st.lists(CAP_NAMES, max_size=2),
-    "rlimits": st.dictionaries(st.sampled_from(sorted(security.RLIMIT_NAMES)),
+    "rlimits": st.dictionaries(st.sampled_from(sorted(confinement.RLIMIT_NAMES)),
                                st.sampled_from([0, 1, 1024, "unlimited", (0, 1)]), max_size=2),
     "layer_size": st.sampled_from(["4M", "64M"]),
     "mounts": st.lists(st.sampled_from([Mount.tmpfs("/tmp/t"), Mount.tmpfs("/data", "4M"),
@@ -468,7 +471,7 @@ RUN_OPTIONS = {
     "--cap-add": CAPABILITIES, "--allow-syscall": SYSCALLS,
     "--ulimit": st.one_of(st.from_regex(r"\A[a-z]{0,7}=[0-9a-z]{0,12}(:[0-9a-z]{0,12})?\Z"),
                           st.builds("{}={}:{}".format, st.sampled_from(
-                              sorted(security.RLIMIT_NAMES)), RLIMIT_VALUES, RLIMIT_VALUES),
+                              sorted(confinement.RLIMIT_NAMES)), RLIMIT_VALUES, RLIMIT_VALUES),
                           TEXT),
     "--output-limit": SIZES, "--layer-size": SIZES,
 }

@@ -36,7 +36,7 @@ def python_actions() -> set[str]:
 
 
 def test_plans_name_only_actions_both_executors_know(rootfs):
-    from pytest_minictr.spec import make_spec
+    from pytest_minictr.keywords import make_spec
     spec = make_spec(rootfs, ["true"], mounts=[Mount.tmpfs("/scratch")])
     wheres = (plan.Where(cgroup_procs=("/x/cgroup.procs",), userns_fd=5, host_ids=(1, 1)),
               plan.Where(rootless=True), plan.Where(rootless=True, id_maps=(3, 4)))

@@ -11,7 +11,7 @@ import pytest
 from pytest_minictr import Mount
 from pytest_minictr.container import plan
 from pytest_minictr.container.executor import Executor
-from pytest_minictr.spec import make_spec
+from pytest_minictr.keywords import make_spec
 
 # What a child knows before its first step (see container.child).
 GIVEN_SLOTS = {"fds", "signal_proxy", "parent pidfd"}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_minictr import confinement
 from pytest_minictr.container import seccomp
 
 # Where Debian's linux-libc-dev puts each table; the generic one serves aarch64.
@@ -42,9 +43,17 @@ def test_syscall_numbers_match_the_kernel_headers(arch):
 @pytest.mark.parametrize("arch", sorted(seccomp.ARCHITECTURES))
 def test_every_filtered_call_the_architecture_has_is_numbered(arch):
     known = header_numbers(arch)
-    missing = [name for name in seccomp.FILTERED
+    missing = [name for name in confinement.FILTERED
                if name in known and name not in seccomp.ARCHITECTURES[arch].numbers]
     assert missing == []
+
+
+def test_the_filter_has_what_the_names_promise():
+    # The names users are checked against (`confinement`) and the tables the filter is built
+    # from are declared apart: the edge cannot import the container side.
+    assert sorted(seccomp.ARCHITECTURES) == sorted(confinement.SECCOMP_MACHINES)
+    assert {rule[0] for rule in seccomp.ARGUMENT_RULES} == \
+        set(confinement.DENIED_FOR_SOME_ARGUMENTS)
 
 
 def instructions(program: bytes) -> list[tuple[int, int, int, int]]:
@@ -95,9 +104,9 @@ def expected_return(name: str | None, allowed: tuple[str, ...], args: tuple[int,
     """What the filter's rules say of a call (None: one the filter does not name)."""
     if name in allowed or name is None:
         return seccomp.SECCOMP_RET_ALLOW
-    if name in seccomp.DENIED:
+    if name in confinement.DENIED:
         return seccomp.SECCOMP_RET_ERRNO | errno.EPERM
-    if name in seccomp.NOT_IMPLEMENTED:
+    if name in confinement.NOT_IMPLEMENTED:
         return seccomp.SECCOMP_RET_ERRNO | errno.ENOSYS
     for rule_name, argument, test, value in seccomp.ARGUMENT_RULES:
         argument_value = args[argument] if argument < len(args) else 0

@@ -11,7 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_minictr import ConfigError, ContainerSpec, Mount, parse_size
-from pytest_minictr.spec import MAX_SECONDS, MAX_SIZE, check_seconds, make_spec, parse_cpus
+from pytest_minictr.confinement import UNLIMITED
+from pytest_minictr.keywords import make_spec
+from pytest_minictr.sizes import MAX_SIZE
+from pytest_minictr.validate import MAX_SECONDS, check_seconds, parse_cpus
 
 UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
          "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3, "t": 1024**4}
@@ -251,7 +254,6 @@ def test_spec_errors_name_the_keyword(tmp_path, kwargs, message):
 
 
 def test_security_keywords_become_one_value():
-    from pytest_minictr.container.security import UNLIMITED
     security = make_spec("/", ["x"], capabilities=["cap_net_raw", "SYS_PTRACE"],
                          allow_syscalls=["keyctl"],
                          rlimits={"nofile": 10, "core": "unlimited", "stack": (1, None)}).security

@@ -1,6 +1,7 @@
 """The caller's side of the launcher: start it once, send it requests, start a new one if it died.
 
 The caller (pytest, a CLI, a grader) never forks a container itself; see `launcher.server`.
+Every request goes through `LauncherClient.call()` (the requests: `protocol.REQUESTS`).
 Requests may come from several threads: one lock serialises each request with its reply.
 """
 
@@ -38,9 +39,18 @@ class LauncherClient:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
-    def request(self, message: dict[str, Any], fds: Sequence[int] = ()) -> dict[str, Any]:
-        """Send one request and return the reply. A launcher found dead is replaced first;
-        one that dies while answering raises LauncherError (the next call starts a new one)."""
+    def call(self, op: str, *, fds: Sequence[int] = (), **fields: Any) -> dict[str, Any]:
+        """Send the request `op` with its `fields` (see protocol.REQUESTS) and return the
+        reply; an error the launcher answered with is raised as its class of `errors`. A
+        launcher found dead is replaced first; one that dies while answering raises
+        LauncherError (the next call starts a new one)."""
+        reply = self._exchange({"op": op, **fields}, fds)
+        if not reply["ok"]:
+            raise protocol.error_of(reply["error"])
+        return reply
+
+    def _exchange(self, message: dict[str, Any], fds: Sequence[int]) -> dict[str, Any]:
+        """One request sent, its reply (whatever it says) returned."""
         with self._lock:
             self._ensure_started()
             message = {**message, "seq": next(self._seq)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pytest_minictr import protocol
 from pytest_minictr.errors import ConfigError
 from pytest_minictr.ports import Port, as_dicts, check_ports
 
@@ -50,13 +51,10 @@ class Pod:
     def close(self) -> None:
         """Let go of the pod's ports if no container ever joined it (one that did ends
         with its last container)."""
-        self._runtime._client.request({"op": "end_pod", "pod": self.pod_id})
+        self._runtime._client.call(protocol.END_POD, pod=self.pod_id)
 
 
 def make_pod(runtime: "ContainerRuntime", pod_id: str, ports: Any) -> Pod:
     checked: tuple[Port, ...] = check_ports(ports)
-    reply = runtime._client.request({"op": "pod", "pod": pod_id, "ports": as_dicts(checked)})
-    if not reply["ok"]:
-        from pytest_minictr.caller.runtime import _error_from_reply
-        raise _error_from_reply(reply["error"])
+    reply = runtime._client.call(protocol.POD, pod=pod_id, ports=as_dicts(checked))
     return Pod(runtime, pod_id, published_of(reply["ports"]))

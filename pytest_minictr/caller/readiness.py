@@ -14,8 +14,10 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from pytest_minictr.caller.pods import Published, address_of
-from pytest_minictr.errors import ConfigError, ContainerNotReadyError
-from pytest_minictr.spec import check_seconds
+from pytest_minictr import protocol
+from pytest_minictr.caller.result import STDERR_TAIL, tail
+from pytest_minictr.errors import ConfigError, ContainerNotReadyError, MinictrError
+from pytest_minictr.validate import check_seconds
 
 if TYPE_CHECKING:
     from pytest_minictr.caller.runtime import Container
@@ -23,7 +25,6 @@ if TYPE_CHECKING:
 # Seconds between two probes of a port: from 1 ms (a server that starts in 10 ms is seen at
 # once), doubling to 20 ms (a probe is a request to the launcher and a connect: ~0.2 ms).
 FIRST_PROBE_INTERVAL, POLL_INTERVAL = 0.001, 0.02
-STDERR_TAIL = 2048      # bytes of stderr an error shows
 
 
 class ServiceMethods:
@@ -59,9 +60,14 @@ def wait_for_port(container: "Container", port: Any, timeout: Any) -> None:
     awaited = f"port {port} to accept connections inside the container"
 
     def accepts() -> bool:
-        reply = container._runtime._client.request(
-            {"op": "probe", "id": container.id, "port": port})
-        return reply["ok"] and reply["errno"] == 0
+        try:
+            reply = container._runtime._client.call(protocol.PROBE, id=container.id, port=port)
+        except MinictrError:
+            # Not ready: the container or its network has ended (how, _wait_until tells), or
+            # its forwarder did not answer (asked again), or the launcher died (its monitor
+            # then reports that).
+            return False
+        return reply["errno"] == 0
     _wait_until(container, accepts, awaited, timeout, on_output=False)
 
 
@@ -111,7 +117,7 @@ def _wait_until(container: "Container", ready: Callable[[], bool], awaited: str,
 def _not_ready(container: "Container", awaited: str, why: str) -> ContainerNotReadyError:
     stderr = container.output_so_far()[1][-STDERR_TAIL:]
     ended = None if container._result is None else _how_it_ended(container)
-    shown = stderr.decode(errors="replace").rstrip() or "(nothing)"
+    shown = tail(stderr).rstrip() or "(nothing)"
     return ContainerNotReadyError(
         f"container {container.id} {list(container.args)!r} is not ready: waited for "
         f"{awaited}, {why}; its stderr ends with:\n{shown}", awaited, ended, stderr)
@@ -129,8 +135,4 @@ def _how_it_ended(container: "Container") -> str:
         except ValueError:
             return f"killed by signal {-result.returncode}"
     return f"exited with status {result.returncode}"
-
-
-def tail(data: bytes, size: int = STDERR_TAIL) -> str:
-    return data[-size:].decode(errors="replace")
 

@@ -14,6 +14,7 @@ from pytest_minictr.errors import MinictrError
 from pytest_minictr.spec import Limits
 
 VERDICT_HEAD = 4096     # bytes of each stream in Result.to_dict()
+STDERR_TAIL = 2048      # bytes of a container's stderr an error or a failed test's report shows
 _SIGNAL_NUMBERS = {int(number) for number in signal.Signals}
 
 
@@ -115,3 +116,8 @@ class ContainerStats:
     processes: int | None           # processes and threads of the command(s) alive now
     oom_killed: bool                # the OOM killer has struck in it
     limits: Limits                  # the limits in force
+
+
+def tail(data: bytes, size: int = STDERR_TAIL) -> str:
+    """The last `size` bytes of a stream, as text."""
+    return data[-size:].decode(errors="replace")

@@ -1,7 +1,7 @@
 """The library's front door: `ContainerRuntime.run()` starts a container, `Container.wait()`
 gives its `Result`.
 
-Data flows one way: keywords -> `spec.make_spec` (validated, frozen) -> the launcher (fork,
+Data flows one way: keywords -> `keywords.make_spec` (validated, frozen) -> the launcher (fork,
 namespaces, mounts, exec) -> `Monitor` (pipes, the launcher's end report) -> `Result`.
 """
 
@@ -17,15 +17,18 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
-from pytest_minictr import errors, keywords
+from pytest_minictr import errors, keywords, protocol
 from pytest_minictr.caller import pods, readiness
 from pytest_minictr.caller.client import LauncherClient
 from pytest_minictr.caller.monitor import Monitor
+from pytest_minictr.caller.pipes import Pipes
 from pytest_minictr.caller.sandbox import SandboxLease
 from pytest_minictr.caller.result import ContainerStats, ContainerStatus, Result, WaitTimeoutError
-from pytest_minictr.errors import ConfigError, ContainerNotFoundError, LauncherError, MinictrError
+from pytest_minictr.errors import ConfigError, ContainerNotFoundError, LauncherError
 from pytest_minictr.protocol import FORWARDED_SIGNALS
-from pytest_minictr.spec import ContainerSpec, Limits, check_seconds, make_exec_spec, make_spec
+from pytest_minictr.keywords import make_exec_spec, make_spec
+from pytest_minictr.spec import ContainerSpec, Limits
+from pytest_minictr.validate import check_seconds
 
 DEFAULT_STOP_GRACE = 5.0
 _FINISHED_KEPT = 1024   # statuses of collected containers remembered for runtime.status(id)
@@ -95,7 +98,7 @@ class Container(readiness.ServiceMethods):
         if signum == signal.SIGKILL:
             self.kill()
         elif self._result is None:
-            self._ask({"op": "signal", "id": self.id, "signum": signum})
+            self._runtime._client.call(protocol.SIGNAL, id=self.id, signum=signum)
 
     def kill(self) -> Result:
         return self.stop(grace=0)
@@ -125,21 +128,14 @@ class Container(readiness.ServiceMethods):
     def stats(self) -> ContainerStats:
         """Memory now and at its peak, CPU time so far, processes, limits: from the cgroup.
         ContainerNotFoundError once the container has ended."""
-        reply = self._runtime._client.request({"op": "stats", "id": self.id})
-        if not reply["ok"]:
-            raise _error_from_reply(reply["error"])
+        reply = self._runtime._client.call(protocol.STATS, id=self.id)
         return ContainerStats(limits=self.spec.limits, **reply["stats"])
 
     def _request_end(self, grace: float) -> None:
         try:
-            self._ask({"op": "stop", "id": self.id, "grace": grace})
+            self._runtime._client.call(protocol.STOP, id=self.id, grace=grace)
         except LauncherError:
             pass  # a dead launcher took the container with it; wait() reports that
-
-    def _ask(self, request: dict) -> None:
-        reply = self._runtime._client.request(request)
-        if not reply["ok"]:
-            raise _error_from_reply(reply["error"])
 
     def _collect(self, deadline: float | None, once: bool = False) -> bool:
         try:
@@ -256,7 +252,7 @@ class ContainerRuntime:
     def sandbox(self, limits: Limits, timeout: float | None) -> SandboxLease:
         """A cgroup with `limits` for a process the caller forks itself (a sandboxed test
         body, see `plugin.sandbox`), which the launcher kills at `timeout` and removes."""
-        return SandboxLease(self._client, self._new_id(), limits, timeout, _error_from_reply)
+        return SandboxLease(self._client, self._new_id(), limits, timeout)
 
     def close(self) -> None:
         """Kill every container still running and stop the launcher."""
@@ -272,12 +268,11 @@ class ContainerRuntime:
                 stderr: Any, exec_of: str | None = None) -> Container:
         """Start a container; or, `exec_of` a container's id, another command in it."""
         container_id = self._new_id()
-        request = {"op": "run", "id": container_id, "spec": spec.to_dict()} if exec_of is None \
-            else {"op": "exec", "id": container_id, "container": exec_of, "spec": spec.to_dict()}
-        with _Pipes(input_data, stdin, stdout, stderr) as pipes:
-            reply = self._client.request(request, pipes.child_fds())
-            if not reply["ok"]:
-                raise _error_from_reply(reply["error"])
+        op, target = (protocol.RUN, {}) if exec_of is None \
+            else (protocol.EXEC, {"container": exec_of})
+        with Pipes(input_data, stdin, stdout, stderr) as pipes:
+            reply = self._client.call(op, fds=pipes.child_fds(), id=container_id,
+                                      spec=spec.to_dict(), **target)
             monitor = Monitor(*pipes.take_parent_fds(input_data), spec.output_limit)
         container = Container(self, container_id, reply["pid"], spec, monitor, exec_of,
                               pods.published_of(reply.get("ports", ())))
@@ -310,82 +305,6 @@ class ContainerRuntime:
                 self._finished.popitem(last=False)
 
 
-class _Pipes:
-    """The container's stdio and event pipes. The child's ends go to the launcher and are
-    closed here at once (else we would never see end of file); ours go to the Monitor."""
-
-    def __init__(self, input_data: bytes | None, stdin: Any, stdout: Any, stderr: Any):
-        self._ours: list[int] = []
-        self._theirs: list[int] = []
-        try:
-            self.stdin = self._source(stdin, input_data)
-            self.stdout = self._sink(stdout)
-            self.stderr = self._sink(stderr)
-            self.events, events_w = self._pipe()
-            self._ours.append(self.events)
-            self._theirs.append(events_w)
-            self._child = [self.stdin[0], self.stdout[1], self.stderr[1], events_w]
-        except BaseException:
-            self.__exit__()
-            raise
-
-    def _pipe(self) -> tuple[int, int]:
-        try:
-            return os.pipe2(os.O_CLOEXEC)
-        except OSError as error:  # EMFILE: containers left running unread hold their pipes
-            raise MinictrError(f"cannot make a pipe for the container: {error.strerror} "
-                               "(wait() for finished containers, or raise `ulimit -n`)") from None
-
-    def _source(self, stdin: Any, input_data: bytes | None) -> tuple[int, int | None]:
-        if input_data is not None:
-            read_end, write_end = self._pipe()
-            self._theirs.append(read_end)
-            self._ours.append(write_end)
-            return read_end, write_end
-        if stdin is None:
-            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            self._theirs.append(fd)
-            return fd, None
-        return _fileno(stdin, "stdin"), None
-
-    def _sink(self, target: Any) -> tuple[int | None, int]:
-        if target is None:
-            read_end, write_end = self._pipe()
-            self._ours.append(read_end)
-            self._theirs.append(write_end)
-            return read_end, write_end
-        return None, _fileno(target, "stdout/stderr")
-
-    def child_fds(self) -> list[int]:
-        return self._child
-
-    def take_parent_fds(self, input_data: bytes | None):
-        """Our ends, now owned by the Monitor: stdin, input, stdout, stderr, events."""
-        self._ours = []
-        return self.stdin[1], input_data, self.stdout[0], self.stderr[0], self.events
-
-    def __enter__(self) -> "_Pipes":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for fd in self._theirs + self._ours:
-            os.close(fd)
-        self._theirs, self._ours = [], []
-
-
-def _fileno(target: Any, name: str) -> int:
-    """The open descriptor behind `target` (an int, or a file with a real fileno())."""
-    try:
-        fd = target if isinstance(target, int) and not isinstance(target, bool) \
-            else target.fileno()
-        os.fstat(fd)
-    except (AttributeError, ValueError, OSError, TypeError, OverflowError) as error:
-        # io.UnsupportedOperation is a ValueError; a number past C int range, OverflowError
-        raise ConfigError(f"{name}={target!r}: expected an open file or file descriptor "
-                          f"({error})") from None
-    return fd
-
-
 def _check_signal(signum: Any) -> int:
     if isinstance(signum, bool) or not isinstance(signum, int) or \
             signum not in set(FORWARDED_SIGNALS) | {signal.SIGKILL}:
@@ -402,17 +321,6 @@ def _check_input(input_data: Any, stdin: Any) -> bytes | None:
     if stdin is not None:
         raise ConfigError("input= and stdin= cannot be used together")
     return bytes(input_data)
-
-
-def _error_from_reply(error: dict) -> errors.MinictrError:
-    """The launcher's error as the exception it was there (all are in `errors`)."""
-    kind = getattr(errors, error.get("type", ""), None)
-    message = error["message"]
-    if isinstance(kind, type) and issubclass(kind, errors.ContainerSetupError):
-        return kind(message, error.get("step", ""), error.get("errno"))
-    if isinstance(kind, type) and issubclass(kind, errors.MinictrError):
-        return kind(message)
-    return LauncherError(message)
 
 
 _open_runtimes: "weakref.WeakSet[ContainerRuntime]" = weakref.WeakSet()

@@ -9,6 +9,7 @@ import os
 import select
 from dataclasses import dataclass
 
+from pytest_minictr import protocol
 from pytest_minictr.caller.client import LauncherClient
 from pytest_minictr.spec import Limits
 
@@ -31,28 +32,25 @@ class SandboxLease:
     """One body's cgroup: `cgroup_procs` to join, `watch(pid)` once forked, `end()` after."""
 
     def __init__(self, client: LauncherClient, sandbox_id: str, limits: Limits,
-                 timeout: float | None, error_from_reply):
+                 timeout: float | None):
         self._client = client
         self.id = sandbox_id
         events_r, events_w = os.pipe2(os.O_CLOEXEC)
         try:
-            reply = client.request({"op": "sandbox", "id": sandbox_id, "limits": vars(limits),
-                                    "timeout": timeout}, [events_w])
+            reply = client.call(protocol.SANDBOX, fds=[events_w], id=sandbox_id,
+                                limits=vars(limits), timeout=timeout)
         except BaseException:
             os.close(events_r)
             raise
         finally:
             os.close(events_w)
-        if not reply["ok"]:
-            os.close(events_r)
-            raise error_from_reply(reply["error"])
         self._events = events_r
         self.cgroup_procs: tuple[str, ...] = tuple(reply["cgroup_procs"])
         self.init_pid: int | None = reply["init_pid"]  # as root: the spare init to join
 
     def watch(self, pid: int | None) -> None:
         """From now on the launcher watches `pid` (None: the fork failed; the group goes)."""
-        self._client.request({"op": "watch", "id": self.id, "pid": pid})
+        self._client.call(protocol.WATCH, id=self.id, pid=pid)
 
     def end(self, wait: bool = True) -> SandboxEnd:
         """The figures; or, not `wait`ing, none (the launcher still cleans up after the body:

@@ -8,7 +8,8 @@ import os
 import re
 
 from pytest_minictr.errors import ConfigError
-from pytest_minictr.spec import Mount, parse_size
+from pytest_minictr.sizes import parse_size
+from pytest_minictr.spec import Mount
 
 # Docker's rule for names; 12 hex digits stay ids (`ps` shows them), never names
 NAME_PATTERN = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}")

@@ -36,10 +36,9 @@ from pytest_minictr.cli.terminal import Terminal, run_on_terminal
 from pytest_minictr.cli.version import version_text
 from pytest_minictr.doctor import checks as doctor
 from pytest_minictr.errors import CommandNotFoundError, ConfigError, MinictrError
-from pytest_minictr.keywords import BY_NAME, FLAG_KEYWORDS
+from pytest_minictr.keywords import BY_NAME, FLAG_KEYWORDS, spec_from
 from pytest_minictr.rootfs.builder import RootfsBuilder
 from pytest_minictr.rootfs.defaults import default_binaries
-from pytest_minictr.spec import spec_from
 
 RUN_USAGE = "minictr run [OPTIONS] -- CMD [ARGS...]"
 HELP_ROOTFS = "run on this prepared root filesystem instead of building one"

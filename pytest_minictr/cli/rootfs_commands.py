@@ -13,7 +13,7 @@ from pytest_minictr.errors import ConfigError
 from pytest_minictr.rootfs import cache
 from pytest_minictr.rootfs.builder import RootfsBuilder
 from pytest_minictr.rootfs.images import import_image
-from pytest_minictr.spec import parse_size
+from pytest_minictr.sizes import parse_size
 
 
 def add_commands(commands, help_recipe: str) -> None:

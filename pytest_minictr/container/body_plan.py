@@ -21,14 +21,13 @@ from pytest_minictr.container.plan import (
     Step,
     Where,
     bring_up_loopback,
-    capability_mask,
     install_seccomp,
     join_cgroup,
     mount_proc_and_dev,
     name_and_network,
     pivot_into_root,
-    rlimits_of,
 )
+from pytest_minictr.container.security import capability_mask, rlimits_with
 from pytest_minictr.host import linux
 from pytest_minictr.spec import Security
 
@@ -126,11 +125,12 @@ def body_confinement(view: BodyView, where: Where) -> tuple[Step, ...]:
     steps = (Step("rlimits", "close the worker's handles", "close_inherited_handles",
                   (Ref("report"),)),
              # fsize unbounded: the body writes to host paths (tmp_path), not to a layer
-             Step("rlimits", "set rlimits", "set_rlimits", (rlimits_of(view), -1)),
+             Step("rlimits", "set rlimits", "set_rlimits",
+                  (rlimits_with(view.security.rlimits), -1)),
              Step("rlimits", "join a new session keyring", "join_new_session_keyring"),
              *userns,
              Step("capabilities", "drop capabilities", "drop_capabilities",
-                  (capability_mask(view),)))
+                  (capability_mask(view.security.capabilities),)))
     if view.security.seccomp:
         steps += (install_seccomp(view.security.allow_syscalls),)
     return steps

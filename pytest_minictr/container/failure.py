@@ -9,6 +9,7 @@ import json
 import os
 from typing import Callable, NoReturn
 
+from pytest_minictr import protocol
 from pytest_minictr.errors import ContainerSetupError
 
 
@@ -29,9 +30,7 @@ def report_failure(fd: int, error: BaseException) -> None:
     else:
         failure = ContainerSetupError(f"{type(error).__name__}: {error}", "setup")
     try:
-        write_line(fd, {"error": {"type": type(failure).__name__, "message": str(failure),
-                                  "step": failure.step, "errno": failure.errno,
-                                  "phase": failure.phase}})
+        write_line(fd, {"error": protocol.error_fields(failure)})
     except OSError:
         pass  # nobody listens any more: the launcher has gone
 

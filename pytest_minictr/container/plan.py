@@ -26,12 +26,12 @@ A sandboxed test body's plan (`body_plan`) is made of these steps too.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from pytest_minictr.confinement import NETWORK_CAPABILITIES
 from pytest_minictr.container import mounts, seccomp, security
 from pytest_minictr.host import linux
 from pytest_minictr.spec import ContainerSpec
@@ -318,7 +318,7 @@ def confine(spec: ContainerSpec, where: Where, userns: bool) -> tuple[Step, ...]
     # As host root still: raising a hard limit takes CAP_SYS_RESOURCE. No core dumps (a
     # dump lands in the layer, or in a host pipe handler that core_pattern names).
     steps = [Step("rlimits", "set rlimits", "set_rlimits",
-                  (rlimits_of(spec), Ref("layer size"))),
+                  (security.rlimits_with(spec.security.rlimits), Ref("layer size"))),
              # while still host root: the keyring is host root's, out of the container's reach
              Step("rlimits", "join a new session keyring", "join_new_session_keyring")]
     if userns:
@@ -330,14 +330,14 @@ def confine(spec: ContainerSpec, where: Where, userns: bool) -> tuple[Step, ...]
                   # the id switch disarmed PR_SET_PDEATHSIG (a kernel rule)
                   Step("user namespace", "arm the parent death signal",
                        "arm_parent_death_signal", (Ref("parent pidfd"),))]
-        if security.NETWORK_CAPABILITIES & set(spec.security.capabilities):
+        if NETWORK_CAPABILITIES & set(spec.security.capabilities):
             steps.append(Step("user namespace", "make a network namespace of its own",
                               "own_network", (spec.network,)))
     # runc's defaults less MKNOD, NET_RAW (forged packets), SYS_CHROOT (the chroot ".."
     # escape), SETPCAP, SETFCAP, AUDIT_WRITE; the bounding set too, and no_new_privs, after
     # which a setuid binary gains nothing.
     steps.append(Step("capabilities", "drop capabilities", "drop_capabilities",
-                      (capability_mask(spec),)))
+                      (security.capability_mask(spec.security.capabilities),)))
     if spec.security.seccomp:
         # last: it needs no_new_privs, and would refuse the calls before it (see `seccomp`:
         # keyrings, modules, bpf, io_uring, mounts, new user namespaces, TIOCSTI...)
@@ -349,31 +349,6 @@ def install_seccomp(allowed: tuple[str, ...]) -> Step:
     """The filter less `allowed`; its program in hex too, the native core's argument."""
     return Step("seccomp", "install the seccomp filter", "install_seccomp_filter",
                 (allowed, seccomp.host_filter_hex(allowed)))
-
-
-def rlimits_of(spec: ContainerSpec) -> tuple[tuple[str, int, int], ...]:
-    """The defaults (never raising a hard limit: without root that is refused), then the
-    spec's. fsize, the layer's size, is added by the step (only the child can measure it)."""
-    limits = dict(_default_rlimits())
-    limits.update((name, (soft, hard)) for name, soft, hard in spec.security.rlimits)
-    return tuple((name, soft, hard) for name, (soft, hard) in limits.items())
-
-
-@functools.cache
-def _default_rlimits() -> dict[str, tuple[int, int]]:
-    # once: our hard limits, which the children inherit, do not change
-    return {name: security.within_hard_limit(name, *pair)
-            for name, pair in security.DEFAULT_RLIMITS.items()}
-
-
-def capability_mask(spec: ContainerSpec) -> int:
-    return _capability_mask(spec.security.capabilities)
-
-
-@functools.lru_cache(maxsize=16)
-def _capability_mask(kept: tuple[str, ...]) -> int:
-    return sum(1 << security.capability_number(name)
-               for name in dict.fromkeys((*security.DEFAULT_CAPABILITIES, *kept)))
 
 
 def encode(steps: tuple[Step, ...]) -> bytes:

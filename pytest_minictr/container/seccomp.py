@@ -1,6 +1,7 @@
 """The default seccomp filter: classic BPF assembled here, no libseccomp.
 
-In the spirit of Docker's default profile, but as a deny list: the calls below reach the host
+In the spirit of Docker's default profile, but as a deny list: the calls it names (listed in
+`confinement`, with the checks of `allow_syscalls=`; their numbers are here) reach the host
 kernel's global state (keys, modules, clocks, swap, mounts, new namespaces) or are the usual
 first step of a kernel exploit (bpf, userfaultfd, io_uring, perf_event_open), and an ordinary
 program under test never needs them. Everything else is left to the namespaces and the dropped
@@ -19,6 +20,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from pytest_minictr.confinement import DENIED, NOT_IMPLEMENTED
 from pytest_minictr.host.linux import SeccompProgram
 
 # linux/seccomp.h, linux/filter.h, linux/audit.h
@@ -79,26 +81,6 @@ ARCHITECTURES = {
         "clone": 220, "unshare": 97, "ioctl": 29}),
 }
 
-# Denied outright, with EPERM (what the call returns without privilege: programs handle it).
-DENIED = (
-    # the kernel keyring is not namespaced: keys of the host and of other containers
-    "add_key", "keyctl", "request_key",
-    # replacing or extending the running kernel
-    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
-    "create_module", "query_module", "get_kernel_syms",
-    # attack surface far larger than any test needs
-    "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter",
-    "io_uring_register", "lookup_dcookie", "kcmp", "fanotify_init",
-    # the filesystem view stays the one we built
-    "mount", "umount2", "move_mount", "open_tree", "open_tree_attr", "fsopen", "fsconfig",
-    "fsmount", "fspick", "mount_setattr", "pivot_root", "setns",
-    # host-wide state
-    "swapon", "swapoff", "reboot", "acct", "settimeofday", "clock_settime", "clock_adjtime",
-    "syslog", "quotactl", "quotactl_fd", "nfsservctl", "vhangup", "sysfs", "_sysctl", "ustat",
-    "uselib", "iopl", "ioperm",
-    # the inode-handle escape ("shocker", 2014): open any inode of a filesystem by number
-    "open_by_handle_at",
-)
 # Denied for some arguments only: (call, argument, test, value) -> EPERM. A new user namespace
 # gives back every capability (inside it) and with them the kernel surface the rest of this
 # filter closes; ioctl TIOCSTI/TIOCLINUX push input into a terminal we may share.
@@ -108,10 +90,6 @@ ARGUMENT_RULES = (
     ("ioctl", 1, "equal", TIOCSTI),
     ("ioctl", 1, "equal", TIOCLINUX),
 )
-# clone3 passes its flags in memory, out of a filter's reach: ENOSYS makes libc fall back
-# to clone, whose flags we see.
-NOT_IMPLEMENTED = ("clone3",)
-FILTERED = tuple(sorted({*DENIED, *NOT_IMPLEMENTED, *(rule[0] for rule in ARGUMENT_RULES)}))
 
 
 def host_filter(allowed: tuple[str, ...] = ()) -> SeccompProgram:

@@ -9,32 +9,26 @@ namespace (entering one fills every set again, the bounding set too: `userns`), 
 too), no_new_privs (after which setuid bits and file
 capabilities give nothing), the process's own sets, and the seccomp filter last (it needs
 no_new_privs, and would refuse the prctl and capset calls before it).
+
+The defaults live here too, with how a spec's choices combine with them (`rlimits_with`,
+`capability_mask`): the launcher computes those into the plan's arguments (see `plan`).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import resource
 import socket
 import stat
 
+from pytest_minictr.confinement import (CAPABILITY_NAMES, RLIMIT_NAMES, UNLIMITED,
+                                        capability_name)
 from pytest_minictr.container import seccomp
 from pytest_minictr.host import linux
 
-# linux/capability.h, by number
-CAPABILITY_NAMES = (
-    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
-    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
-    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE",
-    "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME",
-    "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP",
-    "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ",
-    "PERFMON", "BPF", "CHECKPOINT_RESTORE")
-# Capabilities over a network namespace: they count only in one that container root's user
-# namespace owns, so asking for one gets the container a network namespace made inside it.
-NETWORK_CAPABILITIES = frozenset({"NET_ADMIN", "NET_RAW", "NET_BROADCAST"})
 # runc's default list less MKNOD (device nodes), NET_RAW (forged packets, a long CVE record),
 # SYS_CHROOT (the chroot ".." escape needs it), SETPCAP, SETFCAP and AUDIT_WRITE (nothing a
 # test does). What is left lets root inside own and chmod its files, switch to other ids,
@@ -43,10 +37,6 @@ DEFAULT_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SE
                         "SETUID", "NET_BIND_SERVICE")
 _CAPABILITY_NUMBERS = {name: number for number, name in enumerate(CAPABILITY_NAMES)}
 
-# resource.RLIMIT_* by the names of setrlimit(2) and `ulimit`
-RLIMIT_NAMES = {name.lower()[len("RLIMIT_"):]: getattr(resource, name)
-                for name in dir(resource) if name.startswith("RLIMIT_")}
-UNLIMITED = resource.RLIM_INFINITY  # -1 to Python: never compare it as a number
 # Core dumps off (a dump of a crashing test lands in the layer, or worse, in a host pipe
 # handler named by core_pattern); descriptors bounded so that a leak fails fast instead of
 # exhausting the host's file table. fsize: see set_rlimits().
@@ -57,8 +47,14 @@ _KEPT_SOCKETS = (socket.AF_INET, socket.AF_INET6)
 
 def capability_number(name: str) -> int:
     """'NET_RAW', 'net_raw' or 'CAP_NET_RAW' -> 13; KeyError for an unknown name."""
-    key = name.upper()
-    return _CAPABILITY_NUMBERS[key[len("CAP_"):] if key.startswith("CAP_") else key]
+    return _CAPABILITY_NUMBERS[capability_name(name)]
+
+
+@functools.lru_cache(maxsize=16)
+def capability_mask(kept: tuple[str, ...]) -> int:
+    """The default capabilities and `kept` (a spec's), as the mask drop_capabilities() keeps."""
+    return sum(1 << capability_number(name)
+               for name in dict.fromkeys((*DEFAULT_CAPABILITIES, *kept)))
 
 
 def install_seccomp_filter(allowed: tuple[str, ...], _program_hex: str) -> None:
@@ -86,8 +82,22 @@ def within_hard_limit(name: str, soft: int, hard: int) -> tuple[int, int]:
     return min(soft, current), min(hard, current)
 
 
+def rlimits_with(chosen: tuple[tuple[str, int, int], ...]) -> tuple[tuple[str, int, int], ...]:
+    """The defaults (never raising a hard limit: without root that is refused), then `chosen`
+    (a spec's). fsize, the layer's size, is added by the step (only the child can measure it)."""
+    limits = dict(_default_rlimits())
+    limits.update((name, (soft, hard)) for name, soft, hard in chosen)
+    return tuple((name, soft, hard) for name, (soft, hard) in limits.items())
+
+
+@functools.cache
+def _default_rlimits() -> dict[str, tuple[int, int]]:
+    # once: our hard limits, which the children inherit, do not change
+    return {name: within_hard_limit(name, *pair) for name, pair in DEFAULT_RLIMITS.items()}
+
+
 def set_rlimits(limits: tuple[tuple[str, int, int], ...], layer_size: int) -> None:
-    """`limits` over a default fsize of the writable layer's size (see plan.rlimits_of)."""
+    """`limits` over a default fsize of the writable layer's size (see rlimits_with)."""
     merged = {"fsize": within_hard_limit("fsize", layer_size, layer_size)}
     merged.update((name, (soft, hard)) for name, soft, hard in limits)
     for name, (soft, hard) in merged.items():

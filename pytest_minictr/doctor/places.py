@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pytest_minictr.doctor.checks import Host
+    from pytest_minictr.doctor.host import Host
 
 APPARMOR_SYSCTL = "kernel.apparmor_restrict_unprivileged_userns"
 

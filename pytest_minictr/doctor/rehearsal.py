@@ -3,7 +3,8 @@
 throwaway processes, reporting the first step that fails.
 
 Run as its own process (`python -m pytest_minictr.doctor.rehearsal`, which prints one JSON
-line), so that the caller, a pytest run with threads perhaps, is never forked. Nothing outlives
+line, read by `doctor.host.rehearse`), so that the caller, a pytest run with threads perhaps,
+is never forked. Nothing outlives
 it: the namespaces and mounts go with its processes.
 """
 
@@ -12,18 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 from pytest_minictr.container import plan
 from pytest_minictr.container.child import run_plan
 from pytest_minictr.container.init import ChildFds
-from pytest_minictr.doctor.checks import Rehearsal
 from pytest_minictr.host import idmap, linux
-from pytest_minictr.spec import make_spec
+from pytest_minictr.keywords import make_spec
 
-TIMEOUT = 30  # seconds: a hung mount must not hang doctor
 # The doctor's finding that each phase of the plan stands for.
 FINDING_OF_PHASE = {
     "user namespace": "user namespace", "join cgroup": "mount namespace",
@@ -31,19 +28,6 @@ FINDING_OF_PHASE = {
     "layer": "overlayfs", "root": "overlayfs", "pivot_root": "pivot_root",
     "hostname and loopback": "pivot_root", "rlimits": "seccomp", "capabilities": "seccomp",
     "seccomp": "seccomp", "exec": "seccomp"}
-
-
-def rehearse() -> Rehearsal:
-    """Run the rehearsal in a fresh interpreter; its outcome."""
-    try:
-        done = subprocess.run([sys.executable, "-m", "pytest_minictr.doctor.rehearsal"],
-                              capture_output=True, text=True, timeout=TIMEOUT)
-        outcome = json.loads(done.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as error:
-        return Rehearsal("user namespace", f"the rehearsal did not report ({error})")
-    if outcome.get("failed"):
-        return Rehearsal(outcome["failed"], outcome.get("error", ""))
-    return Rehearsal()
 
 
 def run() -> dict:

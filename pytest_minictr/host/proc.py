@@ -1,12 +1,15 @@
-"""/proc/PID/stat, read in one place: a process's state, parent and start time.
+"""A process's /proc files, read in one place: /proc/PID/stat (its state, parent and start
+time) and /proc/PID/ns (its namespaces, opened to be joined).
 
-The second field, the command name in parentheses, may itself hold spaces and ')' (a process
-names itself with prctl(PR_SET_NAME)): the fields after it are found from the last ')'.
+The second field of stat, the command name in parentheses, may itself hold spaces and ')' (a
+process names itself with prctl(PR_SET_NAME)): the fields after it are found from the last ')'.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Iterable
 
 from pytest_minictr.host import linux
 
@@ -33,3 +36,22 @@ def read_stat(pid: int) -> ProcStat | None:
         return None
     fields = text[text.rindex(")") + 2:].split()
     return ProcStat(state=fields[0], ppid=int(fields[1]), start_time=int(fields[19]))
+
+
+def open_namespaces(pid: int, names: Iterable[str]) -> dict[str, int]:
+    """fds of `pid`'s namespaces by name ('user', 'net', 'pid'...), to setns(2) into. On an
+    OSError (most likely: the process has ended) those opened already are closed first."""
+    fds: dict[str, int] = {}
+    try:
+        for name in names:
+            fds[name] = os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
+
+
+def shares_namespace(pid: int, name: str) -> bool:
+    """Whether `pid` is in our own namespace `name` (nsfs tells a namespace by its inode)."""
+    return os.stat(f"/proc/{pid}/ns/{name}").st_ino == os.stat(f"/proc/self/ns/{name}").st_ino

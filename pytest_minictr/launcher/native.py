@@ -23,6 +23,8 @@ import socket
 from typing import Callable
 
 from pytest_minictr import protocol
+from pytest_minictr.container import plan
+from pytest_minictr.container.init import ChildFds
 from pytest_minictr.host.cgroups import Cgroup
 from pytest_minictr.launcher.zygote import Zygote, ZygoteGone
 
@@ -73,14 +75,22 @@ class NativeZygote(Zygote):
             os.close(memfd)
         self._sock = ours
 
+    @property
+    def replaceable(self) -> bool:
+        """One found gone is replaced: its spares are our only way to keep Python out of
+        containers, and starting one costs one posix_spawn. Not one that died before its first
+        answer: it would die again (one dead zygote and one restart per container)."""
+        return self.answered > 0
+
     def order(self, channel: int, cgroup: Cgroup) -> None:
         self._send(b'{"spare":' + self._prepared_plan(cgroup) + b"}", (channel,))
 
-    def run(self, plan: bytes, fds: tuple[int, ...], extra: tuple[int, ...]) -> int:
+    def run(self, steps: tuple[plan.Step, ...], fds: ChildFds, keep: tuple[int, ...]) -> int:
         """Run a whole plan in a new child of ours (a keeper, an exec helper), given the
-        container's five `fds` and the `extra` fds the plan names; its pid."""
-        self._send(b'{"run":' + plan + b',"at":' + json.dumps(list(extra)).encode() + b"}",
-                   (*fds, *extra))
+        container's five `fds` and the `keep` fds the plan names; its pid. Its answer comes
+        after those to the spares ordered before: receive them first."""
+        self._send(b'{"run":' + plan.encode(steps) + b',"at":' + json.dumps(list(keep)).encode()
+                   + b"}", (*fds.all(), *keep))
         return self.receive()
 
     def _send(self, payload: bytes, fds: tuple[int, ...]) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError
 from pytest_minictr.forwarder.relay import PROBE, run_forwarder
+from pytest_minictr.host.proc import open_namespaces
 from pytest_minictr.ports import Port
 from pytest_minictr.spec import ContainerSpec
 
@@ -232,17 +233,12 @@ def _listen(port: Port) -> socket.socket:
 def _open_namespaces(child_pid: int, rootless: bool) -> tuple[int, ...]:
     """Our child's (the init's, or the keeper's: the same namespaces) network namespace, and
     without root its user namespace, which owns it and must be entered first."""
-    names = ("user", "net") if rootless else ("net",)
-    fds: list[int] = []
     try:
-        for name in names:
-            fds.append(os.open(f"/proc/{child_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC))
+        opened = open_namespaces(child_pid, ("user", "net") if rootless else ("net",))
     except OSError:
-        for fd in fds:
-            os.close(fd)
         raise ContainerNotFoundError("the container is not running (it has just ended)") \
             from None
-    return tuple(fds)
+    return tuple(opened.values())
 
 
 def _fork_forwarder(pod: Pod, parent_pidfd: int) -> Forwarder:

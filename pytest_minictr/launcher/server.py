@@ -5,18 +5,8 @@ and often threaded (a forked child of a threaded process can deadlock on a lock 
 thread held). This process stays small and has one thread; it is started once per runtime
 (by `client.LauncherClient`, as `python -S` calling `server.main([FD])`) and reused.
 
-It speaks `protocol` over one socket. Requests, each answered in order:
-  {"op": "run", "id", "spec"} + fds [stdin, stdout, stderr, events]  -> {"ok", "pid"} | error
-  {"op": "signal", "id", "signum"}     -> passed to the container's init, which forwards it
-  {"op": "stop", "id", "grace"}        -> SIGTERM now, SIGKILL of the whole tree after grace
-  {"op": "exec", "id", "container", "spec"} + fds as for run -> another command inside a
-                                         running container: then signalled, stopped and
-                                         reported by its own `id`, like a container
-  {"op": "stats", "id"}                -> {"ok", "stats": {...}}: the cgroup's figures now
-  {"op": "pod", "pod", "ports"}        -> {"ok", "ports"}: a pod, its ports bound (`pods`)
-  {"op": "end_pod", "pod"}             -> a pod no container joined goes (one ends with its last)
-  {"op": "probe", "id", "port"}        -> {"ok", "errno"}: 0 if the port accepts inside
-A run's reply names the ports published for it (or its pod): [[port, host address, host port]].
+It speaks `protocol` over one socket: the requests of `protocol.REQUESTS` (their fields, fds
+and replies are declared there), each answered in order by the `_op_` method of its name.
 When a container ends, one JSON line goes to its `events` pipe (returncode, how it ended, wall
 and CPU time) and the pipe is closed. When the caller goes away (end of the socket), every
 container is killed and the launcher exits: nothing outlives the caller.
@@ -26,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import os
 import select
 import selectors
@@ -36,9 +25,9 @@ import sys
 import time
 
 from pytest_minictr import protocol
-from pytest_minictr.errors import ContainerNotFoundError, MinictrError
-from pytest_minictr.host.cgroups import Cgroup
-from pytest_minictr.launcher.life import ENDED_BY, WE_KILLED, Container, Happening
+from pytest_minictr.errors import ContainerNotFoundError, LauncherError, MinictrError
+from pytest_minictr.launcher.ends import Ends
+from pytest_minictr.launcher.life import Container, Happening
 from pytest_minictr.launcher.pods import Pods
 from pytest_minictr.launcher.sandboxes import Sandbox
 from pytest_minictr.launcher.starter import ChildFds, ExecTarget, Starter
@@ -58,16 +47,19 @@ class Launcher:
         self.sandboxes: dict[str, Sandbox] = {}  # sandboxed test bodies (see `sandboxes`)
         self.starter = Starter()
         self.pods = Pods(self.starter.rootless, self.starter.own_pidfd)
+        self.ends = Ends(self.selector, self.containers, self.pods)
+        # the dispatch, by the one table of requests (a request without its method fails here)
+        self.handlers = {op: getattr(self, f"_op_{op}") for op in protocol.REQUESTS}
 
     def serve(self) -> None:
         while True:
             # A spare is made while nothing else waits for us and no container is between its
             # start and its end, so that it never competes with one for a CPU.
-            needs_spare = self.starter.wants_spare() and all(
+            needs_spare = self.starter.spares.wanted() and all(
                 c.ended for c in self.containers.values())
             events = self.selector.select(0 if needs_spare else self._seconds_to_next_deadline())
             if not events and needs_spare:
-                self.starter.prepare_spare()  # only when nothing else waits for us
+                self.starter.spares.prepare()  # only when nothing else waits for us
             for key, _ in events:
                 if key.fileobj is self.control:
                     if not self._handle_request():
@@ -101,15 +93,15 @@ class Launcher:
         if received is None:
             return False
         message, fds = received
-        handler = getattr(self, f"_op_{message.get('op')}", None)
+        handler = self.handlers.get(message.get("op"))
         try:
             if handler is None:
                 raise ValueError(f"unknown request {message.get('op')!r}")
             reply = handler(message, fds)
         except MinictrError as error:
-            reply = _error_reply(type(error).__name__, str(error))
+            reply = _error_reply(error)
         except Exception as error:  # noqa: BLE001 - the caller must get an answer, not a hang
-            reply = _error_reply("LauncherError", f"{type(error).__name__}: {error}")
+            reply = _error_reply(LauncherError(f"{type(error).__name__}: {error}"))
         try:
             protocol.send_message(self.control, {**reply, "seq": message.get("seq")})
         except OSError:
@@ -211,8 +203,8 @@ class Launcher:
                               began + spec.timeout if spec.timeout else None, cgroup,
                               exec_of=exec_of)
         self.containers[container.id] = container
-        self.selector.register(pidfd, selectors.EVENT_READ, (self._on_exit, container))
-        self.selector.register(status_r, selectors.EVENT_READ, (self._on_status, container))
+        self.selector.register(pidfd, selectors.EVENT_READ, (self.ends.on_exit, container))
+        self.selector.register(status_r, selectors.EVENT_READ, (self.ends.on_status, container))
         return {"ok": True, "pid": init_pid}
 
     def _op_signal(self, message: dict, _fds) -> dict:
@@ -244,7 +236,7 @@ class Launcher:
             else:
                 spare = self.starter.spare_for_body(limits)
                 cgroup, init_pid = spare.cgroup, spare.pid
-                release = functools.partial(self.starter.release_spare, spare)
+                release = functools.partial(self.starter.spares.discard, spare)
         except BaseException:
             os.close(fds[0])
             raise
@@ -299,73 +291,19 @@ class Launcher:
                 container.kill_at = None
                 _kill_all(container)  # (still STOPPING: the SIGTERM is what asked it to end)
 
-    # -- the end of a container ----------------------------------------------------------------
-
-    def _on_status(self, container: Container) -> None:
-        """The init writes the command's status once the command and everything it left
-        behind are dead and reaped: the container's end, told to the caller at once (the
-        init's own exit, and the namespaces' teardown, need not hold the caller up)."""
-        if container.status_pipe is None:
-            return  # _on_exit, in the same round of events, already read it to the end
-        chunk = os.read(container.status_pipe, 65536)
-        container.take_status(chunk)
-        if not chunk:
-            self._close_status_pipe(container)
-        if not chunk or container.report.command_ended:
-            self._send_event(container)
-
-    def _on_exit(self, container: Container) -> None:
-        """Our child exited: the init and every process of the namespace are gone."""
-        self.selector.unregister(container.pidfd)
-        _, child_status = os.waitpid(container.pid, 0)
-        if container.status_pipe is not None:
-            # every writer has exited, so this read cannot block
-            while chunk := os.read(container.status_pipe, 65536):
-                container.take_status(chunk)
-            container.take_status(b"")
-            self._close_status_pipe(container)
-        container.report = container.report.with_child_status(child_status)
-        self._send_event(container)
-        for fd in {container.pidfd, container.init_pidfd} - {None}:
-            os.close(fd)
-        container.cgroup.discard()
-        del self.containers[container.id]
-
-    def _send_event(self, container: Container) -> None:
-        if container.ended:
-            return
-        life = container.advance(Happening.END_TOLD)
-        report = container.report
-        returncode = report.returncode
-        ended_by = None if life in WE_KILLED and returncode >= 0 else ENDED_BY[life]
-        event = {"returncode": returncode, "ended_by": ended_by,
-                 "wall_time": time.monotonic() - container.started,
-                 **_measurements(container.cgroup, report.cpu_time)}
-        self.pods.leave(container.id)
-        try:
-            os.write(container.events, json.dumps(event).encode() + b"\n")
-        except OSError:
-            pass  # the caller closed its end: it no longer cares
-        os.close(container.events)
-
-    def _close_status_pipe(self, container: Container) -> None:
-        self.selector.unregister(container.status_pipe)
-        os.close(container.status_pipe)
-        container.status_pipe = None
-
     def shutdown(self) -> None:
         for sandbox in list(self.sandboxes.values()):
             self._on_sandbox_exit(sandbox)
         for container in list(self.containers.values()):
             _kill_all(container)
         for container in list(self.containers.values()):
-            self._on_exit(container)
+            self.ends.on_exit(container)
         self.pods.end_all()
         self.starter.shut_down()
 
 
-def _error_reply(kind: str, message: str) -> dict:
-    return {"ok": False, "error": {"type": kind, "message": message}}
+def _error_reply(error: MinictrError) -> dict:
+    return {"ok": False, "error": protocol.error_fields(error)}
 
 
 def _read_setup(setup_r: int, has_keeper: bool) -> SetupReport:
@@ -376,8 +314,8 @@ def _read_setup(setup_r: int, has_keeper: bool) -> SetupReport:
     try:
         while True:
             if not select.select([setup_r], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                return SetupReport(error={"type": "LauncherError", "message":
-                                          f"container setup took over {SETUP_TIMEOUT:g} s"})
+                return SetupReport(error=protocol.error_fields(LauncherError(
+                    f"container setup took over {SETUP_TIMEOUT:g} s")))
             chunk = os.read(setup_r, 65536)
             if not chunk:
                 break
@@ -386,18 +324,9 @@ def _read_setup(setup_r: int, has_keeper: bool) -> SetupReport:
         os.close(setup_r)
     setup = SetupReport.parse(data)
     if has_keeper and setup.pid is None and setup.error is None:
-        return SetupReport(error={"type": "LauncherError",
-                                  "message": "the container's keeper died during setup"})
+        return SetupReport(error=protocol.error_fields(LauncherError(
+            "the container's keeper died during setup")))
     return setup
-
-
-def _measurements(cgroup: Cgroup, reaped_cpu_time: float | None) -> dict:
-    """What the kernel measured. CPU time is the init's count of the command and everything it
-    started (all reaped by then), which leaves out our own setup; the cgroup's count, which
-    includes it, stands in where the init could not report (killed at a timeout)."""
-    stats = cgroup.stats()
-    return {"cpu_time": stats.cpu_time if reaped_cpu_time is None else reaped_cpu_time,
-            "memory_peak": stats.memory_peak, "oom_killed": stats.oom_killed}
 
 
 def _kill_all(container: Container) -> None:

@@ -15,7 +15,9 @@ as if it had forked them itself. It reaps them and reads their wait status, and 
 PR_SET_PDEATHSIG watches it, not the zygote.
 
 A zygote that is gone (killed) costs speed, never a container: the launcher then forks its
-spares itself again.
+spares itself again (`NoZygote`). Each kind answers the same calls, so that the spare pool
+(see `spares`) never asks which one it has: `order` a spare and `receive` its pid, `run` a
+whole plan in a new child, `close`, and whether one found gone is `replaceable`.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ from __future__ import annotations
 import gc
 import os
 import socket
+from collections import deque
 from typing import Callable, NoReturn
 
 from pytest_minictr import protocol
+from pytest_minictr.container.child import run_plan
+from pytest_minictr.container.init import ChildFds
+from pytest_minictr.container.plan import Step
 from pytest_minictr.errors import LauncherError
 from pytest_minictr.host import linux
 from pytest_minictr.host.cgroups import Cgroup
@@ -39,12 +45,16 @@ class Zygote:
     """The launcher's side: the zygote's pid and our end of its socket."""
 
     answered = 0  # orders answered with a pid: 0 when it died, it never worked
+    # One found gone is not replaced: the launcher forks its spares itself, which costs it
+    # page copies but no container.
+    replaceable = False
 
     def __init__(self, parent_pidfd: int, own_pid_namespace: int, keep: tuple[int, ...],
                  prepare: Callable[[], None], spare_main: Callable[[int, str | None], NoReturn]):
         """`prepare()` runs once in the zygote: what every spare inherits rather than does.
         `spare_main(channel_fd, cgroup_name)` is what each spare runs; `keep`: the fds it
         needs besides those two (everything else is closed in the zygote)."""
+        self.parent_pidfd = parent_pidfd
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.pid = os.fork()
@@ -80,6 +90,12 @@ class Zygote:
             raise OSError(reply["errno"], reply["error"])
         self.answered += 1
         return reply["pid"]
+
+    def run(self, steps: tuple[Step, ...], fds: ChildFds, keep: tuple[int, ...]) -> int:
+        """Run a whole plan (a keeper's, an exec helper's) in a new child of ours, given the
+        container's `fds` and the `keep` fds the plan names; its pid. This zygote forks spares
+        only: the launcher forks the child itself."""
+        return fork_to_run(steps, fds, self.parent_pidfd, keep)
 
     def close(self) -> None:
         """End of its socket tells the zygote to exit."""
@@ -124,3 +140,51 @@ def _fork_spare(channel: int, cgroup_name: str | None, own_pid_namespace: int,
     finally:
         os.close(channel)
     return {"pid": pid}
+
+
+class NoZygote:
+    """No zygote (none could start, or the last one is gone and not replaced): the launcher
+    forks its spares, and the children that run a whole plan, itself, with the zygote's
+    calls: `order` forks the spare at once and `receive` hands over the pids in order, as a
+    zygote's answers come. It is never gone."""
+
+    answered = 0
+    replaceable = False
+
+    def __init__(self, parent_pidfd: int, own_pid_namespace: int, prepare: Callable[[], None],
+                 spare_main: Callable[[int, str | None], NoReturn]):
+        """`prepare()` and `spare_main(channel_fd, cgroup_name)`: what a zygote's spare
+        inherits and what it runs, both run in each spare here."""
+        self.parent_pidfd = parent_pidfd
+        self._own_pid_namespace = own_pid_namespace
+        self._prepare = prepare
+        self._spare_main = spare_main
+        self._forked: deque[int] = deque()
+
+    def order(self, channel: int, cgroup: Cgroup) -> None:
+        pid = linux.fork_into_new_pid_namespace(self._own_pid_namespace)
+        if pid == 0:
+            try:
+                self._prepare()
+                self._spare_main(channel, cgroup.name)
+            finally:
+                os._exit(1)  # a forked child never returns into the launcher
+        self._forked.append(pid)
+
+    def receive(self) -> int:
+        return self._forked.popleft()
+
+    def run(self, steps: tuple[Step, ...], fds: ChildFds, keep: tuple[int, ...]) -> int:
+        return fork_to_run(steps, fds, self.parent_pidfd, keep)
+
+    def close(self) -> None:
+        pass
+
+
+def fork_to_run(steps: tuple[Step, ...], fds: ChildFds, parent_pidfd: int,
+                keep: tuple[int, ...]) -> int:
+    """A keeper or an exec helper forked by the launcher itself, carrying out `steps`."""
+    pid = os.fork()
+    if pid == 0:
+        run_plan(steps, fds, parent_pidfd, keep)
+    return pid

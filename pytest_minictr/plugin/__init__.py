@@ -97,7 +97,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def pytest_pyfunc_call(pyfuncitem: pytest.Function):
     """A sandboxed body: called in its sandbox; its verdict lands in the report (below)."""
     settings = pyfuncitem.stash.get(_BODY_SETTINGS, None)
-    if settings is None or sandbox._in_body:
+    if settings is None or sandbox.in_body():
         return None
     config = pyfuncitem.config
     try:
@@ -123,7 +123,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
     body = item.stash.get(sandbox.OUTCOME, None)
-    if call.when == "call" and body is not None and not sandbox._in_body:
+    if call.when == "call" and body is not None and not sandbox.in_body():
         del item.stash[sandbox.OUTCOME]
         sandbox.apply_outcome(item, report, body)
     result = item.stash.get(LAST_RESULT, None)

@@ -13,10 +13,9 @@ import pytest
 from pytest_minictr.caller.result import ContainerStats, Result
 from pytest_minictr.caller.runtime import Container, ContainerRuntime
 from pytest_minictr.errors import ConfigError, MinictrError, UnsupportedError
-from pytest_minictr.keywords import BY_NAME, ContainerSettings
+from pytest_minictr.keywords import BY_NAME, ContainerSettings, spec_from
 from pytest_minictr.plugin.host import LAYER_PREFIX, layer_parent, remove_layer
 from pytest_minictr.plugin.settings import SessionSettings
-from pytest_minictr.spec import spec_from
 
 LAST_RESULT = pytest.StashKey[Result]()
 

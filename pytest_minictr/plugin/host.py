@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pytest_minictr.caller.result import Result
+from pytest_minictr.caller.result import STDERR_TAIL, Result, tail
 from pytest_minictr.doctor import checks as doctor
 from pytest_minictr.errors import UnsupportedError
 from pytest_minictr.keywords import ContainerSettings
@@ -17,7 +17,6 @@ from pytest_minictr.rootfs.builder import RootfsBuilder
 from pytest_minictr.rootfs.defaults import BASE_BINARIES
 
 LAYER_PREFIX = "minictr-layer-"  # + the owner's pid: a layer of a dead owner is removed
-STDERR_TAIL = 2000  # characters of the last container's stderr shown for a failed test
 
 
 def resolve_rootfs(settings: ContainerSettings, builder: RootfsBuilder, memo: dict) -> Path:
@@ -89,7 +88,5 @@ def remove_stale_layers() -> None:
 def describe_result(result: Result) -> str:
     how = ("timed out" if result.timed_out else "OOM-killed" if result.oom_killed
            else f"returncode {result.returncode}")
-    stderr = result.stderr.decode(errors="replace")
-    tail = stderr[-STDERR_TAIL:] if stderr else "(empty)"
     return f"command: {list(result.args)!r}\n{how}, wall {result.wall_time:.3f} s\n" \
-           f"stderr (last {STDERR_TAIL} characters):\n{tail}"
+           f"stderr (last {STDERR_TAIL} bytes):\n{tail(result.stderr) or '(empty)'}"

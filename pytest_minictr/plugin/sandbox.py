@@ -27,6 +27,7 @@ import signal
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import NoReturn
 
 import pytest
 
@@ -34,10 +35,11 @@ from pytest_minictr.caller.runtime import ContainerRuntime
 from pytest_minictr.caller.sandbox import SandboxEnd
 from pytest_minictr.container import seccomp
 from pytest_minictr.container.body import run_sandboxed
-from pytest_minictr.container.body_plan import BODY_JOINED, BodyView, body_plan
+from pytest_minictr.container.body_plan import BODY_JOINED, BodyPlan, BodyView, body_plan
 from pytest_minictr.container.plan import Where
 from pytest_minictr.errors import ConfigError, UnsupportedError
 from pytest_minictr.host import linux
+from pytest_minictr.host.proc import open_namespaces
 from pytest_minictr.keywords import ContainerSettings
 from pytest_minictr.plugin.settings import SessionSettings, merge_marker
 from pytest_minictr.spec import Limits, Security
@@ -45,8 +47,6 @@ from pytest_minictr.spec import Limits, Security
 FIXTURE_ONLY = ("binaries", "recipe", "rootfs")
 OUTCOME = pytest.StashKey["BodyOutcome"]()
 MIB = 1024 ** 2
-# The body's process sets this: its own call of the hook then runs the test function.
-_in_body = False
 # setup failures that say the host (or our own sandbox) allows no namespaces here
 _UNAVAILABLE_ERRNOS = (errno.EPERM, errno.EACCES, errno.ENOSPC, errno.EINVAL, errno.ENOSYS)
 
@@ -61,7 +61,7 @@ class BodyOutcome:
 
 
 def wants_sandbox(item: pytest.Item, session: SessionSettings) -> bool:
-    return (not _in_body and isinstance(item, pytest.Function)
+    return (not in_body() and isinstance(item, pytest.Function)
             and "container" not in item.fixturenames
             and (session.sandbox_tests or item.get_closest_marker("container") is not None))
 
@@ -109,9 +109,9 @@ def run_body(item: pytest.Function, settings: ContainerSettings,
             plan = body_plan(view, where, tuple(namespaces[name] for name, _ in BODY_JOINED
                                                 if name in namespaces))
             pid = _fork(namespaces.get("pid"))
-        finally:
             if pid == 0:
-                run_sandboxed(plan, report_w, lambda: call_in_body(item, settings.env))
+                live_as_body(plan, report_w, item, settings.env)
+        finally:
             for fd in (report_w, *namespaces.values()):
                 os.close(fd)
             lease.watch(pid)
@@ -132,16 +132,9 @@ def run_body(item: pytest.Function, settings: ContainerSettings,
 
 def _open_namespaces(init_pid: int | None) -> dict[str, int]:
     """As root, fds of the spare's namespaces (the body joins them); {} without root."""
-    fds: dict[str, int] = {}
-    if init_pid is not None:
-        try:
-            for name in ("pid", *(name for name, _ in BODY_JOINED)):
-                fds[name] = os.open(f"/proc/{init_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            for fd in fds.values():
-                os.close(fd)
-            raise
-    return fds
+    if init_pid is None:
+        return {}
+    return open_namespaces(init_pid, ("pid", *(name for name, _ in BODY_JOINED)))
 
 
 def _fork(pid_namespace: int | None) -> int:
@@ -178,11 +171,34 @@ def _read_to_end(fd: int) -> bytes:
 
 # --- in the body's process ------------------------------------------------------------------
 
+class _ThisProcess:
+    """What this process is to the sandbox. Process-wide on purpose: from its fork on, a
+    body's process (and whatever it forks) sandboxes nothing, not even a pytest run inline by
+    the test."""
+
+    in_body = False
+
+
+_this_process = _ThisProcess()
+
+
+def in_body() -> bool:
+    """True in a sandboxed body's process: the plugin's hooks then let pytest call the test
+    function there (it is the sandbox), and report what it did as in any process."""
+    return _this_process.in_body
+
+
+def live_as_body(plan: BodyPlan, report_w: int, item: pytest.Function,
+                 env: dict | None) -> NoReturn:
+    """The forked child's life: the body's process from here on; it carries out `plan` and
+    calls the test, and never returns into the worker (see `container.body`)."""
+    _this_process.in_body = True
+    run_sandboxed(plan, report_w, lambda: call_in_body(item, env))
+
+
 def call_in_body(item: pytest.Function, env: dict | None) -> bytes:
     """Call the test function as pytest would, and make its report here, where the traceback
     is; the report, the output captured here and the warnings, as one JSON line."""
-    global _in_body
-    _in_body = True
     os.environ.update(env or {})
     with warnings.catch_warnings(record=True) as caught:
         call = pytest.CallInfo.from_call(

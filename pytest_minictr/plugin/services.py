@@ -23,7 +23,7 @@ from typing import Any, Callable
 import pytest
 
 from pytest_minictr.caller.runtime import Container, ContainerRuntime
-from pytest_minictr.caller.readiness import tail
+from pytest_minictr.caller.result import tail
 from pytest_minictr.errors import ConfigError, MinictrError
 from pytest_minictr.keywords import BY_NAME
 from pytest_minictr.rootfs.builder import RootfsBuilder

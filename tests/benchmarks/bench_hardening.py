@@ -36,7 +36,7 @@ from pytest_minictr.container import plan, seccomp  # noqa: E402
 from pytest_minictr.container.executor import Executor  # noqa: E402
 from pytest_minictr.container.init import ChildFds  # noqa: E402
 from pytest_minictr.host import idmap, linux  # noqa: E402
-from pytest_minictr.spec import make_spec  # noqa: E402
+from pytest_minictr.keywords import make_spec  # noqa: E402
 
 STEPS = ("proc masks", "idmap", "rlimits", "keyring", "user namespace", "capabilities",
          "seccomp build", "seccomp install")

@@ -21,13 +21,13 @@ import subprocess
 import sys
 import time
 
+from pytest_minictr import protocol
 from pytest_minictr.cli.detached import logs, shim
 from pytest_minictr.cli.detached.records import Record, Store
 from pytest_minictr.cli.ends import exit_status, print_end_line
 from pytest_minictr.cli.flags import argparse_type, command_of
 from pytest_minictr.cli.terminal import Terminal, run_on_terminal
-from pytest_minictr.errors import (CommandNotFoundError, ConfigError, ContainerNotFoundError,
-                                   MinictrError)
+from pytest_minictr.errors import ConfigError, ContainerNotFoundError, MinictrError
 from pytest_minictr.keywords import BY_NAME
 from pytest_minictr.spec import ContainerSpec
 
@@ -115,7 +115,7 @@ def run_detached(spec: ContainerSpec, options: dict, name: str | None = None,
         started.kill()
         started.wait()
         store.remove(record.id)
-        raise _error_of(answer)
+        raise protocol.error_of(answer)
     print(record.id)
     return 0
 
@@ -125,8 +125,11 @@ def _read_answer(started: subprocess.Popen) -> dict:
     with started.stdout:
         if not select.select([started.stdout], [], [], SHIM_START_TIMEOUT)[0]:
             return {"message": f"the shim did not answer in {SHIM_START_TIMEOUT:g} s"}
+        line = started.stdout.readline()
+        if not line:
+            return {"message": "the shim failed"}
         try:
-            return json.loads(started.stdout.readline() or b"{}")
+            return json.loads(line)
         except ValueError:
             return {"message": "the shim's answer was unreadable"}
 
@@ -284,16 +287,8 @@ def _ask_if_running(container_id: str, message: dict, fds: tuple[int, ...] = ()
     except OSError:
         return None
     if not reply.get("ok"):
-        raise _error_of(reply)
+        raise protocol.error_of(reply)
     return reply
-
-
-def _error_of(reply: dict) -> MinictrError:
-    """The error a shim reported, as the type that gives its exit status (126, 127, 125)."""
-    text = reply.get("message", "the shim failed")
-    if reply.get("type") == "CommandNotFoundError":
-        return CommandNotFoundError(text, "exec", reply.get("errno") or 2)
-    return MinictrError(text)
 
 
 def _as_json(options: dict) -> dict:

@@ -25,8 +25,9 @@ from pathlib import Path
 from pytest_minictr import protocol
 from pytest_minictr.caller.runtime import Container, ContainerRuntime
 from pytest_minictr.cli.detached.records import Store, process_start_time
-from pytest_minictr.errors import MinictrError
-from pytest_minictr.spec import ContainerSpec, make_exec_spec
+from pytest_minictr.errors import ConfigError, MinictrError
+from pytest_minictr.keywords import make_exec_spec
+from pytest_minictr.spec import ContainerSpec
 
 CONTROL = "control"
 
@@ -101,8 +102,7 @@ def copy_with_times(read_end: int, log: Path) -> None:
 
 
 def _error_reply(error: MinictrError) -> dict:
-    return {"ok": False, "type": type(error).__name__, "message": str(error),
-            "errno": getattr(error, "errno", None)}
+    return {"ok": False, **protocol.error_fields(error)}
 
 
 def _take_stdout() -> int:
@@ -169,7 +169,7 @@ def _answer_request(message: dict, fds: list[int], runtime: ContainerRuntime,
         stdin, stdout, stderr = fds
         result = runtime._launch(spec, None, stdin, stdout, stderr, exec_of=container.id).wait()
         return {"ok": True, "result": result.to_dict(head=0)}
-    return {"ok": False, "type": "ConfigError", "message": f"unknown request {op!r}"}
+    return _error_reply(ConfigError(f"unknown request {op!r}"))
 
 
 if __name__ == "__main__":

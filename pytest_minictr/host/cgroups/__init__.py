@@ -20,8 +20,9 @@ import sys
 
 from pytest_minictr.errors import MinictrError, UnsupportedError
 
-from .base import V1_CONTROLLERS, Cgroup, CgroupBackend, CgroupStats, Owner, group_name, owner_of
+from .base import V1_CONTROLLERS, Cgroup, CgroupBackend, CgroupStats
 from .mounts import CgroupMount, parse_cgroup_mounts, read_cgroup_mounts
+from .names import Owner, group_name, owner_of
 from .null import NullBackend, NullCgroup
 from .v1 import V1Backend
 from .v2 import V2Backend

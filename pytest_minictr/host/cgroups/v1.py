@@ -13,9 +13,11 @@ import os
 from pytest_minictr.errors import UnsupportedError
 from pytest_minictr.spec import Limits
 
-from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, LIMIT_CONTROLLERS, PARENT_NAME, Cgroup,
-                   CgroupBackend, CgroupStats, check_group_name, kill_listed, make_fresh_dir,
-                   read_int, read_keyed, read_text, wait_until, write_value)
+from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, LIMIT_CONTROLLERS, Cgroup, CgroupBackend,
+                   CgroupStats)
+from .files import (kill_listed, make_fresh_dir, read_int, read_keyed, read_text, wait_until,
+                    write_value)
+from .names import PARENT_NAME, check_group_name
 from .mounts import CgroupMount
 
 
