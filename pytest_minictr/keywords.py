@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, make_dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from pytest_minictr import ports, validate
 from pytest_minictr.errors import ConfigError

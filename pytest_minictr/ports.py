@@ -13,8 +13,9 @@ database to the whole network, a well-known footgun.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from pytest_minictr.errors import ConfigError
 

@@ -15,8 +15,9 @@ import os
 import signal
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 # Signals the init passes on to the command: every one a sender may mean for the command. Not
 # those that cannot be caught, SIGCHLD (the init's own business), nor the faults the kernel
@@ -142,7 +143,7 @@ class SetupReport:
     error: dict | None = None
 
     @classmethod
-    def parse(cls, data: bytes) -> "SetupReport":
+    def parse(cls, data: bytes) -> SetupReport:
         report = cls()
         for line in data.splitlines():
             fields = parse_report_line(line)
@@ -162,14 +163,14 @@ class EndReport:
     def command_ended(self) -> bool:
         return self.command_status is not None
 
-    def adding(self, line: bytes) -> "EndReport":
+    def adding(self, line: bytes) -> EndReport:
         """This report with one more line's fields (a later line overrides an earlier one)."""
         fields = parse_report_line(line)
         return EndReport(fields.get("command", self.command_status),
                          fields.get("init", self.init_status),
                          fields.get("cpu_time", self.cpu_time))
 
-    def with_child_status(self, wait_status: int) -> "EndReport":
+    def with_child_status(self, wait_status: int) -> EndReport:
         """With our child's own wait status: the init's, unless a keeper (our child then)
         reported the init's."""
         return self if self.init_status is not None else replace(self, init_status=wait_status)

@@ -11,8 +11,9 @@ trusts the spec.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pytest_minictr.errors import ConfigError
 from pytest_minictr.ports import Port, as_dicts, from_dicts
@@ -71,13 +72,13 @@ class Mount:
     size: int | None = None        # tmpfs size in bytes
 
     @classmethod
-    def bind(cls, source: str | os.PathLike, target: str, read_only: bool = True) -> "Mount":
+    def bind(cls, source: str | os.PathLike, target: str, read_only: bool = True) -> Mount:
         # not os.fspath(None): make_spec() names a source that is not a path
         return cls(target=target, read_only=read_only,
                    source=os.fspath(source) if isinstance(source, os.PathLike) else source)
 
     @classmethod
-    def tmpfs(cls, target: str, size: int | str | None = None) -> "Mount":
+    def tmpfs(cls, target: str, size: int | str | None = None) -> Mount:
         return cls(target=target, read_only=False,
                    size=None if size is None else parse_size(size, "tmpfs size"))
 
@@ -126,7 +127,7 @@ class ContainerSpec:
         return values
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ContainerSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> ContainerSpec:
         """Rebuild a spec sent over the launcher socket (already validated by the caller)."""
         values = dict(data)
         values["argv"] = tuple(values["argv"])

@@ -18,8 +18,12 @@ from hypothesis import strategies as st
 
 from pytest_minictr.errors import ConfigError, RootfsError
 from pytest_minictr.rootfs import builder as rootfs
-from pytest_minictr.rootfs.builder import (RootfsBuilder, default_cache_dir, env_command,
-                                           parse_shebang)
+from pytest_minictr.rootfs.builder import (
+    RootfsBuilder,
+    default_cache_dir,
+    env_command,
+    parse_shebang,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CHROOT = shutil.which("chroot")

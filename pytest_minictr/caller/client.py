@@ -13,7 +13,8 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from pytest_minictr import native, protocol
 from pytest_minictr.errors import LauncherError

@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from pytest_minictr.caller.pods import Published, address_of
 from pytest_minictr.errors import ConfigError, ContainerNotReadyError
@@ -52,7 +53,7 @@ class ServiceMethods:
         return (source.stdout, source.stderr) if source is not None else (b"", b"")
 
 
-def wait_for_port(container: "Container", port: Any, timeout: Any) -> None:
+def wait_for_port(container: Container, port: Any, timeout: Any) -> None:
     """Until `port` accepts a connection on the container's loopback."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError(f"wait_for_port({port!r}): expected a port from 1 to 65535")
@@ -65,7 +66,7 @@ def wait_for_port(container: "Container", port: Any, timeout: Any) -> None:
     _wait_until(container, accepts, awaited, timeout, on_output=False)
 
 
-def wait_for_output(container: "Container", pattern: Any, timeout: Any) -> re.Match:
+def wait_for_output(container: Container, pattern: Any, timeout: Any) -> re.Match:
     """Until `pattern` (a bytes regex) matches what the container wrote to stdout or stderr;
     the match."""
     try:
@@ -87,7 +88,7 @@ def wait_for_output(container: "Container", pattern: Any, timeout: Any) -> re.Ma
     return found[0]
 
 
-def _wait_until(container: "Container", ready: Callable[[], bool], awaited: str,
+def _wait_until(container: Container, ready: Callable[[], bool], awaited: str,
                 timeout: Any, on_output: bool) -> None:
     """Until `ready()`; it is asked again after each output of the container (`on_output`)
     or after a growing interval."""
@@ -108,7 +109,7 @@ def _wait_until(container: "Container", ready: Callable[[], bool], awaited: str,
         interval = min(interval * 2, POLL_INTERVAL)
 
 
-def _not_ready(container: "Container", awaited: str, why: str) -> ContainerNotReadyError:
+def _not_ready(container: Container, awaited: str, why: str) -> ContainerNotReadyError:
     stderr = container.output_so_far()[1][-STDERR_TAIL:]
     ended = None if container._result is None else _how_it_ended(container)
     shown = stderr.decode(errors="replace").rstrip() or "(nothing)"
@@ -117,7 +118,7 @@ def _not_ready(container: "Container", awaited: str, why: str) -> ContainerNotRe
         f"{awaited}, {why}; its stderr ends with:\n{shown}", awaited, ended, stderr)
 
 
-def _how_it_ended(container: "Container") -> str:
+def _how_it_ended(container: Container) -> str:
     result = container._result
     if result.timed_out:
         return "killed at its time limit"

@@ -15,14 +15,15 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pytest_minictr import errors, keywords
 from pytest_minictr.caller import pods, readiness
 from pytest_minictr.caller.client import LauncherClient
 from pytest_minictr.caller.monitor import Monitor
-from pytest_minictr.caller.sandbox import SandboxLease
 from pytest_minictr.caller.result import ContainerStats, ContainerStatus, Result, WaitTimeoutError
+from pytest_minictr.caller.sandbox import SandboxLease
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError, LauncherError, MinictrError
 from pytest_minictr.protocol import FORWARDED_SIGNALS
 from pytest_minictr.spec import ContainerSpec, Limits, check_seconds, make_exec_spec, make_spec
@@ -37,7 +38,7 @@ class Container(readiness.ServiceMethods):
     `exec()` to run another command in it while it runs; `stats()` for its figures now;
     `address(port)`, `wait_for_port()`, `wait_for_output()` for a server (`readiness`)."""
 
-    def __init__(self, runtime: "ContainerRuntime", container_id: str, pid: int,
+    def __init__(self, runtime: ContainerRuntime, container_id: str, pid: int,
                  spec: ContainerSpec, monitor: Monitor, exec_of: str | None = None,
                  published: pods.Published | None = None):
         self.id = container_id
@@ -194,7 +195,7 @@ class ContainerRuntime:
         self._issued: set[str] = set()
         _open_runtimes.add(self)
 
-    def __enter__(self) -> "ContainerRuntime":
+    def __enter__(self) -> ContainerRuntime:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -364,7 +365,7 @@ class _Pipes:
         self._ours = []
         return self.stdin[1], input_data, self.stdout[0], self.stderr[0], self.events
 
-    def __enter__(self) -> "_Pipes":
+    def __enter__(self) -> _Pipes:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -415,7 +416,7 @@ def _error_from_reply(error: dict) -> errors.MinictrError:
     return LauncherError(message)
 
 
-_open_runtimes: "weakref.WeakSet[ContainerRuntime]" = weakref.WeakSet()
+_open_runtimes: weakref.WeakSet[ContainerRuntime] = weakref.WeakSet()
 
 
 @atexit.register

@@ -24,13 +24,18 @@ import os
 import shutil
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from pytest_minictr.caller.runtime import ContainerRuntime
 from pytest_minictr.cli import docker_flags, rootfs_commands
 from pytest_minictr.cli.detached import commands as lifecycle
-from pytest_minictr.cli.ends import (EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_RUNTIME_ERROR,
-                                     exit_status, print_end_line)
+from pytest_minictr.cli.ends import (
+    EXIT_CANNOT_EXECUTE,
+    EXIT_NOT_FOUND,
+    EXIT_RUNTIME_ERROR,
+    exit_status,
+    print_end_line,
+)
 from pytest_minictr.cli.flags import Parser, add_keyword_flags, command_of, flag_value, spelled
 from pytest_minictr.cli.terminal import Terminal, run_on_terminal
 from pytest_minictr.cli.version import version_text

@@ -20,7 +20,7 @@ import sys
 import termios
 import threading
 import tty
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 POLL = 0.05  # seconds between looks at whether the container has ended
 CHUNK = 65536

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 from pytest_minictr.errors import ContainerSetupError
 

@@ -58,7 +58,7 @@ class ChildFds:
 
 
 def run_command_as_init(argv: tuple[str, ...], env: tuple[tuple[str, str], ...], fds: ChildFds,
-                        signal_proxy: "SignalProxy", terminal: bool = False) -> NoReturn:
+                        signal_proxy: SignalProxy, terminal: bool = False) -> NoReturn:
     """PID 1's life once the container is built: spawn the command, reap until it exits,
     kill what it left, report its end, exit."""
     command_pid = spawn_command(argv, env, fds, terminal)

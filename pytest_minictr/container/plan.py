@@ -85,7 +85,7 @@ class Where:
     # A pod's later container shares the network namespace of the pod's first (see
     # `launcher.pods`): its fd (as root, the slot the spare receives it in); without
     # root also the user namespace that owns it, which must be joined first.
-    pod_netns: "int | Ref | None" = None
+    pod_netns: int | Ref | None = None
     pod_userns: int | None = None
 
 

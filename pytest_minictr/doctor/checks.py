@@ -17,9 +17,9 @@ import json
 import os
 import platform
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from pytest_minictr import __version__, native
 from pytest_minictr.doctor.places import inside_a_container, recognise

@@ -23,7 +23,8 @@ from __future__ import annotations
 import gc
 import os
 import socket
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 from pytest_minictr import protocol
 from pytest_minictr.errors import LauncherError

@@ -35,8 +35,12 @@ from pytest_minictr.plugin.host import (  # noqa: F401
     resolve_rootfs,
 )
 from pytest_minictr.plugin.services import ServiceFactory
-from pytest_minictr.plugin.settings import (SessionSettings, add_options, merge_marker,
-                                            read_session_settings)
+from pytest_minictr.plugin.settings import (
+    SessionSettings,
+    add_options,
+    merge_marker,
+    read_session_settings,
+)
 from pytest_minictr.rootfs.builder import RootfsBuilder
 
 _SETTINGS = pytest.StashKey[SessionSettings]()

@@ -17,13 +17,14 @@ its fixtures started.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from pytest_minictr.caller.runtime import Container, ContainerRuntime
 from pytest_minictr.caller.readiness import tail
+from pytest_minictr.caller.runtime import Container, ContainerRuntime
 from pytest_minictr.errors import ConfigError, MinictrError
 from pytest_minictr.keywords import BY_NAME
 from pytest_minictr.rootfs.builder import RootfsBuilder

@@ -11,8 +11,14 @@ from typing import Any
 import pytest
 
 from pytest_minictr.errors import ConfigError
-from pytest_minictr.keywords import (OPTION_KEYWORDS, ContainerSettings, Keyword,
-                                     check_marker_names, check_marker_value, check_text)
+from pytest_minictr.keywords import (
+    OPTION_KEYWORDS,
+    ContainerSettings,
+    Keyword,
+    check_marker_names,
+    check_marker_value,
+    check_text,
+)
 from pytest_minictr.rootfs.builder import default_cache_dir
 
 HELP_CACHE = "where built root filesystems are cached (default: $XDG_CACHE_HOME/minictr)"

@@ -31,12 +31,23 @@ from pathlib import Path
 from pytest_minictr.errors import ConfigError, RootfsError
 from pytest_minictr.host.idmap import shift_ownership
 from pytest_minictr.rootfs import recipe as recipes
-from pytest_minictr.rootfs.cache import (FORMAT_VERSION, MANIFEST_NAME, SourceStat,
-                                         default_cache_dir, is_fresh, publish,
-                                         remove_dead_temp_dirs)
+from pytest_minictr.rootfs.cache import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SourceStat,
+    default_cache_dir,
+    is_fresh,
+    publish,
+    remove_dead_temp_dirs,
+)
 from pytest_minictr.rootfs.cache import write_manifest as _write_manifest  # (tests replace it)
-from pytest_minictr.rootfs.closure import (LD_SO_CACHE, env_command, find_library, parse_shebang,
-                                           probe_python)
+from pytest_minictr.rootfs.closure import (
+    LD_SO_CACHE,
+    env_command,
+    find_library,
+    parse_shebang,
+    probe_python,
+)
 from pytest_minictr.rootfs.tree import RootTree
 from pytest_minictr.spec import DEFAULT_PATH
 

@@ -23,8 +23,15 @@ import pytest
 
 from pytest_minictr import Mount
 
-from .conftest import (checked, container_uid_range, host_mount_points,
-                       key_users_in_container_range, libc, proc_status, running)
+from .conftest import (
+    checked,
+    container_uid_range,
+    host_mount_points,
+    key_users_in_container_range,
+    libc,
+    proc_status,
+    running,
+)
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 

@@ -26,8 +26,12 @@ from pytest_minictr.cli.detached.records import Record, Store
 from pytest_minictr.cli.ends import exit_status, print_end_line
 from pytest_minictr.cli.flags import argparse_type, command_of
 from pytest_minictr.cli.terminal import Terminal, run_on_terminal
-from pytest_minictr.errors import (CommandNotFoundError, ConfigError, ContainerNotFoundError,
-                                   MinictrError)
+from pytest_minictr.errors import (
+    CommandNotFoundError,
+    ConfigError,
+    ContainerNotFoundError,
+    MinictrError,
+)
 from pytest_minictr.keywords import BY_NAME
 from pytest_minictr.spec import ContainerSpec
 

@@ -24,9 +24,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
 
 from pytest_minictr.cli.ends import shown_status
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError

@@ -27,11 +27,11 @@ class NullBackend(CgroupBackend):
         if limits.any():
             raise UnsupportedError(f"resource limits need cgroups: {self.problem}")
 
-    def create(self, name: str, limits: Limits) -> "NullCgroup":
+    def create(self, name: str, limits: Limits) -> NullCgroup:
         self.check_limits(limits)
         return self.open(name)
 
-    def open(self, name: str) -> "NullCgroup":
+    def open(self, name: str) -> NullCgroup:
         return NullCgroup(name, self.problem)
 
     def reap_stale(self) -> list[str]:

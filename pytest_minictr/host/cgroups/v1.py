@@ -13,9 +13,23 @@ import os
 from pytest_minictr.errors import UnsupportedError
 from pytest_minictr.spec import Limits
 
-from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, LIMIT_CONTROLLERS, PARENT_NAME, Cgroup,
-                   CgroupBackend, CgroupStats, check_group_name, kill_listed, make_fresh_dir,
-                   read_int, read_keyed, read_text, wait_until, write_value)
+from .base import (
+    CPU_PERIOD_US,
+    FREEZE_TIMEOUT,
+    LIMIT_CONTROLLERS,
+    PARENT_NAME,
+    Cgroup,
+    CgroupBackend,
+    CgroupStats,
+    check_group_name,
+    kill_listed,
+    make_fresh_dir,
+    read_int,
+    read_keyed,
+    read_text,
+    wait_until,
+    write_value,
+)
 from .mounts import CgroupMount
 
 
@@ -28,7 +42,7 @@ class V1Backend(CgroupBackend):
                                              for mount_point in mount_points.values())))
 
     @classmethod
-    def probe(cls, mounts: tuple[CgroupMount, ...], prepare: bool = True) -> "V1Backend":
+    def probe(cls, mounts: tuple[CgroupMount, ...], prepare: bool = True) -> V1Backend:
         """The backend for these v1 mounts, or UnsupportedError saying why and the fix."""
         by_controller: dict[str, CgroupMount] = {}
         for mount in mounts:
@@ -72,7 +86,7 @@ class V1Backend(CgroupBackend):
                     "not mounted on this host (see /proc/self/mountinfo); mount it or use "
                     "cgroup v2")
 
-    def create(self, name: str, limits: Limits) -> "V1Cgroup":
+    def create(self, name: str, limits: Limits) -> V1Cgroup:
         check_group_name(name)
         self.check_limits(limits)
         group = self.open(name)
@@ -85,7 +99,7 @@ class V1Backend(CgroupBackend):
             raise
         return group
 
-    def open(self, name: str) -> "V1Cgroup":
+    def open(self, name: str) -> V1Cgroup:
         return V1Cgroup(name, {controller: os.path.join(mount_point, PARENT_NAME, name)
                                for controller, mount_point in self.mount_points.items()})
 

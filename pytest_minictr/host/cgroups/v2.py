@@ -16,10 +16,25 @@ import os
 from pytest_minictr.errors import UnsupportedError
 from pytest_minictr.spec import Limits
 
-from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, LIMIT_CONTROLLERS, PARENT_NAME, V2_CONTROLLERS,
-                   Cgroup, CgroupBackend, CgroupStats, check_group_name, kill_listed,
-                   make_fresh_dir, read_int, read_keyed, read_text, wait_until, write_raw,
-                   write_value)
+from .base import (
+    CPU_PERIOD_US,
+    FREEZE_TIMEOUT,
+    LIMIT_CONTROLLERS,
+    PARENT_NAME,
+    V2_CONTROLLERS,
+    Cgroup,
+    CgroupBackend,
+    CgroupStats,
+    check_group_name,
+    kill_listed,
+    make_fresh_dir,
+    read_int,
+    read_keyed,
+    read_text,
+    wait_until,
+    write_raw,
+    write_value,
+)
 
 ROOTLESS_FIX = "systemd-run --user --scope -p Delegate=yes"
 CALLERS_LEAF = "callers"  # where a delegated base's own processes move
@@ -37,7 +52,7 @@ class V2Backend(CgroupBackend):
         self._unavailable: dict[str, str] = {}    # controller -> why we cannot use it
 
     @classmethod
-    def probe(cls, mount: CgroupMount, prepare: bool = True) -> "V2Backend":
+    def probe(cls, mount: CgroupMount, prepare: bool = True) -> V2Backend:
         """The backend for this cgroup2 mount, or UnsupportedError saying why and the fix."""
         if mount.read_only:
             raise UnsupportedError(
@@ -125,7 +140,7 @@ class V2Backend(CgroupBackend):
                 raise UnsupportedError(f"the {limit} limit needs the cgroup v2 {controller} "
                                        f"controller: {self._unavailable[controller]}")
 
-    def create(self, name: str, limits: Limits) -> "V2Cgroup":
+    def create(self, name: str, limits: Limits) -> V2Cgroup:
         check_group_name(name)
         self.check_limits(limits)
         group = self.open(name)
@@ -137,7 +152,7 @@ class V2Backend(CgroupBackend):
             raise
         return group
 
-    def open(self, name: str) -> "V2Cgroup":
+    def open(self, name: str) -> V2Cgroup:
         return V2Cgroup(name, os.path.join(self.parent, name))
 
 
