@@ -27,7 +27,7 @@ _EXPORTS = {
     "spec": ["ContainerSpec", "Limits", "Mount", "parse_size"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_MODULE_OF)
+__all__ = sorted(_MODULE_OF)  # noqa: PLE0605 - the lazy exports' names, a list
 
 
 def __getattr__(name: str):

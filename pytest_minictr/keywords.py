@@ -258,7 +258,7 @@ def marker_help() -> str:
     return (f"container({signature}): on a test that uses the `container` fixture, configure "
             "it; on any other test, run its body sandboxed (writable= names host paths it may "
             "write besides tmp_path). Limits ('64M', 0.5 CPUs, pids), wall-time timeout in "
-            "seconds, network mode, which binaries its rootfs holds (or a prepared rootfs path), hostname, "
-            "environment; and what a test that needs more than the strict default asks for: "
-            "user=False (root inside is host root), seccomp=False, allow_syscalls=['ptrace'], "
-            "capabilities=['NET_RAW'], rlimits={'nofile': 8192}")
+            "seconds, network mode, which binaries its rootfs holds (or a prepared rootfs path), "
+            "hostname, environment; and what a test that needs more than the strict default "
+            "asks for: user=False (root inside is host root), seccomp=False, "
+            "allow_syscalls=['ptrace'], capabilities=['NET_RAW'], rlimits={'nofile': 8192}")

@@ -42,13 +42,15 @@ def needing_what_they_use(examples: list[str]) -> list:
     return [pytest.param(code, marks=marks(code)) for code in examples]
 
 
-@pytest.mark.parametrize("code", needing_what_they_use(LIBRARY), ids=[f"library-{n}" for n in range(len(LIBRARY))])
+@pytest.mark.parametrize("code", needing_what_they_use(LIBRARY),
+                         ids=[f"library-{n}" for n in range(len(LIBRARY))])
 def test_library_example_runs(code, cache_dir, monkeypatch):
     monkeypatch.setenv("MINICTR_CACHE_DIR", str(cache_dir))
     exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
 
 
-@pytest.mark.parametrize("code", needing_what_they_use(TEST_FILES), ids=[f"tests-{n}" for n in range(len(TEST_FILES))])
+@pytest.mark.parametrize("code", needing_what_they_use(TEST_FILES),
+                         ids=[f"tests-{n}" for n in range(len(TEST_FILES))])
 def test_plugin_example_passes(code, pytester, cache_dir):
     pytester.makepyfile(test_readme_example=code)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--strict-markers",

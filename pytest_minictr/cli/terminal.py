@@ -127,7 +127,7 @@ def run_on_terminal(terminal: Terminal, wait: Callable[[], object]) -> object:
     def waiter() -> None:
         try:
             outcome["value"] = wait()
-        except BaseException as error:  # handed to the relaying thread
+        except BaseException as error:  # noqa: BLE001 - handed to the relaying thread
             outcome["error"] = error
 
     thread = threading.Thread(target=waiter, daemon=True)

@@ -63,7 +63,7 @@ def run_command_as_init(argv: tuple[str, ...], env: tuple[tuple[str, str], ...],
     kill what it left, report its end, exit."""
     command_pid = spawn_command(argv, env, fds, terminal)
     signal_proxy.start(command_pid)
-    for fd in fds.stdio() + (fds.setup,):
+    for fd in (*fds.stdio(), fds.setup):
         os.close(fd)
     put_dev_null_on_stdio()
     wait_status = reap_until(command_pid)
@@ -79,7 +79,7 @@ def run_command_beside(argv: tuple[str, ...], env: tuple[tuple[str, str], ...],
     namespace: if the container ends, the kernel kills the command, and we report that."""
     command_pid = spawn_command(argv, env, fds, terminal)
     write_line(fds.setup, {"pid": command_pid})
-    for fd in fds.stdio() + (fds.setup,):
+    for fd in (*fds.stdio(), fds.setup):
         os.close(fd)
     _, wait_status = os.waitpid(command_pid, 0)
     report_end(fds.status, wait_status)

@@ -2,16 +2,16 @@
 container's setup in throwaway processes (`rehearsal`)."""
 
 from pytest_minictr.doctor.checks import (
-                                          Finding,
-                                          Host,
-                                          Rehearsal,
-                                          examine,
-                                          header,
-                                          main,
-                                          problem_text,
-                                          ready,
-                                          render,
-                                          to_json,
+    Finding,
+    Host,
+    Rehearsal,
+    examine,
+    header,
+    main,
+    problem_text,
+    ready,
+    render,
+    to_json,
 )
 
 __all__ = ["Finding", "Host", "Rehearsal", "examine", "header", "main", "problem_text", "ready",

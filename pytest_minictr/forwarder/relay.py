@@ -49,7 +49,7 @@ def run_forwarder(control: int, listeners: dict[int, int], namespaces: tuple[int
         # Not dumpable: without root we enter the container's user namespace, where its root
         # could otherwise open our /proc files (fds: the host's listening sockets).
         linux.set_dumpable(False)
-        for fd, nstype in zip(namespaces, _nstypes(len(namespaces))):
+        for fd, nstype in zip(namespaces, _nstypes(len(namespaces)), strict=False):
             linux.setns(fd, nstype)
             os.close(fd)
         Relay(socket.socket(fileno=control), {socket.socket(fileno=fd): port

@@ -219,7 +219,7 @@ class Starter:
         channel, cgroup = self.ordered.popleft()
         try:
             pid = self.zygote.receive()
-        except BaseException as error:
+        except BaseException as error:  # noqa: BLE001 - _drop_order raises it again
             self._drop_order(channel, cgroup, error)
             return
         self.spares.append(Spare(pid, channel, cgroup))
@@ -342,7 +342,7 @@ class Starter:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.zygote.order(theirs.fileno(), cgroup)
-        except BaseException as error:
+        except BaseException as error:  # noqa: BLE001 - _drop_order raises it again
             self._drop_order(ours, cgroup, error)
             return
         finally:

@@ -181,7 +181,7 @@ def _read_to_end(fd: int) -> bytes:
 def call_in_body(item: pytest.Function, env: dict | None) -> bytes:
     """Call the test function as pytest would, and make its report here, where the traceback
     is; the report, the output captured here and the warnings, as one JSON line."""
-    global _in_body
+    global _in_body  # noqa: PLW0603 - this forked child's hooks must stay in-process
     _in_body = True
     os.environ.update(env or {})
     with warnings.catch_warnings(record=True) as caught:

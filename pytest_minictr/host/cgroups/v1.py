@@ -1,9 +1,10 @@
 """cgroup v1 (legacy and hybrid hosts): one directory per container in each hierarchy we use.
 
-Layout: `<mount of X>/minictr/minictr-<launcher pid>@<its PID namespace>-<id>` for each of the memory, cpu,
-cpuacct, pids and freezer hierarchies the host mounts; controllers mounted together (the
-usual `cpu,cpuacct`) share one directory. Mount points come from /proc/self/mountinfo, never
-from guessed paths. The freezer is required: without it a fork loop could outrun kill().
+Layout: `<mount of X>/minictr/minictr-<launcher pid>@<its PID namespace>-<id>` for each of
+the memory, cpu, cpuacct, pids and freezer hierarchies the host mounts; controllers mounted
+together (the usual `cpu,cpuacct`) share one directory. Mount points come from
+/proc/self/mountinfo, never from guessed paths. The freezer is required: without it a fork
+loop could outrun kill().
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """cgroup v2, the unified hierarchy: one leaf directory per container.
 
-Layout: `<base>/minictr/minictr-<launcher pid>@<its PID namespace>-<n>`. The `minictr` parent holds no process
-(the kernel's no-internal-process rule) and enables in its `cgroup.subtree_control` the
-controllers we use (memory, cpu, pids) that its base passes down. As root the base is the
-hierarchy's root, whose `cgroup.subtree_control` belongs to the host: we read it and never
-write it. Without root the base is our own cgroup when it was delegated to us (systemd's
-`Delegate=yes`: we may write its files); being ours, its processes (the caller, the launcher)
-move to a leaf so that it may pass controllers down, and it enables what it was given.
+Layout: `<base>/minictr/minictr-<launcher pid>@<its PID namespace>-<n>`. The `minictr`
+parent holds no process (the kernel's no-internal-process rule) and enables in its
+`cgroup.subtree_control` the controllers we use (memory, cpu, pids) that its base passes down.
+As root the base is the hierarchy's root, whose `cgroup.subtree_control` belongs to the host:
+we read it and never write it. Without root the base is our own cgroup when it was delegated
+to us (systemd's `Delegate=yes`: we may write its files); being ours, its processes (the
+caller, the launcher) move to a leaf so that it may pass controllers down, and it enables what
+it was given.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ from .base import (
     write_raw,
     write_value,
 )
+from .mounts import CgroupMount
 
 ROOTLESS_FIX = "systemd-run --user --scope -p Delegate=yes"
 CALLERS_LEAF = "callers"  # where a delegated base's own processes move
-from .mounts import CgroupMount
 
 
 class V2Backend(CgroupBackend):
