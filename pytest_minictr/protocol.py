@@ -117,11 +117,11 @@ class ReplyReader:
 
 # The keys a report may hold and the type of each: a line with anything else is dropped (the
 # command may have written it, see container.init.run_command_as_init), never trusted or fatal.
-_REPORT_TYPES = {"command": int, "init": int, "pid": int, "cpu_time": (int, float),
-                 "error": dict}
+_REPORT_TYPES: dict[str, type | tuple[type, ...]] = {
+    "command": int, "init": int, "pid": int, "cpu_time": (int, float), "error": dict}
 
 
-def parse_report_line(line: bytes) -> dict:
+def parse_report_line(line: bytes) -> dict[str, Any]:
     """The fields of one report line; {} for a line that is not a well-formed report."""
     try:
         report = json.loads(line)
@@ -140,7 +140,7 @@ class SetupReport:
     own), or what failed. A later line overrides an earlier one."""
 
     pid: int | None = None
-    error: dict | None = None
+    error: dict[str, Any] | None = None
 
     @classmethod
     def parse(cls, data: bytes) -> SetupReport:

@@ -72,7 +72,7 @@ class Mount:
     size: int | None = None        # tmpfs size in bytes
 
     @classmethod
-    def bind(cls, source: str | os.PathLike, target: str, read_only: bool = True) -> Mount:
+    def bind(cls, source: str | os.PathLike[str], target: str, read_only: bool = True) -> Mount:
         # not os.fspath(None): make_spec() names a source that is not a path
         return cls(target=target, read_only=read_only,
                    source=os.fspath(source) if isinstance(source, os.PathLike) else source)
@@ -143,7 +143,8 @@ class ContainerSpec:
         return cls(**values)
 
 
-def make_spec(image: str | os.PathLike, command: Sequence[str], **keywords: Any) -> ContainerSpec:
+def make_spec(image: str | os.PathLike[str], command: Sequence[str],
+              **keywords: Any) -> ContainerSpec:
     """Check every keyword of `ContainerRuntime.run()`; one ConfigError names a bad one."""
     # imported here: the schema imports this module for the values it builds
     from pytest_minictr.keywords import check_library_keywords
@@ -231,7 +232,8 @@ def check_layer_dir(value: Any, name: str = "layer") -> str:
     """An existing host directory, as given: its real path is compared with the rootfs's
     (and kept in the spec) once both are known."""
     check_host_dir(value, name)
-    return os.fspath(value)
+    path: str = os.fspath(value)
+    return path
 
 
 def _check_layer(layer: str, rootfs: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pytest_minictr.errors import ConfigError
@@ -45,6 +45,7 @@ def parse_size(value: int | str, name: str = "size") -> int:
     """'64M' -> 67108864. Units are powers of 1024, like docker's: B, K, M, G, T (KB, KiB ok)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ConfigError(f"{name}={value!r}: expected bytes as an int or a string like '64M'")
+    number: int | str
     if isinstance(value, int):
         number, unit = value, ""
     else:
@@ -70,7 +71,8 @@ def _scaled(number: str, unit: int) -> int:
         return MAX_SIZE + 1
     fraction = fraction[:24]  # below a byte even in terabytes
     # lstrip: int() counts leading zeros against its 4300-digit limit too
-    return int((whole + fraction).lstrip("0") or "0") * unit // 10 ** len(fraction)
+    scaled: int = int((whole + fraction).lstrip("0") or "0") * unit // 10 ** len(fraction)
+    return scaled
 
 
 def check_memory_limit(value: Any, name: str = "memory_limit") -> int:
@@ -169,7 +171,7 @@ def check_network(value: Any, name: str = "network") -> str:
     if value not in NETWORK_MODES:
         raise ConfigError(f"{name}={value!r}: expected one of "
                           f"{', '.join(map(repr, NETWORK_MODES))}")
-    return value
+    return str(value)
 
 
 def check_encodable(value: str, name: str) -> None:
@@ -356,7 +358,7 @@ def _capability_name(name: str) -> str:
 
 
 def _check_names(names: Any, keyword: str, known: Sequence[str], problem: str,
-                 normalize=lambda name: name) -> tuple[str, ...]:
+                 normalize: Callable[[str], str] = lambda name: name) -> tuple[str, ...]:
     for name in check_sequence(names, keyword):
         if not isinstance(name, str) or normalize(name) not in known:
             raise ConfigError(f"{keyword}: {name!r} is {problem} (known: {', '.join(known)})")

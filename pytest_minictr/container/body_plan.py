@@ -112,7 +112,9 @@ def body_view(view: BodyView, where: Where) -> tuple[Step, ...]:
               Step("root", "move /proc", "move_into_root", ("/proc",)),
               Step("root", "close the host's paths", "close_fds",
                    tuple(Ref(f"bind {index}") for index in range(len(binds)))),
-              *pivot_into_root(view), *name_and_network(view, where)]
+              # a BodyView has the fields these read: cwd, hostname, network
+              *pivot_into_root(view),  # type: ignore[arg-type]
+              *name_and_network(view, where)]  # type: ignore[arg-type]
     return tuple(steps)
 
 
@@ -126,11 +128,13 @@ def body_confinement(view: BodyView, where: Where) -> tuple[Step, ...]:
     steps = (Step("rlimits", "close the worker's handles", "close_inherited_handles",
                   (Ref("report"),)),
              # fsize unbounded: the body writes to host paths (tmp_path), not to a layer
-             Step("rlimits", "set rlimits", "set_rlimits", (rlimits_of(view), -1)),
+             # a BodyView has the field these two read: security
+             Step("rlimits", "set rlimits", "set_rlimits",
+                  (rlimits_of(view), -1)),  # type: ignore[arg-type]
              Step("rlimits", "join a new session keyring", "join_new_session_keyring"),
              *userns,
              Step("capabilities", "drop capabilities", "drop_capabilities",
-                  (capability_mask(view),)))
+                  (capability_mask(view),)))  # type: ignore[arg-type]
     if view.security.seccomp:
         steps += (install_seccomp(view.security.allow_syscalls),)
     return steps

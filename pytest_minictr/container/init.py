@@ -169,7 +169,7 @@ class SignalProxy:
         # enums we have no use for (50 us, on the path of every container)
         _signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
 
-    def _forward(self, signum: int, _frame) -> None:
+    def _forward(self, signum: int, _frame: object) -> None:
         try:
             os.kill(self.target, signum)
         except ProcessLookupError:

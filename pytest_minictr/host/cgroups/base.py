@@ -216,7 +216,7 @@ def remove_group_dir(path: str, timeout: float = REMOVE_TIMEOUT) -> None:
         delay = min(delay * 2, 0.05)
 
 
-def kill_listed(pids: set[int], listed_now) -> None:
+def kill_listed(pids: set[int], listed_now: Callable[[], set[int]]) -> None:
     """SIGKILL each pid, but only while it is still listed in the group.
 
     A pid read from cgroup.procs may exit and be reused by an unrelated process before we
@@ -242,7 +242,7 @@ def kill_listed(pids: set[int], listed_now) -> None:
             os.close(pidfd)
 
 
-def wait_until(condition, timeout: float) -> bool:
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
     """Poll `condition` with growing sleeps (1 ms to 20 ms); True once it holds."""
     deadline = time.monotonic() + timeout
     delay = 0.001
@@ -386,6 +386,7 @@ class CgroupBackend(abc.ABC):
         removed = []
         for name in sorted(self._group_names()):
             owner = owner_of(name)
+            assert owner is not None  # _group_names lists our names alone
             if owner.pid_namespace == here:
                 if not process_is_alive(owner.pid) and self._kill_and_remove(name):
                     removed.append(name)
@@ -395,7 +396,7 @@ class CgroupBackend(abc.ABC):
 
     def _group_names(self) -> set[str]:
         """The names of our groups under every parent."""
-        names = set()
+        names: set[str] = set()
         for parent in self.parent_dirs:
             try:
                 names.update(entry for entry in os.listdir(parent) if owner_of(entry))

@@ -10,11 +10,12 @@ from __future__ import annotations
 from pytest_minictr.errors import UnsupportedError
 from pytest_minictr.spec import Limits
 
-from .base import Cgroup, CgroupBackend, CgroupStats
+from .base import FOREIGN_GRACE, Cgroup, CgroupBackend, CgroupStats
 
 
 class NullBackend(CgroupBackend):
     name = "none"
+    problem: str
 
     def __init__(self, problem: str):
         super().__init__(())
@@ -34,7 +35,7 @@ class NullBackend(CgroupBackend):
     def open(self, name: str) -> NullCgroup:
         return NullCgroup(name, self.problem)
 
-    def reap_stale(self) -> list[str]:
+    def reap_stale(self, grace: float = FOREIGN_GRACE) -> list[str]:
         return []  # without cgroups no launcher left any behind
 
 
