@@ -143,7 +143,7 @@ class ContainerSpec:
         return cls(**values)
 
 
-def make_spec(image: str | os.PathLike[str], command: Sequence[str],
+def make_spec(image: str | os.PathLike[str], command: Sequence[str] | None,
               **keywords: Any) -> ContainerSpec:
     """Check every keyword of `ContainerRuntime.run()`; one ConfigError names a bad one."""
     # imported here: the schema imports this module for the values it builds

@@ -44,6 +44,7 @@ class LauncherClient:
         one that dies while answering raises LauncherError (the next call starts a new one)."""
         with self._lock:
             self._ensure_started()
+            assert self._socket is not None and self._replies is not None  # it made them
             message = {**message, "seq": next(self._seq)}
             try:
                 protocol.send_message(self._socket, message, fds)

@@ -12,13 +12,15 @@ import re
 import signal
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pytest_minictr.caller.pods import Published, address_of
 from pytest_minictr.errors import ConfigError, ContainerNotReadyError
 from pytest_minictr.spec import check_seconds
 
 if TYPE_CHECKING:
+    from pytest_minictr.caller.monitor import Monitor
+    from pytest_minictr.caller.result import Result
     from pytest_minictr.caller.runtime import Container
 
 # Seconds between two probes of a port: from 1 ms (a server that starts in 10 ms is seen at
@@ -31,6 +33,10 @@ class ServiceMethods:
     """What a Container offers as a server (mixed into `runtime.Container`)."""
 
     published: Published  # container port -> (host address, host port)
+    # set by Container, which these methods are always called on
+    id: str
+    _result: Result | None
+    _monitor: Monitor | None
 
     def address(self, port: int) -> tuple[str, int]:
         """(host address, host port) where the published container `port` is reached."""
@@ -40,12 +46,12 @@ class ServiceMethods:
         """Return once `port` accepts a connection inside the container's network;
         ContainerNotReadyError if it does not within `timeout` seconds, or the container
         ends first."""
-        wait_for_port(self, port, timeout)
+        wait_for_port(cast("Container", self), port, timeout)
 
     def wait_for_output(self, pattern: bytes, timeout: float = 10) -> re.Match:
         """The match of the bytes regex `pattern` in the container's stdout or stderr, so
         far or to come; ContainerNotReadyError as for wait_for_port."""
-        return wait_for_output(self, pattern, timeout)
+        return wait_for_output(cast("Container", self), pattern, timeout)
 
     def output_so_far(self) -> tuple[bytes, bytes]:
         """What the container wrote to stdout and stderr until now (kept, not consumed)."""
@@ -120,6 +126,7 @@ def _not_ready(container: Container, awaited: str, why: str) -> ContainerNotRead
 
 def _how_it_ended(container: Container) -> str:
     result = container._result
+    assert result is not None  # asked once the container has ended
     if result.timed_out:
         return "killed at its time limit"
     if result.oom_killed:

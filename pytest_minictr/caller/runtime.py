@@ -48,7 +48,7 @@ class Container(readiness.ServiceMethods):
         self.spec = spec
         self.args = spec.argv
         self._runtime = runtime
-        self._monitor = monitor
+        self._monitor: Monitor | None = monitor  # None once the Result holds the output
         self._lock = threading.Lock()
         self._result: Result | None = None
         self._status = ContainerStatus.RUNNING
@@ -78,7 +78,9 @@ class Container(readiness.ServiceMethods):
             else time.monotonic() + check_seconds(timeout, "timeout", allow_zero=True)
         with self._lock:
             if self._result is None and not self._collect(deadline):
+                assert timeout is not None  # only a deadline ends _collect() early
                 raise WaitTimeoutError(list(self.args), timeout)
+            assert self._result is not None  # _collect() made it
             return self._result
 
     def stop(self, grace: float = DEFAULT_STOP_GRACE) -> Result:
@@ -143,6 +145,7 @@ class Container(readiness.ServiceMethods):
             raise _error_from_reply(reply["error"])
 
     def _collect(self, deadline: float | None, once: bool = False) -> bool:
+        assert self._monitor is not None  # called only while there is no Result
         try:
             if not self._monitor.pump(deadline, once):
                 return False
@@ -198,7 +201,7 @@ class ContainerRuntime:
     def __enter__(self) -> ContainerRuntime:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     @keywords.with_library_keywords
@@ -360,7 +363,8 @@ class _Pipes:
     def child_fds(self) -> list[int]:
         return self._child
 
-    def take_parent_fds(self, input_data: bytes | None):
+    def take_parent_fds(self, input_data: bytes | None
+                        ) -> tuple[int | None, bytes | None, int | None, int | None, int]:
         """Our ends, now owned by the Monitor: stdin, input, stdout, stderr, events."""
         self._ours = []
         return self.stdin[1], input_data, self.stdout[0], self.stderr[0], self.events
@@ -368,7 +372,7 @@ class _Pipes:
     def __enter__(self) -> _Pipes:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         for fd in self._theirs + self._ours:
             os.close(fd)
         self._theirs, self._ours = [], []

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import select
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pytest_minictr.caller.client import LauncherClient
 from pytest_minictr.spec import Limits
@@ -31,7 +33,8 @@ class SandboxLease:
     """One body's cgroup: `cgroup_procs` to join, `watch(pid)` once forked, `end()` after."""
 
     def __init__(self, client: LauncherClient, sandbox_id: str, limits: Limits,
-                 timeout: float | None, error_from_reply):
+                 timeout: float | None,
+                 error_from_reply: Callable[[dict[str, Any]], BaseException]):
         self._client = client
         self.id = sandbox_id
         events_r, events_w = os.pipe2(os.O_CLOEXEC)

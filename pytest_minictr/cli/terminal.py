@@ -21,6 +21,9 @@ import termios
 import threading
 import tty
 from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
 
 POLL = 0.05  # seconds between looks at whether the container has ended
 CHUNK = 65536
@@ -119,7 +122,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def run_on_terminal(terminal: Terminal, wait: Callable[[], object]) -> object:
+def run_on_terminal(terminal: Terminal, wait: Callable[[], T]) -> T:
     """`wait` (the container's, blocking) in a thread while we relay in this one; its value.
     SIGTERM and SIGHUP restore our terminal on their way (their handlers are the caller's)."""
     outcome: dict = {}
