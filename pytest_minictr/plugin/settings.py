@@ -56,7 +56,8 @@ def add_options(parser: pytest.Parser) -> None:
     parser.addini("minictr_sandbox_tests", HELP_SANDBOX_TESTS)
 
 
-def _add_option(parser: pytest.Parser, group, name: str, help_text: str, **options) -> None:
+def _add_option(parser: pytest.Parser, group: pytest.OptionGroup, name: str, help_text: str,
+                **options: Any) -> None:
     group.addoption("--minictr-" + name.replace("_", "-"), dest=f"minictr_{name}",
                     help=help_text, **(options or {"metavar": name.upper()}))
     parser.addini(f"minictr_{name}", help_text)
