@@ -51,7 +51,7 @@ if bdist_wheel is not None:
     COMMANDS["bdist_wheel"] = PlatformWheel
 
 
-setup(ext_modules=[Extension("pytest_minictr.container.native.minictr_init",
-                             NATIVE_SOURCES, depends=["pytest_minictr/container/native/minictr_init.h"],
+setup(ext_modules=[Extension("pytest_minictr.container.native.minictr_init", NATIVE_SOURCES,
+                             depends=["pytest_minictr/container/native/minictr_init.h"],
                              optional=True)],
       cmdclass=COMMANDS)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import resource
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from pytest_minictr.errors import ConfigError
 from pytest_minictr.validate import check_sequence

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, make_dataclass, replace
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pytest_minictr import confinement, ports, sizes, validate
 from pytest_minictr.errors import ConfigError
 from pytest_minictr.spec import DEFAULT_ENV, DEFAULT_OUTPUT_LIMIT, ContainerSpec, Limits, Security
 
+F = TypeVar("F", bound=Callable[..., Any])
 Check = Callable[[Any, str], Any]  # (value, the name its user wrote) -> the checked value
 
 
@@ -57,7 +59,8 @@ def _env_item(text: str, name: str) -> tuple[str, str | None]:
     """'NAME=VALUE', or 'NAME' alone for the host's value (None where the host has none: the
     variable is then left out, as Docker does)."""
     if "=" in text:
-        return _pair("NAME=VALUE or NAME (the host's value)")(text, name)
+        pair: tuple[str, str | None] = _pair("NAME=VALUE or NAME (the host's value)")(text, name)
+        return pair
     if not text or not text.replace("_", "a").isalnum() or text[0].isdigit():
         raise ConfigError(f"{name}={text!r}: expected NAME=VALUE or NAME (the host's value)")
     return text, os.environ.get(text)
@@ -67,7 +70,7 @@ def _env_of(items: list[tuple[str, str | None]]) -> dict[str, str]:
     return {key: value for key, value in items if value is not None}
 
 
-def _soft_hard(text: str) -> tuple:
+def _soft_hard(text: str) -> tuple[int | str, ...]:
     """'1024:4096' -> (1024, 4096), 'unlimited' -> ('unlimited', 'unlimited')."""
     soft, _, hard = text.partition(":")
     return tuple(v if v == "unlimited" else int(v) for v in (soft, hard or soft))
@@ -90,7 +93,7 @@ class Flag:
     action: str = "store"                # or "append" (repeatable), "store_false" (--no-x)
     metavar: str | None = None
     choices: tuple[str, ...] | None = None
-    collect: Callable[[list], Any] = tuple  # a repeated flag's items, as the keyword's value
+    collect: Callable[[list[Any]], Any] = tuple  # a repeated flag's items, as the keyword's value
     help: str | None = None              # where the flag reads unlike the keyword (--no-x)
 
 
@@ -202,25 +205,30 @@ FLAG_KEYWORDS = tuple(keyword for keyword in KEYWORDS if keyword.flag is not Non
 _LIBRARY = {**{k.library: (k, None) for k in KEYWORDS if k.library},
             **{name: (k, check) for k in KEYWORDS for name, check in k.legacy}}
 
-ContainerSettings = make_dataclass(
-    "ContainerSettings", [(name, Any, BY_NAME[name].default) for name in MARKER_KEYWORDS],
-    frozen=True,
-    namespace={"__doc__": "What one test's containers are: the options and the markers "
-                          "merged, each value checked (see `KEYWORDS`).",
-               "__module__": __name__})
+if TYPE_CHECKING:
+    ContainerSettings = Any  # its fields are the table's: made at run time, unseen by mypy
+else:
+    ContainerSettings = make_dataclass(
+        "ContainerSettings", [(name, Any, BY_NAME[name].default) for name in MARKER_KEYWORDS],
+        frozen=True,
+        namespace={"__doc__": "What one test's containers are: the options and the markers "
+                              "merged, each value checked (see `KEYWORDS`).",
+                   "__module__": __name__})
 
 
 # ---------------------------------------------------------------------------------------------
 # The front ends
 
-def with_library_keywords(function: Callable) -> Callable:
+def with_library_keywords(function: F) -> F:
     """`function` (which takes **keywords) with a signature that lists the library keywords
     and their defaults, so that help() and inspect show them as if written out."""
     signature = inspect.signature(function)
     written = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
     listed = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=keyword.default)
               for name, (keyword, _) in _LIBRARY.items()]
-    function.__signature__ = signature.replace(parameters=[*written, *listed])
+    # inspect reads __signature__ first; mypy knows no such attribute on a callable
+    function.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*written, *listed])
     return function
 
 
@@ -263,11 +271,11 @@ def check_text(keyword: Keyword, text: str, spelled: str) -> Any:
 def marker_help() -> str:
     """The marker's line in `pytest --markers`."""
     signature = ", ".join(f"{name}={BY_NAME[name].default!r}" for name in MARKER_KEYWORDS)
-    return (f"container({signature}): on a test that uses the `container` fixture, configure "
-            "it; on any other test, run its body sandboxed (writable= names host paths it may "
-            "write besides tmp_path). Limits ('64M', 0.5 CPUs, pids), wall-time timeout in "
-            "seconds, network mode, which binaries its rootfs holds (or a prepared rootfs path), hostname, "
-            "environment; and what a test that needs more than the strict default asks for: "
+    return (f"container({signature}): on a test that uses the `container` fixture, configure it; "
+            "on any other test, run its body sandboxed (writable= names host paths it may write "
+            "besides tmp_path). Limits ('64M', 0.5 CPUs, pids), wall-time timeout in seconds, "
+            "network mode, which binaries its rootfs holds (or a prepared rootfs path), hostname,"
+            " environment; and what a test that needs more than the strict default asks for: "
             "user=False (root inside is host root), seccomp=False, allow_syscalls=['ptrace'], "
             "capabilities=['NET_RAW'], rlimits={'nofile': 8192}")
 

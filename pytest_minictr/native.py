@@ -49,7 +49,7 @@ def setup_path(program: str = PROGRAM) -> Choice:
     return Choice(SetupPath.NATIVE, "minictr-init, no Python inside containers")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def why_it_cannot_run(program: str) -> str | None:
     """The loader's complaint if `program` does not run here, else None. A program built on
     a newer C library than the host's (a checkout shared with a newer userland, a venv copied

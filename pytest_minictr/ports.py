@@ -13,8 +13,9 @@ database to the whole network, a well-known footgun.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from pytest_minictr.errors import ConfigError
 
@@ -103,9 +104,9 @@ def _address(name: str, given: Any, value: Any) -> str:
                           f"is {LOOPBACK}; 0.0.0.0 publishes on every interface)") from None
 
 
-def as_dicts(ports: tuple[Port, ...]) -> list[dict]:
+def as_dicts(ports: tuple[Port, ...]) -> list[dict[str, Any]]:
     return [vars(port).copy() for port in ports]
 
 
-def from_dicts(data: list) -> tuple[Port, ...]:
+def from_dicts(data: list[dict[str, Any]]) -> tuple[Port, ...]:
     return tuple(Port(**port) for port in data)

@@ -19,8 +19,9 @@ import os
 import signal
 import socket
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pytest_minictr import errors
 
@@ -191,11 +192,11 @@ def error_of(fields: Mapping[str, Any]) -> errors.MinictrError:
 
 # The keys a report may hold and the type of each: a line with anything else is dropped (the
 # command may have written it, see container.init.run_command_as_init), never trusted or fatal.
-_REPORT_TYPES = {"command": int, "init": int, "pid": int, "cpu_time": (int, float),
-                 "error": dict}
+_REPORT_TYPES: dict[str, type | tuple[type, ...]] = {
+    "command": int, "init": int, "pid": int, "cpu_time": (int, float), "error": dict}
 
 
-def parse_report_line(line: bytes) -> dict:
+def parse_report_line(line: bytes) -> dict[str, Any]:
     """The fields of one report line; {} for a line that is not a well-formed report."""
     try:
         report = json.loads(line)
@@ -214,10 +215,10 @@ class SetupReport:
     own), or what failed. A later line overrides an earlier one."""
 
     pid: int | None = None
-    error: dict | None = None
+    error: dict[str, Any] | None = None
 
     @classmethod
-    def parse(cls, data: bytes) -> "SetupReport":
+    def parse(cls, data: bytes) -> SetupReport:
         report = cls()
         for line in data.splitlines():
             fields = parse_report_line(line)
@@ -237,14 +238,14 @@ class EndReport:
     def command_ended(self) -> bool:
         return self.command_status is not None
 
-    def adding(self, line: bytes) -> "EndReport":
+    def adding(self, line: bytes) -> EndReport:
         """This report with one more line's fields (a later line overrides an earlier one)."""
         fields = parse_report_line(line)
         return EndReport(fields.get("command", self.command_status),
                          fields.get("init", self.init_status),
                          fields.get("cpu_time", self.cpu_time))
 
-    def with_child_status(self, wait_status: int) -> "EndReport":
+    def with_child_status(self, wait_status: int) -> EndReport:
         """With our child's own wait status: the init's, unless a keeper (our child then)
         reported the init's."""
         return self if self.init_status is not None else replace(self, init_status=wait_status)

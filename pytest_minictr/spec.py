@@ -8,8 +8,9 @@ cgroups) trusts them. The checks themselves are in `validate` and `confinement`.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from pytest_minictr.ports import Port, as_dicts, from_dicts
 from pytest_minictr.sizes import parse_size
@@ -43,13 +44,13 @@ class Mount:
     size: int | None = None        # tmpfs size in bytes
 
     @classmethod
-    def bind(cls, source: str | os.PathLike, target: str, read_only: bool = True) -> "Mount":
+    def bind(cls, source: str | os.PathLike, target: str, read_only: bool = True) -> Mount:
         # not os.fspath(None): check_mounts() names a source that is not a path
         return cls(target=target, read_only=read_only,
                    source=os.fspath(source) if isinstance(source, os.PathLike) else source)
 
     @classmethod
-    def tmpfs(cls, target: str, size: int | str | None = None) -> "Mount":
+    def tmpfs(cls, target: str, size: int | str | None = None) -> Mount:
         return cls(target=target, read_only=False,
                    size=None if size is None else parse_size(size, "tmpfs size"))
 
@@ -99,7 +100,7 @@ class ContainerSpec:
         return values
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ContainerSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> ContainerSpec:
         """Rebuild a spec sent over the launcher socket (already validated by the caller)."""
         values = dict(data)
         values["argv"] = tuple(values["argv"])

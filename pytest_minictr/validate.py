@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pytest_minictr.errors import ConfigError
 from pytest_minictr.sizes import MAX_SIZE, parse_size
@@ -131,7 +132,7 @@ def check_network(value: Any, name: str = "network") -> str:
     if value not in NETWORK_MODES:
         raise ConfigError(f"{name}={value!r}: expected one of "
                           f"{', '.join(map(repr, NETWORK_MODES))}")
-    return value
+    return str(value)
 
 
 def check_encodable(value: str, name: str) -> None:

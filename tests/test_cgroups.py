@@ -67,7 +67,9 @@ def spawn():
     started = []
 
     def start(group: cgroups.Cgroup, argv: list[str], **kwargs) -> subprocess.Popen:
-        proc = subprocess.Popen(argv, preexec_fn=lambda: group.join(os.getpid()), **kwargs)
+        # joining between fork and exec is what is tested; the test starts no thread
+        proc = subprocess.Popen(argv, preexec_fn=lambda: group.join(os.getpid()),  # noqa: PLW1509
+                                **kwargs)
         started.append(proc)
         return proc
 
@@ -377,7 +379,7 @@ def detect_in_forked_child(prepare) -> str:
             except UnsupportedError as e:
                 outcome = f"UnsupportedError: {e}"
             os.write(write_end, f"reap_stale() -> {reaped!r}; {outcome}".encode())
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - told to the parent, which asserts
             os.write(write_end, f"prepare failed: {e!r}".encode())
         finally:
             os._exit(0)

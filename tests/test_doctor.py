@@ -252,7 +252,8 @@ NO_DELEGATION = ("v2", "cgroup v2: /sys/fs/cgroup/user.slice is not yours; run a
                    cgroups=NO_DELEGATION),
      "- this host: GitHub Actions runner (GITHUB_ACTIONS=true, "
      "kernel.apparmor_restrict_unprivileged_userns=1)",
-     "add a step before the tests: `sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`"),
+     "add a step before the tests: "
+     "`sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`"),
     (SimulatedHost(env={"GITLAB_CI": "true"}, files={"/.dockerenv": ""}, rehearsal=REFUSED),
      "- this host: GitLab CI job in a container (Docker executor) (GITLAB_CI=true, /.dockerenv)",
      "`[runners.docker] privileged = true`"),

@@ -135,7 +135,7 @@ def test_the_fixture_starts_execs_and_stops(container):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert container.exec(["hostname"]).stdout == b"svc\n"
-    with pytest.raises(Exception, match="use container.exec"):
+    with pytest.raises(Exception, match=r"use container.exec"):
         container.run("true")
     assert container.stop().returncode == -15
     assert container.run("cat /tmp/seen; cat /etc/app.conf").stdout == b"config\n"

@@ -69,7 +69,8 @@ CPU_TEXT = st.one_of(
     st.sampled_from(["nan", "inf", "-inf", "1e400", "-1e400", "0x10", "1" * 5000]))
 CPUS = st.one_of(CPU_TEXT, NUMBERS, TEXT, JUNK)
 SECONDS = st.one_of(NUMBERS, TEXT, JUNK)
-PIDS = st.one_of(st.integers(-10, 5_000_000), HUGE_INTS, st.from_regex(r"\A\s?[0-9²١]{0,8}\s?\Z"),
+PIDS = st.one_of(st.integers(-10, 5_000_000), HUGE_INTS,
+                 st.from_regex(r"\A\s?[0-9²١]{0,8}\s?\Z"),  # noqa: RUF001 - digits int() takes
                  st.just("1" * 5000), NUMBERS, TEXT, JUNK)
 
 CONTAINER_PATHS = st.one_of(
@@ -200,7 +201,7 @@ KEYWORDS = {
     "memory_limit": SIZES, "output_limit": SIZES, "layer_size": SIZES,
     "pids_limit": PIDS, "timeout": SECONDS, "env": ENVS, "cwd": CONTAINER_PATHS,
     "hostname": HOSTNAMES,
-    "network": st.one_of(st.sampled_from(validate.NETWORK_MODES + ("host", "None", "")), JUNK),
+    "network": st.one_of(st.sampled_from((*validate.NETWORK_MODES, "host", "None", "")), JUNK),
     "user": st.one_of(st.booleans(), JUNK), "seccomp": st.one_of(st.booleans(), JUNK),
     "allow_syscalls": SYSCALLS, "capabilities": CAPABILITIES, "rlimits": RLIMITS,
 }

@@ -125,7 +125,7 @@ def test_device_nodes_and_fifos_are_left_out(tmp_path):
 
 def test_not_an_image_says_so(tmp_path):
     plain = _tar(tmp_path / "plain.tar", {"hello": b"x"})
-    with pytest.raises(RootfsError, match="no manifest.json .* or index.json"):
+    with pytest.raises(RootfsError, match=r"no manifest.json .* or index.json"):
         import_image(str(plain), str(tmp_path / "root"), 2**20)
 
 
@@ -175,7 +175,7 @@ def test_a_recipe_of_ones_own_and_its_errors(tmp_path, monkeypatch):
     (tmp_path / "odd.toml").write_text('packages = ["sh"]\n')
     with pytest.raises(ConfigError, match="unknown key 'packages'"):
         recipes.load("odd")
-    with pytest.raises(ConfigError, match="no such recipe .*python3"):
+    with pytest.raises(ConfigError, match=r"no such recipe .*python3"):
         recipes.load("nonesuch")
 
 

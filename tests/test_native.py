@@ -165,7 +165,8 @@ def test_a_failed_step_is_named_with_its_errno_on_both_paths(monkeypatch, switch
     (image / "data").symlink_to(tmp_path / "host-side")
     monkeypatch.setenv(SWITCH, switch)
     with ContainerRuntime() as runtime:
-        with pytest.raises(ContainerSetupError, match="/data is a symlink in the rootfs") as failed:
+        with pytest.raises(ContainerSetupError,
+                           match="/data is a symlink in the rootfs") as failed:
             runtime.run(image, ["true"], mounts=[Mount.tmpfs("/data/x")]).wait()
         with pytest.raises(CommandNotFoundError, match="'nosuch' not found in the container"):
             runtime.run(image, ["nosuch"]).wait()

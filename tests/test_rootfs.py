@@ -18,8 +18,12 @@ from hypothesis import strategies as st
 
 from pytest_minictr.errors import ConfigError, RootfsError
 from pytest_minictr.rootfs import builder as rootfs
-from pytest_minictr.rootfs.builder import (RootfsBuilder, default_cache_dir, env_command,
-                                           parse_shebang)
+from pytest_minictr.rootfs.builder import (
+    RootfsBuilder,
+    default_cache_dir,
+    env_command,
+    parse_shebang,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CHROOT = shutil.which("chroot")
@@ -97,7 +101,7 @@ def test_second_build_is_a_cache_hit(builder, shell_root):
 
 
 def test_missing_binary_is_named(builder):
-    with pytest.raises(RootfsError, match="nosuchcmd.*not found on PATH"):
+    with pytest.raises(RootfsError, match=r"nosuchcmd.*not found on PATH"):
         builder.build(binaries=["sh", "nosuchcmd"])
 
 

@@ -214,7 +214,8 @@ def user_test_file(tests: Path) -> Path:
         "@pytest.mark.container(hostname='mine')\n"
         "def test_mine(container):\n"
         "    container.run('echo kept > /data.txt')\n"
-        "    assert container.run('id -u; hostname; cat /data.txt').stdout == b'0\\nmine\\nkept\\n'\n")
+        "    assert container.run('id -u; hostname; cat /data.txt').stdout"
+        " == b'0\\nmine\\nkept\\n'\n")
     os.chmod(tests, 0o777)
     return tests
 

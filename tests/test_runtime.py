@@ -13,10 +13,20 @@ import uuid
 
 import pytest
 
-from pytest_minictr import (CommandNotFoundError, ConfigError, ContainerNotFoundError,
-                            ContainerProcessError, ContainerRuntime, ContainerSetupError,
-                            ContainerStatus, LauncherError, MinictrError, Result, UnsupportedError,
-                            WaitTimeoutError)
+from pytest_minictr import (
+    CommandNotFoundError,
+    ConfigError,
+    ContainerNotFoundError,
+    ContainerProcessError,
+    ContainerRuntime,
+    ContainerSetupError,
+    ContainerStatus,
+    LauncherError,
+    MinictrError,
+    Result,
+    UnsupportedError,
+    WaitTimeoutError,
+)
 
 from .conftest import assert_nothing_left, host_snapshot, processes_with
 from .helpers import eventually

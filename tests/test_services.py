@@ -256,7 +256,7 @@ def test_pod_keywords_are_checked(runtime, rootfs):
     try:
         with pytest.raises(ConfigError, match="publish them on the pod"):
             runtime.run(rootfs, ["true"], pod=pod, ports=[80])
-        with pytest.raises(ConfigError, match="expected a pod made by runtime.pod"):
+        with pytest.raises(ConfigError, match=r"expected a pod made by runtime.pod"):
             runtime.run(rootfs, ["true"], pod="mypod")
         with pytest.raises(ConfigError, match="network capability"):
             runtime.run(rootfs, ["true"], pod=pod, capabilities=["NET_ADMIN"])

@@ -14,7 +14,8 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from pytest_minictr import native, protocol
 from pytest_minictr.errors import LauncherError
@@ -53,6 +54,7 @@ class LauncherClient:
         """One request sent, its reply (whatever it says) returned."""
         with self._lock:
             self._ensure_started()
+            assert self._socket is not None and self._replies is not None  # it made them
             message = {**message, "seq": next(self._seq)}
             try:
                 protocol.send_message(self._socket, message, fds)

@@ -48,7 +48,7 @@ class Monitor:
         while self._open - ({self._stdin} if self._stdin is not None else set()):
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = self._poll.poll(None if timeout is None else timeout * 1000)
-            if timeout is not None and (not ready or time.monotonic() >= deadline):
+            if deadline is not None and (not ready or time.monotonic() >= deadline):
                 self._handle(ready)  # what is ready now is taken; a flood cannot hold us
                 return False
             self._handle(ready)
@@ -69,11 +69,11 @@ class Monitor:
 
     @property
     def stdout(self) -> bytes:
-        return b"".join(self._outputs.get(self._stdout, ()))
+        return b"" if self._stdout is None else b"".join(self._outputs[self._stdout])
 
     @property
     def stderr(self) -> bytes:
-        return b"".join(self._outputs.get(self._stderr, ()))
+        return b"" if self._stderr is None else b"".join(self._outputs[self._stderr])
 
     @property
     def event(self) -> dict | None:
@@ -98,6 +98,7 @@ class Monitor:
         os.close(fd)
 
     def _feed_stdin(self) -> None:
+        assert self._stdin is not None  # only its fd is polled for POLLOUT
         try:
             written = os.write(self._stdin, self._input[:_CHUNK]) if self._input else 0
         except BlockingIOError:

@@ -63,7 +63,7 @@ class Pipes:
         self._ours = []
         return self.stdin[1], input_data, self.stdout[0], self.stderr[0], self.events
 
-    def __enter__(self) -> "Pipes":
+    def __enter__(self) -> Pipes:
         return self
 
     def __exit__(self, *exc_info) -> None:

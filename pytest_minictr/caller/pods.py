@@ -37,7 +37,7 @@ class Pod:
     and limits. The pod's ports are published once it is made; its namespace ends with its
     last container (a pod is used once: make another for a new set)."""
 
-    def __init__(self, runtime: "ContainerRuntime", pod_id: str, published: Published):
+    def __init__(self, runtime: ContainerRuntime, pod_id: str, published: Published):
         self.pod_id = pod_id
         self.published = published
         self._runtime = runtime
@@ -54,7 +54,7 @@ class Pod:
         self._runtime._client.call(protocol.END_POD, pod=self.pod_id)
 
 
-def make_pod(runtime: "ContainerRuntime", pod_id: str, ports: Any) -> Pod:
+def make_pod(runtime: ContainerRuntime, pod_id: str, ports: Any) -> Pod:
     checked: tuple[Port, ...] = check_ports(ports)
     reply = runtime._client.call(protocol.POD, pod=pod_id, ports=as_dicts(checked))
     return Pod(runtime, pod_id, published_of(reply["ports"]))

@@ -11,15 +11,18 @@ from __future__ import annotations
 import re
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
-from pytest_minictr.caller.pods import Published, address_of
 from pytest_minictr import protocol
+from pytest_minictr.caller.pods import Published, address_of
 from pytest_minictr.caller.result import STDERR_TAIL, tail
 from pytest_minictr.errors import ConfigError, ContainerNotReadyError, MinictrError
 from pytest_minictr.validate import check_seconds
 
 if TYPE_CHECKING:
+    from pytest_minictr.caller.monitor import Monitor
+    from pytest_minictr.caller.result import Result
     from pytest_minictr.caller.runtime import Container
 
 # Seconds between two probes of a port: from 1 ms (a server that starts in 10 ms is seen at
@@ -31,6 +34,10 @@ class ServiceMethods:
     """What a Container offers as a server (mixed into `runtime.Container`)."""
 
     published: Published  # container port -> (host address, host port)
+    # set by Container, which these methods are always called on
+    id: str
+    _result: Result | None
+    _monitor: Monitor | None
 
     def address(self, port: int) -> tuple[str, int]:
         """(host address, host port) where the published container `port` is reached."""
@@ -40,12 +47,12 @@ class ServiceMethods:
         """Return once `port` accepts a connection inside the container's network;
         ContainerNotReadyError if it does not within `timeout` seconds, or the container
         ends first."""
-        wait_for_port(self, port, timeout)
+        wait_for_port(cast("Container", self), port, timeout)
 
     def wait_for_output(self, pattern: bytes, timeout: float = 10) -> re.Match:
         """The match of the bytes regex `pattern` in the container's stdout or stderr, so
         far or to come; ContainerNotReadyError as for wait_for_port."""
-        return wait_for_output(self, pattern, timeout)
+        return wait_for_output(cast("Container", self), pattern, timeout)
 
     def output_so_far(self) -> tuple[bytes, bytes]:
         """What the container wrote to stdout and stderr until now (kept, not consumed)."""
@@ -53,7 +60,7 @@ class ServiceMethods:
         return (source.stdout, source.stderr) if source is not None else (b"", b"")
 
 
-def wait_for_port(container: "Container", port: Any, timeout: Any) -> None:
+def wait_for_port(container: Container, port: Any, timeout: Any) -> None:
     """Until `port` accepts a connection on the container's loopback."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError(f"wait_for_port({port!r}): expected a port from 1 to 65535")
@@ -71,7 +78,7 @@ def wait_for_port(container: "Container", port: Any, timeout: Any) -> None:
     _wait_until(container, accepts, awaited, timeout, on_output=False)
 
 
-def wait_for_output(container: "Container", pattern: Any, timeout: Any) -> re.Match:
+def wait_for_output(container: Container, pattern: Any, timeout: Any) -> re.Match:
     """Until `pattern` (a bytes regex) matches what the container wrote to stdout or stderr;
     the match."""
     try:
@@ -93,7 +100,7 @@ def wait_for_output(container: "Container", pattern: Any, timeout: Any) -> re.Ma
     return found[0]
 
 
-def _wait_until(container: "Container", ready: Callable[[], bool], awaited: str,
+def _wait_until(container: Container, ready: Callable[[], bool], awaited: str,
                 timeout: Any, on_output: bool) -> None:
     """Until `ready()`; it is asked again after each output of the container (`on_output`)
     or after a growing interval."""
@@ -114,7 +121,7 @@ def _wait_until(container: "Container", ready: Callable[[], bool], awaited: str,
         interval = min(interval * 2, POLL_INTERVAL)
 
 
-def _not_ready(container: "Container", awaited: str, why: str) -> ContainerNotReadyError:
+def _not_ready(container: Container, awaited: str, why: str) -> ContainerNotReadyError:
     stderr = container.output_so_far()[1][-STDERR_TAIL:]
     ended = None if container._result is None else _how_it_ended(container)
     shown = tail(stderr).rstrip() or "(nothing)"
@@ -123,8 +130,9 @@ def _not_ready(container: "Container", awaited: str, why: str) -> ContainerNotRe
         f"{awaited}, {why}; its stderr ends with:\n{shown}", awaited, ended, stderr)
 
 
-def _how_it_ended(container: "Container") -> str:
+def _how_it_ended(container: Container) -> str:
     result = container._result
+    assert result is not None  # asked once the container has ended
     if result.timed_out:
         return "killed at its time limit"
     if result.oom_killed:

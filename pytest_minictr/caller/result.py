@@ -21,7 +21,7 @@ _SIGNAL_NUMBERS = {int(number) for number in signal.Signals}
 class WaitTimeoutError(MinictrError, subprocess.TimeoutExpired):
     """`Container.wait(timeout=...)` gave up; the container is still running."""
 
-    def __init__(self, cmd, timeout: float):
+    def __init__(self, cmd: Any, timeout: float):
         subprocess.TimeoutExpired.__init__(self, cmd, timeout)
 
     def __str__(self) -> str:
@@ -31,7 +31,7 @@ class WaitTimeoutError(MinictrError, subprocess.TimeoutExpired):
 class ContainerProcessError(MinictrError, subprocess.CalledProcessError):
     """`Result.check_returncode()` on a non-zero exit; carries the output like subprocess."""
 
-    def __init__(self, returncode: int, cmd, output: bytes = b"", stderr: bytes = b""):
+    def __init__(self, returncode: int, cmd: Any, output: bytes = b"", stderr: bytes = b""):
         subprocess.CalledProcessError.__init__(self, returncode, cmd, output, stderr)
 
     def __str__(self) -> str:

@@ -15,18 +15,19 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pytest_minictr import errors, keywords, protocol
 from pytest_minictr.caller import pods, readiness
 from pytest_minictr.caller.client import LauncherClient
 from pytest_minictr.caller.monitor import Monitor
 from pytest_minictr.caller.pipes import Pipes
-from pytest_minictr.caller.sandbox import SandboxLease
 from pytest_minictr.caller.result import ContainerStats, ContainerStatus, Result, WaitTimeoutError
+from pytest_minictr.caller.sandbox import SandboxLease
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError, LauncherError
-from pytest_minictr.protocol import FORWARDED_SIGNALS
 from pytest_minictr.keywords import make_exec_spec, make_spec
+from pytest_minictr.protocol import FORWARDED_SIGNALS
 from pytest_minictr.spec import ContainerSpec, Limits
 from pytest_minictr.validate import check_seconds
 
@@ -40,7 +41,7 @@ class Container(readiness.ServiceMethods):
     `exec()` to run another command in it while it runs; `stats()` for its figures now;
     `address(port)`, `wait_for_port()`, `wait_for_output()` for a server (`readiness`)."""
 
-    def __init__(self, runtime: "ContainerRuntime", container_id: str, pid: int,
+    def __init__(self, runtime: ContainerRuntime, container_id: str, pid: int,
                  spec: ContainerSpec, monitor: Monitor, exec_of: str | None = None,
                  published: pods.Published | None = None):
         self.id = container_id
@@ -50,7 +51,7 @@ class Container(readiness.ServiceMethods):
         self.spec = spec
         self.args = spec.argv
         self._runtime = runtime
-        self._monitor = monitor
+        self._monitor: Monitor | None = monitor  # None once the Result holds the output
         self._lock = threading.Lock()
         self._result: Result | None = None
         self._status = ContainerStatus.RUNNING
@@ -80,7 +81,9 @@ class Container(readiness.ServiceMethods):
             else time.monotonic() + check_seconds(timeout, "timeout", allow_zero=True)
         with self._lock:
             if self._result is None and not self._collect(deadline):
+                assert timeout is not None  # only a deadline ends _collect() early
                 raise WaitTimeoutError(list(self.args), timeout)
+            assert self._result is not None  # _collect() made it
             return self._result
 
     def stop(self, grace: float = DEFAULT_STOP_GRACE) -> Result:
@@ -138,6 +141,7 @@ class Container(readiness.ServiceMethods):
             pass  # a dead launcher took the container with it; wait() reports that
 
     def _collect(self, deadline: float | None, once: bool = False) -> bool:
+        assert self._monitor is not None  # called only while there is no Result
         try:
             if not self._monitor.pump(deadline, once):
                 return False
@@ -190,10 +194,10 @@ class ContainerRuntime:
         self._issued: set[str] = set()
         _open_runtimes.add(self)
 
-    def __enter__(self) -> "ContainerRuntime":
+    def __enter__(self) -> ContainerRuntime:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     @keywords.with_library_keywords
@@ -323,7 +327,7 @@ def _check_input(input_data: Any, stdin: Any) -> bytes | None:
     return bytes(input_data)
 
 
-_open_runtimes: "weakref.WeakSet[ContainerRuntime]" = weakref.WeakSet()
+_open_runtimes: weakref.WeakSet[ContainerRuntime] = weakref.WeakSet()
 
 
 @atexit.register

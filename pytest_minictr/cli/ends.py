@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 EXIT_RUNTIME_ERROR = 125   # minictr itself failed (usage errors included), as `docker run`
 EXIT_CANNOT_EXECUTE = 126  # the command is there but cannot be executed

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from pytest_minictr.errors import MinictrError
 from pytest_minictr.keywords import FLAG_KEYWORDS, Keyword
@@ -22,7 +24,8 @@ def add_keyword_flags(run: argparse.ArgumentParser) -> None:
     flags stay out of the namespace (SUPPRESS): the spec's defaults apply, unchecked."""
     for keyword in FLAG_KEYWORDS:
         flag = keyword.flag
-        options = {"choices": flag.choices} if flag.choices else {}
+        assert flag is not None  # FLAG_KEYWORDS are those with one
+        options: dict[str, Any] = {"choices": flag.choices} if flag.choices else {}
         if flag.action not in ("store_false", "store_true"):
             options["type"] = argparse_type(keyword)
             options["metavar"] = flag.metavar
@@ -33,19 +36,24 @@ def add_keyword_flags(run: argparse.ArgumentParser) -> None:
                          default=argparse.SUPPRESS, help=help_text, **options)
 
 
-def argparse_type(keyword: Keyword):
+def argparse_type(keyword: Keyword) -> Callable[[str], Any]:
     """The flag's text as its keyword's check takes it; a text that is not even that (a
     number, NAME=VALUE) is argparse's usage error."""
-    def convert(text: str):
+    flag = keyword.flag
+    assert flag is not None  # only a keyword with a flag is parsed from one
+
+    def convert(text: str) -> Any:
         try:
-            return keyword.from_text(text, keyword.flag.names[0])
+            return keyword.from_text(text, flag.names[0])
         except MinictrError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
     return convert
 
 
-def flag_value(keyword: Keyword, value):
-    return keyword.flag.collect(value) if keyword.flag.action == "append" else value
+def flag_value(keyword: Keyword, value: Any) -> Any:
+    flag = keyword.flag
+    assert flag is not None  # only a keyword with a flag has a flag's value
+    return flag.collect(value) if flag.action == "append" else value
 
 
 def spelled(keyword: Keyword) -> str:
@@ -64,7 +72,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is ours to report (one line, exit 125, JSON with --json)
     rather than argparse's usage block and exit 2, which Docker users do not expect."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 

@@ -24,13 +24,19 @@ import os
 import shutil
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from pytest_minictr.caller.runtime import ContainerRuntime
+from pytest_minictr.caller.runtime import Container, ContainerRuntime
 from pytest_minictr.cli import docker_flags, rootfs_commands
 from pytest_minictr.cli.detached import commands as lifecycle
-from pytest_minictr.cli.ends import (EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_RUNTIME_ERROR,
-                                     exit_status, print_end_line)
+from pytest_minictr.cli.ends import (
+    EXIT_CANNOT_EXECUTE,
+    EXIT_NOT_FOUND,
+    EXIT_RUNTIME_ERROR,
+    exit_status,
+    print_end_line,
+)
 from pytest_minictr.cli.flags import Parser, add_keyword_flags, command_of, flag_value, spelled
 from pytest_minictr.cli.terminal import Terminal, run_on_terminal
 from pytest_minictr.cli.version import version_text
@@ -39,6 +45,7 @@ from pytest_minictr.errors import CommandNotFoundError, ConfigError, MinictrErro
 from pytest_minictr.keywords import BY_NAME, FLAG_KEYWORDS, spec_from
 from pytest_minictr.rootfs.builder import RootfsBuilder
 from pytest_minictr.rootfs.defaults import default_binaries
+from pytest_minictr.spec import ContainerSpec
 
 RUN_USAGE = "minictr run [OPTIONS] -- CMD [ARGS...]"
 HELP_ROOTFS = "run on this prepared root filesystem instead of building one"
@@ -61,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status_of(error)
 
 
-def _status_of(error: MinictrError) -> int:
+def _status_of(error: BaseException) -> int:
     if isinstance(error, CommandNotFoundError):
         return EXIT_CANNOT_EXECUTE if error.errno in (13, 8, 21) else EXIT_NOT_FOUND
     return EXIT_RUNTIME_ERROR
@@ -98,7 +105,7 @@ def show_version(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_run_command(commands) -> None:
+def add_run_command(commands: argparse._SubParsersAction[Any]) -> None:
     run = commands.add_parser("run", help="run one command in a new container", usage=RUN_USAGE)
     add_keyword_flags(run)
     run.add_argument("--interactive", "-i", action="store_true",
@@ -143,7 +150,7 @@ def run_command(args: argparse.Namespace) -> int:
     given.update(_docker_keywords(args, given))
     checked = {keyword.name: keyword.validate(given[keyword.name], spelled(keyword))
                for keyword in BY_NAME.values() if keyword.name in given}
-    rootfs = _rootfs_for(command and command[0], args)
+    rootfs = _rootfs_for(command[0] if command else None, args)
     spec = spec_from(rootfs, command, checked)  # a bad value fails here, before anything starts
     if args.tty:
         spec = dataclasses.replace(spec, terminal=True, env=_with_host_term(spec.env))
@@ -152,7 +159,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.tty:
         return _run_on_terminal(spec, args)
     # --json: the output is captured for the report, the rest passes through
-    streams = {} if args.json else {"stdout": sys.stdout, "stderr": sys.stderr}
+    streams: dict[str, Any] = {} if args.json else {"stdout": sys.stdout, "stderr": sys.stderr}
     with ContainerRuntime() as runtime:
         container = runtime.launch(spec, stdin=sys.stdin, **streams)
         with forwarding_signals(container) as asked:
@@ -176,7 +183,7 @@ def _check_combinations(args: argparse.Namespace) -> None:
 
 def _docker_keywords(args: argparse.Namespace, given: dict) -> dict:
     """-v, --mount and --env-file, as the keywords they add to."""
-    added = {}
+    added: dict[str, Any] = {}
     mounts = [*map(docker_flags.volume_mount, args.volume),
               *map(docker_flags.mount_option, args.mount)]
     if mounts:
@@ -195,7 +202,7 @@ def _with_host_term(env: tuple) -> tuple:
     return tuple((name, term if name == "TERM" else value) for name, value in env)
 
 
-def _run_on_terminal(spec, args: argparse.Namespace) -> int:
+def _run_on_terminal(spec: ContainerSpec, args: argparse.Namespace) -> int:
     terminal = Terminal(interactive=args.interactive)
     try:
         with ContainerRuntime() as runtime:
@@ -217,7 +224,7 @@ class forwarding_signals:
     main() may be called in-process, by tests, whose Ctrl-C must work again). The list it
     gives holds the signals forwarded: an end by those was asked for."""
 
-    def __init__(self, container, signals=FORWARDED):
+    def __init__(self, container: Container, signals: Iterable[int] = FORWARDED):
         self.container = container
         self.signals = signals
         self.forwarded: list[int] = []
@@ -229,18 +236,19 @@ class forwarding_signals:
         self.previous = {signum: signal.signal(signum, forward) for signum in self.signals}
         return self.forwarded
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
 
-def _rootfs_for(program: str, args: argparse.Namespace) -> str:
+def _rootfs_for(program: str | None, args: argparse.Namespace) -> str:
     """The rootfs of `run`: --rootfs, else the recipe's, else the default one (sh and the
     usual coreutils of this host) with the command and the --bin extras; built ones cached."""
     if args.rootfs:
         return _prepared_rootfs(args.rootfs)
     if args.recipe:
         return str(RootfsBuilder().build(recipe=args.recipe, binaries=args.bin))
+    assert program is not None  # a run without a command has --rootfs or --recipe
     return str(RootfsBuilder().build(binaries=default_binaries(
         (_host_program(program), *args.bin))))
 

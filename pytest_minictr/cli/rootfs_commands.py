@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import os
+from typing import Any
 
 from pytest_minictr.errors import ConfigError
 from pytest_minictr.rootfs import cache
@@ -16,7 +17,7 @@ from pytest_minictr.rootfs.images import import_image
 from pytest_minictr.sizes import parse_size
 
 
-def add_commands(commands, help_recipe: str) -> None:
+def add_commands(commands: argparse._SubParsersAction[Any], help_recipe: str) -> None:
     rootfs = commands.add_parser("rootfs", help="build root filesystems")
     subcommands = rootfs.add_subparsers(dest="rootfs_command", required=True, metavar="COMMAND")
     build = subcommands.add_parser("build", help="build a rootfs into a directory")

@@ -20,7 +20,10 @@ import sys
 import termios
 import threading
 import tty
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
 
 POLL = 0.05  # seconds between looks at whether the container has ended
 CHUNK = 65536
@@ -119,7 +122,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def run_on_terminal(terminal: Terminal, wait: Callable[[], object]) -> object:
+def run_on_terminal(terminal: Terminal, wait: Callable[[], T]) -> T:
     """`wait` (the container's, blocking) in a thread while we relay in this one; its value.
     SIGTERM and SIGHUP restore our terminal on their way (their handlers are the caller's)."""
     outcome: dict = {}
@@ -127,7 +130,7 @@ def run_on_terminal(terminal: Terminal, wait: Callable[[], object]) -> object:
     def waiter() -> None:
         try:
             outcome["value"] = wait()
-        except BaseException as error:  # handed to the relaying thread
+        except BaseException as error:  # noqa: BLE001 - handed to the relaying thread
             outcome["error"] = error
 
     thread = threading.Thread(target=waiter, daemon=True)

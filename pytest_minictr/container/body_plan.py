@@ -111,7 +111,9 @@ def body_view(view: BodyView, where: Where) -> tuple[Step, ...]:
               Step("root", "move /proc", "move_into_root", ("/proc",)),
               Step("root", "close the host's paths", "close_fds",
                    tuple(Ref(f"bind {index}") for index in range(len(binds)))),
-              *pivot_into_root(view), *name_and_network(view, where)]
+              # a BodyView has the fields these read: cwd, hostname, network
+              *pivot_into_root(view),  # type: ignore[arg-type]
+              *name_and_network(view, where)]  # type: ignore[arg-type]
     return tuple(steps)
 
 

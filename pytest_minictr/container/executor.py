@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pytest_minictr.container import init, mounts, network, security, userns
 from pytest_minictr.container.plan import Ref, Step

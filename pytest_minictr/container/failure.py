@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 from pytest_minictr import protocol
 from pytest_minictr.errors import ContainerSetupError
 
+T = TypeVar("T")
 
-def attempt(step: str, function, *args):
+
+def attempt(step: str, function: Callable[..., T], *args: Any) -> T:
     """Run one part of a setup step; an OSError becomes a ContainerSetupError naming it."""
     try:
         return function(*args)
@@ -35,7 +38,7 @@ def report_failure(fd: int, error: BaseException) -> None:
         pass  # nobody listens any more: the launcher has gone
 
 
-def exit_reporting(setup_fd: int, work: Callable[..., object], *args) -> NoReturn:
+def exit_reporting(setup_fd: int, work: Callable[..., object], *args: Any) -> NoReturn:
     """`work(*args)` in a forked child, which then exits: it must never return into the
     launcher. Whatever `work` raises, KeyboardInterrupt and SystemExit included, goes to the
     setup pipe: the launcher would otherwise see a child die and not know why."""
@@ -49,5 +52,5 @@ def exit_reporting(setup_fd: int, work: Callable[..., object], *args) -> NoRetur
         os._exit(code)
 
 
-def write_line(fd: int, message: dict) -> None:
+def write_line(fd: int, message: dict[str, Any]) -> None:
     os.write(fd, json.dumps(message).encode() + b"\n")

@@ -58,12 +58,12 @@ class ChildFds:
 
 
 def run_command_as_init(argv: tuple[str, ...], env: tuple[tuple[str, str], ...], fds: ChildFds,
-                        signal_proxy: "SignalProxy", terminal: bool = False) -> NoReturn:
+                        signal_proxy: SignalProxy, terminal: bool = False) -> NoReturn:
     """PID 1's life once the container is built: spawn the command, reap until it exits,
     kill what it left, report its end, exit."""
     command_pid = spawn_command(argv, env, fds, terminal)
     signal_proxy.start(command_pid)
-    for fd in fds.stdio() + (fds.setup,):
+    for fd in (*fds.stdio(), fds.setup):
         os.close(fd)
     put_dev_null_on_stdio()
     wait_status = reap_until(command_pid)
@@ -79,7 +79,7 @@ def run_command_beside(argv: tuple[str, ...], env: tuple[tuple[str, str], ...],
     namespace: if the container ends, the kernel kills the command, and we report that."""
     command_pid = spawn_command(argv, env, fds, terminal)
     write_line(fds.setup, {"pid": command_pid})
-    for fd in fds.stdio() + (fds.setup,):
+    for fd in (*fds.stdio(), fds.setup):
         os.close(fd)
     _, wait_status = os.waitpid(command_pid, 0)
     report_end(fds.status, wait_status)
@@ -169,7 +169,7 @@ class SignalProxy:
         # enums we have no use for (50 us, on the path of every container)
         _signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
 
-    def _forward(self, signum: int, _frame) -> None:
+    def _forward(self, signum: int, _frame: object) -> None:
         try:
             os.kill(self.target, signum)
         except ProcessLookupError:

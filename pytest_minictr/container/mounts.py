@@ -46,8 +46,16 @@ import time
 from pytest_minictr.container.failure import attempt
 from pytest_minictr.errors import ContainerSetupError
 from pytest_minictr.host import linux
-from pytest_minictr.host.linux import (MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC,
-                                       MS_REMOUNT, MS_STATVFS_FLAGS)
+from pytest_minictr.host.linux import (
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+    MS_STATVFS_FLAGS,
+)
 
 STAGE = "/tmp"          # where the stage is mounted; once we pivot into it, our "/"
 HOST = "/oldroot"        # the host's tree, in the stage

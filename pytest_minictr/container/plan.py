@@ -67,7 +67,7 @@ class Step(NamedTuple):
     phase: str
     name: str
     action: str
-    args: tuple = ()
+    args: tuple[Any, ...] = ()
     saves: str | None = None
 
 
@@ -85,7 +85,7 @@ class Where:
     # A pod's later container shares the network namespace of the pod's first (see
     # `launcher.pods`): its fd (as root, the slot the spare receives it in); without
     # root also the user namespace that owns it, which must be joined first.
-    pod_netns: "int | Ref | None" = None
+    pod_netns: int | Ref | None = None
     pod_userns: int | None = None
 
 
@@ -366,12 +366,12 @@ def decode(data: bytes) -> tuple[Step, ...]:
     return tuple(Step._make(step) for step in json.loads(data, object_hook=_ref_from_json))
 
 
-def _ref_as_json(value: Any) -> dict:
+def _ref_as_json(value: Any) -> dict[str, str]:
     if not isinstance(value, Ref):
         raise TypeError(f"a plan holds plain values and Refs, not {value!r}")
     return {"ref": value.slot}
 
 
-def _ref_from_json(value: dict) -> Ref:
+def _ref_from_json(value: dict[str, str]) -> Ref:
     return Ref(value["ref"])
 

@@ -166,7 +166,7 @@ def _targets(allowed: tuple[str, ...], arch: Architecture
     return targets, rules
 
 
-def _search_tree(bpf: "_Assembler", items: list[tuple[int, str]]) -> None:
+def _search_tree(bpf: _Assembler, items: list[tuple[int, str]]) -> None:
     """Jump to the target of the call number in the accumulator if it is among `items`
     (sorted by number), else allow the call."""
     if len(items) <= LEAF:

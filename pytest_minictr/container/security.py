@@ -24,8 +24,7 @@ import resource
 import socket
 import stat
 
-from pytest_minictr.confinement import (CAPABILITY_NAMES, RLIMIT_NAMES, UNLIMITED,
-                                        capability_name)
+from pytest_minictr.confinement import CAPABILITY_NAMES, RLIMIT_NAMES, UNLIMITED, capability_name
 from pytest_minictr.container import seccomp
 from pytest_minictr.host import linux
 

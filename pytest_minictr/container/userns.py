@@ -63,7 +63,7 @@ def fork_init_under_keeper(fds: init.ChildFds) -> None:
 
 def keep_init(init_pid: int, keeper_pidfd: int, fds: init.ChildFds) -> None:
     write_line(fds.setup, {"pid": init_pid})
-    for fd in fds.stdio() + (fds.setup, keeper_pidfd):
+    for fd in (*fds.stdio(), fds.setup, keeper_pidfd):
         os.close(fd)
     _, wait_status = os.waitpid(init_pid, 0)
     write_line(fds.status, {"init": wait_status})

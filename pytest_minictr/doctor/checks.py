@@ -15,8 +15,8 @@ kernel).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 from pytest_minictr import __version__, native
 from pytest_minictr.doctor.host import REHEARSAL_STEPS, Host, Rehearsal

@@ -56,7 +56,7 @@ def _carry_out(steps: tuple[plan.Step, ...], keep: tuple[int, ...] = ()) -> dict
     stdio = [os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC) for _ in range(3)]
     own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     own_pidfd = os.pidfd_open(os.getpid())
-    fds = ChildFds(*stdio, setup_w, status_w)
+    fds = ChildFds(stdio[0], stdio[1], stdio[2], setup_w, status_w)
     try:
         if os.geteuid() == 0:
             pid = linux.fork_into_new_pid_namespace(own_pid_namespace)
@@ -73,10 +73,10 @@ def _carry_out(steps: tuple[plan.Step, ...], keep: tuple[int, ...] = ()) -> dict
     os.waitpid(pid, 0)
     os.close(status_r)
     for line in lines:
-        error = json.loads(line).get("error")
-        if error is not None:
-            return {"failed": FINDING_OF_PHASE.get(error.get("phase"), "mount namespace"),
-                    "error": error["message"]}
+        reported = json.loads(line).get("error")
+        if reported is not None:
+            return {"failed": FINDING_OF_PHASE.get(reported.get("phase"), "mount namespace"),
+                    "error": reported["message"]}
     return {"failed": None}
 
 

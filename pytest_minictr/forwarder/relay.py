@@ -26,6 +26,7 @@ import os
 import select
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from pytest_minictr.container.init import die_with_parent
@@ -49,7 +50,7 @@ def run_forwarder(control: int, listeners: dict[int, int], namespaces: tuple[int
         # Not dumpable: without root we enter the container's user namespace, where its root
         # could otherwise open our /proc files (fds: the host's listening sockets).
         linux.set_dumpable(False)
-        for fd, nstype in zip(namespaces, _nstypes(len(namespaces))):
+        for fd, nstype in zip(namespaces, _nstypes(len(namespaces)), strict=False):
             linux.setns(fd, nstype)
             os.close(fd)
         Relay(socket.socket(fileno=control), {socket.socket(fileno=fd): port
@@ -72,14 +73,14 @@ class Relay:
     def __init__(self, control: socket.socket, listeners: dict[socket.socket, int]):
         self.epoll = select.epoll()
         self.handlers: dict[int, Any] = {}
-        self.control = control
+        self.control: socket.socket | None = control  # None once the launcher has gone
         self.register(control, READ, self._answer_probe)
         for listener, port in listeners.items():
             listener.setblocking(False)
             self.register(listener, READ, lambda _mask, sock=listener, port=port:
                           self._accept(sock, port))
 
-    def register(self, sock: socket.socket, mask: int, handler) -> None:
+    def register(self, sock: socket.socket, mask: int, handler: Callable[..., None]) -> None:
         self.epoll.register(sock.fileno(), mask)
         self.handlers[sock.fileno()] = handler
 
@@ -99,11 +100,13 @@ class Relay:
                     handler(mask)
 
     def _answer_probe(self, _mask: int) -> None:
-        request = self.control.recv(PROBE.size)
+        control = self.control
+        assert control is not None  # the serve loop runs only while there is one
+        request = control.recv(PROBE.size)
         if len(request) < PROBE.size:
             self.control = None  # the launcher ended us, or is gone
             return
-        self.control.sendall(b"%d\n" % probe(PROBE.unpack(request)[0]))
+        control.sendall(b"%d\n" % probe(PROBE.unpack(request)[0]))
 
     def _accept(self, listener: socket.socket, port: int) -> None:
         try:
@@ -145,7 +148,7 @@ class Connection:
         for sock in (a, b):
             self._interest(sock)
 
-    def _handler(self, sock: socket.socket):
+    def _handler(self, sock: socket.socket) -> Callable[[int], None]:
         return lambda mask: self._on_event(sock, mask)
 
     def _on_event(self, sock: socket.socket, mask: int) -> None:

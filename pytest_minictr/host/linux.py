@@ -15,6 +15,8 @@ import select
 import signal
 import socket
 import struct
+from collections.abc import Callable, Iterable
+from typing import Any
 
 # clone(2) / unshare(2) flags
 CLONE_PARENT = 0x00008000
@@ -79,7 +81,8 @@ _SYSCALL_NUMBERS = {
     "aarch64": {"recvmsg": 212, "pivot_root": 41, "keyctl": 219, "clone": 220, **_NEW_CALLS},
     "riscv64": {"recvmsg": 212, "pivot_root": 41, "keyctl": 219, "clone": 220, **_NEW_CALLS},
     "ppc64le": {"recvmsg": 342, "pivot_root": 203, "keyctl": 271, "clone": 120, **_NEW_CALLS},
-    "s390x": {"recvmsg": 372, "pivot_root": 217, "keyctl": 280, **_NEW_CALLS},  # clone: arguments swapped
+    # s390x: no "clone" (its clone takes the first two arguments swapped)
+    "s390x": {"recvmsg": 372, "pivot_root": 217, "keyctl": 280, **_NEW_CALLS},
 }
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -141,7 +144,7 @@ def arm_parent_death_signal(parent_pidfd: int) -> bool:
     return not select.select([parent_pidfd], [], [], 0)[0]
 
 
-def close_fds_except(keep) -> None:
+def close_fds_except(keep: Iterable[int]) -> None:
     """Close every descriptor from 3 up but `keep` (close_range(2) under the hood)."""
     low = 3
     for fd in sorted(set(keep)):
@@ -236,9 +239,10 @@ def waits_in(pid: int, name: str) -> bool:
     return read_file(f"/proc/{pid}/syscall").split(" ", 1)[0] == str(_syscall_number(name))
 
 
-def _syscall(name: str, *args) -> int:
-    return _libc.syscall(ctypes.c_long(_syscall_number(name)),
-                         *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+def _syscall(name: str, *args: Any) -> int:
+    result: int = _libc.syscall(ctypes.c_long(_syscall_number(name)),
+                                *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+    return result
 
 
 def _syscall_number(name: str) -> int:
@@ -260,7 +264,7 @@ def fork_as_sibling() -> int:
     flags = ctypes.c_long(CLONE_PARENT | signal.SIGCHLD)  # SIGCHLD: waitpid() sees it
     ctypes.pythonapi.PyOS_BeforeFork()
     # no new stack (the child runs on a copy of ours, like fork); no tid pointers, no TLS
-    pid = _libc_gil.syscall(number, flags, *[ctypes.c_long(0)] * 4)
+    pid: int = _libc_gil.syscall(number, flags, *[ctypes.c_long(0)] * 4)
     if pid == 0:
         ctypes.pythonapi.PyOS_AfterFork_Child()
         return 0
@@ -271,7 +275,8 @@ def fork_as_sibling() -> int:
     return pid
 
 
-def fork_into_new_pid_namespace(own_pid_namespace: int, fork=os.fork) -> int:
+def fork_into_new_pid_namespace(own_pid_namespace: int,
+                                fork: Callable[[], int] = os.fork) -> int:
     """`fork()` a child that is PID 1 of a new PID namespace; we stay in ours. unshare(2)
     moves our next child, not us, into the new namespace; setns(2) on `own_pid_namespace`
     takes us back for the one after (in the parent only: the child's children belong in its

@@ -8,8 +8,8 @@ process names itself with prctl(PR_SET_NAME)): the fields after it are found fro
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from pytest_minictr.host import linux
 

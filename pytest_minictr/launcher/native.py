@@ -20,7 +20,7 @@ import fcntl
 import json
 import os
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 from pytest_minictr import protocol
 from pytest_minictr.container import plan

@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from pytest_minictr.host.cgroups import Cgroup
 

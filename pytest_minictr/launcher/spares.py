@@ -19,8 +19,9 @@ import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 from pytest_minictr.container import plan
 from pytest_minictr.container.child import run_spare
@@ -92,7 +93,7 @@ class SparePool:
         channel, cgroup = self.ordered.popleft()
         try:
             pid = self.zygote.receive()
-        except BaseException as error:
+        except BaseException as error:  # noqa: BLE001 - _drop_order raises it again
             self._drop_order(channel, cgroup, error)
             return
         self.spares.append(Spare(pid, channel, cgroup))
@@ -150,7 +151,7 @@ class SparePool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.zygote.order(theirs.fileno(), cgroup)
-        except BaseException as error:
+        except BaseException as error:  # noqa: BLE001 - _drop_order raises it again
             self._drop_order(ours, cgroup, error)
             return
         finally:

@@ -26,7 +26,8 @@ import gc
 import os
 import socket
 from collections import deque
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 from pytest_minictr import protocol
 from pytest_minictr.container.child import run_plan

@@ -16,6 +16,8 @@ shared safely between them.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Generator, Iterator
+from typing import Any
 
 import pytest
 
@@ -35,8 +37,12 @@ from pytest_minictr.plugin.host import (  # noqa: F401
     resolve_rootfs,
 )
 from pytest_minictr.plugin.services import ServiceFactory
-from pytest_minictr.plugin.settings import (SessionSettings, add_options, merge_marker,
-                                            read_session_settings)
+from pytest_minictr.plugin.settings import (
+    SessionSettings,
+    add_options,
+    merge_marker,
+    read_session_settings,
+)
 from pytest_minictr.rootfs.builder import RootfsBuilder
 
 _SETTINGS = pytest.StashKey[SessionSettings]()
@@ -94,7 +100,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function):
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     """A sandboxed body: called in its sandbox; its verdict lands in the report (below)."""
     settings = pyfuncitem.stash.get(_BODY_SETTINGS, None)
     if settings is None or sandbox.in_body():
@@ -116,7 +122,8 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function):
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+def pytest_runtest_makereport(item: pytest.Item,
+                              call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     """A sandboxed body's call report gets the body's verdict, after every other plugin's
     wrapper made the worker's (which saw a test that returned). A failed test's report shows
     its last container: command, how it ended, stderr."""
@@ -135,19 +142,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any],
+                         request: pytest.FixtureRequest) -> Iterator[None]:
     with _on_top(request.config, _SETTING_UP, fixturedef):
         yield
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item: pytest.Item):
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
     with _on_top(item.config, _RUNNING_TEST, item):
         yield
 
 
 @contextlib.contextmanager
-def _on_top(config: pytest.Config, key: pytest.StashKey[list], value):
+def _on_top(config: pytest.Config, key: pytest.StashKey[list[Any]],
+            value: Any) -> Iterator[None]:
     """`value` on top of the stack `key` while the hook's work goes on (see minictr_service)."""
     stack = config.stash.setdefault(key, [])
     stack.append(value)
@@ -161,7 +170,7 @@ def _on_top(config: pytest.Config, key: pytest.StashKey[list], value):
 # Fixtures
 
 @pytest.fixture(scope="session")
-def minictr_runtime() -> ContainerRuntime:
+def minictr_runtime() -> Iterator[ContainerRuntime]:
     """The session's ContainerRuntime (one launcher per pytest process or xdist worker)."""
     remove_stale_layers()
     with ContainerRuntime() as runtime:
@@ -176,7 +185,7 @@ def minictr_rootfs_builder(pytestconfig: pytest.Config) -> RootfsBuilder:
 
 @pytest.fixture(scope="session")
 def minictr_service(pytestconfig: pytest.Config, minictr_runtime: ContainerRuntime,
-                    minictr_rootfs_builder: RootfsBuilder):
+                    minictr_rootfs_builder: RootfsBuilder) -> Iterator[ServiceFactory]:
     """Start a server in a container: `minictr_service(recipe="redis", ports=[6379],
     wait_for_port=6379)` returns its Container (`.address(6379)`). Stopped at the end of
     the scope of the fixture that called it (or of the test that did)."""
@@ -202,7 +211,7 @@ def minictr_service(pytestconfig: pytest.Config, minictr_runtime: ContainerRunti
 
 @pytest.fixture
 def container(request: pytest.FixtureRequest, minictr_runtime: ContainerRuntime,
-              minictr_rootfs_builder: RootfsBuilder):
+              minictr_rootfs_builder: RootfsBuilder) -> Iterator[TestContainer]:
     """A container for this test, configured by the closest `container` marker. Its writable
     layer is the test's own: successive `run()`s see each other's writes, other tests never."""
     session = request.config.stash[_SETTINGS]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import NoReturn
 
 import pytest
 
@@ -123,7 +124,7 @@ class TestContainer:
             self._layer = None
 
 
-def unavailable(session: SessionSettings, problem: Exception):
+def unavailable(session: SessionSettings, problem: Exception) -> NoReturn:
     message = f"minictr cannot run containers here: {problem}"
     if session.unavailable == "skip":
         pytest.skip(message)

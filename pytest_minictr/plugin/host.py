@@ -82,7 +82,7 @@ def remove_stale_layers() -> None:
     for layer in Path(layer_parent()).glob(f"{LAYER_PREFIX}*"):
         owner = layer.name[len(LAYER_PREFIX):].split("-")[0]
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
-            remove_layer(layer)
+            remove_layer(str(layer))
 
 
 def describe_result(result: Result) -> str:

@@ -81,7 +81,7 @@ def body_view(item: pytest.Function, settings: ContainerSettings) -> BodyView:
     """The host read-only; writable: the test's tmp_path and `writable=`. Under /tmp (private
     to the body) the worker's cwd and rootdir are shown read-only: the test's own files."""
     tmp = item.funcargs.get("tmp_path") or item.funcargs.get("tmpdir")
-    writable = (*([os.path.realpath(tmp)] if tmp is not None else []), *settings.writable)
+    writable = (*([os.path.realpath(str(tmp))] if tmp is not None else []), *settings.writable)
     cwd = os.getcwd()
     shown = (os.path.realpath(cwd), os.path.realpath(item.config.rootpath))
     return BodyView(

@@ -17,13 +17,14 @@ its fixtures started.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from pytest_minictr.caller.runtime import Container, ContainerRuntime
 from pytest_minictr.caller.result import tail
+from pytest_minictr.caller.runtime import Container, ContainerRuntime
 from pytest_minictr.errors import ConfigError, MinictrError
 from pytest_minictr.keywords import BY_NAME
 from pytest_minictr.rootfs.builder import RootfsBuilder
@@ -58,7 +59,7 @@ class ServiceFactory:
         self.services: list[Service] = []
 
     def __call__(self, recipe: str | None = None, command: list[str] | None = None, *,
-                 binaries: list[str] = (), rootfs: str | None = None,
+                 binaries: Sequence[str] = (), rootfs: str | None = None,
                  wait_for_port: int | None = None, wait_for_output: bytes | None = None,
                  ready_timeout: float = 30, **keywords: Any) -> Container:
         """Start a service and wait until it is ready; returns its Container (`address(port)`,
@@ -110,12 +111,13 @@ class ServiceFactory:
 
 def _library_keywords(keywords: dict[str, Any]) -> dict[str, Any]:
     """The marker's names (memory, cpus, pids) as run() spells them (memory_limit...)."""
-    named = {}
+    named: dict[str, Any] = {}
     for name, value in keywords.items():
         keyword = BY_NAME.get(name)
-        if keyword is not None and keyword.library is None:
+        library_name = name if keyword is None else keyword.library
+        if library_name is None:
             raise ConfigError(f"minictr_service({name}=...): not a keyword of a service")
-        named[keyword.library if keyword is not None else name] = value
+        named[library_name] = value
     return named
 
 

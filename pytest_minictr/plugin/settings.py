@@ -11,8 +11,14 @@ from typing import Any
 import pytest
 
 from pytest_minictr.errors import ConfigError
-from pytest_minictr.keywords import (OPTION_KEYWORDS, ContainerSettings, Keyword,
-                                     check_marker_names, check_marker_value, check_text)
+from pytest_minictr.keywords import (
+    OPTION_KEYWORDS,
+    ContainerSettings,
+    Keyword,
+    check_marker_names,
+    check_marker_value,
+    check_text,
+)
 from pytest_minictr.rootfs.builder import default_cache_dir
 
 HELP_CACHE = "where built root filesystems are cached (default: $XDG_CACHE_HOME/minictr)"
@@ -50,7 +56,8 @@ def add_options(parser: pytest.Parser) -> None:
     parser.addini("minictr_sandbox_tests", HELP_SANDBOX_TESTS)
 
 
-def _add_option(parser: pytest.Parser, group, name: str, help_text: str, **options) -> None:
+def _add_option(parser: pytest.Parser, group: pytest.OptionGroup, name: str, help_text: str,
+                **options: Any) -> None:
     group.addoption("--minictr-" + name.replace("_", "-"), dest=f"minictr_{name}",
                     help=help_text, **(options or {"metavar": name.upper()}))
     parser.addini(f"minictr_{name}", help_text)

@@ -27,16 +27,28 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pytest_minictr.errors import ConfigError, RootfsError
 from pytest_minictr.host.idmap import shift_ownership
 from pytest_minictr.rootfs import recipe as recipes
-from pytest_minictr.rootfs.cache import (FORMAT_VERSION, MANIFEST_NAME, SourceStat,
-                                         default_cache_dir, is_fresh, publish,
-                                         remove_dead_temp_dirs)
+from pytest_minictr.rootfs.cache import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SourceStat,
+    default_cache_dir,
+    is_fresh,
+    publish,
+    remove_dead_temp_dirs,
+)
 from pytest_minictr.rootfs.cache import write_manifest as _write_manifest  # (tests replace it)
-from pytest_minictr.rootfs.closure import (LD_SO_CACHE, env_command, find_library, parse_shebang,
-                                           probe_python)
+from pytest_minictr.rootfs.closure import (
+    LD_SO_CACHE,
+    env_command,
+    find_library,
+    parse_shebang,
+    probe_python,
+)
 from pytest_minictr.rootfs.tree import RootTree
 from pytest_minictr.spec import DEFAULT_PATH
 
@@ -77,7 +89,7 @@ class Request:
     command: tuple[str, ...] = ()     # the recipe's default command (see cache.image_command)
 
 
-def _normalize(kind: str, items) -> tuple[str, ...]:
+def _normalize(kind: str, items: Any) -> tuple[str, ...]:
     if isinstance(items, (str, bytes, os.PathLike)):
         raise ConfigError(f"{kind} must be a list, not the single value {items!r}; "
                           f"write {kind}=[{items!r}]")
@@ -94,7 +106,7 @@ def _normalize(kind: str, items) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def _path_str(item, what: str) -> str:
+def _path_str(item: Any, what: str) -> str:
     name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
     if not isinstance(name, str) or not name or "\0" in name:
         raise ConfigError(f"{what} must be a non-empty str or os.PathLike without NUL bytes")
@@ -108,7 +120,7 @@ def _path_str(item, what: str) -> str:
     return name
 
 
-def normalize_dest(dest) -> str:
+def normalize_dest(dest: Any) -> str:
     path = os.path.abspath(_path_str(dest, f"dest={dest!r}"))
     try:
         usable = not os.path.lexists(path) or (os.path.isdir(path) and not os.listdir(path))
@@ -128,10 +140,10 @@ def _describe(error: OSError) -> str:
 def _resolve(kind: str, name: str, search_path: str) -> ResolvedInput:
     path = find_library(name) if kind == "library" else name
     if kind == "binary" and "/" not in name:
-        path = _which(name, search_path)
-        if path is None:
+        found = _which(name, search_path)
+        if found is None:
             raise RootfsError(f"binary {name!r} not found on PATH ({search_path})")
-        path = os.path.join(os.getcwd(), path)  # a relative PATH entry gives a relative path
+        path = os.path.join(os.getcwd(), found)  # a relative PATH entry gives a relative path
     real = os.path.realpath(path)
     _check_copyable(kind, name, real)
     try:
@@ -220,7 +232,7 @@ def _populate(root: str, resolved: list[ResolvedInput], search_path: str,
     return tree.sources
 
 
-def _request(binaries, files, dirs, recipe: recipes.Recipe | None) -> Request:
+def _request(binaries: Any, files: Any, dirs: Any, recipe: recipes.Recipe | None) -> Request:
     if recipe is None:
         return Request(_normalize("binaries", binaries), _normalize("files", files),
                        _normalize("dirs", dirs))
@@ -234,7 +246,7 @@ def _request(binaries, files, dirs, recipe: recipes.Recipe | None) -> Request:
                    recipe=recipe.name, command=recipe.command)
 
 
-def _as_list(kind: str, items) -> list:
+def _as_list(kind: str, items: Any) -> list[str]:
     return list(_normalize(kind, items)) if items else []
 
 
@@ -252,7 +264,8 @@ class RootfsBuilder:
         self.cache_dir = Path(os.path.abspath(cache_dir if cache_dir is not None
                                               else default_cache_dir()))
 
-    def build(self, binaries=(), files=(), dirs=(), dest=None, recipe=None) -> Path:
+    def build(self, binaries: Any = (), files: Any = (), dirs: Any = (), dest: Any = None,
+              recipe: Any = None) -> Path:
         """A rootfs holding `binaries` (names on PATH, or paths) with their libraries,
         `files` and `dirs` (host paths), plus what the `recipe` names (see `recipes`)."""
         request = _request(binaries, files, dirs, None if recipe is None else

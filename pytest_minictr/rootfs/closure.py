@@ -49,6 +49,7 @@ def parse_shebang(head: bytes) -> tuple[str, str] | None:
     if not head.startswith(b"#!"):
         return None
     match = re.match(rb"[ \t]*([^ \t\n]*)[ \t]*([^\n]*)", head[2:SHEBANG_MAX])
+    assert match is not None  # every group may be empty: it matches any text
     return os.fsdecode(match[1]), os.fsdecode(match[2].rstrip(b" \t"))
 
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import shutil
-from typing import Iterable
+from collections.abc import Iterable
 
 # Every container can run a shell string; these come along where the host has them.
 BASE_BINARIES = ("sh", "env", "echo", "cat", "ls", "true", "false", "sleep", "mkdir", "rm",

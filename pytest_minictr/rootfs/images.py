@@ -23,6 +23,7 @@ import shutil
 import stat
 import tarfile
 from pathlib import Path
+from typing import IO, Any
 
 from pytest_minictr.errors import RootfsError
 from pytest_minictr.rootfs.builder import clear_dest, make_dest, normalize_dest
@@ -70,7 +71,7 @@ def _blob(digest: str) -> str:
     return f"blobs/{algorithm}/{value}"
 
 
-def _json_member(outer: tarfile.TarFile, name: str):
+def _json_member(outer: tarfile.TarFile, name: str) -> Any:
     try:
         return json.load(_member_file(outer, name))
     except ValueError as error:
@@ -87,7 +88,7 @@ def _plain(name: str) -> str:
     return "/".join(part for part in name.split("/") if part not in ("", "."))
 
 
-def _member_file(outer: tarfile.TarFile, name: str):
+def _member_file(outer: tarfile.TarFile, name: str) -> IO[bytes]:
     try:
         member = _outer_members(outer)[_plain(name)]
     except KeyError:
@@ -163,7 +164,9 @@ def _unpack(layer: tarfile.TarFile, member: tarfile.TarInfo, name: str, dest: st
         _remove(target)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(layer.extractfile(member), out)
+            contents = layer.extractfile(member)
+            assert contents is not None  # a regular file's member has them
+            shutil.copyfileobj(contents, out)
         os.chmod(target, mode)
     elif member.issym():
         _remove(target)

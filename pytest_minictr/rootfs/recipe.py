@@ -164,8 +164,8 @@ def parse_toml_subset(text: str) -> dict:
     """`key = value` lines, value a string or a (multi-line) list of strings, `#` comments on
     lines of their own or after a value: what recipes use, as JSON reads it."""
     data, pending = {}, ""
-    for number, line in enumerate(text.splitlines(), start=1):
-        line = _without_comment(line).strip()
+    for number, raw_line in enumerate(text.splitlines(), start=1):
+        line = _without_comment(raw_line).strip()
         if not line:
             continue
         pending = f"{pending} {line}" if pending else line

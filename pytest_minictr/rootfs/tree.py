@@ -11,8 +11,15 @@ import subprocess
 
 from pytest_minictr.errors import RootfsError
 from pytest_minictr.rootfs.cache import SourceStat
-from pytest_minictr.rootfs.closure import (LD_SO_CACHE, LDD_TIMEOUT, STDLIB_LEFT_OUT, PythonLayout,
-                                           ldd_libraries, ldd_many, script_interpreters)
+from pytest_minictr.rootfs.closure import (
+    LD_SO_CACHE,
+    LDD_TIMEOUT,
+    STDLIB_LEFT_OUT,
+    PythonLayout,
+    ldd_libraries,
+    ldd_many,
+    script_interpreters,
+)
 
 MAX_SYMLINK_HOPS = 40  # the kernel's own limit (ELOOP) for path resolution
 

@@ -93,7 +93,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--parts", action="store_true",
-                        help="also the native core without the user namespace, and without seccomp")
+                        help="also the native core without the user namespace, "
+                             "and without seccomp")
     args = parser.parse_args()
     cache = tempfile.mkdtemp(prefix="minictr-bench-")
     try:

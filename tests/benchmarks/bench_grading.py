@@ -28,7 +28,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from pytest_minictr import ContainerRuntime, RootfsBuilder  # noqa: E402
+from pytest_minictr import ContainerRuntime, RootfsBuilder
 
 SNIPPET = "print(sum(range(100)))"
 EXPECTED = b"4950\n"

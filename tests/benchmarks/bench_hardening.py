@@ -31,12 +31,12 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from pytest_minictr import RootfsBuilder  # noqa: E402
-from pytest_minictr.container import plan, seccomp  # noqa: E402
-from pytest_minictr.container.executor import Executor  # noqa: E402
-from pytest_minictr.container.init import ChildFds  # noqa: E402
-from pytest_minictr.host import idmap, linux  # noqa: E402
-from pytest_minictr.keywords import make_spec  # noqa: E402
+from pytest_minictr import RootfsBuilder
+from pytest_minictr.container import plan, seccomp
+from pytest_minictr.container.executor import Executor
+from pytest_minictr.container.init import ChildFds
+from pytest_minictr.host import idmap, linux
+from pytest_minictr.keywords import make_spec
 
 STEPS = ("proc masks", "idmap", "rlimits", "keyring", "user namespace", "capabilities",
          "seccomp build", "seccomp install")

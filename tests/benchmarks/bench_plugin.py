@@ -64,7 +64,8 @@ TESTS = {
     "bwrap": ("import subprocess\nimport pytest\n\n@pytest.mark.parametrize('i', range({n}))\n"
               "def test_bwrap(i):\n"
               "    done = subprocess.run(['bwrap', '--unshare-all', '--die-with-parent',\n"
-              "                           '--ro-bind', '/', '/', '--proc', '/proc', '--dev', '/dev',\n"
+              "                           '--ro-bind', '/', '/', '--proc', '/proc',"
+              " '--dev', '/dev',\n"
               "                           '--tmpfs', '/tmp', 'echo', 'hi'], capture_output=True)\n"
               "    assert done.stdout == b'hi\\n'\n"),
 }
@@ -170,7 +171,8 @@ def overhead(configurations: dict, kind: str) -> float:
 
 
 def speedup(configurations: dict, kind: str) -> float:
-    return configurations[f"{kind} -n2"]["tests_per_s"] / configurations[f"{kind} -n1"]["tests_per_s"]
+    return (configurations[f"{kind} -n2"]["tests_per_s"]
+            / configurations[f"{kind} -n1"]["tests_per_s"])
 
 
 def print_table(report: dict) -> None:

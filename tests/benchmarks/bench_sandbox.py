@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_plugin import CONFTEST, RunFailed, measure, run_pytest  # noqa: E402
+from bench_plugin import CONFTEST, RunFailed, measure, run_pytest
 
 HEAD = "import os\nimport pytest\n\n@pytest.mark.parametrize('i', range({n}))\n"
 TESTS = {

@@ -43,9 +43,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from pytest_minictr import ContainerRuntime, RootfsBuilder  # noqa: E402
-from pytest_minictr.host import linux  # noqa: E402
-from pytest_minictr.rootfs import recipe as recipes  # noqa: E402
+from pytest_minictr import ContainerRuntime, RootfsBuilder
+from pytest_minictr.host import linux
+from pytest_minictr.rootfs import recipe as recipes
 
 REDIS_READY = rb"Ready to accept connections"
 PG_READY = rb"database system is ready to accept connections"

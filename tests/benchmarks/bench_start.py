@@ -50,9 +50,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from bench_plugin import busy_cpu_s  # noqa: E402 - our neighbour (this script's directory)
+from bench_plugin import busy_cpu_s
 
-from pytest_minictr import ContainerRuntime, RootfsBuilder  # noqa: E402
+from pytest_minictr import ContainerRuntime, RootfsBuilder
 
 PAGE = os.sysconf("SC_PAGESIZE")
 LIMITS = {"memory_limit": "64M", "pids_limit": 64}

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from pytest_minictr import ContainerRuntime, RootfsBuilder  # noqa: E402
+from pytest_minictr import ContainerRuntime, RootfsBuilder
 
 # The timeout ends the flood; under load (a CI running tests beside us) `yes` may start late
 # or be scheduled seldom: it has that long to fill the limit.

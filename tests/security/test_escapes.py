@@ -23,8 +23,15 @@ import pytest
 
 from pytest_minictr import Mount
 
-from .conftest import (checked, container_uid_range, host_mount_points,
-                       key_users_in_container_range, libc, proc_status, running)
+from .conftest import (
+    checked,
+    container_uid_range,
+    host_mount_points,
+    key_users_in_container_range,
+    libc,
+    proc_status,
+    running,
+)
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 
@@ -134,7 +141,8 @@ def test_mount_and_remount_escapes_fail(escapes, loosened):
     no capability of container root (even SYS_ADMIN) counts over it."""
     before = host_mount_points()
     outcomes = escapes(list(MOUNT_ATTEMPTS.values()), **loosened)
-    assert dict(zip(MOUNT_ATTEMPTS, outcomes, strict=True)) == dict.fromkeys(MOUNT_ATTEMPTS, "BLOCKED EPERM")
+    assert dict(zip(MOUNT_ATTEMPTS, outcomes, strict=True)) \
+        == dict.fromkeys(MOUNT_ATTEMPTS, "BLOCKED EPERM")
     assert host_mount_points() == before
 
 

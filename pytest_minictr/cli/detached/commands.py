@@ -20,12 +20,13 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 from pytest_minictr import protocol
 from pytest_minictr.cli.detached import logs, shim
 from pytest_minictr.cli.detached.records import Record, Store
 from pytest_minictr.cli.ends import exit_status, print_end_line
-from pytest_minictr.cli.flags import argparse_type, command_of
+from pytest_minictr.cli.flags import argparse_type, command_of, flag_value
 from pytest_minictr.cli.terminal import Terminal, run_on_terminal
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError, MinictrError
 from pytest_minictr.keywords import BY_NAME
@@ -35,7 +36,7 @@ SHIM_START_TIMEOUT = 120.0  # seconds for the shim to start the container and an
 EXEC_USAGE = "minictr exec [OPTIONS] ID -- CMD [ARGS...]"
 
 
-def add_commands(commands) -> None:
+def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     """The lifecycle subcommands, on the CLI's subparsers."""
     ps = commands.add_parser("ps", help="list detached containers")
     ps.add_argument("--all", "-a", action="store_true", help="also those that have ended")
@@ -108,6 +109,7 @@ def run_detached(spec: ContainerSpec, options: dict, name: str | None = None,
     started = subprocess.Popen([sys.executable, "-m", "pytest_minictr.cli.detached.shim"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, start_new_session=True)
+    assert started.stdin is not None and started.stdout is not None  # both are PIPE
     with started.stdin:
         started.stdin.write(json.dumps(order).encode())
     answer = _read_answer(started)
@@ -122,6 +124,7 @@ def run_detached(spec: ContainerSpec, options: dict, name: str | None = None,
 
 def _read_answer(started: subprocess.Popen) -> dict:
     """The shim's one line (it keeps running: not communicate(), which waits for its end)."""
+    assert started.stdout is not None  # a PIPE
     with started.stdout:
         if not select.select([started.stdout], [], [], SHIM_START_TIMEOUT)[0]:
             return {"message": f"the shim did not answer in {SHIM_START_TIMEOUT:g} s"}
@@ -176,7 +179,7 @@ def exec_in_container(args: argparse.Namespace) -> int:
     command = command_of(args, EXEC_USAGE)
     if args.timeout is not None and not args.timeout > 0:
         raise ConfigError(f"--timeout {args.timeout:g}: expected a positive number of seconds")
-    env = BY_NAME["env"].flag.collect(args.env)
+    env = flag_value(BY_NAME["env"], args.env)
     if args.tty:  # a real terminal now: the command may drive it as ours (not TERM=dumb)
         env = {"TERM": os.environ.get("TERM") or "xterm", **env}
     message = {"op": "exec", "command": command, "env": env or None, "timeout": args.timeout,

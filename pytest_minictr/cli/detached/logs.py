@@ -9,6 +9,7 @@ import datetime
 import sys
 import time
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from pytest_minictr.cli.detached.records import Store
 from pytest_minictr.errors import ConfigError
@@ -16,7 +17,7 @@ from pytest_minictr.errors import ConfigError
 FOLLOW_POLL = 0.1  # seconds between looks at the logs for more
 
 
-def add_command(commands) -> None:
+def add_command(commands: argparse._SubParsersAction[Any]) -> None:
     logs = commands.add_parser("logs", help="what a detached container wrote")
     logs.add_argument("id")
     logs.add_argument("--follow", "-f", action="store_true",
@@ -57,7 +58,7 @@ def _lines_wanted(text: str) -> int | None:
 class _Stream:
     """One log file, printed from where the last look left off (whole lines only)."""
 
-    def __init__(self, path: Path, out, timestamps: bool):
+    def __init__(self, path: Path, out: BinaryIO, timestamps: bool):
         self.path, self.out, self.timestamps = path, out, timestamps
         self.offset = 0
 

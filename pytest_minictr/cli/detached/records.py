@@ -24,9 +24,10 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 from pytest_minictr.cli.ends import shown_status
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError
@@ -159,7 +160,7 @@ class Store:
             json.dump(asdict(record), file)
         os.replace(temp, directory / RECORD)
 
-    def update(self, container_id: str, **changes) -> Record:
+    def update(self, container_id: str, **changes: Any) -> Record:
         with self.locked(container_id):
             record = replace(self.read(container_id), **changes)
             self.write(record)
@@ -204,7 +205,8 @@ class Store:
             if record.name and os.readlink(link) == record.id:
                 link.unlink()
 
-    def wait_for(self, container_id: str, condition, timeout: float) -> Record:
+    def wait_for(self, container_id: str, condition: Callable[[Record], bool],
+                 timeout: float) -> Record:
         deadline = time.monotonic() + timeout
         while True:
             record = self.read(container_id)

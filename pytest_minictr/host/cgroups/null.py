@@ -10,11 +10,12 @@ from __future__ import annotations
 from pytest_minictr.errors import UnsupportedError
 from pytest_minictr.spec import Limits
 
-from .base import Cgroup, CgroupBackend, CgroupStats
+from .base import FOREIGN_GRACE, Cgroup, CgroupBackend, CgroupStats
 
 
 class NullBackend(CgroupBackend):
     name = "none"
+    problem: str
 
     def __init__(self, problem: str):
         super().__init__(())
@@ -27,14 +28,14 @@ class NullBackend(CgroupBackend):
         if limits.any():
             raise UnsupportedError(f"resource limits need cgroups: {self.problem}")
 
-    def create(self, name: str, limits: Limits) -> "NullCgroup":
+    def create(self, name: str, limits: Limits) -> NullCgroup:
         self.check_limits(limits)
         return self.open(name)
 
-    def open(self, name: str) -> "NullCgroup":
+    def open(self, name: str) -> NullCgroup:
         return NullCgroup(name, self.problem)
 
-    def reap_stale(self) -> list[str]:
+    def reap_stale(self, grace: float = FOREIGN_GRACE) -> list[str]:
         return []  # without cgroups no launcher left any behind
 
 

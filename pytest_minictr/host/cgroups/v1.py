@@ -1,9 +1,10 @@
 """cgroup v1 (legacy and hybrid hosts): one directory per container in each hierarchy we use.
 
-Layout: `<mount of X>/minictr/minictr-<launcher pid>@<its PID namespace>-<id>` for each of the memory, cpu,
-cpuacct, pids and freezer hierarchies the host mounts; controllers mounted together (the
-usual `cpu,cpuacct`) share one directory. Mount points come from /proc/self/mountinfo, never
-from guessed paths. The freezer is required: without it a fork loop could outrun kill().
+Layout: `<mount of X>/minictr/minictr-<launcher pid>@<its PID namespace>-<id>` for each of
+the memory, cpu, cpuacct, pids and freezer hierarchies the host mounts; controllers mounted
+together (the usual `cpu,cpuacct`) share one directory. Mount points come from
+/proc/self/mountinfo, never from guessed paths. The freezer is required: without it a fork
+loop could outrun kill().
 """
 
 from __future__ import annotations
@@ -13,12 +14,25 @@ import os
 from pytest_minictr.errors import UnsupportedError
 from pytest_minictr.spec import Limits
 
-from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, LIMIT_CONTROLLERS, Cgroup, CgroupBackend,
-                   CgroupStats)
-from .files import (kill_listed, make_fresh_dir, read_int, read_keyed, read_text, wait_until,
-                    write_value)
-from .names import PARENT_NAME, check_group_name
+from .base import (
+    CPU_PERIOD_US,
+    FREEZE_TIMEOUT,
+    LIMIT_CONTROLLERS,
+    Cgroup,
+    CgroupBackend,
+    CgroupStats,
+)
+from .files import (
+    kill_listed,
+    make_fresh_dir,
+    read_int,
+    read_keyed,
+    read_text,
+    wait_until,
+    write_value,
+)
 from .mounts import CgroupMount
+from .names import PARENT_NAME, check_group_name
 
 
 class V1Backend(CgroupBackend):
@@ -30,7 +44,7 @@ class V1Backend(CgroupBackend):
                                              for mount_point in mount_points.values())))
 
     @classmethod
-    def probe(cls, mounts: tuple[CgroupMount, ...], prepare: bool = True) -> "V1Backend":
+    def probe(cls, mounts: tuple[CgroupMount, ...], prepare: bool = True) -> V1Backend:
         """The backend for these v1 mounts, or UnsupportedError saying why and the fix."""
         by_controller: dict[str, CgroupMount] = {}
         for mount in mounts:
@@ -74,7 +88,7 @@ class V1Backend(CgroupBackend):
                     "not mounted on this host (see /proc/self/mountinfo); mount it or use "
                     "cgroup v2")
 
-    def create(self, name: str, limits: Limits) -> "V1Cgroup":
+    def create(self, name: str, limits: Limits) -> V1Cgroup:
         check_group_name(name)
         self.check_limits(limits)
         group = self.open(name)
@@ -87,7 +101,7 @@ class V1Backend(CgroupBackend):
             raise
         return group
 
-    def open(self, name: str) -> "V1Cgroup":
+    def open(self, name: str) -> V1Cgroup:
         return V1Cgroup(name, {controller: os.path.join(mount_point, PARENT_NAME, name)
                                for controller, mount_point in self.mount_points.items()})
 

@@ -1,12 +1,13 @@
 """cgroup v2, the unified hierarchy: one leaf directory per container.
 
-Layout: `<base>/minictr/minictr-<launcher pid>@<its PID namespace>-<n>`. The `minictr` parent holds no process
-(the kernel's no-internal-process rule) and enables in its `cgroup.subtree_control` the
-controllers we use (memory, cpu, pids) that its base passes down. As root the base is the
-hierarchy's root, whose `cgroup.subtree_control` belongs to the host: we read it and never
-write it. Without root the base is our own cgroup when it was delegated to us (systemd's
-`Delegate=yes`: we may write its files); being ours, its processes (the caller, the launcher)
-move to a leaf so that it may pass controllers down, and it enables what it was given.
+Layout: `<base>/minictr/minictr-<launcher pid>@<its PID namespace>-<n>`. The `minictr`
+parent holds no process (the kernel's no-internal-process rule) and enables in its
+`cgroup.subtree_control` the controllers we use (memory, cpu, pids) that its base passes down.
+As root the base is the hierarchy's root, whose `cgroup.subtree_control` belongs to the host:
+we read it and never write it. Without root the base is our own cgroup when it was delegated
+to us (systemd's `Delegate=yes`: we may write its files); being ours, its processes (the
+caller, the launcher) move to a leaf so that it may pass controllers down, and it enables what
+it was given.
 """
 
 from __future__ import annotations
@@ -16,15 +17,30 @@ import os
 from pytest_minictr.errors import UnsupportedError
 from pytest_minictr.spec import Limits
 
-from .base import (CPU_PERIOD_US, FREEZE_TIMEOUT, LIMIT_CONTROLLERS, V2_CONTROLLERS, Cgroup,
-                   CgroupBackend, CgroupStats)
-from .files import (kill_listed, make_fresh_dir, read_int, read_keyed, read_text, wait_until,
-                    write_raw, write_value)
+from .base import (
+    CPU_PERIOD_US,
+    FREEZE_TIMEOUT,
+    LIMIT_CONTROLLERS,
+    V2_CONTROLLERS,
+    Cgroup,
+    CgroupBackend,
+    CgroupStats,
+)
+from .files import (
+    kill_listed,
+    make_fresh_dir,
+    read_int,
+    read_keyed,
+    read_text,
+    wait_until,
+    write_raw,
+    write_value,
+)
+from .mounts import CgroupMount
 from .names import PARENT_NAME, check_group_name
 
 ROOTLESS_FIX = "systemd-run --user --scope -p Delegate=yes"
 CALLERS_LEAF = "callers"  # where a delegated base's own processes move
-from .mounts import CgroupMount
 
 
 class V2Backend(CgroupBackend):
@@ -38,7 +54,7 @@ class V2Backend(CgroupBackend):
         self._unavailable: dict[str, str] = {}    # controller -> why we cannot use it
 
     @classmethod
-    def probe(cls, mount: CgroupMount, prepare: bool = True) -> "V2Backend":
+    def probe(cls, mount: CgroupMount, prepare: bool = True) -> V2Backend:
         """The backend for this cgroup2 mount, or UnsupportedError saying why and the fix."""
         if mount.read_only:
             raise UnsupportedError(
@@ -126,7 +142,7 @@ class V2Backend(CgroupBackend):
                 raise UnsupportedError(f"the {limit} limit needs the cgroup v2 {controller} "
                                        f"controller: {self._unavailable[controller]}")
 
-    def create(self, name: str, limits: Limits) -> "V2Cgroup":
+    def create(self, name: str, limits: Limits) -> V2Cgroup:
         check_group_name(name)
         self.check_limits(limits)
         group = self.open(name)
@@ -138,7 +154,7 @@ class V2Backend(CgroupBackend):
             raise
         return group
 
-    def open(self, name: str) -> "V2Cgroup":
+    def open(self, name: str) -> V2Cgroup:
         return V2Cgroup(name, os.path.join(self.parent, name))
 
 
