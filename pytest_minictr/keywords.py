@@ -283,7 +283,8 @@ def marker_help() -> str:
 # ---------------------------------------------------------------------------------------------
 # The spec, from checked keywords
 
-def make_spec(image: str | os.PathLike, command: Sequence[str], **keywords: Any) -> ContainerSpec:
+def make_spec(image: str | os.PathLike[str], command: Sequence[str] | None,
+              **keywords: Any) -> ContainerSpec:
     """Check every keyword of `ContainerRuntime.run()`; one ConfigError names a bad one."""
     return spec_from(image, command, check_library_keywords(keywords))
 

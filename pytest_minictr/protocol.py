@@ -162,7 +162,7 @@ REQUESTS = {
 
 def error_fields(error: errors.MinictrError) -> dict[str, Any]:
     """An error as it crosses to another process (`error_of` makes it an error again)."""
-    fields = {"type": type(error).__name__, "message": str(error)}
+    fields: dict[str, Any] = {"type": type(error).__name__, "message": str(error)}
     if isinstance(error, errors.ContainerSetupError):
         fields.update(step=error.step, errno=error.errno, phase=error.phase)
     return fields

@@ -24,15 +24,15 @@ def parse_size(value: int | str, name: str = "size") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ConfigError(f"{name}={value!r}: expected bytes as an int or a string like '64M'")
     if isinstance(value, int):
-        number, unit = value, ""
+        size = value
     else:
         match = _SIZE_RE.match(value)
         if not match:
             raise ConfigError(f"{name}={value!r}: not a size (use e.g. '512K', '64M', '1G')")
-        number, unit = match.group(1), match.group(2).lower()
+        unit = match.group(2).lower()
         if unit not in _SIZE_UNITS:
             raise ConfigError(f"{name}={value!r}: unknown unit {match.group(2)!r} (use K, M, G)")
-    size = number if isinstance(number, int) else _scaled(number, _SIZE_UNITS[unit])
+        size = _scaled(match.group(1), _SIZE_UNITS[unit])
     if size <= 0:
         raise ConfigError(f"{name}={value!r}: must be positive")
     if size > MAX_SIZE:
@@ -48,5 +48,6 @@ def _scaled(number: str, unit: int) -> int:
         return MAX_SIZE + 1
     fraction = fraction[:24]  # below a byte even in terabytes
     # lstrip: int() counts leading zeros against its 4300-digit limit too
-    return int((whole + fraction).lstrip("0") or "0") * unit // 10 ** len(fraction)
+    scale: int = 10 ** len(fraction)  # (typeshed: int ** int may be a float)
+    return int((whole + fraction).lstrip("0") or "0") * unit // scale
 

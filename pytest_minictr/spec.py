@@ -44,7 +44,7 @@ class Mount:
     size: int | None = None        # tmpfs size in bytes
 
     @classmethod
-    def bind(cls, source: str | os.PathLike, target: str, read_only: bool = True) -> Mount:
+    def bind(cls, source: str | os.PathLike[str], target: str, read_only: bool = True) -> Mount:
         # not os.fspath(None): check_mounts() names a source that is not a path
         return cls(target=target, read_only=read_only,
                    source=os.fspath(source) if isinstance(source, os.PathLike) else source)

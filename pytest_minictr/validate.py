@@ -305,7 +305,7 @@ def check_layer_dir(value: Any, name: str = "layer") -> str:
     """An existing host directory, as given: its real path is compared with the rootfs's
     (and kept in the spec) once both are known (`check_layer_apart`)."""
     check_host_dir(value, name)
-    return os.fspath(value)
+    return str(os.fspath(value))
 
 
 def check_layer_apart(layer: str, rootfs: str) -> str:

@@ -58,7 +58,8 @@ class Pipes:
     def child_fds(self) -> list[int]:
         return self._child
 
-    def take_parent_fds(self, input_data: bytes | None):
+    def take_parent_fds(self, input_data: bytes | None
+                        ) -> tuple[int | None, bytes | None, int | None, int | None, int]:
         """Our ends, now owned by the Monitor: stdin, input, stdout, stderr, events."""
         self._ours = []
         return self.stdin[1], input_data, self.stdout[0], self.stderr[0], self.events
@@ -66,7 +67,7 @@ class Pipes:
     def __enter__(self) -> Pipes:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         for fd in self._theirs + self._ours:
             os.close(fd)
         self._theirs, self._ours = [], []

@@ -144,6 +144,12 @@ def arm_parent_death_signal(parent_pidfd: int) -> bool:
     return not select.select([parent_pidfd], [], [], 0)[0]
 
 
+def close_each(fds: Iterable[int | None]) -> None:
+    """Close each descriptor that is there (None: one never made), each once."""
+    for fd in {fd for fd in fds if fd is not None}:
+        os.close(fd)
+
+
 def close_fds_except(keep: Iterable[int]) -> None:
     """Close every descriptor from 3 up but `keep` (close_range(2) under the hood)."""
     low = 3

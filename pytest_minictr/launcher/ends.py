@@ -11,6 +11,7 @@ import os
 import selectors
 import time
 
+from pytest_minictr.host import linux
 from pytest_minictr.host.cgroups import Cgroup
 from pytest_minictr.launcher.life import ENDED_BY, WE_KILLED, Container, Happening
 from pytest_minictr.launcher.pods import Pods
@@ -51,8 +52,7 @@ class Ends:
             self._close_status_pipe(container)
         container.report = container.report.with_child_status(child_status)
         self._send_event(container)
-        for fd in {container.pidfd, container.init_pidfd} - {None}:
-            os.close(fd)
+        linux.close_each((container.pidfd, container.init_pidfd))
         container.cgroup.discard()
         del self.containers[container.id]
 
@@ -74,9 +74,10 @@ class Ends:
         os.close(container.events)
 
     def _close_status_pipe(self, container: Container) -> None:
-        self.selector.unregister(container.status_pipe)
-        os.close(container.status_pipe)
-        container.status_pipe = None
+        if container.status_pipe is not None:
+            self.selector.unregister(container.status_pipe)
+            os.close(container.status_pipe)
+            container.status_pipe = None
 
 
 def measurements(cgroup: Cgroup, reaped_cpu_time: float | None) -> dict:

@@ -23,14 +23,16 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 from pytest_minictr import protocol
 from pytest_minictr.errors import ContainerNotFoundError, LauncherError, MinictrError
+from pytest_minictr.host import linux
 from pytest_minictr.launcher.ends import Ends
 from pytest_minictr.launcher.life import Container, Happening
 from pytest_minictr.launcher.pods import Pods
 from pytest_minictr.launcher.sandboxes import Sandbox
-from pytest_minictr.launcher.starter import ChildFds, ExecTarget, Starter
+from pytest_minictr.launcher.starter import ChildFds, ExecTarget, Started, Starter
 from pytest_minictr.ports import from_dicts
 from pytest_minictr.protocol import EndReport, SetupReport
 from pytest_minictr.spec import ContainerSpec, Limits
@@ -71,7 +73,7 @@ class Launcher:
             self.pods.start_due_forwarders()
             self._fire_deadlines(time.monotonic())
 
-    def _guarded(self, handler, container: Container) -> None:
+    def _guarded(self, handler: Callable[[Container], None], container: Container) -> None:
         """A container's end is handled apart from all others': nothing it writes to us, nor
         any failure in handling it, may stop the loop that serves the other containers."""
         try:
@@ -130,15 +132,15 @@ class Launcher:
         ports = self.pods.started(pod, container_id, self.containers[container_id].pid)
         return {**reply, "ports": ports}
 
-    def _op_pod(self, message: dict, _fds) -> dict:
+    def _op_pod(self, message: dict, _fds: list[int]) -> dict:
         return {"ok": True, "ports": self.pods.make_pod(message["pod"],
                                                            from_dicts(message["ports"]))}
 
-    def _op_end_pod(self, message: dict, _fds) -> dict:
+    def _op_end_pod(self, message: dict, _fds: list[int]) -> dict:
         self.pods.end_pod(message["pod"])
         return {"ok": True}
 
-    def _op_probe(self, message: dict, _fds) -> dict:
+    def _op_probe(self, message: dict, _fds: list[int]) -> dict:
         container = self._find_running(message["id"])
         if container is None:
             raise ContainerNotFoundError(f"container {message['id']!r} is not running")
@@ -155,7 +157,7 @@ class Launcher:
         return self._start(message["id"], spec, fds, lambda child_fds: self.starter.start_exec(
             ExecTarget(target.pid, target.cgroup), spec, child_fds), exec_of=target.id)
 
-    def _op_stats(self, message: dict, _fds) -> dict:
+    def _op_stats(self, message: dict, _fds: list[int]) -> dict:
         container = self._find_running(message["id"])
         if container is None:
             raise ContainerNotFoundError(f"container {message['id']!r} is not running")
@@ -169,7 +171,8 @@ class Launcher:
             "processes": None if stats.pids_current is None
             else max(0, stats.pids_current - 1 - helpers)}}
 
-    def _start(self, container_id: str, spec: ContainerSpec, fds: list[int], start,
+    def _start(self, container_id: str, spec: ContainerSpec, fds: list[int],
+               start: Callable[[ChildFds], Started],
                exec_of: str | None = None) -> dict:
         """Start a container (or an exec: `start` forks what runs it) on the caller's fds
         [stdin, stdout, stderr, events]; watch it until its end."""
@@ -195,8 +198,7 @@ class Launcher:
         if setup.error is not None:
             _kill(init_pidfd)
             os.waitpid(pid, 0)
-            for fd in {pidfd, init_pidfd, status_r, events} - {None}:
-                os.close(fd)
+            linux.close_each((pidfd, init_pidfd, status_r, events))
             cgroup.discard()
             return {"ok": False, "error": setup.error}
         container = Container(container_id, pid, pidfd, init_pidfd, status_r, events, began,
@@ -207,13 +209,13 @@ class Launcher:
         self.selector.register(status_r, selectors.EVENT_READ, (self.ends.on_status, container))
         return {"ok": True, "pid": init_pid}
 
-    def _op_signal(self, message: dict, _fds) -> dict:
+    def _op_signal(self, message: dict, _fds: list[int]) -> dict:
         container = self._find(message["id"])
         if container is not None:
             _kill(container.init_pidfd, message["signum"])
         return {"ok": True, "running": container is not None}
 
-    def _op_stop(self, message: dict, _fds) -> dict:
+    def _op_stop(self, message: dict, _fds: list[int]) -> dict:
         container = self._find(message["id"])
         if container is not None and not container.ended:
             grace = float(message["grace"])  # checked by the caller: 0 <= grace <= MAX_SECONDS
@@ -245,9 +247,10 @@ class Launcher:
         return {"ok": True, "init_pid": init_pid,
                 "cgroup_procs": [os.path.join(path, "cgroup.procs") for path in cgroup.paths]}
 
-    def _op_watch(self, message: dict, _fds) -> dict:
+    def _op_watch(self, message: dict, _fds: list[int]) -> dict:
         sandbox = self.sandboxes[message["id"]]
         if sandbox.watch(message["pid"]):
+            assert sandbox.pidfd is not None  # (watched: its pidfd is open)
             self.selector.register(sandbox.pidfd, selectors.EVENT_READ,
                                    (self._on_sandbox_exit, sandbox))
         else:
@@ -273,8 +276,9 @@ class Launcher:
     # -- time limits ---------------------------------------------------------------------------
 
     def _seconds_to_next_deadline(self) -> float | None:
-        deadlines = [t for c in (*self.containers.values(), *self.sandboxes.values())
-                     for t in (c.timeout_at, c.kill_at) if t is not None]
+        watched: list[Container | Sandbox] = [*self.containers.values(),
+                                              *self.sandboxes.values()]
+        deadlines = [t for c in watched for t in (c.timeout_at, c.kill_at) if t is not None]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _fire_deadlines(self, now: float) -> None:

@@ -212,6 +212,7 @@ class SparePool:
 
     def _spare_main(self, channel: int, cgroup_name: str) -> NoReturn:
         """What a spare forked by the zygote runs (in the zygote's copy of us)."""
+        assert self._signal_proxy is not None  # (_prepare_zygote ran first, in the zygote)
         cgroup = self.cgroups.open(cgroup_name)
         run_spare(channel, self.own_pidfd, plan.prepared_ahead(where_in(self.where, cgroup)),
                   self.userns_fds, self._signal_proxy)

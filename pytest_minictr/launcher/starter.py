@@ -30,7 +30,7 @@ from pytest_minictr.container import plan, seccomp
 from pytest_minictr.container.init import ChildFds
 from pytest_minictr.container.plan import JOINED_NAMESPACES, Where
 from pytest_minictr.errors import ContainerNotFoundError, MinictrError, UnsupportedError
-from pytest_minictr.host import cgroups, idmap, proc
+from pytest_minictr.host import cgroups, idmap, linux, proc
 from pytest_minictr.host.cgroups import Cgroup, NullCgroup
 from pytest_minictr.host.idmap import UserNamespace
 from pytest_minictr.launcher.spares import Spare, SparePool, where_in
@@ -167,31 +167,32 @@ class Starter:
         """Fork the keeper. With subordinate ids, it stops after making its user namespace
         until we have mapped it in full from out here (only a process outside may). In a
         pod, it joins the pod's user namespace (mapped already) and network namespace."""
-        ready_r, ready_w, go_r, go_w = (*os.pipe(), *os.pipe()) \
-            if self.subordinate_ids and joins is None else (None,) * 4
-        ours = {ready_r, go_w} - {None}
-        handshake = None if ready_w is None else (ready_w, go_r)
-        where = replace(where_in(self.where, cgroup), id_maps=handshake)
+        # the handshake's pipes: the keeper's ends (ready to be mapped, go on), and ours
+        theirs: tuple[int, int] | None = None
+        ours: tuple[int, int] | None = None
+        if self.subordinate_ids and joins is None:
+            (ready_r, ready_w), (go_r, go_w) = os.pipe(), os.pipe()
+            theirs, ours = (ready_w, go_r), (ready_r, go_w)
+        where = replace(where_in(self.where, cgroup), id_maps=theirs)
         if joins is not None:
             where = replace(where, pod_userns=joins[0], pod_netns=joins[1])
         try:
             try:
                 steps = plan.setup_plan(spec, where)
-                pid = self.spares.run_plan(steps, fds, (handshake or ()) + (joins or ()))
+                pid = self.spares.run_plan(steps, fds, (theirs or ()) + (joins or ()))
             finally:
-                for fd in {ready_w, go_r} - {None}:
-                    os.close(fd)  # the keeper's ends: its exit must show as end of file
-            if ours:
-                self._map_keeper(pid, ready_r, go_w)
+                linux.close_each(theirs or ())  # its exit must show as end of file
+            if ours is not None:
+                self._map_keeper(pid, *ours)
         except BaseException:
             cgroup.discard()
             raise
         finally:
-            for fd in ours:
-                os.close(fd)
+            linux.close_each(ours or ())
         return Started(pid, cgroup, keeper=True)
 
     def _map_keeper(self, pid: int, ready: int, go: int) -> None:
+        assert self.subordinate_ids is not None  # (a handshake is made only with them)
         if os.read(ready, 1) == b"1":  # else the keeper failed: it reports that itself
             try:
                 idmap.map_with_helpers(pid, os.geteuid(), os.getegid(), self.subordinate_ids)

@@ -46,12 +46,14 @@ class Zygote:
     """The launcher's side: the zygote's pid and our end of its socket."""
 
     answered = 0  # orders answered with a pid: 0 when it died, it never worked
-    # One found gone is not replaced: the launcher forks its spares itself, which costs it
-    # page copies but no container.
-    replaceable = False
+    @property
+    def replaceable(self) -> bool:
+        """One found gone is not replaced: the launcher forks its spares itself, which costs
+        it page copies but no container."""
+        return False
 
     def __init__(self, parent_pidfd: int, own_pid_namespace: int, keep: tuple[int, ...],
-                 prepare: Callable[[], None], spare_main: Callable[[int, str | None], NoReturn]):
+                 prepare: Callable[[], None], spare_main: Callable[[int, str], NoReturn]):
         """`prepare()` runs once in the zygote: what every spare inherits rather than does.
         `spare_main(channel_fd, cgroup_name)` is what each spare runs; `keep`: the fds it
         needs besides those two (everything else is closed in the zygote)."""
@@ -108,7 +110,7 @@ class Zygote:
 
 
 def serve(sock: int, parent_pidfd: int, own_pid_namespace: int, keep: tuple[int, ...],
-          prepare: Callable[[], None], spare_main: Callable[[int, str | None], NoReturn]
+          prepare: Callable[[], None], spare_main: Callable[[int, str], NoReturn]
           ) -> NoReturn:
     """The zygote's life: a spare for each request, until the end of `sock`."""
     code = 1
@@ -130,8 +132,8 @@ def serve(sock: int, parent_pidfd: int, own_pid_namespace: int, keep: tuple[int,
         os._exit(code)
 
 
-def _fork_spare(channel: int, cgroup_name: str | None, own_pid_namespace: int,
-                spare_main: Callable[[int, str | None], NoReturn]) -> dict:
+def _fork_spare(channel: int, cgroup_name: str, own_pid_namespace: int,
+                spare_main: Callable[[int, str], NoReturn]) -> dict:
     try:
         pid = linux.fork_into_new_pid_namespace(own_pid_namespace, linux.fork_as_sibling)
         if pid == 0:
@@ -150,10 +152,13 @@ class NoZygote:
     zygote's answers come. It is never gone."""
 
     answered = 0
-    replaceable = False
+
+    @property
+    def replaceable(self) -> bool:
+        return False  # it is never gone
 
     def __init__(self, parent_pidfd: int, own_pid_namespace: int, prepare: Callable[[], None],
-                 spare_main: Callable[[int, str | None], NoReturn]):
+                 spare_main: Callable[[int, str], NoReturn]):
         """`prepare()` and `spare_main(channel_fd, cgroup_name)`: what a zygote's spare
         inherits and what it runs, both run in each spare here."""
         self.parent_pidfd = parent_pidfd

@@ -120,7 +120,7 @@ def remove_group_dir(path: str, timeout: float = REMOVE_TIMEOUT) -> None:
         delay = min(delay * 2, 0.05)
 
 
-def kill_listed(pids: set[int], listed_now) -> None:
+def kill_listed(pids: set[int], listed_now: Callable[[], set[int]]) -> None:
     """SIGKILL each pid, but only while it is still listed in the group.
 
     A pid read from cgroup.procs may exit and be reused by an unrelated process before we
@@ -146,7 +146,7 @@ def kill_listed(pids: set[int], listed_now) -> None:
             os.close(pidfd)
 
 
-def wait_until(condition, timeout: float) -> bool:
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
     """Poll `condition` with growing sleeps (1 ms to 20 ms); True once it holds."""
     deadline = time.monotonic() + timeout
     delay = 0.001

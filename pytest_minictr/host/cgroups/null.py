@@ -10,7 +10,8 @@ from __future__ import annotations
 from pytest_minictr.errors import UnsupportedError
 from pytest_minictr.spec import Limits
 
-from .base import FOREIGN_GRACE, Cgroup, CgroupBackend, CgroupStats
+from .base import Cgroup, CgroupBackend, CgroupStats
+from .reaping import FOREIGN_GRACE
 
 
 class NullBackend(CgroupBackend):

@@ -14,7 +14,7 @@ from typing import Protocol
 from pytest_minictr.errors import MinictrError
 
 from .files import is_zombie, list_processes
-from .names import own_pid_namespace, owner_of
+from .names import Owner, own_pid_namespace, owner_of
 
 # seconds: a group of another PID namespace's launcher is only removed once empty and this
 # old (see reap_orphans): a young empty one may be a spare's, about to be joined.
@@ -46,8 +46,7 @@ def reap_orphans(parent_dirs: tuple[str, ...], open_group: Callable[[str], Group
     """
     here = own_pid_namespace()
     removed = []
-    for name in sorted(_group_names(parent_dirs)):
-        owner = owner_of(name)
+    for name, owner in sorted(_groups_by_owner(parent_dirs).items()):
         if owner.pid_namespace == here:
             if not process_is_alive(owner.pid) and _kill_and_remove(open_group(name)):
                 removed.append(name)
@@ -56,15 +55,19 @@ def reap_orphans(parent_dirs: tuple[str, ...], open_group: Callable[[str], Group
     return removed
 
 
-def _group_names(parent_dirs: tuple[str, ...]) -> set[str]:
-    """The names of our groups under every parent."""
-    names = set()
+def _groups_by_owner(parent_dirs: tuple[str, ...]) -> dict[str, Owner]:
+    """Our groups under every parent, by name: the launcher each name says made it."""
+    groups: dict[str, Owner] = {}
     for parent in parent_dirs:
         try:
-            names.update(entry for entry in os.listdir(parent) if owner_of(entry))
+            entries = os.listdir(parent)
         except FileNotFoundError:
             continue
-    return names
+        for entry in entries:
+            owner = owner_of(entry)
+            if owner is not None:
+                groups[entry] = owner
+    return groups
 
 
 def _kill_and_remove(group: Group) -> bool:
