@@ -5,7 +5,7 @@ reading it is usually looking at a failed CI log, not at our source.
 
 The two errors that are also subprocess errors (`WaitTimeoutError`, `ContainerProcessError`)
 live in `runtime`: importing subprocess here would pull threading into the launcher, whose
-after-fork hook costs 0.4 ms on every container start.
+after-fork hook would run on every container start.
 """
 
 from __future__ import annotations

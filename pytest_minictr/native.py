@@ -58,7 +58,7 @@ def why_it_cannot_run(program: str) -> str | None:
     process)."""
     reader, writer = os.pipe()
     try:
-        # posix_spawn (vfork-style): 1 ms here, where subprocess.run took 5
+        # posix_spawn (vfork-style): a fraction of subprocess.run's cost (docs/performance.md)
         pid = os.posix_spawn(program, [program, "actions"], {}, file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
             (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),

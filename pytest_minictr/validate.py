@@ -23,7 +23,7 @@ EXPECTED_CPUS = "a number of CPUs such as 0.5 or 2"
 MAX_SECONDS = 10 ** 6              # about 11 days: any wait, timeout or grace
 MIN_MEMORY = 4 * 1024 ** 2         # below this the container's own init cannot even start
 # pids.max refuses more than PID_MAX_LIMIT (4194304, EINVAL), and the launcher adds one for
-# the container's init (launcher._with_room_for_the_init).
+# the container's init (starter._with_room_for_the_init).
 MAX_PIDS = 4194304 - 1
 # execve() refuses (E2BIG) one argument or NAME=value string of this many bytes, its NUL
 # included: the kernel's MAX_ARG_STRLEN, 32 pages.
@@ -182,7 +182,7 @@ def check_prepared_rootfs(value: Any, name: str = "rootfs") -> str:
     """A rootfs directory prepared beforehand (the plugin's rootfs= and --minictr-rootfs),
     '~' expanded: it must hold something."""
     # here, not at the top: the launcher imports this module, and pathlib with it would be
-    # 0.3 MB more to copy into every container it forks
+    # more memory to copy into every container it forks
     from pathlib import Path
     if not isinstance(value, (str, os.PathLike)):
         raise ConfigError(f"{name}={value!r}: expected the path of a rootfs directory")
@@ -295,7 +295,7 @@ def check_pod(value: Any, name: str = "pod") -> str:
 # ---------------------------------------------------------------------------------------------
 # The writable layer and extra mounts
 
-# Mount points the container gets from us (mounts.build_root): mounting over or inside them
+# Mount points the container gets from us (plan.build_root): mounting over or inside them
 # would hide or break our /proc and /dev; below /tmp is fine, /tmp itself would hide ours.
 OWN_MOUNTS = ("/proc", "/dev")
 OWN_MOUNT_POINTS = (*OWN_MOUNTS, "/tmp")

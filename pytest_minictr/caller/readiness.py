@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from pytest_minictr.caller.runtime import Container
 
 # Seconds between two probes of a port: from 1 ms (a server that starts in 10 ms is seen at
-# once), doubling to 20 ms (a probe is a request to the launcher and a connect: ~0.2 ms).
+# once), doubling to 20 ms (a probe is a request to the launcher and a connect).
 FIRST_PROBE_INTERVAL, POLL_INTERVAL = 0.001, 0.02
 
 

@@ -21,7 +21,7 @@ def version_text() -> str:
 
 
 def _package_version() -> str:
-    from importlib import metadata  # 30 ms: not on the path of every other command
+    from importlib import metadata  # slow to import: not on the path of every other command
     try:
         return metadata.version("pytest-minictr")
     except metadata.PackageNotFoundError:  # run from a source tree that is not installed

@@ -1,5 +1,5 @@
 """The life of a sandboxed test body, from the worker's fork to its report (see
-`plugin.sandbox` for the pytest side, `plan.body_plan` for its setup).
+`plugin.sandbox` for the pytest side, `body_plan` for its setup).
 
 As root:    worker ── fork (into a spare's PID namespace) ──> body: joins the spare's cgroup
             and namespaces, the host's tree read-only, pivot_root, confinement, the test

@@ -166,7 +166,7 @@ class SignalProxy:
     def start(self, target: int) -> None:
         self.target = target
         # _signal's, not signal's: that one makes the previous mask into 50-odd Signals
-        # enums we have no use for (50 us, on the path of every container)
+        # enums we have no use for, on the path of every container
         _signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
 
     def _forward(self, signum: int, _frame: object) -> None:

@@ -204,7 +204,7 @@ def mount_overlay(lower_fd: int, layer_fd: int | None, userxattr: bool) -> None:
 
 
 def bind_host_root() -> None:
-    """A sandboxed test body's root (see `plan.body_view`): the host's whole tree, every
+    """A sandboxed test body's root (see `body_plan.body_view`): the host's whole tree, every
     submount read-only, nosuid and nodev. The body owns none of these mounts' namespace's
     privileges (capabilities dropped, mount calls refused by seccomp): it cannot undo that."""
     linux.mount(HOST, ROOT, None, MS_BIND | MS_REC)

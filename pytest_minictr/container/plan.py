@@ -175,7 +175,7 @@ def enter_namespaces(where: Where) -> tuple[Step, ...]:
 
 def bring_up_loopback() -> Step:
     # With the network namespace, so that a spare has done it before its spec comes: the
-    # kernel's work for it (0.1 to 0.3 ms) is then off the start's path. network="none"
+    # kernel's work for it is then off the start's path. network="none"
     # takes it down again (see linux.take_loopback_down).
     return Step("namespaces", "bring up loopback", "set_link_up", ("lo",))
 

@@ -121,9 +121,10 @@ def build_filter(allowed: tuple[str, ...], arch: Architecture) -> bytes:
     The call number is looked up in a search tree (a few JGE splits down to leaves of up to
     LEAF comparisons), not a chain of comparisons: when a filter is installed the kernel
     (5.11+) runs it once for each of the ~460 call numbers, under a spinlock, to cache those
-    it always allows. With the chain that took ~70 us of every container start (each allowed
-    number walked all 60 comparisons); with the tree, ~30 us. Calls filtered on an argument
-    end in a block that loads it. Every jump goes forward (a BPF rule), to shared returns."""
+    it always allows. With a chain each allowed number walked all 60 comparisons, on the path
+    of every container start; the tree takes half the time (docs/performance.md). Calls
+    filtered on an argument end in a block that loads it. Every jump goes forward (a BPF
+    rule), to shared returns."""
     bpf = _Assembler()
     bpf.load(OFFSET_ARCH)
     bpf.jump(BPF_JEQ_K, arch.audit_arch, if_false="ENOSYS")

@@ -85,7 +85,7 @@ class Pod:
 
     def start_forwarder(self, parent_pidfd: int) -> None:
         """Fork the forwarder, if it has ports to serve and none yet. The launcher does it
-        once it has answered the run (a fork costs it 1 to 15 ms, by the machine's load):
+        once it has answered the run (a fork is slow, the more so under load):
         the caller goes on meanwhile, and a connection made before waits in the backlog."""
         if self.listeners and self.forwarder is None and not self.gone and self.joined:
             self.forwarder = _fork_forwarder(self, parent_pidfd)

@@ -4,8 +4,8 @@ launcher's children (the native zygote, the Python one, or the launcher itself: 
 What a container needs before its spec is known is done ahead, by spare inits that the
 launcher makes while it has nothing else to do: the fork, the namespaces, the signal handlers,
 the mounts that do not depend on the spec (see `mounts`), and joining a cgroup. That last one
-matters most: moving a task between cgroups waits for an RCU grace period (about 2 ms per
-hierarchy here, five hierarchies on cgroup v1), which a spare pays in its own time. A
+matters most: moving a task between cgroups waits for an RCU grace period (per
+hierarchy: five of them on cgroup v1), which a spare pays in its own time. A
 container then only costs what its spec decides.
 
 Spares are ordered from the zygote and their pids received later, in order; the pool never

@@ -208,7 +208,7 @@ class Starter:
         """What a spare carries out of `spec`'s plan, encoded. All of it but its last step
         depends on the container's filesystem and confinement only, which a test suite or a
         grader repeats from one start to the next with other commands: that part is kept,
-        encoded, for the last few specs (a start then spends 15 us on its plan, not 60)."""
+        encoded, for the last few specs (a start then spends a quarter of the time on its plan)."""
         key = replace(spec, argv=(), env=())
         head = self._plans.pop(key, None)
         if head is None:

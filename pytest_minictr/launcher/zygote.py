@@ -2,8 +2,8 @@
 
 Forking the launcher for every container costs the launcher twice: fork(2) copies its page
 tables, and then every page it writes while a waiting spare still shares it is copied on the
-fault (measured here: 411 faults a container; with the fork, 2.4 of the launcher's 3.5 ms of
-CPU a container, time in which a caller's next request waits). The zygote is forked once,
+fault: most of the launcher's CPU time a container, time in which a caller's next request
+waits (docs/performance.md has the figures). The zygote is forked once,
 when everything a spare inherits is ready (user namespace, seccomp program, cgroup backend,
 signal dispositions); it does nothing but fork, so it writes almost no page, and the launcher,
 sharing pages with nothing short-lived any more, writes to its own copies. The machine does
