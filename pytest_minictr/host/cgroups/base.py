@@ -13,12 +13,21 @@ import abc
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pytest_minictr.errors import MinictrError
 from pytest_minictr.spec import Limits
 
-from .files import is_zombie, list_processes, remove_group_dir, wait_until, write_raw
+from .files import (
+    is_zombie,
+    kill_listed,
+    list_processes,
+    remove_group_dir,
+    wait_until,
+    write_raw,
+    write_value,
+)
 from .reaping import FOREIGN_GRACE, reap_orphans
 
 CPU_PERIOD_US = 100_000          # cpus=0.25 -> 25 000 us of CPU every 100 000 us
@@ -99,6 +108,18 @@ class Cgroup(abc.ABC):
     @abc.abstractmethod
     def _kill_round(self) -> None:
         """Kill every process in the group once, leaving no window for a fork to escape."""
+
+    def _kill_frozen(self, freezer: str, frozen: str | int, thawed: str | int,
+                     is_frozen: Callable[[], bool]) -> None:
+        """Kill the group's processes while it is frozen: a frozen group cannot fork, so the
+        list we kill is complete, and the kills take effect when we thaw. Freezing is
+        asynchronous (a task is only frozen once it leaves the kernel): wait for it."""
+        write_value(freezer, frozen)
+        try:
+            wait_until(is_frozen, FREEZE_TIMEOUT)
+            kill_listed(self.processes(), self.processes)
+        finally:
+            write_value(freezer, thawed)
 
     def remove(self) -> None:
         """rmdir the group in every hierarchy, retrying EBUSY briefly. Idempotent."""

@@ -14,22 +14,13 @@ import os
 from pytest_minictr.errors import UnsupportedError
 from pytest_minictr.spec import Limits
 
+from . import files
 from .base import (
     CPU_PERIOD_US,
-    FREEZE_TIMEOUT,
     LIMIT_CONTROLLERS,
     Cgroup,
     CgroupBackend,
     CgroupStats,
-)
-from .files import (
-    kill_listed,
-    make_fresh_dir,
-    read_int,
-    read_keyed,
-    read_text,
-    wait_until,
-    write_value,
 )
 from .mounts import CgroupMount
 from .names import PARENT_NAME, check_group_name
@@ -94,7 +85,7 @@ class V1Backend(CgroupBackend):
         group = self.open(name)
         try:
             for path in group.paths:
-                make_fresh_dir(path, self.prepare_parents)
+                files.make_fresh_dir(path, self.prepare_parents)
             group.apply_limits(limits)
         except BaseException:
             group.discard()  # (the directories not made yet are not there to remove)
@@ -108,20 +99,20 @@ class V1Backend(CgroupBackend):
 
 def _apply_limits(dirs: dict[str, str], limits: Limits) -> None:
     if limits.memory is not None:
-        write_value(os.path.join(dirs["memory"], "memory.limit_in_bytes"), limits.memory)
+        files.write_value(os.path.join(dirs["memory"], "memory.limit_in_bytes"), limits.memory)
         memsw = os.path.join(dirs["memory"], "memory.memsw.limit_in_bytes")
         if os.path.exists(memsw):
             # Memory+swap, present only with swap accounting on. Same value: the limit is on
             # RAM and nothing may spill into swap. It must be >= the RAM limit, hence second.
-            write_value(memsw, limits.memory)
+            files.write_value(memsw, limits.memory)
         # The OOM killer stays enabled (memory.oom_control untouched): with it disabled, a
         # container at its limit would hang instead of dying.
     if limits.cpus is not None:
         quota = round(limits.cpus * CPU_PERIOD_US)
-        write_value(os.path.join(dirs["cpu"], "cpu.cfs_period_us"), CPU_PERIOD_US)
-        write_value(os.path.join(dirs["cpu"], "cpu.cfs_quota_us"), quota)
+        files.write_value(os.path.join(dirs["cpu"], "cpu.cfs_period_us"), CPU_PERIOD_US)
+        files.write_value(os.path.join(dirs["cpu"], "cpu.cfs_quota_us"), quota)
     if limits.pids is not None:
-        write_value(os.path.join(dirs["pids"], "pids.max"), limits.pids)
+        files.write_value(os.path.join(dirs["pids"], "pids.max"), limits.pids)
 
 
 class V1Cgroup(Cgroup):
@@ -134,25 +125,21 @@ class V1Cgroup(Cgroup):
 
     def stats(self) -> CgroupStats:
         memory, cpuacct, pids = (self.dirs.get(c) for c in ("memory", "cpuacct", "pids"))
-        usage_ns = read_int(os.path.join(cpuacct, "cpuacct.usage")) if cpuacct else None
-        oom_control = read_keyed(os.path.join(memory, "memory.oom_control")) if memory else {}
+        usage_ns = files.read_int(os.path.join(cpuacct, "cpuacct.usage")) if cpuacct else None
+        oom_control = files.read_keyed(os.path.join(memory, "memory.oom_control")) \
+            if memory else {}
         return CgroupStats(
-            memory_peak=read_int(os.path.join(memory, "memory.max_usage_in_bytes"))
+            memory_peak=files.read_int(os.path.join(memory, "memory.max_usage_in_bytes"))
             if memory else None,
-            memory_current=read_int(os.path.join(memory, "memory.usage_in_bytes"))
+            memory_current=files.read_int(os.path.join(memory, "memory.usage_in_bytes"))
             if memory else None,
             cpu_time=None if usage_ns is None else usage_ns / 1e9,
             oom_killed=oom_control.get("oom_kill", 0) > 0,     # the line exists since 4.13
-            pids_current=read_int(os.path.join(pids, "pids.current")) if pids else None,
+            pids_current=files.read_int(os.path.join(pids, "pids.current")) if pids else None,
         )
 
     def _kill_round(self) -> None:
-        # A frozen group cannot fork, so the list we kill is complete; the kill takes effect
-        # when we thaw. Freezing is asynchronous: "FREEZING" until every task has stopped.
+        # "FREEZING" until every task has stopped
         state = os.path.join(self.dirs["freezer"], "freezer.state")
-        write_value(state, "FROZEN")
-        try:
-            wait_until(lambda: (read_text(state) or "").strip() == "FROZEN", FREEZE_TIMEOUT)
-            kill_listed(self.processes(), self.processes)
-        finally:
-            write_value(state, "THAWED")
+        self._kill_frozen(state, "FROZEN", "THAWED",
+                          lambda: (files.read_text(state) or "").strip() == "FROZEN")

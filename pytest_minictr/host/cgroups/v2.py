@@ -17,24 +17,14 @@ import os
 from pytest_minictr.errors import UnsupportedError
 from pytest_minictr.spec import Limits
 
+from . import files
 from .base import (
     CPU_PERIOD_US,
-    FREEZE_TIMEOUT,
     LIMIT_CONTROLLERS,
     V2_CONTROLLERS,
     Cgroup,
     CgroupBackend,
     CgroupStats,
-)
-from .files import (
-    kill_listed,
-    make_fresh_dir,
-    read_int,
-    read_keyed,
-    read_text,
-    wait_until,
-    write_raw,
-    write_value,
 )
 from .mounts import CgroupMount
 from .names import PARENT_NAME, check_group_name
@@ -108,7 +98,7 @@ class V2Backend(CgroupBackend):
                 try:
                     # One controller per write: a refused one (cpu, while a realtime thread
                     # lives outside the root group) must not take the others down with it.
-                    write_raw(os.path.join(self.parent, "cgroup.subtree_control"),
+                    files.write_raw(os.path.join(self.parent, "cgroup.subtree_control"),
                               f"+{controller}")
                 except OSError as e:
                     unavailable[controller] = (f"cannot enable {controller} in "
@@ -125,14 +115,15 @@ class V2Backend(CgroupBackend):
             os.makedirs(leaf, exist_ok=True)
             for pid in pids:
                 try:
-                    write_raw(os.path.join(leaf, "cgroup.procs"), pid)
+                    files.write_raw(os.path.join(leaf, "cgroup.procs"), pid)
                 except OSError:
                     pass  # gone meanwhile, or not ours to move: enabling then says so
         offered = _read_words(os.path.join(self.base, "cgroup.controllers"))
         enabled = _read_words(os.path.join(self.base, "cgroup.subtree_control"))
         for controller in offered & set(V2_CONTROLLERS) - enabled:
             try:
-                write_raw(os.path.join(self.base, "cgroup.subtree_control"), f"+{controller}")
+                files.write_raw(os.path.join(self.base, "cgroup.subtree_control"),
+                                f"+{controller}")
             except OSError:
                 pass  # noted as unavailable, with the reason, by prepare_parent()
 
@@ -146,7 +137,7 @@ class V2Backend(CgroupBackend):
         check_group_name(name)
         self.check_limits(limits)
         group = self.open(name)
-        make_fresh_dir(group.path, self.prepare_parent)
+        files.make_fresh_dir(group.path, self.prepare_parent)
         try:
             group.apply_limits(limits)
         except BaseException:
@@ -160,21 +151,21 @@ class V2Backend(CgroupBackend):
 
 def _apply_limits(path: str, limits: Limits) -> None:
     if limits.memory is not None:
-        write_value(os.path.join(path, "memory.max"), limits.memory)
+        files.write_value(os.path.join(path, "memory.max"), limits.memory)
         swap_max = os.path.join(path, "memory.swap.max")
         if os.path.exists(swap_max):
             # The limit is on RAM; without this the kernel would let the rest spill into swap.
-            write_value(swap_max, 0)
+            files.write_value(swap_max, 0)
     oom_group = os.path.join(path, "memory.oom.group")
     if os.path.exists(oom_group):
         # The OOM killer then takes the whole container, not just its biggest process: a
         # half-killed container (init alive, worker gone) would only hang until the timeout.
-        write_value(oom_group, 1)
+        files.write_value(oom_group, 1)
     if limits.cpus is not None:
         quota = round(limits.cpus * CPU_PERIOD_US)
-        write_value(os.path.join(path, "cpu.max"), f"{quota} {CPU_PERIOD_US}")
+        files.write_value(os.path.join(path, "cpu.max"), f"{quota} {CPU_PERIOD_US}")
     if limits.pids is not None:
-        write_value(os.path.join(path, "pids.max"), limits.pids)
+        files.write_value(os.path.join(path, "pids.max"), limits.pids)
 
 
 class V2Cgroup(Cgroup):
@@ -186,32 +177,27 @@ class V2Cgroup(Cgroup):
         _apply_limits(self.path, limits)
 
     def stats(self) -> CgroupStats:
-        usage_usec = read_keyed(os.path.join(self.path, "cpu.stat")).get("usage_usec")
+        usage_usec = files.read_keyed(os.path.join(self.path, "cpu.stat")).get("usage_usec")
         return CgroupStats(
-            memory_peak=read_int(os.path.join(self.path, "memory.peak")),       # 5.19+
-            memory_current=read_int(os.path.join(self.path, "memory.current")),
+            memory_peak=files.read_int(os.path.join(self.path, "memory.peak")),       # 5.19+
+            memory_current=files.read_int(os.path.join(self.path, "memory.current")),
             cpu_time=None if usage_usec is None else usage_usec / 1e6,
-            oom_killed=read_keyed(os.path.join(self.path, "memory.events")).get("oom_kill", 0) > 0,
-            pids_current=read_int(os.path.join(self.path, "pids.current")),
+            oom_killed=files.read_keyed(os.path.join(self.path, "memory.events"))
+                       .get("oom_kill", 0) > 0,
+            pids_current=files.read_int(os.path.join(self.path, "pids.current")),
         )
 
     def _kill_round(self) -> None:
         kill_file = os.path.join(self.path, "cgroup.kill")
         if os.path.exists(kill_file):
             # 5.14+: the kernel kills the subtree and any task forked while it does so.
-            write_value(kill_file, 1)
+            files.write_value(kill_file, 1)
             return
-        # Older kernels: a frozen group cannot fork, so the list we kill is complete.
-        freeze_file = os.path.join(self.path, "cgroup.freeze")
-        write_value(freeze_file, 1)
-        try:
-            wait_until(self._is_frozen, FREEZE_TIMEOUT)
-            kill_listed(self.processes(), self.processes)
-        finally:
-            write_value(freeze_file, 0)
+        # older kernels: through the freezer
+        self._kill_frozen(os.path.join(self.path, "cgroup.freeze"), 1, 0, self._is_frozen)
 
     def _is_frozen(self) -> bool:
-        return read_keyed(os.path.join(self.path, "cgroup.events")).get("frozen") == 1
+        return files.read_keyed(os.path.join(self.path, "cgroup.events")).get("frozen") == 1
 
 
 def delegated_cgroup(mount_point: str) -> str | None:
@@ -228,4 +214,4 @@ def delegated_cgroup(mount_point: str) -> str | None:
 
 
 def _read_words(path: str) -> set[str]:
-    return set((read_text(path) or "").split())
+    return set((files.read_text(path) or "").split())
