@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -54,6 +55,19 @@ def test_the_switch_and_the_build_decide_the_path(monkeypatch):
     runs = os.access(PROGRAM, os.X_OK) and why_it_cannot_run(PROGRAM) is None
     expected = SetupPath.NATIVE if runs else SetupPath.PYTHON
     assert setup_path().path is expected
+
+
+@pytest.mark.skipif(not os.environ.get("CI"), reason="in CI only: elsewhere the pure Python "
+                    "path is a user's lot where the build failed")
+def test_in_ci_the_native_core_was_built_wherever_a_compiler_is():
+    # the core is an optional extension: a core that fails to compile installs nothing, and
+    # every test of the native path would skip
+    compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if os.environ.get(SWITCH) == "0":
+        pytest.skip(f"{SWITCH}=0")
+    if not shutil.which(compiler):
+        pytest.skip(f"no C compiler ({compiler})")
+    assert setup_path().path is SetupPath.NATIVE, setup_path().reason
 
 
 def test_a_core_the_loader_refuses_leaves_the_python_path_and_says_why(tmp_path, monkeypatch):
