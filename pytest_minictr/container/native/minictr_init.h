@@ -117,7 +117,8 @@ const char *ref_of(const json *v);
 void write_json_string(FILE *out, const char *s);
 void write_line(int fd, const char *text, size_t length);
 int fail(const char *step, int errnum);
-int fail_with(const char *type, const char *step, int errnum, const char *format, ...);
+int fail_with(const char *type, const char *step, int errnum, const char *format, ...)
+    __attribute__((format(printf, 4, 5)));
 void report_failure(int fd, const char *phase);
 slot *find_slot(const char *name);
 void save_slot(const char *name, long long value, long long extra);
