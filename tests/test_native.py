@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
-from pytest_minictr import CommandNotFoundError, ContainerRuntime, ContainerSetupError
+from pytest_minictr import (CommandNotFoundError, ContainerRuntime, ContainerSetupError,
+                            RootfsBuilder)
 from pytest_minictr.container import body_plan, executor, plan
 from pytest_minictr.native import PROGRAM, SWITCH, SetupPath, setup_path, why_it_cannot_run
 from pytest_minictr.spec import Mount
@@ -54,6 +57,19 @@ def test_the_switch_and_the_build_decide_the_path(monkeypatch):
     assert setup_path().path is expected
 
 
+@pytest.mark.skipif(not os.environ.get("CI"), reason="in CI only: elsewhere the pure Python "
+                    "path is a user's lot where the build failed")
+def test_in_ci_the_native_core_was_built_wherever_a_compiler_is():
+    # the core is an optional extension: a core that fails to compile installs nothing, and
+    # every test of the native path would skip
+    compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if os.environ.get(SWITCH) == "0":
+        pytest.skip(f"{SWITCH}=0")
+    if not shutil.which(compiler):
+        pytest.skip(f"no C compiler ({compiler})")
+    assert setup_path().path is SetupPath.NATIVE, setup_path().reason
+
+
 def test_a_core_the_loader_refuses_leaves_the_python_path_and_says_why(tmp_path, monkeypatch):
     # as a core linked against a newer C library than the host's is refused by ld.so
     monkeypatch.delenv(SWITCH, raising=False)
@@ -93,6 +109,18 @@ def test_nothing_of_pid_1_names_a_host_path(runtime, rootfs, tmp_path):
         for path in host_paths:
             assert path not in text, (name, path, text)
     assert "/oldroot" not in seen["mountinfo"] and "python" not in seen["cmdline"]
+
+
+@native_only
+def test_pid_1_is_named_minictr_init_where_ps_looks(runtime, cache_dir):
+    # the kernel names a program exec'd through /proc/self/fd/N after the fd: "9"
+    if not shutil.which("ps"):
+        pytest.skip("no ps on this host (Debian: procps)")
+    image = RootfsBuilder(cache_dir=cache_dir).build(binaries=["ps", "cat"])
+    comm = runtime.run(image, ["cat", "/proc/1/comm"]).wait()
+    assert comm.stdout == b"minictr-init\n", comm.stderr
+    shown = runtime.run(image, ["ps", "-o", "pid=,comm=,args=", "-p", "1"]).wait()
+    assert shown.stdout.decode().split()[:3] == ["1", "minictr-init", "minictr-init"], shown
 
 
 @native_only

@@ -44,6 +44,7 @@ pid_t spawn_command(json *argv_json, json *env_json, int terminal) {
     int argc = argv_json->count, envc = env_json->count;
     char **argv = calloc(argc + 1, sizeof *argv), **envp = calloc(envc + 1, sizeof *envp);
     const char *path = "";
+    if (!argv || !envp) return -1;  /* ENOMEM: an "as" or "data" rlimit can starve PID 1 */
     for (int i = 0; i < argc; i++) argv[i] = argv_json->items[i]->str;
     for (int i = 0; i < envc; i++) {
         json **pair = env_json->items[i]->items;

@@ -6,9 +6,6 @@
 /* ---------------------------------------------------------------------------------------
  * JSON, the subset a plan and the launcher's messages use */
 
-
-json *parse_value(const char **p);
-
 void skip_space(const char **p) { while (isspace((unsigned char)**p)) (*p)++; }
 
 json *new_json(char type) {
@@ -144,7 +141,6 @@ void write_line(int fd, const char *text, size_t length) {
 /* ---------------------------------------------------------------------------------------
  * Failures: what a failed step reports (container/failure.py's format) */
 
-
 failure failed;
 
 /* Record that `step` failed with errno `errnum`: "<step>: <strerror>". Returns -1. */
@@ -191,7 +187,6 @@ void report_failure(int fd, const char *phase) {
 /* ---------------------------------------------------------------------------------------
  * Slots (plan.Ref) and the state a plan's steps share */
 
-
 static slot slots[64];
 static int slot_count;
 
@@ -222,9 +217,6 @@ long long number(const json *v) {
     }
     return v->type == 'n' ? NONE : v->num;
 }
-
-
-int do_renew_stage_if_stale(call *c);
 
 static const struct { const char *name; int (*run)(call *); } actions[] = {
     {"write_file", do_write_file}, {"unshare", do_unshare}, {"setns", do_setns},

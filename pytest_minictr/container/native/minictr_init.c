@@ -176,6 +176,9 @@ static void serve(int sock, int *keep, int keep_count) {
 /* argv: minictr-init zygote SOCK PARENT_PIDFD [KEEP...]   (the fds it inherits)
  *       minictr-init actions                                (the action names, one a line) */
 int main(int argc, char **argv) {
+    /* Run from /proc/self/fd/N, the kernel names us "N", and every spare, keeper and
+     * container PID 1 forked from us inherits that name: `ps` in a container showed "9". */
+    prctl(PR_SET_NAME, "minictr-init", 0, 0, 0);
     if (argc == 2 && !strcmp(argv[1], "actions")) {
         print_actions();
         return 0;

@@ -39,7 +39,6 @@ void close_fds_except(int *keep, int count) {
     syscall(SYS_close_range, low, ~0U, 0);
 }
 
-
 int do_write_file(call *c) { return write_file(STR(0), STR(1)); }
 int do_unshare(call *c) { return unshare(NUM(0)); }
 int do_setns(call *c) { return setns(NUM(0), NUM(1)); }
