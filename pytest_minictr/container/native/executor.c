@@ -218,36 +218,11 @@ long long number(const json *v) {
     return v->type == 'n' ? NONE : v->num;
 }
 
+#define ACTION_ENTRY(name) {#name, do_##name},
 static const struct { const char *name; int (*run)(call *); } actions[] = {
-    {"write_file", do_write_file}, {"unshare", do_unshare}, {"setns", do_setns},
-    {"set_dumpable", do_set_dumpable}, {"set_link_up", do_set_link_up},
-    {"take_loopback_down", do_take_loopback_down},
-    {"set_hostname", do_set_hostname}, {"chdir", do_chdir}, {"nothing", do_nothing},
-    {"open_low_ports_and_ping", do_open_low_ports_and_ping}, {"own_network", do_own_network},
-    {"map_own_ids", do_map_own_ids}, {"wait_for_id_maps", do_wait_for_id_maps},
-    {"fork_init_under_keeper", do_fork_init_under_keeper},
-    {"enter_user_namespace", do_enter_user_namespace},
-    {"arm_parent_death_signal", do_arm_parent_death_signal},
-    {"install_signal_proxy", do_install_signal_proxy},
-    {"watch_host_mounts", do_watch_host_mounts}, {"make_mounts_private", do_make_mounts_private},
-    {"mount_stage", do_mount_stage}, {"enter_stage", do_enter_stage},
-    {"mount_proc", do_mount_proc}, {"mount_dev", do_mount_dev}, {"mask_proc", do_mask_proc},
-    {"open_host_path", do_open_host_path}, {"lock_layer", do_lock_layer},
-    {"size_stage", do_size_stage}, {"measure_layer", do_measure_layer},
-    {"measure_filesystem", do_measure_filesystem}, {"idmapped", do_idmapped},
-    {"make_layer_dirs", do_make_layer_dirs}, {"chown_layer", do_chown_layer},
-    {"mount_overlay", do_mount_overlay}, {"move_into_root", do_move_into_root},
-    {"mount_tmp", do_mount_tmp}, {"make_root_read_only", do_make_root_read_only},
-    {"mount_user_tmpfs", do_mount_user_tmpfs},
-    {"bind_user_mount", do_bind_user_mount}, {"close_fds", do_close_fds},
-    {"enter_root", do_enter_root}, {"set_rlimits", do_set_rlimits},
-    {"join_new_session_keyring", do_join_new_session_keyring},
-    {"drop_capabilities", do_drop_capabilities},
-    {"install_seccomp_filter", do_install_seccomp_filter},
-    {"run_command_as_init", do_run_command_as_init},
-    {"run_command_beside", do_run_command_beside},
-    {"renew_stage_if_stale", do_renew_stage_if_stale},
+    MINICTR_ACTIONS(ACTION_ENTRY)
 };
+#undef ACTION_ENTRY
 
 /* ---------------------------------------------------------------------------------------
  * The executor: a plan's steps, in order */

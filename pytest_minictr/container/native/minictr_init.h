@@ -125,73 +125,46 @@ void save_slot(const char *name, long long value, long long extra);
 long long number(const json *v);
 int carry_out(json *step);
 int run_plan(json *plan);
-int do_renew_stage_if_stale(call *c);
 int write_file(const char *path, const char *text);
 int arm_parent_death_signal(int pidfd);
 int compare_ints(const void *a, const void *b);
 void close_fds_except(int *keep, int count);
-int do_write_file(call *c);
-int do_unshare(call *c);
-int do_setns(call *c);
-int do_set_dumpable(call *c);
-int do_chdir(call *c);
-int do_nothing(call *c);
-int do_set_hostname(call *c);
 int set_link_up(const char *name);
-int do_set_link_up(call *c);
-int do_take_loopback_down(call *c);
-int do_open_low_ports_and_ping(call *c);
-int do_own_network(call *c);
-int do_map_own_ids(call *c);
-int do_wait_for_id_maps(call *c);
 void write_status(int fd, const char *key, long long value);
-int do_fork_init_under_keeper(call *c);
-int do_install_signal_proxy(call *c);
-int do_arm_parent_death_signal(call *c);
-int do_enter_user_namespace(call *c);
 int set_rlimit(const char *name, long long soft, long long hard);
-int do_set_rlimits(call *c);
-int do_join_new_session_keyring(call *c);
-int do_drop_capabilities(call *c);
-int do_install_seccomp_filter(call *c);
 char *layer_path(long long layer_fd, char *buffer, size_t size);
 int mount_tmpfs(const char *target, const char *options, unsigned long extra);
 unsigned long statvfs_mount_flags(const char *path);
 int mount_point(const char *container_path, int is_dir, char *path, size_t size);
-int do_watch_host_mounts(call *c);
-int do_make_mounts_private(call *c);
-int do_mount_stage(call *c);
-int do_enter_stage(call *c);
-int do_mount_proc(call *c);
-int do_mount_dev(call *c);
 int bind_read_only(const char *path);
-int do_mask_proc(call *c);
-int do_open_host_path(call *c);
-int do_lock_layer(call *c);
-int do_make_layer_dirs(call *c);
-int do_size_stage(call *c);
 int measure_filesystem(const char *path, long long *size);
-int do_measure_layer(call *c);
-int do_measure_filesystem(call *c);
-int do_idmapped(call *c);
-int do_chown_layer(call *c);
-int do_mount_overlay(call *c);
-int do_move_into_root(call *c);
 int mount_tmp_at(const char *target, long long size);
-int do_mount_tmp(call *c);
-int do_mount_user_tmpfs(call *c);
 int restrict_mount_tree(const char *top, unsigned long extra);
-int do_bind_user_mount(call *c);
-int do_close_fds(call *c);
-int do_enter_root(call *c);
-int do_make_root_read_only(call *c);
 int find_program(const char *name, const char *search, char *found, size_t size);
 int exec_failure(const char *program, int errnum);
 pid_t spawn_command(json *argv_json, json *env_json, int terminal);
 void report_end(int status_fd, int wait_status);
 int reap_until(pid_t command);
-int do_run_command_as_init(call *c);
-int do_run_command_beside(call *c);
 void print_actions(void);
+
+/* The plan's actions, one name each: container.executor.ACTIONS has the same set (a test
+ * compares them). X(name) stands for the action `name` and its function do_name; the
+ * declarations below and executor.c's table are made from this one list. */
+#define MINICTR_ACTIONS(X) \
+    X(write_file) X(unshare) X(setns) X(set_dumpable) X(set_link_up) X(take_loopback_down) \
+    X(set_hostname) X(chdir) X(nothing) X(open_low_ports_and_ping) X(own_network) \
+    X(map_own_ids) X(wait_for_id_maps) X(fork_init_under_keeper) X(enter_user_namespace) \
+    X(arm_parent_death_signal) X(install_signal_proxy) X(watch_host_mounts) \
+    X(make_mounts_private) X(mount_stage) X(enter_stage) X(mount_proc) X(mount_dev) \
+    X(mask_proc) X(open_host_path) X(lock_layer) X(size_stage) X(measure_layer) \
+    X(measure_filesystem) X(idmapped) X(make_layer_dirs) X(chown_layer) X(mount_overlay) \
+    X(move_into_root) X(mount_tmp) X(make_root_read_only) X(mount_user_tmpfs) \
+    X(bind_user_mount) X(close_fds) X(enter_root) X(set_rlimits) X(join_new_session_keyring) \
+    X(drop_capabilities) X(install_seccomp_filter) X(run_command_as_init) X(run_command_beside) \
+    X(renew_stage_if_stale)
+
+#define DECLARE_ACTION(name) int do_##name(call *c);
+MINICTR_ACTIONS(DECLARE_ACTION)
+#undef DECLARE_ACTION
 
 #endif
