@@ -16,6 +16,11 @@ from pytest_minictr.container import plan
 from pytest_minictr.container.executor import Executor
 from pytest_minictr.container.failure import exit_reporting, report_failure
 from pytest_minictr.container.init import ChildFds, SignalProxy, die_with_parent
+from pytest_minictr.host import linux
+
+# What ps shows for a container's init, keeper and exec helper, as for the native core's: a
+# fork of the launcher would show as its interpreter's name
+INIT_NAME = "minictr-init"
 
 
 def run_spare(channel: int, parent_pidfd: int, prepared_ahead: tuple[plan.Step, ...],
@@ -27,6 +32,7 @@ def run_spare(channel: int, parent_pidfd: int, prepared_ahead: tuple[plan.Step, 
     code, fds = 1, None
     try:
         die_with_parent(parent_pidfd, (channel, *keep))
+        linux.set_process_name(INIT_NAME)
         executor = Executor(signal_proxy=signal_proxy, **{"parent pidfd": parent_pidfd})
         try:
             executor.run(prepared_ahead)
@@ -61,4 +67,5 @@ def run_plan(steps: tuple[plan.Step, ...], fds: ChildFds, parent_pidfd: int,
 def _carry_out(steps: tuple[plan.Step, ...], fds: ChildFds, parent_pidfd: int,
                keep: tuple[int, ...]) -> None:
     die_with_parent(parent_pidfd, fds.all() + keep)
+    linux.set_process_name(INIT_NAME)
     Executor(fds=fds, signal_proxy=None, **{"parent pidfd": parent_pidfd}).run(steps)

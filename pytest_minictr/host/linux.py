@@ -50,6 +50,7 @@ MS_STATVFS_FLAGS = {os.ST_RDONLY: MS_RDONLY, os.ST_NOSUID: MS_NOSUID, os.ST_NODE
 # prctl(2)
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
+PR_SET_NAME = 15
 PR_SET_SECCOMP = 22
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -158,6 +159,12 @@ def close_fds_except(keep: Iterable[int]) -> None:
             os.closerange(low, fd)
             low = fd + 1
     os.closerange(low, 0x7FFFFFFF)
+
+
+def set_process_name(name: str) -> None:
+    """What ps shows as the process's command (/proc/PID/comm: 15 bytes at most)."""
+    buffer = ctypes.create_string_buffer(name.encode()[:15])
+    _check(_libc.prctl(PR_SET_NAME, ctypes.addressof(buffer), 0, 0, 0))
 
 
 def set_dumpable(dumpable: bool) -> None:
