@@ -337,12 +337,8 @@ def make_exec_spec(spec: ContainerSpec, command: Any, env: Any = None,
 
 def _default_command(rootfs: str) -> tuple[str, ...]:
     # imported here, as `_check_recipe` is: only a rootfs that is used needs the cache's reader
-    from pytest_minictr.rootfs.cache import image_command
-    command = image_command(rootfs)
-    if not command:
-        raise ConfigError(f"command=None: the rootfs {rootfs!r} has no default command (a "
-                          "recipe declares one: recipe='redis', 'postgresql'); give the command")
-    return command
+    from pytest_minictr.rootfs.cache import default_command
+    return default_command(rootfs, "command=None")
 
 
 def _check_network_sharing(values: Mapping[str, Any]) -> None:

@@ -74,7 +74,7 @@ def test_a_killed_caller_leaves_nothing_the_next_run_does_not_reap(rootfs, tmp_p
     RootfsBuilder(cache_dir=cache).build(binaries=["true"])
     for entry in cache.iterdir():
         assert not entry.name.startswith(".tmp-"), entry
-        assert (entry / ".minictr-manifest.json").is_file(), entry
+        assert (entry / "manifest.json").is_file() and (entry / "rootfs").is_dir(), entry
 
 
 def test_a_killed_launcher_takes_its_containers_and_is_replaced(rootfs):

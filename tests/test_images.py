@@ -40,11 +40,14 @@ def layer(*members) -> bytes:
     return buffer.getvalue()
 
 
-def docker_save(path: Path, *layers: bytes) -> Path:
-    """An image as `docker save` writes it: manifest.json naming each layer.tar."""
+def docker_save(path: Path, *layers: bytes, config: dict | None = None) -> Path:
+    """An image as `docker save` writes it: manifest.json naming each layer.tar, and the
+    image's config (its `config` key holds Cmd, Entrypoint...) if given."""
     files = {f"layer{i}/layer.tar": data for i, data in enumerate(layers)}
     files["manifest.json"] = json.dumps([{"Config": "config.json", "RepoTags": ["t:1"],
                                           "Layers": list(files)}]).encode()
+    if config is not None:
+        files["config.json"] = json.dumps({"config": config}).encode()
     return _tar(path, files)
 
 
@@ -144,6 +147,44 @@ def test_an_imported_image_runs(runtime, tmp_path):
     assert done.returncode == 0, done.stderr
     result = runtime.run(tmp_path / "root", ["sh", "-c", "busybox cat /etc/motd"]).wait()
     assert result.stdout == b"from an image\n", result.stderr
+
+
+def minictr(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if cache is not None:
+        env["MINICTR_CACHE_DIR"] = str(cache)
+    return subprocess.run([sys.executable, "-m", "pytest_minictr", *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def busybox_image(path: Path, config: dict | None) -> Path:
+    if not os.path.exists(BUSYBOX):
+        pytest.skip(f"{BUSYBOX} is not installed (Debian: busybox-static)")
+    return docker_save(path, layer(
+        member("bin/", kind=tarfile.DIRTYPE, mode=0o755),
+        member("bin/busybox", Path(BUSYBOX).read_bytes(), mode=0o755),
+        member("bin/sh", kind=tarfile.SYMTYPE, link="busybox")), config=config)
+
+
+def test_an_imported_images_entrypoint_and_cmd_run_when_no_command_is_given(tmp_path):
+    image = busybox_image(tmp_path / "image.tar", {"Entrypoint": ["sh", "-c"],
+                                                   "Cmd": ["echo from the image"]})
+    assert minictr("rootfs", "import", str(image), str(tmp_path / "root")).returncode == 0
+    done = minictr("run", "--rootfs", str(tmp_path / "root"))
+    assert (done.returncode, done.stdout) == (0, "from the image\n"), done.stderr
+
+
+def test_an_imported_image_without_cmd_says_so(runtime, tmp_path):
+    image = busybox_image(tmp_path / "image.tar", {"Env": ["PATH=/bin"]})
+    assert minictr("rootfs", "import", str(image), str(tmp_path / "root")).returncode == 0
+    done = minictr("run", "--rootfs", str(tmp_path / "root"))
+    assert done.returncode == 125
+    assert done.stderr == (f"minictr: error: --rootfs {tmp_path}/root and no command: the "
+                           f"image imported into '{tmp_path}/root' had no Cmd (nor Entrypoint) "
+                           "to run by default; give the command\n")
+    with pytest.raises(ConfigError, match=r"^command=None: the image imported into .* had no "
+                                          r"Cmd"):
+        runtime.run(tmp_path / "root")
 
 
 # --- recipes ----------------------------------------------------------------------------------

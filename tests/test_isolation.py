@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_minictr import RootfsBuilder
 from pytest_minictr.spec import DEFAULT_PATH
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
@@ -97,6 +98,19 @@ def test_proc_is_fresh_and_dev_is_minimal(runtime, rootfs):
     assert set(dev.split()) == {"fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr",
                                 "stdin", "stdout", "tty", "urandom", "zero"}
     assert rest.strip().endswith("4")
+
+
+def test_nothing_in_the_root_names_the_host_or_its_cache(runtime, tmp_path):
+    """The cache's manifest (host paths, devices, inodes, mtimes) lies beside a rootfs, not
+    in it; and the overlay's options show no host path either."""
+    cache = tmp_path / "cache"
+    fresh = RootfsBuilder(cache).build(binaries=["sh", "ls", "grep", "cat"])
+    out = run(runtime, fresh, f"ls -A /; echo ---; grep -rlF -e '{cache}' -e mtime_ns / "
+                              "--exclude-dir=proc --exclude-dir=sys --exclude-dir=dev; "
+                              f"grep -F '{cache}' /proc/self/mountinfo; true")
+    top, found = out.split("---")
+    assert not [name for name in top.split() if "minictr" in name], top
+    assert found.split() == []
 
 
 def test_writes_reach_neither_the_base_nor_the_next_container(runtime, rootfs):

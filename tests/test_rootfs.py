@@ -41,7 +41,8 @@ def entries(cache: Path) -> list[str]:
 
 
 def manifest(root: Path) -> dict:
-    return json.loads((root / rootfs.MANIFEST_NAME).read_text())
+    """The manifest of a cache entry: beside its rootfs, never inside."""
+    return json.loads((root.parent / rootfs.MANIFEST_NAME).read_text())
 
 
 @pytest.fixture
@@ -97,7 +98,7 @@ def test_built_root_runs_a_pipeline_and_has_libc_and_loader(shell_root):
 def test_second_build_is_a_cache_hit(builder, shell_root):
     before = entries(builder.cache_dir)
     assert builder.build(binaries=["cat", "echo", "sh", "sh"]) == shell_root
-    assert entries(builder.cache_dir) == before == [shell_root.name]
+    assert entries(builder.cache_dir) == before == [shell_root.parent.name]
 
 
 def test_missing_binary_is_named(builder):
@@ -185,13 +186,13 @@ def test_stale_library_triggers_rebuild_and_old_entry_is_kept_aside(builder, she
     data = manifest(shell_root)
     lib = next(s for s in data["sources"] if "libc.so" in s["path"])
     lib["mtime_ns"] -= 1
-    (shell_root / rootfs.MANIFEST_NAME).write_text(json.dumps(data))
+    (shell_root.parent / rootfs.MANIFEST_NAME).write_text(json.dumps(data))
     assert builder.build(binaries=["sh", "echo", "cat"]) == shell_root
     fresh = next(s for s in manifest(shell_root)["sources"] if s["path"] == lib["path"])
     assert fresh["mtime_ns"] == os.lstat(lib["path"]).st_mtime_ns
     names = entries(builder.cache_dir)
-    assert len(names) == 2 and names[1].startswith(shell_root.name + ".stale-")
-    assert (builder.cache_dir / names[1] / "usr/bin/cat").exists()
+    assert len(names) == 2 and names[1].startswith(shell_root.parent.name + ".stale-")
+    assert (builder.cache_dir / names[1] / "rootfs/usr/bin/cat").exists()
 
 
 def test_concurrent_builders_agree_and_leave_no_temp_dirs(tmp_path):
@@ -205,8 +206,8 @@ def test_concurrent_builders_agree_and_leave_no_temp_dirs(tmp_path):
     assert all(p.returncode == 0 for p in procs)
     assert len(paths) == 1
     root = Path(paths.pop())
-    assert entries(cache) == [root.name]
-    assert (root / rootfs.MANIFEST_NAME).is_file() and (root / "usr/bin/ls").exists()
+    assert entries(cache) == [root.parent.name]
+    assert (root.parent / rootfs.MANIFEST_NAME).is_file() and (root / "usr/bin/ls").exists()
 
 
 def test_dead_builders_temp_dirs_are_removed_live_ones_kept(builder):
@@ -356,7 +357,7 @@ def test_dest_failing_midway_is_a_rootfs_error_and_leaves_nothing(builder, tmp_p
     def disk_full(root, *args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(root, "etc"))
 
-    monkeypatch.setattr(rootfs, "_write_manifest", disk_full)
+    monkeypatch.setattr(rootfs, "_populate", disk_full)
     dest = tmp_path / "new/parents/dest"
     with pytest.raises(RootfsError, match=f"dest '{dest}': cannot build the rootfs there "
                                           f"\\(No space left on device: {dest}/etc\\)"):

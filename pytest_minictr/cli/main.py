@@ -44,6 +44,7 @@ from pytest_minictr.doctor import checks as doctor
 from pytest_minictr.errors import CommandNotFoundError, ConfigError, MinictrError
 from pytest_minictr.keywords import BY_NAME, FLAG_KEYWORDS, spec_from
 from pytest_minictr.rootfs.builder import RootfsBuilder
+from pytest_minictr.rootfs.cache import default_command
 from pytest_minictr.rootfs.defaults import default_binaries
 from pytest_minictr.spec import ContainerSpec
 
@@ -151,6 +152,8 @@ def run_command(args: argparse.Namespace) -> int:
     checked = {keyword.name: keyword.validate(given[keyword.name], spelled(keyword))
                for keyword in BY_NAME.values() if keyword.name in given}
     rootfs = _rootfs_for(command[0] if command else None, args)
+    if command is None and args.rootfs:  # the image's Cmd, or why there is none
+        command = list(default_command(rootfs, f"--rootfs {args.rootfs} and no command"))
     spec = spec_from(rootfs, command, checked)  # a bad value fails here, before anything starts
     if args.tty:
         spec = dataclasses.replace(spec, terminal=True, env=_with_host_term(spec.env))

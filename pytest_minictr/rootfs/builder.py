@@ -5,11 +5,12 @@ directory holding each input at the SAME path as on the host, plus every library
 for each binary and the loader, the interpreter of each ``#!`` script, the host's merged-/usr
 links (``/bin -> usr/bin``...) and a skeleton (``/proc /dev /sys /tmp /etc /root...``,
 ``/etc/passwd group hosts nsswitch.conf``; copied files win).  Host symlinks met on the way are
-recreated as symlinks; setuid/setgid bits are dropped.  Results are cached in ``cache_dir/<key>``:
-a hit costs a manifest read and an lstat per copied host file, no subprocess; a stale entry (a
-library was upgraded) is rebuilt and swapped in, the old one renamed to ``<key>.stale-<random>``
-for a later prune.  Entries appear atomically (built in ``.tmp-<key>-<pid>-<random>``, renamed),
-so concurrent builders (pytest-xdist) never see half an entry and all get the same path.
+recreated as symlinks; setuid/setgid bits are dropped.  Results are cached in
+``cache_dir/<key>/rootfs``, their manifest beside it (see `cache`): a hit costs a manifest read
+and an lstat per copied host file, no subprocess; a stale entry (a library was upgraded) is
+rebuilt and swapped in, the old one renamed to ``<key>.stale-<random>`` for a later prune.
+Entries appear atomically (built in ``.tmp-<key>-<pid>-<random>``, renamed), so concurrent
+builders (pytest-xdist) never see half an entry and all get the same path.
 ``dest=`` builds into an absent or empty directory instead, without the cache.  Missing
 binaries, libraries or interpreters raise RootfsError; malformed arguments raise ConfigError
 before anything is touched.  Give only trusted host binaries: ``ldd`` may run their loader.
@@ -40,6 +41,8 @@ from pytest_minictr.rootfs.cache import (
     is_fresh,
     publish,
     remove_dead_temp_dirs,
+    rootfs_of,
+    write_image_config,
 )
 from pytest_minictr.rootfs.cache import write_manifest as _write_manifest  # (tests replace it)
 from pytest_minictr.rootfs.closure import (
@@ -276,16 +279,16 @@ class RootfsBuilder:
         if dest is None:
             known = _resolved_before.get(memo_key)
             if known is not None and is_fresh(known):
-                return Path(known)
+                return Path(rootfs_of(known))
         resolved = _resolve_all(request, search_path)
         if dest is not None:
             return self._build_into_dest(dest, request, resolved, search_path)
         entry = str(self.cache_dir / _cache_key(request, resolved))
         if is_fresh(entry):
             _resolved_before[memo_key] = entry
-            return Path(entry)
+            return Path(rootfs_of(entry))
         try:
-            return Path(self._build_entry(entry, request, resolved, search_path))
+            return Path(rootfs_of(self._build_entry(entry, request, resolved, search_path)))
         except OSError as e:  # _build_entry removed its temp dir; nothing half-built is left
             raise RootfsError(f"cannot build the rootfs in cache_dir {str(self.cache_dir)!r} "
                               f"({_describe(e)}); pass another cache_dir= or set "
@@ -298,11 +301,13 @@ class RootfsBuilder:
         remove_dead_temp_dirs(cache_dir)
         tmp = tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-", dir=cache_dir)
         try:
-            _write_manifest(tmp, request, _populate(tmp, resolved, search_path, request,
-                                                    link=True))
+            root = rootfs_of(tmp)
+            os.mkdir(root, 0o755)
+            sources = _populate(root, resolved, search_path, request, link=True)
             if os.geteuid() == 0:
-                shift_ownership(tmp)  # root inside owns it, with or without an idmap
-            publish(tmp, entry)
+                shift_ownership(root)  # root inside owns it, with or without an idmap
+            _write_manifest(tmp, request, sources)
+            publish(tmp, entry)  # the rootfs and its manifest appear together
             return entry
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -312,7 +317,9 @@ class RootfsBuilder:
                          search_path: str) -> Path:
         created = make_dest(dest)
         try:
-            _write_manifest(dest, request, _populate(dest, resolved, search_path, request))
+            _populate(dest, resolved, search_path, request)
+            if request.command:
+                write_image_config(dest, request.command, "recipe")
         except BaseException as error:
             clear_dest(dest, created)  # no half-built tree left behind
             if isinstance(error, OSError):

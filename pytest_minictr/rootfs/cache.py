@@ -1,10 +1,21 @@
 """The rootfs cache: where entries live, the manifest that marks one complete and lists the
-host files it copied, the freshness check of a cache hit, and atomic publication.
+host files it copied, the freshness check of a cache hit, and atomic publication; and the
+default command a rootfs declares.
 
-Entries appear atomically (built in ``.tmp-<key>-<pid>-<random>``, renamed), so concurrent
-builders (pytest-xdist) never see half an entry and all get the same path; a stale entry is
-renamed to ``<key>.stale-<random>`` for a later prune. Its upkeep: `cache_entries()` (what
-`minictr rootfs list` shows) and `prune()`.
+An entry is a directory, ``<cache>/<key>``, holding the root filesystem (``rootfs/``, what a
+container sees as its ``/``) and, beside it, its manifest (``manifest.json``: the inputs, and
+each host file copied with its device, inode, size and mtime). The manifest is never inside
+the rootfs: a container must find nothing there that names the host. Both are written in
+``.tmp-<key>-<pid>-<random>`` and published by one rename of that directory, so concurrent
+builders (pytest-xdist) never see an entry without its manifest, nor a manifest before its
+tree is complete, and all get the same path; a stale entry is renamed to
+``<key>.stale-<random>`` for a later prune. Entries of the earlier format (the manifest
+inside the tree, format 2) are never looked up again: the format is part of the key, so they
+are rebuilt under a new one, and `minictr rootfs prune` removes them. Its upkeep:
+`cache_entries()` (what `minictr rootfs list` shows) and `prune()`.
+
+A rootfs outside the cache (``dest=``, ``minictr rootfs import``) keeps its default command,
+and nothing else of ours, in ``/.minictr-image.json`` (`write_image_config`).
 """
 
 from __future__ import annotations
@@ -18,15 +29,17 @@ import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from pytest_minictr.errors import MinictrError
+from pytest_minictr.errors import ConfigError, MinictrError
 
 if TYPE_CHECKING:
     from pytest_minictr.rootfs.builder import Request
 
-FORMAT_VERSION = 2
-MANIFEST_NAME = ".minictr-manifest.json"
+FORMAT_VERSION = 3
+ROOTFS_NAME = "rootfs"           # an entry's tree: the containers' root
+MANIFEST_NAME = "manifest.json"  # beside it, in the entry
+IMAGE_CONFIG_NAME = ".minictr-image.json"  # in a rootfs of your own: its default command
 
 
 def default_cache_dir() -> Path:
@@ -37,6 +50,11 @@ def default_cache_dir() -> Path:
     if os.path.isabs(xdg):  # the XDG spec says relative values are to be ignored
         return Path(xdg, "minictr")
     return Path.home() / ".cache" / "minictr"
+
+
+def rootfs_of(entry: str) -> str:
+    """The root filesystem of the cache entry `entry`."""
+    return os.path.join(entry, ROOTFS_NAME)
 
 
 @dataclass(frozen=True)
@@ -54,24 +72,70 @@ class SourceStat:
         return cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def write_manifest(root: str, request: Request, sources: dict[str, SourceStat]) -> None:
-    # Written last: its presence marks a complete tree (only renamed dirs are read anyway).
+def write_manifest(entry: str, request: Request, sources: dict[str, SourceStat]) -> None:
+    """The manifest of the entry being built in `entry` (a temp dir, published after)."""
     manifest = {"format": FORMAT_VERSION, "inputs": asdict(request),
                 "sources": [asdict(s) for s in sources.values()]}
-    with open(os.path.join(root, MANIFEST_NAME), "w") as f:
+    with open(os.path.join(entry, MANIFEST_NAME), "w") as f:
         json.dump(manifest, f, indent=0)
-    os.chmod(os.path.join(root, MANIFEST_NAME), 0o644)
-    os.chmod(root, 0o755)  # mkdtemp made it 0700; containers in a userns must read it
+    os.chmod(os.path.join(entry, MANIFEST_NAME), 0o644)
+    # mkdtemp made the entry 0700; containers in a userns must reach and read its rootfs
+    for directory in (entry, rootfs_of(entry)):
+        os.chmod(directory, 0o755)
+
+
+def write_image_config(root: str, command: tuple[str, ...], source: str) -> None:
+    """What a rootfs of your own says of itself: its default command, and whether it came
+    from an image (`source`: "image") or a recipe. Nothing that names the host."""
+    path = os.path.join(root, IMAGE_CONFIG_NAME)
+    if os.path.lexists(path):  # an image's own file of that name (a symlink out, even)
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"command": list(command), "from": source}, f)
+
+
+def default_command(root: str, what: str) -> tuple[str, ...]:
+    """The default command the rootfs `root` declares (a recipe's; an image's Entrypoint
+    and Cmd); a ConfigError, beginning with `what`, that says why there is none."""
+    config = _image_config(root)
+    command = tuple(config.get("command") or ())
+    if command:
+        return command
+    if config.get("from") == "image":
+        raise ConfigError(f"{what}: the image imported into {root!r} had no Cmd (nor "
+                          "Entrypoint) to run by default; give the command")
+    raise ConfigError(f"{what}: the rootfs {root!r} has no default command (a recipe "
+                      "declares one: recipe='redis', 'postgresql'; an imported image its Cmd); "
+                      "give the command")
 
 
 def image_command(root: str) -> tuple[str, ...]:
-    """The default command a recipe declared for the rootfs `root` (docker's CMD); () if it
-    has none, or is no rootfs we built."""
+    """The default command a recipe or an image declared for the rootfs `root` (docker's
+    CMD); () if it has none, or is no rootfs we built or imported."""
+    return tuple(_image_config(root).get("command") or ())
+
+
+def _image_config(root: str) -> dict[str, Any]:
+    """The rootfs' own config, else (a cache entry's rootfs) what its manifest says."""
     try:
-        with open(os.path.join(root, MANIFEST_NAME), "rb") as f:
-            return tuple(json.load(f)["inputs"].get("command") or ())
+        with open(os.path.join(root, IMAGE_CONFIG_NAME), "rb") as f:
+            config = json.load(f)
+        return config if isinstance(config, dict) else {}
+    except (OSError, ValueError):
+        pass
+    if os.path.basename(os.path.normpath(root)) != ROOTFS_NAME:
+        return {}
+    try:
+        with open(os.path.join(os.path.dirname(os.path.normpath(root)), MANIFEST_NAME),
+                  "rb") as f:
+            manifest = json.load(f)
+        if manifest["format"] == FORMAT_VERSION:
+            return {"command": manifest["inputs"].get("command"), "from": "recipe"}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return ()
+        pass
+    return {}
 
 
 # manifest path -> (its identity, what it says of each source): a manifest is written once,
@@ -80,7 +144,8 @@ _manifests: dict[str, tuple[tuple, list[tuple[str, tuple[int, int, int, int]]]]]
 
 
 def is_fresh(entry: str) -> bool:
-    """Every host file copied into `entry` is still the very same one (the cache-hit path)."""
+    """`entry` is complete and every host file copied into it is still the very same one (the
+    cache-hit path)."""
     try:
         for path, recorded in _sources_of(os.path.join(entry, MANIFEST_NAME)):
             st = os.lstat(path)
@@ -133,7 +198,8 @@ def _rename_in(tmp: str, entry: str) -> bool:
 
 
 def publish(tmp: str, entry: str) -> None:
-    """Make the complete tree `tmp` the cache's `entry`, or drop it for an equal one there.
+    """Make the complete entry `tmp` (its rootfs and manifest) the cache's `entry`, or drop
+    it for an equal one there.
 
     Either a concurrent builder won the race (its entry is used), or the entry is stale (a
     host file changed since): then it is renamed aside, not deleted, since running containers
@@ -160,7 +226,7 @@ class CacheEntry:
     binaries: tuple[str, ...]
     size: int          # bytes of its own (hard links to host files left out)
     age: float         # seconds since it was built
-    path: str
+    path: str          # its root filesystem
 
 
 def cache_entries(cache: Path | None = None) -> list[CacheEntry]:
@@ -177,7 +243,8 @@ def cache_entries(cache: Path | None = None) -> list[CacheEntry]:
             inputs = {}
         entries.append(CacheEntry(entry.name, inputs.get("recipe") or "",
                                   tuple(inputs.get("binaries", [])), _own_size(entry),
-                                  time.time() - manifest.stat().st_mtime, str(entry)))
+                                  time.time() - manifest.stat().st_mtime,
+                                  rootfs_of(str(entry))))
     return entries
 
 

@@ -1,5 +1,6 @@
 """Root filesystems from elsewhere: `import_image(IMAGE.tar, DEST)` unpacks a `docker save` or
-OCI image layout tarball, no daemon (`minictr rootfs import`).
+OCI image layout tarball, no daemon (`minictr rootfs import`), and keeps the image's default
+command (its Entrypoint and Cmd, as Docker runs them) for a run that gives none.
 
 An image tarball is untrusted input. Unpacking it writes only inside DEST:
 - a member named with an absolute path or a `..` component is refused (RootfsError names it);
@@ -27,6 +28,7 @@ from typing import IO, Any
 
 from pytest_minictr.errors import RootfsError
 from pytest_minictr.rootfs.builder import clear_dest, make_dest, normalize_dest
+from pytest_minictr.rootfs.cache import write_image_config
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -39,9 +41,11 @@ def import_image(image: str, dest: str, max_size: int) -> Path:
     try:
         with tarfile.open(image) as outer:
             budget = [max_size]
-            for name in layer_names(outer):
+            layers, config = image_parts(outer)
+            for name in layers:
                 with tarfile.open(fileobj=_member_file(outer, name), mode="r:*") as layer:
                     apply_layer(layer, dest, budget)
+            write_image_config(dest, image_command(outer, config), "image")
     except BaseException as error:
         clear_dest(dest, created)
         if isinstance(error, (OSError, tarfile.TarError)):
@@ -51,19 +55,37 @@ def import_image(image: str, dest: str, max_size: int) -> Path:
     return Path(dest)
 
 
-def layer_names(outer: tarfile.TarFile) -> list[str]:
-    """The layer blobs in order, from `manifest.json` (docker save) or `index.json` (OCI)."""
+def image_parts(outer: tarfile.TarFile) -> tuple[list[str], str | None]:
+    """The layer blobs in order and the config blob (None if the image names none), from
+    `manifest.json` (docker save) or `index.json` (OCI)."""
     names = set(_outer_members(outer))
     if "manifest.json" in names:
         manifest = _json_member(outer, "manifest.json")
-        return list(manifest[0]["Layers"])
+        return list(manifest[0]["Layers"]), manifest[0].get("Config")
     if "index.json" in names:
         manifest = _json_member(outer, "index.json")
         while "layers" not in manifest:  # an index (of indexes): its first manifest
             manifest = _json_member(outer, _blob(manifest["manifests"][0]["digest"]))
-        return [_blob(layer["digest"]) for layer in manifest["layers"]]
+        config = manifest.get("config", {}).get("digest")
+        return ([_blob(layer["digest"]) for layer in manifest["layers"]],
+                None if config is None else _blob(config))
     raise RootfsError("not an image tarball: no manifest.json (docker save) or index.json "
                       "(OCI image layout) in it")
+
+
+def image_command(outer: tarfile.TarFile, config_name: str | None) -> tuple[str, ...]:
+    """What Docker runs when given no command: the config's Entrypoint, then its Cmd; () if
+    the image has neither (`minictr run --rootfs` then says so)."""
+    if config_name is None or _plain(config_name) not in _outer_members(outer):
+        return ()  # (an image saved by hand may lack it: its layers are what runs)
+    document = _json_member(outer, config_name)
+    settings = document.get("config") if isinstance(document, dict) else None
+    settings = settings if isinstance(settings, dict) else {}
+    command = [*(settings.get("Entrypoint") or ()), *(settings.get("Cmd") or ())]
+    if not all(isinstance(word, str) for word in command):
+        raise RootfsError(f"{config_name} in the image: Entrypoint and Cmd must be lists of "
+                          f"strings, not {command!r}")
+    return tuple(command)
 
 
 def _blob(digest: str) -> str:
