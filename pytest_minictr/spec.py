@@ -86,7 +86,9 @@ class ContainerSpec:
     layer_size: int | None = None  # bytes the fresh tmpfs layer may hold; None: the kernel's
     security: Security = field(default_factory=Security)
     read_only: bool = False        # the root read-only (the layer unmounted); /tmp stays a tmpfs
-    terminal: bool = False         # stdin, stdout, stderr are a pseudo-terminal (`minictr run -t`)
+    # `minictr run -t`: stdin is a console socket; the container opens a pty of its own
+    # devpts, sends the master back on it, and the command gets the slave as its stdio
+    terminal: bool = False
     ports: tuple[Port, ...] = ()   # published on the caller's side (see `ports`)
     pod: str | None = None         # the pod whose network namespace it shares
 

@@ -41,7 +41,8 @@ def world_readable_rootfs():
     place = tempfile.mkdtemp(prefix="minictr-rootless-")
     os.chmod(place, 0o755)
     try:
-        yield RootfsBuilder(cache_dir=place).build(binaries=["sh", "id", "cat", "touch", "chown"])
+        yield RootfsBuilder(cache_dir=place).build(binaries=["sh", "id", "cat", "touch", "chown",
+                                                             "tty", "ls"])
     finally:
         shutil.rmtree(place)
 
@@ -122,6 +123,22 @@ def test_subordinate_ranges_give_a_full_id_map(world_readable_rootfs, subordinat
     # uid map then gid map: 0 -> our own id, 1..65535 -> the subordinate range
     assert words == ["0", "0", str(MAPPED_UID), "1", "1", start, "65535",
                      "0", str(MAPPED_UID), "1", "1", start, "65535", "chowned"], out
+
+
+TERMINAL_SCRIPT = """
+import sys
+from pytest_minictr.cli.main import main
+sys.exit(main(["run", "-t", "--rootfs", sys.argv[1], "--", "sh", "-c",
+               "tty; test -t 0 && echo on-a-tty; ls /dev/pts"]))
+"""
+
+
+def test_an_unprivileged_users_terminal_is_the_containers_own(world_readable_rootfs):
+    """`run -t` without root: the container mounts its devpts in its user namespace and
+    opens its pty there."""
+    run_as_nobody(world_readable_rootfs)  # (skips where it cannot)
+    assert run_as(NOBODY, TERMINAL_SCRIPT, str(world_readable_rootfs)).split() == [
+        "/dev/pts/0", "on-a-tty", "0", "ptmx"]
 
 
 def test_limits_without_cgroup_rights_say_why_and_what_to_do(world_readable_rootfs):

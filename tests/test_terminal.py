@@ -109,6 +109,21 @@ def test_an_interactive_shell_gets_the_size_job_control_and_ctrl_c(session, cach
     shell.expect(b"RESTORED status 3")
 
 
+def test_the_command_names_its_terminal_and_ps_shows_it(session, cache_dir):
+    """The pty is the container's own (its devpts): ttyname() finds it. (The typed line is
+    echoed: each expected text is one the command's output alone holds.)"""
+    shell = session("run", "-it", "--bin", "tty", "--bin", "ps", "--bin", "sed", "--", "sh",
+                    env={"MINICTR_CACHE_DIR": str(cache_dir)})
+    shell.send(b"tty | sed s/pts/PTS/; test -t 0 && echo on-a-''tty\n")
+    shell.expect(b"/dev/PTS/0")
+    shell.expect(b"on-a-tty")
+    shell.send(b"ps -o tty= -p $$ | sed s/pts/PS-PTS/; echo IN-$(ls /dev/pts)\n")
+    shell.expect(b"PS-PTS/0")
+    shell.expect(b"IN-0 ptmx")  # its own pty, and no other
+    shell.send(b"exit 5\n")
+    shell.expect(b"RESTORED status 5")
+
+
 def test_the_terminal_is_restored_when_minictr_is_terminated(session, cache_dir):
     running = session("run", "-it", "--", "sh", "-c", "echo ready; sleep 60",
                       env={"MINICTR_CACHE_DIR": str(cache_dir)})
@@ -124,12 +139,14 @@ def test_exec_it_reaches_a_detached_container(session, cache_dir, tmp_path):
     def minictr(*args: str):
         return subprocess.run([sys.executable, "-m", "pytest_minictr", *args],
                               capture_output=True, env=environment, timeout=120)
-    started = minictr("run", "-d", "--name", "box", "--bin", "stty", "--", "sleep", "600")
+    started = minictr("run", "-d", "--name", "box", "--bin", "stty", "--bin", "tty", "--bin",
+                      "sed", "--", "sleep", "600")
     assert started.returncode == 0, started.stderr
     try:
         shell = session("exec", "-it", "box", "--", "sh", env=env)
-        shell.send(b"stty size; tty >/dev/null 2>&1; test -t 0 && echo on-a-tty\n")
+        shell.send(b"stty size; tty | sed s/pts/PTS/; test -t 0 && echo on-a-''tty\n")
         shell.expect(b"30 100")
+        shell.expect(b"/dev/PTS/0")
         shell.expect(b"on-a-tty")
         shell.send(b"sleep 60\n")
         time.sleep(0.5)

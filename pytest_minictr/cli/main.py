@@ -209,9 +209,9 @@ def _run_on_terminal(spec: ContainerSpec, args: argparse.Namespace) -> int:
     terminal = Terminal(interactive=args.interactive)
     try:
         with ContainerRuntime() as runtime:
-            container = runtime.launch(spec, stdin=terminal.slave, stdout=terminal.slave,
-                                       stderr=terminal.slave)
-            terminal.close_slave()
+            container = runtime.launch(spec, stdin=terminal.console, stdout=terminal.console,
+                                       stderr=terminal.console)
+            terminal.close_console()
             # in raw mode ^C is a byte for the pty; a SIGINT that still comes (`kill -INT`,
             # or -t without -i, where our terminal stays cooked) is the container's too
             with forwarding_signals(container) as asked:

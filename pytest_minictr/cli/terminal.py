@@ -1,11 +1,14 @@
-"""`-t`: a pseudo-terminal for the container's command, made here and relayed to ours.
+"""`-t`: a pseudo-terminal for the container's command, relayed to ours.
 
-The command gets the slave side as stdin, stdout and stderr (and as its controlling terminal,
-see `container.init.spawn_on_terminal`); we copy our stdin to the master and the master to our
-stdout. While it runs, our own terminal is raw: ^C, ^Z and ^\\ travel as bytes to the pty, whose
-line discipline signals the container's foreground group, not us. Our window size is copied on
-start and on each SIGWINCH (the kernel then tells the container's foreground group). Our
-terminal's modes are put back on every way out: return, exception, SIGTERM or SIGHUP.
+The pty is the container's: its init opens it in the container's own devpts instance (so the
+command's `tty` and `ps` name it /dev/pts/N; see `container.init.open_terminal`) and sends the
+master back on the console socket we gave as the container's stdio. The command gets the
+slave as stdin, stdout and stderr (and as its controlling terminal); we copy our stdin to the
+master and the master to our stdout. While it runs, our own terminal is raw: ^C, ^Z and ^\\
+travel as bytes to the pty, whose line discipline signals the container's foreground group,
+not us. Our window size is copied once the master comes and on each SIGWINCH (the kernel then
+tells the container's foreground group). Our terminal's modes are put back on every way out:
+return, exception, SIGTERM or SIGHUP.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import fcntl
 import os
 import select
 import signal
+import socket
 import sys
 import termios
 import threading
@@ -30,22 +34,39 @@ CHUNK = 65536
 
 
 class Terminal:
-    """One pty for one command. `interactive` (-i): our stdin goes to it."""
+    """One pty for one command. `interactive` (-i): our stdin goes to it. `console`: the
+    end of the console socket to give the container as its stdin, stdout and stderr."""
 
     def __init__(self, interactive: bool):
         self.interactive = interactive
-        self.master, self.slave = os.openpty()
-        os.set_inheritable(self.master, False)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._socket = ours
+        self.console = theirs.detach()
+        self.master = -1  # until the container sends it
         self.stdin = sys.stdin.fileno()
         self.stdout = sys.stdout.fileno()
         self.ours_is_a_tty = os.isatty(self.stdin)
         self._saved: list | None = None
 
-    def close_slave(self) -> None:
-        """Once the container holds the slave: ours would keep the master from seeing EOF."""
-        if self.slave >= 0:
-            os.close(self.slave)
-            self.slave = -1
+    def close_console(self) -> None:
+        """Once the container holds its end: ours would keep us waiting for a master that a
+        container which failed to start never sends."""
+        if self.console >= 0:
+            os.close(self.console)
+            self.console = -1
+
+    def receive_master(self, ended: Callable[[], bool]) -> bool:
+        """Wait for the pty's master from the container; False if it ended without one."""
+        while not select.select([self._socket], [], [], POLL)[0]:
+            if ended():
+                return False
+        _, fds, _, _ = socket.recv_fds(self._socket, 16, 1)
+        if not fds:
+            return False  # end of file: every holder of the console closed it
+        self.master = fds[0]
+        os.set_inheritable(self.master, False)
+        self.copy_window_size()
+        return True
 
     @contextlib.contextmanager
     def raw(self) -> Iterator[None]:
@@ -70,6 +91,8 @@ class Terminal:
             termios.tcsetattr(self.stdin, termios.TCSAFLUSH, self._saved)
 
     def copy_window_size(self) -> None:
+        if self.master < 0:
+            return  # (receive_master copies it)
         try:
             size = fcntl.ioctl(self.stdin, termios.TIOCGWINSZ, b"\0" * 8)
             fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
@@ -78,6 +101,8 @@ class Terminal:
 
     def relay(self, ended: Callable[[], bool]) -> None:
         """Copy both ways until the command has ended and its last output is out."""
+        if not self.receive_master(ended):
+            return
         sources = [self.master] + ([self.stdin] if self.interactive else [])
         while sources:
             try:
@@ -112,8 +137,11 @@ class Terminal:
         return True
 
     def close(self) -> None:
-        self.close_slave()
-        os.close(self.master)
+        self.close_console()
+        self._socket.close()
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -25,6 +25,7 @@ import gc
 import os
 import resource
 import signal
+import socket
 import termios
 from dataclasses import dataclass
 from typing import NoReturn
@@ -120,11 +121,29 @@ def spawn_command(argv: tuple[str, ...], env_pairs: tuple[tuple[str, str], ...],
         raise _exec_failure(program, error) from None
 
 
+def open_terminal(fds: ChildFds) -> None:
+    """`minictr run -t`: a pseudo-terminal of the container's own devpts instance, its master
+    sent back on the console socket the caller gave as stdin (SCM_RIGHTS, as runc's
+    --console-socket), its slave put in place of stdin, stdout and stderr. So ttyname(),
+    `tty` and `ps` find it as /dev/pts/N inside, which a pty of the host's devpts never is;
+    and no host pty, nor the host's devpts, enters the container."""
+    master, slave = attempt("open /dev/ptmx", linux.open_pty)
+    try:
+        with socket.socket(fileno=os.dup(fds.stdin)) as console:
+            attempt("send the terminal to the caller", socket.send_fds, console, [b"pty"],
+                    [master])
+    finally:
+        os.close(master)  # the caller's now: none of ours may keep it
+    for fd in fds.stdio():
+        os.dup2(slave, fd, inheritable=False)
+    os.close(slave)
+
+
 def spawn_on_terminal(program: str, argv: tuple[str, ...], env: dict[str, str],
                       fds: ChildFds) -> int:
     """The command of `minictr run -t`: a session leader whose controlling terminal is the
-    pseudo-terminal on its stdin (the CLI's own, made for it: no host terminal is reachable),
-    so that a shell gets job control and the terminal's ^C reaches its foreground group.
+    pseudo-terminal on its stdin (the container's own, see `open_terminal`), so that a shell
+    gets job control and the terminal's ^C reaches its foreground group.
     posix_spawn cannot set a controlling terminal (TIOCSCTTY): a fork, which an interactive
     command can afford. An exec failure comes back as its errno on a close-on-exec pipe."""
     failed, report = os.pipe2(os.O_CLOEXEC)

@@ -105,7 +105,7 @@ def completed_with(spec: ContainerSpec, where: Where) -> tuple[Step, ...]:
     userns = spec.user_namespace and not where.rootless
     return (*renew_stage(where), *mount_layer(spec, where, userns), *build_root(spec),
             *pivot_into_root(spec), *name_and_network(spec, where),
-            *confine(spec, where, userns),
+            *confine(spec, where, userns), *open_terminal(spec),
             run_command(spec))
 
 
@@ -131,7 +131,7 @@ def exec_plan(spec: ContainerSpec, where: Where, namespaces: tuple[int | None, .
     return (*join_cgroup(where), *joined,
             Step("pivot_root", f"chdir to cwd={spec.cwd!r}", "chdir", (spec.cwd,)),
             Step("layer", "measure the layer", "measure_filesystem", ("/",), saves="layer size"),
-            *confine(spec, where, userns),
+            *confine(spec, where, userns), *open_terminal(spec),
             Step("exec", "run the command", "run_command_beside",
                  (spec.argv, spec.env, Ref("fds"), spec.terminal)))
 
@@ -343,6 +343,13 @@ def confine(spec: ContainerSpec, where: Where, userns: bool) -> tuple[Step, ...]
         # keyrings, modules, bpf, io_uring, mounts, new user namespaces, TIOCSTI...)
         steps.append(install_seccomp(spec.security.allow_syscalls))
     return tuple(steps)
+
+
+def open_terminal(spec: ContainerSpec) -> tuple[Step, ...]:
+    # The pty comes from the container's own devpts (see init.open_terminal), opened by
+    # container root (it owns the slave), after seccomp: the master leaves at once.
+    return (Step("exec", "open the terminal", "open_terminal", (Ref("fds"),)),) \
+        if spec.terminal else ()
 
 
 def install_seccomp(allowed: tuple[str, ...]) -> Step:

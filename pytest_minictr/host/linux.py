@@ -68,6 +68,10 @@ MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 CLOSE_RANGE_CLOEXEC = 4
 KEYCTL_JOIN_SESSION_KEYRING = 1
 
+# ioctl on a pty's master (asm-generic numbers: x86_64 and aarch64 alike)
+TIOCSPTLCK = 0x40045431  # _IOW('T', 0x31, int): lock or unlock the slave
+TIOCGPTPEER = 0x5441     # _IO('T', 0x41), Linux 4.13: open the slave with no path lookup
+
 # ioctl on a socket, struct ifreq: 16-byte name then a short of flags
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -216,6 +220,19 @@ def join_new_session_keyring() -> None:
 def mark_fds_close_on_exec(first: int) -> None:
     """close_range(first, ~0, CLOSE_RANGE_CLOEXEC): nothing from `first` up survives exec."""
     _check(_syscall("close_range", first, 0xFFFFFFFF, CLOSE_RANGE_CLOEXEC))
+
+
+def open_pty() -> tuple[int, int]:
+    """A new pseudo-terminal of the devpts instance our /dev/ptmx leads to: (master, slave),
+    close-on-exec. The slave is opened through the master (TIOCGPTPEER), not by its path,
+    which another process of that devpts could have replaced meanwhile."""
+    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+        return master, fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except BaseException:
+        os.close(master)
+        raise
 
 
 def open_idmapped_tree(path_fd: int, userns_fd: int) -> int:

@@ -188,7 +188,7 @@ def exec_in_container(args: argparse.Namespace) -> int:
     if args.tty:
         terminal = Terminal(interactive=args.interactive)
         try:
-            fds = (terminal.slave,) * 3
+            fds = (terminal.console,) * 3
             reply = run_on_terminal(terminal, lambda: _ask(container_id, message, fds=fds))
         finally:
             terminal.close()

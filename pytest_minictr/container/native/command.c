@@ -38,6 +38,37 @@ int exec_failure(const char *program, int errnum) {
     return fail_with("CommandNotFoundError", "exec", errnum, "%s", message);
 }
 
+/* `minictr run -t`: a pty of the container's own devpts (its /dev/pts/N for ttyname() and ps),
+ * the master sent back on the console socket the caller gave as stdin (SCM_RIGHTS), the slave
+ * in place of stdin, stdout and stderr, as init.open_terminal does. The slave is opened
+ * through the master (TIOCGPTPEER), not by a path another process could have replaced. */
+int do_open_terminal(call *c) {
+    (void)c;  /* args: the fds (a Ref: ours are globals) */
+    int master = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC), unlock = 0;
+    SUB("open /dev/ptmx", master);
+    int slave = ioctl(master, TIOCSPTLCK, &unlock) < 0 ? -1
+                : ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (slave < 0) { int saved = errno; close(master); return fail("open /dev/ptmx", saved); }
+    char byte = 't', control[CMSG_SPACE(sizeof(int))] = {0};
+    struct iovec data = {&byte, 1};
+    struct msghdr message = {.msg_iov = &data, .msg_iovlen = 1, .msg_control = control,
+                             .msg_controllen = sizeof control};
+    struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+    header->cmsg_level = SOL_SOCKET;
+    header->cmsg_type = SCM_RIGHTS;
+    header->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(header), &master, sizeof(int));
+    ssize_t sent;
+    do sent = sendmsg(fds.stdin_, &message, MSG_NOSIGNAL); while (sent < 0 && errno == EINTR);
+    int saved = errno;
+    close(master);  /* the caller's now: none of ours may keep it */
+    if (sent < 0) { close(slave); return fail("send the terminal to the caller", saved); }
+    int stdio[3] = {fds.stdin_, fds.stdout_, fds.stderr_};
+    for (int i = 0; i < 3; i++) SUB("open the terminal", dup3(slave, stdio[i], O_CLOEXEC));
+    close(slave);
+    return 0;
+}
+
 /* Spawn the command: a new session (CVE-2017-5226), stdio, default signals, an empty mask,
  * and no other fd (CVE-2024-21626). */
 pid_t spawn_command(json *argv_json, json *env_json, int terminal) {
@@ -65,8 +96,9 @@ pid_t spawn_command(json *argv_json, json *env_json, int terminal) {
         sigset_t none;
         sigemptyset(&none);
         setsid();
-        /* `minictr run -t`: the pseudo-terminal on its stdin (the CLI's own) becomes its
-         * controlling terminal, so that a shell gets job control and ^C its foreground group */
+        /* `minictr run -t`: the pseudo-terminal on its stdin (the container's own, see
+         * do_open_terminal) becomes its controlling terminal, so that a shell gets job control
+         * and ^C its foreground group */
         if (terminal && ioctl(fds.stdin_, TIOCSCTTY, 0) < 0) {
             exec_errno = errno;
             _exit(127);

@@ -70,6 +70,9 @@ SAME_NUMBER(mount_setattr);
 #define AT_RECURSIVE_ 0x8000
 #define MOUNT_ATTR_IDMAP_ 0x00100000ULL
 #define CLOSE_RANGE_CLOEXEC_ 4
+#ifndef TIOCGPTPEER  /* Linux 4.13; asm-generic's number (x86_64 and aarch64 alike) */
+#define TIOCGPTPEER 0x5441
+#endif
 #define MAX_FDS 32  /* the container's five, and up to eight namespaces an exec helper joins */
 
 typedef struct json {
@@ -160,8 +163,8 @@ void print_actions(void);
     X(measure_filesystem) X(idmapped) X(make_layer_dirs) X(chown_layer) X(mount_overlay) \
     X(move_into_root) X(mount_tmp) X(make_root_read_only) X(mount_user_tmpfs) \
     X(bind_user_mount) X(close_fds) X(enter_root) X(set_rlimits) X(join_new_session_keyring) \
-    X(drop_capabilities) X(install_seccomp_filter) X(run_command_as_init) X(run_command_beside) \
-    X(renew_stage_if_stale)
+    X(drop_capabilities) X(install_seccomp_filter) X(open_terminal) X(run_command_as_init) \
+    X(run_command_beside) X(renew_stage_if_stale)
 
 #define DECLARE_ACTION(name) int do_##name(call *c);
 MINICTR_ACTIONS(DECLARE_ACTION)
