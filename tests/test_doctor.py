@@ -208,6 +208,27 @@ def test_full_id_mapping_needs_the_helpers_and_ranges():
     assert finding(doctor.examine(host), "id mapping").ok
 
 
+def test_the_id_mapping_fix_suggests_a_range_no_account_has():
+    taken = "bob:100000:65536\ncarol:165536:65536\n"
+    host = SimulatedHost(programs=("ldd", "newuidmap", "newgidmap"), files={
+        "/etc/subuid": taken, "/etc/subgid": taken + "dave:300000:1000\n"})
+    ids = finding(doctor.examine(host), "id mapping")
+    assert not ids.ok and ids.fix == ("sudo usermod --add-subuids 301000-366535 "
+                                      "--add-subgids 301000-366535 alice")
+
+
+def test_a_user_with_ranges_is_told_only_what_is_missing():
+    mine = "alice:231072:65536\n"
+    host = SimulatedHost(programs=("ldd",), files={"/etc/subuid": mine, "/etc/subgid": mine})
+    ids = finding(doctor.examine(host), "id mapping")
+    assert ids.detail == "single uid: root only inside (missing: newuidmap, newgidmap)"
+    assert ids.fix == "sudo apt install uidmap"
+    only_gid = SimulatedHost(programs=("ldd", "newuidmap", "newgidmap"),
+                             files={"/etc/subuid": mine})
+    assert finding(doctor.examine(only_gid), "id mapping").fix == \
+        "sudo usermod --add-subgids 296608-362143 alice"
+
+
 def test_the_plugin_header_is_doctors_quick_look(pytester):
     """The header's facts are doctor's quick look; for real, on this host."""
     pytester.makepyfile("def test_nothing(): pass")

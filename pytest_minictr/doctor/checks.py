@@ -226,20 +226,41 @@ def check_idmap(host: Host) -> Finding:
 
 
 def check_id_mapping(host: Host) -> Finding:
-    from pytest_minictr.host.idmap import subordinate_ids
+    from pytest_minictr.host.idmap import MAPPED_IDS, subordinate_range
     user = host.user()
     helpers = [name for name in ("newuidmap", "newgidmap") if not host.which(name)]
-    ranges = subordinate_ids(user, host.read("/etc/subuid"), host.read("/etc/subgid"))
-    if not helpers and ranges is not None:
+    files = {name: host.read(f"/etc/{name}") for name in ("subuid", "subgid")}
+    lacking = [name for name, text in files.items()
+               if subordinate_range(text, user, str(host.euid())) is None]
+    if not helpers and not lacking:
         return Finding("id mapping", True, f"full: newuidmap and /etc/subuid ranges of {user} "
                                            "give the container other users than root",
                        needed=False)
-    missing = " and ".join(filter(None, [
-        ", ".join(helpers) if helpers else "", "" if ranges else f"/etc/subuid and "
-        f"/etc/subgid ranges of at least 65536 ids for {user}"]))
-    return Finding("id mapping", False, f"single uid: root only inside (missing: {missing})",
-                   "sudo apt install uidmap; sudo usermod --add-subuids 100000-165535 "
-                   f"--add-subgids 100000-165535 {user}", needed=False)
+    missing = [*helpers, *(f"a range of at least {MAPPED_IDS} ids for {user} in /etc/{name}"
+                           for name in lacking)]
+    fixes = ["sudo apt install uidmap"] if helpers else []
+    if lacking:
+        # the first range no account has, in either file (so that both agree), never below
+        # useradd's SUB_UID_MIN: another account's range would give its files to ours
+        start = max([SUB_ID_MIN, *(end for text in files.values() for end in _range_ends(text))])
+        flags = " ".join(f"--add-{name}s {start}-{start + MAPPED_IDS - 1}" for name in lacking)
+        fixes.append(f"sudo usermod {flags} {user}")
+    return Finding("id mapping", False,
+                   f"single uid: root only inside (missing: {', '.join(missing)})",
+                   "; ".join(fixes), needed=False)
+
+
+SUB_ID_MIN = 100000  # useradd's SUB_UID_MIN and SUB_GID_MIN (login.defs)
+
+
+def _range_ends(entries: str | None) -> list[int]:
+    """The first id past each range of /etc/subuid-style `entries`."""
+    ends = []
+    for line in (entries or "").splitlines():
+        fields = line.strip().split(":")
+        if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+            ends.append(int(fields[1]) + int(fields[2]))
+    return ends
 
 
 def ready(findings: list[Finding]) -> bool:
