@@ -5,6 +5,7 @@ namespace."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pwd
@@ -54,6 +55,17 @@ print(json.dumps(seen["addresses"]))
 @pytest.fixture(scope="module")
 def account():
     """A real account, made here (and removed): `useradd` as an administrator would."""
+    yield from made_account(ACCOUNT)
+
+
+@pytest.fixture(scope="module")
+def account_without_ids():
+    """A real account to which useradd gave no subordinate ids (as with SUB_UID_COUNT=0 in
+    login.defs): container root is its uid alone."""
+    yield from made_account(f"{ACCOUNT}-1", "-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0")
+
+
+def made_account(name: str, *options: str):
     if os.geteuid() != 0:
         pytest.skip("needs root to create an account")
     for program in ("useradd", "userdel", "setpriv", SYSTEM_PYTHON):
@@ -64,13 +76,13 @@ def account():
         pytest.skip(f"another account cannot reach this checkout ({closed[0]} is closed)")
     made = False
     try:
-        pwd.getpwnam(ACCOUNT)
+        pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--create-home", ACCOUNT], check=True, timeout=60)
+        subprocess.run(["useradd", "--create-home", *options, name], check=True, timeout=60)
         made = True
-    yield pwd.getpwnam(ACCOUNT)
+    yield pwd.getpwnam(name)
     if made:
-        subprocess.run(["userdel", "--remove", ACCOUNT], timeout=60, capture_output=True)
+        subprocess.run(["userdel", "--remove", name], timeout=60, capture_output=True)
 
 
 def test_ports_and_pods_for_a_real_unprivileged_account(account):
@@ -105,3 +117,27 @@ def test_ports_and_pods_for_a_real_unprivileged_account(account):
         assert leftover.stdout == "", leftover.stdout
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_postgresql_without_subordinate_ids_says_what_is_missing(account_without_ids):
+    """initdb and the server run as uid 999: a container of one uid cannot have it, and the
+    recipe says so before chown fails with "Invalid argument"."""
+    if not glob.glob("/usr/lib/postgresql/*/bin/postgres"):
+        pytest.skip("PostgreSQL is not installed (Debian: postgresql)")
+    assert account_without_ids.pw_name not in Path("/etc/subuid").read_text()
+    cache = tempfile.mkdtemp(prefix="minictr-services-")
+    os.chown(cache, account_without_ids.pw_uid, account_without_ids.pw_gid)
+    try:
+        done = subprocess.run(
+            ["setpriv", f"--reuid={account_without_ids.pw_uid}",
+             f"--regid={account_without_ids.pw_gid}", "--init-groups", SYSTEM_PYTHON, "-m",
+             "pytest_minictr", "run", "--recipe", "postgresql", "--timeout", "60"],
+            env={"PYTHONPATH": str(REPO), "HOME": account_without_ids.pw_dir,
+                 "PATH": "/usr/bin:/bin", "MINICTR_CACHE_DIR": cache},
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    assert done.returncode == 1
+    assert done.stderr == ("minictr: postgresql needs subordinate ids (newuidmap and a range in "
+                           "/etc/subuid; see minictr doctor) or root: initdb and the server run "
+                           "as uid 999, which this container cannot map\n")
