@@ -88,8 +88,9 @@ def test_environment_from_the_host_from_a_file_and_w_for_cwd(tmp_path, cache_dir
 
 @pytest.mark.parametrize("args, message", [
     (["-v", "relative:/data"], b"-v 'relative:/data': 'relative' is not an absolute host path"),
-    (["-v", "/tmp"], b"-v '/tmp': expected HOST:CONTAINER or HOST:CONTAINER:ro"),
-    (["-v", "/tmp:/x:rx"], b"expected HOST:CONTAINER or HOST:CONTAINER:ro"),
+    (["-v", "/tmp"], b"-v '/tmp': expected HOST:CONTAINER[:MODE], MODE one of ro, rw"),
+    (["-v", "/tmp:/x:rx"], b"mode 'rx' is not supported: the modes are ro and rw"),
+    (["-v", "/tmp:/x:z"], b"-v '/tmp:/x:z': mode 'z' is not supported: the modes are ro and rw"),
     (["-v", "/no/such/dir:/x"], b"mount source '/no/such/dir': does not exist on the host"),
     (["-v", "/tmp:/proc/x"], b"is inside /proc"),
     (["--mount", "type=volume,target=/x"], b"type=volume is not supported"),

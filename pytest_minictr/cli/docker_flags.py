@@ -17,12 +17,20 @@ ID_LIKE = re.compile(r"[0-9a-f]{12}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+VOLUME_MODES = ("ro", "rw")
+
+
 def volume_mount(text: str) -> Mount:
     """`-v HOST:CONTAINER[:ro|rw]`: a bind mount, read-write unless `:ro` (Docker's default)."""
     parts = text.split(":")
     mode = parts.pop() if len(parts) == 3 else "rw"
-    if len(parts) != 2 or mode not in ("ro", "rw") or not all(parts):
-        raise ConfigError(f"-v {text!r}: expected HOST:CONTAINER or HOST:CONTAINER:ro")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"-v {text!r}: expected HOST:CONTAINER[:MODE], MODE one of "
+                          f"{', '.join(VOLUME_MODES)}")
+    if mode not in VOLUME_MODES:
+        # Docker's z/Z (SELinux labels) and propagation modes have no meaning here
+        raise ConfigError(f"-v {text!r}: mode {mode!r} is not supported: the modes are "
+                          f"{' and '.join(VOLUME_MODES)}")
     source, target = parts
     if not os.path.isabs(source):
         raise ConfigError(f"-v {text!r}: {source!r} is not an absolute host path (minictr has "
