@@ -63,7 +63,7 @@ def parse_cpus(value: float | int | str, name: str = "cpus") -> float:
         cpus = math.inf
     except (TypeError, ValueError):
         raise ConfigError(f"{name}={value!r}: expected {EXPECTED_CPUS}") from None
-    return _check_cpus(cpus, name, value)
+    return _check_cpus(cpus, name, value, percent=False)
 
 
 def check_cpu_percent(value: Any, name: str = "cpu_limit") -> float:
@@ -72,16 +72,20 @@ def check_cpu_percent(value: Any, name: str = "cpu_limit") -> float:
         raise ConfigError(f"{name}={value!r}: expected a percent of one CPU, e.g. 50")
     # float() overflows on a huge int, either sign
     percent = math.inf if value > 1e300 else -math.inf if value < -1e300 else float(value)
-    return _check_cpus(percent / 100, name, value)
+    return _check_cpus(percent / 100, name, value, percent=True)
 
 
-def _check_cpus(cpus: float, name: str, shown: Any) -> float:
+def _check_cpus(cpus: float, name: str, shown: Any, percent: bool) -> float:
+    """`cpus` (in CPUs) within what the kernel and this host allow; the message speaks the
+    unit the value was given in (`percent`: of one CPU, the seed's cpu_limit)."""
     available = os.cpu_count() or 1
     # the CFS quota is counted in whole percents of its period: below one, nothing would run
     if not math.isfinite(cpus) or cpus * 100 < 1:
-        raise ConfigError(f"{name}={shown!r}: must be at least 1% of one CPU")
+        least = "1 (percent of one CPU)" if percent else "0.01 CPUs (0.5 is half of one)"
+        raise ConfigError(f"{name}={shown!r}: must be at least {least}")
     if cpus > available:
-        raise ConfigError(f"{name}={shown!r}: this host has only {available} CPUs")
+        most = f" ({available * 100} percent of one)" if percent else ""
+        raise ConfigError(f"{name}={shown!r}: this host has only {available} CPUs{most}")
     return float(cpus)
 
 

@@ -80,6 +80,15 @@ def test_bad_cpus_raise(value):
         make_spec("/", ["x"], cpu_limit=value)
 
 
+def test_a_cpus_error_speaks_in_cpus_and_a_cpu_limit_error_in_percent():
+    with pytest.raises(ConfigError, match=r"^cpus=-1: must be at least 0\.01 CPUs \(0\.5 is "
+                                          r"half of one\)$"):
+        make_spec("/", ["x"], cpus=-1)
+    with pytest.raises(ConfigError, match=r"^cpu_limit=-1: must be at least 1 \(percent of "
+                                          r"one CPU\)$"):
+        make_spec("/", ["x"], cpu_limit=-1)
+
+
 def test_seconds_are_positive_finite_and_at_most_max_seconds():
     assert MAX_SECONDS == 10**6
     assert check_seconds(MAX_SECONDS, "timeout") == float(MAX_SECONDS)
