@@ -3,6 +3,7 @@ subprocess), and the `container` fixture used right here on the real kernel."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -138,7 +139,8 @@ def test_markers_merge_closest_wins(run_tests):
     ("pids=0", "pids=0: expected a positive integer"),
     ("network='host'", "network='host'"),
     ("binaries='sh'", "binaries='sh': expected a list"),
-    ("binaries=['no-such-binary-x']", "no-such-binary-x"),
+    ("binaries=['no-such-binary-x']", "@pytest.mark.container: binary 'no-such-binary-x' not "
+                                      "found on this host's PATH: install it, or give its path"),
     ("rootfs='/no/such/dir'", "rootfs='/no/such/dir': no such directory"),
     ("recipe='nonesuch'", "recipe='nonesuch': no such recipe"),
     ("'64M'", "takes keywords only"),
@@ -163,6 +165,18 @@ def test_bad_marker_fails_that_test_at_setup_naming_it(run_tests, marker, messag
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines([f"*{message}*"])
     result.stdout.no_fnmatch_line("*Traceback*")
+
+
+def test_a_missing_binary_leaves_the_hosts_path_out(run_tests):
+    result = run_tests("""
+        import pytest
+
+        @pytest.mark.container(binaries=["no-such-binary-x"])
+        def test_bad(container):
+            pass
+    """)
+    result.assert_outcomes(errors=1)
+    assert os.environ["PATH"] not in result.stdout.str()
 
 
 # --- options ----------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def test_second_build_is_a_cache_hit(builder, shell_root):
 
 
 def test_missing_binary_is_named(builder):
-    with pytest.raises(RootfsError, match=r"nosuchcmd.*not found on PATH"):
+    with pytest.raises(RootfsError, match=r"nosuchcmd. not found on this host.s PATH: install it"):
         builder.build(binaries=["sh", "nosuchcmd"])
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pytest_minictr.caller.result import STDERR_TAIL, Result, tail
 from pytest_minictr.doctor import checks as doctor
-from pytest_minictr.errors import UnsupportedError
+from pytest_minictr.errors import RootfsError, UnsupportedError
 from pytest_minictr.keywords import ContainerSettings
 from pytest_minictr.rootfs.builder import RootfsBuilder
 from pytest_minictr.rootfs.defaults import BASE_BINARIES
@@ -27,14 +27,22 @@ def resolve_rootfs(settings: ContainerSettings, builder: RootfsBuilder, memo: di
         return Path(settings.rootfs)
     key = (settings.recipe, settings.binaries)
     if key not in memo:
-        if settings.recipe is not None:
-            memo[key] = builder.build(recipe=settings.recipe, binaries=settings.binaries or ())
-        else:
-            wanted = settings.binaries if settings.binaries is not None else BASE_BINARIES
-            present = [name for name in dict.fromkeys(("sh", *wanted))
-                       if name in (settings.binaries or ()) or shutil.which(name)]
-            memo[key] = builder.build(binaries=present)
+        try:
+            memo[key] = _build(settings, builder)
+        except RootfsError as error:
+            if settings.recipe is None and settings.binaries is None:
+                raise
+            raise RootfsError(f"@pytest.mark.container: {error}") from None  # the marker's
     return memo[key]
+
+
+def _build(settings: ContainerSettings, builder: RootfsBuilder) -> Path:
+    if settings.recipe is not None:
+        return builder.build(recipe=settings.recipe, binaries=settings.binaries or ())
+    wanted = settings.binaries if settings.binaries is not None else BASE_BINARIES
+    present = [name for name in dict.fromkeys(("sh", *wanted))
+               if name in (settings.binaries or ()) or shutil.which(name)]
+    return builder.build(binaries=present)
 
 
 def check_host_can_run_containers() -> None:

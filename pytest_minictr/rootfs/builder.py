@@ -49,6 +49,7 @@ from pytest_minictr.rootfs.closure import (
     LD_SO_CACHE,
     env_command,
     find_library,
+    not_on_path,
     parse_shebang,
     probe_python,
 )
@@ -145,7 +146,7 @@ def _resolve(kind: str, name: str, search_path: str) -> ResolvedInput:
     if kind == "binary" and "/" not in name:
         found = _which(name, search_path)
         if found is None:
-            raise RootfsError(f"binary {name!r} not found on PATH ({search_path})")
+            raise not_on_path(f"binary {name!r}")
         path = os.path.join(os.getcwd(), found)  # a relative PATH entry gives a relative path
     real = os.path.realpath(path)
     _check_copyable(kind, name, real)

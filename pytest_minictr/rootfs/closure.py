@@ -79,8 +79,8 @@ def script_interpreters(script: str, search_path: str) -> list[str] | None:
     name = env_command(arg)
     found = shutil.which(name, path=search_path) if name else None
     if found is None:
-        raise RootfsError(f"script {script!r} needs interpreter {name or arg!r} (via {interp}), "
-                          f"not found on PATH ({search_path})")
+        raise not_on_path(f"script {script!r} needs interpreter {name or arg!r} (via "
+                          f"{interp}), which is")
     return [interp, found]
 
 
@@ -146,11 +146,17 @@ def find_library(soname: str) -> str:
     raise RootfsError(f"library {soname!r} not found in {', '.join(LIBRARY_DIRS)}")
 
 
+def not_on_path(what: str) -> RootfsError:
+    """`what` was looked for on PATH in vain. The message leaves PATH out: a developer's
+    holds a dozen directories (shims, toolchains), and the missing name is what matters."""
+    return RootfsError(f"{what} not found on this host's PATH: install it, or give its path")
+
+
 def probe_python(interpreter: str, search_path: str) -> PythonLayout:
     """Ask the interpreter (a name on PATH, a path, a pyenv shim) where it keeps itself."""
     found = interpreter if "/" in interpreter else shutil.which(interpreter, path=search_path)
     if found is None:
-        raise RootfsError(f"python {interpreter!r} not found on PATH ({search_path})")
+        raise not_on_path(f"python {interpreter!r}")
     try:
         done = subprocess.run([found, "-I", "-S", "-c", PYTHON_PROBE], capture_output=True,
                               text=True, timeout=LDD_TIMEOUT, check=True)
