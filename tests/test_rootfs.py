@@ -24,6 +24,7 @@ from pytest_minictr.rootfs.builder import (
     env_command,
     parse_shebang,
 )
+from pytest_minictr.rootfs.cache import default_command
 
 REPO = Path(__file__).resolve().parents[1]
 CHROOT = shutil.which("chroot")
@@ -208,6 +209,20 @@ def test_concurrent_builders_agree_and_leave_no_temp_dirs(tmp_path):
     root = Path(paths.pop())
     assert entries(cache) == [root.parent.name]
     assert (root.parent / rootfs.MANIFEST_NAME).is_file() and (root / "usr/bin/ls").exists()
+
+
+def test_a_recipe_built_into_dest_keeps_its_command_and_nothing_of_the_host(builder, tmp_path):
+    recipe = tmp_path / "echoes.toml"
+    recipe.write_text('binaries = ["sh"]\ncommand = ["sh", "-c", "echo hi"]\n')
+    dest = builder.build(recipe=str(recipe), dest=tmp_path / "dest")
+    ours = [path.name for path in dest.iterdir() if "minictr" in path.name]
+    assert ours == [".minictr-image.json"]
+    assert json.loads((dest / ours[0]).read_text()) == {"command": ["sh", "-c", "echo hi"],
+                                                       "from": "recipe"}
+    assert default_command(str(dest), "command=None") == ("sh", "-c", "echo hi")
+    cached = builder.build(recipe=str(recipe))
+    assert not [path for path in cached.iterdir() if "minictr" in path.name]
+    assert default_command(str(cached), "command=None") == ("sh", "-c", "echo hi")
 
 
 def test_dead_builders_temp_dirs_are_removed_live_ones_kept(builder):
