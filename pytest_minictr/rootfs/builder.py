@@ -43,8 +43,8 @@ from pytest_minictr.rootfs.cache import (
     remove_dead_temp_dirs,
     rootfs_of,
     write_image_config,
+    write_manifest,
 )
-from pytest_minictr.rootfs.cache import write_manifest as _write_manifest  # (tests replace it)
 from pytest_minictr.rootfs.closure import (
     LD_SO_CACHE,
     env_command,
@@ -307,7 +307,7 @@ class RootfsBuilder:
             sources = _populate(root, resolved, search_path, request, link=True)
             if os.geteuid() == 0:
                 shift_ownership(root)  # root inside owns it, with or without an idmap
-            _write_manifest(tmp, request, sources)
+            write_manifest(tmp, request, sources)
             publish(tmp, entry)  # the rootfs and its manifest appear together
             return entry
         except BaseException:
