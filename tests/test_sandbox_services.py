@@ -111,20 +111,33 @@ def test_the_service_is_down(stopped):
     with socket.create_connection(stopped.address(8000), timeout=10) as sock:
         sock.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
         sock.recv(100)
+
+@pytest.fixture
+def host_server():
+    server = socket.create_server(("127.0.0.1", 0))
+    yield server.getsockname()
+    server.close()
+
+@pytest.mark.container
+def test_a_server_of_the_host(host_server):
+    socket.create_connection(host_server, timeout=5)
 '''
 
 
-def test_a_service_down_is_named_in_the_sandbox_network_section(pytester, cache_dir):
+def test_a_refused_connection_is_explained_in_the_sandbox_network_section(pytester, cache_dir):
     pytester.makepyfile(test_down=DOWN)
     result = run(pytester, f"--minictr-cache-dir={cache_dir}")
-    result.assert_outcomes(failed=1)
+    result.assert_outcomes(failed=2)
+    section = ["*- minictr: sandbox network -*",
+               "the body has a network namespace of its own: it reaches the services its "
+               "fixtures started, at their addresses, and nothing else of the host"]
     result.stdout.fnmatch_lines([
-        "E * ConnectionResetError: *",
-        "*- minictr: sandbox network -*",
-        "the body has a network namespace of its own: it reaches the services its fixtures "
-        "started, at their addresses, and nothing else of the host",
+        "E * ConnectionResetError: *", *section,
         "relayed into it: 127.0.0.1:* (stopped)",
-        "127.0.0.1:* (stopped): refused on the host (Connection refused): is the service down?"])
+        "127.0.0.1:* (stopped): refused on the host (Connection refused): is the service down?",
+        # a server of the host's: refused inside, and the section says why
+        "E * ConnectionRefusedError: *", *section,
+        "relayed into it: none (no minictr_service runs)"])
 
 
 @pytest.fixture(scope="module")

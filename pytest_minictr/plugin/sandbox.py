@@ -48,6 +48,7 @@ from pytest_minictr.spec import Limits, Security
 FIXTURE_ONLY = ("binaries", "recipe", "rootfs")
 OUTCOME = pytest.StashKey["BodyOutcome"]()
 MIB = 1024 ** 2
+REFUSED = "Connection refused"  # in a failure: the body tried a server of the host's?
 # setup failures that say the host (or our own sandbox) allows no namespaces here
 _UNAVAILABLE_ERRNOS = (errno.EPERM, errno.EACCES, errno.ENOSPC, errno.EINVAL, errno.ENOSYS)
 
@@ -135,7 +136,8 @@ def run_body(item: pytest.Function, settings: ContainerSettings, runtime: Contai
     told = lease.relay_told()
     end = lease.end(wait=body is None or body["report"]["outcome"] == "failed")
     network = body_network_notes(services, settings.network, [
-        address for line in lines for address in line.get("unreachable", ())], told)
+        address for line in lines for address in line.get("unreachable", ())], told,
+        refused=body is not None and REFUSED in json.dumps(body["report"].get("longrepr")))
     return replace(outcome_of(lines, status, end, settings, item.config), network=network)
 
 

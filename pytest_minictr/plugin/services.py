@@ -118,21 +118,23 @@ class ServiceFactory:
 
 
 def body_network_notes(services: dict[Address, str], network: str, unreachable: list,
-                       told: list[dict]) -> tuple[str, ...]:
+                       told: list[dict], refused: bool = False) -> tuple[str, ...]:
     """The "minictr: sandbox network" section of a failed sandboxed test: what its body could
     reach, and what failed on the way (`unreachable`: [address, port, why] from the body's
-    setup; `told`: what the relay said), so that a refused connection is not a mystery."""
-    if not services:
+    setup; `told`: what the relay said), so that a refused connection is not a mystery.
+    Without services, only for a failure that says a connection was `refused`."""
+    if not services and not refused:
         return ()
     named = {address: f"{_text(address)} ({fixture})" for address, fixture in services.items()}
     if network == "none":
-        return (f"network='none': the body has no network, so not even the services its "
-                f"fixtures started: {', '.join(named.values())}",)
+        return ("network='none': the body has no network, not even the services its "
+                f"fixtures started ({', '.join(named.values()) or 'none was running'})",)
     missing = {(address, port): why for address, port, why in unreachable}
+    relayed = [name for address, name in named.items() if address not in missing]
     notes = ["the body has a network namespace of its own: it reaches the services its "
              "fixtures started, at their addresses, and nothing else of the host",
-             "relayed into it: " + (", ".join(name for address, name in named.items()
-                                             if address not in missing) or "none")]
+             "relayed into it: " + (", ".join(relayed) if relayed else
+                                    "none" if services else "none (no minictr_service runs)")]
     notes += [f"{named.get(address, _text(address))}: {why}" for address, why in missing.items()]
     for line in told:
         if "relay" in line:
