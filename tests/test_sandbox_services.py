@@ -4,6 +4,7 @@ the sandbox's network could not make says so in the test's report."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -18,6 +19,8 @@ import pytest
 
 from pytest_minictr.container.network import hand_over_service_addresses
 from pytest_minictr.forwarder.services import ServiceRelay
+from pytest_minictr.launcher import pods
+from pytest_minictr.plugin.services import body_network_notes
 from tests.unprivileged import pytest_for
 
 pytest_plugins = ["pytester"]
@@ -230,3 +233,19 @@ def test_the_relay_takes_only_listeners_at_a_bodys_addresses_and_lets_go_with_th
     finally:
         for sock in (control, worker, allowed, other, not_listening, datagram):
             sock.close()
+
+
+def test_a_relay_the_launcher_cannot_fork_is_named_in_the_report(monkeypatch):
+    def no_fork(*_args):
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+    monkeypatch.setattr(pods, "_fork", no_fork)
+    worker, intake = socket.socketpair()
+    with worker:
+        pods.Pods(rootless=False, own_pidfd=-1).relay_for_body(intake.detach(),
+                                                               [["127.0.0.1", 5432]])
+        told = [json.loads(line) for line in worker.recv(4096).splitlines()]
+        assert worker.recv(1) == b""  # the launcher let go of the body's socket
+    notes = body_network_notes({("127.0.0.1", 5432): "pg"}, "loopback", [], told)
+    assert notes[1:] == ("relayed into it: none",
+                         "the launcher has no relay to the services: "
+                         "Resource temporarily unavailable")

@@ -130,16 +130,17 @@ def body_network_notes(services: dict[Address, str], network: str, unreachable: 
         return ("network='none': the body has no network, not even the services its "
                 f"fixtures started ({', '.join(named.values()) or 'none was running'})",)
     missing = {(address, port): why for address, port, why in unreachable}
-    relayed = [name for address, name in named.items() if address not in missing]
+    no_relay = [str(line["relay"]) for line in told if "relay" in line]
+    relayed = [] if no_relay else [name for address, name in named.items()
+                                   if address not in missing]
     notes = ["the body has a network namespace of its own: it reaches the services its "
              "fixtures started, at their addresses, and nothing else of the host",
              "relayed into it: " + (", ".join(relayed) if relayed else
                                     "none" if services else "none (no minictr_service runs)")]
+    notes += no_relay
     notes += [f"{named.get(address, _text(address))}: {why}" for address, why in missing.items()]
     for line in told:
-        if "relay" in line:
-            notes.append(str(line["relay"]))
-        else:
+        if "address" in line:
             address = (line["address"][0], line["address"][1])
             notes.append(f"{named.get(address, _text(address))}: refused on the host "
                          f"({os.strerror(line['errno'])}): is the service down?")
