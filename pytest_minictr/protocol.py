@@ -152,9 +152,12 @@ REQUESTS = {
     END_POD: Request(("pod",), (), "a pod no container joined goes (one ends with its last)"),
     PROBE: Request(("id", "port"), ("errno",), "0 if the port accepts a connection inside "
                    "the container's network namespace, else the errno of the attempt"),
-    SANDBOX: Request(("id", "limits", "timeout"), ("init_pid", "cgroup_procs"), "a cgroup with "
-                     "`limits` for a sandboxed test body (see launcher.sandboxes); as root, "
-                     "`init_pid` is the spare whose namespaces it joins", ("events",)),
+    SANDBOX: Request(("id", "limits", "timeout", "services"), ("init_pid", "cgroup_procs"),
+                     "a cgroup with `limits` for a sandboxed test body (see launcher.sandboxes); "
+                     "as root, `init_pid` is the spare whose namespaces it joins; `services` "
+                     "([[address, port]]) the body reaches through a relay on the host, which "
+                     "takes the body's listeners on the fd `relay` (see launcher.pods)",
+                     ("events", "relay")),
     WATCH: Request(("id", "pid"), (), "watch the body forked into a sandbox (None: the fork "
                    "failed); its end goes to the sandbox's events pipe"),
 }

@@ -253,10 +253,12 @@ class ContainerRuntime:
         with self._lock:
             return [c for c in self._running.values() if c.exec_of is None]
 
-    def sandbox(self, limits: Limits, timeout: float | None) -> SandboxLease:
+    def sandbox(self, limits: Limits, timeout: float | None,
+                services: tuple[tuple[str, int], ...] = ()) -> SandboxLease:
         """A cgroup with `limits` for a process the caller forks itself (a sandboxed test
-        body, see `plugin.sandbox`), which the launcher kills at `timeout` and removes."""
-        return SandboxLease(self._client, self._new_id(), limits, timeout)
+        body, see `plugin.sandbox`), which the launcher kills at `timeout` and removes;
+        `services`: the published addresses it may reach, through the launcher's relay."""
+        return SandboxLease(self._client, self._new_id(), limits, timeout, services)
 
     def close(self) -> None:
         """Kill every container still running and stop the launcher."""

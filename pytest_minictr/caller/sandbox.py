@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import socket
 from dataclasses import dataclass
 
 from pytest_minictr import protocol
@@ -29,28 +30,56 @@ class SandboxEnd:
 
 
 class SandboxLease:
-    """One body's cgroup: `cgroup_procs` to join, `watch(pid)` once forked, `end()` after."""
+    """One body's cgroup: `cgroup_procs` to join, `watch(pid)` once forked, `end()` after.
+    With `services`, `relay` is the body's socket to the launcher's relay (see
+    `container.network`); what the relay could not reach is read back with `relay_told()`."""
 
     def __init__(self, client: LauncherClient, sandbox_id: str, limits: Limits,
-                 timeout: float | None):
+                 timeout: float | None, services: tuple[tuple[str, int], ...] = ()):
         self._client = client
         self.id = sandbox_id
         events_r, events_w = os.pipe2(os.O_CLOEXEC)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) if services \
+            else (None, None)
         try:
-            reply = client.call(protocol.SANDBOX, fds=[events_w], id=sandbox_id,
-                                limits=vars(limits), timeout=timeout)
+            reply = client.call(protocol.SANDBOX, fds=[events_w, *_fds(theirs)],
+                                id=sandbox_id, limits=vars(limits), timeout=timeout,
+                                services=[list(address) for address in services])
         except BaseException:
             os.close(events_r)
+            if ours is not None:
+                ours.close()
             raise
         finally:
             os.close(events_w)
+            if theirs is not None:
+                theirs.close()
         self._events = events_r
+        self._relay = ours
+        self.relay: int | None = None if ours is None else ours.fileno()
         self.cgroup_procs: tuple[str, ...] = tuple(reply["cgroup_procs"])
         self.init_pid: int | None = reply["init_pid"]  # as root: the spare init to join
 
     def watch(self, pid: int | None) -> None:
         """From now on the launcher watches `pid` (None: the fork failed; the group goes)."""
         self._client.call(protocol.WATCH, id=self.id, pid=pid)
+
+    def relay_told(self) -> list[dict]:
+        """What the relay told of the body's connections (once the body has ended: each
+        line was sent before the body could see the refusal it tells of), and its end."""
+        if self._relay is None:
+            return []
+        self._relay.setblocking(False)
+        data = b""
+        try:
+            while chunk := self._relay.recv(65536):
+                data += chunk
+        except BlockingIOError:
+            pass
+        finally:
+            self._relay.close()
+            self._relay = None
+        return [json.loads(line) for line in data.splitlines() if line.strip()]
 
     def end(self, wait: bool = True) -> SandboxEnd:
         """The figures; or, not `wait`ing, none (the launcher still cleans up after the body:
@@ -63,4 +92,10 @@ class SandboxLease:
             line = os.read(self._events, 65536)
         finally:
             os.close(self._events)
+            if self._relay is not None:
+                self._relay.close()
         return SandboxEnd(**json.loads(line)) if line else SandboxEnd(lost=True)
+
+
+def _fds(sock: socket.socket | None) -> list[int]:
+    return [] if sock is None else [sock.fileno()]

@@ -44,7 +44,8 @@ BODY_JOINED = (("net", linux.CLONE_NEWNET), ("uts", linux.CLONE_NEWUTS),
 # Actions only a body's plan names. A body is a fork of the pytest worker, so its plan is
 # always carried out by the Python executor: the native core (`container/native`) runs
 # containers' plans and has no need of these.
-BODY_ONLY_ACTIONS = frozenset({"bind_host_root", "close_inherited_handles"})
+BODY_ONLY_ACTIONS = frozenset({"bind_host_root", "close_inherited_handles",
+                               "hand_over_service_addresses"})
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class BodyView:
     network: str
     user_namespace: bool
     security: Security
+    # the published (address, port) of the services the worker runs: reachable from the
+    # body at the same address, through the launcher's relay (see `container.network`)
+    services: tuple[tuple[str, int], ...] = ()
 
 
 class BodyPlan(NamedTuple):
@@ -67,9 +71,12 @@ class BodyPlan(NamedTuple):
     rootless: bool
 
 
-def body_plan(view: BodyView, where: Where, joined: tuple[int, ...] = ()) -> BodyPlan:
-    """`joined`: as root, fds of the spare's namespaces, in BODY_JOINED order."""
-    return BodyPlan(body_namespaces(where, joined), body_view(view, where),
+def body_plan(view: BodyView, where: Where, joined: tuple[int, ...] = (),
+              relay: int | None = None) -> BodyPlan:
+    """`joined`: as root, fds of the spare's namespaces, in BODY_JOINED order; `relay`: the
+    socket to the launcher's relay of `view.services`, if any."""
+    return BodyPlan(body_namespaces(where, joined),
+                    body_view(view, where) + services_inside(view, relay),
                     body_confinement(view, where), where.rootless)
 
 
@@ -115,6 +122,16 @@ def body_view(view: BodyView, where: Where) -> tuple[Step, ...]:
               *pivot_into_root(view),  # type: ignore[arg-type]
               *name_and_network(view, where)]  # type: ignore[arg-type]
     return tuple(steps)
+
+
+def services_inside(view: BodyView, relay: int | None) -> tuple[Step, ...]:
+    """In the body's network namespace, once its loopback is up (as root, the body; without
+    root, its init, which forks the body after): listeners at the services' addresses, handed
+    to the relay. Before the test function runs, so that it finds them there."""
+    if relay is None or not view.services:
+        return ()
+    return (Step("hostname and loopback", "listen at the services' addresses",
+                 "hand_over_service_addresses", (relay, view.services, Ref("report"))),)
 
 
 def body_confinement(view: BodyView, where: Where) -> tuple[Step, ...]:

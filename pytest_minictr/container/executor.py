@@ -31,6 +31,7 @@ ACTIONS: dict[str, Callable[..., Any]] = {
     "nothing": lambda: None,
     "open_low_ports_and_ping": network.open_low_ports_and_ping,
     "own_network": network.own_network,
+    "hand_over_service_addresses": network.hand_over_service_addresses,
     "map_own_ids": userns.map_own_ids,
     "wait_for_id_maps": userns.wait_for_id_maps,
     "fork_init_under_keeper": userns.fork_init_under_keeper,

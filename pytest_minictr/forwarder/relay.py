@@ -16,6 +16,9 @@ Why a process of its own, and why it works this way:
 
 The launcher also asks it, on its control socket, whether a port accepts connections inside
 (`wait_for_port`): two bytes of port number in, one line of errno out (0: accepted).
+
+The same relay, the other way round, gives sandboxed test bodies the services their fixtures
+started: see `forwarder.services`.
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ import select
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from pytest_minictr.container.init import die_with_parent
 from pytest_minictr.host import linux
+
+Address = tuple[str, int]  # (host address, port), as getsockname() gives it
 
 CHUNK = 1 << 20          # bytes moved per splice: a bulk transfer costs few system calls
 READ, WRITE = select.EPOLLIN, select.EPOLLOUT
@@ -38,6 +44,15 @@ SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PROBE_TIMEOUT = 1.0      # a connect on a loopback answers at once, unless its backlog is full
 PROBE = struct.Struct("!H")
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close(2) sends a reset
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a listener's connections go, and who hears (target, errno) when it refuses."""
+
+    target: Address
+    refused: Callable[[Address, int], None] | None = None
 
 
 def run_forwarder(control: int, listeners: dict[int, int], namespaces: tuple[int, ...],
@@ -53,8 +68,9 @@ def run_forwarder(control: int, listeners: dict[int, int], namespaces: tuple[int
         for fd, nstype in zip(namespaces, _nstypes(len(namespaces)), strict=False):
             linux.setns(fd, nstype)
             os.close(fd)
-        Relay(socket.socket(fileno=control), {socket.socket(fileno=fd): port
-                                              for fd, port in listeners.items()}).serve()
+        routes = {socket.socket(fileno=fd): Route(("127.0.0.1", port))
+                  for fd, port in listeners.items()}
+        Relay(socket.socket(fileno=control), routes).serve()
         code = 0
     finally:
         os._exit(code)
@@ -65,20 +81,24 @@ def _nstypes(count: int) -> tuple[int, ...]:
 
 
 class Relay:
-    """Accepts on the listeners, connects inside, moves bytes both ways until both ends have
-    closed; answers the launcher's probes. One thread, one epoll, a handler per fd (raw
-    epoll, not `selectors`: a round trip through us is four of its events, and each
-    microsecond of ours is one of the client's)."""
+    """Accepts on the listeners, connects each connection to its listener's target, moves
+    bytes both ways until both ends have closed; answers the launcher on its control socket
+    (`on_control`: its probes). One thread, one epoll, a handler per fd (raw epoll, not
+    `selectors`: a round trip through us is four of its events, and each microsecond of ours
+    is one of the client's)."""
 
-    def __init__(self, control: socket.socket, listeners: dict[socket.socket, int]):
+    def __init__(self, control: socket.socket, listeners: dict[socket.socket, Route]):
         self.epoll = select.epoll()
         self.handlers: dict[int, Any] = {}
         self.control: socket.socket | None = control  # None once the launcher has gone
-        self.register(control, READ, self._answer_probe)
-        for listener, port in listeners.items():
-            listener.setblocking(False)
-            self.register(listener, READ, lambda _mask, sock=listener, port=port:
-                          self._accept(sock, port))
+        self.register(control, READ, self.on_control)
+        for listener, route in listeners.items():
+            self.listen(listener, route)
+
+    def listen(self, listener: socket.socket, route: Route) -> None:
+        """Relay each connection `listener` accepts by `route`."""
+        listener.setblocking(False)
+        self.register(listener, READ, lambda _mask: self._accept(listener, route))
 
     def register(self, sock: socket.socket, mask: int, handler: Callable[..., None]) -> None:
         self.epoll.register(sock.fileno(), mask)
@@ -99,7 +119,8 @@ class Relay:
                 if handler is not None:  # (an fd closed by an earlier event of this round)
                     handler(mask)
 
-    def _answer_probe(self, _mask: int) -> None:
+    def on_control(self, _mask: int) -> None:
+        """The launcher's probe: is a port accepting inside?"""
         control = self.control
         assert control is not None  # the serve loop runs only while there is one
         request = control.recv(PROBE.size)
@@ -108,28 +129,44 @@ class Relay:
             return
         control.sendall(b"%d\n" % probe(PROBE.unpack(request)[0]))
 
-    def _accept(self, listener: socket.socket, port: int) -> None:
+    def _accept(self, listener: socket.socket, route: Route) -> None:
         try:
-            outside, _ = listener.accept()
+            accepted, _ = listener.accept()
         except (BlockingIOError, ConnectionAbortedError):
             return
-        inside = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        for sock in (outside, inside):
+        onward = socket.socket(_family(route.target[0]), socket.SOCK_STREAM)
+        for sock in (accepted, onward):
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if inside.connect_ex(("127.0.0.1", port)) not in (0, errno.EINPROGRESS):
-            outside.close()  # nothing listens inside: the client sees the connection end
-            inside.close()
+        failure = onward.connect_ex(route.target)
+        if failure not in (0, errno.EINPROGRESS):
+            _give_up(accepted, onward, route, failure)
             return
-        self.register(inside, WRITE, lambda _mask: self._connected(outside, inside))
+        self.register(onward, WRITE, lambda _mask: self._connected(accepted, onward, route))
 
-    def _connected(self, outside: socket.socket, inside: socket.socket) -> None:
-        self.unregister(inside)
-        if inside.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-            outside.close()
-            inside.close()
+    def _connected(self, accepted: socket.socket, onward: socket.socket, route: Route) -> None:
+        self.unregister(onward)
+        failure = onward.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if failure:
+            _give_up(accepted, onward, route, failure)
             return
-        Connection(self, outside, inside)
+        Connection(self, accepted, onward)
+
+
+def _give_up(accepted: socket.socket, onward: socket.socket, route: Route,
+             failure: int) -> None:
+    """Nothing listens at the target (or it is unreachable): told first, so that the telling
+    is there before the client can act on it; then the client's connection is reset, as near
+    a refusal as an accepted connection comes (an orderly end reads as an empty answer)."""
+    if route.refused is not None:
+        route.refused(route.target, failure)
+    accepted.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    accepted.close()
+    onward.close()
+
+
+def _family(address: str) -> int:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
 class Connection:

@@ -8,19 +8,29 @@ probed (`wait_for_port`), a pod's when the caller makes the pod. Its first conta
 network namespace becomes the pod's; the forwarder (see `forwarder.relay`) is forked into
 it then. When its last container ends, the forwarder is killed and the listeners and the
 namespace fds closed: the kernel frees the namespace with its last process.
+
+The service relay is the same forwarder the other way round, for the sandboxed test bodies:
+one per launcher, forked at first need; the listeners are the bodies', made in their network
+namespaces, and it connects to the services' published addresses on the host (see
+`forwarder.services`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError
 from pytest_minictr.forwarder.relay import PROBE, run_forwarder
+from pytest_minictr.forwarder.services import run_service_relay
 from pytest_minictr.host.proc import open_namespaces
 from pytest_minictr.ports import Port
 from pytest_minictr.spec import ContainerSpec
@@ -88,7 +98,7 @@ class Pod:
         once it has answered the run (a fork is slow, the more so under load):
         the caller goes on meanwhile, and a connection made before waits in the backlog."""
         if self.listeners and self.forwarder is None and not self.gone and self.joined:
-            self.forwarder = _fork_forwarder(self, parent_pidfd)
+            self.forwarder = _fork_forwarder_of(self, parent_pidfd)
 
     @property
     def gone(self) -> bool:
@@ -99,7 +109,7 @@ class Pod:
         if self.gone:
             return errno.ECONNREFUSED  # (a forwarder without a namespace would be the host's)
         if self.forwarder is None:
-            self.forwarder = _fork_forwarder(self, parent_pidfd)
+            self.forwarder = _fork_forwarder_of(self, parent_pidfd)
         return self.forwarder.probe(port)
 
     def leave(self, container_id: str) -> bool:
@@ -131,6 +141,7 @@ class Pods:
         self.by_key: dict[str, Pod] = {}
         self.of: dict[str, Pod] = {}          # by id of a running container
         self.forwarders_due: list[Pod] = []   # forked once the run is answered
+        self.service_relay: Forwarder | None = None  # the sandboxed bodies' (see above)
 
     def for_run(self, container_id: str, spec: ContainerSpec) -> Pod | None:
         """The pod it joins, or one of the container's own for its published ports; bound
@@ -182,6 +193,31 @@ class Pods:
         if pod is not None and pod.leave(container_id):
             del self.by_key[pod.key]
 
+    def relay_for_body(self, intake: int, reachable: list) -> None:
+        """Hand the service relay a sandboxed body's socket (`intake`, which we close) and
+        the addresses it may reach ([address, port] each). A relay that cannot be had (no
+        process to spare: EAGAIN) is told on `intake`: the worker names it in the report."""
+        order = json.dumps(reachable).encode()
+        try:
+            for attempt in range(2):  # the relay was killed since: another one
+                if self.service_relay is None:
+                    self.service_relay = _fork(lambda control: run_service_relay(
+                        control, self.own_pidfd), socket.SOCK_SEQPACKET)
+                try:
+                    socket.send_fds(self.service_relay.control, [order], [intake])
+                    return
+                except OSError:
+                    self.service_relay.end()
+                    self.service_relay = None
+                    if attempt:
+                        raise
+        except OSError as error:
+            line = {"relay": f"the launcher has no relay to the services: {error.strerror}"}
+            with contextlib.suppress(OSError):
+                os.write(intake, json.dumps(line).encode() + b"\n")
+        finally:
+            os.close(intake)
+
     def start_due_forwarders(self) -> None:
         while self.forwarders_due:
             pod = self.forwarders_due.pop()
@@ -194,6 +230,9 @@ class Pods:
     def end_all(self) -> None:
         for pod in list(self.by_key.values()):
             self._end(pod)
+        if self.service_relay is not None:
+            self.service_relay.end()
+            self.service_relay = None
 
     def _end(self, pod: Pod) -> None:
         pod.end()
@@ -241,14 +280,19 @@ def _open_namespaces(child_pid: int, rootless: bool) -> tuple[int, ...]:
     return tuple(opened.values())
 
 
-def _fork_forwarder(pod: Pod, parent_pidfd: int) -> Forwarder:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+def _fork_forwarder_of(pod: Pod, parent_pidfd: int) -> Forwarder:
+    return _fork(lambda control: run_forwarder(
+        control, {sock.fileno(): port.container_port for sock, port in pod.listeners.items()},
+        pod.namespaces, parent_pidfd))
+
+
+def _fork(life: Callable[[int], NoReturn], kind: int = socket.SOCK_STREAM) -> Forwarder:
+    """Fork a forwarder that lives `life` (given its end of the control socket)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
     try:
         pid = os.fork()
         if pid == 0:
-            run_forwarder(theirs.fileno(), {sock.fileno(): port.container_port
-                                            for sock, port in pod.listeners.items()},
-                          pod.namespaces, parent_pidfd)
+            life(theirs.fileno())
     except BaseException:
         ours.close()
         raise

@@ -240,8 +240,10 @@ class Launcher:
                 cgroup, init_pid = spare.cgroup, spare.pid
                 release = functools.partial(self.starter.spares.discard, spare)
         except BaseException:
-            os.close(fds[0])
+            linux.close_each(fds)
             raise
+        if message["services"]:
+            self.pods.relay_for_body(fds[1], message["services"])
         self.sandboxes[message["id"]] = Sandbox(message["id"], cgroup, fds[0],
                                                 message["timeout"], release)
         return {"ok": True, "init_pid": init_pid,

@@ -109,7 +109,9 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     try:
         if _BODY_RUNTIME not in config.stash:
             config.stash[_BODY_RUNTIME] = ContainerRuntime()
-        outcome = sandbox.run_body(pyfuncitem, settings, config.stash[_BODY_RUNTIME])
+        services = config.stash.get(_SERVICES, None)
+        outcome = sandbox.run_body(pyfuncitem, settings, config.stash[_BODY_RUNTIME],
+                                   services.published() if services is not None else {})
         problem = None
     except UnsupportedError as error:
         problem = error

@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
 import pytest
@@ -41,12 +41,14 @@ from pytest_minictr.errors import ConfigError, UnsupportedError
 from pytest_minictr.host import linux
 from pytest_minictr.host.proc import open_namespaces
 from pytest_minictr.keywords import ContainerSettings
+from pytest_minictr.plugin.services import body_network_notes
 from pytest_minictr.plugin.settings import SessionSettings, merge_marker
 from pytest_minictr.spec import Limits, Security
 
 FIXTURE_ONLY = ("binaries", "recipe", "rootfs")
 OUTCOME = pytest.StashKey["BodyOutcome"]()
 MIB = 1024 ** 2
+REFUSED = "Connection refused"  # in a failure: the body tried a server of the host's?
 # setup failures that say the host (or our own sandbox) allows no namespaces here
 _UNAVAILABLE_ERRNOS = (errno.EPERM, errno.EACCES, errno.ENOSPC, errno.EINVAL, errno.ENOSYS)
 
@@ -58,6 +60,7 @@ class BodyOutcome:
     report: dict | None           # the child's serialized call report
     failure: str | None           # one line, where there is no report
     notes: tuple[str, ...] = ()   # the figures, for the report's "minictr: sandbox" section
+    network: tuple[str, ...] = ()  # for its "minictr: sandbox network" section
 
 
 def wants_sandbox(item: pytest.Item, session: SessionSettings) -> bool:
@@ -77,9 +80,11 @@ def body_settings(item: pytest.Item, session: SessionSettings) -> ContainerSetti
     return merge_marker(session.defaults, item)
 
 
-def body_view(item: pytest.Function, settings: ContainerSettings) -> BodyView:
+def body_view(item: pytest.Function, settings: ContainerSettings,
+              services: tuple[tuple[str, int], ...] = ()) -> BodyView:
     """The host read-only; writable: the test's tmp_path and `writable=`. Under /tmp (private
-    to the body) the worker's cwd and rootdir are shown read-only: the test's own files."""
+    to the body) the worker's cwd and rootdir are shown read-only: the test's own files. Its
+    network: its own, where the services' addresses lead to them (network='none': nothing)."""
     tmp = item.funcargs.get("tmp_path") or item.funcargs.get("tmpdir")
     writable = (*([os.path.realpath(str(tmp))] if tmp is not None else []), *settings.writable)
     cwd = os.getcwd()
@@ -89,17 +94,19 @@ def body_view(item: pytest.Function, settings: ContainerSettings) -> BodyView:
         writable=tuple(dict.fromkeys(writable)), hostname=settings.hostname,
         network=settings.network, user_namespace=settings.user,
         security=Security(seccomp=settings.seccomp, allow_syscalls=settings.allow_syscalls,
-                          capabilities=settings.capabilities, rlimits=settings.rlimits or ()))
+                          capabilities=settings.capabilities, rlimits=settings.rlimits or ()),
+        services=services if settings.network != "none" else ())
 
 
-def run_body(item: pytest.Function, settings: ContainerSettings,
-             runtime: ContainerRuntime) -> BodyOutcome:
-    """In the worker: fork the body into its sandbox, wait for its end, read what it sent."""
-    view = body_view(item, settings)
+def run_body(item: pytest.Function, settings: ContainerSettings, runtime: ContainerRuntime,
+             services: dict[tuple[str, int], str]) -> BodyOutcome:
+    """In the worker: fork the body into its sandbox, wait for its end, read what it sent.
+    `services`: the published addresses of the services running (and their fixtures)."""
+    view = body_view(item, settings, tuple(services))
     if view.security.seccomp:
         seccomp.host_filter(view.security.allow_syscalls)  # built once, inherited
     lease = runtime.sandbox(Limits(settings.memory, settings.cpus, settings.pids),
-                            settings.timeout)
+                            settings.timeout, view.services)
     where = Where(cgroup_procs=lease.cgroup_procs, rootless=lease.init_pid is None)
     namespaces = _open_namespaces(lease.init_pid)
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
@@ -107,7 +114,7 @@ def run_body(item: pytest.Function, settings: ContainerSettings,
     try:
         try:
             plan = body_plan(view, where, tuple(namespaces[name] for name, _ in BODY_JOINED
-                                                if name in namespaces))
+                                                if name in namespaces), lease.relay)
             pid = _fork(namespaces.get("pid"))
             if pid == 0:
                 live_as_body(plan, report_w, item, settings.env)
@@ -126,8 +133,12 @@ def run_body(item: pytest.Function, settings: ContainerSettings,
             lease.end(wait=False)
     # the figures are for a failed test's report: a passed one need not wait for them
     body = next((line for line in lines if "report" in line), None)
+    told = lease.relay_told()
     end = lease.end(wait=body is None or body["report"]["outcome"] == "failed")
-    return outcome_of(lines, status, end, settings, item.config)
+    network = body_network_notes(services, settings.network, [
+        address for line in lines for address in line.get("unreachable", ())], told,
+        refused=body is not None and REFUSED in json.dumps(body["report"].get("longrepr")))
+    return replace(outcome_of(lines, status, end, settings, item.config), network=network)
 
 
 def _open_namespaces(init_pid: int | None) -> dict[str, int]:
@@ -331,6 +342,8 @@ def apply_outcome(item: pytest.Item, report: pytest.TestReport, outcome: BodyOut
             del report.wasxfail
     if outcome.notes and (report.failed or outcome.failure):
         report.sections.append(("minictr: sandbox", "\n".join(outcome.notes)))
+    if outcome.network and (report.failed or outcome.failure):
+        report.sections.append(("minictr: sandbox network", "\n".join(outcome.network)))
 
 
 def _size(size: int | None) -> str:

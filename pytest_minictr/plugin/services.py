@@ -16,6 +16,7 @@ its fixtures started.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from pytest_minictr.errors import ConfigError, MinictrError
 from pytest_minictr.keywords import BY_NAME
 from pytest_minictr.rootfs.builder import RootfsBuilder
 
+Address = tuple[str, int]  # a published (host address, port)
 LOG_TAIL = 4096          # bytes of each stream a failed test's report shows
 STOP_GRACE = 5.0         # seconds a service has to shut down cleanly at its scope's end
 DRAIN_INTERVAL = 0.2     # seconds between two reads of a service's output
@@ -102,11 +104,52 @@ class ServiceFactory:
         for service in list(self.services):
             self._stop(service)
 
+    def published(self) -> dict[Address, str]:
+        """The published (address, port) of every service started and not stopped yet, and
+        the fixture (or test) that started it: what a sandboxed body reaches."""
+        return {address: service.fixture for service in self.services
+                for address in service.container.published.values()}
+
     def report_sections(self, item: pytest.Item) -> list[tuple[str, str]]:
         """The log tails of the services of `item`'s fixtures (or of its body)."""
         used = set(getattr(item, "fixturenames", ())) | {item.name}
         return [(f"minictr service {service.fixture}", service.log_tail())
                 for service in self.services if service.fixture in used]
+
+
+def body_network_notes(services: dict[Address, str], network: str, unreachable: list,
+                       told: list[dict], refused: bool = False) -> tuple[str, ...]:
+    """The "minictr: sandbox network" section of a failed sandboxed test: what its body could
+    reach, and what failed on the way (`unreachable`: [address, port, why] from the body's
+    setup; `told`: what the relay said), so that a refused connection is not a mystery.
+    Without services, only for a failure that says a connection was `refused`."""
+    if not services and not refused:
+        return ()
+    named = {address: f"{_text(address)} ({fixture})" for address, fixture in services.items()}
+    if network == "none":
+        return ("network='none': the body has no network, not even the services its "
+                f"fixtures started ({', '.join(named.values()) or 'none was running'})",)
+    missing = {(address, port): why for address, port, why in unreachable}
+    no_relay = [str(line["relay"]) for line in told if "relay" in line]
+    relayed = [] if no_relay else [name for address, name in named.items()
+                                   if address not in missing]
+    notes = ["the body has a network namespace of its own: it reaches the services its "
+             "fixtures started, at their addresses, and nothing else of the host",
+             "relayed into it: " + (", ".join(relayed) if relayed else
+                                    "none" if services else "none (no minictr_service runs)")]
+    notes += no_relay
+    notes += [f"{named.get(address, _text(address))}: {why}" for address, why in missing.items()]
+    for line in told:
+        if "address" in line:
+            address = (line["address"][0], line["address"][1])
+            notes.append(f"{named.get(address, _text(address))}: refused on the host "
+                         f"({os.strerror(line['errno'])}): is the service down?")
+    return tuple(notes)
+
+
+def _text(address: Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _library_keywords(keywords: dict[str, Any]) -> dict[str, Any]:
