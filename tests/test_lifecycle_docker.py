@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from pytest_minictr.cli.detached.records import Store
+from pytest_minictr.cli.detached.records import Record, Store
 
 from . import test_lifecycle
 from .helpers import eventually
@@ -135,3 +135,52 @@ def test_bad_input_to_the_new_commands_is_one_line_and_125(minictr, args, messag
     done = minictr(*args)
     assert done.returncode == 125 and message in done.stderr, done.stderr
     assert done.stderr.count(b"\n") == 1
+
+
+def test_ps_q_lists_ids_and_ps_json_is_one_array(minictr):
+    assert json.loads(minictr("ps", "--json").stdout) == []
+    running = start(minictr, "sleep", "60")
+    ended = start(minictr, "true")
+    minictr("wait", ended)
+    assert minictr("ps", "-q").stdout == f"{running}\n".encode()
+    assert sorted(minictr("ps", "-aq").stdout.split()) == sorted([running.encode(),
+                                                                  ended.encode()])
+    listed = json.loads(minictr("ps", "-a", "--json").stdout)
+    assert [(r["id"], r["status"]) for r in listed] == [(running, "running"),
+                                                        (ended, "exited (0)")]
+
+
+def test_an_unambiguous_id_prefix_works_wherever_an_id_does(minictr):
+    cid = start(minictr, "sh", "-c", "echo hi; sleep 60")
+    prefix = cid[:3]
+    assert eventually(lambda: minictr("logs", prefix).stdout == b"hi\n")
+    assert minictr("exec", prefix, "--", "echo", "in").stdout == b"in\n"
+    assert json.loads(minictr("inspect", prefix).stdout)[0]["id"] == cid
+    assert json.loads(minictr("stats", "--json", prefix).stdout)["limits"] is not None
+    assert minictr("stop", "--time", "0", prefix).returncode == 0
+    assert minictr("wait", prefix).stdout == b"137\n"
+    assert minictr("rm", prefix).returncode == 0 and not (Store().root / cid).exists()
+
+
+def test_an_ambiguous_prefix_is_an_error_naming_the_candidates(minictr):
+    store = Store()
+    for cid in ("abc000000001", "abc000000002"):
+        store.create(Record(id=cid, command=("true",), created=time.time(), status="exited",
+                            returncode=0))
+    for args in (["inspect", "abc"], ["rm", "abc0000000"], ["logs", "ab"]):
+        done = minictr(*args)
+        assert done.returncode == 125 and done.stderr == (
+            f"minictr: error: {args[-1]!r} names more than one container: abc000000001, "
+            "abc000000002 (give more of the id)\n").encode(), done.stderr
+    assert minictr("rm", "abc000000002").returncode == 0
+    assert json.loads(minictr("inspect", "abc").stdout)[0]["id"] == "abc000000001"
+    named = start(minictr, "true", options=("--name", "abc"))  # a name beats a prefix
+    assert json.loads(minictr("inspect", "abc").stdout)[0]["id"] == named
+    assert minictr("inspect", "").returncode == 125
+
+
+def test_stats_prints_the_limits_as_text(minictr):
+    cid = start(minictr, "sleep", "60", options=("--memory", "64M", "--pids", "32"))
+    shown = minictr("stats", cid)
+    assert shown.returncode == 0 and b"{" not in shown.stdout, shown.stdout
+    assert b"limits: memory 64M, cpus unlimited, pids 32\n" in shown.stdout

@@ -25,7 +25,7 @@ from typing import Any
 from pytest_minictr import protocol
 from pytest_minictr.cli.detached import logs, shim
 from pytest_minictr.cli.detached.records import Record, Store
-from pytest_minictr.cli.ends import exit_status, print_end_line
+from pytest_minictr.cli.ends import exit_status, print_end_line, size_text
 from pytest_minictr.cli.flags import argparse_type, command_of, flag_value
 from pytest_minictr.cli.terminal import Terminal, run_on_terminal
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError, MinictrError
@@ -40,7 +40,9 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     """The lifecycle subcommands, on the CLI's subparsers."""
     ps = commands.add_parser("ps", help="list detached containers")
     ps.add_argument("--all", "-a", action="store_true", help="also those that have ended")
-    ps.add_argument("--json", action="store_true", help="one JSON object per line")
+    ps.add_argument("--json", action="store_true",
+                    help="one JSON array of the records (`[]` when there are none)")
+    ps.add_argument("--quiet", "-q", action="store_true", help="only the ids, one a line")
     ps.add_argument("--prune", action="store_true", help="remove the records of ended ones")
     ps.set_defaults(handler=list_containers)
 
@@ -146,9 +148,12 @@ def list_containers(args: argparse.Namespace) -> int:
                 _remove_quietly(store, record.id)
         records = [r for r in records if r.alive]
     shown = records if args.all else [r for r in records if r.alive]
-    if args.json:
+    if args.json:  # one document, as `inspect` prints: a reader parses it at once
+        print(json.dumps([{**vars(record), "status": record.shown_status} for record in shown]))
+        return 0
+    if args.quiet:
         for record in shown:
-            print(json.dumps({**vars(record), "status": record.shown_status}))
+            print(record.id)
         return 0
     print(f"{'ID':<14}{'NAME':<16}{'STATUS':<22}{'CREATED':<21}COMMAND")
     for record in shown:
@@ -235,8 +240,22 @@ def show_stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats))
         return 0
     for name, value in stats.items():
-        print(f"{name}: {value}")
+        print(f"{name}: {_stat_text(name, value)}")
     return 0
+
+
+def _stat_text(name: str, value: Any) -> str:
+    """One figure of `stats` as a person reads it: sizes in K/M/G, limits as words."""
+    if name == "limits":
+        return ", ".join(f"{limit} {'unlimited' if amount is None else _stat_text(limit, amount)}"
+                         for limit, amount in value.items())
+    if value is None:
+        return "unknown"  # this host has no such figure (no cgroup)
+    if name.startswith("memory"):
+        return size_text(value)
+    if name == "cpu_time":
+        return f"{value:.3f} s"
+    return "yes" if value is True else "no" if value is False else str(value)
 
 
 def show_ports(args: argparse.Namespace) -> int:
