@@ -155,6 +155,32 @@ def test_ends_the_user_did_not_ask_for_get_one_line(cache_dir):
     assert (ordinary.returncode, ordinary.stderr) == (5, b"")
 
 
+def test_a_reader_that_went_away_is_not_an_end_to_report(cache_dir):
+    """`minictr run -- seq 1 100000 | head -1`: seq dies of SIGPIPE once head has gone; the
+    user asked for that, so no line, and the shell's status (141) as Docker gives it."""
+    done = subprocess.run(
+        ["bash", "-c", f'set -o pipefail; "{sys.executable}" -m pytest_minictr run -- '
+                       "seq 1 100000 | head -1"],
+        capture_output=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "MINICTR_CACHE_DIR": str(cache_dir)})
+    assert (done.returncode, done.stdout, done.stderr) == (141, b"1\n", b"")
+    # a SIGPIPE while our output is still read was no one's wish: it is reported
+    inside = minictr("run", "--", "sh", "-c", "kill -PIPE $$", cache_dir=cache_dir)
+    assert (inside.returncode, inside.stderr) == (
+        141, b"minictr: the command was killed by SIGPIPE\n")
+
+
+def test_run_json_into_a_pipe_nobody_reads_exits_quietly(cache_dir):
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "wb") as stdout:
+        done = subprocess.run([sys.executable, "-m", "pytest_minictr", "run", "--json", "--",
+                               "true"], stdout=stdout, stderr=subprocess.PIPE, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(REPO),
+                                   "MINICTR_CACHE_DIR": str(cache_dir)})
+    assert (done.returncode, done.stderr) == (141, b"")
+
+
 @pytest.mark.needs_limits
 def test_an_oom_kill_names_the_limit_and_the_peak(cache_dir):
     done = minictr("run", "--memory", "16M", "--", "sh", "-c",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import subprocess
 import sys
 import time
@@ -184,3 +185,23 @@ def test_stats_prints_the_limits_as_text(minictr):
     shown = minictr("stats", cid)
     assert shown.returncode == 0 and b"{" not in shown.stdout, shown.stdout
     assert b"limits: memory 64M, cpus unlimited, pids 32\n" in shown.stdout
+
+
+def into_a_closed_pipe(*args: str) -> subprocess.CompletedProcess:
+    """minictr with its stdout a pipe nobody reads any more (`| head -1` once head is gone)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "wb") as stdout:
+        return subprocess.run([sys.executable, "-m", "pytest_minictr", *args], stdout=stdout,
+                              stderr=subprocess.PIPE, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(test_lifecycle.REPO)})
+
+
+def test_a_reader_that_went_away_ends_every_command_quietly(minictr):
+    cid = start(minictr, "sh", "-c", "echo out; sleep 60", options=("--name", "piped"))
+    assert eventually(lambda: minictr("logs", cid).stdout == b"out\n")
+    for args in (["ps"], ["ps", "-a", "--json"], ["inspect", "piped"], ["logs", cid],
+                 ["logs", "-f", cid], ["stats", cid], ["rootfs", "list"]):
+        done = into_a_closed_pipe(*args)
+        assert (done.returncode, done.stderr) == (141, b""), args
+    assert into_a_closed_pipe("--help").stderr == b""  # (argparse ignores the error: 0)

@@ -36,6 +36,7 @@ from pytest_minictr.cli.ends import (
     EXIT_RUNTIME_ERROR,
     exit_status,
     print_end_line,
+    reader_went_away,
 )
 from pytest_minictr.cli.flags import Parser, add_keyword_flags, command_of, flag_value, spelled
 from pytest_minictr.cli.terminal import Terminal, run_on_terminal
@@ -61,11 +62,14 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
-        return args.handler(args)
-    except MinictrError as error:
-        _complain(error, _wants_json(argv))
-        return _status_of(error)
+        try:
+            args = build_parser().parse_args(argv)
+            return args.handler(args)
+        except MinictrError as error:
+            _complain(error, _wants_json(argv))
+            return _status_of(error)
+    except BrokenPipeError:
+        return reader_went_away()
 
 
 def _status_of(error: BaseException) -> int:
