@@ -141,8 +141,11 @@ def test_bad_input_to_the_new_commands_is_one_line_and_125(minictr, args, messag
 def test_ps_q_lists_ids_and_ps_json_is_one_array(minictr):
     assert json.loads(minictr("ps", "--json").stdout) == []
     running = start(minictr, "sleep", "60")
-    ended = start(minictr, "true")
+    ended = start(minictr, "true", options=("--name", "a-name-longer-than-its-column-was"))
     minictr("wait", ended)
+    table = minictr("ps", "-a").stdout.decode().splitlines()
+    status = table[0].index("STATUS")  # the columns line up whatever the names hold
+    assert [line[status:].split()[0] for line in table] == ["STATUS", "running", "exited"]
     assert minictr("ps", "-q").stdout == f"{running}\n".encode()
     assert sorted(minictr("ps", "-aq").stdout.split()) == sorted([running.encode(),
                                                                   ended.encode()])

@@ -79,14 +79,6 @@ def _reader_gone(fd: int) -> bool:
     return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
-def size_text(size: int) -> str:
-    """Bytes as `docker stats` shows them: 64M, 1.5G, 812K (binary units, one decimal)."""
-    for unit, letter in ((2**30, "G"), (2**20, "M"), (2**10, "K")):
-        if size >= unit:
-            return f"{size / unit:.1f}".removesuffix(".0") + letter
-    return f"{size}B"
-
-
 def _mib(size: int | None) -> str:
     return "unknown" if size is None else f"{size / 2**20:.1f}M"
 

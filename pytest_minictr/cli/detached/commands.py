@@ -25,9 +25,10 @@ from typing import Any
 from pytest_minictr import protocol
 from pytest_minictr.cli.detached import logs, shim
 from pytest_minictr.cli.detached.records import Record, Store
-from pytest_minictr.cli.ends import exit_status, print_end_line, size_text
+from pytest_minictr.cli.ends import exit_status, print_end_line
 from pytest_minictr.cli.flags import argparse_type, command_of, flag_value
 from pytest_minictr.cli.terminal import Terminal, run_on_terminal
+from pytest_minictr.cli.text import print_table, size_text
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError, MinictrError
 from pytest_minictr.keywords import BY_NAME
 from pytest_minictr.spec import ContainerSpec
@@ -155,11 +156,10 @@ def list_containers(args: argparse.Namespace) -> int:
         for record in shown:
             print(record.id)
         return 0
-    print(f"{'ID':<14}{'NAME':<16}{'STATUS':<22}{'CREATED':<21}COMMAND")
-    for record in shown:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
-        print(f"{record.id:<14}{record.name or '-':<16}{record.shown_status:<22}{created:<21}"
-              f"{' '.join(record.command)}")
+    print_table([("ID", "NAME", "STATUS", "CREATED", "COMMAND")] + [
+        (record.id, record.name or "-", record.shown_status,
+         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created)),
+         " ".join(record.command)) for record in shown])
     return 0
 
 
