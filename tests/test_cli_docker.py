@@ -100,8 +100,6 @@ def test_environment_from_the_host_from_a_file_and_w_for_cwd(tmp_path, cache_dir
     (["--env-file", "/no/such/file"], b"--env-file '/no/such/file': No such file"),
     (["-e", "1BAD"], b"--env='1BAD': expected NAME=VALUE or NAME"),
     (["-w", "relative"], b"--cwd='relative'"),
-    (["--name", "web"], b"--name goes with -d"),
-    (["--rm"], b"--rm goes with -d"),
     (["--name", "bad name", "-d"], b"--name 'bad name': expected letters"),
     (["-t", "-d"], b"-t with -d: minictr cannot attach"),
     (["--read-only=yes"], b"ignored explicit argument 'yes'"),

@@ -208,3 +208,37 @@ def test_a_reader_that_went_away_ends_every_command_quietly(minictr):
         done = into_a_closed_pipe(*args)
         assert (done.returncode, done.stderr) == (141, b""), args
     assert into_a_closed_pipe("--help").stderr == b""  # (argparse ignores the error: 0)
+
+
+def test_a_named_foreground_container_is_reached_from_another_shell(minictr):
+    foreground = subprocess.Popen(
+        [sys.executable, "-m", "pytest_minictr", "run", *test_lifecycle.BINARIES, "--name",
+         "fg", "--", "sh", "-c", "echo started; sleep 60"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(test_lifecycle.REPO)})
+    try:
+        assert foreground.stdout.readline() == b"started\n"  # to our terminal, not to logs
+        assert eventually(lambda: [(r["name"], r["status"]) for r in json.loads(
+            minictr("ps", "--json").stdout)] == [("fg", "running")])
+        assert minictr("exec", "fg", "--", "echo", "beside").stdout == b"beside\n"
+        assert json.loads(minictr("inspect", "fg").stdout)[0]["state"]["running"] is True
+        logs = minictr("logs", "fg")
+        assert logs.returncode == 125 and b"ran in the foreground" in logs.stderr
+        assert minictr("stop", "--time", "0.5", "fg").returncode == 0
+        _, err = foreground.communicate(timeout=30)
+    finally:
+        foreground.kill()
+        foreground.wait()
+    assert (foreground.returncode, err) == (143, b"")  # a stop asked for: no end line
+    assert json.loads(minictr("ps", "-a", "--json").stdout)[0]["status"] == "stopped (143)"
+    assert minictr("rm", "fg").returncode == 0
+
+
+def test_a_foreground_rm_leaves_no_record_and_a_name_without_it_stays(minictr):
+    done = minictr("run", "--rm", "--name", "once", "--", "sh", "-c", "exit 3")
+    assert (done.returncode, done.stderr) == (3, b"") and Store().ids() == []
+    assert minictr("run", "--rm", "--", "true").returncode == 0
+    assert minictr("run", "--name", "kept", "--", "true").returncode == 0
+    listed = json.loads(minictr("ps", "-a", "--json").stdout)
+    assert [(r["name"], r["status"]) for r in listed] == [("kept", "exited (0)")]
+    taken = minictr("run", "--name", "kept", "--", "true")
+    assert taken.returncode == 125 and b"--name 'kept': already names container" in taken.stderr

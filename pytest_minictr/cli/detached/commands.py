@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import select
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from typing import Any
 
 from pytest_minictr import protocol
 from pytest_minictr.cli.detached import logs, shim
-from pytest_minictr.cli.detached.records import Record, Store
+from pytest_minictr.cli.detached.records import Store
 from pytest_minictr.cli.ends import exit_status, print_end_line
 from pytest_minictr.cli.flags import argparse_type, command_of, flag_value
 from pytest_minictr.cli.terminal import Terminal, run_on_terminal
@@ -102,12 +101,7 @@ def run_detached(spec: ContainerSpec, options: dict, name: str | None = None,
     """Start the container of `spec` (checked by `run`) under a shim of its own, print its id
     once it runs. `options`: the flags given, kept in the record."""
     store = Store()
-    container_id = secrets.token_hex(6)
-    record = Record(id=container_id, command=spec.argv, created=time.time(), rootfs=spec.rootfs,
-                    options=_as_json(options), name=name, remove=remove,
-                    logs=tuple(str(store.path(container_id) / name)
-                               for name in ("stdout.log", "stderr.log")))
-    store.create(record)
+    record = store.new(spec.argv, spec.rootfs, as_json(options), name, remove, logs=True)
     order = {"state_dir": str(store.root), "id": record.id, "spec": spec.to_dict()}
     started = subprocess.Popen([sys.executable, "-m", "pytest_minictr.cli.detached.shim"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -313,7 +307,7 @@ def _ask_if_running(container_id: str, message: dict, fds: tuple[int, ...] = ()
     return reply
 
 
-def _as_json(options: dict) -> dict:
+def as_json(options: dict) -> dict:
     """The flags given, as the record keeps them (a Mount as its fields)."""
     return json.loads(json.dumps(options, default=vars))
 

@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -37,6 +38,7 @@ from pytest_minictr.host.proc import read_stat
 
 RECORD = "state.json"
 NAMES = "names"
+LOGS = ("stdout.log", "stderr.log")
 ID_PATTERN = re.compile(r"[0-9a-f]{12}")
 PREFIX_PATTERN = re.compile(r"[0-9a-f]{1,12}")
 
@@ -134,6 +136,17 @@ class Store:
         """The ids of every record, whatever its state."""
         entries = sorted(self.root.iterdir()) if self.root.is_dir() else []
         return [entry.name for entry in entries if ID_PATTERN.fullmatch(entry.name)]
+
+    def new(self, command: tuple[str, ...], rootfs: str, options: dict, name: str | None,
+            remove: bool, logs: bool) -> Record:
+        """The record of a container about to start (`logs`: its output kept here), its
+        --name claimed: ConfigError if another holds it, before anything starts."""
+        container_id = secrets.token_hex(6)
+        kept = tuple(str(self.root / container_id / log) for log in LOGS) if logs else ()
+        record = Record(id=container_id, command=command, created=time.time(), rootfs=rootfs,
+                        options=options, name=name, remove=remove, logs=kept)
+        self.create(record)
+        return record
 
     def create(self, record: Record) -> Path:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
