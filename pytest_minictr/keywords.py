@@ -81,8 +81,7 @@ def _soft_hard(text: str) -> tuple[int | str, ...]:
 
 def _check_recipe(value: Any, name: str) -> str:
     """A recipe the rootfs builder can find; ConfigError names an unknown one."""
-    # imported here: the recipe module (glob, shutil, TOML) is for a rootfs build, and the
-    # caller's import of the schema would pay for it (bz2 and lzma come with shutil)
+    # imported here: a rootfs build's module (glob, shutil, TOML), not the schema's to pay for
     from pytest_minictr.rootfs.recipe import find
     find(value)
     return str(value)
@@ -209,17 +208,19 @@ KEYWORDS = (
             "(runtime.pod())", marker=False, library="pod"),
     Keyword("layer", validate.check_layer_dir, "a host directory keeping the container's writes",
             marker=False, library="layer"),
+    Keyword("run_as", confinement.check_run_as, "the command's uid[:gid] inside (numbers; gid "
+            "0 if not given); must be mapped", marker=False, library="run_as",
+            flag=Flag(("--user", "-u"), metavar="UID[:GID]")),
 )
 BY_NAME = {keyword.name: keyword for keyword in KEYWORDS}
 DEFAULTS = {keyword.name: keyword.default for keyword in KEYWORDS}
 MARKER_KEYWORDS = tuple(keyword.name for keyword in KEYWORDS if keyword.marker)
 OPTION_KEYWORDS = tuple(keyword for keyword in KEYWORDS if keyword.option)
 FLAG_KEYWORDS = tuple(keyword for keyword in KEYWORDS if keyword.flag is not None)
-# library name (the marker's too) -> (keyword, its check when the name is an older one with
-# another unit)
+# every name run() takes -> (keyword, the check of an older name with another unit)
 _LIBRARY = {**{name: (k, None) for k in KEYWORDS if k.library for name in (k.library, k.name)},
             **{name: (k, check) for k in KEYWORDS for name, check in k.legacy}}
-_SPELLINGS = {spelling: k for k in KEYWORDS for spelling in k.spellings}
+_SPELLINGS = {s: k for k in reversed(KEYWORDS) for s in k.spellings}  # `user=` over `--user`
 
 if TYPE_CHECKING:
     ContainerSettings = Any  # its fields are the table's: made at run time, unseen by mypy
@@ -254,8 +255,7 @@ def check_library_keywords(given: Mapping[str, Any]) -> dict[str, Any]:
     spelled: dict[str, str] = {}
     for name, value in given.items():
         if name not in _LIBRARY:
-            raise _unknown("ContainerRuntime.run()", name, _LIBRARY,
-                           lambda keyword: keyword.library)
+            raise _unknown("ContainerRuntime.run()", name, _LIBRARY, lambda k: k.library)
         keyword, legacy_check = _LIBRARY[name]
         if keyword.name in spelled:
             raise ConfigError(f"{spelled[keyword.name]}={given[spelled[keyword.name]]!r} and "
@@ -351,6 +351,7 @@ def spec_from(image: Any, command: Any, checked: Mapping[str, Any]) -> Container
         read_only=values["read_only"],
         ports=values["ports"],
         pod=values["pod"],
+        run_as=values["run_as"],
     )
 
 

@@ -242,3 +242,8 @@ def test_a_foreground_rm_leaves_no_record_and_a_name_without_it_stays(minictr):
     assert [(r["name"], r["status"]) for r in listed] == [("kept", "exited (0)")]
     taken = minictr("run", "--name", "kept", "--", "true")
     assert taken.returncode == 125 and b"--name 'kept': already names container" in taken.stderr
+
+
+def test_exec_in_a_user_container_runs_as_its_user(minictr):
+    cid = start(minictr, "sleep", "60", options=("-u", "1000:1000"))
+    assert minictr("exec", cid, "--", "id", "-u").stdout == b"1000\n"
