@@ -10,11 +10,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
-from pytest_minictr.cli.detached.records import Record, Store
+from pytest_minictr.cli.detached.records import Record, Store, state_dir
 
 from . import test_lifecycle
 from .helpers import eventually
@@ -247,3 +248,28 @@ def test_a_foreground_rm_leaves_no_record_and_a_name_without_it_stays(minictr):
 def test_exec_in_a_user_container_runs_as_its_user(minictr):
     cid = start(minictr, "sleep", "60", options=("-u", "1000:1000"))
     assert minictr("exec", cid, "--", "id", "-u").stdout == b"1000\n"
+
+
+def test_a_state_directory_someone_else_made_is_refused(minictr, tmp_path, monkeypatch):
+    """Without XDG_RUNTIME_DIR an ordinary user's records live in /tmp/minictr-UID, a name
+    anyone may take first."""
+    squatted = tmp_path / "squatted"
+    squatted.mkdir(mode=0o755)
+    os.chown(squatted, 12345, 12345)
+    monkeypatch.setenv("MINICTR_STATE_DIR", str(squatted))
+    for args in (["ps"], ["run", "-d", "--", "true"]):
+        done = minictr(*args)
+        assert done.returncode == 125 and done.stderr == (
+            f"minictr: error: state directory {squatted}: not a directory of yours that only "
+            "you may write (uid 12345, drwxr-xr-x); remove it, or set XDG_RUNTIME_DIR or "
+            "MINICTR_STATE_DIR to one\n").encode(), done.stderr
+    monkeypatch.setenv("MINICTR_STATE_DIR", str(tmp_path / "state"))  # for the teardown
+
+
+def test_without_xdg_runtime_dir_records_go_to_the_temp_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("MINICTR_STATE_DIR", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    assert state_dir() == tmp_path / "minictr-1000"

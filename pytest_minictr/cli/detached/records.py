@@ -10,10 +10,14 @@ does: no daemon, one directory per container in the state directory.
 
 Wherever a command takes an id it takes a name, or an unambiguous prefix of an id (`resolve`).
 
-The state directory is /run/minictr for root, $XDG_RUNTIME_DIR/minictr otherwise (or
-$MINICTR_STATE_DIR). A record names the shim process by pid *and* start time (field 22 of
-/proc/PID/stat): a pid the kernel has given to another process since is never taken for it.
-A record whose shim is gone (killed, machine rebooted) reads as exited.
+The state directory is $MINICTR_STATE_DIR, else /run/minictr for root, else
+$XDG_RUNTIME_DIR/minictr, else minictr-UID in the temp dir ($TMPDIR or /tmp: a login without
+systemd's session has no XDG_RUNTIME_DIR). It must be ours and written by us alone: a /tmp
+name is anyone's to make first, and records name sockets we connect to and files we read.
+
+A record names the shim process by pid *and* start time (field 22 of /proc/PID/stat): a pid
+the kernel has given to another process since is never taken for it. A record whose shim is
+gone (killed, machine rebooted) reads as exited.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -85,6 +90,17 @@ def state_dir() -> Path:
     return Path(tempfile.gettempdir(), f"minictr-{os.geteuid()}")
 
 
+def _check_private(root: Path) -> None:
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        return  # made when the first record is
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise ConfigError(f"state directory {root}: not a directory of yours that only you may "
+                          f"write (uid {st.st_uid}, {stat.filemode(st.st_mode)}); remove it, or "
+                          "set XDG_RUNTIME_DIR or MINICTR_STATE_DIR to one")
+
+
 def process_start_time(pid: int) -> int | None:
     """When `pid` started (clock ticks after boot); None if no such process runs (a zombie
     waiting for its parent to reap it runs no more)."""
@@ -97,6 +113,7 @@ class Store:
 
     def __init__(self, root: Path | None = None):
         self.root = root or state_dir()
+        _check_private(self.root)
 
     def path(self, container_id: str) -> Path:
         if not ID_PATTERN.fullmatch(container_id):
@@ -150,6 +167,7 @@ class Store:
 
     def create(self, record: Record) -> Path:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_private(self.root)  # made meanwhile by someone else?
         if record.name is not None:
             self._claim_name(record.name, record.id)
         directory = self.path(record.id)
