@@ -28,6 +28,7 @@ def _code(text: str) -> str:
 def _cell(keyword) -> dict[str, str]:
     """One keyword's row, column by column ('' where a front end does not take it)."""
     library = [keyword.library] if keyword.library else []
+    library += [keyword.name] if library and keyword.name not in library else []
     library += [name for name, _ in keyword.legacy]
     flag = keyword.flag.names if keyword.flag is not None else ()
     return {

@@ -1,6 +1,7 @@
 """What loosens a container's confinement, by name: the capabilities it may keep, the resource
 limits it may set, the calls of the default seccomp filter it may let through; the lists of
-those names and the checks of what a user names against them.
+those names and the checks of what a user names against them. And who the command runs as
+inside (`run_as`, Docker's --user).
 
 The names are declared here, at the bottom, so that one list serves both sides: the checks at
 the edge (`allow_syscalls=`, `capabilities=`, `rlimits=`) and the container side that turns
@@ -123,3 +124,33 @@ def _rlimit_value(keyword: str, name: str, shown: Any, value: Any) -> int:
         raise ConfigError(f"{keyword}: {name}={shown!r}: expected a number from 0 to 2**63, "
                           "'unlimited', or a (soft, hard) pair of them")
     return value
+
+
+MAX_ID = 2 ** 32 - 1  # (uid_t)-1 means "unchanged" to setresuid: never an id
+
+
+def check_run_as(value: Any, name: str = "run_as") -> tuple[int, int] | None:
+    """Docker's --user in numbers: 1000 or '1000' (gid 0, as Docker gives a uid without a
+    passwd entry), '1000:1000' or (1000, 1000). Names are not looked up: a rootfs built from
+    host binaries has no accounts. Whether the ids are mapped is the launcher's to say."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        user, colon, group = value.partition(":")
+        pair: Any = (user, group if colon else "0")
+    else:
+        pair = (value, 0) if isinstance(value, int) else value
+    ids = [_id_number(v) for v in pair] \
+        if isinstance(pair, (tuple, list)) and len(pair) == 2 else [None, None]
+    uid, gid = ids
+    if uid is None or gid is None:
+        raise ConfigError(f"{name}={value!r}: expected UID[:GID] as numbers from 0 to "
+                          f"{MAX_ID - 1}, e.g. 1000 or '1000:1000' (names are not looked up)")
+    return uid, gid
+
+
+def _id_number(value: Any) -> int | None:
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_ID
+    return value if ok else None

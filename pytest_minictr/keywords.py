@@ -5,10 +5,13 @@ keyword error), the `--minictr-*` options with their ini keys and `MINICTR_*` va
 flags of `minictr run`, and the keywords of `ContainerRuntime.run()`. Each front end checks a
 value once, naming it as its user spelled it (`memory=`, `--minictr-memory=`, `--memory=`,
 `memory_limit=`), into the value `spec.spec_from()` puts into the frozen `ContainerSpec`.
+`ContainerRuntime.run()` takes the marker's names too (`memory=` as `memory_limit=`), and an
+unknown keyword is matched against every spelling of every keyword for a "did you mean".
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -78,8 +81,7 @@ def _soft_hard(text: str) -> tuple[int | str, ...]:
 
 def _check_recipe(value: Any, name: str) -> str:
     """A recipe the rootfs builder can find; ConfigError names an unknown one."""
-    # imported here: the recipe module (glob, shutil, TOML) is for a rootfs build, and the
-    # caller's import of the schema would pay for it (bz2 and lzma come with shutil)
+    # imported here: a rootfs build's module (glob, shutil, TOML), not the schema's to pay for
     from pytest_minictr.rootfs.recipe import find
     find(value)
     return str(value)
@@ -114,6 +116,15 @@ class Keyword:
     flag: Flag | None = None
     from_text: Check = _as_given
     legacy: tuple[tuple[str, Check], ...] = ()  # older library names, each with its own unit
+    instead: str = ""              # where a keyword the library lacks goes there
+
+    @property
+    def spellings(self) -> tuple[str, ...]:
+        """Every name a user may write for it somewhere, as a keyword would spell it."""
+        flags = self.flag.names if self.flag is not None else ()
+        return (self.name, *filter(None, [self.library]), *(name for name, _ in self.legacy),
+                *(f"minictr_{self.name}",) * self.option,
+                *(flag.lstrip("-").replace("-", "_") for flag in flags if flag[1] == "-"))
 
     def validate(self, value: Any, spelled: str) -> Any:
         if value is None and self.nullable:
@@ -138,17 +149,19 @@ KEYWORDS = (
             "(default); never the host's network", default="loopback", nullable=False,
             library="network", flag=Flag(("--network",), choices=validate.NETWORK_MODES)),
     Keyword("binaries", validate.check_binaries, "host programs (with their libraries) the "
-            "rootfs holds"),
-    Keyword("recipe", _check_recipe, "build the rootfs from this recipe (minimal, "
-            "busybox, python3, or a .toml path)"),
+            "rootfs holds", instead="build the image: RootfsBuilder().build(binaries=[...])"),
+    Keyword("recipe", _check_recipe, "build the rootfs from this recipe (minimal, busybox, "
+            "python3, or a .toml path)", instead="build the image: RootfsBuilder().build("
+            "recipe=...)"),
     Keyword("rootfs", validate.check_prepared_rootfs, "a prepared rootfs directory to run on "
-            "instead of one built from host binaries", option=True),
+            "instead of one built from host binaries", option=True,
+            instead="the image is run()'s first argument"),
     Keyword("hostname", validate.check_hostname, "the container's hostname", default="minictr",
             nullable=False, library="hostname", flag=Flag(("--hostname",))),
     # Marker only: a container writes to its layer, and shares host paths with `mounts`.
     Keyword("writable", validate.check_writable, "host paths a sandboxed test body may write "
             "besides its tmp_path (the rest of the host is read-only to it)", default=(),
-            nullable=False),
+            nullable=False, instead="a container writes to its layer; mounts= binds host paths"),
     Keyword("cwd", validate.check_container_path, "working directory inside the container",
             default="/", nullable=False, marker=False, library="cwd", flag=Flag(("--cwd", "-w"))),
     Keyword("env", validate.check_env, "set NAME=VALUE in the container's (otherwise clean) "
@@ -195,15 +208,19 @@ KEYWORDS = (
             "(runtime.pod())", marker=False, library="pod"),
     Keyword("layer", validate.check_layer_dir, "a host directory keeping the container's writes",
             marker=False, library="layer"),
+    Keyword("run_as", confinement.check_run_as, "the command's uid[:gid] inside (numbers; gid "
+            "0 if not given); must be mapped", marker=False, library="run_as",
+            flag=Flag(("--user", "-u"), metavar="UID[:GID]")),
 )
 BY_NAME = {keyword.name: keyword for keyword in KEYWORDS}
 DEFAULTS = {keyword.name: keyword.default for keyword in KEYWORDS}
 MARKER_KEYWORDS = tuple(keyword.name for keyword in KEYWORDS if keyword.marker)
 OPTION_KEYWORDS = tuple(keyword for keyword in KEYWORDS if keyword.option)
 FLAG_KEYWORDS = tuple(keyword for keyword in KEYWORDS if keyword.flag is not None)
-# library name -> (keyword, its check when the name is an older one with another unit)
-_LIBRARY = {**{k.library: (k, None) for k in KEYWORDS if k.library},
+# every name run() takes -> (keyword, the check of an older name with another unit)
+_LIBRARY = {**{name: (k, None) for k in KEYWORDS if k.library for name in (k.library, k.name)},
             **{name: (k, check) for k in KEYWORDS for name, check in k.legacy}}
+_SPELLINGS = {s: k for k in reversed(KEYWORDS) for s in k.spellings}  # `user=` over `--user`
 
 if TYPE_CHECKING:
     ContainerSettings = Any  # its fields are the table's: made at run time, unseen by mypy
@@ -238,8 +255,7 @@ def check_library_keywords(given: Mapping[str, Any]) -> dict[str, Any]:
     spelled: dict[str, str] = {}
     for name, value in given.items():
         if name not in _LIBRARY:
-            raise ConfigError(f"ContainerRuntime.run(): unknown keyword {name!r} "
-                              f"(known: {', '.join(_LIBRARY)})")
+            raise _unknown("ContainerRuntime.run()", name, _LIBRARY, lambda k: k.library)
         keyword, legacy_check = _LIBRARY[name]
         if keyword.name in spelled:
             raise ConfigError(f"{spelled[keyword.name]}={given[spelled[keyword.name]]!r} and "
@@ -253,8 +269,22 @@ def check_library_keywords(given: Mapping[str, Any]) -> dict[str, Any]:
 def check_marker_names(names: Iterable[str]) -> None:
     unknown = sorted(set(names) - set(MARKER_KEYWORDS))
     if unknown:
-        raise ConfigError(f"@pytest.mark.container: unknown keyword {unknown[0]!r} "
-                          f"(known: {', '.join(MARKER_KEYWORDS)})")
+        raise _unknown("@pytest.mark.container", unknown[0], MARKER_KEYWORDS,
+                       lambda keyword: keyword.name if keyword.marker else None)
+
+
+def _unknown(where: str, name: str, known: Iterable[str],
+             named_here: Callable[[Keyword], str | None]) -> ConfigError:
+    """The error for an unknown keyword, with the closest spelling of any keyword anywhere
+    (`memory-limit`, `--publish`, `memroy`) as `where` spells that keyword."""
+    known, keyword = list(known), _SPELLINGS.get(name)
+    if keyword is not None and keyword.instead and named_here(keyword) is None:
+        return ConfigError(f"{where}: unknown keyword {name!r}: {keyword.instead}")
+    closest = difflib.get_close_matches(name.lstrip("-").replace("-", "_").lower(), _SPELLINGS)
+    suggestion = closest and (closest[0] if closest[0] in known
+                              else named_here(_SPELLINGS[closest[0]]))
+    hint = f"did you mean {suggestion!r}? " if suggestion else ""
+    return ConfigError(f"{where}: unknown keyword {name!r} ({hint}known: {', '.join(known)})")
 
 
 def check_marker_value(name: str, value: Any) -> Any:
@@ -321,6 +351,7 @@ def spec_from(image: Any, command: Any, checked: Mapping[str, Any]) -> Container
         read_only=values["read_only"],
         ports=values["ports"],
         pod=values["pod"],
+        run_as=values["run_as"],
     )
 
 

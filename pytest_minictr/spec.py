@@ -91,6 +91,7 @@ class ContainerSpec:
     terminal: bool = False
     ports: tuple[Port, ...] = ()   # published on the caller's side (see `ports`)
     pod: str | None = None         # the pod whose network namespace it shares
+    run_as: tuple[int, int] | None = None  # (uid, gid) of the init and the command inside
 
     def to_dict(self) -> dict[str, Any]:
         # by hand: dataclasses.asdict deep-copies every field, a tenth of a millisecond
@@ -115,4 +116,5 @@ class ContainerSpec:
             rlimits=tuple(tuple(limit) for limit in values["security"]["rlimits"]))
         values["mounts"] = tuple(Mount(**m) for m in values["mounts"])
         values["ports"] = from_dicts(values["ports"])
+        values["run_as"] = None if values["run_as"] is None else tuple(values["run_as"])
         return cls(**values)

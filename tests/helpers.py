@@ -38,3 +38,20 @@ def skip_unless_others_reach_the_checkout() -> None:
     closed = [str(d) for d in [REPO, *REPO.parents] if not os.stat(d).st_mode & 0o001]
     if closed:
         pytest.skip(f"an unprivileged user cannot reach this checkout ({closed[0]} is closed)")
+
+
+def launcher_of(pid: int) -> int:
+    """The minictr launcher above `pid` (a container's init: its child as root, its keeper's
+    without root)."""
+    while pid > 1:
+        if b"pytest_minictr.launcher.server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat[stat.rindex(")") + 2:].split()[1])
+    raise LookupError("no minictr launcher above it")
+
+
+def command_of(init: int) -> int | None:
+    """The pid of a container's command (its init's child), once the init has spawned it."""
+    children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+    return int(children[0]) if children else None

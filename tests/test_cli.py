@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from pytest_minictr import RootfsBuilder
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 REPO = Path(__file__).resolve().parent.parent
@@ -110,3 +113,24 @@ def test_main_in_process_gives_the_signal_handlers_back(rootfs, capfd, monkeypat
         monkeypatch.setattr("sys.stdin", stdin)
         assert main(["run", "--rootfs", str(rootfs), "--", "true"]) == 0
     assert {signum: signal.getsignal(signum) for signum in FORWARDED} == before
+
+
+def test_rootfs_list_sizes_are_disk_usage_and_its_columns_line_up(tmp_path):
+    cache = tmp_path / "cache"
+    for binaries in (["sh"], ["sh", "cat"]):
+        RootfsBuilder(cache_dir=cache).build(binaries=binaries)
+    first = sorted(entry for entry in cache.iterdir() if not entry.name.startswith("."))[0]
+    first.rename(f"{first}.stale-0123abcd")  # as a rebuild leaves one: a longer key
+    listed = json.loads(minictr("rootfs", "list", "--json", cache_dir=cache).stdout)
+    for entry in listed:  # what `du -s` says the entry takes on disk, hard links once
+        du = subprocess.run(["du", "-s", "--block-size=1", entry["path"]], capture_output=True,
+                            text=True, check=True).stdout.split()[0]
+        assert entry["size"] == int(du) > 0 and 0 <= entry["shared"] <= entry["size"]
+    lines = minictr("rootfs", "list", cache_dir=cache).stdout.decode().splitlines()
+    assert len(lines) == 3 and any(".stale-0123abcd" in line for line in lines)
+    for column in ("RECIPE", "BINARIES"):  # words start under their header
+        start = lines[0].index(column)
+        assert all(line[start - 1] == " " != line[start] for line in lines[1:]), lines
+    for column in ("SIZE", "SHARED", "AGE"):  # numbers end under theirs
+        end = lines[0].index(column) + len(column)
+        assert all(line[end - 1] != " " == line[end] for line in lines[1:]), lines

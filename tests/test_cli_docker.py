@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ from pytest_minictr import ContainerRuntime
 from pytest_minictr.cli.docker_flags import env_file, mount_option, volume_mount
 from pytest_minictr.errors import ConfigError
 from pytest_minictr.spec import Mount
+
+from .helpers import command_of, eventually, launcher_of, process_gone
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.usefixtures("no_leftovers")
@@ -101,8 +104,6 @@ def test_environment_from_the_host_from_a_file_and_w_for_cwd(tmp_path, cache_dir
     (["--env-file", "/no/such/file"], b"--env-file '/no/such/file': No such file"),
     (["-e", "1BAD"], b"--env='1BAD': expected NAME=VALUE or NAME"),
     (["-w", "relative"], b"--cwd='relative'"),
-    (["--name", "web"], b"--name goes with -d"),
-    (["--rm"], b"--rm goes with -d"),
     (["--name", "bad name", "-d"], b"--name 'bad name': expected letters"),
     (["-t", "-d"], b"-t with -d: minictr cannot attach"),
     (["--read-only=yes"], b"ignored explicit argument 'yes'"),
@@ -154,6 +155,90 @@ def test_ends_the_user_did_not_ask_for_get_one_line(cache_dir):
     assert signalled.stderr == b"minictr: the command was killed by SIGSEGV\n"
     ordinary = minictr("run", "--", "sh", "-c", "exit 5", cache_dir=cache_dir)
     assert (ordinary.returncode, ordinary.stderr) == (5, b"")
+
+
+def test_a_reader_that_went_away_is_not_an_end_to_report(cache_dir):
+    """`minictr run -- seq 1 100000 | head -1`: seq dies of SIGPIPE once head has gone; the
+    user asked for that, so no line, and the shell's status (141) as Docker gives it."""
+    done = subprocess.run(
+        ["bash", "-c", f'set -o pipefail; "{sys.executable}" -m pytest_minictr run -- '
+                       "seq 1 100000 | head -1"],
+        capture_output=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "MINICTR_CACHE_DIR": str(cache_dir)})
+    assert (done.returncode, done.stdout, done.stderr) == (141, b"1\n", b"")
+    # a SIGPIPE while our output is still read was no one's wish: it is reported
+    inside = minictr("run", "--", "sh", "-c", "kill -PIPE $$", cache_dir=cache_dir)
+    assert (inside.returncode, inside.stderr) == (
+        141, b"minictr: the command was killed by SIGPIPE\n")
+
+
+def test_run_json_into_a_pipe_nobody_reads_exits_quietly(cache_dir):
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "wb") as stdout:
+        done = subprocess.run([sys.executable, "-m", "pytest_minictr", "run", "--json", "--",
+                               "true"], stdout=stdout, stderr=subprocess.PIPE, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(REPO),
+                                   "MINICTR_CACHE_DIR": str(cache_dir)})
+    assert (done.returncode, done.stderr) == (141, b"")
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_user_runs_the_command_and_its_init_as_that_uid_without_capabilities(native,
+                                                                             cache_dir):
+    done = minictr("run", "-u", "1000:1001", "--", "sh", "-c",
+                   "id -u; id -g; id -G; grep -E '^(Uid|CapEff)' /proc/self/status /proc/1/status;"
+                   " touch /tmp/mine && echo wrote; touch /etc/x || echo refused",
+                   env={"MINICTR_NATIVE": native}, cache_dir=cache_dir)
+    assert done.stdout.decode().split() == [
+        "1000", "1001", "1001", "/proc/self/status:Uid:", *["1000"] * 4,
+        "/proc/self/status:CapEff:", "0000000000000000",
+        "/proc/1/status:Uid:", *["1000"] * 4, "/proc/1/status:CapEff:", "0000000000000000",
+        "wrote", "refused"], done.stderr
+    assert minictr("run", "--user", "7", "--", "id", "-g", cache_dir=cache_dir,
+                   env={"MINICTR_NATIVE": native}).stdout == b"0\n"  # Docker's gid: 0
+
+
+def test_user_ids_must_be_numbers_and_mapped(cache_dir):
+    for user in ("nobody", "1000:", "-1", "4294967295"):
+        named = minictr("run", "-u", user, "--", "true", cache_dir=cache_dir)
+        assert named.returncode == 125 and b"expected UID[:GID] as numbers" in named.stderr
+    unmapped = minictr("run", "-u", "1000:70000", "--", "true", cache_dir=cache_dir)
+    assert unmapped.returncode == 125 and unmapped.stderr == (
+        b"minictr: error: run_as='1000:70000': gid 70000 is not mapped in the container's "
+        b"user namespace (container ids 0-65535 are)\n")
+
+
+@pytest.mark.needs_root  # --no-userns: the host's own ids
+def test_user_without_a_user_namespace_is_that_host_uid(cache_dir):
+    done = minictr("run", "--no-userns", "-u", "70000:70000", "--", "sh", "-c",
+                   "id -u; cat /proc/self/uid_map", cache_dir=cache_dir)
+    assert done.stdout.split() == [b"70000", b"0", b"0", b"4294967295"], done.stderr
+
+
+def test_the_library_takes_run_as(runtime, rootfs):
+    result = runtime.run(rootfs, ["id", "-u"], run_as=(33, 33)).wait()
+    assert (result.returncode, result.stdout) == (0, b"33\n"), result.stderr
+    with pytest.raises(ConfigError, match="run_as=True: expected UID"):
+        runtime.run(rootfs, ["true"], run_as=True)
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_a_run_as_container_dies_with_its_launcher(rootfs, monkeypatch, native):
+    """Leaving uid 0 disarms the parent death signal (a kernel rule): armed again after the
+    switch, a killed launcher takes the container with it at once."""
+    monkeypatch.setenv("MINICTR_NATIVE", native)  # the launcher started below reads it
+    runtime = ContainerRuntime()
+    container = runtime.run(rootfs, ["sleep", "600"], run_as=1000)
+    try:
+        assert eventually(lambda: command_of(container.pid) is not None)  # past the switch
+        os.kill(launcher_of(container.pid), signal.SIGKILL)
+        # (nothing calls the runtime meanwhile: a new launcher reaps a dead one's cgroups)
+        assert eventually(lambda: process_gone(container.pid), timeout=5)
+    finally:
+        if not process_gone(container.pid):
+            os.kill(container.pid, signal.SIGKILL)
+        runtime.close()
 
 
 @pytest.mark.needs_limits

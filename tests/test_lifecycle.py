@@ -54,9 +54,9 @@ def test_a_detached_container_outlives_its_cli_and_is_reached_by_others(minictr)
     cid = start(minictr, "sh", "-c", "echo out; echo err >&2; echo kept > /tmp/f; sleep 60",
                 options=("--hostname", "svc"))
     assert time.monotonic() - started < 30 and len(cid) == 12
-    listed = minictr("ps", "--json").stdout.decode().splitlines()
-    assert [json.loads(line)["id"] for line in listed] == [cid]
-    listed_record = json.loads(listed[0])
+    listed = json.loads(minictr("ps", "--json").stdout)
+    assert [record["id"] for record in listed] == [cid]
+    listed_record = listed[0]
     assert listed_record["status"] == "running" and listed_record["options"]["hostname"] == "svc"
     assert listed_record["logs"][0].endswith(f"{cid}/stdout.log")
     assert eventually(lambda: minictr("logs", cid).stdout == b"out\n")

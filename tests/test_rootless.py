@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -15,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from pytest_minictr import RootfsBuilder
-from tests.helpers import skip_unless_others_reach_the_checkout
+from tests.helpers import (
+    command_of,
+    eventually,
+    launcher_of,
+    process_gone,
+    skip_unless_others_reach_the_checkout,
+)
 from tests.unprivileged import SYSTEM_PYTHON, pytest_for, python_as, user_site
 
 REPO = Path(__file__).resolve().parent.parent
@@ -310,6 +317,35 @@ def account(request, open_place):
             file.unlink(missing_ok=True)
         else:
             file.write_text(text)
+
+
+def test_a_user_inside_is_mapped_or_refused_for_a_real_account(account, site_for_users):
+    as_account = python_as(account.uid, account.gid, account.home, site_for_users)
+    run = as_account("-m", "pytest_minictr", "run", "--bin", "id", "-u", "1000:1000", "--",
+                     "sh", "-c", "id -u; id -g")
+    if account.ranges:  # container ids 1-65535 are its subordinate ids
+        assert (run.returncode, run.stdout.split()) == (0, ["1000", "1000"]), run.stderr
+    else:
+        assert run.returncode == 125 and run.stderr == (
+            "minictr: error: run_as='1000:1000': uid 1000 is not mapped in the container's user "
+            "namespace (without subordinate ids only container root, 0, is: newuidmap and "
+            "newgidmap with ranges of yours in /etc/subuid and /etc/subgid map 1-65535; see "
+            "`minictr doctor`)\n"), run.stderr
+    root = as_account("-m", "pytest_minictr", "run", "--bin", "id", "-u", "0", "--", "id", "-u")
+    assert (root.returncode, root.stdout) == (0, "0\n"), root.stderr
+    if account.ranges:  # the switch disarmed the init's parent death signal: armed again
+        started = as_account("-m", "pytest_minictr", "run", "-d", "--bin", "sleep", "-u",
+                             "1000", "--", "sleep", "600")
+        cid = started.stdout.strip()
+        try:
+            init = json.loads(as_account("-m", "pytest_minictr", "inspect", cid).stdout)[0]
+            assert eventually(lambda: command_of(init["init_pid"]) is not None)
+            os.kill(launcher_of(init["init_pid"]), signal.SIGKILL)
+            assert eventually(lambda: process_gone(init["init_pid"]))
+        finally:
+            as_account("-m", "pytest_minictr", "rm", "-f", cid)
+            shutil.rmtree(Path(tempfile.gettempdir(), f"minictr-{account.uid}"),
+                          ignore_errors=True)  # its state directory: no XDG_RUNTIME_DIR
 
 
 def test_doctor_run_and_the_plugin_agree_for_a_real_account(account, site_for_users):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pytest_minictr import ConfigError, ContainerSpec, Mount, parse_size
 from pytest_minictr.confinement import UNLIMITED
-from pytest_minictr.keywords import make_spec
+from pytest_minictr.keywords import check_marker_names, make_spec
 from pytest_minictr.sizes import MAX_SIZE
 from pytest_minictr.validate import MAX_SECONDS, check_seconds, parse_cpus
 
@@ -275,3 +275,50 @@ def test_security_keywords_become_one_value():
 def test_user_namespace_is_the_default():
     assert make_spec("/", ["x"]).user_namespace
     assert make_spec("/", ["x"], user=None).user_namespace
+
+
+@pytest.mark.parametrize("marker, library, value", [
+    ("memory", "memory_limit", "64M"), ("pids", "pids_limit", 32), ("cpus", "cpu_limit", 0.5),
+])
+def test_the_library_takes_the_markers_spelling_too(marker, library, value):
+    # one schema: `memory=` means in ContainerRuntime.run() what it means on the marker
+    library_value = 50 if library == "cpu_limit" else value  # percent of one CPU
+    by_marker = make_spec("/", ["x"], **{marker: value}).limits
+    assert by_marker == make_spec("/", ["x"], **{library: library_value}).limits
+    with pytest.raises(ConfigError, match=f"{marker}=.* and {library}=.* both set {marker}: "
+                                          "give one of them"):
+        make_spec("/", ["x"], **{marker: value, library: library_value})
+
+
+@pytest.mark.parametrize("typed, suggested", [
+    ("memroy", "memory"), ("memory-limit", "memory_limit"), ("pid_limit", "pids_limit"),
+    ("time_out", "timeout"), ("capability", "capabilities"),
+])
+def test_an_unknown_keyword_gets_a_did_you_mean_from_the_schema(typed, suggested):
+    with pytest.raises(ConfigError, match=rf"unknown keyword {typed!r} \(did you mean "
+                                          rf"{suggested!r}\?"):
+        make_spec("/", ["x"], **{typed: 1})
+
+
+@pytest.mark.parametrize("typed, suggested", [
+    ("memory_limit", "memory"), ("pids_limit", "pids"), ("--cpus", "cpus"),
+    ("cap_add", "capabilities"), ("ulimit", "rlimits"), ("cwd", None),
+])
+def test_the_marker_suggests_its_own_spelling(typed, suggested):
+    hint = rf"did you mean {suggested!r}\? " if suggested else ""
+    with pytest.raises(ConfigError, match=rf"^@pytest.mark.container: unknown keyword "
+                                          rf"{typed!r} \({hint}known: memory, cpus"):
+        check_marker_names([typed])
+
+
+def test_a_marker_only_keyword_in_the_library_says_where_it_goes():
+    with pytest.raises(ConfigError, match=r"unknown keyword 'binaries'.*RootfsBuilder\(\)"
+                                          r"\.build\(binaries="):
+        make_spec("/", ["x"], binaries=["sh"])
+
+
+@pytest.mark.needs_limits
+def test_run_with_the_markers_memory_spelling_is_enforced(runtime, rootfs):
+    result = runtime.run(rootfs, ["sh", "-c", 'a=x; while :; do a="$a$a"; done'],
+                         memory="32M", pids=32, timeout=60).wait()
+    assert result.oom_killed is True and result.memory_peak <= 33 * 1024**2

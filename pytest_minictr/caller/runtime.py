@@ -212,12 +212,13 @@ class ContainerRuntime:
         stream there instead (the CLI passes its own). `stdin` defaults to /dev/null, or to a
         pipe fed with `input`.
 
-        The keywords (declared in `keywords.KEYWORDS`): `memory_limit` ('64M' or bytes),
-        `cpus` (CPUs, 0.5 = half of one; or the older `cpu_limit`, percent of one CPU),
-        `pids_limit`, `timeout` (seconds), `env`, `cwd`, `hostname`, `network`, `mounts`,
-        `output_limit`, `layer_size`. `layer`: an existing host directory that keeps the
-        container's writes (in its `upper` subdirectory), so that the next container given
-        it sees them; by default writes go to a tmpfs that vanishes with the container.
+        The keywords (declared in `keywords.KEYWORDS`; the marker's names work too:
+        `memory=` is `memory_limit=`): `memory_limit` ('64M' or bytes), `cpus` (CPUs, 0.5 =
+        half of one; or the older `cpu_limit`, percent of one CPU), `pids_limit`, `timeout`
+        (seconds), `env`, `cwd`, `hostname`, `network`, `mounts`, `output_limit`,
+        `layer_size`. `layer`: an existing host directory that keeps the container's writes
+        (in its `upper` subdirectory), so that the next container given it sees them; by
+        default writes go to a tmpfs that vanishes with the container.
 
         Confinement (strict by default, each keyword loosens one thing): `user=False` makes
         container root host root (default: an unprivileged host uid); `seccomp=False` drops

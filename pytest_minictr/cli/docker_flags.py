@@ -1,5 +1,5 @@
 """Docker's spellings of `minictr run`, mapped onto the library's keywords: `-v` and
-`--mount` (onto `mounts=`), `--env-file` (onto `env=`), `--name` (a detached container's
+`--mount` (onto `mounts=`), `--env-file` (onto `env=`), `--name` (a container's
 handle). Pure text to values; each error names the flag and what was typed."""
 
 from __future__ import annotations

@@ -1,10 +1,15 @@
 """How a container's end reads on the command line, as Docker users expect it: the exit
 status (the command's own; 128+N after signal N; 125, 126, 127 for minictr's failures), and one
-stderr line for every end the user did not ask for (OOM kill, timeout, kill by a signal)."""
+stderr line for every end the user did not ask for (OOM kill, timeout, kill by a signal).
+A reader of our output that went away (`minictr ps | head -1`) is an end the user asked for:
+no line, no traceback, and the status of a program killed by SIGPIPE (141), as Docker's."""
 
 from __future__ import annotations
 
+import os
+import select
 import signal
+import stat
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -41,9 +46,37 @@ def end_line(report: Mapping[str, Any], memory_limit: int | None, timeout: float
 
 def print_end_line(report: Mapping[str, Any], memory_limit: int | None,
                    timeout: float | None, asked: bool = False) -> None:
+    # the command wrote into our stdout (or stderr) after its reader had gone (`| head -1`)
+    asked = asked or (report.get("returncode") == -signal.SIGPIPE
+                      and any(map(_reader_gone, (1, 2))))
     line = end_line(report, memory_limit, timeout, asked)
     if line:
         print(line, file=sys.stderr)
+
+
+def reader_went_away() -> int:
+    """After a write of ours failed with EPIPE: end as a program killed by SIGPIPE would (Python
+    ignores the signal, so the write raised instead), quietly; and with nothing of ours left
+    to flush into the dead pipe at exit, which would print 'Exception ignored' there."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        if _reader_gone(fd):
+            os.dup2(null, fd)
+    os.close(null)
+    return exit_status(-signal.SIGPIPE)
+
+
+def _reader_gone(fd: int) -> bool:
+    """`fd` is the writing end of a pipe whose every reader has closed it (the kernel reports
+    POLLERR on such an end)."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+    except OSError:
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def _mib(size: int | None) -> str:

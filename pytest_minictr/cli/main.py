@@ -1,11 +1,11 @@
 """The `minictr` command (also `python -m pytest_minictr`), spelled as Docker users expect.
 
-    minictr run [-it] [-d [--rm] [--name NAME]] [--memory 64M] [--cpus 0.5] [--pids N]
+    minictr run [-it] [-d] [--rm] [--name NAME] [--memory 64M] [--cpus 0.5] [--pids N]
                 [--timeout S] [--network MODE] [--hostname H] [-e NAME[=VALUE]]...
                 [--env-file FILE] [-w DIR] [-v HOST:CTR[:ro]]... [--mount SPEC]...
                 [--read-only] [--rootfs DIR | --recipe NAME] [--bin NAME]...
-                [--no-userns] [--no-seccomp] [--allow-syscall NAME]... [--cap-add CAP]...
-                [--ulimit NAME=SOFT[:HARD]]... -- CMD ARGS...
+                [--no-userns] [-u UID[:GID]] [--no-seccomp] [--allow-syscall NAME]...
+                [--cap-add CAP]... [--ulimit NAME=SOFT[:HARD]]... -- CMD ARGS...
     minictr rootfs build|import|list|prune ...;  minictr doctor [--json];  minictr --version
     minictr ps|stop|kill|logs|wait|inspect|stats|rm|exec ...   (detached: see `detached`)
 
@@ -30,12 +30,14 @@ from typing import Any
 from pytest_minictr.caller.runtime import Container, ContainerRuntime
 from pytest_minictr.cli import docker_flags, rootfs_commands
 from pytest_minictr.cli.detached import commands as lifecycle
+from pytest_minictr.cli.detached.foreground import ForegroundRecord
 from pytest_minictr.cli.ends import (
     EXIT_CANNOT_EXECUTE,
     EXIT_NOT_FOUND,
     EXIT_RUNTIME_ERROR,
     exit_status,
     print_end_line,
+    reader_went_away,
 )
 from pytest_minictr.cli.flags import Parser, add_keyword_flags, command_of, flag_value, spelled
 from pytest_minictr.cli.terminal import Terminal, run_on_terminal
@@ -62,11 +64,14 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
-        return args.handler(args)
-    except MinictrError as error:
-        _complain(error, _wants_json(argv))
-        return _status_of(error)
+        try:
+            args = build_parser().parse_args(argv)
+            return args.handler(args)
+        except MinictrError as error:
+            _complain(error, _wants_json(argv))
+            return _status_of(error)
+    except BrokenPipeError:
+        return reader_went_away()
 
 
 def _status_of(error: BaseException) -> int:
@@ -127,9 +132,10 @@ def add_run_command(commands: argparse._SubParsersAction[Any]) -> None:
     run.add_argument("--bin", action="append", default=[], metavar="NAME", help=HELP_BIN)
     run.add_argument("--detach", "-d", action="store_true", help=HELP_DETACH)
     run.add_argument("--rm", action="store_true",
-                     help="with -d: remove the container's record once it ends")
+                     help="remove the container's record once it ends (with -d or --name)")
     run.add_argument("--name", type=_name_flag, metavar="NAME",
-                     help="with -d: a name to use wherever an id is (unique)")
+                     help="a name to use wherever an id is (unique); in the foreground too, "
+                          "where `ps`, `exec`, `stop` then reach it from another shell")
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
     run.set_defaults(handler=run_command, parser=run)
 
@@ -159,14 +165,18 @@ def run_command(args: argparse.Namespace) -> int:
         spec = dataclasses.replace(spec, terminal=True, env=_with_host_term(spec.env))
     if args.detach:
         return lifecycle.run_detached(spec, given, name=args.name, remove=args.rm)
-    if args.tty:
-        return _run_on_terminal(spec, args)
-    # --json: the output is captured for the report, the rest passes through
-    streams: dict[str, Any] = {} if args.json else {"stdout": sys.stdout, "stderr": sys.stderr}
-    with ContainerRuntime() as runtime:
-        container = runtime.launch(spec, stdin=sys.stdin, **streams)
-        with forwarding_signals(container) as asked:
-            result = container.wait()
+    with ForegroundRecord(spec, given, args.name, args.rm) as record:
+        if args.tty:
+            return _run_on_terminal(spec, args, record)
+        # --json: the output is captured for the report, the rest passes through
+        streams: dict[str, Any] = {} if args.json \
+            else {"stdout": sys.stdout, "stderr": sys.stderr}
+        with ContainerRuntime() as runtime:
+            container = runtime.launch(spec, stdin=sys.stdin, **streams)
+            with forwarding_signals(container) as asked:
+                record.hold(runtime, container, asked)
+                result = container.wait()
+            record.ended(container, result)
     report = result.to_dict()
     if args.json:
         print(json.dumps(report))
@@ -176,9 +186,6 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _check_combinations(args: argparse.Namespace) -> None:
-    if (args.rm or args.name) and not args.detach:
-        raise ConfigError(f"{'--rm' if args.rm else '--name'} goes with -d: a foreground run "
-                          "is removed when it ends, and `minictr ps` never lists it")
     if args.tty and (args.detach or args.json):
         raise ConfigError(f"-t with {'-d' if args.detach else '--json'}: minictr cannot attach "
                           "a terminal later; use `minictr exec -it NAME sh` on a detached one")
@@ -205,7 +212,8 @@ def _with_host_term(env: tuple) -> tuple:
     return tuple((name, term if name == "TERM" else value) for name, value in env)
 
 
-def _run_on_terminal(spec: ContainerSpec, args: argparse.Namespace) -> int:
+def _run_on_terminal(spec: ContainerSpec, args: argparse.Namespace,
+                     record: ForegroundRecord) -> int:
     terminal = Terminal(interactive=args.interactive)
     try:
         with ContainerRuntime() as runtime:
@@ -215,7 +223,9 @@ def _run_on_terminal(spec: ContainerSpec, args: argparse.Namespace) -> int:
             # in raw mode ^C is a byte for the pty; a SIGINT that still comes (`kill -INT`,
             # or -t without -i, where our terminal stays cooked) is the container's too
             with forwarding_signals(container) as asked:
+                record.hold(runtime, container, asked)
                 result = run_on_terminal(terminal, container.wait)
+            record.ended(container, result)
     finally:
         terminal.close()
     print_end_line(result.to_dict(), spec.limits.memory, spec.timeout, asked=bool(asked))

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+from pytest_minictr.cli.text import print_table, size_text
 from pytest_minictr.errors import ConfigError
 from pytest_minictr.rootfs import cache
 from pytest_minictr.rootfs.builder import RootfsBuilder
@@ -27,7 +28,7 @@ def add_commands(commands: argparse._SubParsersAction[Any], help_recipe: str) ->
     build.add_argument("dest", help="directory to create (must not exist or be empty)")
     build.set_defaults(handler=build_rootfs)
     listing = subcommands.add_parser("list", help="the rootfs cache: key, recipe, size, age")
-    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.add_argument("--json", action="store_true", help="one JSON array of the entries")
     listing.set_defaults(handler=list_cache)
     prune = subcommands.add_parser("prune", help="empty the rootfs cache")
     prune.set_defaults(handler=prune_cache)
@@ -55,14 +56,13 @@ def import_command(args: argparse.Namespace) -> int:
 def list_cache(args: argparse.Namespace) -> int:
     entries = cache.cache_entries()
     if args.json:
-        for entry in entries:
-            print(json.dumps(dataclasses.asdict(entry)))
+        print(json.dumps([dataclasses.asdict(entry) for entry in entries]))
         return 0
-    print(f"{'KEY':<34}{'RECIPE':<10}{'SIZE':>10}{'AGE':>9}  BINARIES")
-    for entry in entries:
-        print(f"{entry.key:<34}{entry.recipe or '-':<10}"
-              f"{entry.size / 2**20:>8.1f}M{entry.age / 3600:>8.1f}h  "
-              f"{' '.join(os.path.basename(b) for b in entry.binaries)}")
+    rows = [("KEY", "RECIPE", "SIZE", "SHARED", "AGE", "BINARIES")] + [
+        (entry.key, entry.recipe or "-", size_text(entry.size), size_text(entry.shared),
+         f"{entry.age / 3600:.1f}h", " ".join(os.path.basename(b) for b in entry.binaries))
+        for entry in entries]
+    print_table(rows, numbers=(2, 3, 4))
     return 0
 
 

@@ -66,6 +66,7 @@ ACTIONS: dict[str, Callable[..., Any]] = {
     "set_rlimits": security.set_rlimits,
     "join_new_session_keyring": linux.join_new_session_keyring,
     "drop_capabilities": security.drop_capabilities,
+    "switch_ids": security.switch_ids,
     "install_seccomp_filter": security.install_seccomp_filter,
     "open_terminal": init.open_terminal,
     "run_command_as_init": init.run_command_as_init,

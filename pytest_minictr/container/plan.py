@@ -167,7 +167,8 @@ def enter_namespaces(where: Where) -> tuple[Step, ...]:
             bring_up_loopback(),
             # The keeper stays outside the new PID namespace, holding it and the others;
             # its child is PID 1 there, and carries out the rest of the plan.
-            Step("namespaces", "fork the init", "fork_init_under_keeper", (Ref("fds"),)),
+            Step("namespaces", "fork the init", "fork_init_under_keeper", (Ref("fds"),),
+                 saves="parent pidfd"),  # the keeper's, in the init
             # (as root, a spare inherits its signal proxy from the zygote, made once)
             Step("namespaces", "forward signals to the command", "install_signal_proxy",
                  saves="signal_proxy"))
@@ -192,7 +193,8 @@ def join_pod(where: Where) -> tuple[Step, ...]:
                   | (OTHER_NAMESPACES & ~linux.CLONE_NEWNET),)),
             Step("namespaces", "join the pod's network namespace", "setns",
                  (where.pod_netns, linux.CLONE_NEWNET)),
-            Step("namespaces", "fork the init", "fork_init_under_keeper", (Ref("fds"),)),
+            Step("namespaces", "fork the init", "fork_init_under_keeper", (Ref("fds"),),
+                 saves="parent pidfd"),  # the keeper's, in the init
             Step("namespaces", "forward signals to the command", "install_signal_proxy",
                  saves="signal_proxy"))
 
@@ -338,6 +340,16 @@ def confine(spec: ContainerSpec, where: Where, userns: bool) -> tuple[Step, ...]
     # which a setuid binary gains nothing.
     steps.append(Step("capabilities", "drop capabilities", "drop_capabilities",
                       (security.capability_mask(spec.security.capabilities),)))
+    if spec.run_as not in (None, (0, 0)):
+        # Docker's --user, for the init too: it and the command stay one uid, as they are
+        # as container root. After the bounding set went (CAP_SETUID and CAP_SETGID are
+        # kept), before seccomp. Leaving uid 0 empties the capability sets (a kernel rule)
+        # and disarms the parent death signal, armed again.
+        uid, gid = spec.run_as
+        steps += [Step("capabilities", f"switch to uid {uid}, gid {gid}", "switch_ids",
+                       (uid, gid)),
+                  Step("capabilities", "arm the parent death signal",
+                       "arm_parent_death_signal", (Ref("parent pidfd"),))]
     if spec.security.seccomp:
         # last: it needs no_new_privs, and would refuse the calls before it (see `seccomp`:
         # keyrings, modules, bpf, io_uring, mounts, new user namespaces, TIOCSTI...)

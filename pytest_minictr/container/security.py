@@ -7,8 +7,9 @@ needs CAP_SYS_RESOURCE, gone later; `set_rlimits`), the id switch into the conta
 namespace (entering one fills every set again, the bounding set too: `userns`), then
 (`drop_capabilities`) the bounding set (dropping from it needs CAP_SETPCAP, which it drops
 too), no_new_privs (after which setuid bits and file
-capabilities give nothing), the process's own sets, and the seccomp filter last (it needs
-no_new_privs, and would refuse the prctl and capset calls before it).
+capabilities give nothing), the process's own sets, the switch to `run_as`'s ids (leaving
+uid 0 empties those sets: `switch_ids`), and the seccomp filter last (it needs no_new_privs,
+and would refuse the prctl and capset calls before it).
 
 The defaults live here too, with how a spec's choices combine with them (`rlimits_with`,
 `capability_mask`): the launcher computes those into the plan's arguments (see `plan`).
@@ -71,6 +72,16 @@ def drop_capabilities(kept: int) -> None:
     linux.set_no_new_privs()
     linux.set_capabilities(effective=kept, permitted=kept, inheritable=0)
     linux.clear_ambient_capabilities()
+
+
+def switch_ids(uid: int, gid: int) -> None:
+    """Become `uid`:`gid`, with no supplementary groups (a rootfs of host binaries has no
+    /etc/group to take them from). An id change resets the dumpable flag (to
+    fs.suid_dumpable): cleared again, /proc/1 stays closed to the command."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    linux.set_dumpable(False)
 
 
 def within_hard_limit(name: str, soft: int, hard: int) -> tuple[int, int]:

@@ -48,16 +48,16 @@ def wait_for_id_maps(ready: int, go: int) -> None:
     os.close(go)
 
 
-def fork_init_under_keeper(fds: init.ChildFds) -> None:
-    """Fork the container's init, PID 1 of the namespace just unshared; the child returns (and
-    carries out the rest of the plan), this process stays as the keeper: outside the PID
-    namespace, it holds the namespaces, reports the init's pid and, once the init is gone,
-    its wait status."""
+def fork_init_under_keeper(fds: init.ChildFds) -> int:
+    """Fork the container's init, PID 1 of the namespace just unshared; the child returns its
+    parent's pidfd (and carries out the rest of the plan), this process stays as the keeper:
+    outside the PID namespace, it holds the namespaces, reports the init's pid and, once the
+    init is gone, its wait status."""
     keeper_pidfd = os.pidfd_open(os.getpid())
     init_pid = os.fork()
     if init_pid == 0:
         init.die_with_parent(keeper_pidfd, fds.all())
-        return
+        return keeper_pidfd
     exit_reporting(fds.setup, keep_init, init_pid, keeper_pidfd, fds)
 
 

@@ -29,7 +29,12 @@ from pytest_minictr import native, protocol
 from pytest_minictr.container import plan, seccomp
 from pytest_minictr.container.init import ChildFds
 from pytest_minictr.container.plan import JOINED_NAMESPACES, Where
-from pytest_minictr.errors import ContainerNotFoundError, MinictrError, UnsupportedError
+from pytest_minictr.errors import (
+    ConfigError,
+    ContainerNotFoundError,
+    MinictrError,
+    UnsupportedError,
+)
 from pytest_minictr.host import cgroups, idmap, linux, proc
 from pytest_minictr.host.cgroups import Cgroup, NullCgroup
 from pytest_minictr.host.idmap import UserNamespace
@@ -93,6 +98,7 @@ class Starter:
         out the whole plan (not root). `joins`: the namespace fds of the pod it joins (see
         `launcher.pods`): the network namespace, and without root the user namespace before it."""
         self._check_limits(spec.limits)
+        self._check_ids(spec)
         if spec.user_namespace and self.userns_problem is not None:
             raise UnsupportedError(f"no user namespace for the container: {self.userns_problem}"
                                    " (user=False runs it as host root)")
@@ -217,6 +223,23 @@ class Starter:
         if len(self._plans) > PLANS_KEPT:
             del self._plans[next(iter(self._plans))]
         return plan.encode_with(head, plan.run_command(spec))
+
+    def _check_ids(self, spec: ContainerSpec) -> None:
+        """`run_as` ids the container's user namespace does not map cannot be switched to
+        (setresuid: EINVAL, past the whole setup): refused now, saying which ids are."""
+        if spec.run_as is None or not spec.user_namespace:
+            return  # host root's ids, every one of them
+        mapped = idmap.MAPPED_IDS if not self.rootless or self.subordinate_ids else 1
+        uid, gid = spec.run_as
+        if uid < mapped and gid < mapped:
+            return
+        which = f"container ids 0-{mapped - 1} are" if mapped > 1 else (
+            "without subordinate ids only container root, 0, is: newuidmap and newgidmap "
+            "with ranges of yours in /etc/subuid and /etc/subgid map 1-65535; see `minictr "
+            "doctor`")
+        unmapped = f"uid {uid}" if uid >= mapped else f"gid {gid}"
+        raise ConfigError(f"run_as='{uid}:{gid}': {unmapped} is not mapped in the container's "
+                          f"user namespace ({which})")
 
     def _check_limits(self, limits: Limits) -> None:
         if limits.any():

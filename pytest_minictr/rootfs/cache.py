@@ -224,7 +224,8 @@ class CacheEntry:
     key: str
     recipe: str
     binaries: tuple[str, ...]
-    size: int          # bytes of its own (hard links to host files left out)
+    size: int          # bytes on disk, as `du -s` counts them (each inode once)
+    shared: int        # of which hard links to files outside it (the host's): kept by a prune
     age: float         # seconds since it was built
     path: str          # its root filesystem
 
@@ -242,22 +243,27 @@ def cache_entries(cache: Path | None = None) -> list[CacheEntry]:
         except (OSError, ValueError):
             inputs = {}
         entries.append(CacheEntry(entry.name, inputs.get("recipe") or "",
-                                  tuple(inputs.get("binaries", [])), _own_size(entry),
+                                  tuple(inputs.get("binaries", [])), *_disk_usage(entry),
                                   time.time() - manifest.stat().st_mtime,
                                   rootfs_of(str(entry))))
     return entries
 
 
-def _own_size(root: Path) -> int:
-    """Bytes of the entry's files, counting hard links to the host (shared) once and not."""
-    total, seen = 0, set()
-    for directory, _, names in os.walk(root):
-        for name in names:
-            st = os.lstat(os.path.join(directory, name))
-            if stat.S_ISREG(st.st_mode) and (st.st_nlink == 1 or st.st_ino not in seen):
-                seen.add(st.st_ino)
-                total += st.st_size if st.st_nlink == 1 else 0
-    return total
+def _disk_usage(root: Path) -> tuple[int, int]:
+    """What `root` takes on disk (allocated blocks, as du: directories and symlinks too, an
+    inode linked twice counted once), and how much of it is files hard-linked from outside."""
+    total = shared = 0
+    seen = set()
+    for directory, subdirs, names in os.walk(root):
+        for path in (directory, *(os.path.join(directory, n) for n in subdirs + names)):
+            st = os.lstat(path)
+            if st.st_ino in seen:
+                continue
+            seen.add(st.st_ino)
+            total += st.st_blocks * 512  # st_blocks counts 512-byte units, whatever the fs
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                shared += st.st_blocks * 512
+    return total, shared
 
 
 def prune(cache: Path | None = None) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import select
 import signal
 import subprocess
@@ -24,10 +23,11 @@ from typing import Any
 
 from pytest_minictr import protocol
 from pytest_minictr.cli.detached import logs, shim
-from pytest_minictr.cli.detached.records import Record, Store
+from pytest_minictr.cli.detached.records import Store
 from pytest_minictr.cli.ends import exit_status, print_end_line
 from pytest_minictr.cli.flags import argparse_type, command_of, flag_value
 from pytest_minictr.cli.terminal import Terminal, run_on_terminal
+from pytest_minictr.cli.text import print_table, size_text
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError, MinictrError
 from pytest_minictr.keywords import BY_NAME
 from pytest_minictr.spec import ContainerSpec
@@ -40,7 +40,9 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     """The lifecycle subcommands, on the CLI's subparsers."""
     ps = commands.add_parser("ps", help="list detached containers")
     ps.add_argument("--all", "-a", action="store_true", help="also those that have ended")
-    ps.add_argument("--json", action="store_true", help="one JSON object per line")
+    ps.add_argument("--json", action="store_true",
+                    help="one JSON array of the records (`[]` when there are none)")
+    ps.add_argument("--quiet", "-q", action="store_true", help="only the ids, one a line")
     ps.add_argument("--prune", action="store_true", help="remove the records of ended ones")
     ps.set_defaults(handler=list_containers)
 
@@ -99,12 +101,7 @@ def run_detached(spec: ContainerSpec, options: dict, name: str | None = None,
     """Start the container of `spec` (checked by `run`) under a shim of its own, print its id
     once it runs. `options`: the flags given, kept in the record."""
     store = Store()
-    container_id = secrets.token_hex(6)
-    record = Record(id=container_id, command=spec.argv, created=time.time(), rootfs=spec.rootfs,
-                    options=_as_json(options), name=name, remove=remove,
-                    logs=tuple(str(store.path(container_id) / name)
-                               for name in ("stdout.log", "stderr.log")))
-    store.create(record)
+    record = store.new(spec.argv, spec.rootfs, as_json(options), name, remove, logs=True)
     order = {"state_dir": str(store.root), "id": record.id, "spec": spec.to_dict()}
     started = subprocess.Popen([sys.executable, "-m", "pytest_minictr.cli.detached.shim"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -146,15 +143,17 @@ def list_containers(args: argparse.Namespace) -> int:
                 _remove_quietly(store, record.id)
         records = [r for r in records if r.alive]
     shown = records if args.all else [r for r in records if r.alive]
-    if args.json:
-        for record in shown:
-            print(json.dumps({**vars(record), "status": record.shown_status}))
+    if args.json:  # one document, as `inspect` prints: a reader parses it at once
+        print(json.dumps([{**vars(record), "status": record.shown_status} for record in shown]))
         return 0
-    print(f"{'ID':<14}{'NAME':<16}{'STATUS':<22}{'CREATED':<21}COMMAND")
-    for record in shown:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
-        print(f"{record.id:<14}{record.name or '-':<16}{record.shown_status:<22}{created:<21}"
-              f"{' '.join(record.command)}")
+    if args.quiet:
+        for record in shown:
+            print(record.id)
+        return 0
+    print_table([("ID", "NAME", "STATUS", "CREATED", "COMMAND")] + [
+        (record.id, record.name or "-", record.shown_status,
+         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created)),
+         " ".join(record.command)) for record in shown])
     return 0
 
 
@@ -235,8 +234,22 @@ def show_stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats))
         return 0
     for name, value in stats.items():
-        print(f"{name}: {value}")
+        print(f"{name}: {_stat_text(name, value)}")
     return 0
+
+
+def _stat_text(name: str, value: Any) -> str:
+    """One figure of `stats` as a person reads it: sizes in K/M/G, limits as words."""
+    if name == "limits":
+        return ", ".join(f"{limit} {'unlimited' if amount is None else _stat_text(limit, amount)}"
+                         for limit, amount in value.items())
+    if value is None:
+        return "unknown"  # this host has no such figure (no cgroup)
+    if name.startswith("memory"):
+        return size_text(value)
+    if name == "cpu_time":
+        return f"{value:.3f} s"
+    return "yes" if value is True else "no" if value is False else str(value)
 
 
 def show_ports(args: argparse.Namespace) -> int:
@@ -294,7 +307,7 @@ def _ask_if_running(container_id: str, message: dict, fds: tuple[int, ...] = ()
     return reply
 
 
-def _as_json(options: dict) -> dict:
+def as_json(options: dict) -> dict:
     """The flags given, as the record keeps them (a Mount as its fields)."""
     return json.loads(json.dumps(options, default=vars))
 

@@ -33,9 +33,13 @@ def show_logs(args: argparse.Namespace) -> int:
     tail = _lines_wanted(args.tail)
     store = Store()
     container_id = store.resolve(args.id)
+    kept = store.read(container_id).logs
+    if not kept:
+        raise ConfigError(f"container {args.id} ran in the foreground: its output went to "
+                          "the terminal of its `minictr run`, and no logs were kept (`run -d` "
+                          "keeps them)")
     streams = [_Stream(Path(path), out, args.timestamps)
-               for path, out in zip(store.read(container_id).logs,
-                                    (sys.stdout.buffer, sys.stderr.buffer), strict=True)]
+               for path, out in zip(kept, (sys.stdout.buffer, sys.stderr.buffer), strict=True)]
     alive = args.follow and store.read(container_id).alive
     for stream in streams:
         stream.print_new(tail, hold_partial=alive)

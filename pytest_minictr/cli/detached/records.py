@@ -8,10 +8,16 @@ does: no daemon, one directory per container in the state directory.
     <state dir>/<id>/control      the Unix socket of its shim (see `shim`)
     <state dir>/names/<name>      a symlink to the id: `--name` (made atomically, so unique)
 
-The state directory is /run/minictr for root, $XDG_RUNTIME_DIR/minictr otherwise (or
-$MINICTR_STATE_DIR). A record names the shim process by pid *and* start time (field 22 of
-/proc/PID/stat): a pid the kernel has given to another process since is never taken for it.
-A record whose shim is gone (killed, machine rebooted) reads as exited.
+Wherever a command takes an id it takes a name, or an unambiguous prefix of an id (`resolve`).
+
+The state directory is $MINICTR_STATE_DIR, else /run/minictr for root, else
+$XDG_RUNTIME_DIR/minictr, else minictr-UID in the temp dir ($TMPDIR or /tmp: a login without
+systemd's session has no XDG_RUNTIME_DIR). It must be ours and written by us alone: a /tmp
+name is anyone's to make first, and records name sockets we connect to and files we read.
+
+A record names the shim process by pid *and* start time (field 22 of /proc/PID/stat): a pid
+the kernel has given to another process since is never taken for it. A record whose shim is
+gone (killed, machine rebooted) reads as exited.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +43,9 @@ from pytest_minictr.host.proc import read_stat
 
 RECORD = "state.json"
 NAMES = "names"
+LOGS = ("stdout.log", "stderr.log")
 ID_PATTERN = re.compile(r"[0-9a-f]{12}")
+PREFIX_PATTERN = re.compile(r"[0-9a-f]{1,12}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,17 @@ def state_dir() -> Path:
     return Path(tempfile.gettempdir(), f"minictr-{os.geteuid()}")
 
 
+def _check_private(root: Path) -> None:
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        return  # made when the first record is
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise ConfigError(f"state directory {root}: not a directory of yours that only you may "
+                          f"write (uid {st.st_uid}, {stat.filemode(st.st_mode)}); remove it, or "
+                          "set XDG_RUNTIME_DIR or MINICTR_STATE_DIR to one")
+
+
 def process_start_time(pid: int) -> int | None:
     """When `pid` started (clock ticks after boot); None if no such process runs (a zombie
     waiting for its parent to reap it runs no more)."""
@@ -92,6 +113,7 @@ class Store:
 
     def __init__(self, root: Path | None = None):
         self.root = root or state_dir()
+        _check_private(self.root)
 
     def path(self, container_id: str) -> Path:
         if not ID_PATTERN.fullmatch(container_id):
@@ -100,21 +122,52 @@ class Store:
         return self.root / container_id
 
     def resolve(self, reference: str) -> str:
-        """The id of the container `reference` names: its id, or its --name."""
+        """The id of the container `reference` names, as Docker looks: its id, its --name,
+        or a prefix of one id (a prefix of several is an error naming them)."""
         if ID_PATTERN.fullmatch(reference) and (self.root / reference).is_dir():
             return reference
-        try:
-            target = os.readlink(self.root / NAMES / reference) if "/" not in reference \
-                and reference not in ("", ".", "..") else ""
-        except OSError:
-            target = ""
-        if not ID_PATTERN.fullmatch(target) or not (self.root / target).is_dir():
+        named = self._named(reference)
+        if named is not None:
+            return named
+        matches = [i for i in self.ids() if i.startswith(reference)] \
+            if PREFIX_PATTERN.fullmatch(reference) else []
+        if len(matches) > 1:
+            raise ConfigError(f"{reference!r} names more than one container: "
+                              f"{', '.join(matches)} (give more of the id)")
+        if not matches:
             raise ContainerNotFoundError(f"no container {reference!r} (`minictr ps --all` "
                                          "lists them)")
-        return target
+        return matches[0]
+
+    def _named(self, name: str) -> str | None:
+        """The id of the container called `name` (--name), if one is."""
+        try:
+            target = os.readlink(self.root / NAMES / name) if "/" not in name \
+                and name not in ("", ".", "..") else ""
+        except OSError:
+            return None
+        return target if ID_PATTERN.fullmatch(target) and (self.root / target).is_dir() \
+            else None
+
+    def ids(self) -> list[str]:
+        """The ids of every record, whatever its state."""
+        entries = sorted(self.root.iterdir()) if self.root.is_dir() else []
+        return [entry.name for entry in entries if ID_PATTERN.fullmatch(entry.name)]
+
+    def new(self, command: tuple[str, ...], rootfs: str, options: dict, name: str | None,
+            remove: bool, logs: bool) -> Record:
+        """The record of a container about to start (`logs`: its output kept here), its
+        --name claimed: ConfigError if another holds it, before anything starts."""
+        container_id = secrets.token_hex(6)
+        kept = tuple(str(self.root / container_id / log) for log in LOGS) if logs else ()
+        record = Record(id=container_id, command=command, created=time.time(), rootfs=rootfs,
+                        options=options, name=name, remove=remove, logs=kept)
+        self.create(record)
+        return record
 
     def create(self, record: Record) -> Path:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_private(self.root)  # made meanwhile by someone else?
         if record.name is not None:
             self._claim_name(record.name, record.id)
         directory = self.path(record.id)
@@ -125,14 +178,12 @@ class Store:
     def _claim_name(self, name: str, container_id: str) -> None:
         names = self.root / NAMES
         names.mkdir(mode=0o700, exist_ok=True)
-        try:
-            holder = self.resolve(name)
-        except ContainerNotFoundError:
-            with contextlib.suppress(FileNotFoundError):
-                (names / name).unlink()  # a dangling name: its container was removed
-        else:
+        holder = self._named(name)
+        if holder is not None:
             raise ConfigError(f"--name {name!r}: already names container {holder} "
                               f"(`minictr rm {name}` frees it)")
+        with contextlib.suppress(FileNotFoundError):
+            (names / name).unlink()  # a dangling name: its container was removed
         try:  # symlink() fails if another `run --name` took it meanwhile
             os.symlink(container_id, names / name)
         except FileExistsError:
@@ -182,12 +233,11 @@ class Store:
 
     def all(self) -> list[Record]:
         records = []
-        for entry in sorted(self.root.iterdir()) if self.root.is_dir() else ():
-            if ID_PATTERN.fullmatch(entry.name) and entry.name != NAMES:
-                try:
-                    records.append(self.read(entry.name))
-                except ContainerNotFoundError:
-                    continue  # being removed, or unreadable: `rm` deals with it
+        for container_id in self.ids():
+            try:
+                records.append(self.read(container_id))
+            except ContainerNotFoundError:
+                continue  # being removed, or unreadable: `rm` deals with it
         return sorted(records, key=lambda r: r.created)
 
     def remove(self, container_id: str) -> None:

@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pytest_minictr import protocol
+from pytest_minictr.caller.result import Result
 from pytest_minictr.caller.runtime import Container, ContainerRuntime
 from pytest_minictr.cli.detached.records import Store, process_start_time
 from pytest_minictr.errors import ConfigError, MinictrError
@@ -48,7 +49,6 @@ def main() -> int:
     answer = _take_stdout()
     store = Store(Path(order["state_dir"]))
     container_id = order["id"]
-    directory = store.path(container_id)
     runtime = ContainerRuntime()
     pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(2)]
     try:
@@ -65,24 +65,41 @@ def main() -> int:
                for (read_end, _), log in zip(pipes, store.read(container_id).logs, strict=True)]
     for copier in copiers:
         copier.start()
+    server = hold(store, container_id, runtime, container)
+    _answer(answer, {"ok": True})
+    result = container.wait()
+    for copier in copiers:  # every line in the logs before the end is recorded
+        copier.join()
+    record_end(store, container_id, container, result, server)
+    runtime.close()
+    return 0
+
+
+def hold(store: Store, container_id: str, runtime: ContainerRuntime, container: Container,
+         asked: list[int] | None = None) -> socket.socket:
+    """Make the running `container` reachable by other minictr commands: its record says it
+    runs, held by this process (the shim, or `minictr run --name` in the foreground), and
+    its control socket is served. `asked` collects the signals they send (an end asked for)."""
+    directory = store.path(container_id)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(directory / CONTROL))
     server.listen()
     store.update(container_id, status="running", init_pid=container.pid, shim_pid=os.getpid(),
                  shim_started=process_start_time(os.getpid()),
                  ports=[[port, *where] for port, where in container.published.items()])
-    threading.Thread(target=_serve, args=(server, runtime, container), daemon=True).start()
-    _answer(answer, {"ok": True})
-    result = container.wait()
-    for copier in copiers:  # every line in the logs before the end is recorded
-        copier.join()
+    threading.Thread(target=_serve, args=(server, runtime, container, asked),
+                     daemon=True).start()
+    return server
+
+
+def record_end(store: Store, container_id: str, container: Container, result: Result,
+               server: socket.socket) -> None:
+    """The end of a held container in its record (which goes, with --rm), the socket closed."""
     record = store.update(container_id, status=str(container.status),
                           returncode=result.returncode, finished=time.time())
     server.close()
-    runtime.close()
     if record.remove:
         store.remove(container_id)
-    return 0
 
 
 def copy_with_times(read_end: int, log: Path) -> None:
@@ -122,24 +139,26 @@ def _answer(fd: int, reply: dict) -> None:
     os.close(fd)
 
 
-def _serve(server: socket.socket, runtime: ContainerRuntime, container: Container) -> None:
+def _serve(server: socket.socket, runtime: ContainerRuntime, container: Container,
+           asked: list[int] | None) -> None:
     while True:
         try:
             connection, _ = server.accept()
         except OSError:
             return  # closed: the container has ended
-        threading.Thread(target=_handle, args=(connection, runtime, container),
+        threading.Thread(target=_handle, args=(connection, runtime, container, asked),
                          daemon=True).start()
 
 
-def _handle(connection: socket.socket, runtime: ContainerRuntime, container: Container) -> None:
+def _handle(connection: socket.socket, runtime: ContainerRuntime, container: Container,
+            asked: list[int] | None) -> None:
     with connection:
         received = protocol.recv_message(connection)
         if received is None:
             return
         message, fds = received
         try:
-            reply = _answer_request(message, fds, runtime, container)
+            reply = _answer_request(message, fds, runtime, container, asked)
         except MinictrError as error:
             reply = _error_reply(error)
         finally:
@@ -152,8 +171,10 @@ def _handle(connection: socket.socket, runtime: ContainerRuntime, container: Con
 
 
 def _answer_request(message: dict, fds: list[int], runtime: ContainerRuntime,
-                    container: Container) -> dict:
+                    container: Container, asked: list[int] | None) -> dict:
     op = message.get("op")
+    if op in ("stop", "signal") and asked is not None:
+        asked.append(signal.SIGTERM if op == "stop" else int(message["signum"]))
     if op == "stop":
         return {"ok": True, "returncode": container.stop(float(message["grace"])).returncode}
     if op == "signal":

@@ -128,8 +128,7 @@ int do_fork_init_under_keeper(call *c) {
         int keep[] = {fds.stdin_, fds.stdout_, fds.stderr_, fds.setup, fds.status, keeper_pidfd};
         arm_parent_death_signal(keeper_pidfd);
         close_fds_except(keep, 6);
-        close(keeper_pidfd);
-        return 0;
+        RETURN(keeper_pidfd);  /* the init's "parent pidfd" from now on (plan.run_as) */
     }
     /* the keeper: outside the PID namespace, it holds the namespaces and reports */
     write_status(fds.setup, "pid", init_pid);
@@ -224,6 +223,14 @@ int do_drop_capabilities(call *c) {
         {kept & 0xFFFFFFFF, kept & 0xFFFFFFFF, 0}, {kept >> 32, kept >> 32, 0}};
     if (syscall(SYS_capset, &header, data) < 0) return -1;
     return prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+}
+
+int do_switch_ids(call *c) {
+    uid_t uid = NUM(0);
+    gid_t gid = NUM(1);
+    if (setgroups(0, NULL) < 0 || setresgid(gid, gid, gid) < 0 || setresuid(uid, uid, uid) < 0)
+        return -1;
+    return prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);  /* an id change resets it */
 }
 
 int do_install_seccomp_filter(call *c) {
