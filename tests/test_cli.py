@@ -122,8 +122,9 @@ def test_rootfs_list_sizes_are_disk_usage_and_its_columns_line_up(tmp_path):
     first = sorted(entry for entry in cache.iterdir() if not entry.name.startswith("."))[0]
     first.rename(f"{first}.stale-0123abcd")  # as a rebuild leaves one: a longer key
     listed = json.loads(minictr("rootfs", "list", "--json", cache_dir=cache).stdout)
-    for entry in listed:  # what `du -s` says the entry takes on disk, hard links once
-        du = subprocess.run(["du", "-s", "--block-size=1", entry["path"]], capture_output=True,
+    for entry in listed:  # what `du -s` says the entry (its rootfs, its manifest) takes on disk
+        entry_dir = os.path.dirname(entry["path"])
+        du = subprocess.run(["du", "-s", "--block-size=1", entry_dir], capture_output=True,
                             text=True, check=True).stdout.split()[0]
         assert entry["size"] == int(du) > 0 and 0 <= entry["shared"] <= entry["size"]
     lines = minictr("rootfs", "list", cache_dir=cache).stdout.decode().splitlines()
