@@ -1,8 +1,10 @@
 """Every end a user asks for holds where this host gives us no cgroups (the null backend: an
 ordinary account on a cgroup v1 host or without a delegated v2 subtree, or root where no
 cgroup filesystem is mounted): a sandboxed body's timeout, a container's, an exec's, a stop
-and a detached container's, each ending the whole tree; and a pytest killed with SIGKILL
-leaves nothing of ours running, even where a process it forked outlives it."""
+and a detached container's, each ending the whole tree; limits it cannot set fail or skip
+the tests that ask for them, in one line. And a pytest killed with SIGKILL leaves nothing of
+ours running (as an account and as root, with cgroups and without), even where a process it
+forked outlives it."""
 
 from __future__ import annotations
 
@@ -34,7 +36,9 @@ pytestmark = pytest.mark.timeout(600)
 # root in a mount namespace of its own, where no cgroup filesystem is mounted
 WITHOUT_CGROUPFS = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
                     'umount -R /sys/fs/cgroup && exec "$@"', "sh")
-MARK = "4711081"  # the argument of our containers' sleeps: none may outlive its end
+# the argument of our containers' sleeps, none of which may outlive its end (ours alone: the
+# pid of this test process)
+MARK = str(4_000_000 + os.getpid())
 SPIN = f"sleep {MARK} & sleep {MARK} & while :; do :; done"
 PLUGIN = ("-p", "pytest_minictr.plugin", "-p", "no:cacheprovider")
 

@@ -349,8 +349,9 @@ def _pidfd_or_none(pid: int | None) -> int | None:
 
 
 def caller_pidfd() -> int | None:
-    """A pidfd of our parent, the caller that started us; None if it is gone already (we were
-    reparented: the end of the socket, which then comes at once, tells the rest)."""
+    """A pidfd of our parent, the caller that started us; None if it died as we looked. (One
+    that died before we looked is not seen so: we watch whoever took us in, and the end of
+    the socket alone tells us of the caller's.)"""
     parent = os.getppid()
     try:
         pidfd = os.pidfd_open(parent)
