@@ -227,11 +227,14 @@ def test_a_detached_container_ends_its_tree_at_its_timeout_and_stop_without_cgro
     run = ("run", "-d", "--rootfs", str(world_readable_rootfs))
     timed = minictr(*run, "--timeout", "1", "--", "sh", "-c", SPIN)
     stopped = minictr(*run, "--", "sh", "-c", "trap '' TERM; " + SPIN)
-    for command, expected in ((("wait", timed), "137"), (("stop", "--time", "1", stopped), "")):
-        start = time.monotonic()
-        assert minictr(*command) == expected
-        assert time.monotonic() - start < 4, command  # (a start of the CLI included)
-    minictr("rm", timed, stopped)
+    try:
+        for command, expected in ((("wait", timed), "137"),
+                                  (("stop", "--time", "1", stopped), "")):
+            start = time.monotonic()
+            assert minictr(*command) == expected
+            assert time.monotonic() - start < 4, command  # (a start of the CLI included)
+    finally:
+        minictr("rm", "--force", timed, stopped)
     assert_no_sleeps_left()
 
 
