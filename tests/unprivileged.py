@@ -47,12 +47,20 @@ def python_as(uid: int, gid: int, home: Path, site: Path) -> Runner:
     with pytest and this checkout importable."""
     def run(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(
-            ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
-             SYSTEM_PYTHON, *args],
-            env={"PYTHONPATH": f"{site}:{REPO}", "HOME": str(home), "PATH": "/usr/bin:/bin",
-                 "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
+            [*python_command_as(uid, gid), *args], env=user_environment(home, site),
             cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
     return run
+
+
+def python_command_as(uid: int, gid: int) -> list[str]:
+    """The system Python as `uid`:`gid`, supplementary groups cleared (its arguments follow)."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", SYSTEM_PYTHON]
+
+
+def user_environment(home: Path, site: Path) -> dict[str, str]:
+    """pytest and this checkout importable; no plugin loads unless named (-p)."""
+    return {"PYTHONPATH": f"{site}:{REPO}", "HOME": str(home), "PATH": "/usr/bin:/bin",
+            "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
 
 
 def pytest_for(uid: int, place: Path) -> Runner:

@@ -13,33 +13,39 @@ test that kills itself (or segfaults) must die of it as it would in the worker. 
 spare, or ours) reaps what the body leaves; ours writes the body's wait status last on the
 report pipe (as root the worker reaps the body itself). Every function here ends in
 os._exit(): a forked copy of pytest must never return into the worker's session.
+
+Nothing here outlives the worker: the body (as root) or the keeper dies with it, and our
+init with the keeper (PR_SET_PDEATHSIG, each armed with a check that its parent still
+lives); the kernel kills a PID namespace with its init. The same chain is how the launcher
+kills a body at its timeout without a cgroup: it kills the keeper (see `launcher.sandboxes`).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Callable
 from typing import NoReturn
 
 from pytest_minictr.container.body_plan import BodyPlan
 from pytest_minictr.container.executor import Executor
 from pytest_minictr.container.failure import report_failure, write_line
+from pytest_minictr.container.init import arm_parent_death_signal
 from pytest_minictr.container.plan import Step
-from pytest_minictr.host import linux
 
 
-def run_sandboxed(plan: BodyPlan, report_fd: int, body: Callable[[], bytes]) -> NoReturn:
+def run_sandboxed(plan: BodyPlan, report_fd: int, body: Callable[[], bytes],
+                  worker: int) -> NoReturn:
     """In the worker's child: carry out `plan` and run `body` (which returns the report) in
-    the body's process; each line on `report_fd` is JSON, the body's report a payload."""
+    the body's process; each line on `report_fd` is JSON, the body's report a payload.
+    `worker`: a pidfd of the worker, opened before the fork (we die with it)."""
+    die_with(worker)  # the worker died: nothing to report to
     executor = Executor(report=report_fd)
     if not plan.rootless:  # root: the body joins a spare's namespaces, PID one included
         run_body(executor, plan.namespaces + plan.view + plan.confinement, report_fd, body)
     code = 1
     try:
-        linux.set_parent_death_signal(signal.SIGKILL)  # the worker died: nothing to report to
         executor.run(plan.namespaces)
-        keep_init(os.fork())
+        fork_init()
         executor.run(plan.view)
         body_pid = os.fork()
         if body_pid == 0:
@@ -52,14 +58,26 @@ def run_sandboxed(plan: BodyPlan, report_fd: int, body: Callable[[], bytes]) -> 
         os._exit(code)
 
 
-def keep_init(init_pid: int) -> None:
-    """Without root: this process made the user namespace and stays outside the PID one,
-    waiting for its init (our child, which returns here and goes on with the plan)."""
+def fork_init() -> None:
+    """Without root: this process (the keeper) made the user namespace and stays outside the
+    PID one, waiting for its init (our child, PID 1 there, which returns here and goes on
+    with the plan). The init dies with us, and everything in its namespace with it."""
+    keeper = os.pidfd_open(os.getpid())
+    init_pid = os.fork()
     if init_pid == 0:
-        linux.set_parent_death_signal(signal.SIGKILL)
+        die_with(keeper)
         return
+    os.close(keeper)
     _, status = os.waitpid(init_pid, 0)
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
+
+
+def die_with(parent: int) -> None:
+    """SIGKILL us when `parent` (a pidfd of our parent, opened before the fork) dies; exit now
+    if it died before that was armed. Armed first: a parent killed a moment after our fork
+    must not leave us running, reparented to the host's init."""
+    arm_parent_death_signal(parent)
+    os.close(parent)
 
 
 def run_body(executor: Executor, steps: tuple[Step, ...], report_fd: int,

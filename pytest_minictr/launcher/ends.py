@@ -2,13 +2,16 @@
 from the status pipe, moves the container's life to its end, takes the cgroup's figures, sends
 the end event on the caller's event pipe (one JSON line: returncode, how it ended, wall and CPU
 time, memory peak, OOM kill), lets the container's pod know, and, once our child is reaped,
-removes the cgroup and forgets the container."""
+removes the cgroup and forgets the container. And how an end we make (a timeout, a stop, our
+own shutdown) kills a container's whole tree, with or without cgroups (`kill_all`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import selectors
+import signal
 import time
 
 from pytest_minictr.host import linux
@@ -87,3 +90,39 @@ def measurements(cgroup: Cgroup, reaped_cpu_time: float | None) -> dict:
     stats = cgroup.stats()
     return {"cpu_time": stats.cpu_time if reaped_cpu_time is None else reaped_cpu_time,
             "memory_peak": stats.memory_peak, "oom_killed": stats.oom_killed}
+
+
+def kill_all(container: Container) -> None:
+    """SIGKILL the container's whole tree, whether or not this host gives us cgroups (the null
+    backend's kill does nothing): its init, whose death makes the kernel kill its PID
+    namespace; for an exec, which shares the container's namespace and cgroup (neither bounds
+    it), its command's process group (the command is a session leader: what it starts stays
+    in its group unless it leaves it, and then ends with the container). Then, through the
+    cgroup, anything that could have left the namespace's reach."""
+    if container.command_group is not None and container.init_pidfd is not None \
+            and not _has_exited(container.init_pidfd):
+        # only while the command lives: its pid, the group's number, is then no one else's
+        _kill_group(container.command_group)
+    kill(container.init_pidfd)
+    container.cgroup.kill()
+
+
+def kill(pidfd: int | None, signum: int = signal.SIGKILL) -> None:
+    """Signal through a pidfd: never a recycled pid."""
+    if pidfd is None:
+        return
+    try:
+        signal.pidfd_send_signal(pidfd, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_group(group: int) -> None:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _has_exited(pidfd: int) -> bool:
+    return bool(select.select([pidfd], [], [], 0)[0])

@@ -3,7 +3,9 @@
 The body is forked by the caller, since it lives in the caller's memory; its cgroup is made,
 watched, killed at the timeout and removed here, by a process the body can neither reach nor
 take down with it: an OOM kill, a timeout or a body that dies hard still ends in a report
-with the kernel's figures, and in nothing left behind.
+with the kernel's figures, and in nothing left behind. A kill needs no cgroup (a host may
+give us none: the null backend): the body lives in a PID namespace, which the kernel kills
+with its PID 1 (see `Sandbox.kill_tree`).
 
   {"op": "sandbox", "id", "limits", "timeout"} + fds [events]
       -> {"ok", "cgroup_procs", "init_pid"}: as root, a spare init (see `starter`) whose
@@ -19,11 +21,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from pytest_minictr.host.cgroups import Cgroup
+from pytest_minictr.launcher.ends import kill
 
 
 @dataclass
@@ -33,6 +37,7 @@ class Sandbox:
     events: int                       # the caller's pipe for the end event
     timeout: float | None
     release: Callable[[], None]       # removes the group (as root: with the spare it was)
+    spare_pid: int | None = None      # as root: the spare init, PID 1 of the body's namespace
     pidfd: int | None = None          # the worker's child, once watched
     timeout_at: float | None = None
     timed_out: bool = False
@@ -54,7 +59,22 @@ class Sandbox:
     def time_up(self) -> None:
         self.timeout_at = None
         self.timed_out = True
-        self.cgroup.kill()  # the body's init dies, and its namespace with it
+        self.kill_tree()
+
+    def kill_tree(self) -> None:
+        """SIGKILL the body and everything it started, with or without a cgroup: through its
+        PID namespace, which the kernel kills with its PID 1. As root that is the spare
+        init, our child (not reaped before `release`: its pid is no one else's); without
+        root, the init's parent: the keeper we watch, whose death kills the init
+        (PR_SET_PDEATHSIG, see `container.body`). Then the cgroup, where there is one."""
+        if self.spare_pid is not None:
+            try:
+                os.kill(self.spare_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        else:
+            kill(self.pidfd)
+        self.cgroup.kill()
 
     def end(self) -> None:
         """The child is gone: tell the caller what the kernel measured (first: it waits for
@@ -62,8 +82,6 @@ class Sandbox:
         if self.ended:
             return
         self.ended = True
-        if self.pidfd is not None:
-            os.close(self.pidfd)
         stats = self.cgroup.stats()
         event = {"timed_out": self.timed_out, "oom_killed": bool(stats.oom_killed),
                  "memory_peak": stats.memory_peak, "cpu_time": stats.cpu_time,
@@ -73,7 +91,9 @@ class Sandbox:
         except OSError:
             pass  # the caller closed its end: it no longer cares
         os.close(self.events)
-        self.cgroup.kill()
+        self.kill_tree()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
         self.release()
 
 

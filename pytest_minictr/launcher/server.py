@@ -9,7 +9,9 @@ It speaks `protocol` over one socket: the requests of `protocol.REQUESTS` (their
 and replies are declared there), each answered in order by the `_op_` method of its name.
 When a container ends, one JSON line goes to its `events` pipe (returncode, how it ended, wall
 and CPU time) and the pipe is closed. When the caller goes away (end of the socket), every
-container is killed and the launcher exits: nothing outlives the caller.
+container is killed and the launcher exits: nothing outlives the caller. The caller's own end
+counts as that too: a process it forked (multiprocessing's fork does) holds its copy of the
+socket, and must not keep the containers alive after the caller is gone.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from pytest_minictr import protocol
 from pytest_minictr.errors import ContainerNotFoundError, LauncherError, MinictrError
 from pytest_minictr.host import linux
-from pytest_minictr.launcher.ends import Ends
+from pytest_minictr.launcher.ends import Ends, kill, kill_all
 from pytest_minictr.launcher.life import Container, Happening
 from pytest_minictr.launcher.pods import Pods
 from pytest_minictr.launcher.sandboxes import Sandbox
@@ -41,10 +43,13 @@ SETUP_TIMEOUT = 60.0  # seconds a container may take from fork to exec before we
 
 
 class Launcher:
-    def __init__(self, control: socket.socket):
+    def __init__(self, control: socket.socket, caller: int | None = None):
         self.control = control
+        self.caller = caller  # a pidfd of the process that started us (see caller_pidfd)
         self.selector = selectors.DefaultSelector()
         self.selector.register(control, selectors.EVENT_READ)
+        if caller is not None:
+            self.selector.register(caller, selectors.EVENT_READ)
         self.containers: dict[str, Container] = {}
         self.sandboxes: dict[str, Sandbox] = {}  # sandboxed test bodies (see `sandboxes`)
         self.starter = Starter()
@@ -63,8 +68,8 @@ class Launcher:
             if not events and needs_spare:
                 self.starter.spares.prepare()  # only when nothing else waits for us
             for key, _ in events:
-                if key.fileobj is self.control:
-                    if not self._handle_request():
+                if key.fileobj is self.control or key.fileobj == self.caller:
+                    if key.fileobj == self.caller or not self._handle_request():
                         self.shutdown()
                         return
                 else:
@@ -82,7 +87,7 @@ class Launcher:
             print(f"minictr launcher: container {container.id}: {error!r}", file=sys.stderr)
             if container.id in self.containers and not container.ended:
                 container.report = EndReport()  # unusable: report what we know ourselves
-                _kill_all(container)
+                kill_all(container)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -196,14 +201,15 @@ class Launcher:
         init_pid = pid if setup.pid is None else setup.pid
         init_pidfd = pidfd if init_pid == pid else _pidfd_or_none(init_pid)
         if setup.error is not None:
-            _kill(init_pidfd)
+            kill(init_pidfd)
             os.waitpid(pid, 0)
             linux.close_each((pidfd, init_pidfd, status_r, events))
             cgroup.discard()
             return {"ok": False, "error": setup.error}
         container = Container(container_id, pid, pidfd, init_pidfd, status_r, events, began,
                               began + spec.timeout if spec.timeout else None, cgroup,
-                              exec_of=exec_of)
+                              exec_of=exec_of,
+                              command_group=init_pid if exec_of is not None else None)
         self.containers[container.id] = container
         self.selector.register(pidfd, selectors.EVENT_READ, (self.ends.on_exit, container))
         self.selector.register(status_r, selectors.EVENT_READ, (self.ends.on_status, container))
@@ -212,7 +218,7 @@ class Launcher:
     def _op_signal(self, message: dict, _fds: list[int]) -> dict:
         container = self._find(message["id"])
         if container is not None:
-            _kill(container.init_pidfd, message["signum"])
+            kill(container.init_pidfd, message["signum"])
         return {"ok": True, "running": container is not None}
 
     def _op_stop(self, message: dict, _fds: list[int]) -> dict:
@@ -221,12 +227,12 @@ class Launcher:
             grace = float(message["grace"])  # checked by the caller: 0 <= grace <= MAX_SECONDS
             if grace > 0:
                 container.advance(Happening.STOP_ASKED)
-                _kill(container.init_pidfd, signal.SIGTERM)
+                kill(container.init_pidfd, signal.SIGTERM)
                 kill_at = time.monotonic() + grace
                 container.kill_at = min(container.kill_at or kill_at, kill_at)
             else:
                 container.advance(Happening.KILL_ASKED)
-                _kill_all(container)
+                kill_all(container)
         return {"ok": True, "running": container is not None}
 
     def _op_sandbox(self, message: dict, fds: list[int]) -> dict:
@@ -245,7 +251,7 @@ class Launcher:
         if message["services"]:
             self.pods.relay_for_body(fds[1], message["services"])
         self.sandboxes[message["id"]] = Sandbox(message["id"], cgroup, fds[0],
-                                                message["timeout"], release)
+                                                message["timeout"], release, init_pid)
         return {"ok": True, "init_pid": init_pid,
                 "cgroup_procs": [os.path.join(path, "cgroup.procs") for path in cgroup.paths]}
 
@@ -292,16 +298,16 @@ class Launcher:
                     and not container.ended:
                 container.timeout_at = None
                 container.advance(Happening.TIME_UP)
-                _kill_all(container)
+                kill_all(container)
             if container.kill_at is not None and now >= container.kill_at:
                 container.kill_at = None
-                _kill_all(container)  # (still STOPPING: the SIGTERM is what asked it to end)
+                kill_all(container)  # (still STOPPING: the SIGTERM is what asked it to end)
 
     def shutdown(self) -> None:
         for sandbox in list(self.sandboxes.values()):
             self._on_sandbox_exit(sandbox)
         for container in list(self.containers.values()):
-            _kill_all(container)
+            kill_all(container)
         for container in list(self.containers.values()):
             self.ends.on_exit(container)
         self.pods.end_all()
@@ -335,13 +341,6 @@ def _read_setup(setup_r: int, has_keeper: bool) -> SetupReport:
     return setup
 
 
-def _kill_all(container: Container) -> None:
-    """SIGKILL the init (the kernel then kills its PID namespace) and, through the cgroup,
-    anything that could have left the namespace's reach."""
-    _kill(container.init_pidfd)
-    container.cgroup.kill()
-
-
 def _pidfd_or_none(pid: int | None) -> int | None:
     if pid is None:
         return None
@@ -351,14 +350,19 @@ def _pidfd_or_none(pid: int | None) -> int | None:
         return None
 
 
-def _kill(pidfd: int | None, signum: int = signal.SIGKILL) -> None:
-    """Signal through a pidfd: never a recycled pid."""
-    if pidfd is None:
-        return
+def caller_pidfd() -> int | None:
+    """A pidfd of our parent, the caller that started us; None if it died as we looked. (One
+    that died before we looked is not seen so: we watch whoever took us in, and the end of
+    the socket alone tells us of the caller's.)"""
+    parent = os.getppid()
     try:
-        signal.pidfd_send_signal(pidfd, signum)
-    except ProcessLookupError:
-        pass
+        pidfd = os.pidfd_open(parent)
+    except OSError:
+        return None
+    if os.getppid() != parent:  # it died between the two calls: the pidfd names another
+        os.close(pidfd)
+        return None
+    return pidfd
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -366,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     # The caller decides what an interrupt means; a Ctrl-C must not kill us before we clean up.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=int(args[0]))
-    server = Launcher(control)
+    server = Launcher(control, caller_pidfd())
     # Everything imported so far lives as long as we do: freezing it keeps the collector of a
     # forked child from touching (and so copying) those pages.
     gc.collect()

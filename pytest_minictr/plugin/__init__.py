@@ -205,7 +205,7 @@ def minictr_service(pytestconfig: pytest.Config, minictr_runtime: ContainerRunti
         running = stash.get(_RUNNING_TEST, [])
         return (setting_up[-1] if setting_up else None), (running[-1] if running else None)
     factory = stash[_SERVICES] = ServiceFactory(minictr_runtime, minictr_rootfs_builder,
-                                                now_running)
+                                                now_running, stash[_SETTINGS])
     yield factory
     factory.stop_all()
     del stash[_SERVICES]

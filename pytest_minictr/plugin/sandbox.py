@@ -110,6 +110,7 @@ def run_body(item: pytest.Function, settings: ContainerSettings, runtime: Contai
     where = Where(cgroup_procs=lease.cgroup_procs, rootless=lease.init_pid is None)
     namespaces = _open_namespaces(lease.init_pid)
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    worker = os.pidfd_open(os.getpid())  # the child dies with us (see container.body)
     pid = None
     try:
         try:
@@ -117,9 +118,9 @@ def run_body(item: pytest.Function, settings: ContainerSettings, runtime: Contai
                                                 if name in namespaces), lease.relay)
             pid = _fork(namespaces.get("pid"))
             if pid == 0:
-                live_as_body(plan, report_w, item, settings.env)
+                live_as_body(plan, report_w, worker, item, settings.env)
         finally:
-            for fd in (report_w, *namespaces.values()):
+            for fd in (report_w, worker, *namespaces.values()):
                 os.close(fd)
             lease.watch(pid)
         lines = [json.loads(line) for line in _read_to_end(report_r).splitlines() if line]
@@ -199,12 +200,12 @@ def in_body() -> bool:
     return _this_process.in_body
 
 
-def live_as_body(plan: BodyPlan, report_w: int, item: pytest.Function,
+def live_as_body(plan: BodyPlan, report_w: int, worker: int, item: pytest.Function,
                  env: dict | None) -> NoReturn:
     """The forked child's life: the body's process from here on; it carries out `plan` and
     calls the test, and never returns into the worker (see `container.body`)."""
     _this_process.in_body = True
-    run_sandboxed(plan, report_w, lambda: call_in_body(item, env))
+    run_sandboxed(plan, report_w, lambda: call_in_body(item, env), worker)
 
 
 def call_in_body(item: pytest.Function, env: dict | None) -> bytes:

@@ -11,7 +11,8 @@ stopped when the fixture that started it is torn down: the factory learns which 
 it from `pytest_fixture_setup`, the hook around every fixture's setup. Called from a test's
 body, the service ends with the test. Under xdist each worker has its own services, on ports
 the kernel picks: nothing clashes. A failing test's report shows the log tail of the services
-its fixtures started.
+its fixtures started. A service this host cannot run (a limit without cgroups, no user
+namespaces) fails or skips the test that needs it, as --minictr-unavailable says.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import pytest
 
 from pytest_minictr.caller.result import tail
 from pytest_minictr.caller.runtime import Container, ContainerRuntime
-from pytest_minictr.errors import ConfigError, MinictrError
+from pytest_minictr.errors import ConfigError, MinictrError, UnsupportedError
 from pytest_minictr.keywords import BY_NAME
+from pytest_minictr.plugin.fixture import unavailable
+from pytest_minictr.plugin.settings import SessionSettings
 from pytest_minictr.rootfs.builder import RootfsBuilder
 
 Address = tuple[str, int]  # a published (host address, port)
@@ -54,10 +57,11 @@ class ServiceFactory:
     """The fixture's value: call it to start a service."""
 
     def __init__(self, runtime: ContainerRuntime, builder: RootfsBuilder,
-                 current: Callable[[], Any]):
+                 current: Callable[[], Any], session: SessionSettings):
         self._runtime = runtime
         self._builder = builder
         self._current = current
+        self._session = session
         self.services: list[Service] = []
 
     def __call__(self, recipe: str | None = None, command: list[str] | None = None, *,
@@ -70,7 +74,13 @@ class ServiceFactory:
         (memory="256M", ports=[5432], env=...)."""
         image = rootfs if rootfs is not None else self._builder.build(
             binaries=binaries, recipe=recipe)
-        container = self._runtime.run(image, command, **_library_keywords(keywords))
+        try:
+            container = self._runtime.run(image, command, **_library_keywords(keywords))
+            problem = None
+        except UnsupportedError as error:  # reported outside the handler: no chained traceback
+            problem = error
+        if problem is not None:
+            unavailable(self._session, problem)
         service = Service(self._owner_of(lambda: self._stop(service)), container)
         self.services.append(service)
         _drain_in_background(container)
