@@ -65,13 +65,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         try:
-            args = build_parser().parse_args(argv)
-            return args.handler(args)
-        except MinictrError as error:
-            _complain(error, _wants_json(argv))
-            return _status_of(error)
+            status = _handle(argv)
+        finally:
+            # Into a pipe stdout is block-buffered: what we printed (argparse's --help too) is
+            # written now, where a reader gone is ours to handle, and not at the interpreter's
+            # exit, which would say 'Exception ignored' and end with 120
+            sys.stdout.flush()
     except BrokenPipeError:
         return reader_went_away()
+    return status
+
+
+def _handle(argv: list[str]) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.handler(args))
+    except MinictrError as error:
+        _complain(error, _wants_json(argv))
+        return _status_of(error)
 
 
 def _status_of(error: BaseException) -> int:
