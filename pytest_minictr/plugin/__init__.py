@@ -16,7 +16,8 @@ shared safely between them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Generator, Iterator
+import functools
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import pytest
@@ -25,7 +26,8 @@ from pytest_minictr import __version__
 from pytest_minictr.caller.runtime import ContainerRuntime
 from pytest_minictr.doctor import checks as doctor
 from pytest_minictr.errors import ConfigError, MinictrError, UnsupportedError
-from pytest_minictr.keywords import marker_help
+from pytest_minictr.keywords import ContainerSettings, marker_help
+from pytest_minictr.plugin import outcome as body_outcome
 from pytest_minictr.plugin import sandbox
 from pytest_minictr.plugin.fixture import LAST_RESULT, TestContainer, unavailable
 from pytest_minictr.plugin.host import (  # noqa: F401
@@ -52,7 +54,7 @@ _SETTING_UP = pytest.StashKey[list]()
 _RUNNING_TEST = pytest.StashKey[list]()
 _SERVICES = pytest.StashKey[ServiceFactory]()
 _BODY_RUNTIME = pytest.StashKey[ContainerRuntime]()  # the sandboxed bodies' launcher
-_BODY_SETTINGS = pytest.StashKey[object]()
+_BODY_SETTINGS = pytest.StashKey[ContainerSettings]()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +85,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
               "those marked `container` that do not use the `container` fixture")
     return [(f"minictr {__version__}: {doctor.header(doctor.examine(rehearse=False))}, "
              f"rootfs {settings.source}, cache {settings.cache_dir}"),
-            f"minictr: test bodies run sandboxed: {bodies}"]
+            f"minictr: test bodies run sandboxed: {bodies}",
+            f"minictr: sandboxed: {sandbox.WHAT_RUNS}"]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -99,28 +102,41 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             pytest.fail(str(problem), pytrace=False)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    """A sandboxed body: called in its sandbox; its verdict lands in the report (below)."""
-    settings = pyfuncitem.stash.get(_BODY_SETTINGS, None)
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    """A sandboxed body: whatever the item's kind (a function, a unittest method, a doctest,
+    another plugin's item), the worker's `runtest` becomes the fork of its sandbox, which
+    calls the real one; its verdict lands in the report (below). Every other plugin's
+    wrapper of the call phase (capture, logging, xfail, ...) still runs around it here."""
+    settings = item.stash.get(_BODY_SETTINGS, None)
     if settings is None or sandbox.in_body():
-        return None
-    config = pyfuncitem.config
+        return (yield)
+    runtest = item.runtest
+    item.runtest = functools.partial(_run_in_sandbox, item, runtest, settings)  # type: ignore[method-assign]
+    try:
+        return (yield)
+    finally:
+        del item.runtest
+
+
+def _run_in_sandbox(item: pytest.Item, runtest: Callable[[], None],
+                    settings: ContainerSettings) -> None:
+    config = item.config
     try:
         if _BODY_RUNTIME not in config.stash:
             config.stash[_BODY_RUNTIME] = ContainerRuntime()
         services = config.stash.get(_SERVICES, None)
-        outcome = sandbox.run_body(pyfuncitem, settings, config.stash[_BODY_RUNTIME],
+        outcome = sandbox.run_body(item, runtest, settings, config.stash[_BODY_RUNTIME],
                                    services.published() if services is not None else {})
         problem = None
     except UnsupportedError as error:
         problem = error
     if problem is not None:
         unavailable(config.stash[_SETTINGS], problem)
-    pyfuncitem.stash[sandbox.OUTCOME] = outcome
+    item.stash[body_outcome.OUTCOME] = outcome
+    body_outcome.log_body_reports(item, outcome)
     if outcome.failure is not None:
         pytest.fail(outcome.failure, pytrace=False)
-    return True
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -131,10 +147,10 @@ def pytest_runtest_makereport(item: pytest.Item,
     its last container: command, how it ended, stderr."""
     outcome = yield
     report = outcome.get_result()
-    body = item.stash.get(sandbox.OUTCOME, None)
+    body = item.stash.get(body_outcome.OUTCOME, None)
     if call.when == "call" and body is not None and not sandbox.in_body():
-        del item.stash[sandbox.OUTCOME]
-        sandbox.apply_outcome(item, report, body)
+        del item.stash[body_outcome.OUTCOME]
+        body_outcome.apply_outcome(item, report, body)
     result = item.stash.get(LAST_RESULT, None)
     if report.failed and result is not None:
         report.sections.append(("minictr: last container", describe_result(result)))
