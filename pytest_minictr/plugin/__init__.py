@@ -16,6 +16,7 @@ shared safely between them.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Generator, Iterator
 from typing import Any
 
@@ -26,7 +27,7 @@ from pytest_minictr.caller.runtime import ContainerRuntime
 from pytest_minictr.doctor import checks as doctor
 from pytest_minictr.errors import ConfigError, MinictrError, UnsupportedError
 from pytest_minictr.keywords import marker_help
-from pytest_minictr.plugin import sandbox
+from pytest_minictr.plugin import sandbox, secrets
 from pytest_minictr.plugin.fixture import LAST_RESULT, TestContainer, unavailable
 from pytest_minictr.plugin.host import (  # noqa: F401
     LAYER_PREFIX,
@@ -40,6 +41,7 @@ from pytest_minictr.plugin.services import ServiceFactory
 from pytest_minictr.plugin.settings import (
     SessionSettings,
     add_options,
+    keep_env_names,
     merge_marker,
     read_session_settings,
 )
@@ -83,7 +85,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
               "those marked `container` that do not use the `container` fixture")
     return [(f"minictr {__version__}: {doctor.header(doctor.examine(rehearse=False))}, "
              f"rootfs {settings.source}, cache {settings.cache_dir}"),
-            f"minictr: test bodies run sandboxed: {bodies}"]
+            f"minictr: test bodies run sandboxed: {bodies}",
+            secrets.header(os.environ, keep_env_names(config))]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
