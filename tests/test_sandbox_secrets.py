@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pytest_minictr.plugin.secrets import looks_like_credential
+from tests.unprivileged import pytest_for
 
 pytest_plugins = ["pytester"]
 
@@ -145,3 +146,65 @@ def test_host_tmp_seen_under_private_tmp(pytester: pytest.Pytester):
         run(pytester).assert_outcomes(passed=2)
     finally:
         assert not os.path.exists(private)
+
+
+ROOTLESS = """
+import os, tempfile, pytest
+
+os.environ["MY_API_TOKEN"] = "do-not-leak"   # in the worker, which the body is forked from
+
+@pytest.fixture(scope="session")
+def made():
+    place = tempfile.mkdtemp(prefix="minictr-fixture-")
+    open(os.path.join(place, "data"), "w").write("from the fixture")
+    return place
+
+@pytest.mark.container
+def test_rootless_body(made, tmp_path):
+    assert open(os.path.join(made, "data")).read() == "from the fixture"
+    open("/tmp/minictr-rootless-body", "w").write("the body's own")
+    assert "MY_API_TOKEN" not in os.environ
+    assert all(os.listdir(os.path.join("/home", name)) == [] for name in os.listdir("/home"))
+    (tmp_path / "x").write_text("mine")
+
+def test_after(made):
+    assert not os.path.exists("/tmp/minictr-rootless-body")
+    assert os.environ["MY_API_TOKEN"] == "do-not-leak"
+"""
+
+
+@pytest.fixture(scope="module")
+def account():
+    """A real unprivileged account, made for this test and removed after it."""
+    if os.geteuid() != 0 or not shutil.which("useradd"):
+        pytest.skip("needs root and useradd to make an account")
+    name = f"mcsec{os.getpid() % 100000}"
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                   check=True, timeout=30)
+    try:
+        import pwd
+        yield pwd.getpwnam(name).pw_uid
+    finally:
+        subprocess.run(["userdel", name], check=False, timeout=30)
+
+
+def test_rootless_body_sees_host_tmp_not_secrets(account):
+    """As a real account: the overlay /tmp in the body's own user namespace, homes hidden,
+    tokens dropped."""
+    place = Path(tempfile.mkdtemp(prefix="minictr-secrets-site-"))
+    try:
+        os.chmod(place, 0o755)
+        runner = pytest_for(account, place)
+        tests = place / "tests"
+        tests.mkdir()
+        (tests / "test_mine.py").write_text(ROOTLESS)
+        os.chown(tests, account, account)
+        done = runner("-m", "pytest", "-p", "pytest_minictr.plugin", "-p", "no:cacheprovider",
+                      "-rA", f"--basetemp={place}/home/tmp", str(tests), cwd=tests)
+        assert "PASSED test_mine.py::test_rootless_body" in done.stdout, done.stdout[-3000:]
+        assert "PASSED test_mine.py::test_after" in done.stdout, done.stdout[-3000:]
+    finally:
+        shutil.rmtree(place)
+        for path in Path("/tmp").glob("minictr-fixture-*"):
+            if path.stat().st_uid == account:
+                shutil.rmtree(path)
