@@ -106,9 +106,12 @@ def test_body_sees_no_secrets(pytester: pytest.Pytester, monkeypatch: pytest.Mon
     result.stdout.fnmatch_lines(["minictr: sandboxed bodies do not see the homes *"
                                  "drops * credential-looking variables (*MY_API_TOKEN*)*"])
     assert "do-not-leak" not in result.stdout.str()
-    # kept by the option too; and without a keep, gone
+    # kept by the option and the environment too; and without a keep, gone
     pytester.makeini("[pytest]\n")
     run(pytester, "--minictr-keep-env", "KEPT_TOKEN").assert_outcomes(passed=2)
+    monkeypatch.setenv("MINICTR_KEEP_ENV", "OTHER KEPT_TOKEN")
+    run(pytester).assert_outcomes(passed=2)
+    monkeypatch.delenv("MINICTR_KEEP_ENV")
     run(pytester).assert_outcomes(passed=1, failed=1)
 
 

@@ -77,6 +77,7 @@ def _may_hide(home: str) -> bool:
     return home == "/root" or home.count("/") >= 2
 
 
+@functools.cache
 def secret_files() -> tuple[str, ...]:
     paths = (*SECRET_PATHS, *sorted(glob.glob(SSH_HOST_KEYS)))
     return tuple(dict.fromkeys(os.path.realpath(path) for path in paths

@@ -29,7 +29,8 @@ HELP_SANDBOX_TESTS = ("run every collected test's body sandboxed (the `container
                       "defaults: --minictr-memory and the others), as a marker on each would; "
                       "tests that use the `container` fixture are not affected")
 HELP_KEEP_ENV = ("keep this environment variable in sandboxed test bodies although its name "
-                 "looks like a credential's (repeatable; ini: names separated by spaces)")
+                 "looks like a credential's (repeatable; ini and MINICTR_KEEP_ENV: names "
+                 "separated by spaces)")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -62,8 +63,10 @@ def add_options(parser: pytest.Parser) -> None:
 
 
 def keep_env_names(config: pytest.Config) -> tuple[str, ...]:
-    """The names --minictr-keep-env and the ini's minictr_keep_env keep (both count)."""
+    """The names --minictr-keep-env, MINICTR_KEEP_ENV and the ini's minictr_keep_env keep
+    (all count: each only adds names)."""
     return tuple(dict.fromkeys([*config.getini("minictr_keep_env"),
+                                *os.environ.get("MINICTR_KEEP_ENV", "").split(),
                                 *(config.getoption("minictr_keep_env") or [])]))
 
 
