@@ -33,6 +33,7 @@ NEEDED = {p.split("/")[2] for p in (sys.prefix, sys.base_prefix) if p.startswith
 def test_no_secrets():
     assert open("/etc/shadow").read() == "" and open("/etc/gshadow").read() == ""
     assert set(os.listdir("/root")) <= NEEDED
+    assert os.listdir("/run") == []                 # no host daemon's socket, no /run/user
     assert open(pytest_minictr.__file__).read().startswith('\"\"\"')  # the package under test
     assert "def test_no_secrets" in open(__file__).read()            # the project's files
     assert "MY_API_TOKEN" not in os.environ and "SSH_AUTH_SOCK" not in os.environ

@@ -11,7 +11,7 @@ The rules, which docs/security.md repeats:
   read-only (`Hiding.shown`): the rootdir, the invocation and working directories, sys.prefix,
   sys.base_prefix, the directories of sys.path, the base of tmp_path; `writable=` paths are
   bound there writable by the body's plan.
-- hidden files: SECRET_PATHS (those the host has) and the SSH host keys.
+- hidden files: SECRET_PATHS (those the host has: /run among them) and the SSH host keys.
 - dropped variables: see `looks_like_credential`; a name given to --minictr-keep-env (ini
   minictr_keep_env) is kept, and a marker's `env=` sets its names whatever they look like.
 """
@@ -29,7 +29,10 @@ from dataclasses import dataclass
 FIRST_USER_UID = 1000  # login.defs' UID_MIN on every common distribution
 SECRET_PATHS = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-",
                 "/etc/security/opasswd", "/etc/ssl/private",
-                "/run/secrets")  # Docker's and Kubernetes' (/var/run/secrets) secrets
+                # an empty /run, as a container has: no host daemon's unix socket (Docker's,
+                # containerd's, D-Bus's, systemd's: peers that take the body's root for the
+                # host's), no /run/user/*, no mounted secrets (/run/secrets, /var/run/secrets)
+                "/run")
 SSH_HOST_KEYS = "/etc/ssh/ssh_host_*_key"
 NEVER_HOMES = ("/tmp", "/proc", "/sys", "/dev")
 # Parts of a variable's name (split at anything not a letter or digit) that mark it
@@ -48,15 +51,15 @@ class Hiding:
 
 
 def hiding(needed: Iterable[str]) -> Hiding:
-    """The homes and secret files hidden; of `needed` (paths the test must see), those
-    inside a hidden home, the outermost only. A needed path above a home ("/", /home) does
+    """The homes and secret paths hidden; of `needed` (paths the test must see), those
+    inside a hidden one, the outermost only. A needed path above a home ("/", /home) does
     not show the homes below it."""
-    homes = host_homes()
+    hidden = (*host_homes(), *secret_files())
     inside = sorted({path for path in map(os.path.realpath, needed)
-                     if any(_within(path, home) for home in homes)})
+                     if any(_within(path, top) for top in hidden)})
     shown = tuple(path for path in inside
                   if not any(_within(path, other) and path != other for other in inside))
-    return Hiding((*homes, *secret_files()), shown)
+    return Hiding(hidden, shown)
 
 
 @functools.cache
@@ -123,5 +126,5 @@ def header(environ: Mapping[str, str], keep: Iterable[str]) -> str:
     names = f" ({', '.join(dropped)})" if dropped else ""
     return (f"minictr: sandboxed bodies do not see the homes {shown_homes or '(none)'} "
             f"(but what the test needs there), /etc/shadow, /etc/gshadow, SSH host keys, "
-            f"/run/secrets; their environment drops {len(dropped)} credential-looking "
+            f"/run; their environment drops {len(dropped)} credential-looking "
             f"variables{names}: keep one with --minictr-keep-env NAME")
