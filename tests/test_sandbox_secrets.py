@@ -20,6 +20,7 @@ from tests.unprivileged import pytest_for
 pytest_plugins = ["pytester"]
 
 INNER_TIMEOUT = 240  # seconds an inner session may take (they take a few)
+HOST_KEY = Path(f"/etc/ssh/ssh_host_minictr{os.getpid()}_key")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="hides what root could read")
 
 SECRETS = """
@@ -34,6 +35,7 @@ def test_no_secrets():
     assert open("/etc/shadow").read() == "" and open("/etc/gshadow").read() == ""
     assert set(os.listdir("/root")) <= NEEDED
     assert os.listdir("/run") == []                 # no host daemon's socket, no /run/user
+    assert not os.path.exists("HOST_KEY") or open("HOST_KEY").read() == ""
     assert open(pytest_minictr.__file__).read().startswith('\"\"\"')  # the package under test
     assert "def test_no_secrets" in open(__file__).read()            # the project's files
     assert "MY_API_TOKEN" not in os.environ and "SSH_AUTH_SOCK" not in os.environ
@@ -100,9 +102,15 @@ def test_body_sees_no_secrets(pytester: pytest.Pytester, monkeypatch: pytest.Mon
     for name, value in (("MY_API_TOKEN", "do-not-leak"), ("KEPT_TOKEN", "kept"),
                         ("PLAIN", "plain"), ("SSH_AUTH_SOCK", "/nowhere")):
         monkeypatch.setenv(name, value)
-    pytester.makepyfile(test_secrets=SECRETS)
+    pytester.makepyfile(test_secrets=SECRETS.replace("HOST_KEY", str(HOST_KEY)))
     pytester.makeini("[pytest]\nminictr_keep_env = KEPT_TOKEN\n")
-    result = run(pytester)
+    if not HOST_KEY.parent.is_dir():
+        pytest.skip("no /etc/ssh on this host")
+    try:  # an SSH host key where sshd keeps them (this host may have none of its own)
+        HOST_KEY.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+        result = run(pytester)
+    finally:
+        HOST_KEY.unlink()
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["minictr: sandboxed bodies do not see the homes *"
                                  "drops * credential-looking variables (*MY_API_TOKEN*)*"])
