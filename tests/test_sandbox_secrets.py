@@ -30,8 +30,13 @@ import pytest_minictr
 # what of /root a body sees: only the way to what it needs there (the Python, if there)
 NEEDED = {p.split("/")[2] for p in (sys.prefix, sys.base_prefix) if p.startswith("/root/")}
 
+@pytest.fixture
+def fake_token(monkeypatch):
+    monkeypatch.setenv("FAKE_API_TOKEN", "the suite's own")
+    monkeypatch.setenv("CHANGED_TOKEN", "changed by the suite")
+
 @pytest.mark.container(env={"SET_SECRET": "by the marker"})
-def test_no_secrets():
+def test_no_secrets(fake_token):
     assert open("/etc/shadow").read() == "" and open("/etc/gshadow").read() == ""
     assert set(os.listdir("/root")) <= NEEDED
     assert os.listdir("/run") == []                 # no host daemon's socket, no /run/user
@@ -39,6 +44,8 @@ def test_no_secrets():
     assert open(pytest_minictr.__file__).read().startswith('\"\"\"')  # the package under test
     assert "def test_no_secrets" in open(__file__).read()            # the project's files
     assert "MY_API_TOKEN" not in os.environ and "SSH_AUTH_SOCK" not in os.environ
+    assert os.environ["FAKE_API_TOKEN"] == "the suite's own"  # set by a fixture: kept
+    assert os.environ["CHANGED_TOKEN"] == "changed by the suite"
     assert os.environ["KEPT_TOKEN"] == "kept" and os.environ["PLAIN"] == "plain"
     assert os.environ["SET_SECRET"] == "by the marker"
 
@@ -100,6 +107,7 @@ def test_innocent_names(name):
 @needs_root
 def test_body_sees_no_secrets(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
     for name, value in (("MY_API_TOKEN", "do-not-leak"), ("KEPT_TOKEN", "kept"),
+                        ("CHANGED_TOKEN", "the host's"),
                         ("PLAIN", "plain"), ("SSH_AUTH_SOCK", "/nowhere")):
         monkeypatch.setenv(name, value)
     pytester.makepyfile(test_secrets=SECRETS.replace("HOST_KEY", str(HOST_KEY)))
@@ -163,8 +171,6 @@ def test_host_tmp_seen_under_private_tmp(pytester: pytest.Pytester):
 ROOTLESS = """
 import os, tempfile, pytest
 
-os.environ["MY_API_TOKEN"] = "do-not-leak"   # in the worker, which the body is forked from
-
 @pytest.fixture(scope="session")
 def made():
     place = tempfile.mkdtemp(prefix="minictr-fixture-")
@@ -211,8 +217,11 @@ def test_rootless_body_sees_host_tmp_not_secrets(account):
         tests.mkdir()
         (tests / "test_mine.py").write_text(ROOTLESS)
         os.chown(tests, account, account)
-        done = runner("-m", "pytest", "-p", "pytest_minictr.plugin", "-p", "no:cacheprovider",
-                      "-rA", f"--basetemp={place}/home/tmp", str(tests), cwd=tests)
+        # the token in the environment pytest starts with, as a CI runner's would be
+        done = runner("-c", "import os, sys, pytest; os.environ['MY_API_TOKEN'] = 'do-not-leak';"
+                      " sys.exit(pytest.main(sys.argv[1:]))", "-p", "pytest_minictr.plugin",
+                      "-p", "no:cacheprovider", "-rA", f"--basetemp={place}/home/tmp",
+                      str(tests), cwd=tests)
         assert "PASSED test_mine.py::test_rootless_body" in done.stdout, done.stdout[-3000:]
         assert "PASSED test_mine.py::test_after" in done.stdout, done.stdout[-3000:]
     finally:

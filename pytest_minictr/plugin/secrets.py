@@ -12,8 +12,9 @@ The rules, which docs/security.md repeats:
   sys.base_prefix, the directories of sys.path, the base of tmp_path; `writable=` paths are
   bound there writable by the body's plan.
 - hidden files: SECRET_PATHS (those the host has: /run among them) and the SSH host keys.
-- dropped variables: see `looks_like_credential`; a name given to --minictr-keep-env (ini
-  minictr_keep_env) is kept, and a marker's `env=` sets its names whatever they look like.
+- dropped variables: those `looks_like_credential` names, as pytest started (see
+  `dropped_names`); a name given to --minictr-keep-env (ini minictr_keep_env,
+  MINICTR_KEEP_ENV) is kept, and a marker's `env=` sets its names whatever they look like.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ _CONTAINED = ("SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")   # PGPASSWORD, CLIE
 _ENDINGS = ("TOKEN", "TOKENS", "KEY", "KEYS")     # GH_TOKEN, APIKEY; not TOKENIZERS, KEYRING
 _WHOLE = ("PASS", "PASSPHRASE", "AUTHORIZATION", "COOKIE")    # DB_PASS
 _PREFIXES = ("AWS_",)  # every AWS_* variable: its keys, session and profile
+
+
+# The environment as pytest started (this module is loaded with the plugin, before any
+# conftest): what the host, a CI runner, put there. A variable the suite sets or changes
+# later (a fixture's fake token) is the suite's own: dropping it would fail the test.
+_STARTED_WITH = dict(os.environ)
 
 
 @dataclass(frozen=True)
@@ -111,10 +118,12 @@ def _credential_word(word: str) -> bool:
 
 
 def dropped_names(environ: Mapping[str, str], keep: Iterable[str]) -> tuple[str, ...]:
-    """The names of `environ` a body goes without, sorted; never their values."""
+    """The names of `environ` a body goes without, sorted; never their values: those that
+    look like credentials and hold what they held when pytest started."""
     kept = set(keep)
-    return tuple(sorted(name for name in environ
-                        if name not in kept and looks_like_credential(name)))
+    return tuple(sorted(name for name, value in environ.items()
+                        if name not in kept and looks_like_credential(name)
+                        and _STARTED_WITH.get(name) == value))
 
 
 def header(environ: Mapping[str, str], keep: Iterable[str]) -> str:
