@@ -45,6 +45,7 @@ def test_no_secrets(fake_token):
     assert "def test_no_secrets" in open(__file__).read()            # the project's files
     assert "MY_API_TOKEN" not in os.environ and "SSH_AUTH_SOCK" not in os.environ
     assert os.environ["FAKE_API_TOKEN"] == "the suite's own"  # set by a fixture: kept
+    assert os.environ["CONFTEST_API_TOKEN"] == "the conftest's"  # by a conftest: kept
     assert os.environ["CHANGED_TOKEN"] == "changed by the suite"
     assert os.environ["KEPT_TOKEN"] == "kept" and os.environ["PLAIN"] == "plain"
     assert os.environ["SET_SECRET"] == "by the marker"
@@ -111,12 +112,13 @@ def test_body_sees_no_secrets(pytester: pytest.Pytester, monkeypatch: pytest.Mon
                         ("PLAIN", "plain"), ("SSH_AUTH_SOCK", "/nowhere")):
         monkeypatch.setenv(name, value)
     pytester.makepyfile(test_secrets=SECRETS.replace("HOST_KEY", str(HOST_KEY)))
+    pytester.makeconftest("import os\nos.environ['CONFTEST_API_TOKEN'] = \"the conftest's\"\n")
     pytester.makeini("[pytest]\nminictr_keep_env = KEPT_TOKEN\n")
     if not HOST_KEY.parent.is_dir():
         pytest.skip("no /etc/ssh on this host")
     try:  # an SSH host key where sshd keeps them (this host may have none of its own)
         HOST_KEY.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
-        result = run(pytester)
+        result = run(pytester, "-n", "2")  # xdist's workers start after the conftest ran
     finally:
         HOST_KEY.unlink()
     result.assert_outcomes(passed=2)

@@ -43,10 +43,21 @@ _WHOLE = ("PASS", "PASSPHRASE", "AUTHORIZATION", "COOKIE")    # DB_PASS
 _PREFIXES = ("AWS_",)  # every AWS_* variable: its keys, session and profile
 
 
-# The environment as pytest started (this module is loaded with the plugin, before any
-# conftest): what the host, a CI runner, put there. A variable the suite sets or changes
-# later (a fixture's fake token) is the suite's own: dropping it would fail the test.
-_STARTED_WITH = dict(os.environ)
+# The names of the credential-looking variables pytest-xdist's controller started with, for
+# its workers: they start after its conftests ran, with what those set.
+HOST_NAMES_VARIABLE = "MINICTR_HOST_ENV_NAMES"
+
+
+def _started_with() -> dict[str, str]:
+    """The environment as pytest started (this module is loaded with the plugin, before any
+    conftest): what the host, a CI runner, put there. A variable the suite sets or changes
+    later (a fixture's fake token) is the suite's own: dropping it would fail the test."""
+    snapshot = dict(os.environ)
+    if "PYTEST_XDIST_WORKER" in snapshot and HOST_NAMES_VARIABLE in snapshot:
+        host = set(snapshot[HOST_NAMES_VARIABLE].split())
+        return {name: value for name, value in snapshot.items() if name in host}
+    os.environ[HOST_NAMES_VARIABLE] = " ".join(sorted(filter(looks_like_credential, snapshot)))
+    return snapshot
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,9 @@ def _credential_word(word: str) -> bool:
             or word in _WHOLE
             or ((word.startswith("AUTH") or word.endswith("AUTH"))
                 and not word.startswith("AUTHOR")))
+
+
+_STARTED_WITH = _started_with()
 
 
 def dropped_names(environ: Mapping[str, str], keep: Iterable[str]) -> tuple[str, ...]:
