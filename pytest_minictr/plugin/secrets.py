@@ -43,8 +43,8 @@ _WHOLE = ("PASS", "PASSPHRASE", "AUTHORIZATION", "COOKIE")    # DB_PASS
 _PREFIXES = ("AWS_",)  # every AWS_* variable: its keys, session and profile
 
 
-# The names of the credential-looking variables pytest-xdist's controller started with, for
-# its workers: they start after its conftests ran, with what those set.
+# The pid of pytest-xdist's controller and the names of the credential-looking variables it
+# started with, for its workers: they start after its conftests ran, with what those set.
 HOST_NAMES_VARIABLE = "MINICTR_HOST_ENV_NAMES"
 
 
@@ -53,10 +53,12 @@ def _started_with() -> dict[str, str]:
     conftest): what the host, a CI runner, put there. A variable the suite sets or changes
     later (a fixture's fake token) is the suite's own: dropping it would fail the test."""
     snapshot = dict(os.environ)
-    if "PYTEST_XDIST_WORKER" in snapshot and HOST_NAMES_VARIABLE in snapshot:
-        host = set(snapshot[HOST_NAMES_VARIABLE].split())
+    controller, *host = (snapshot.get(HOST_NAMES_VARIABLE) or "-").split()
+    # a worker is its controller's child; a pytest a test runs inherits both variables
+    if "PYTEST_XDIST_WORKER" in snapshot and controller == str(os.getppid()):
         return {name: value for name, value in snapshot.items() if name in host}
-    os.environ[HOST_NAMES_VARIABLE] = " ".join(sorted(filter(looks_like_credential, snapshot)))
+    os.environ[HOST_NAMES_VARIABLE] = " ".join(
+        [str(os.getpid()), *sorted(filter(looks_like_credential, snapshot))])
     return snapshot
 
 
