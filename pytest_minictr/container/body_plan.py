@@ -45,7 +45,8 @@ BODY_JOINED = (("net", linux.CLONE_NEWNET), ("uts", linux.CLONE_NEWUTS),
 # always carried out by the Python executor: the native core (`container/native`) runs
 # containers' plans and has no need of these.
 BODY_ONLY_ACTIONS = frozenset({"bind_host_root", "close_inherited_handles",
-                               "hand_over_service_addresses"})
+                               "hand_over_service_addresses", "hide_host_path", "seal_hidden",
+                               "mount_tmp_over_host"})
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,9 @@ class BodyView:
     """What a sandboxed test body sees and may do (see `plugin.sandbox`)."""
 
     cwd: str
-    read_only: tuple[str, ...]   # host dirs under /tmp shown as they are (the test's files)
+    # host dirs shown read-only as they are: the test's files under /tmp, and what the test
+    # needs inside a hidden home (the project's tree, the venv)
+    read_only: tuple[str, ...]
     writable: tuple[str, ...]    # host paths bound read-write (tmp_path, writable=[...])
     hostname: str
     network: str
@@ -62,6 +65,8 @@ class BodyView:
     # the published (address, port) of the services the worker runs: reachable from the
     # body at the same address, through the launcher's relay (see `container.network`)
     services: tuple[tuple[str, int], ...] = ()
+    # host paths covered (a directory by an empty tmpfs, a file by /dev/null): homes, secrets
+    hidden: tuple[str, ...] = ()
 
 
 class BodyPlan(NamedTuple):
@@ -99,7 +104,9 @@ def body_namespaces(where: Where, joined: tuple[int, ...]) -> tuple[Step, ...]:
 
 def body_view(view: BodyView, where: Where) -> tuple[Step, ...]:
     """The stage, /proc and /dev as for a container (as root, the spare's); then the host's
-    tree read-only in place of a rootfs, a private /tmp, the binds, the same pivot_root."""
+    tree read-only in place of a rootfs, its hidden paths covered, a private /tmp over the
+    host's, the binds (into the hidden homes too, which are then sealed read-only), the same
+    pivot_root."""
     binds = tuple((path, True) for path in view.read_only) \
         + tuple((path, False) for path in view.writable)
     stage = () if not where.rootless else (
@@ -109,12 +116,15 @@ def body_view(view: BodyView, where: Where) -> tuple[Step, ...]:
         *mount_proc_and_dev())
     steps = [*stage,
              Step("root", "bind the host's tree read-only", "bind_host_root"),
-             Step("root", "mount /tmp", "mount_tmp", (None,))]
+             *(Step("root", f"hide {path}", "hide_host_path", (path,)) for path in view.hidden),
+             Step("root", "mount /tmp over the host's", "mount_tmp_over_host",
+                  (None, where.rootless))]
     for index, (path, read_only) in enumerate(binds):
         steps += [Step("root", f"open {path}", "open_host_path", (path,), f"bind {index}"),
                   Step("root", f"bind {path} {'read-only' if read_only else 'writable'}",
                        "bind_user_mount", (Ref(f"bind {index}"), path, read_only))]
-    steps += [Step("root", "move /dev", "move_into_root", ("/dev",)),
+    steps += [*(Step("root", f"seal {path}", "seal_hidden", (path,)) for path in view.hidden),
+              Step("root", "move /dev", "move_into_root", ("/dev",)),
               Step("root", "move /proc", "move_into_root", ("/proc",)),
               Step("root", "close the host's paths", "close_fds",
                    tuple(Ref(f"bind {index}") for index in range(len(binds)))),

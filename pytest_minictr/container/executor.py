@@ -13,7 +13,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from pytest_minictr.container import init, mounts, network, security, userns
+from pytest_minictr.container import body_mounts, init, mounts, network, security, userns
 from pytest_minictr.container.plan import Ref, Step
 from pytest_minictr.errors import ContainerSetupError
 from pytest_minictr.host import linux
@@ -55,6 +55,9 @@ ACTIONS: dict[str, Callable[..., Any]] = {
     "chown_layer": mounts.chown_layer,
     "mount_overlay": mounts.mount_overlay,
     "bind_host_root": mounts.bind_host_root,
+    "hide_host_path": body_mounts.hide_host_path,
+    "seal_hidden": body_mounts.seal_hidden,
+    "mount_tmp_over_host": body_mounts.mount_tmp_over_host,
     "move_into_root": mounts.move_into_root,
     "mount_tmp": mounts.mount_tmp,
     "make_root_read_only": mounts.make_root_read_only,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
@@ -28,7 +29,7 @@ from pytest_minictr.doctor import checks as doctor
 from pytest_minictr.errors import ConfigError, MinictrError, UnsupportedError
 from pytest_minictr.keywords import ContainerSettings, marker_help
 from pytest_minictr.plugin import outcome as body_outcome
-from pytest_minictr.plugin import sandbox
+from pytest_minictr.plugin import sandbox, secrets
 from pytest_minictr.plugin.fixture import LAST_RESULT, TestContainer, unavailable
 from pytest_minictr.plugin.host import (  # noqa: F401
     LAYER_PREFIX,
@@ -42,6 +43,7 @@ from pytest_minictr.plugin.services import ServiceFactory
 from pytest_minictr.plugin.settings import (
     SessionSettings,
     add_options,
+    keep_env_names,
     merge_marker,
     read_session_settings,
 )
@@ -86,7 +88,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [(f"minictr {__version__}: {doctor.header(doctor.examine(rehearse=False))}, "
              f"rootfs {settings.source}, cache {settings.cache_dir}"),
             f"minictr: test bodies run sandboxed: {bodies}",
-            f"minictr: sandboxed: {sandbox.WHAT_RUNS}"]
+            f"minictr: sandboxed: {sandbox.WHAT_RUNS}",
+            secrets.header(os.environ, keep_env_names(config))]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -45,9 +45,10 @@ from pytest_minictr.errors import ConfigError, ContainerSetupError, UnsupportedE
 from pytest_minictr.host import linux
 from pytest_minictr.host.proc import open_namespaces
 from pytest_minictr.keywords import ContainerSettings
+from pytest_minictr.plugin import secrets
 from pytest_minictr.plugin.outcome import BodyOutcome, outcome_of
 from pytest_minictr.plugin.services import body_network_notes
-from pytest_minictr.plugin.settings import SessionSettings, merge_marker
+from pytest_minictr.plugin.settings import SessionSettings, keep_env_names, merge_marker
 from pytest_minictr.spec import Limits, Security
 
 FIXTURE_ONLY = ("binaries", "recipe", "rootfs")
@@ -74,21 +75,34 @@ def body_settings(item: pytest.Item, session: SessionSettings) -> ContainerSetti
 
 def body_view(item: pytest.Item, settings: ContainerSettings,
               services: tuple[tuple[str, int], ...] = ()) -> BodyView:
-    """The host read-only; writable: the test's tmp_path and `writable=`. Under /tmp (private
-    to the body) the worker's cwd and rootdir are shown read-only: the test's own files. Its
-    network: its own, where the services' addresses lead to them (network='none': nothing)."""
+    """The host read-only but its secrets (see `secrets`); writable: the test's tmp_path and
+    `writable=`. Under /tmp (the body's own, over the host's) the worker's cwd and rootdir
+    are shown read-only: the test's own files. Its network: its own, where the services'
+    addresses lead to them (network='none': nothing)."""
     funcargs = getattr(item, "funcargs", {})
     tmp = funcargs.get("tmp_path") or funcargs.get("tmpdir")
     writable = (*([os.path.realpath(str(tmp))] if tmp is not None else []), *settings.writable)
     cwd = os.getcwd()
     shown = (os.path.realpath(cwd), os.path.realpath(item.config.rootpath))
+    hiding = secrets.hiding(_needed(item, shown))
+    read_only = (*(p for p in shown if p.startswith("/tmp/")), *hiding.shown)
     return BodyView(
-        cwd=cwd, read_only=tuple(p for p in dict.fromkeys(shown) if p.startswith("/tmp/")),
+        cwd=cwd, read_only=tuple(dict.fromkeys(read_only)), hidden=hiding.hidden,
         writable=tuple(dict.fromkeys(writable)), hostname=settings.hostname,
         network=settings.network, user_namespace=settings.user,
         security=Security(seccomp=settings.seccomp, allow_syscalls=settings.allow_syscalls,
                           capabilities=settings.capabilities, rlimits=settings.rlimits or ()),
         services=services if settings.network != "none" else ())
+
+
+def _needed(item: pytest.Item, shown: tuple[str, ...]) -> list[str]:
+    """What a body must see even inside a hidden home: the project, the Python it runs,
+    what it imports, tmp_path_factory's base."""
+    factory = getattr(item.config, "_tmp_path_factory", None)
+    base = getattr(factory, "_basetemp", None)
+    return [*shown, str(item.config.invocation_params.dir), sys.prefix, sys.base_prefix,
+            *(path for path in sys.path if path and os.path.isdir(path)),
+            *([str(base)] if base is not None else [])]
 
 
 def run_body(item: pytest.Item, runtest: Callable[[], None], settings: ContainerSettings,
@@ -116,7 +130,7 @@ def run_body(item: pytest.Item, runtest: Callable[[], None], settings: Container
                                                 if name in namespaces), lease.relay)
             pid = _fork(namespaces.get("pid"))
             if pid == 0:
-                live_as_body(plan, report_w, worker, item, runtest, settings.env)
+                live_as_body(plan, report_w, worker, item, runtest, _body_env(item, settings))
         finally:
             for fd in (report_w, worker, *namespaces.values()):
                 os.close(fd)
@@ -138,6 +152,13 @@ def run_body(item: pytest.Item, runtest: Callable[[], None], settings: Container
         address for line in lines for address in line.get("unreachable", ())], told,
         refused=body is not None and REFUSED in json.dumps(body["report"].get("longrepr")))
     return replace(outcome_of(lines, status, end, settings, item.config), network=network)
+
+
+def _body_env(item: pytest.Item, settings: ContainerSettings) -> dict[str, str | None]:
+    """The changes to the worker's environment a body makes: credential-looking names
+    unset (None), but those kept by name; the marker's env= set."""
+    keep = keep_env_names(item.config)
+    return {**dict.fromkeys(secrets.dropped_names(os.environ, keep)), **(settings.env or {})}
 
 
 def _open_namespaces(init_pid: int | None) -> dict[str, int]:
@@ -199,18 +220,23 @@ def in_body() -> bool:
 
 
 def live_as_body(plan: BodyPlan, report_w: int, worker: int, item: pytest.Item,
-                 runtest: Callable[[], None], env: dict | None) -> NoReturn:
+                 runtest: Callable[[], None], env: dict[str, str | None]) -> NoReturn:
     """The forked child's life: the body's process from here on; it carries out `plan` and
     runs the item, and never returns into the worker (see `container.body`)."""
     _this_process.in_body = True
     run_sandboxed(plan, report_w, lambda: call_in_body(item, runtest, env), worker)
 
 
-def call_in_body(item: pytest.Item, runtest: Callable[[], None], env: dict | None) -> bytes:
+def call_in_body(item: pytest.Item, runtest: Callable[[], None],
+                 env: dict[str, str | None] | None) -> bytes:
     """Run the item as pytest would, and make its report here, where the traceback is; the
     report, the reports logged meanwhile, the output captured here and the warnings, as one
-    JSON line."""
-    os.environ.update(env or {})
+    JSON line. `env`: the worker's environment changed (None: a name unset)."""
+    for name, value in (env or {}).items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     config = item.config
     logged = _keep_logged_reports(config)
     with warnings.catch_warnings(record=True) as caught:

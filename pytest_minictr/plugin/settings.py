@@ -28,6 +28,9 @@ UNAVAILABLE_CHOICES = ("fail", "skip")
 HELP_SANDBOX_TESTS = ("run every collected test's body sandboxed (the `container` marker's "
                       "defaults: --minictr-memory and the others), as a marker on each would; "
                       "tests that use the `container` fixture are not affected")
+HELP_KEEP_ENV = ("keep this environment variable in sandboxed test bodies although its name "
+                 "looks like a credential's (repeatable; ini and MINICTR_KEEP_ENV: names "
+                 "separated by spaces)")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -54,6 +57,17 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--minictr-sandbox-tests", dest="minictr_sandbox_tests",
                     action="store_true", default=None, help=HELP_SANDBOX_TESTS)
     parser.addini("minictr_sandbox_tests", HELP_SANDBOX_TESTS)
+    group.addoption("--minictr-keep-env", dest="minictr_keep_env", action="append",
+                    default=[], metavar="NAME", help=HELP_KEEP_ENV)
+    parser.addini("minictr_keep_env", HELP_KEEP_ENV, type="args")
+
+
+def keep_env_names(config: pytest.Config) -> tuple[str, ...]:
+    """The names --minictr-keep-env, MINICTR_KEEP_ENV and the ini's minictr_keep_env keep
+    (all count: each only adds names)."""
+    return tuple(dict.fromkeys([*config.getini("minictr_keep_env"),
+                                *os.environ.get("MINICTR_KEEP_ENV", "").split(),
+                                *(config.getoption("minictr_keep_env") or [])]))
 
 
 def _add_option(parser: pytest.Parser, group: pytest.OptionGroup, name: str, help_text: str,

@@ -1,0 +1,70 @@
+"""The mounts only a sandboxed test body's view needs (see `body_plan.body_view`): host paths
+hidden under the read-only host tree, and a private /tmp over the host's.
+
+Run in the body's mount namespace (as root, the spare's; without root, its init's), after
+`mounts.bind_host_root` and before pivot_root, with the stage as "/" (see `mounts`).
+"""
+
+from __future__ import annotations
+
+import os
+
+from pytest_minictr.container.failure import attempt
+from pytest_minictr.container.mounts import (
+    DEVICE_BIND_FLAGS,
+    HOST,
+    ROOT,
+    bind_device,
+    mount_tmp,
+    mount_tmpfs,
+)
+from pytest_minictr.host import linux
+from pytest_minictr.host.linux import MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, MS_REMOUNT
+
+TMP_LAYER = "/body-tmp"  # in the stage: the upper and work dirs of the body's /tmp
+# A hiding tmpfs holds only the mount points of what is bound back into it (see seal_hidden)
+HIDING_OPTIONS = "mode=0755,size=64k,nr_inodes=1024"
+
+
+def hide_host_path(path: str) -> None:
+    """Cover `path` of the read-only host tree: an empty tmpfs over a directory, /dev/null
+    (read-only) over a file. A path missing, or a symlink by now, is left as it is: the
+    worker resolved it, and a mount through a symlink would land elsewhere in the stage."""
+    target = ROOT + path
+    if os.path.islink(target) or not os.path.lexists(target):
+        return
+    if os.path.isdir(target):
+        # writable until sealed: what is bound back into it needs its mount points made
+        attempt(f"hide {path}", mount_tmpfs, target, HIDING_OPTIONS)
+    else:
+        attempt(f"hide {path}", bind_device, f"{HOST}/dev/null", target,
+                DEVICE_BIND_FLAGS | MS_RDONLY)
+
+
+def seal_hidden(path: str) -> None:
+    """Make a hiding tmpfs read-only, once the paths bound back into it are mounted: the
+    body may not write where the host's tree is (the flag is the mount's, not its tree's:
+    a writable path bound below keeps its own)."""
+    target = ROOT + path
+    if os.path.isdir(target) and not os.path.islink(target) and os.path.ismount(target):
+        attempt(f"seal {path}", linux.mount, None, target, None,
+                MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def mount_tmp_over_host(layer_size: int | None, userxattr: bool) -> None:
+    """The body's /tmp: an overlay whose lower layer is the host's /tmp (what fixtures made
+    there with tempfile or tmp_path_factory, a venv there) and whose upper is a tmpfs of its
+    own, so its writes never reach the host. Where the kernel refuses the overlay (before
+    5.11 in a user namespace; a host /tmp it cannot stack on), a plain tmpfs, as before."""
+    os.makedirs(TMP_LAYER, 0o700, exist_ok=True)
+    size = "" if layer_size is None else f",size={layer_size}"
+    mount_tmpfs(TMP_LAYER, "mode=0755" + size)
+    os.mkdir(f"{TMP_LAYER}/upper")
+    os.chmod(f"{TMP_LAYER}/upper", 0o1777)  # the overlay's root takes the upper's mode
+    os.mkdir(f"{TMP_LAYER}/work", 0o700)
+    options = (f"lowerdir={HOST}/tmp,upperdir={TMP_LAYER}/upper,workdir={TMP_LAYER}/work"
+               + (",userxattr" if userxattr else ""))
+    try:
+        linux.mount("overlay", f"{ROOT}/tmp", "overlay", MS_NOSUID | MS_NODEV, options)
+    except OSError:
+        mount_tmp(layer_size)
