@@ -272,11 +272,14 @@ class Account:
     ranges: bool
 
 
-def useradd(name: str) -> int:
+def useradd(name: str) -> tuple[int, int]:
+    """The new account's uid and gid: its own group's id may differ from its uid (a group
+    left by another account, as the VM's run had one)."""
     subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", "--user-group", name],
                    check=True, capture_output=True, timeout=60)
     import pwd
-    return pwd.getpwnam(name).pw_uid
+    entry = pwd.getpwnam(name)
+    return entry.pw_uid, entry.pw_gid
 
 
 @pytest.fixture(scope="module", params=["an account", "an account with subordinate ids",
@@ -295,10 +298,11 @@ def account(request, open_place):
     ranges = request.param == "an account with subordinate ids"
     if request.param == "a uid without an account":
         uid, home = 4242 + os.getpid() % 1000, open_place / f"home-{request.param_index}"
+        gid = uid
         home.mkdir()
         os.chown(home, uid, uid)
     else:
-        uid, home = useradd(name), Path("/home") / name
+        (uid, gid), home = useradd(name), Path("/home") / name
     if ranges:
         for file in files:
             if not shutil.which(f"new{file.name[3:]}map"):
@@ -309,7 +313,7 @@ def account(request, open_place):
         if ranges:
             kept.append(f"{name}:{ACCOUNT_SUBORDINATE_START}:65536\n")
         file.write_text("".join(kept))
-    yield Account(uid, uid, home, ranges)
+    yield Account(uid, gid, home, ranges)
     if request.param != "a uid without an account":
         subprocess.run(["userdel", "--remove", name], capture_output=True, timeout=60)
     for file, text in zip(files, saved, strict=True):
