@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.unprivileged import pytest_for
+from tests.unprivileged import account_fixture, tests_of
 
 pytest_plugins = ["pytester"]
 
@@ -363,30 +362,12 @@ def test_rootless_limit():
 """
 
 
-@pytest.fixture(scope="module")
-def account():
-    """A real unprivileged account, made for this test and removed after it."""
-    if os.geteuid() != 0 or not shutil.which("useradd"):
-        pytest.skip("needs root and useradd to make an account")
-    name = f"mctr{os.getpid() % 100000}"
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                   check=True, timeout=30)
-    try:
-        import pwd
-        yield pwd.getpwnam(name).pw_uid
-    finally:
-        subprocess.run(["userdel", name], check=False, timeout=30)
+account = account_fixture("mctr")
 
 
 def test_rootless_bodies_for_a_real_account(account):
-    place = Path(tempfile.mkdtemp(prefix="minictr-sandbox-site-"))
-    try:
-        os.chmod(place, 0o755)
-        runner = pytest_for(account, place)
-        tests = place / "tests"
-        tests.mkdir()
-        (tests / "test_mine.py").write_text(textwrap.dedent(ROOTLESS.format(uid=account)))
-        os.chown(tests, account, account)
+    source = textwrap.dedent(ROOTLESS.format(uid=account.uid))
+    with tests_of(account, "minictr-sandbox-site-", source) as (runner, place, tests):
         done = runner("-m", "pytest", "-p", "pytest_minictr.plugin", "-p", "no:cacheprovider",
                       "-rA", f"--basetemp={place}/home/tmp", str(tests), cwd=tests)
         assert "PASSED test_mine.py::test_rootless_body" in done.stdout, done.stdout[-3000:]
@@ -394,5 +375,3 @@ def test_rootless_bodies_for_a_real_account(account):
         assert "PASSED test_mine.py::test_rootless_limit" in done.stdout \
             or "minictr cannot run containers here: resource limits need cgroups" \
             in done.stdout, done.stdout[-3000:]
-    finally:
-        shutil.rmtree(place)

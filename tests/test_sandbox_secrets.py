@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pytest_minictr.plugin.secrets import looks_like_credential
-from tests.unprivileged import pytest_for
+from tests.unprivileged import account_fixture, tests_of
 
 pytest_plugins = ["pytester"]
 
@@ -193,41 +193,22 @@ def test_after(made):
 """
 
 
-@pytest.fixture(scope="module")
-def account():
-    """A real unprivileged account, made for this test and removed after it."""
-    if os.geteuid() != 0 or not shutil.which("useradd"):
-        pytest.skip("needs root and useradd to make an account")
-    name = f"mcsec{os.getpid() % 100000}"
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                   check=True, timeout=30)
-    try:
-        import pwd
-        yield pwd.getpwnam(name).pw_uid
-    finally:
-        subprocess.run(["userdel", name], check=False, timeout=30)
+account = account_fixture("mcsec")
 
 
 def test_rootless_body_sees_host_tmp_not_secrets(account):
     """As a real account: the overlay /tmp in the body's own user namespace, homes hidden,
     tokens dropped."""
-    place = Path(tempfile.mkdtemp(prefix="minictr-secrets-site-"))
     try:
-        os.chmod(place, 0o755)
-        runner = pytest_for(account, place)
-        tests = place / "tests"
-        tests.mkdir()
-        (tests / "test_mine.py").write_text(ROOTLESS)
-        os.chown(tests, account, account)
-        # the token in the environment pytest starts with, as a CI runner's would be
-        done = runner("-c", "import os, sys, pytest; os.environ['MY_API_TOKEN'] = 'do-not-leak';"
-                      " sys.exit(pytest.main(sys.argv[1:]))", "-p", "pytest_minictr.plugin",
-                      "-p", "no:cacheprovider", "-rA", f"--basetemp={place}/home/tmp",
-                      str(tests), cwd=tests)
+        with tests_of(account, "minictr-secrets-site-", ROOTLESS) as (runner, place, tests):
+            # the token in the environment pytest starts with, as a CI runner's would be
+            done = runner("-c", "import os, sys, pytest; os.environ['MY_API_TOKEN'] = "
+                          "'do-not-leak'; sys.exit(pytest.main(sys.argv[1:]))",
+                          "-p", "pytest_minictr.plugin", "-p", "no:cacheprovider", "-rA",
+                          f"--basetemp={place}/home/tmp", str(tests), cwd=tests)
         assert "PASSED test_mine.py::test_rootless_body" in done.stdout, done.stdout[-3000:]
         assert "PASSED test_mine.py::test_after" in done.stdout, done.stdout[-3000:]
     finally:
-        shutil.rmtree(place)
         for path in Path("/tmp").glob("minictr-fixture-*"):
-            if path.stat().st_uid == account:
+            if path.stat().st_uid == account.uid:
                 shutil.rmtree(path)

@@ -8,12 +8,8 @@ import errno
 import json
 import os
 import select
-import shutil
 import socket
-import subprocess
-import tempfile
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -21,7 +17,7 @@ from pytest_minictr.container.network import hand_over_service_addresses
 from pytest_minictr.forwarder.services import ServiceRelay
 from pytest_minictr.launcher import pods
 from pytest_minictr.plugin.services import body_network_notes
-from tests.unprivileged import pytest_for
+from tests.unprivileged import account_fixture, tests_of
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.timeout(300)
@@ -143,36 +139,16 @@ def test_a_refused_connection_is_explained_in_the_sandbox_network_section(pytest
         "relayed into it: none (no minictr_service runs)"])
 
 
-@pytest.fixture(scope="module")
-def account():
-    """A real account with subordinate ids (useradd gives them), made here and removed."""
-    if os.geteuid() != 0 or not shutil.which("useradd"):
-        pytest.skip("needs root and useradd to make an account")
-    name = f"mctrnet{os.getpid() % 100000}"
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                   check=True, timeout=30)
-    try:
-        import pwd
-        yield pwd.getpwnam(name).pw_uid
-    finally:
-        subprocess.run(["userdel", name], check=False, timeout=30)
+account = account_fixture("mctrnet")
 
 
 def test_rootless_bodies_reach_services_for_a_real_account(account):
-    place = Path(tempfile.mkdtemp(prefix="minictr-netbody-"))
-    try:
-        os.chmod(place, 0o755)
-        runner = pytest_for(account, place)
-        tests = place / "tests"
-        tests.mkdir()
-        (tests / "test_mine.py").write_text(textwrap.dedent(SERVICES))
-        os.chown(tests, account, account)
+    with tests_of(account, "minictr-netbody-", textwrap.dedent(SERVICES)) as (runner, place,
+                                                                             tests):
         done = runner("-m", "pytest", "-p", "pytest_minictr.plugin", "-p", "no:cacheprovider",
                       "-rA", "--minictr-sandbox-tests", f"--basetemp={place}/home/tmp",
                       f"--minictr-cache-dir={place}/home/cache", str(tests), cwd=tests)
         assert "3 passed" in done.stdout, done.stdout[-4000:] + done.stderr[-2000:]
-    finally:
-        shutil.rmtree(place)
 
 
 # --- the pieces: the body's listeners, and what the relay takes of them -------------------------

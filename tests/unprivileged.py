@@ -4,12 +4,16 @@ them, for the system interpreter of the same minor version."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import shutil
 import subprocess
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -63,10 +67,53 @@ def user_environment(home: Path, site: Path) -> dict[str, str]:
             "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
 
 
-def pytest_for(uid: int, place: Path) -> Runner:
-    """`python_as` the user `uid` (group `uid`), with a home of its own in `place`."""
+def pytest_for(uid: int, place: Path, gid: int | None = None) -> Runner:
+    """`python_as` the user `uid` (group `gid`, by default `uid`), with a home of its own in
+    `place`."""
+    gid = uid if gid is None else gid
     site = user_site(place)
     home = place / "home"
     home.mkdir()
-    os.chown(home, uid, uid)
-    return python_as(uid, uid, home, site)
+    os.chown(home, uid, gid)
+    return python_as(uid, gid, home, site)
+
+
+class UserAccount(NamedTuple):
+    uid: int
+    gid: int  # its own group's: useradd gives the next free gid, not always its uid
+
+
+def account_fixture(prefix: str) -> Callable[[], Iterator[UserAccount]]:
+    """A module-scoped fixture: a real unprivileged account made with useradd (with the
+    subordinate ids useradd grants, where it does), removed after the module."""
+    @pytest.fixture(scope="module")
+    def account() -> Iterator[UserAccount]:
+        if os.geteuid() != 0 or not shutil.which("useradd"):
+            pytest.skip("needs root and useradd to make an account")
+        name = f"{prefix}{os.getpid() % 100000}"
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                       check=True, timeout=30)
+        try:
+            entry = pwd.getpwnam(name)
+            yield UserAccount(entry.pw_uid, entry.pw_gid)
+        finally:
+            subprocess.run(["userdel", name], check=False, timeout=30)
+    return account
+
+
+@contextlib.contextmanager
+def tests_of(account: UserAccount, prefix: str, source: str
+             ) -> Iterator[tuple[Runner, Path, Path]]:
+    """A place for `account`'s own pytest run, removed after: a runner of pytest as the
+    account, the place (its home below), and a tests directory holding test_mine.py."""
+    place = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        os.chmod(place, 0o755)
+        runner = pytest_for(account.uid, place, account.gid)
+        tests = place / "tests"
+        tests.mkdir()
+        (tests / "test_mine.py").write_text(source)
+        os.chown(tests, account.uid, account.gid)
+        yield runner, place, tests
+    finally:
+        shutil.rmtree(place)
