@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unprivileged import account_fixture, tests_of
+from tests.unprivileged import account_fixture, place_with_tests
 
 pytest_plugins = ["pytester"]
 
@@ -367,7 +367,7 @@ account = account_fixture("mctr")
 
 def test_rootless_bodies_for_a_real_account(account):
     source = textwrap.dedent(ROOTLESS.format(uid=account.uid))
-    with tests_of(account, "minictr-sandbox-site-", source) as (runner, place, tests):
+    with place_with_tests(account, "minictr-sandbox-site-", source) as (runner, place, tests):
         done = runner("-m", "pytest", "-p", "pytest_minictr.plugin", "-p", "no:cacheprovider",
                       "-rA", f"--basetemp={place}/home/tmp", str(tests), cwd=tests)
         assert "PASSED test_mine.py::test_rootless_body" in done.stdout, done.stdout[-3000:]

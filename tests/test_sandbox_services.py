@@ -17,7 +17,7 @@ from pytest_minictr.container.network import hand_over_service_addresses
 from pytest_minictr.forwarder.services import ServiceRelay
 from pytest_minictr.launcher import pods
 from pytest_minictr.plugin.services import body_network_notes
-from tests.unprivileged import account_fixture, tests_of
+from tests.unprivileged import account_fixture, place_with_tests
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.timeout(300)
@@ -143,8 +143,8 @@ account = account_fixture("mctrnet")
 
 
 def test_rootless_bodies_reach_services_for_a_real_account(account):
-    with tests_of(account, "minictr-netbody-", textwrap.dedent(SERVICES)) as (runner, place,
-                                                                             tests):
+    source = textwrap.dedent(SERVICES)
+    with place_with_tests(account, "minictr-netbody-", source) as (runner, place, tests):
         done = runner("-m", "pytest", "-p", "pytest_minictr.plugin", "-p", "no:cacheprovider",
                       "-rA", "--minictr-sandbox-tests", f"--basetemp={place}/home/tmp",
                       f"--minictr-cache-dir={place}/home/cache", str(tests), cwd=tests)

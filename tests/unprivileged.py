@@ -102,7 +102,7 @@ def account_fixture(prefix: str) -> Callable[[], Iterator[UserAccount]]:
 
 
 @contextlib.contextmanager
-def tests_of(account: UserAccount, prefix: str, source: str
+def place_with_tests(account: UserAccount, prefix: str, source: str
              ) -> Iterator[tuple[Runner, Path, Path]]:
     """A place for `account`'s own pytest run, removed after: a runner of pytest as the
     account, the place (its home below), and a tests directory holding test_mine.py."""
