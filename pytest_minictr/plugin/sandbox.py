@@ -173,15 +173,25 @@ def _fork(pid_namespace: int | None) -> int:
     setns back to ours at once (in the parent only). Without root, an ordinary fork (see
     `container.body`)."""
     if pid_namespace is None:
-        return os.fork()
+        return _fork_the_worker()
     linux.setns(pid_namespace, linux.CLONE_NEWPID)
     pid = None
     try:
-        pid = os.fork()
+        pid = _fork_the_worker()
     finally:
         if pid != 0:
             linux.setns(_own_pid_namespace(), linux.CLONE_NEWPID)
     return pid
+
+
+def _fork_the_worker() -> int:
+    # Python 3.12+ warns at every fork of a process with threads (an xdist worker has
+    # execnet's): the body lives in the worker's memory, so forking it is the design here, and
+    # the warning would be reported as the test's own (a difference from in-process)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "This process .* is multi-threaded, use of fork",
+                                DeprecationWarning)
+        return os.fork()
 
 
 _pid_namespace_fd: list[int] = []
