@@ -54,7 +54,8 @@ def test_worker_has_them():
     assert os.environ["MY_API_TOKEN"] == "do-not-leak" and os.listdir("/root")
 """
 
-HOST_TMP = """
+# A session fixture that makes a directory under the host's /tmp, as dateutil's do
+MADE_UNDER_HOST_TMP = """
 import os, shutil, tempfile, pytest
 
 @pytest.fixture(scope="session")
@@ -63,6 +64,9 @@ def made():
     open(os.path.join(place, "data"), "w").write("from the fixture")
     yield place
     shutil.rmtree(place)
+"""
+
+HOST_TMP = MADE_UNDER_HOST_TMP + """
 
 @pytest.fixture(scope="module")
 def factory_made(tmp_path_factory):
@@ -171,14 +175,7 @@ def test_host_tmp_seen_under_private_tmp(pytester: pytest.Pytester):
         assert not os.path.exists(private)
 
 
-ROOTLESS = """
-import os, tempfile, pytest
-
-@pytest.fixture(scope="session")
-def made():
-    place = tempfile.mkdtemp(prefix="minictr-fixture-")
-    open(os.path.join(place, "data"), "w").write("from the fixture")
-    return place
+ROOTLESS = MADE_UNDER_HOST_TMP + """
 
 @pytest.mark.container
 def test_rootless_body(made, tmp_path):
