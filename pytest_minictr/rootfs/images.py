@@ -2,16 +2,9 @@
 OCI image layout tarball, no daemon (`minictr rootfs import`), and keeps the image's default
 command (its Entrypoint and Cmd, as Docker runs them) for a run that gives none.
 
-An image tarball is untrusted input. Unpacking it writes only inside DEST:
-- a member named with an absolute path or a `..` component is refused (RootfsError names it);
-- nothing is written through a symlink: every parent directory of a member must be a real
-  directory inside DEST (a symlink met on the way is refused), and files are created with
-  O_NOFOLLOW|O_EXCL after removing what was there; symlinks themselves are created as they are
-  (an absolute target is resolved inside the container's root when it runs, never here);
-- a hard link must name a regular file already unpacked inside DEST;
-- device nodes and FIFOs are skipped (a container gets its own /dev), setuid and setgid bits
-  dropped;
-- the bytes unpacked (sparse files counted at their full size) are capped by `max_size`.
+An image tarball is untrusted input: its members are written by `images.unpack`, which
+writes only inside DEST (its docstring lists the rules); setuid and setgid bits are dropped,
+and the bytes unpacked are capped by `max_size`.
 Layers are applied in order; whiteouts (`.wh.NAME`, `.wh..wh..opq`) remove what lower layers
 put there.
 """
@@ -20,18 +13,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import stat
 import tarfile
 from pathlib import Path
 from typing import IO, Any
 
 from pytest_minictr.errors import RootfsError
+from pytest_minictr.images.unpack import (
+    OPAQUE,
+    WHITEOUT,
+    Budget,
+    inside,
+    plain_name,
+    remove_path,
+    safe_name,
+    write_member,
+)
 from pytest_minictr.rootfs.builder import clear_dest, make_dest, normalize_dest
 from pytest_minictr.rootfs.cache import write_image_config
-
-WHITEOUT = ".wh."
-OPAQUE = ".wh..wh..opq"
 
 
 def import_image(image: str, dest: str, max_size: int) -> Path:
@@ -40,7 +38,7 @@ def import_image(image: str, dest: str, max_size: int) -> Path:
     created = make_dest(dest)
     try:
         with tarfile.open(image) as outer:
-            budget = [max_size]
+            budget = Budget(max_size)
             layers, config = image_parts(outer)
             for name in layers:
                 with tarfile.open(fileobj=_member_file(outer, name), mode="r:*") as layer:
@@ -76,7 +74,7 @@ def image_parts(outer: tarfile.TarFile) -> tuple[list[str], str | None]:
 def image_command(outer: tarfile.TarFile, config_name: str | None) -> tuple[str, ...]:
     """What Docker runs when given no command: the config's Entrypoint, then its Cmd; () if
     the image has neither (`minictr run --rootfs` then says so)."""
-    if config_name is None or _plain(config_name) not in _outer_members(outer):
+    if config_name is None or plain_name(config_name) not in _outer_members(outer):
         return ()  # (an image saved by hand may lack it: its layers are what runs)
     document = _json_member(outer, config_name)
     settings = document.get("config") if isinstance(document, dict) else None
@@ -103,16 +101,13 @@ def _json_member(outer: tarfile.TarFile, name: str) -> Any:
 def _outer_members(outer: tarfile.TarFile) -> dict[str, tarfile.TarInfo]:
     """The image tarball's members by their names without './' (`tar -C dir -c .` writes
     './manifest.json'; Docker and Podman take either spelling)."""
-    return {_plain(member.name): member for member in outer.getmembers()}
+    return {plain_name(member.name): member for member in outer.getmembers()}
 
-
-def _plain(name: str) -> str:
-    return "/".join(part for part in name.split("/") if part not in ("", "."))
 
 
 def _member_file(outer: tarfile.TarFile, name: str) -> IO[bytes]:
     try:
-        member = _outer_members(outer)[_plain(name)]
+        member = _outer_members(outer)[plain_name(name)]
     except KeyError:
         raise RootfsError(f"the image names {name}, which it does not hold") from None
     file = outer.extractfile(member)
@@ -121,86 +116,21 @@ def _member_file(outer: tarfile.TarFile, name: str) -> IO[bytes]:
     return file
 
 
-def apply_layer(layer: tarfile.TarFile, dest: str, budget: list[int]) -> None:
+def apply_layer(layer: tarfile.TarFile, dest: str, budget: Budget) -> None:
+    """The layer onto the tree in `dest`: its whiteouts first (they remove what the layers
+    below put there), then its members."""
     members = [(safe_name(member.name), member) for member in layer.getmembers()]
     for name, _ in members:  # whiteouts first: they concern the lower layers
         base = os.path.basename(name)
         if base == OPAQUE:
-            directory = _inside(dest, os.path.dirname(name))
+            directory = inside(dest, os.path.dirname(name))
             if os.path.isdir(directory) and not os.path.islink(directory):
                 for entry in os.listdir(directory):
-                    _remove(os.path.join(directory, entry))
+                    remove_path(os.path.join(directory, entry))
         elif base.startswith(WHITEOUT):
-            _remove(_inside(dest, os.path.join(os.path.dirname(name), base[len(WHITEOUT):])))
+            remove_path(inside(dest, os.path.join(os.path.dirname(name), base[len(WHITEOUT):])))
     for name, member in members:
         if name and not os.path.basename(name).startswith(WHITEOUT):
-            _unpack(layer, member, name, dest, budget)
+            write_member(layer, member, name, dest, budget)
 
 
-def safe_name(name: str) -> str:
-    """The member's path relative to the root; RootfsError for one that would leave it."""
-    if name.startswith("/") or ".." in name.split("/"):
-        raise RootfsError(f"refused: member {name!r} points outside the rootfs "
-                          "(absolute, or with '..')")
-    return _plain(name)
-
-
-def _inside(dest: str, name: str) -> str:
-    """dest/name, its parents real directories (made if missing), none a symlink."""
-    path = dest
-    parts = [part for part in name.split("/") if part]
-    for part in parts[:-1]:
-        path = os.path.join(path, part)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            os.mkdir(path, 0o755)
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            raise RootfsError(f"refused: {name!r} goes through {path[len(dest):]!r}, which is "
-                              "not a directory (a symlink?)")
-    return os.path.join(path, parts[-1]) if parts else path
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)
-
-
-def _unpack(layer: tarfile.TarFile, member: tarfile.TarInfo, name: str, dest: str,
-            budget: list[int]) -> None:
-    target = _inside(dest, name)
-    mode = stat.S_IMODE(member.mode) & ~(stat.S_ISUID | stat.S_ISGID)
-    if member.isdir():
-        if os.path.lexists(target) and not os.path.isdir(target):
-            _remove(target)
-        os.makedirs(target, exist_ok=True)
-        os.chmod(target, mode)
-    elif member.isreg():
-        budget[0] -= member.size
-        if budget[0] < 0:
-            raise RootfsError(f"refused: the image unpacks to more than its size limit "
-                              f"(at {name!r}; --max-size raises it)")
-        _remove(target)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            contents = layer.extractfile(member)
-            assert contents is not None  # a regular file's member has them
-            shutil.copyfileobj(contents, out)
-        os.chmod(target, mode)
-    elif member.issym():
-        _remove(target)
-        os.symlink(member.linkname, target)
-    elif member.islnk():
-        source = os.path.join(dest, safe_name(member.linkname))
-        if not os.path.isfile(source) or os.path.islink(source):
-            raise RootfsError(f"refused: hard link {name!r} to {member.linkname!r}, not a file "
-                              "unpacked before it")
-        _remove(target)
-        os.link(source, target)
-    else:
-        return  # device nodes, FIFOs: never from an image
-    if os.geteuid() == 0 and member.uid < 65536 and member.gid < 65536:
-        os.lchown(target, member.uid, member.gid)
