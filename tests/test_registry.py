@@ -1,0 +1,204 @@
+"""Pulling from a real registry on loopback (Debian's docker-registry, images put there by
+skopeo): layers kept once and stacked by a real overlay, indexes, zstd, digests, a corrupting
+proxy, parallel pulls, and the store's list, rmi, prune and inspect."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+import urllib.request
+
+import pytest
+
+from pytest_minictr.errors import ConfigError
+from pytest_minictr.images.pull import pull
+from pytest_minictr.images.registry import DigestMismatchError
+from pytest_minictr.images.store import Store
+from pytest_minictr.images.transport import RegistryError
+from tests.oci_registry import Registry, image_manifest, layout_of, tree_files, write_layout
+from tests.test_images import layer, member
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
+
+BASE = layer(member("etc/", kind=tarfile.DIRTYPE, mode=0o755), member("etc/keep", b"lower\n"),
+             member("etc/gone", b"x"), member("cache/", kind=tarfile.DIRTYPE, mode=0o755),
+             member("cache/old", b"old"))
+UPPER = layer(member("etc/keep", b"upper\n"), member("etc/.wh.gone"),
+              member("cache/.wh..wh..opq"), member("cache/new", b"new"),
+              member("bin/su", b"#!", mode=0o4755))
+OTHER = layer(member("app/", kind=tarfile.DIRTYPE, mode=0o755), member("app/run", b"run"))
+CONFIG = {"Cmd": ["sh"], "Env": ["A=1"], "Labels": {"org.example": "yes"},
+          "ExposedPorts": {"5432/tcp": {}}}
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    place = tmp_path_factory.mktemp("registry")
+    server = Registry(place / "server")
+    server.pushed = {
+        "two": server.push(layout_of(place / "two", [BASE, UPPER], CONFIG), "test/two"),
+        "shared": server.push(layout_of(place / "shared", [BASE, OTHER]), "test/shared"),
+        "multi": server.push(write_layout(
+            place / "multi", image_manifest(place / "multi", [BASE], architecture="amd64"),
+            image_manifest(place / "multi", [OTHER], architecture="arm64")), "test/multi"),
+        "zstd": server.push(layout_of(place / "zstd", [OTHER]), "test/zstd",
+                            "--dest-compress-format", "zstd"),
+    }
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "store")
+
+
+def test_layers_are_unpacked_apart_and_stack_by_overlay(registry, store, tmp_path):
+    image = pull(registry.pushed["two"], store=store)
+    assert image.reference == registry.pushed["two"] + ":latest"
+    assert image.config.cmd == ("sh",) and image.config.labels == {"org.example": "yes"}
+    assert image.config.exposed_ports == (5432,)
+    lower, upper = image.layers
+    assert tree_files(lower)["etc/gone"] == "x"  # a layer holds its own files only
+    assert tree_files(upper)["etc/gone"] == "whiteout"
+    assert os.getxattr(upper / "cache", "trusted.overlay.opaque") == b"y"
+    assert (upper / "bin/su").stat().st_mode & 0o7777 == 0o4755  # root's store keeps setuid
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={upper}:{lower}", str(merged)], check=True)
+    try:  # what the kernel makes of them is what the image spec says
+        assert tree_files(merged) == {
+            "etc": "dir", "etc/keep": "upper\n", "cache": "dir", "cache/new": "new",
+            "bin": "dir", "bin/su": "#!"}
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
+
+
+def test_a_second_image_downloads_only_its_own_layers(registry, store):
+    fetched: dict[str, int] = {}
+
+    def count(digest: str, seen: int, size: int) -> None:
+        fetched[digest] = seen
+    first = pull(registry.pushed["two"], store=store, progress=count)
+    assert len(fetched) == 2
+    fetched.clear()
+    second = pull(registry.pushed["shared"], store=store, progress=count)
+    assert second.layers[0] == first.layers[0]  # the base, shared, unpacked once
+    assert list(fetched) == [store.record(second.digest).layers[1]]
+
+
+def test_an_index_gives_this_machines_image_and_refuses_a_foreign_one(registry, store):
+    image = pull(registry.pushed["multi"], store=store)
+    assert image.platform == "linux/amd64" and "etc/keep" in tree_files(image.layers[0])
+    with pytest.raises(ConfigError, match="does not emulate"):
+        pull(registry.pushed["multi"], platform="linux/arm64", store=store)
+    with pytest.raises(ConfigError, match=r"no image for linux/amd64 \(it has: linux/arm64, "
+                                          r"linux/s390x\)"):
+        pull(_only_arm(registry), store=store)
+
+
+def _only_arm(registry: Registry) -> str:
+    place = registry.place.parent / "arm"
+    if not place.exists():
+        registry.push(write_layout(place, image_manifest(place, [OTHER], architecture="arm64"),
+                                   image_manifest(place, [BASE], architecture="s390x")),
+                      "test/arm")
+    return f"{registry.host}/test/arm"
+
+
+def test_zstd_layers(registry, store):
+    image = pull(registry.pushed["zstd"], store=store)
+    assert tree_files(image.layers[0])["app/run"] == "run"
+
+
+def test_a_digest_reference_pulls_that_manifest(registry, store):
+    digest = pull(registry.pushed["two"], store=store).digest
+    again = pull(f"{registry.pushed['two']}@{digest}", store=Store(store.root.parent / "s2"))
+    assert again.digest == digest
+    assert store.lookup(f"{registry.pushed['two']}@{digest}") is not None
+
+
+class CorruptingProxy(http.server.ThreadingHTTPServer):
+    """Forwards to the registry, flipping one byte in the middle of every blob."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        super().__init__(("127.0.0.1", 0), _Forward)
+
+
+class _Forward(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        request = urllib.request.Request(f"http://{self.server.upstream}{self.path}",
+                                         headers={"Accept": self.headers.get("Accept", "")})
+        with urllib.request.urlopen(request) as response:
+            body = bytearray(response.read())
+            headers = response.headers
+        if "/blobs/" in self.path and body:
+            body[len(body) // 2] ^= 0xFF
+        self.send_response(200)
+        self.send_header("Content-Type", headers.get("Content-Type", ""))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_corrupted_blob_fails_cleanly_naming_its_digest(registry, store):
+    proxy = CorruptingProxy(registry.host)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        name = registry.pushed["two"].replace(registry.host, f"127.0.0.1:{proxy.server_port}")
+        with pytest.raises(DigestMismatchError, match=r"blob sha256:[0-9a-f]{64}"):
+            pull(name, store=store)
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert not list(store.root.glob("layers/sha256/*")) and store.images() == []
+
+
+def test_parallel_pulls_of_one_image_download_it_once(registry, store):
+    script = ("import sys; from pytest_minictr.images.pull import pull;"
+              "from pytest_minictr.images.store import Store;"
+              "seen = set(); pull(sys.argv[1], store=Store(sys.argv[2]),"
+              " progress=lambda d, n, s: seen.add(d)); print(len(seen))")
+    pullers = [subprocess.Popen([sys.executable, "-c", script, registry.pushed["two"],
+                                 str(store.root)], stdout=subprocess.PIPE, text=True)
+               for _ in range(3)]
+    downloads = [int(p.communicate(timeout=60)[0]) for p in pullers]
+    assert sum(downloads) == 2 and all(p.returncode == 0 for p in pullers)
+    assert len(store.images()) == 1
+
+
+def test_images_inspect_rmi_and_prune(registry, store):
+    two = pull(registry.pushed["two"], store=store)
+    shared = pull(registry.pushed["shared"], store=store)
+    assert [image.reference for image in store.images()] == sorted(
+        [two.reference, shared.reference])
+    details = store.inspect(registry.pushed["two"])
+    assert details["digest"] == two.digest and details["labels"] == {"org.example": "yes"}
+    assert [layer["path"] for layer in details["layers"]] == [str(p) for p in two.layers]
+    assert json.dumps(details)
+    removed = store.remove(registry.pushed["two"])
+    assert removed[0] == two.reference and len(removed) == 2  # its upper layer, not the base
+    assert two.layers[0].is_dir() and not two.layers[1].exists()
+    assert store.lookup(registry.pushed["two"]) is None
+    (store.root / "layers" / "sha256" / ".tmp-dead-1234").mkdir()  # an interrupted pull's
+    assert store.prune() == []
+    assert sorted(os.listdir(store.root / "layers" / "sha256")) == [
+        p.parent.name for p in shared.layers]
+    with pytest.raises(ConfigError, match="no image"):
+        store.remove(registry.pushed["two"])
+
+
+def test_a_missing_image_says_so(registry, store):
+    with pytest.raises(RegistryError, match=r"test/absent/manifests/1: not found \(404\)"):
+        pull(f"{registry.host}/test/absent:1", store=store)
+    assert store.images() == []
