@@ -72,7 +72,7 @@ def mark_opaque(directory: str) -> None:
 
 
 def write_whiteout(dest: str, parent: str, hidden: str) -> None:
-    if not hidden or "/" in hidden:
+    if hidden in ("", ".", ".."):
         raise RootfsError(f"refused: whiteout {parent}/.wh.{hidden!r} names no file")
     target = inside(dest, os.path.join(parent, hidden))
     if os.path.lexists(target):
