@@ -32,6 +32,7 @@ UPPER = layer(member("etc/keep", b"upper\n"), member("etc/.wh.gone"),
               member("cache/.wh..wh..opq"), member("cache/new", b"new"),
               member("bin/su", b"#!", mode=0o4755))
 OTHER = layer(member("app/", kind=tarfile.DIRTYPE, mode=0o755), member("app/run", b"run"))
+ZSTD = layer(member("app/", kind=tarfile.DIRTYPE, mode=0o755), member("app/z", b"zstd"))
 CONFIG = {"Cmd": ["sh"], "Env": ["A=1"], "Labels": {"org.example": "yes"},
           "ExposedPorts": {"5432/tcp": {}}}
 
@@ -46,7 +47,8 @@ def registry(tmp_path_factory):
         "multi": server.push(write_layout(
             place / "multi", image_manifest(place / "multi", [BASE], architecture="amd64"),
             image_manifest(place / "multi", [OTHER], architecture="arm64")), "test/multi"),
-        "zstd": server.push(layout_of(place / "zstd", [OTHER]), "test/zstd",
+        # a layer of its own: skopeo would reuse a gzip blob the registry already has
+        "zstd": server.push(layout_of(place / "zstd", [ZSTD]), "test/zstd",
                             "--dest-compress-format", "zstd"),
     }
     yield server
@@ -113,8 +115,18 @@ def _only_arm(registry: Registry) -> str:
 
 
 def test_zstd_layers(registry, store):
+    if sys.version_info < (3, 14):
+        pytest.importorskip("zstandard", reason="zstd layers need the [zstd] extra (zstandard)")
     image = pull(registry.pushed["zstd"], store=store)
-    assert tree_files(image.layers[0])["app/run"] == "run"
+    assert tree_files(image.layers[0])["app/z"] == "zstd"
+
+
+def test_zstd_without_a_decompressor_names_the_extra(registry, store, monkeypatch):
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    monkeypatch.setitem(sys.modules, "compression", None)
+    with pytest.raises(RegistryError, match=r"zstd-compressed layers: install the extra"):
+        pull(registry.pushed["zstd"], store=store)
+    assert not list(store.root.glob("layers/sha256/*"))
 
 
 def test_a_digest_reference_pulls_that_manifest(registry, store):
