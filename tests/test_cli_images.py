@@ -9,6 +9,7 @@ import tarfile
 
 import pytest
 
+from pytest_minictr.cli.image_commands import ProgressBar
 from pytest_minictr.cli.main import main
 from pytest_minictr.images.registry import host_platform_name
 from tests.oci_registry import Registry, layout_of
@@ -83,3 +84,12 @@ def test_a_foreign_platform_is_refused_before_any_download(registry, capsys):
 def test_a_bad_reference_says_why(capsys):
     status, _, err = run(capsys, "pull", "Alpine")
     assert status == 125 and "image reference 'Alpine'" in err
+
+
+def test_the_progress_bar_counts_every_layer(capsys):
+    bar = ProgressBar("alpine")
+    bar.update("sha256:a", 1 << 20, 2 << 20)
+    bar.update("sha256:b", 2 << 20, 2 << 20)
+    bar.close()
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert last == f"alpine [{'#' * 22}{'.' * 8}] 3M/4M\n"

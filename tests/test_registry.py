@@ -7,11 +7,14 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +25,7 @@ from pytest_minictr.images.store import Store
 from pytest_minictr.images.transport import RegistryError
 from tests.oci_registry import Registry, image_manifest, layout_of, tree_files, write_layout
 from tests.test_images import layer, member
+from tests.unprivileged import account_fixture, python_as, user_site
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
 
@@ -214,3 +218,35 @@ def test_a_missing_image_says_so(registry, store):
     with pytest.raises(RegistryError, match=r"test/absent/manifests/1: not found \(404\)"):
         pull(f"{registry.host}/test/absent:1", store=store)
     assert store.images() == []
+
+
+account = account_fixture("mctrimg")
+ROOTLESS_PULL = """
+import json, os, stat, sys
+from pytest_minictr.images.pull import pull
+image = pull(sys.argv[1])
+lower, upper = image.layers
+gone = os.lstat(upper / "etc" / "gone") if os.path.lexists(upper / "etc" / "gone") else None
+print(json.dumps({"store": str(lower.parents[3]), "owner": os.stat(upper / "bin/su").st_uid,
+                  "mode": stat.S_IMODE(os.stat(upper / "bin/su").st_mode),
+                  "whiteout": "device" if gone and stat.S_ISCHR(gone.st_mode) else
+                              "marker" if (upper / "etc" / ".wh.gone").exists() else "none"}))
+"""
+
+
+def test_an_ordinary_account_pulls_into_its_own_store(registry, account):
+    place = Path(tempfile.mkdtemp(prefix="minictr-images-"))  # (pytest's tmp is root's only)
+    try:
+        os.chmod(place, 0o755)
+        home = place / "home"
+        home.mkdir()
+        os.chown(home, account.uid, account.gid)
+        run = python_as(account.uid, account.gid, home, user_site(place))
+        done = run("-c", ROOTLESS_PULL, registry.pushed["two"])
+    finally:
+        shutil.rmtree(place)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["store"] == str(home / ".local/share/minictr/images")
+    assert found["owner"] == account.uid and found["mode"] == 0o755  # setuid dropped
+    assert found["whiteout"] in ("device", "marker")

@@ -17,8 +17,9 @@ directory given is written:
 
 In a store layer, the OCI whiteouts become overlayfs's: `.wh.NAME` a 0/0 character device
 named NAME, `.wh..wh..opq` the directory's `overlay.opaque` xattr (`trusted.` for root,
-`user.` otherwise, which overlay reads with its `userxattr` option). An account that may not
-make the device keeps the `.wh.NAME` file itself, for a reader that knows OCI's spelling.
+`user.` otherwise, which overlay reads with its `userxattr` option). Where neither can be
+made (no device for an account on an old kernel, no user xattrs on tmpfs before 6.6), the
+OCI marker file itself is kept, empty, for a reader that knows OCI's spelling.
 """
 
 from __future__ import annotations
@@ -65,10 +66,13 @@ def unpack_layer(stream: IO[bytes], dest: str, budget: Budget, keep_setuid: bool
 
 def mark_opaque(directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
-    try:
-        os.setxattr(directory, "trusted.overlay.opaque", b"y", follow_symlinks=False)
-    except PermissionError:
-        os.setxattr(directory, "user.overlay.opaque", b"y", follow_symlinks=False)
+    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
+        try:
+            os.setxattr(directory, name, b"y", follow_symlinks=False)
+            return
+        except OSError:  # trusted.* is root's; tmpfs before Linux 6.6 has no user.*
+            continue
+    _keep_marker(os.path.join(directory, OPAQUE))
 
 
 def write_whiteout(dest: str, parent: str, hidden: str) -> None:
@@ -80,8 +84,13 @@ def write_whiteout(dest: str, parent: str, hidden: str) -> None:
     try:
         os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(0, 0))
     except PermissionError:
-        os.close(os.open(inside(dest, os.path.join(parent, WHITEOUT + hidden)),
-                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        _keep_marker(inside(dest, os.path.join(parent, WHITEOUT + hidden)))
+
+
+def _keep_marker(path: str) -> None:
+    """The OCI whiteout file itself, empty, where overlay's form cannot be made."""
+    if not os.path.lexists(path):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
 
 
 def safe_name(name: str) -> str:
