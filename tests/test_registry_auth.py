@@ -5,6 +5,7 @@ credentials from Docker's and podman's files and `minictr login`, redirects to b
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import http.server
 import json
@@ -25,6 +26,11 @@ from tests.test_images import layer, member
 SECRET = "s3cret-Pa55"
 BLOB = b'{"config": {"Cmd": ["x"]}}'
 BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+LAYER = gzip.compress(layer(member("f", b"whole")))
+LAYER_DIGEST = "sha256:" + hashlib.sha256(LAYER).hexdigest()
+CUT_MANIFEST = json.dumps({"schemaVersion": 2,
+                           "config": {"digest": BLOB_DIGEST, "size": len(BLOB)},
+                           "layers": [{"digest": LAYER_DIGEST, "size": len(LAYER)}]}).encode()
 MANIFEST = json.dumps({"schemaVersion": 2, "config": {"digest": BLOB_DIGEST, "size": len(BLOB)},
                        "layers": []}).encode()
 
@@ -36,6 +42,7 @@ class FakeRegistry(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Fake)
         self.seen: list[tuple[str, str]] = []  # (path, Authorization header)
         self.failures = {"/v2/flaky/manifests/latest": 1}
+        self.cuts = 2  # the layer's first two downloads break in the middle
         self.host = f"127.0.0.1:{self.server_port}"
 
 
@@ -57,6 +64,10 @@ class _Fake(http.server.BaseHTTPRequestHandler):
             challenge = (f'Bearer realm="http://{server.host}/token",service="fake",'
                          'scope="repository:x:pull"')
             return self._answer(401, b"", {"WWW-Authenticate": challenge})
+        if self.path == f"/v2/cut/blobs/{LAYER_DIGEST}":
+            return self._cut() if server.cuts > 0 else self._answer(200, LAYER)
+        if self.path.startswith("/v2/cut/manifests/"):
+            return self._answer(200, CUT_MANIFEST)
         if self.path.startswith("/v2/huge/manifests/"):
             return self._answer(200, b" " * (5 << 20))
         if self.path.startswith("/v2/loop/blobs/"):
@@ -65,6 +76,14 @@ class _Fake(http.server.BaseHTTPRequestHandler):
             return self._answer(307, b"", {"Location": f"/storage/{BLOB_DIGEST}"})
         return self._answer(200, MANIFEST, {"Content-Type": "application/vnd.oci.image."
                                                             "manifest.v1+json"})
+
+    def _cut(self) -> None:
+        self.server.cuts -= 1
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(LAYER)))
+        self.end_headers()
+        self.wfile.write(LAYER[:len(LAYER) // 2])
+        self.close_connection = True
 
     def _answer(self, code: int, body: bytes, headers: dict | None = None) -> None:
         self.send_response(code)
@@ -120,6 +139,11 @@ def test_a_huge_manifest_is_refused(fake):
 
 def test_a_transient_failure_is_retried(fake):
     assert client(fake, "flaky").manifest("linux/amd64").config.digest == BLOB_DIGEST
+
+
+def test_a_download_broken_in_the_middle_is_tried_again(fake, tmp_path):
+    image = pull(f"{fake.host}/cut", store=Store(tmp_path / "store"))
+    assert (image.layers[0] / "f").read_text() == "whole" and fake.cuts == 0
 
 
 @pytest.fixture(scope="module")

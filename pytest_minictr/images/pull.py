@@ -14,6 +14,7 @@ import gzip
 import io
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +24,7 @@ from pytest_minictr.errors import MinictrError, RootfsError
 from pytest_minictr.images.image import Image
 from pytest_minictr.images.reference import Reference, parse_reference
 from pytest_minictr.images.registry import (
+    BlobInterruptedError,
     Descriptor,
     RegistryClient,
     check_runnable,
@@ -30,7 +32,7 @@ from pytest_minictr.images.registry import (
     normalize_platform,
 )
 from pytest_minictr.images.store import ImageRecord, Store
-from pytest_minictr.images.transport import RegistryError
+from pytest_minictr.images.transport import ATTEMPTS, BACKOFF, RegistryError
 from pytest_minictr.images.unpack import Budget, unpack_layer
 
 MAX_UNPACKED = 64 << 30  # an image unpacking to more is refused as a decompression bomb
@@ -57,8 +59,7 @@ def pull(ref: str | Reference, platform: str | None = None, store: Store | None 
     missing = [layer for layer in manifest.layers if not store.has_layer(layer.digest)]
     if missing:
         with ThreadPoolExecutor(min(CONCURRENT_LAYERS, len(missing))) as pool:
-            for done in [pool.submit(store.add_layer, layer.digest,
-                                     _filler(client, layer, budget, progress))
+            for done in [pool.submit(_add_layer, store, client, layer, budget, progress)
                          for layer in missing]:
                 done.result()
     record = ImageRecord(manifest.digest, manifest.config.digest,
@@ -81,6 +82,20 @@ class LockedBudget(Budget):
     def spend(self, size: int, name: str) -> None:
         with self.lock:
             super().spend(size, name)
+
+
+def _add_layer(store: Store, client: RegistryClient, layer: Descriptor, budget: Budget,
+               progress: Progress | None) -> None:
+    """The layer into the store, its download tried again (from its start: a registry need
+    not serve ranges) when the connection breaks in the middle."""
+    for attempt in range(ATTEMPTS):
+        try:
+            store.add_layer(layer.digest, _filler(client, layer, budget, progress))
+            return
+        except BlobInterruptedError:
+            if attempt == ATTEMPTS - 1:
+                raise
+            time.sleep(BACKOFF * 2 ** attempt)
 
 
 def _filler(client: RegistryClient, layer: Descriptor, budget: Budget,

@@ -10,6 +10,7 @@ raises `DigestMismatchError` naming the digest, and the caller keeps nothing of 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import json
 import platform as host_platform
@@ -39,6 +40,10 @@ ARCHITECTURES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64
 
 class DigestMismatchError(RegistryError):
     """A blob's bytes do not hash to the digest it was asked by."""
+
+
+class BlobInterruptedError(RegistryError):
+    """The connection broke before the blob's last byte: worth another try."""
 
 
 @dataclass(frozen=True)
@@ -185,7 +190,14 @@ class VerifyingReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        count = int(self.response.readinto(buffer))
+        try:
+            count = int(self.response.readinto(buffer))
+        except (OSError, http.client.HTTPException) as error:
+            raise BlobInterruptedError(f"blob {self.descriptor.digest}: the connection broke "
+                                       f"after {self.seen} bytes ({error!r})") from None
+        if count == 0 and self.seen < self.descriptor.size:
+            raise BlobInterruptedError(f"blob {self.descriptor.digest}: the connection ended "
+                                       f"after {self.seen} of {self.descriptor.size} bytes")
         self.seen += count
         if self.seen > self.descriptor.size:
             self._mismatch(f"more than its {self.descriptor.size} bytes")
