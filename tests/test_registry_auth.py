@@ -183,6 +183,12 @@ def test_credentials_from_login_docker_config_and_podman_file(private, tmp_path,
     assert pull(private.image, store=Store(tmp_path / "c")).layers
 
 
+def test_a_plain_http_token_realm_elsewhere_is_refused(fake):
+    transport = client(fake, "x").transport
+    with pytest.raises(RegistryError, match="refused the plain-HTTP token realm"):
+        transport._token({"realm": "http://tokens.example/token"}, "url")
+
+
 def test_plain_http_only_to_loopback_and_listed_registries(monkeypatch):
     from pytest_minictr.images.transport import Transport
     assert Transport("127.0.0.1:5000").base == "http://127.0.0.1:5000"

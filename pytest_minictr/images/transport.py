@@ -118,8 +118,13 @@ class Transport:
 
     def _token(self, params: dict[str, str], url: str) -> str:
         realm = params.pop("realm", "")
-        if not realm.startswith(("https://", "http://")):
+        parts = urllib.parse.urlsplit(realm)
+        if parts.scheme not in ("https", "http") or not parts.netloc:
             raise RegistryError(f"GET {url}: the auth challenge names no token realm")
+        if parts.scheme == "http" and not is_insecure_allowed(parts.netloc):
+            # our credentials would cross the network in clear text
+            raise RegistryError(f"GET {url}: refused the plain-HTTP token realm {realm} "
+                                "(only loopback and MINICTR_INSECURE_REGISTRIES may be)")
         request = urllib.request.Request(realm + "?" + urllib.parse.urlencode(params))
         if self.credentials is not None:
             request.add_unredirected_header("Authorization", self.credentials.basic())
