@@ -37,6 +37,7 @@ UPPER = layer(member("etc/keep", b"upper\n"), member("etc/.wh.gone"),
               member("bin/su", b"#!", mode=0o4755))
 OTHER = layer(member("app/", kind=tarfile.DIRTYPE, mode=0o755), member("app/run", b"run"))
 ZSTD = layer(member("app/", kind=tarfile.DIRTYPE, mode=0o755), member("app/z", b"zstd"))
+EMPTY = layer()
 CONFIG = {"Cmd": ["sh"], "Env": ["A=1"], "Labels": {"org.example": "yes"},
           "ExposedPorts": {"5432/tcp": {}}}
 
@@ -51,6 +52,7 @@ def registry(tmp_path_factory):
         "multi": server.push(write_layout(
             place / "multi", image_manifest(place / "multi", [BASE], architecture="amd64"),
             image_manifest(place / "multi", [OTHER], architecture="arm64")), "test/multi"),
+        "twice": server.push(layout_of(place / "twice", [EMPTY, OTHER, EMPTY]), "test/twice"),
         # a layer of its own: skopeo would reuse a gzip blob the registry already has
         "zstd": server.push(layout_of(place / "zstd", [ZSTD]), "test/zstd",
                             "--dest-compress-format", "zstd"),
@@ -99,6 +101,14 @@ def test_a_second_image_downloads_only_its_own_layers(registry, store):
     assert list(fetched) == [store.record(second.digest).layers[1]]
 
 
+def test_a_layer_an_image_holds_twice_is_fetched_once(registry, store):
+    fetched: list[str] = []
+    image = pull(registry.pushed["twice"], store=store,
+                 progress=lambda digest, seen, size: fetched.append(digest))
+    assert image.layers[0] == image.layers[2] and len(set(fetched)) == 2
+    assert len(os.listdir(store.root / "layers" / "sha256")) == 2
+
+
 def test_an_index_gives_this_machines_image_and_refuses_a_foreign_one(registry, store):
     image = pull(registry.pushed["multi"], store=store)
     assert image.platform == "linux/amd64" and "etc/keep" in tree_files(image.layers[0])
@@ -137,7 +147,9 @@ def test_a_digest_reference_pulls_that_manifest(registry, store):
     digest = pull(registry.pushed["two"], store=store).digest
     again = pull(f"{registry.pushed['two']}@{digest}", store=Store(store.root.parent / "s2"))
     assert again.digest == digest
-    assert store.lookup(f"{registry.pushed['two']}@{digest}") is not None
+    by_digest = store.lookup(f"{registry.pushed['two']}@{digest}")
+    assert by_digest is not None and by_digest.reference == registry.pushed["two"] + ":latest"
+    assert store.remove(f"{registry.pushed['two']}@{digest}")[0] == by_digest.reference
 
 
 class CorruptingProxy(http.server.ThreadingHTTPServer):

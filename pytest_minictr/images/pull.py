@@ -56,7 +56,9 @@ def pull(ref: str | Reference, platform: str | None = None, store: Store | None 
     data, _ = client.config(manifest.config)
     store.put_blob(manifest.config.digest, data)
     budget = LockedBudget(max_size)
-    missing = [layer for layer in manifest.layers if not store.has_layer(layer.digest)]
+    # (an image may hold one layer twice: Docker's empty layer, say)
+    missing = list({layer.digest: layer for layer in manifest.layers
+                    if not store.has_layer(layer.digest)}.values())
     if missing:
         with ThreadPoolExecutor(min(CONCURRENT_LAYERS, len(missing))) as pool:
             for done in [pool.submit(_add_layer, store, client, layer, budget, progress)

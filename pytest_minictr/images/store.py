@@ -115,16 +115,17 @@ class Store:
     def lookup(self, ref: str | Reference) -> Image | None:
         """The image `ref` names, if the store holds it whole; None otherwise."""
         reference = parse_reference(ref) if isinstance(ref, str) else ref
-        entry = self._index().get(str(reference))
-        if entry is None and reference.digest:  # a digest names an image by any tag
-            entry = next((e for e in self._index().values()
-                          if e["digest"] == reference.digest), None)
-        if entry is None:
+        index = self._index()
+        key = str(reference)
+        if key not in index and reference.digest:  # a digest names an image by any tag
+            key = next((name for name, entry in index.items()
+                        if entry["digest"] == reference.digest), key)
+        if key not in index:
             return None
-        record = self.record(entry["digest"])
+        record = self.record(index[key]["digest"])
         if record is None or not all(map(self.has_layer, record.layers)):
             return None
-        return self._image(str(reference), record)
+        return self._image(key, record)
 
     def record(self, digest: str) -> ImageRecord | None:
         try:
