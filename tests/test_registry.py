@@ -4,6 +4,7 @@ proxy, parallel pulls, and the store's list, rmi, prune and inspect."""
 
 from __future__ import annotations
 
+import functools
 import http.server
 import json
 import os
@@ -190,6 +191,26 @@ def test_a_corrupted_blob_fails_cleanly_naming_its_digest(registry, store):
         proxy.shutdown()
         proxy.server_close()
     assert not list(store.root.glob("layers/sha256/*")) and store.images() == []
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_docker_hub_images_come_from_the_first_mirror_that_has_them(registry, store,
+                                                                     monkeypatch, tmp_path):
+    lacking = http.server.ThreadingHTTPServer(  # a mirror without the image: 404 for all
+        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(tmp_path)))
+    threading.Thread(target=lacking.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MINICTR_REGISTRY_MIRRORS",
+                           f"127.0.0.1:{lacking.server_port}, http://{registry.host}/")
+        image = pull("test/two", store=store)
+    finally:
+        lacking.shutdown()
+        lacking.server_close()
+    assert image.reference == "docker.io/test/two:latest" and image.config.cmd == ("sh",)
 
 
 def test_parallel_pulls_of_one_image_download_it_once(registry, store):
