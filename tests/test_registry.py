@@ -245,6 +245,10 @@ def test_images_inspect_rmi_and_prune(registry, store):
         p.parent.name for p in shared.layers]
     with pytest.raises(ConfigError, match="no image"):
         store.remove(registry.pushed["two"])
+    with store.in_use(shared):  # a container runs on it: its layers stay until it ends
+        assert store.remove(registry.pushed["shared"]) == [shared.reference]
+        assert all(path.is_dir() for path in shared.layers)
+    assert len(store.prune()) == 2 and not any(path.exists() for path in shared.layers)
 
 
 def test_a_missing_image_says_so(registry, store):

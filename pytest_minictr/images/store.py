@@ -13,7 +13,8 @@ host); an ordinary account's is $XDG_DATA_HOME/minictr/images (~/.local/share/..
 $MINICTR_IMAGE_STORE overrides both. A layer is unpacked in a temporary directory and
 published by one rename, under its lock: parallel pulls (pytest-xdist) of one image download
 each layer once, the others wait for it and find it there. A published layer is never written
-again; `rmi` and `prune` remove whole layers that no image names.
+again; `rmi` and `prune` remove whole layers that no image names and no container holds
+(`in_use`: a shared lock on each layer while it runs).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,9 +193,12 @@ class Store:
                     digest = "sha256:" + value.removesuffix(".json")
                     if digest in kept and value == path.name:
                         continue
-                    with self._locked(f"layer-{value.removesuffix('.json')}"):
-                        _remove(path)
-                    removed += [digest] if kind == "layers" and value == path.name else []
+                    with self._locked(f"layer-{value.removesuffix('.json')}",
+                                      wait=False) as free:
+                        if free:  # else a container runs on it, or a pull makes it
+                            _remove(path)
+                            removed += [digest] if kind == "layers" and value == path.name \
+                                else []
         return removed
 
     # --- inside --------------------------------------------------------------------------
@@ -230,13 +234,28 @@ class Store:
                           json.dumps({"references": index}, indent=1).encode())
 
     @contextmanager
-    def _locked(self, name: str) -> Iterator[None]:
+    def in_use(self, image: Image) -> Iterator[None]:
+        """Hold the image's layers while a container runs on them: `rmi` and `prune` leave a
+        layer held (a shared lock on it) for a later prune."""
+        with ExitStack() as stack:
+            for tree in image.layers:
+                stack.enter_context(self._locked(f"layer-{tree.parent.name}", shared=True))
+            yield
+
+    @contextmanager
+    def _locked(self, name: str, shared: bool = False, wait: bool = True) -> Iterator[bool]:
+        """flock on locks/NAME.lock; what it gives is whether it was had (wait=False)."""
         path = self.root / "locks" / f"{name}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+                            | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
         finally:
             os.close(fd)
 
