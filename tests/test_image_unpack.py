@@ -56,6 +56,7 @@ def test_a_decompression_bomb_stops_at_the_budget(tmp_path):
                      str(tmp_path), Budget(1 << 20), keep_setuid=True)
 
 
+@pytest.mark.needs_root  # an account may not make setuid files of other owners' ids
 def test_devices_are_skipped_and_setuid_kept_only_when_asked(tmp_path):
     data = layer(member("dev/", kind=tarfile.DIRTYPE, mode=0o755),
                  member("dev/sda", kind=tarfile.BLKTYPE), member("fifo", kind=tarfile.FIFOTYPE),
@@ -68,6 +69,7 @@ def test_devices_are_skipped_and_setuid_kept_only_when_asked(tmp_path):
     assert (tmp_path / "account-store" / "su").stat().st_mode & 0o7777 == 0o755
 
 
+@pytest.mark.needs_root  # trusted.* xattrs are root's
 def test_whiteouts_become_overlays(tmp_path):
     unpack(layer(member("etc/.wh.passwd"), member("var/cache/.wh..wh..opq"),
                  member("kept", b"k"), member(".wh.kept")), tmp_path / "l")

@@ -67,6 +67,7 @@ def store(tmp_path):
     return Store(tmp_path / "store")
 
 
+@pytest.mark.needs_root  # (the overlay mount; an account's store keeps OCI's markers)
 def test_layers_are_unpacked_apart_and_stack_by_overlay(registry, store, tmp_path):
     image = pull(registry.pushed["two"], store=store)
     assert image.reference == registry.pushed["two"] + ":latest"
