@@ -175,18 +175,33 @@ def mirrors_for(reference: Reference) -> list[str]:
             if host.strip()]
 
 
-def _choose(entries: list[Any], platform: str, name: str) -> str:
+def _choose(entries: Any, platform: str, name: str) -> str:
+    """The digest of the index's manifest for `platform`."""
     offered: dict[str, str] = {}
-    for entry in entries:
-        wanted = entry.get("platform") or {} if isinstance(entry, dict) else {}
-        parts = [wanted.get("os", ""), wanted.get("architecture", ""), wanted.get("variant")]
-        text = "/".join(part for part in parts if part)
-        if text and "unknown" not in text:  # buildkit's attestations are 'unknown/unknown'
-            offered.setdefault(normalize_platform(text), entry.get("digest", ""))
+    for entry in entries if isinstance(entries, list) else ():
+        text = _platform_of(entry)
+        # buildkit's attestations are 'unknown/unknown'
+        if text and "unknown" not in text and DIGEST_RE.fullmatch(str(entry.get("digest"))):
+            offered.setdefault(text, entry["digest"])
     if platform not in offered:
         raise ConfigError(f"{name} has no image for {platform} (it has: "
                           f"{', '.join(sorted(offered)) or 'none'})")
     return offered[platform]
+
+
+def _platform_of(entry: Any) -> str:
+    """An index entry's `os/architecture[/variant]`, normalised; '' if it names none."""
+    wanted = entry.get("platform") if isinstance(entry, dict) else None
+    if not isinstance(wanted, dict):
+        return ""
+    parts = [wanted.get("os"), wanted.get("architecture"), wanted.get("variant")]
+    if not all(isinstance(part, str) and "/" not in part for part in parts[:2]) \
+            or not isinstance(parts[2], (str, type(None))):
+        return ""
+    try:
+        return normalize_platform("/".join(part for part in parts if part))
+    except ConfigError:
+        return ""
 
 
 def _descriptor(entry: Any) -> Descriptor:

@@ -146,6 +146,8 @@ def write_member(layer: tarfile.TarFile, member: tarfile.TarInfo, name: str, des
         _write_file(layer, member, target)
         os.chmod(target, mode)
     elif member.issym():
+        if not member.linkname:
+            raise RootfsError(f"refused: symlink {name!r} has no target")
         remove_path(target)
         os.symlink(member.linkname, target)
     elif member.islnk():
