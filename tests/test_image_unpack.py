@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pytest_minictr.errors import ConfigError, RootfsError
@@ -142,6 +142,9 @@ def _client() -> RegistryClient:
 
 @settings(max_examples=200, deadline=None)
 @given(JSON)
+@example({"config": {"digest": "sha256:" + "0" * 64, "size": 1}, "layers": 5})
+@example({"manifests": [{"platform": {"os": "linux", "architecture": "amd64"},
+                         "digest": "sha256:" + "0" * 64}]})
 def test_fuzzed_manifests_are_refused_cleanly(document):
     client = _client()
     client.transport = _Transport(json.dumps(document).encode())  # type: ignore[assignment]

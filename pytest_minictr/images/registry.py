@@ -114,7 +114,7 @@ class RegistryClient:
         if media_type in INDEXES or "manifests" in document:
             chosen = _choose(document.get("manifests") or [], platform, str(self.reference))
             document, media_type, digest = self._manifest_document(chosen)
-        if "layers" not in document or "config" not in document:
+        if not isinstance(document.get("layers"), list) or "config" not in document:
             raise RegistryError(f"{self.reference}: the manifest ({media_type or 'no type'}) "
                                 "is not a schema 2 or OCI image manifest (schema 1 is not "
                                 "supported)")
