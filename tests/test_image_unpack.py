@@ -152,3 +152,9 @@ def test_fuzzed_manifests_are_refused_cleanly(document):
         client.manifest("linux/amd64")
     except (RegistryError, ConfigError):
         pass
+
+
+def test_a_layer_of_many_empty_files_is_a_bomb_too(tmp_path):
+    empties = layer(*(member(f"e{index}") for index in range(3000)))
+    with pytest.raises(RootfsError, match="more than its size limit"):
+        unpack(empties, tmp_path / "l", limit=1 << 20)

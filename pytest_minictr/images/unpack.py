@@ -12,8 +12,8 @@ directory given is written:
 - a hard link must name a regular file already unpacked inside the destination;
 - device nodes and FIFOs are skipped (a container gets its own /dev); setuid and setgid bits
   are dropped unless the caller keeps them (root's image store: `su` must stay setuid);
-- the bytes unpacked (sparse files counted at their full size) are capped by the budget, so a
-  decompression bomb stops at the cap.
+- the bytes unpacked (sparse files counted at their full size, and 512 more for every entry)
+  are capped by the budget, so a decompression bomb stops at the cap.
 
 In a store layer, the OCI whiteouts become overlayfs's: `.wh.NAME` a 0/0 character device
 named NAME, `.wh..wh..opq` the directory's `overlay.opaque` xattr (`trusted.` for root,
@@ -34,6 +34,9 @@ from pytest_minictr.errors import RootfsError
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
+
+
+ENTRY_COST = 512  # what an entry counts beyond its bytes: a million empty files are a bomb too
 
 
 class Budget:
@@ -133,6 +136,7 @@ def remove_path(path: str) -> None:
 def write_member(layer: tarfile.TarFile, member: tarfile.TarInfo, name: str, dest: str,
                  budget: Budget, keep_setuid: bool = False) -> None:
     target = inside(dest, name)
+    budget.spend(ENTRY_COST + (member.size if member.isreg() else 0), name)
     mode = stat.S_IMODE(member.mode)
     if not keep_setuid:
         mode &= ~(stat.S_ISUID | stat.S_ISGID)
@@ -142,7 +146,6 @@ def write_member(layer: tarfile.TarFile, member: tarfile.TarInfo, name: str, des
         os.makedirs(target, exist_ok=True)
         os.chmod(target, mode)
     elif member.isreg():
-        budget.spend(member.size, name)
         _write_file(layer, member, target)
         os.chmod(target, mode)
     elif member.issym():
