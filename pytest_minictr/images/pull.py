@@ -61,9 +61,14 @@ def pull(ref: str | Reference, platform: str | None = None, store: Store | None 
                     if not store.has_layer(layer.digest)}.values())
     if missing:
         with ThreadPoolExecutor(min(CONCURRENT_LAYERS, len(missing))) as pool:
-            for done in [pool.submit(_add_layer, store, client, layer, budget, progress)
-                         for layer in missing]:
-                done.result()
+            futures = [pool.submit(_add_layer, store, client, layer, budget, progress)
+                       for layer in missing]
+            try:
+                for done in futures:
+                    done.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # the layers not started are not fetched
+                raise
     record = ImageRecord(manifest.digest, manifest.config.digest,
                          tuple(layer.digest for layer in manifest.layers), wanted)
     store.tag(reference, record)
