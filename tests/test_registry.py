@@ -9,6 +9,7 @@ import http.server
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -24,7 +25,14 @@ from pytest_minictr.images.pull import pull
 from pytest_minictr.images.registry import DigestMismatchError
 from pytest_minictr.images.store import Store
 from pytest_minictr.images.transport import RegistryError
-from tests.oci_registry import Registry, image_manifest, layout_of, tree_files, write_layout
+from tests.oci_registry import (
+    Registry,
+    image_manifest,
+    layout_from_trees,
+    layout_of,
+    tree_files,
+    write_layout,
+)
 from tests.test_images import layer, member
 from tests.unprivileged import account_fixture, python_as, user_site
 
@@ -225,6 +233,55 @@ def test_parallel_pulls_of_one_image_download_it_once(registry, store):
     downloads = [int(p.communicate(timeout=60)[0]) for p in pullers]
     assert sum(downloads) == 2 and all(p.returncode == 0 for p in pullers)
     assert len(store.images()) == 1
+
+
+DEBIAN13 = Path(os.environ.get("MINICTR_DEBIAN13_CACHE", "/var/cache/minictr-ci/debian13"),
+                "rootfs")
+
+
+def listing(root: Path) -> dict[str, tuple]:
+    """path -> (type and mode, owner, group, size or link target, links) of what an image
+    may hold (device nodes and sockets are left out of images' layers)."""
+    found = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                found[os.path.relpath(path, root)] = (
+                    st.st_mode, st.st_uid, st.st_gid,
+                    os.readlink(path) if stat.S_ISLNK(st.st_mode) else
+                    st.st_size if stat.S_ISREG(st.st_mode) else 0,
+                    st.st_nlink if stat.S_ISREG(st.st_mode) else 0)
+    return found
+
+
+def interesting_in(root: Path, directory: str) -> list[str]:
+    """The setuid, setgid and hard-linked files of root/directory: what an unpacker gets wrong."""
+    return sorted(os.path.join(directory, name) for name in os.listdir(root / directory)
+                  if (root / directory / name).is_file() and not (root / directory / name)
+                  .is_symlink() and (os.lstat(root / directory / name).st_mode & 0o6000
+                                     or os.lstat(root / directory / name).st_nlink > 1))
+
+
+@pytest.mark.needs_root  # (owners, setuid bits)
+def test_a_debian_userland_round_trips(registry, store, tmp_path):
+    if not (DEBIAN13 / ".minictr-complete").exists():
+        pytest.skip(f"needs the Debian 13 userland `ci/debian13` builds with mmdebstrap "
+                    f"(none in {DEBIAN13})")
+    # /etc, /var and the merged-/usr links, then /usr/sbin and /usr/bin's setuid and
+    # hard-linked files (all of /usr would be 400 MB: seconds, not a minute)
+    top = sorted(set(os.listdir(DEBIAN13)) - {"usr", "opt", "dev"})  # (opt: the suite's venv)
+    lower = ["usr/sbin", *interesting_in(DEBIAN13, "usr/bin")]
+    name = registry.push(layout_from_trees(tmp_path / "debian", DEBIAN13, [top, lower]),
+                         "test/debian")
+    shutil.rmtree(tmp_path / "debian")
+    rest, usr = pull(name, store=store).layers
+    source = listing(DEBIAN13)
+    for tree, entries in ((rest, top), (usr, lower)):
+        assert listing(tree) == {path: entry for path, entry in source.items()
+                                 if any(path == e or path.startswith(e + "/") for e in entries)
+                                 or any(e.startswith(path + "/") for e in entries)}
 
 
 def test_images_inspect_rmi_and_prune(registry, store):
