@@ -138,6 +138,13 @@ def _only_arm(registry: Registry) -> str:
     return f"{registry.host}/test/arm"
 
 
+def test_a_loopback_registry_is_reached_past_a_proxy(registry, store, monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # the discard port: nothing answers
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert pull(registry.pushed["two"], store=store).layers
+
+
 def test_zstd_layers(registry, store):
     if sys.version_info < (3, 14):
         pytest.importorskip("zstandard", reason="zstd layers need the [zstd] extra (zstandard)")

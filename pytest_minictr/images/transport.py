@@ -8,6 +8,7 @@ challenges answered, transient failures retried, redirects followed (bounded).
 - The `Authorization` header is never carried across a redirect: blob storage (S3 and the
   like) gets a signed URL, not our token or password.
 - Connection failures, timeouts, 429 and 5xx are retried a few times with a short backoff.
+- `$https_proxy`/`$http_proxy` are used as urllib reads them, except for a loopback registry.
 """
 
 from __future__ import annotations
@@ -45,7 +46,12 @@ def is_insecure_allowed(host: str) -> bool:
     listed = {entry.strip() for entry in
               os.environ.get("MINICTR_INSECURE_REGISTRIES", "").split(",") if entry.strip()}
     bare = re.sub(r":[0-9]+$", "", host).strip("[]")
-    if host in listed or bare in listed or bare == "localhost":
+    return host in listed or bare in listed or is_loopback(host)
+
+
+def is_loopback(host: str) -> bool:
+    bare = re.sub(r":[0-9]+$", "", host).strip("[]")
+    if bare == "localhost":
         return True
     try:
         return ipaddress.ip_address(bare).is_loopback
@@ -66,8 +72,11 @@ class Transport:
         self.base = f"{'http' if is_insecure_allowed(host) else 'https'}://{host}"
         self.credentials = credentials
         self.authorization = ""  # the header that last worked, reused by every thread
-        self.opener = urllib.request.build_opener(
-            _BoundedRedirects(), urllib.request.HTTPSHandler(context=ssl.create_default_context()))
+        handlers: list[urllib.request.BaseHandler] = [
+            _BoundedRedirects(), urllib.request.HTTPSHandler(context=ssl.create_default_context())]
+        if is_loopback(host):  # $http_proxy (CI sets one) cannot reach our own loopback
+            handlers.append(urllib.request.ProxyHandler({}))
+        self.opener = urllib.request.build_opener(*handlers)
 
     def get(self, path: str, accept: str = "") -> HTTPResponse:
         """GET base+path, authenticated as the registry asks; a 2xx response (to be closed)."""
