@@ -14,8 +14,9 @@ A front end beside `plugin/` and `cli/`: it uses only the caller's public API.
 
 from __future__ import annotations
 
+from pytest_minictr.grading.batch import Grader
 from pytest_minictr.grading.jobs import Case, Checker, Job, Limits
 from pytest_minictr.grading.judge import grade_job
 from pytest_minictr.grading.results import CaseResult, JobResult
 
-__all__ = ["Case", "CaseResult", "Checker", "Job", "JobResult", "Limits", "grade_job"]
+__all__ = ["Case", "CaseResult", "Checker", "Grader", "Job", "JobResult", "Limits", "grade_job"]
