@@ -39,7 +39,6 @@ from pytest_minictr.rootfs import recipe as recipes
 
 CHECKER_LIMITS = Limits(memory=256 * 1024 ** 2, timeout=10.0, pids=16, output=64 * 1024)
 COMPILE_OUTPUT_KEPT = 8192  # bytes of the compiler's output a compile_error carries
-_CPU_SIGNALS = (-signal.SIGXCPU, -signal.SIGKILL)
 
 
 def grade_job(runtime: ContainerRuntime, job: Job, builder: RootfsBuilder | None = None,
@@ -99,9 +98,13 @@ def cpu_time_keywords(seconds: float | None) -> dict[str, Any]:
 def run_verdict(result: Result, limits: Limits) -> str:
     """The run's verdict, `cpu_time` where the CPU-time limit ended it."""
     verdict = result.verdict
-    if limits.cpu_time is not None and verdict == "signal" and \
-            result.returncode in _CPU_SIGNALS and result.cpu_time is not None and \
-            result.cpu_time >= min(limits.cpu_time, math.ceil(limits.cpu_time)) * 0.95:
+    if limits.cpu_time is None or verdict != "signal":
+        return verdict
+    # SIGXCPU comes from RLIMIT_CPU's soft limit; SIGKILL from its hard one, or from the OOM
+    # killer (which says so: oom_killed) or a timeout (timed_out): the CPU used tells
+    if result.returncode == -signal.SIGXCPU or (
+            result.returncode == -signal.SIGKILL and result.cpu_time is not None
+            and result.cpu_time >= limits.cpu_time * 0.9):
         return CPU_TIME
     return verdict
 
