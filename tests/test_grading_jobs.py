@@ -164,8 +164,9 @@ def test_a_case_writing_without_end_is_stopped_by_its_memory_limit(judge):
     result = judge(one_case("python3", flood, {"memory": "64M", "disk": "512M"}))
     assert result.verdict == "memory", result
     beside = judge(one_case("python3", flood.replace("'big'", "'/tmp/big'"), {"disk": "8M"}))
-    assert beside.verdict == "runtime_error" and b"No space left" in \
-        beside.cases[0].stderr.encode() or "File too large" in beside.cases[0].stderr
+    stderr = beside.cases[0].stderr
+    assert beside.verdict == "runtime_error", beside
+    assert "No space left" in stderr or "File too large" in stderr, stderr
 
 
 CHECKER = ("import os, sys\ninput_, output, answer = (open(p).read() for p in sys.argv[1:4])\n"
