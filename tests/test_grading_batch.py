@@ -45,6 +45,7 @@ def test_map_keeps_the_order_and_imap_unordered_gives_each_once(cache):
 
 def test_a_job_whose_worker_dies_is_retried_then_infra_error(cache):
     slow = Job.from_json(doubling("slow", 1, "import time; time.sleep(3); print(2)"))
+    before = set(os.listdir("/dev/shm"))
     for retries, verdict in ((1, "ok"), (0, "infra_error")):
         with Grader(workers=1, cache_dir=cache, retries=retries) as grader:
             results = grader.imap_unordered([slow])
@@ -53,6 +54,9 @@ def test_a_job_whose_worker_dies_is_retried_then_infra_error(cache):
             killer.join()
             assert result.verdict == verdict, result
     assert "the worker grading it died" in result.error
+    # the killed workers could not remove their workspaces: the grader did
+    assert {name for name in os.listdir("/dev/shm") if name.startswith("minictr-job-")} \
+        <= before
 
 
 def _kill_the_worker_soon(grader):

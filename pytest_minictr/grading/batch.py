@@ -26,6 +26,7 @@ from pytest_minictr.errors import ConfigError
 from pytest_minictr.grading.jobs import Job
 from pytest_minictr.grading.judge import grade_job
 from pytest_minictr.grading.results import JobResult, infra_error
+from pytest_minictr.grading.workspace import remove_workspaces_of
 
 STOP_GRACE = 5.0  # seconds a worker has to clean up after SIGTERM, then SIGKILL
 
@@ -171,4 +172,5 @@ class Grader:
 
     def _replace(self, worker: _Worker) -> None:
         worker.stop()
+        remove_workspaces_of(worker.process.pid, self._settings.workdir)
         self._pool[self._pool.index(worker)] = _Worker(self._context, self._settings)
