@@ -13,6 +13,7 @@ never one of the program's verdicts.
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 from pathlib import Path
@@ -70,12 +71,18 @@ def commands_of(job: Job) -> tuple[tuple[str, ...], tuple[str, ...]]:
     name = job.recipe or job.language
     if name is None:
         raise ConfigError(f"job {job.id!r}: run: missing, and no language to take it from")
-    defaults = recipes.parse_toml(recipes.find(name).read_text())
+    defaults = recipe_commands(str(recipes.find(name)))
     run = job.run if job.run is not None else tuple(defaults.get("run", ()))
     if not run:
         raise ConfigError(f"job {job.id!r}: run: missing, and recipe {name!r} has no `run`")
     return (job.compile if job.compile is not None else tuple(defaults.get("compile", ())),
             run)
+
+
+@functools.lru_cache(maxsize=64)
+def recipe_commands(path: str) -> dict[str, Any]:
+    """A recipe's TOML, read once a process (a batch reads it for every job otherwise)."""
+    return recipes.parse_toml(Path(path).read_text())
 
 
 def limit_keywords(limits: Limits) -> dict[str, Any]:
