@@ -5,6 +5,7 @@ what a job the host cannot run gives (infra_error, never a program's verdict).""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,16 @@ def test_cpp_compiles_with_the_standard_library(judge):
               " int x; std::cin >> x; std::cout << m[1] * x << std::endl; }")
     result = judge({"language": "cpp", "files": {"main.cpp": source}, "limits": FAST,
                     "cases": [{"stdin": "21", "expected_stdout": "42\n"}]})
+    assert result.verdict == "ok", result
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node (Debian's nodejs)")
+def test_node_runs_where_the_host_has_it(judge):
+    # V8 reserves much address space and starts threads: a limit of its own size
+    result = judge({"language": "node", "files": {"main.js": "console.log(6 * 7)"},
+                    "limits": {"memory": "256M", "timeout": 20},
+                    "cases": [{"expected_stdout": "42\n"}]})
     assert result.verdict == "ok", result
 
 
