@@ -125,6 +125,15 @@ class Grader:
             worker.stop()
 
     def _results(self, jobs: Iterable[Job]) -> Iterator[tuple[int, JobResult]]:
+        finished = False
+        try:
+            yield from self._run_all(jobs)
+            finished = True
+        finally:
+            if not finished:  # left early (an error, Ctrl-C, a break): no job runs on unseen
+                self.close()
+
+    def _run_all(self, jobs: Iterable[Job]) -> Iterator[tuple[int, JobResult]]:
         pending = enumerate(jobs)
         retry: list[tuple[tuple[int, Job], int]] = []
         while len(self._pool) < self.workers:
