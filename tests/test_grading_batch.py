@@ -84,10 +84,12 @@ def minictr_grade(*args, **options):
 def test_the_cli_names_a_bad_line_and_grades_the_rest(tmp_path):
     lines = [json.dumps(doubling(f"j{i}", i)) for i in range(3)]
     lines[1:1] = ["{not json", json.dumps({"id": "x", "language": "python3", "cases": []})]
+    lines.append(json.dumps(doubling("j0", 7)))
     (tmp_path / "jobs.jsonl").write_text("\n".join(lines) + "\n")
     done = minictr_grade(str(tmp_path / "jobs.jsonl"), "--workers", "2")
     assert done.returncode == 1
     assert "line 2:" in done.stderr and "line 3: job 'x': cases" in done.stderr
+    assert "line 6: job 'j0': id: already the id of line 1" in done.stderr
     results = [json.loads(line) for line in done.stdout.splitlines()]
     assert sorted((r["id"], r["verdict"]) for r in results) == [(f"j{i}", "ok") for i in range(3)]
     assert "\r" not in done.stderr  # no progress line on a pipe unless asked

@@ -15,6 +15,7 @@ from pytest_minictr.errors import ConfigError
 from pytest_minictr.grading import Job, grade_job
 from pytest_minictr.grading.checkers import compare
 from pytest_minictr.grading.jobs import Checker
+from pytest_minictr.grading.judge import commands_of
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the limits of grading need cgroups "
                                 "(root, or a delegated cgroup v2)")
@@ -217,7 +218,27 @@ def test_the_workspace_is_removed(judge):
             if name.startswith("minictr-job-")} == set()
 
 
-# --- the values and the built-in checkers, without containers ---------------------------------
+# --- the values, the recipes and the built-in checkers, without containers ---------------------
+
+def test_a_recipe_takes_every_path_matching_and_a_jobs_commands(tmp_path):
+    headers = tmp_path / "include"
+    (headers / "sys").mkdir(parents=True)
+    for name in ("a.h", "b.h", "sys/c.h", "notes.txt"):
+        (headers / name).write_text(name)
+    recipe = tmp_path / "lang.toml"
+    recipe.write_text(f'''binaries = ["sh"]
+matching = ["{headers}/*.h", "{headers}/sys"]
+compile = ["cc", "main.c"]
+run = ["./a.out"]
+''')
+    built = RootfsBuilder(cache_dir=tmp_path / "cache").build(recipe=str(recipe),
+                                                              dest=tmp_path / "root")
+    inside = built / str(headers).lstrip("/")
+    assert sorted(p.name for p in inside.rglob("*")) == ["a.h", "b.h", "c.h", "sys"]
+    job = Job.from_json({"id": "j", "recipe": str(recipe), "cases": [{}]})
+    assert commands_of(job) == (("cc", "main.c"), ("./a.out",))
+
+
 
 def test_a_job_round_trips_through_json():
     data = {"id": "s1", "language": "python3", "files": {"main.py": "print(1)"},

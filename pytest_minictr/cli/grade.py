@@ -88,17 +88,20 @@ def read_jobs(source: IO[str], done: set[str], bad_lines: list[int]) -> Iterator
     """The jobs of `source`, but those whose id is in `done`; a line that is not a job is
     named on stderr, added to `bad_lines`, and skipped."""
     from pytest_minictr.grading.jobs import Job
+    seen: dict[str, int] = {}
     for number, line in enumerate(source, start=1):
         if not line.strip():
             continue
         try:
             job = Job.from_json(json.loads(line))
+            if job.id in seen:  # --resume goes by id: two jobs of one id would be one
+                raise ConfigError(f"job {job.id!r}: id: already the id of line {seen[job.id]}")
         except (ValueError, MinictrError) as error:  # (JSONDecodeError is a ValueError)
             bad_lines.append(number)
             print(f"minictr grade: line {number}: {error}", file=sys.stderr)
             continue
+        seen[job.id] = number
         if job.id not in done:
-            done.add(job.id)
             yield job
 
 
