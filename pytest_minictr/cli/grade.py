@@ -42,6 +42,9 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
                             "(default: one per core)")
     grade.add_argument("--resume", action="store_true",
                        help="skip the ids already in the output file, and append to it")
+    grade.add_argument("--workdir", metavar="DIR",
+                       help="where the jobs' files go while they run (default: /dev/shm, "
+                            "where what a case writes counts against its memory limit)")
     grade.add_argument("--progress", action="store_true",
                        help="show the progress line on stderr even when it is not a terminal")
     grade.set_defaults(handler=grade_command)
@@ -61,7 +64,7 @@ def grade_command(args: argparse.Namespace) -> int:
     out = sys.stdout if not args.output else open(args.output, "a" if args.resume else "w")
     verdicts: Counter[str] = Counter()
     try:
-        with interrupts.installed(), Grader(args.workers) as grader:
+        with interrupts.installed(), Grader(args.workers, workdir=args.workdir) as grader:
             for result in grader.imap_unordered(read_jobs(source, done, bad_lines)):
                 with interrupts.deferred():
                     out.write(json.dumps(result.to_json()) + "\n")
