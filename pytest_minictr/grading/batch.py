@@ -141,22 +141,31 @@ class Grader:
         busy = 0
         exhausted = False
         while True:
-            for worker in self._pool:
+            for worker in list(self._pool):
                 if worker.task is None and (retry or not exhausted):
-                    if retry:
-                        worker.give(*retry.pop())
-                    else:
-                        task = next(pending, None)
-                        if task is None:
-                            exhausted = True
-                            continue
-                        worker.give(task, 0)
-                    busy += 1
+                    given = self._give_next(worker, pending, retry)
+                    exhausted = exhausted or not given
+                    busy += given
             if busy == 0:
                 return
             for ended in self._wait_busy():
                 busy -= 1
                 yield from self._collect(ended, retry)
+
+    def _give_next(self, worker: _Worker, pending: Iterator[tuple[int, Job]],
+                   retry: list[tuple[tuple[int, Job], int]]) -> bool:
+        """Give an idle worker a job to retry, or the next one; False when none is left."""
+        if retry:
+            task, tries = retry.pop()
+        else:
+            next_task = next(pending, None)
+            if next_task is None:
+                return False
+            task, tries = next_task, 0
+        if not worker.process.is_alive():  # it sent its last result, then died
+            worker = self._replace(worker)
+        worker.give(task, tries)
+        return True
 
     def _wait_busy(self) -> list[_Worker]:
         busy = [worker for worker in self._pool if worker.task is not None]
@@ -179,7 +188,9 @@ class Grader:
             return
         yield index, result
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: _Worker) -> _Worker:
         worker.stop()
         remove_workspaces_of(worker.process.pid, self._settings.workdir)
-        self._pool[self._pool.index(worker)] = _Worker(self._context, self._settings)
+        fresh = _Worker(self._context, self._settings)
+        self._pool[self._pool.index(worker)] = fresh
+        return fresh
