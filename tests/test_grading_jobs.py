@@ -128,6 +128,17 @@ def test_node_runs_where_the_host_has_it(judge):
 
 
 @needs_root
+@pytest.mark.skipif(shutil.which("javac") is None, reason="needs javac (default-jdk-headless)")
+def test_java_compiles_and_runs_where_the_host_has_it(judge):
+    source = ("import java.util.*; public class Main { public static void main(String[] a) "
+              "{ System.out.println(new Scanner(System.in).nextInt() * 2); } }")
+    result = judge({"language": "java", "files": {"Main.java": source},
+                    "limits": {"timeout": 20}, "cases": [{"stdin": "21",
+                                                          "expected_stdout": "42\n"}]})
+    assert result.verdict == "ok", result
+
+
+@needs_root
 def test_the_build_runs_once_and_each_case_in_a_fresh_container(judge):
     # each case appends to a file in its working directory: a shared one would grow
     source = ("#include <stdio.h>\nint main(void){ FILE *f = fopen(\"log\", \"a\"); "
