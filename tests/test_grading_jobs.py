@@ -20,6 +20,7 @@ from pytest_minictr.grading.judge import commands_of
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the limits of grading need cgroups "
                                 "(root, or a delegated cgroup v2)")
 FAST = {"timeout": 10, "memory": "64M"}
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc (Debian's gcc)")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,7 @@ C_PROGRAMS = {
 }
 
 
+@needs_gcc
 @needs_root
 @pytest.mark.parametrize("verdict", C_PROGRAMS)
 def test_every_verdict_from_a_c_program(judge, verdict):
@@ -100,6 +102,7 @@ def test_a_result_carries_the_measures_and_the_heads_of_the_streams(judge):
     assert (case["stdout"], case["stderr"]) == ("x" * 1024, "e" * 1024)
 
 
+@needs_gcc
 @needs_root
 def test_compile_error_carries_the_compilers_output(judge):
     result = judge(one_case("c", "int main(void) { return undeclared; }", expected_stdout=""))
@@ -109,6 +112,7 @@ def test_compile_error_carries_the_compilers_output(judge):
 
 
 @needs_root
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (Debian's g++)")
 def test_cpp_compiles_with_the_standard_library(judge):
     source = ("#include <iostream>\n#include <map>\nint main() { std::map<int, int> m{{1, 2}};"
               " int x; std::cin >> x; std::cout << m[1] * x << std::endl; }")
@@ -138,6 +142,7 @@ def test_java_compiles_and_runs_where_the_host_has_it(judge):
     assert result.verdict == "ok", result
 
 
+@needs_gcc
 @needs_root
 def test_the_build_runs_once_and_each_case_in_a_fresh_container(judge):
     # each case appends to a file in its working directory: a shared one would grow
