@@ -216,6 +216,13 @@ def test_a_checker_program_decides_and_a_crashing_one_is_infra_error(judge):
     failed = judge(job("fail 7"))
     assert failed.verdict == "infra_error" and failed.cases[0].verdict == "infra_error"
     assert "the test data is broken" in failed.error and "exit status 3" in failed.error
+    # with no answer given, the checker still judges: "any even number", its answer empty
+    even = ("import sys\nassert open(sys.argv[3]).read() == ''\n"
+            "sys.exit(int(open(sys.argv[2]).read()) % 2)")
+    for stdin, verdict in (("14", "ok"), ("15", "wrong_answer")):
+        unanswered = {**one_case("python3", "print(input())", stdin=stdin),
+                      "checker": {"program": ["python3", "even.py"], "files": {"even.py": even}}}
+        assert judge(unanswered).verdict == verdict
     crashed = judge(job("crash 7"))
     assert crashed.verdict == "infra_error" and "the checker failed (signal" in crashed.error
 

@@ -169,8 +169,11 @@ class _Judge:
 
     def check(self, case: Case, stdout: bytes, workdir: Path) -> tuple[str, str]:
         outputs: list[tuple[str, bytes | None, str]] = []
-        if case.expected_stdout is not None:
-            outputs.append(("stdout", stdout, case.expected_stdout))
+        # a checker program judges every case: one with nothing expected gives it an empty
+        # answer (a checker of "any valid output" needs none)
+        judged_anyway = self.job.checker.kind == "program" and not case.expected_files
+        if case.expected_stdout is not None or judged_anyway:
+            outputs.append(("stdout", stdout, case.expected_stdout or ""))
         outputs.extend((path, read_inside(workdir, path, self.job.limits.output), expected)
                        for path, expected in case.expected_files)
         for name, output, expected in outputs:
