@@ -193,12 +193,14 @@ def chown_layer(layer_fd: int | None, uid: int, gid: int) -> None:
     os.chown(f"{layer_path(layer_fd)}/upper", uid, gid)
 
 
-def mount_overlay(lower_fd: int, layer_fd: int | None, userxattr: bool) -> None:
-    """The base rootfs under a writable layer: the stage's tmpfs, or a kept host directory
-    (`spec.layer`: successive containers of one test then see each other's writes).
-    `userxattr`: in a user namespace, where trusted.* xattrs are out of reach."""
+def mount_overlay(layer_fd: int | None, userxattr: bool, *lower_fds: int) -> None:
+    """The base rootfs (an image: its layers, top first) under a writable layer: the stage's
+    tmpfs, or a kept host directory (`spec.layer`: successive containers of one test then
+    see each other's writes). `userxattr`: in a user namespace, where trusted.* xattrs are
+    out of reach (an image's opaque directories then carry user.overlay.opaque)."""
     layer = layer_path(layer_fd)
-    options = f"lowerdir=/proc/self/fd/{lower_fd},upperdir={layer}/upper,workdir={layer}/work"
+    lower = ":".join(f"/proc/self/fd/{fd}" for fd in lower_fds)
+    options = f"lowerdir={lower},upperdir={layer}/upper,workdir={layer}/work"
     linux.mount("overlay", ROOT, "overlay", MS_NOSUID | MS_NODEV,
                 options + (",userxattr" if userxattr else ""))
 

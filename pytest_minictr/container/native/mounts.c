@@ -260,11 +260,21 @@ int do_chown_layer(call *c) {
     return chown(path, NUM(1), NUM(2));
 }
 
+/* args: the layer, userxattr, then the lower dirs' fds, top first (see mounts.py) */
 int do_mount_overlay(call *c) {
-    char layer[64], options[512];
-    layer_path(NUM(1), layer, sizeof layer);
-    snprintf(options, sizeof options, "lowerdir=/proc/self/fd/%lld,upperdir=%s/upper,"
-             "workdir=%s/work%s", NUM(0), layer, layer, NUM(2) ? ",userxattr" : "");
+    char layer[64], lower[3072] = "", options[4096];
+    size_t used = 0;
+    layer_path(NUM(0), layer, sizeof layer);
+    for (int i = 2; i < c->count; i++) {
+        int n = snprintf(lower + used, sizeof lower - used, "%s/proc/self/fd/%lld",
+                         i > 2 ? ":" : "", NUM(i));
+        if (n < 0 || (size_t)n >= sizeof lower - used)
+            return fail_with("ContainerSetupError", "mount overlay of the rootfs", E2BIG,
+                             "too many layers for one overlay (%d)", c->count - 2);
+        used += n;
+    }
+    snprintf(options, sizeof options, "lowerdir=%s,upperdir=%s/upper,workdir=%s/work%s",
+             lower, layer, layer, NUM(1) ? ",userxattr" : "");
     return mount("overlay", "/newroot", "overlay", MS_NOSUID | MS_NODEV, options);
 }
 

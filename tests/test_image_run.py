@@ -1,0 +1,196 @@
+"""Containers run from an image (issue #29): its layer directories stacked by overlay under
+the container's writable layer, never copied nor written; its config applied by Docker's
+rules; what the store and the rootfs cache hold refused to a writable bind.
+
+The image here is made of two layer directories built from this host's binaries, in the
+form the store keeps them (overlayfs' own: a whiteout is a 0/0 character device, an opaque
+directory has trusted.overlay.opaque=y), until the store itself can pull one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from pytest_minictr import ConfigError, ContainerRuntime, Mount, immutable
+from pytest_minictr.images.image import Image, ImageConfig
+from pytest_minictr.images.resolve import STORE_MODULE
+
+
+def make_layers(store: Path, base: Path) -> tuple[Path, Path]:
+    """A bottom layer (a copy of `base`, plus what the top one hides) and a top layer with
+    accounts, a new file, a whiteout and an opaque directory."""
+    bottom, top = store / "layers" / "bottom", store / "layers" / "top"
+    shutil.copytree(base, bottom, symlinks=True)
+    (bottom / "srv").mkdir()
+    (bottom / "srv" / "gone.txt").write_text("deleted by the top layer\n")
+    (bottom / "srv" / "kept.txt").write_text("from the bottom layer\n")
+    (bottom / "opt" / "old").mkdir(parents=True)
+    (bottom / "opt" / "old" / "a.txt").write_text("hidden by an opaque directory\n")
+    for path in ("etc", "srv", "opt/old", "app"):
+        (top / path).mkdir(parents=True)
+    (top / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n"
+                                        "app:x:1234:2345::/app:/bin/sh\n")
+    (top / "etc" / "group").write_text("root:x:0:\nstaff:x:4321:\n")
+    (top / "srv" / "new.txt").write_text("from the top layer\n")
+    os.mknod(top / "srv" / "gone.txt", stat.S_IFCHR | 0o000, os.makedev(0, 0))
+    (top / "opt" / "old" / "b.txt").write_text("in the opaque directory\n")
+    os.setxattr(top / "opt" / "old", "trusted.overlay.opaque", b"y")
+    return bottom, top
+
+
+def tree_of(path: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(path)): (p.lstat().st_mode, p.lstat().st_mtime_ns)
+            for p in path.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, rootfs) -> Path:
+    place = tmp_path_factory.mktemp("store")
+    immutable.mark(place)
+    make_layers(place, rootfs)
+    return place
+
+
+@pytest.fixture(scope="module")
+def image(store) -> Image:
+    config = ImageConfig(
+        env=("PATH=/bin:/usr/bin:/sbin:/usr/sbin", "GREETING=hello", "EMPTY"),
+        entrypoint=("sh", "-c"), cmd=('echo "$GREETING from $(pwd) as $(id -u):$(id -g)"',),
+        working_dir="/app", user="app:staff", stop_signal="SIGUSR1")
+    return Image("example.org/test/app:1", "sha256:" + "0" * 64,
+                 (store / "layers" / "bottom", store / "layers" / "top"), config)
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize("user", [True, False])
+def test_a_container_sees_the_layers_as_overlayfs_stacks_them(image, store, monkeypatch,
+                                                               native, user):
+    monkeypatch.setenv("MINICTR_NATIVE", native)  # the launcher started below reads it
+    before = tree_of(store)
+    with ContainerRuntime() as runtime:
+        result = runtime.run(image, ["cat /srv/new.txt /srv/kept.txt; ls /srv; ls /opt/old; "
+                                     "echo changed > /srv/kept.txt; rm /srv/new.txt; "
+                                     "touch /opt/old/c.txt /bin/planted; cat /srv/kept.txt"],
+                             user=user, run_as=0).wait()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().split() == [
+        "from", "the", "top", "layer", "from", "the", "bottom", "layer",
+        "kept.txt", "new.txt",   # gone.txt: the whiteout deleted it
+        "b.txt",                 # a.txt: under the opaque directory
+        "changed"]
+    assert tree_of(store) == before  # the writes went to the container's layer only
+
+
+def test_the_image_config_applies(runtime, image):
+    result = runtime.run(image, None).wait()
+    assert (result.returncode, result.stdout) == (0, b"hello from /app as 1234:4321\n"), \
+        result.stderr
+
+
+def test_a_command_replaces_cmd_and_keeps_the_entrypoint(runtime, image):
+    result = runtime.run(image, ['echo "$GREETING [$EMPTY] $PATH"'],
+                         env={"GREETING": "overridden"}).wait()
+    assert result.stdout == b"overridden [] /bin:/usr/bin:/sbin:/usr/sbin\n", result.stderr
+
+
+def test_an_entrypoint_given_replaces_both(runtime, image):
+    assert runtime.run(image, None, entrypoint=["echo", "only"]).wait().stdout == b"only\n"
+    assert runtime.run(image, ["one", "two"], entrypoint="echo").wait().stdout == b"one two\n"
+    with pytest.raises(ConfigError, match="no Entrypoint or Cmd: give a command"):
+        runtime.run(image, None, entrypoint="")
+
+
+def test_cwd_and_run_as_given_beat_the_image(runtime, image):
+    result = runtime.run(image, ["pwd; id -u"], cwd="/srv", run_as=99).wait()
+    assert result.stdout == b"/srv\n99\n", result.stderr
+
+
+@pytest.mark.parametrize("user, ids", [("app", "1234:2345"), ("1234", "1234:2345"),
+                                       ("77", "77:0"), ("77:staff", "77:4321"),
+                                       ("app:5", "1234:5")])
+def test_the_image_user_is_looked_up_in_its_own_files(runtime, image, user, ids):
+    config = ImageConfig(entrypoint=("sh", "-c"), cmd=('echo "$(id -u):$(id -g)"',), user=user)
+    result = runtime.run(Image(image.reference, image.digest, image.layers, config), None).wait()
+    assert result.stdout.decode() == ids + "\n", result.stderr
+
+
+def test_an_unknown_image_user_is_a_clear_error(runtime, image):
+    config = ImageConfig(cmd=("true",), user="nobody-here")
+    with pytest.raises(ConfigError, match="no account 'nobody-here' in its /etc/passwd"):
+        runtime.run(Image(image.reference, image.digest, image.layers, config), None)
+
+
+def test_stop_sends_the_image_stop_signal(runtime, image):
+    container = runtime.run(image, ["trap 'echo got it; exit 7' USR1; echo ready; "
+                                    "while :; do sleep 0.1; done"])
+    container.wait_for_output(rb"ready", timeout=10)
+    result = container.stop(grace=10)
+    assert (result.returncode, result.stdout) == (7, b"ready\ngot it\n"), result.stderr
+    assert container.spec.stop_signal == signal.SIGUSR1
+
+
+@pytest.mark.parametrize("where", ["store", "cache"])
+def test_a_writable_bind_of_a_shared_tree_is_refused(runtime, rootfs, store, where):
+    source = store / "layers" / "top" / "srv" if where == "store" else rootfs / "bin"
+    with pytest.raises(ConfigError, match=r"writable bind of .* shares"):
+        runtime.run(rootfs, ["true"], user=False,
+                    mounts=[Mount.bind(source, "/mnt", read_only=False)])
+    result = runtime.run(rootfs, ["ls", "/mnt"],
+                         mounts=[Mount.bind(source, "/mnt", read_only=True)]).wait()
+    assert result.returncode == 0, result.stderr
+
+
+class FakeStore:
+    """The store's interface (`images.store`): `Store().lookup(ref)`, `pull(ref)`."""
+
+    def __init__(self, images: dict[str, Image]):
+        self.images, self.pulled = images, []
+        self.module = types.ModuleType(STORE_MODULE)
+        self.module.Store = lambda: self
+        self.module.pull = self.pull
+
+    def lookup(self, reference: str) -> Image | None:
+        return self.images.get(reference) if reference not in self.pulled else None
+
+    def pull(self, reference: str) -> Image:
+        self.pulled.append(reference)
+        return self.images[reference]
+
+
+@pytest.fixture
+def fake_store(monkeypatch, image):
+    store = FakeStore({"app:1": image})
+    monkeypatch.setitem(sys.modules, STORE_MODULE, store.module)
+    return store
+
+
+def test_a_reference_is_looked_up_and_pulled_as_pull_says(runtime, fake_store):
+    assert runtime.run("app:1", ["cat", "/srv/new.txt"], entrypoint=[]).wait().stdout \
+        == b"from the top layer\n"
+    assert fake_store.pulled == []
+    runtime.run("app:1", ["true"], pull="always").wait()
+    assert fake_store.pulled == ["app:1"]
+    with pytest.raises(ConfigError, match="'other:2' is not in the store, and pull='never'"):
+        runtime.run("other:2", ["true"], pull="never")
+    with pytest.raises(ConfigError, match="pull='sometimes': expected one of missing, always"):
+        runtime.run("app:1", ["true"], pull="sometimes")
+
+
+def test_a_path_is_never_taken_for_a_reference(runtime, tmp_path):
+    with pytest.raises(ConfigError, match="rootfs does not exist"):
+        runtime.run(str(tmp_path / "missing"), ["true"])
+    with pytest.raises(ConfigError, match="rootfs does not exist"):
+        runtime.run(tmp_path / "missing", ["true"])
+
+
+def test_without_a_store_a_reference_is_a_clear_error(runtime, monkeypatch):
+    monkeypatch.setitem(sys.modules, STORE_MODULE, None)  # import then fails
+    with pytest.raises(ConfigError, match="this build of minictr has no image store"):
+        runtime.run("alpine:3.20", ["true"])
