@@ -8,10 +8,7 @@ directory has trusted.overlay.opaque=y), until the store itself can pull one."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import stat
 import sys
 import types
 from pathlib import Path
@@ -22,27 +19,7 @@ from pytest_minictr import ConfigError, ContainerRuntime, Mount, immutable
 from pytest_minictr.images.image import Image, ImageConfig
 from pytest_minictr.images.resolve import STORE_MODULE
 
-
-def make_layers(store: Path, base: Path) -> tuple[Path, Path]:
-    """A bottom layer (a copy of `base`, plus what the top one hides) and a top layer with
-    accounts, a new file, a whiteout and an opaque directory."""
-    bottom, top = store / "layers" / "bottom", store / "layers" / "top"
-    shutil.copytree(base, bottom, symlinks=True)
-    (bottom / "srv").mkdir()
-    (bottom / "srv" / "gone.txt").write_text("deleted by the top layer\n")
-    (bottom / "srv" / "kept.txt").write_text("from the bottom layer\n")
-    (bottom / "opt" / "old").mkdir(parents=True)
-    (bottom / "opt" / "old" / "a.txt").write_text("hidden by an opaque directory\n")
-    for path in ("etc", "srv", "opt/old", "app"):
-        (top / path).mkdir(parents=True)
-    (top / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n"
-                                        "app:x:1234:2345::/app:/bin/sh\n")
-    (top / "etc" / "group").write_text("root:x:0:\nstaff:x:4321:\n")
-    (top / "srv" / "new.txt").write_text("from the top layer\n")
-    os.mknod(top / "srv" / "gone.txt", stat.S_IFCHR | 0o000, os.makedev(0, 0))
-    (top / "opt" / "old" / "b.txt").write_text("in the opaque directory\n")
-    os.setxattr(top / "opt" / "old", "trusted.overlay.opaque", b"y")
-    return bottom, top
+from .image_layers import make_layers
 
 
 def tree_of(path: Path) -> dict[str, tuple[int, int]]:
