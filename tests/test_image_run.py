@@ -8,6 +8,8 @@ directory has trusted.overlay.opaque=y), until the store itself can pull one."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sys
 import types
@@ -171,3 +173,28 @@ def test_without_a_store_a_reference_is_a_clear_error(runtime, monkeypatch):
     monkeypatch.setitem(sys.modules, STORE_MODULE, None)  # import then fails
     with pytest.raises(ConfigError, match="this build of minictr has no image store"):
         runtime.run("alpine:3.20", ["true"])
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, dict]:
+    from pytest_minictr.cli.main import main
+    status = main(["run", "--json", *argv])
+    out = capsys.readouterr().out.strip().splitlines()
+    return status, json.loads(out[-1]) if out else {}
+
+
+@pytest.fixture
+def no_stdin(monkeypatch):
+    with open(os.devnull) as null:
+        monkeypatch.setattr(sys, "stdin", null)
+        yield
+
+
+def test_minictr_run_takes_an_image_as_docker_spells_it(fake_store, capsys, no_stdin):
+    status, report = run_cli(capsys, "app:1")
+    assert (status, report["stdout"]) == (0, "hello from /app as 1234:4321\n"), report
+    status, report = run_cli(capsys, "-e", "GREETING=hi", "app:1", "--", 'echo "$GREETING"')
+    assert report["stdout"] == "hi\n", report
+    status, report = run_cli(capsys, "--entrypoint", "cat", "app:1", "/srv/new.txt")
+    assert report["stdout"] == "from the top layer\n", report
+    status, report = run_cli(capsys, "--pull", "never", "other:2", "true")
+    assert status == 125 and "pull='never'" in report["error"], report
