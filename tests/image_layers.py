@@ -25,6 +25,7 @@ def make_layers(store: Path, base: Path) -> tuple[Path, Path]:
     (top / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n"
                                         "app:x:1234:2345::/app:/bin/sh\n")
     (top / "etc" / "group").write_text("root:x:0:\nstaff:x:4321:\n")
+    (top / "etc" / "hosts").write_text("10.9.8.7\tthe-image-own\n")
     (top / "srv" / "new.txt").write_text("from the top layer\n")
     os.mknod(top / "srv" / "gone.txt", stat.S_IFCHR | 0o000, os.makedev(0, 0))
     (top / "opt" / "old" / "b.txt").write_text("in the opaque directory\n")

@@ -67,6 +67,28 @@ def test_a_container_sees_the_layers_as_overlayfs_stacks_them(image, store, monk
     assert tree_of(store) == before  # the writes went to the container's layer only
 
 
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_hostname_and_hosts_are_given_over_the_image_files(image, store, monkeypatch, native):
+    monkeypatch.setenv("MINICTR_NATIVE", native)
+    before = tree_of(store)
+    with ContainerRuntime() as runtime:
+        result = runtime.run(image, ["cat /etc/hostname /etc/hosts"], hostname="box",
+                             read_only=True).wait()
+    assert result.stdout.decode().splitlines() == [
+        "box", "127.0.0.1\tlocalhost box", "::1\tlocalhost ip6-localhost ip6-loopback box"]
+    assert tree_of(store) == before
+    assert (store / "layers" / "top" / "etc" / "hosts").read_text() == "10.9.8.7\tthe-image-own\n"
+
+
+def test_an_image_symlink_keeps_its_own_file(runtime, image, tmp_path):
+    link = tmp_path / "layer"
+    (link / "etc").mkdir(parents=True)
+    (link / "etc" / "hostname").symlink_to("/srv/new.txt")
+    linked = Image(image.reference, image.digest, (*image.layers, link), image.config)
+    result = runtime.run(linked, ["cat", "/etc/hostname"], entrypoint=[]).wait()
+    assert result.stdout == b"from the top layer\n", result.stderr
+
+
 def test_the_image_config_applies(runtime, image):
     result = runtime.run(image, None).wait()
     assert (result.returncode, result.stdout) == (0, b"hello from /app as 1234:4321\n"), \

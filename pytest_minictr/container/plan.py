@@ -287,7 +287,12 @@ def build_root(spec: ContainerSpec) -> tuple[Step, ...]:
     # tree: a mount point may not lead through a symlink of the image (it would steer the
     # mount onto the host; runc's CVE-2021-30465 is that race). mounts._mount_point refuses.
     steps = [Step("root", "move /dev", "move_into_root", ("/dev",)),
-             Step("root", "mount /tmp", "mount_tmp", (spec.layer_size,))]
+             Step("root", "mount /tmp", "mount_tmp", (spec.layer_size,)),
+             # Docker's: servers resolve their own hostname (RabbitMQ, Java's getLocalHost).
+             # Bound over the image's files, which stay as they are (the user's mounts below
+             # go over these).
+             *(Step("root", f"bind {path}", "bind_text_file", (text, path))
+               for path, text in etc_files(spec.hostname))]
     sources = []
     for index, mount in enumerate(spec.mounts):
         if mount.source is None:
@@ -306,6 +311,12 @@ def build_root(spec: ContainerSpec) -> tuple[Step, ...]:
     steps += [Step("root", "close the host's paths", "close_fds",
                    (*map(Ref, lower_slots(spec)), Ref("layer"), *sources))]
     return tuple(steps)
+
+
+def etc_files(hostname: str) -> tuple[tuple[str, str], ...]:
+    return (("/etc/hostname", f"{hostname}\n"),
+            ("/etc/hosts", f"127.0.0.1\tlocalhost {hostname}\n"
+                           f"::1\tlocalhost ip6-localhost ip6-loopback {hostname}\n"))
 
 
 def pivot_into_root(spec: ContainerSpec) -> tuple[Step, ...]:

@@ -278,6 +278,31 @@ int do_mount_overlay(call *c) {
     return mount("overlay", "/newroot", "overlay", MS_NOSUID | MS_NODEV, options);
 }
 
+/* see mounts.bind_text_file: a file of the stage bound over the image's own */
+int do_bind_text_file(call *c) {
+    const char *text = STR(0), *target = STR(1);
+    char path[4096] = "/newroot", staged[512], point[4096];
+    struct stat info;
+    for (const char *part = target; *part;) {
+        while (*part == '/') part++;
+        const char *end = strchrnul(part, '/');
+        size_t used = strlen(path);
+        snprintf(path + used, sizeof path - used, "/%.*s", (int)(end - part), part);
+        if (lstat(path, &info) == 0 && S_ISLNK(info.st_mode)) return 0;  /* the image's own */
+        part = end;
+    }
+    snprintf(staged, sizeof staged, "/%s", target + strspn(target, "/"));
+    for (char *slash = strchr(staged + 1, '/'); slash; slash = strchr(slash, '/')) *slash = '-';
+    int fd = open(staged, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return -1;
+    size_t length = strlen(text);
+    ssize_t written = write(fd, text, length);
+    close(fd);
+    if (written != (ssize_t)length) return -1;
+    if (mount_point(target, 0, point, sizeof point) < 0) return -1;
+    return mount(staged, point, NULL, MS_BIND, NULL);
+}
+
 int do_move_into_root(call *c) {
     char point[4096];
     if (mount_point(STR(0), 1, point, sizeof point) < 0) return -1;
