@@ -202,6 +202,7 @@ _LIBRARY = {**{name: (k, None) for k in KEYWORDS if k.library for name in (k.lib
 _SPELLINGS = {s: k for k in reversed(KEYWORDS) for s in k.spellings}  # `user=` over `--user`
 
 if TYPE_CHECKING:
+    from pytest_minictr.images.image import Image
     ContainerSettings = Any  # its fields are the table's: made at run time, unseen by mypy
 else:
     ContainerSettings = make_dataclass(
@@ -292,7 +293,7 @@ def marker_help() -> str:
 # ---------------------------------------------------------------------------------------------
 # The spec, from checked keywords
 
-def make_spec(image: str | os.PathLike[str], command: Sequence[str] | None,
+def make_spec(image: str | os.PathLike[str] | Image, command: Sequence[str] | None,
               **keywords: Any) -> ContainerSpec:
     """Check every keyword of `ContainerRuntime.run()`; one ConfigError names a bad one."""
     return spec_from(image, command, check_library_keywords(keywords))
