@@ -109,8 +109,22 @@ def test_an_entrypoint_given_replaces_both(runtime, image):
 
 
 def test_cwd_and_run_as_given_beat_the_image(runtime, image):
-    result = runtime.run(image, ["pwd; id -u"], cwd="/srv", run_as=99).wait()
-    assert result.stdout == b"/srv\n99\n", result.stderr
+    result = runtime.run(image, ['pwd; id -u; echo "$HOME"'], cwd="/srv", run_as=99).wait()
+    assert result.stdout == b"/srv\n99\n/\n", result.stderr
+
+
+def test_home_is_the_users_unless_set(runtime, image):
+    assert runtime.run(image, ['echo "$HOME"']).wait().stdout == b"/app\n"
+    assert runtime.run(image, ['echo "$HOME"'], run_as=0).wait().stdout == b"/root\n"
+    assert runtime.run(image, ['echo "$HOME"'], env={"HOME": "/x"}).wait().stdout == b"/x\n"
+
+
+def test_a_bad_image_config_is_a_clear_error(runtime, image):
+    for config, message in ((ImageConfig(cmd=("true",), env=("A=b\0c",)), "the image's Env"),
+                            (ImageConfig(cmd=("true",), working_dir="app"), "WorkingDir"),
+                            (ImageConfig(cmd=("true",), stop_signal="SIGNOPE"), "StopSignal")):
+        with pytest.raises(ConfigError, match=message):
+            runtime.run(Image(image.reference, image.digest, image.layers, config), None)
 
 
 @pytest.mark.parametrize("user, ids", [("app", "1234:2345"), ("1234", "1234:2345"),

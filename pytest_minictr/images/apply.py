@@ -13,6 +13,7 @@ import stat
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pytest_minictr import validate
 from pytest_minictr.errors import ConfigError
 from pytest_minictr.images.image import Image
 from pytest_minictr.images.resolve import resolve
@@ -30,16 +31,22 @@ def run_fields(image: Image | str, command: Sequence[str] | None,
     if not found.layers:
         raise ConfigError(f"image {found.reference!r} has no layers")
     layers = tuple(os.fspath(layer) for layer in found.layers)
+    run_as = values["run_as"] if values["run_as"] is not None or not config.user \
+        else user_ids(layers, config.user)
+    own = validate.check_env(env_of(config.env), "the image's Env")
+    given = values.get("env") or {}
+    # Docker's: HOME is the user's, from the image's passwd, unless the image or the caller
+    # sets it
+    home = {} if run_as is None or "HOME" in own or "HOME" in given \
+        else {"HOME": home_of(layers, run_as[0])}
     return {
         "rootfs": layers[-1],
         "layers": layers,
         "argv": argv_of(found, command, values.get("entrypoint")),
-        "env": tuple({**dict(DEFAULT_ENV), **env_of(config.env),
-                      **(values.get("env") or {})}.items()),
-        "cwd": config.working_dir if values["cwd"] == "/" and config.working_dir
-        else values["cwd"],
-        "run_as": values["run_as"] if values["run_as"] is not None or not config.user
-        else user_ids(layers, config.user),
+        "env": tuple({**dict(DEFAULT_ENV), **home, **own, **given}.items()),
+        "cwd": validate.check_container_path(config.working_dir, "the image's WorkingDir")
+        if values["cwd"] == "/" and config.working_dir else values["cwd"],
+        "run_as": run_as,
         "stop_signal": signal_number(config.stop_signal) if config.stop_signal
         else signal.SIGTERM,
     }
@@ -94,6 +101,12 @@ def user_ids(layers: Sequence[str], user: str) -> tuple[int, int]:
                                   "/etc/group")
             gid = int(entry[2])
     return uid, gid
+
+
+def home_of(layers: Sequence[str], uid: int) -> str:
+    """The home of the image's account `uid`; "/" for a uid it has no account for."""
+    account = _entry(layers, "etc/passwd", str(uid), by_number=True)
+    return account[5] if account is not None and len(account) > 5 and account[5] else "/"
 
 
 def _entry(layers: Sequence[str], path: str, key: str,
