@@ -305,20 +305,29 @@ def make_root_read_only() -> None:
 
 def bind_text_file(text: str, target: str) -> None:
     """A file of the stage holding `text`, bound on `target` in the root (made in the layer
-    if missing); an image whose `target` (or a directory on its way) is a symlink keeps its
-    own: a mount point may not lead through one (see `_mount_point`)."""
+    if missing, where container root may); an image whose `target` (or a directory on its
+    way) is a symlink keeps its own: a mount point may not lead through one (see
+    `_mount_point`)."""
     path = ROOT
     for part in target.strip("/").split("/"):
         path = f"{path}/{part}"
         if os.path.islink(path):
             return
+    try:
+        point = _mount_point(target, False)
+    except ContainerSetupError as error:
+        # a root whose /etc container root may not write (a root-owned rootfs, without
+        # root): it keeps its own files, if any
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return
+        raise
     staged = "/" + target.strip("/").replace("/", "-")
     fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, text.encode())
     finally:
         os.close(fd)
-    linux.mount(staged, _mount_point(target, False), None, MS_BIND)
+    linux.mount(staged, point, None, MS_BIND)
 
 
 def mount_tmpfs(target: str, options: str, extra_flags: int = 0) -> None:

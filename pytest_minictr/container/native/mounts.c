@@ -291,6 +291,14 @@ int do_bind_text_file(call *c) {
         if (lstat(path, &info) == 0 && S_ISLNK(info.st_mode)) return 0;  /* the image's own */
         part = end;
     }
+    if (mount_point(target, 0, point, sizeof point) < 0) {
+        /* a root whose /etc container root may not write (a root-owned rootfs, without
+         * root): it keeps its own files, if any */
+        if (failed.errnum != EACCES && failed.errnum != EPERM && failed.errnum != EROFS)
+            return -1;
+        failed.type = NULL;
+        return 0;
+    }
     snprintf(staged, sizeof staged, "/%s", target + strspn(target, "/"));
     for (char *slash = strchr(staged + 1, '/'); slash; slash = strchr(slash, '/')) *slash = '-';
     int fd = open(staged, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -299,7 +307,6 @@ int do_bind_text_file(call *c) {
     ssize_t written = write(fd, text, length);
     close(fd);
     if (written != (ssize_t)length) return -1;
-    if (mount_point(target, 0, point, sizeof point) < 0) return -1;
     return mount(staged, point, NULL, MS_BIND, NULL);
 }
 
