@@ -234,3 +234,16 @@ def test_minictr_run_takes_an_image_as_docker_spells_it(fake_store, capsys, no_s
     assert report["stdout"] == "from the top layer\n", report
     status, report = run_cli(capsys, "--pull", "never", "other:2", "true")
     assert status == 125 and "pull='never'" in report["error"], report
+
+
+def test_a_detached_container_runs_on_the_image(fake_store, capsys, no_stdin):
+    from pytest_minictr.cli.main import main
+    assert main(["run", "-d", "app:1", 'echo "$GREETING"; exit 3']) == 0
+    container_id = capsys.readouterr().out.strip()
+    try:
+        assert main(["wait", container_id]) == 0
+        assert capsys.readouterr().out == "3\n"
+        assert main(["logs", container_id]) == 0
+        assert capsys.readouterr().out == "hello\n"
+    finally:
+        main(["rm", "-f", container_id])
