@@ -20,11 +20,22 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pytest_minictr import confinement, ports, sizes, validate
 from pytest_minictr.errors import ConfigError
-from pytest_minictr.flag_text import Check, as_given, env_item, env_of, number, pair, soft_hard
+from pytest_minictr.keyword_values import (
+    PULL_POLICIES,
+    Check,
+    as_given,
+    check_entrypoint,
+    check_image,
+    check_pull,
+    env_item,
+    env_of,
+    number,
+    pair,
+    soft_hard,
+)
 from pytest_minictr.spec import DEFAULT_ENV, DEFAULT_OUTPUT_LIMIT, ContainerSpec, Limits, Security
 
 F = TypeVar("F", bound=Callable[..., Any])
-PULL_POLICIES = ("missing", "always", "never")  # Docker's --pull
 
 
 def _check_recipe(value: Any, name: str) -> str:
@@ -33,28 +44,6 @@ def _check_recipe(value: Any, name: str) -> str:
     from pytest_minictr.rootfs.recipe import find
     find(value)
     return str(value)
-
-
-def _check_image(value: Any, name: str) -> Any:
-    """A reference (checked when it is pulled) or an `Image` of the store."""
-    if isinstance(value, str) and value.strip() == value and value:
-        return value
-    if hasattr(value, "layers") and hasattr(value, "config"):
-        return value
-    raise ConfigError(f"{name}={value!r}: expected an image reference, e.g. 'alpine:3.20'")
-
-
-def _check_pull(value: Any, name: str) -> str:
-    if value not in PULL_POLICIES:
-        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(PULL_POLICIES)}")
-    return str(value)
-
-
-def _check_entrypoint(value: Any, name: str) -> tuple[str, ...]:
-    """Docker's --entrypoint is one program; run() takes an argument list too ("" or []: none)."""
-    if isinstance(value, str):
-        return (value,) if value else ()
-    return validate.check_command(value) if value else ()
 
 
 @dataclass(frozen=True)
@@ -126,13 +115,13 @@ KEYWORDS = (
     Keyword("rootfs", validate.check_prepared_rootfs, "a prepared rootfs directory to run on "
             "instead of one built from host binaries", option=True,
             instead="the image is run()'s first argument"),
-    Keyword("image", _check_image, "an image to run on (a reference: alpine:3.20, "
+    Keyword("image", check_image, "an image to run on (a reference: alpine:3.20, "
             "docker.io/library/postgres:16) instead of a rootfs built from host binaries",
             option=True, instead="the image is run()'s first argument"),
-    Keyword("entrypoint", _check_entrypoint, "replace the image's Entrypoint (and its Cmd): "
+    Keyword("entrypoint", check_entrypoint, "replace the image's Entrypoint (and its Cmd): "
             "a program, or a list of arguments", marker=False, library="entrypoint",
             flag=Flag(("--entrypoint",), metavar="PROGRAM")),
-    Keyword("pull", _check_pull, "when to pull an image: missing (from the "
+    Keyword("pull", check_pull, "when to pull an image: missing (from the "
             "store), always, never", default="missing", nullable=False, marker=False,
             library="pull", flag=Flag(("--pull",), choices=PULL_POLICIES)),
     Keyword("hostname", validate.check_hostname, "the container's hostname", default="minictr",
@@ -305,6 +294,8 @@ def spec_from(image: Any, command: Any, checked: Mapping[str, Any]) -> Container
     the rootfs, seccomp and this machine, ports and pods)."""
     values = {**DEFAULTS, **checked}
     source = _image_fields(image, command, values) if is_image(image) else {}
+    if values["entrypoint"] is not None and not source:
+        raise ConfigError("entrypoint= replaces an image's Entrypoint; a rootfs has none")
     rootfs = source.get("rootfs") or validate.check_host_dir(
         image, "image", "rootfs", " (build one with RootfsBuilder().build, or name an image)")
     if command is None and not source:

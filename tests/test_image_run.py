@@ -108,6 +108,11 @@ def test_an_entrypoint_given_replaces_both(runtime, image):
         runtime.run(image, None, entrypoint="")
 
 
+def test_an_entrypoint_on_a_rootfs_is_refused(runtime, rootfs):
+    with pytest.raises(ConfigError, match="entrypoint= replaces an image's Entrypoint"):
+        runtime.run(rootfs, ["true"], entrypoint="echo")
+
+
 def test_cwd_and_run_as_given_beat_the_image(runtime, image):
     result = runtime.run(image, ['pwd; id -u; echo "$HOME"'], cwd="/srv", run_as=99).wait()
     assert result.stdout == b"/srv\n99\n/\n", result.stderr

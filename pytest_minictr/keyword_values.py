@@ -1,5 +1,7 @@
-"""How the text of an option (`--minictr-memory=64M`), an ini key or a `minictr run` flag
-becomes the value a keyword's check takes (`keywords.Keyword.from_text`)."""
+"""Keywords' values: how the text of an option (`--minictr-memory=64M`), an ini key or a
+`minictr run` flag becomes the value a keyword's check takes (`keywords.Keyword.from_text`),
+and the checks of the keywords that name an image and how it runs (the other checks are
+shared, in `validate` and `confinement`)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from pytest_minictr import validate
 from pytest_minictr.errors import ConfigError
 
 Check = Callable[[Any, str], Any]  # (value, the name its user wrote) -> the checked value
+PULL_POLICIES = ("missing", "always", "never")  # Docker's --pull
 
 
 def as_given(text: str, name: str) -> str:
@@ -63,3 +67,25 @@ def soft_hard(text: str) -> tuple[int | str, ...]:
     """'1024:4096' -> (1024, 4096), 'unlimited' -> ('unlimited', 'unlimited')."""
     soft, _, hard = text.partition(":")
     return tuple(v if v == "unlimited" else int(v) for v in (soft, hard or soft))
+
+
+def check_image(value: Any, name: str) -> Any:
+    """A reference (checked when it is pulled) or an `Image` of the store."""
+    if isinstance(value, str) and value.strip() == value and value:
+        return value
+    if hasattr(value, "layers") and hasattr(value, "config"):
+        return value
+    raise ConfigError(f"{name}={value!r}: expected an image reference, e.g. 'alpine:3.20'")
+
+
+def check_pull(value: Any, name: str) -> str:
+    if value not in PULL_POLICIES:
+        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(PULL_POLICIES)}")
+    return str(value)
+
+
+def check_entrypoint(value: Any, name: str) -> tuple[str, ...]:
+    """Docker's --entrypoint is one program; run() takes an argument list too ("" or []: none)."""
+    if isinstance(value, str):
+        return (value,) if value else ()
+    return validate.check_command(value) if value else ()
