@@ -127,7 +127,8 @@ def test_home_is_the_users_unless_set(runtime, image):
 def test_a_bad_image_config_is_a_clear_error(runtime, image):
     for config, message in ((ImageConfig(cmd=("true",), env=("A=b\0c",)), "the image's Env"),
                             (ImageConfig(cmd=("true",), working_dir="app"), "WorkingDir"),
-                            (ImageConfig(cmd=("true",), stop_signal="SIGNOPE"), "StopSignal")):
+                            (ImageConfig(cmd=("true",), stop_signal="SIGNOPE"), "StopSignal"),
+                            (ImageConfig(cmd=("true",), stop_signal="19"), "StopSignal '19'")):
         with pytest.raises(ConfigError, match=message):
             runtime.run(Image(image.reference, image.digest, image.layers, config), None)
 
@@ -145,6 +146,12 @@ def test_an_unknown_image_user_is_a_clear_error(runtime, image):
     config = ImageConfig(cmd=("true",), user="nobody-here")
     with pytest.raises(ConfigError, match="no account 'nobody-here' in its /etc/passwd"):
         runtime.run(Image(image.reference, image.digest, image.layers, config), None)
+
+
+@pytest.mark.parametrize("text, number", [("SIGQUIT", 3), ("int", 2), ("15", 15)])
+def test_a_stop_signal_is_read_as_docker_writes_it(text, number):
+    from pytest_minictr.images.apply import signal_number
+    assert signal_number(text) == number
 
 
 def test_stop_sends_the_image_stop_signal(runtime, image):

@@ -17,6 +17,7 @@ from pytest_minictr import validate
 from pytest_minictr.errors import ConfigError
 from pytest_minictr.images.image import Image
 from pytest_minictr.images.resolve import resolve
+from pytest_minictr.protocol import FORWARDED_SIGNALS
 from pytest_minictr.spec import DEFAULT_ENV
 
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
@@ -72,10 +73,12 @@ def signal_number(text: str) -> int:
     """StopSignal as Docker writes it: "SIGQUIT", "QUIT" or "3"."""
     name = text.upper() if text.isdigit() or text.upper().startswith("SIG") \
         else f"SIG{text.upper()}"
-    try:
-        return int(text) if text.isdigit() else int(signal.Signals[name])
-    except KeyError:
-        raise ConfigError(f"the image's StopSignal {text!r} is no signal of this host") from None
+    number = int(text) if text.isdigit() else getattr(signal.Signals, name, None)
+    # the init passes it on to the command; SIGSTOP would stop the init itself
+    if number not in (*FORWARDED_SIGNALS, signal.SIGKILL):
+        raise ConfigError(f"the image's StopSignal {text!r} is no signal the container's "
+                          "init can pass on")
+    return int(number)
 
 
 def user_ids(layers: Sequence[str], user: str) -> tuple[int, int]:
