@@ -20,63 +20,22 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pytest_minictr import confinement, ports, sizes, validate
 from pytest_minictr.errors import ConfigError
+from pytest_minictr.keyword_values import (
+    PULL_POLICIES,
+    Check,
+    as_given,
+    check_entrypoint,
+    check_image,
+    check_pull,
+    env_item,
+    env_of,
+    number,
+    pair,
+    soft_hard,
+)
 from pytest_minictr.spec import DEFAULT_ENV, DEFAULT_OUTPUT_LIMIT, ContainerSpec, Limits, Security
 
 F = TypeVar("F", bound=Callable[..., Any])
-Check = Callable[[Any, str], Any]  # (value, the name its user wrote) -> the checked value
-
-
-def _as_given(text: str, name: str) -> str:
-    return text
-
-
-def _number(expected: str, convert: Callable[[str], Any] = float,
-            keep_text: bool = False) -> Check:
-    """Text of an option or flag as the number its check takes (or, `keep_text`, as itself
-    where the check reads text, so that its errors show what was typed); ConfigError if the
-    text is no number at all, which the CLI makes a usage error."""
-    def parse(text: str, name: str) -> Any:
-        try:  # int() refuses '²' and 4300+ digits with ValueError too
-            number = convert(text)
-        except ValueError:
-            raise ConfigError(f"{name}={text!r}: expected {expected}") from None
-        return text if keep_text else number
-    return parse
-
-
-def _pair(expected: str, parse_value: Callable[[str], Any] = str) -> Check:
-    """'NAME=VALUE' of a repeatable flag as a (name, value) pair."""
-    def parse(text: str, name: str) -> tuple[str, Any]:
-        key, sep, value = text.partition("=")
-        try:
-            parsed = parse_value(value)
-        except ValueError:
-            parsed = None
-        if not sep or not key or parsed is None:
-            raise ConfigError(f"{name}={text!r}: expected {expected}")
-        return key, parsed
-    return parse
-
-
-def _env_item(text: str, name: str) -> tuple[str, str | None]:
-    """'NAME=VALUE', or 'NAME' alone for the host's value (None where the host has none: the
-    variable is then left out, as Docker does)."""
-    if "=" in text:
-        pair: tuple[str, str | None] = _pair("NAME=VALUE or NAME (the host's value)")(text, name)
-        return pair
-    if not text or not text.replace("_", "a").isalnum() or text[0].isdigit():
-        raise ConfigError(f"{name}={text!r}: expected NAME=VALUE or NAME (the host's value)")
-    return text, os.environ.get(text)
-
-
-def _env_of(items: list[tuple[str, str | None]]) -> dict[str, str]:
-    return {key: value for key, value in items if value is not None}
-
-
-def _soft_hard(text: str) -> tuple[int | str, ...]:
-    """'1024:4096' -> (1024, 4096), 'unlimited' -> ('unlimited', 'unlimited')."""
-    soft, _, hard = text.partition(":")
-    return tuple(v if v == "unlimited" else int(v) for v in (soft, hard or soft))
 
 
 def _check_recipe(value: Any, name: str) -> str:
@@ -114,7 +73,7 @@ class Keyword:
     option: bool = False           # --minictr-NAME, ini minictr_NAME, MINICTR_NAME
     library: str | None = None
     flag: Flag | None = None
-    from_text: Check = _as_given
+    from_text: Check = as_given
     legacy: tuple[tuple[str, Check], ...] = ()  # older library names, each with its own unit
     instead: str = ""              # where a keyword the library lacks goes there
 
@@ -137,14 +96,14 @@ KEYWORDS = (
             "excluded)", option=True, library="memory_limit", flag=Flag(("--memory",))),
     Keyword("cpus", validate.parse_cpus, "CPU limit in CPUs, like docker: 0.5 is half of one "
             "CPU", option=True, library="cpus", flag=Flag(("--cpus",)),
-            from_text=_number(validate.EXPECTED_CPUS, keep_text=True),
+            from_text=number(validate.EXPECTED_CPUS, keep_text=True),
             legacy=(("cpu_limit", validate.check_cpu_percent),)),
     Keyword("pids", validate.check_pids_limit, "most processes and threads alive at once",
             option=True, library="pids_limit", flag=Flag(("--pids",)),
-            from_text=_number("a positive integer", int)),
+            from_text=number("a positive integer", int)),
     Keyword("timeout", validate.check_seconds, "seconds of wall time, then the whole container "
             "is killed", option=True, library="timeout", flag=Flag(("--timeout",)),
-            from_text=_number("a positive number of seconds")),
+            from_text=number("a positive number of seconds")),
     Keyword("network", validate.check_network, "none: no interface up; loopback: lo up "
             "(default); never the host's network", default="loopback", nullable=False,
             library="network", flag=Flag(("--network",), choices=validate.NETWORK_MODES)),
@@ -156,6 +115,15 @@ KEYWORDS = (
     Keyword("rootfs", validate.check_prepared_rootfs, "a prepared rootfs directory to run on "
             "instead of one built from host binaries", option=True,
             instead="the image is run()'s first argument"),
+    Keyword("image", check_image, "an image to run on (a reference: alpine:3.20, "
+            "docker.io/library/postgres:16) instead of a rootfs built from host binaries",
+            option=True, instead="the image is run()'s first argument"),
+    Keyword("entrypoint", check_entrypoint, "replace the image's Entrypoint (and its Cmd): "
+            "a program, or a list of arguments", marker=False, library="entrypoint",
+            flag=Flag(("--entrypoint",), metavar="PROGRAM")),
+    Keyword("pull", check_pull, "when to pull an image: missing (from the "
+            "store), always, never", default="missing", nullable=False, marker=False,
+            library="pull", flag=Flag(("--pull",), choices=PULL_POLICIES)),
     Keyword("hostname", validate.check_hostname, "the container's hostname", default="minictr",
             nullable=False, library="hostname", flag=Flag(("--hostname",))),
     # Marker only: a container writes to its layer, and shares host paths with `mounts`.
@@ -166,8 +134,8 @@ KEYWORDS = (
             default="/", nullable=False, marker=False, library="cwd", flag=Flag(("--cwd", "-w"))),
     Keyword("env", validate.check_env, "set NAME=VALUE in the container's (otherwise clean) "
             "environment", library="env",
-            flag=Flag(("--env", "-e"), "append", "NAME[=VALUE]", collect=_env_of),
-            from_text=_env_item),
+            flag=Flag(("--env", "-e"), "append", "NAME[=VALUE]", collect=env_of),
+            from_text=env_item),
     Keyword("user", validate.check_user, "False: container root is host root (root only); "
             "default: an unprivileged host uid", default=True, library="user",
             flag=Flag(("--no-userns",), "store_false", help="make container root host root "
@@ -186,8 +154,8 @@ KEYWORDS = (
             "core=unlimited, stack=8388608:67108864 (bytes)", default=(),
             library="rlimits", flag=Flag(("--ulimit",), "append", "NAME=SOFT[:HARD]",
                                          collect=dict),
-            from_text=_pair("NAME=SOFT[:HARD], e.g. nofile=1024:4096 or core=unlimited",
-                            _soft_hard)),
+            from_text=pair("NAME=SOFT[:HARD], e.g. nofile=1024:4096 or core=unlimited",
+                            soft_hard)),
     Keyword("output_limit", sizes.parse_size, "bytes kept of each output stream (default "
             "64M); the rest is dropped", default=DEFAULT_OUTPUT_LIMIT, marker=False,
             library="output_limit", flag=Flag(("--output-limit",), metavar="SIZE")),
@@ -223,6 +191,7 @@ _LIBRARY = {**{name: (k, None) for k in KEYWORDS if k.library for name in (k.lib
 _SPELLINGS = {s: k for k in reversed(KEYWORDS) for s in k.spellings}  # `user=` over `--user`
 
 if TYPE_CHECKING:
+    from pytest_minictr.images.image import Image
     ContainerSettings = Any  # its fields are the table's: made at run time, unseen by mypy
 else:
     ContainerSettings = make_dataclass(
@@ -313,7 +282,7 @@ def marker_help() -> str:
 # ---------------------------------------------------------------------------------------------
 # The spec, from checked keywords
 
-def make_spec(image: str | os.PathLike[str], command: Sequence[str] | None,
+def make_spec(image: str | os.PathLike[str] | Image, command: Sequence[str] | None,
               **keywords: Any) -> ContainerSpec:
     """Check every keyword of `ContainerRuntime.run()`; one ConfigError names a bad one."""
     return spec_from(image, command, check_library_keywords(keywords))
@@ -324,17 +293,22 @@ def spec_from(image: Any, command: Any, checked: Mapping[str, Any]) -> Container
     default), `image` and `command` checked here, as is what spans keywords (the layer and
     the rootfs, seccomp and this machine, ports and pods)."""
     values = {**DEFAULTS, **checked}
-    rootfs = validate.check_host_dir(image, "image", "rootfs",
-                                     " (build one with RootfsBuilder().build)")
-    if command is None:
+    source = _image_fields(image, command, values) if is_image(image) else {}
+    if values["entrypoint"] is not None and not source:
+        raise ConfigError("entrypoint= replaces an image's Entrypoint; a rootfs has none")
+    rootfs = source.get("rootfs") or validate.check_host_dir(
+        image, "image", "rootfs", " (build one with RootfsBuilder().build, or name an image)")
+    if command is None and not source:
         command = _default_command(rootfs)
     confinement.check_seccomp_here(values["seccomp"])
     _check_network_sharing(values)
     return ContainerSpec(
         rootfs=rootfs,
-        argv=validate.check_command(command),
-        env=tuple({**dict(DEFAULT_ENV), **(values["env"] or {})}.items()),
-        cwd=values["cwd"],
+        layers=source.get("layers", ()),
+        argv=validate.check_command(source.get("argv", command)),
+        env=source.get("env") or tuple({**dict(DEFAULT_ENV), **(values["env"] or {})}.items()),
+        cwd=source.get("cwd", values["cwd"]),
+        stop_signal=source.get("stop_signal", 15),
         hostname=values["hostname"],
         network=values["network"],
         user_namespace=values["user"],
@@ -343,7 +317,7 @@ def spec_from(image: Any, command: Any, checked: Mapping[str, Any]) -> Container
         limits=Limits(memory=values["memory"], cpus=values["cpus"], pids=values["pids"]),
         mounts=values["mounts"],
         layer=None if values["layer"] is None
-        else validate.check_layer_apart(values["layer"], rootfs),
+        else _check_layer_apart(values["layer"], source.get("layers", (rootfs,))),
         layer_size=_check_layer_size(values["layer_size"], values["layer"]),
         security=Security(seccomp=values["seccomp"], allow_syscalls=values["allow_syscalls"],
                           capabilities=values["capabilities"],
@@ -351,7 +325,7 @@ def spec_from(image: Any, command: Any, checked: Mapping[str, Any]) -> Container
         read_only=values["read_only"],
         ports=values["ports"],
         pod=values["pod"],
-        run_as=values["run_as"],
+        run_as=source.get("run_as", values["run_as"]),
     )
 
 
@@ -364,6 +338,20 @@ def make_exec_spec(spec: ContainerSpec, command: Any, env: Any = None,
                    env=tuple({**dict(spec.env), **added}.items()),
                    timeout=None if timeout is None
                    else validate.check_seconds(timeout, "timeout"))
+
+
+def is_image(image: Any) -> bool:
+    """Docker's rule: what names no directory (nor a path: '/x', './x', '~/x') is an image
+    reference; an `Image` is one too."""
+    if isinstance(image, str):
+        return not image.startswith(("/", ".", "~")) and not os.path.isdir(image)
+    return hasattr(image, "layers") and hasattr(image, "config")
+
+
+def _image_fields(image: Any, command: Any, values: Mapping[str, Any]) -> dict[str, Any]:
+    # imported here: an image's modules (the store, the registry client) are for images only
+    from pytest_minictr.images.apply import run_fields
+    return run_fields(image, command, values)
 
 
 def _default_command(rootfs: str) -> tuple[str, ...]:
@@ -387,6 +375,12 @@ def _check_network_sharing(values: Mapping[str, Any]) -> None:
         raise ConfigError(f"capabilities={sorted(kept)!r} and pod=: a network capability "
                           "gives the container a network namespace of its own (see "
                           "`security`), so it cannot share the pod's")
+
+
+def _check_layer_apart(layer: str, lowers: Sequence[str]) -> str:
+    for lower in lowers:
+        validate.check_layer_apart(layer, lower)
+    return os.path.realpath(layer)
 
 
 def _check_layer_size(layer_size: int | None, layer: Any) -> int | None:

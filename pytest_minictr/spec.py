@@ -92,6 +92,15 @@ class ContainerSpec:
     ports: tuple[Port, ...] = ()   # published on the caller's side (see `ports`)
     pod: str | None = None         # the pod whose network namespace it shares
     run_as: tuple[int, int] | None = None  # (uid, gid) of the init and the command inside
+    # An image's layer dirs, bottom first, stacked by overlay under the writable layer (rootfs
+    # is then the top one, for what shows a container's root); (): rootfs alone.
+    layers: tuple[str, ...] = ()
+    stop_signal: int = 15          # what stop() sends first (an image's StopSignal)
+
+    @property
+    def lower_dirs(self) -> tuple[str, ...]:
+        """The overlay's lower dirs, bottom first."""
+        return self.layers or (self.rootfs,)
 
     def to_dict(self) -> dict[str, Any]:
         # by hand: dataclasses.asdict deep-copies every field, a tenth of a millisecond
@@ -117,4 +126,5 @@ class ContainerSpec:
         values["mounts"] = tuple(Mount(**m) for m in values["mounts"])
         values["ports"] = from_dicts(values["ports"])
         values["run_as"] = None if values["run_as"] is None else tuple(values["run_as"])
+        values["layers"] = tuple(values["layers"])
         return cls(**values)

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pytest_minictr import immutable
 from pytest_minictr.errors import ConfigError
 from pytest_minictr.sizes import MAX_SIZE, parse_size
 from pytest_minictr.spec import Mount
@@ -349,7 +350,13 @@ def _check_mount(mount: Any) -> Mount:
     if mount.size is not None:
         raise ConfigError(f"mount size={mount.size!r} (on {target!r}): only a tmpfs has a size; "
                           f"a bind mount of {source!r} shows it as it is (drop size)")
-    return Mount(target=target, source=os.path.realpath(source), read_only=mount.read_only)
+    real = os.path.realpath(source)
+    shared = None if mount.read_only else immutable.shared_tree_of(real)
+    if shared is not None:
+        raise ConfigError(f"mount source {source!r}: writable bind of {shared}, which every "
+                          "container made from it shares (the rootfs cache or the image "
+                          "store); bind it read-only, or a copy")
+    return Mount(target=target, source=real, read_only=mount.read_only)
 
 
 def _check_mount_target(value: Any) -> str:

@@ -352,3 +352,50 @@ def test_an_ordinary_account_pulls_into_its_own_store(registry, account):
     assert found["store"] == str(home / ".local/share/minictr/images")
     assert found["owner"] == account.uid and found["mode"] == 0o755  # setuid dropped
     assert found["whiteout"] in ("device", "marker")
+
+
+@pytest.fixture(scope="module")
+def busybox_image(registry, tmp_path_factory):
+    """A one-program image (busybox, static) with a second layer that deletes a file."""
+    if not os.path.exists("/bin/busybox"):
+        pytest.skip("needs /bin/busybox (Debian's busybox-static)")
+    with open("/bin/busybox", "rb") as f:
+        program = f.read()
+    base = layer(member("bin/", kind=tarfile.DIRTYPE, mode=0o755),
+                 member("bin/busybox", program, mode=0o755),
+                 member("etc/", kind=tarfile.DIRTYPE, mode=0o755),
+                 member("etc/motd", b"from the base\n"), member("etc/gone", b"x"))
+    top = layer(member("etc/.wh.gone"), member("srv/", kind=tarfile.DIRTYPE, mode=0o755),
+                member("srv/note", b"from the top\n"))
+    config = {"Entrypoint": ["/bin/busybox"], "Cmd": ["echo", "default"],
+              "Env": ["FROM_IMAGE=yes"], "WorkingDir": "/srv"}
+    place = tmp_path_factory.mktemp("busybox")
+    return registry.push(layout_of(place / "layout", [base, top], config), "test/busybox")
+
+
+@pytest.mark.needs_root  # (overlay of the store's layers; an account's store: test_image_rootless)
+def test_a_reference_runs_pulled_from_the_registry(busybox_image, runtime, tmp_path,
+                                                   monkeypatch):
+    monkeypatch.setenv("MINICTR_IMAGE_STORE", str(tmp_path / "store"))
+    script = "cat /etc/motd note; test -e /etc/gone || echo gone; echo $FROM_IMAGE; pwd"
+    result = runtime.run(busybox_image, ["sh", "-c", script]).wait()
+    assert (result.returncode, result.stdout.decode()) == (
+        0, "from the base\nfrom the top\ngone\nyes\n/srv\n"), result.stderr
+    assert runtime.run(busybox_image).wait().stdout == b"default\n"  # Entrypoint + Cmd
+    layers = Store(tmp_path / "store").lookup(busybox_image).layers
+    assert all(not (tree / "srv" / "x").exists() for tree in layers)
+    runtime.run(busybox_image, ["touch", "/srv/x"], pull="never").wait().check_returncode()
+    assert all(not (tree / "srv" / "x").exists() for tree in layers)  # the layers stay as made
+
+
+@pytest.mark.needs_root
+def test_minictr_run_pulls_and_runs_an_image(busybox_image, tmp_path):
+    env = {**os.environ, "MINICTR_IMAGE_STORE": str(tmp_path / "store")}
+    done = subprocess.run([sys.executable, "-m", "pytest_minictr", "run", "--rm",
+                           busybox_image, "cat", "/srv/note"],
+                          env=env, capture_output=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, b"from the top\n"), done.stderr
+    never = subprocess.run([sys.executable, "-m", "pytest_minictr", "run", "--pull", "never",
+                            busybox_image + "-absent"], env=env, capture_output=True,
+                           timeout=60)
+    assert never.returncode == 125 and b"not in the store" in never.stderr

@@ -16,7 +16,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pytest_minictr import errors, keywords, protocol
 from pytest_minictr.caller import pods, readiness
@@ -30,6 +30,9 @@ from pytest_minictr.keywords import make_exec_spec, make_spec
 from pytest_minictr.protocol import FORWARDED_SIGNALS
 from pytest_minictr.spec import ContainerSpec, Limits
 from pytest_minictr.validate import check_seconds
+
+if TYPE_CHECKING:  # (a front end's value: named for the annotations only)
+    from pytest_minictr.images.image import Image
 
 DEFAULT_STOP_GRACE = 5.0
 _FINISHED_KEPT = 1024   # statuses of collected containers remembered for runtime.status(id)
@@ -201,12 +204,14 @@ class ContainerRuntime:
         self.close()
 
     @keywords.with_library_keywords
-    def run(self, image: str | os.PathLike, command: Sequence[str] | None = None, *,
+    def run(self, image: str | os.PathLike | Image, command: Sequence[str] | None = None, *,
             input: bytes | None = None, stdin: Any = None, stdout: Any = None,
             stderr: Any = None, **keywords: Any) -> Container:
         """Start `command` in a new container on the root filesystem `image`; returns at once.
         Without `command`, the image's default (the `command` of the recipe it was built
-        from, e.g. recipe="redis").
+        from, e.g. recipe="redis"). A string that names no directory is an image reference
+        ("alpine:3.20"; `pull=` says when it is fetched), and an `Image` is one: its layers
+        are the root, its config applies (`entrypoint=` replaces its Entrypoint).
 
         `stdout`/`stderr` default to capture (in the Result); pass a file or fd to send the
         stream there instead (the CLI passes its own). `stdin` defaults to /dev/null, or to a

@@ -53,7 +53,8 @@ from pytest_minictr.rootfs.cache import default_command
 from pytest_minictr.rootfs.defaults import default_binaries
 from pytest_minictr.spec import ContainerSpec
 
-RUN_USAGE = "minictr run [OPTIONS] -- CMD [ARGS...]"
+RUN_USAGE = ("minictr run [OPTIONS] IMAGE [CMD [ARGS...]]  or  "
+             "minictr run [OPTIONS] -- CMD [ARGS...]")
 HELP_ROOTFS = "run on this prepared root filesystem instead of building one"
 HELP_BIN = "also copy this host binary (with its libraries) into the built rootfs; repeatable"
 HELP_RECIPE = BY_NAME["recipe"].help
@@ -164,8 +165,11 @@ def _name_flag(text: str) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    # a recipe's (or a built rootfs's) default command stands in for a missing one
-    command = None if args.command in ([], ["--"]) and (args.recipe or args.rootfs) \
+    image = _image_of(args)
+    # a recipe's (or a built rootfs's, or an image's) default command stands in for a
+    # missing one
+    command = (args.command[1:] or None) if image is not None \
+        else None if args.command in ([], ["--"]) and (args.recipe or args.rootfs) \
         else command_of(args, RUN_USAGE)
     _check_combinations(args)
     given = {keyword.name: flag_value(keyword, getattr(args, keyword.name))
@@ -173,10 +177,13 @@ def run_command(args: argparse.Namespace) -> int:
     given.update(_docker_keywords(args, given))
     checked = {keyword.name: keyword.validate(given[keyword.name], spelled(keyword))
                for keyword in BY_NAME.values() if keyword.name in given}
-    rootfs = _rootfs_for(command[0] if command else None, args)
-    if command is None and args.rootfs:  # the image's Cmd, or why there is none
-        command = list(default_command(rootfs, f"--rootfs {args.rootfs} and no command"))
-    spec = spec_from(rootfs, command, checked)  # a bad value fails here, before anything starts
+    if image is not None:
+        spec = spec_from(image, command, checked)
+    else:
+        rootfs = _rootfs_for(command[0] if command else None, args)
+        if command is None and args.rootfs:  # the image's Cmd, or why there is none
+            command = list(default_command(rootfs, f"--rootfs {args.rootfs} and no command"))
+        spec = spec_from(rootfs, command, checked)  # a bad value fails here, before anything
     if args.tty:
         spec = dataclasses.replace(spec, terminal=True, env=_with_host_term(spec.env))
     if args.detach:
@@ -268,6 +275,20 @@ class forwarding_signals:
     def __exit__(self, *exc_info: object) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+
+def _image_of(args: argparse.Namespace) -> str | None:
+    """Docker's `run IMAGE [CMD...]`: the first word, unless `--` comes first (the command
+    then runs on a rootfs built from this host's binaries) or --rootfs/--recipe gives one."""
+    if args.rootfs or args.recipe or not args.command or args.command[0] == "--":
+        return None
+    if args.bin:
+        args.parser.error("--bin adds to the rootfs built from host binaries, not to an "
+                          f"image ({args.command[0]!r}); put -- before the command to build one")
+    if args.command[1:2] == ["--"]:  # `run IMAGE -- CMD`
+        del args.command[1]
+    image: str = args.command[0]
+    return image
 
 
 def _rootfs_for(program: str | None, args: argparse.Namespace) -> str:

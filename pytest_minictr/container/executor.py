@@ -54,6 +54,7 @@ ACTIONS: dict[str, Callable[..., Any]] = {
     "make_layer_dirs": mounts.make_layer_dirs,
     "chown_layer": mounts.chown_layer,
     "mount_overlay": mounts.mount_overlay,
+    "bind_text_file": mounts.bind_text_file,
     "bind_host_root": mounts.bind_host_root,
     "hide_host_path": body_mounts.hide_host_path,
     "seal_hidden": body_mounts.seal_hidden,

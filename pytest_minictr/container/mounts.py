@@ -193,12 +193,14 @@ def chown_layer(layer_fd: int | None, uid: int, gid: int) -> None:
     os.chown(f"{layer_path(layer_fd)}/upper", uid, gid)
 
 
-def mount_overlay(lower_fd: int, layer_fd: int | None, userxattr: bool) -> None:
-    """The base rootfs under a writable layer: the stage's tmpfs, or a kept host directory
-    (`spec.layer`: successive containers of one test then see each other's writes).
-    `userxattr`: in a user namespace, where trusted.* xattrs are out of reach."""
+def mount_overlay(layer_fd: int | None, userxattr: bool, *lower_fds: int) -> None:
+    """The base rootfs (an image: its layers, top first) under a writable layer: the stage's
+    tmpfs, or a kept host directory (`spec.layer`: successive containers of one test then
+    see each other's writes). `userxattr`: in a user namespace, where trusted.* xattrs are
+    out of reach (an image's opaque directories then carry user.overlay.opaque)."""
     layer = layer_path(layer_fd)
-    options = f"lowerdir=/proc/self/fd/{lower_fd},upperdir={layer}/upper,workdir={layer}/work"
+    lower = ":".join(f"/proc/self/fd/{fd}" for fd in lower_fds)
+    options = f"lowerdir={lower},upperdir={layer}/upper,workdir={layer}/work"
     linux.mount("overlay", ROOT, "overlay", MS_NOSUID | MS_NODEV,
                 options + (",userxattr" if userxattr else ""))
 
@@ -299,6 +301,33 @@ def make_root_read_only() -> None:
     """`read_only=True`: the root's own mount only; /tmp, /dev and the user's mounts under it
     keep theirs (a per-mount flag: MS_BIND with MS_REMOUNT, the overlay itself untouched)."""
     linux.mount(None, ROOT, None, MS_REMOUNT | MS_BIND | MS_RDONLY | _statvfs_mount_flags(ROOT))
+
+
+def bind_text_file(text: str, target: str) -> None:
+    """A file of the stage holding `text`, bound on `target` in the root (made in the layer
+    if missing, where container root may); an image whose `target` (or a directory on its
+    way) is a symlink keeps its own: a mount point may not lead through one (see
+    `_mount_point`)."""
+    path = ROOT
+    for part in target.strip("/").split("/"):
+        path = f"{path}/{part}"
+        if os.path.islink(path):
+            return
+    try:
+        point = _mount_point(target, False)
+    except ContainerSetupError as error:
+        # a root whose /etc container root may not write (a root-owned rootfs, without
+        # root): it keeps its own files, if any
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return
+        raise
+    staged = "/" + target.strip("/").replace("/", "-")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    linux.mount(staged, point, None, MS_BIND)
 
 
 def mount_tmpfs(target: str, options: str, extra_flags: int = 0) -> None:

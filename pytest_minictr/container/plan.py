@@ -243,11 +243,12 @@ def renew_stage(where: Where) -> tuple[Step, ...]:
 
 
 def mount_layer(spec: ContainerSpec, where: Where, userns: bool) -> tuple[Step, ...]:
-    """The base rootfs, read-only, under the writable layer. Host paths are opened as O_PATH
-    fds under the stage's /oldroot: the kernel takes them as /proc/self/fd/N, which spares us
-    escaping ',' and ':' in overlay options."""
-    lower = Ref("rootfs")
-    steps = [Step("layer", f"open {spec.rootfs}", "open_host_path", (spec.rootfs,), "rootfs"),
+    """The base rootfs (or an image's layers), read-only, under the writable layer. Host
+    paths are opened as O_PATH fds under the stage's /oldroot: the kernel takes them as
+    /proc/self/fd/N, which spares us escaping ',' and ':' in overlay options."""
+    bases = lower_slots(spec)
+    steps = [*(Step("layer", f"open {path}", "open_host_path", (path,), slot)
+               for path, slot in zip(spec.lower_dirs, bases, strict=True)),
              Step("layer", f"open {spec.layer}", "open_host_path", (spec.layer,), "layer")
              if spec.layer is not None else  # the stage itself holds the writable layer
              Step("layer", "no kept layer", "nothing", saves="layer"),
@@ -257,17 +258,28 @@ def mount_layer(spec: ContainerSpec, where: Where, userns: bool) -> tuple[Step, 
                  Step("layer", "create the layer's dirs", "make_layer_dirs", (Ref("layer"),))]),
              Step("layer", "size the writable layer", "size_stage", (spec.layer_size,)),
              Step("layer", "measure the layer", "measure_layer", (Ref("layer"),), "layer size")]
+    lowers = [Ref(slot) for slot in bases]
     if userns:
         # Host root's files read as container root's, so that it can write over them in
-        # the layer; and the layer's top is container root's own.
-        steps += [Step("layer", "idmap the rootfs", "idmapped", (Ref("rootfs"), where.userns_fd,
-                                                                where.host_ids[0]), "lower"),
+        # the layer; and the layer's top is container root's own. (Each layer of an image
+        # is a mount of its own to idmap.)
+        lowers = [Ref(f"lower {index}") for index in range(len(bases))]
+        steps += [*(Step("layer", "idmap the rootfs", "idmapped",
+                         (Ref(base), where.userns_fd, where.host_ids[0]), lower.slot)
+                    for base, lower in zip(bases, lowers, strict=True)),
                   Step("layer", "chown the layer", "chown_layer", (Ref("layer"), *where.host_ids))]
-        lower = Ref("lower")
-    # trusted.* xattrs are out of reach in a user namespace (kernel >= 5.11 needs userxattr)
+    # trusted.* xattrs are out of reach in a user namespace (kernel >= 5.11 needs userxattr).
+    # overlayfs takes lowerdir top first; an image lists its layers bottom first.
     steps.append(Step("layer", "mount overlay of the rootfs", "mount_overlay",
-                      (lower, Ref("layer"), where.rootless)))
+                      (Ref("layer"), where.rootless, *reversed(lowers))))
     return tuple(steps)
+
+
+def lower_slots(spec: ContainerSpec) -> tuple[str, ...]:
+    """The slots of the lower dirs' fds: "rootfs" for a rootfs of one directory."""
+    if len(spec.lower_dirs) == 1:
+        return ("rootfs",)
+    return tuple(f"rootfs {index}" for index in range(len(spec.lower_dirs)))
 
 
 def build_root(spec: ContainerSpec) -> tuple[Step, ...]:
@@ -275,7 +287,12 @@ def build_root(spec: ContainerSpec) -> tuple[Step, ...]:
     # tree: a mount point may not lead through a symlink of the image (it would steer the
     # mount onto the host; runc's CVE-2021-30465 is that race). mounts._mount_point refuses.
     steps = [Step("root", "move /dev", "move_into_root", ("/dev",)),
-             Step("root", "mount /tmp", "mount_tmp", (spec.layer_size,))]
+             Step("root", "mount /tmp", "mount_tmp", (spec.layer_size,)),
+             # Docker's: servers resolve their own hostname (RabbitMQ, Java's getLocalHost).
+             # Bound over the image's files, which stay as they are (the user's mounts below
+             # go over these).
+             *(Step("root", f"bind {path}", "bind_text_file", (text, path))
+               for path, text in etc_files(spec.hostname))]
     sources = []
     for index, mount in enumerate(spec.mounts):
         if mount.source is None:
@@ -292,8 +309,14 @@ def build_root(spec: ContainerSpec) -> tuple[Step, ...]:
     if spec.read_only:  # last of the mounts: their mount points may have to be made first
         steps.append(Step("root", "make the root read-only", "make_root_read_only"))
     steps += [Step("root", "close the host's paths", "close_fds",
-                   (Ref("rootfs"), Ref("layer"), *sources))]
+                   (*map(Ref, lower_slots(spec)), Ref("layer"), *sources))]
     return tuple(steps)
+
+
+def etc_files(hostname: str) -> tuple[tuple[str, str], ...]:
+    return (("/etc/hostname", f"{hostname}\n"),
+            ("/etc/hosts", f"127.0.0.1\tlocalhost {hostname}\n"
+                           f"::1\tlocalhost ip6-localhost ip6-loopback {hostname}\n"))
 
 
 def pivot_into_root(spec: ContainerSpec) -> tuple[Step, ...]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pytest_minictr import immutable
 from pytest_minictr.errors import ConfigError
 from pytest_minictr.images.image import Image, ImageConfig
 from pytest_minictr.images.reference import Reference, parse_reference
@@ -247,6 +248,7 @@ class Store:
         """flock on locks/NAME.lock; what it gives is whether it was had (wait=False)."""
         path = self.root / "locks" / f"{name}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
+        immutable.mark(self.root)  # before its first layer: no container may bind it writable
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:

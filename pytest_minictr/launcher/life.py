@@ -62,6 +62,7 @@ class Container:
     cgroup: Cgroup
     exec_of: str | None = None        # for an exec: the id of the container it runs in
     command_group: int | None = None  # for an exec: its command's process group (ends.kill_all)
+    stop_signal: int = 15             # stop() sends it first (SIGTERM, or the image's)
     life: Life = Life.RUNNING
     kill_at: float | None = None      # after stop()'s grace period
     report: EndReport = EndReport()   # what the init (and keeper) reported so far

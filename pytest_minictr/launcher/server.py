@@ -209,7 +209,8 @@ class Launcher:
         container = Container(container_id, pid, pidfd, init_pidfd, status_r, events, began,
                               began + spec.timeout if spec.timeout else None, cgroup,
                               exec_of=exec_of,
-                              command_group=init_pid if exec_of is not None else None)
+                              command_group=init_pid if exec_of is not None else None,
+                              stop_signal=spec.stop_signal)
         self.containers[container.id] = container
         self.selector.register(pidfd, selectors.EVENT_READ, (self.ends.on_exit, container))
         self.selector.register(status_r, selectors.EVENT_READ, (self.ends.on_status, container))
@@ -227,7 +228,7 @@ class Launcher:
             grace = float(message["grace"])  # checked by the caller: 0 <= grace <= MAX_SECONDS
             if grace > 0:
                 container.advance(Happening.STOP_ASKED)
-                kill(container.init_pidfd, signal.SIGTERM)
+                kill(container.init_pidfd, container.stop_signal)
                 kill_at = time.monotonic() + grace
                 container.kill_at = min(container.kill_at or kill_at, kill_at)
             else:

@@ -14,6 +14,7 @@ import pytest
 from pytest_minictr.caller.result import ContainerStats, Result
 from pytest_minictr.caller.runtime import Container, ContainerRuntime
 from pytest_minictr.errors import ConfigError, MinictrError, UnsupportedError
+from pytest_minictr.images.image import Image
 from pytest_minictr.keywords import BY_NAME, ContainerSettings, spec_from
 from pytest_minictr.plugin.host import LAYER_PREFIX, layer_parent, remove_layer
 from pytest_minictr.plugin.settings import SessionSettings
@@ -28,7 +29,8 @@ class TestContainer:
 
     __test__ = False  # not a test class, despite its name
 
-    def __init__(self, runtime: ContainerRuntime, rootfs: Path, settings: ContainerSettings,
+    def __init__(self, runtime: ContainerRuntime, rootfs: Path | Image,
+                 settings: ContainerSettings,
                  item: pytest.Item, session: SessionSettings):
         self.rootfs = rootfs
         self.settings = settings

@@ -12,6 +12,8 @@ from pathlib import Path
 from pytest_minictr.caller.result import STDERR_TAIL, Result, tail
 from pytest_minictr.doctor import checks as doctor
 from pytest_minictr.errors import RootfsError, UnsupportedError
+from pytest_minictr.images.image import Image
+from pytest_minictr.images.resolve import resolve
 from pytest_minictr.keywords import ContainerSettings
 from pytest_minictr.rootfs.builder import RootfsBuilder
 from pytest_minictr.rootfs.defaults import BASE_BINARIES
@@ -19,10 +21,17 @@ from pytest_minictr.rootfs.defaults import BASE_BINARIES
 LAYER_PREFIX = "minictr-layer-"  # + the owner's pid: a layer of a dead owner is removed
 
 
-def resolve_rootfs(settings: ContainerSettings, builder: RootfsBuilder, memo: dict) -> Path:
-    """A prepared rootfs if one was given, else one built (cached) from host binaries. Looked
-    up once per session and set of binaries: checking the cache stats every file it copied,
-    milliseconds a test would pay for nothing (a host upgrade mid-run is not our business)."""
+def resolve_rootfs(settings: ContainerSettings, builder: RootfsBuilder,
+                   memo: dict) -> Path | Image:
+    """The image asked for (pulled if missing), a prepared rootfs if one was given, else one
+    built (cached) from host binaries. Looked up once per session and set of binaries (or
+    image): checking the cache stats every file it copied, milliseconds a test would pay for
+    nothing (a host upgrade mid-run is not our business)."""
+    if settings.image is not None:
+        if settings.image not in memo:
+            memo[settings.image] = resolve(settings.image)
+        found: Image = memo[settings.image]
+        return found
     if settings.binaries is None and settings.recipe is None and settings.rootfs is not None:
         return Path(settings.rootfs)
     key = (settings.recipe, settings.binaries)

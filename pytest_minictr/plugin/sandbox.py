@@ -51,7 +51,7 @@ from pytest_minictr.plugin.services import body_network_notes
 from pytest_minictr.plugin.settings import SessionSettings, keep_env_names, merge_marker
 from pytest_minictr.spec import Limits, Security
 
-FIXTURE_ONLY = ("binaries", "recipe", "rootfs")
+FIXTURE_ONLY = ("binaries", "recipe", "rootfs", "image")
 WHAT_RUNS = ("every item's call phase (functions, unittest, doctests, other plugins' items; "
              "a TestCase's setUp and tearDown with it), fixtures in the worker")
 REFUSED = "Connection refused"  # in a failure: the body tried a server of the host's?

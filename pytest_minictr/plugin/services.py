@@ -28,6 +28,8 @@ import pytest
 from pytest_minictr.caller.result import tail
 from pytest_minictr.caller.runtime import Container, ContainerRuntime
 from pytest_minictr.errors import ConfigError, MinictrError, UnsupportedError
+from pytest_minictr.images.image import Image
+from pytest_minictr.images.resolve import resolve
 from pytest_minictr.keywords import BY_NAME
 from pytest_minictr.plugin.fixture import unavailable
 from pytest_minictr.plugin.settings import SessionSettings
@@ -66,16 +68,22 @@ class ServiceFactory:
 
     def __call__(self, recipe: str | None = None, command: list[str] | None = None, *,
                  binaries: Sequence[str] = (), rootfs: str | None = None,
+                 image: str | Image | None = None,
                  wait_for_port: int | None = None, wait_for_output: bytes | None = None,
                  ready_timeout: float = 30, **keywords: Any) -> Container:
         """Start a service and wait until it is ready; returns its Container (`address(port)`,
-        `exec()`...). `recipe` or `binaries` build its rootfs (or give a prepared `rootfs`);
-        `command` defaults to the recipe's. The other keywords are the marker's and run()'s
-        (memory="256M", ports=[5432], env=...)."""
-        image = rootfs if rootfs is not None else self._builder.build(
-            binaries=binaries, recipe=recipe)
+        `exec()`...). `image` runs an image (its ExposedPorts published unless `ports` says
+        otherwise); `recipe` or `binaries` build its rootfs (or give a prepared `rootfs`);
+        `command` defaults to the image's or the recipe's. The other keywords are the
+        marker's and run()'s (memory="256M", ports=[5432], env=...)."""
+        if image is not None:
+            root: Any = resolve(image, keywords.get("pull") or "missing")
+            keywords.setdefault("ports", list(root.config.exposed_ports))
+        else:
+            root = rootfs if rootfs is not None else self._builder.build(
+                binaries=binaries, recipe=recipe)
         try:
-            container = self._runtime.run(image, command, **_library_keywords(keywords))
+            container = self._runtime.run(root, command, **_library_keywords(keywords))
             problem = None
         except UnsupportedError as error:  # reported outside the handler: no chained traceback
             problem = error

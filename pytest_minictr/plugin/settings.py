@@ -84,7 +84,8 @@ def read_session_settings(config: pytest.Config) -> SessionSettings:
     if unavailable not in UNAVAILABLE_CHOICES:
         raise ConfigError(f"--minictr-unavailable={unavailable!r}: expected 'fail' or 'skip'")
     cache_dir = _option(config, "cache_dir")[0]
-    source = f"from {defaults.rootfs}" if defaults.rootfs else "built from host binaries"
+    source = f"image {defaults.image}" if defaults.image else f"from {defaults.rootfs}" \
+        if defaults.rootfs else "built from host binaries"
     return SessionSettings(defaults, Path(cache_dir).expanduser() if cache_dir
                            else default_cache_dir(), unavailable, source,
                            _flag(*_option(config, "sandbox_tests")))
@@ -125,13 +126,15 @@ def merge_marker(defaults: ContainerSettings, item: pytest.Item) -> ContainerSet
                               f"e.g. container(memory='64M')")
         check_marker_names(marker.kwargs)
         keywords.update(marker.kwargs)
-    if keywords.get("rootfs") is not None and (keywords.get("binaries") is not None
-                                               or keywords.get("recipe") is not None):
-        raise ConfigError("@pytest.mark.container: give rootfs= or binaries=/recipe=, not both")
+    sources = [name for name in ("image", "rootfs", "binaries", "recipe")
+               if keywords.get(name) is not None]
+    if len(sources) > 1 and sources != ["binaries", "recipe"]:
+        raise ConfigError(f"@pytest.mark.container: give one of image=, rootfs= or "
+                          f"binaries=/recipe=, not {'= and '.join(sources)}=")
     try:
         values = {name: check_marker_value(name, value) for name, value in keywords.items()}
     except ConfigError as error:  # named as the user wrote it: in the marker
         raise ConfigError(f"@pytest.mark.container: {error}") from None
-    if values.get("binaries") is not None or values.get("recipe") is not None:
-        values["rootfs"] = None  # the marker's binaries beat a --minictr-rootfs default
+    if sources:  # the marker's source beats a --minictr-rootfs or --minictr-image default
+        values = {"rootfs": None, "image": None, **values}
     return replace(defaults, **values)

@@ -164,7 +164,7 @@ void print_actions(void);
     X(move_into_root) X(mount_tmp) X(make_root_read_only) X(mount_user_tmpfs) \
     X(bind_user_mount) X(close_fds) X(enter_root) X(set_rlimits) X(join_new_session_keyring) \
     X(drop_capabilities) X(switch_ids) X(install_seccomp_filter) X(open_terminal) \
-    X(run_command_as_init) X(run_command_beside) X(renew_stage_if_stale)
+    X(run_command_as_init) X(run_command_beside) X(renew_stage_if_stale) X(bind_text_file)
 
 #define DECLARE_ACTION(name) int do_##name(call *c);
 MINICTR_ACTIONS(DECLARE_ACTION)

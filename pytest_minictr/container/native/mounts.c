@@ -260,12 +260,54 @@ int do_chown_layer(call *c) {
     return chown(path, NUM(1), NUM(2));
 }
 
+/* args: the layer, userxattr, then the lower dirs' fds, top first (see mounts.py) */
 int do_mount_overlay(call *c) {
-    char layer[64], options[512];
-    layer_path(NUM(1), layer, sizeof layer);
-    snprintf(options, sizeof options, "lowerdir=/proc/self/fd/%lld,upperdir=%s/upper,"
-             "workdir=%s/work%s", NUM(0), layer, layer, NUM(2) ? ",userxattr" : "");
+    char layer[64], lower[3072] = "", options[4096];
+    size_t used = 0;
+    layer_path(NUM(0), layer, sizeof layer);
+    for (int i = 2; i < c->count; i++) {
+        int n = snprintf(lower + used, sizeof lower - used, "%s/proc/self/fd/%lld",
+                         i > 2 ? ":" : "", NUM(i));
+        if (n < 0 || (size_t)n >= sizeof lower - used)
+            return fail_with("ContainerSetupError", "mount overlay of the rootfs", E2BIG,
+                             "too many layers for one overlay (%d)", c->count - 2);
+        used += n;
+    }
+    snprintf(options, sizeof options, "lowerdir=%s,upperdir=%s/upper,workdir=%s/work%s",
+             lower, layer, layer, NUM(1) ? ",userxattr" : "");
     return mount("overlay", "/newroot", "overlay", MS_NOSUID | MS_NODEV, options);
+}
+
+/* see mounts.bind_text_file: a file of the stage bound over the image's own */
+int do_bind_text_file(call *c) {
+    const char *text = STR(0), *target = STR(1);
+    char path[4096] = "/newroot", staged[512], point[4096];
+    struct stat info;
+    for (const char *part = target; *part;) {
+        while (*part == '/') part++;
+        const char *end = strchrnul(part, '/');
+        size_t used = strlen(path);
+        snprintf(path + used, sizeof path - used, "/%.*s", (int)(end - part), part);
+        if (lstat(path, &info) == 0 && S_ISLNK(info.st_mode)) return 0;  /* the image's own */
+        part = end;
+    }
+    if (mount_point(target, 0, point, sizeof point) < 0) {
+        /* a root whose /etc container root may not write (a root-owned rootfs, without
+         * root): it keeps its own files, if any */
+        if (failed.errnum != EACCES && failed.errnum != EPERM && failed.errnum != EROFS)
+            return -1;
+        failed.type = NULL;
+        return 0;
+    }
+    snprintf(staged, sizeof staged, "/%s", target + strspn(target, "/"));
+    for (char *slash = strchr(staged + 1, '/'); slash; slash = strchr(slash, '/')) *slash = '-';
+    int fd = open(staged, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return -1;
+    size_t length = strlen(text);
+    ssize_t written = write(fd, text, length);
+    close(fd);
+    if (written != (ssize_t)length) return -1;
+    return mount(staged, point, NULL, MS_BIND, NULL);
 }
 
 int do_move_into_root(call *c) {
