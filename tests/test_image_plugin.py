@@ -16,7 +16,7 @@ from .image_layers import make_layers
 pytest_plugins = ["pytester"]
 
 STORE = '''
-import os, sys, types
+import os
 from pathlib import Path
 from pytest_minictr.images.image import Image, ImageConfig
 
@@ -33,9 +33,9 @@ class Store:
 def pull(reference):
     raise LookupError(f"{reference} is nowhere")
 
-store = types.ModuleType("pytest_minictr.images.store")
-store.Store, store.pull = Store, pull
-sys.modules[store.__name__] = store
+import pytest_minictr.images.pull
+import pytest_minictr.images.store
+pytest_minictr.images.store.Store, pytest_minictr.images.pull.pull = Store, pull
 '''
 
 TESTS = '''
