@@ -13,6 +13,7 @@ import tempfile
 import pytest
 
 from tests.test_sandbox import run
+from tests.unprivileged import account_fixture, place_with_tests
 
 pytest_plugins = ["pytester"]
 
@@ -174,3 +175,51 @@ def test_a_forged_report_fails_at_session_scope(pytester):
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["FAILED test_forge.py::test_forges - *"])
     assert "the body wrote to its report channel" in result.stdout.str()
+
+
+def test_a_sandbox_killed_at_its_timeout_fails_its_test_the_rest_go_on(pytester):
+    pytester.makepyfile(test_slow="""
+        import time
+        def test_hangs():
+            time.sleep(60)
+
+        def test_next():
+            pass
+    """)
+    result = run(pytester, "--minictr-sandbox-tests", "--minictr-sandbox-scope=session",
+                 "--minictr-timeout=3")
+    result.assert_outcomes(passed=1, failed=1)
+    assert "timeout=3s: the test body was killed at its timeout" in result.stdout.str()
+
+
+ROOTLESS = """
+import os, pytest
+pytestmark = pytest.mark.container(scope="session")
+PIDS = []
+
+def test_first(tmp_path):
+    (tmp_path / "x").write_text("mine")
+    PIDS.append(os.getpid())
+    assert os.getuid() == 0 and open("/proc/self/uid_map").read().split()[1] == "{uid}"
+
+def test_shares():
+    assert PIDS == [os.getpid()]
+
+def test_dies():
+    os._exit(3)
+
+def test_new_sandbox():
+    assert PIDS == []
+"""
+
+account = account_fixture("mcts")
+
+
+def test_session_scope_without_root(account):
+    source = ROOTLESS.format(uid=account.uid)
+    with place_with_tests(account, "minictr-scope-site-", source) as (runner, place, tests):
+        done = runner("-m", "pytest", "-p", "pytest_minictr.plugin", "-p", "no:cacheprovider",
+                      "-rA", f"--basetemp={place}/home/tmp", str(tests), cwd=tests)
+        for name in ("first", "shares", "new_sandbox"):
+            assert f"PASSED test_mine.py::test_{name}" in done.stdout, done.stdout[-3000:]
+        assert "FAILED test_mine.py::test_dies" in done.stdout, done.stdout[-3000:]

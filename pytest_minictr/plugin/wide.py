@@ -134,6 +134,9 @@ class SharedSandboxes:
 
 
 class SandboxGone(Exception):
+    """The sandbox ended before the item's reports came: `before_any`, it was never set up
+    (the item's setup fails); else its call does."""
+
     def __init__(self, failure: str, before_any: bool, unsupported: bool = False):
         super().__init__(failure)
         self.failure, self.before_any, self.unsupported = failure, before_any, unsupported
@@ -213,12 +216,13 @@ class SharedSandbox:
         end = self._lease.end(wait=True)
         received = Received(tuple(self._setup) + (
             () if self._status is None else ({"status": self._status},)))
+        set_up = not any("error" in line for line in self._setup)
         try:
             failure = outcome_of(received, status, end, self._settings, self._config).failure
         except UnsupportedError as error:
-            return SandboxGone(str(error), self._ran == 0, unsupported=True)
+            return SandboxGone(str(error), before_any=True, unsupported=True)
         return SandboxGone(f"the shared sandbox ({self.group.scope} scope) ended: "
-                           f"{failure}", self._ran == 0)
+                           f"{failure}", before_any=not set_up)
 
     def close(self) -> None:
         """Tell the body there is no more; it tears down what is still set up and ends (or
