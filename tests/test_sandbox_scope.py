@@ -192,6 +192,22 @@ def test_a_sandbox_killed_at_its_timeout_fails_its_test_the_rest_go_on(pytester)
     assert "timeout=3s: the test body was killed at its timeout" in result.stdout.str()
 
 
+def test_pytest_timeout_at_session_scope(pytester):
+    pytester.makepyfile(test_slow="""
+        import time, pytest
+        @pytest.mark.timeout(2)
+        def test_hangs():
+            time.sleep(60)
+
+        def test_next():
+            pass
+    """)
+    result = run(pytester, "--minictr-sandbox-tests", "--minictr-sandbox-scope=session",
+                 "-p", "timeout")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*Timeout*"])
+
+
 ROOTLESS = """
 import os, pytest
 pytestmark = pytest.mark.container(scope="session")

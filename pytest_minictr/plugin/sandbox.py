@@ -23,6 +23,7 @@ without a report (OOM kill, timeout, signal, os._exit) fails the test with one l
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -189,7 +190,15 @@ def body_env(item: pytest.Item, settings: ContainerSettings) -> dict[str, str | 
     """The changes to the worker's environment a body makes: credential-looking names
     unset (None), but those kept by name; the marker's env= set."""
     keep = keep_env_names(item.config)
-    return {**dict.fromkeys(secrets.dropped_names(os.environ, keep)), **(settings.env or {})}
+    return {**dict.fromkeys(_dropped_names(tuple(os.environ.items()), keep)),
+            **(settings.env or {})}
+
+
+@functools.lru_cache(maxsize=4)
+def _dropped_names(environ: tuple[tuple[str, str], ...], keep: tuple[str, ...]
+                   ) -> tuple[str, ...]:
+    # per test, the same environment as a rule: its scan cost ~0.5 ms a test (measured)
+    return secrets.dropped_names(dict(environ), keep)
 
 
 def _open_namespaces(init_pid: int | None) -> dict[str, int]:

@@ -110,10 +110,10 @@ class SharedSandboxes:
     def pytest_sessionfinish(self) -> None:
         self.close()  # the run stopped early (-x, an interrupt): fixtures torn down there
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
         sandboxed, self._open = self._open, None
         if sandboxed is not None:
-            sandboxed.close()
+            sandboxed.close(kill)
 
     def _run(self, item: pytest.Item, nextitem: pytest.Item | None,
              group: Group) -> list[Any]:
@@ -126,6 +126,11 @@ class SharedSandboxes:
         except SandboxGone as error:
             self._open = None
             gone = error
+        except pytest.fail.Exception as error:
+            # pytest-timeout's alarm, in the worker (its timer started before the body's):
+            # the test fails with its message, the sandbox goes (it was in the middle of it)
+            self.close(kill=True)
+            gone = SandboxGone(str(error), before_any=False)
         except UnsupportedError as error:
             gone = SandboxGone(str(error), before_any=True, unsupported=True)
         # reported outside the handler: no chained traceback
@@ -224,10 +229,13 @@ class SharedSandbox:
         return SandboxGone(f"the shared sandbox ({self.group.scope} scope) ended: "
                            f"{failure}", before_any=not set_up)
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
         """Tell the body there is no more; it tears down what is still set up and ends (or
-        is killed, after CLOSE_GRACE)."""
+        is killed, after CLOSE_GRACE, or at once if `kill`)."""
         if self._pid is None:
+            return
+        if kill:
+            self._kill()
             return
         with contextlib.suppress(OSError):
             self._channel.shutdown(socket.SHUT_WR)
