@@ -192,6 +192,35 @@ def test_a_sandbox_killed_at_its_timeout_fails_its_test_the_rest_go_on(pytester)
     assert "timeout=3s: the test body was killed at its timeout" in result.stdout.str()
 
 
+def test_worker_fixtures_stay_the_workers_between_shared_sandboxes(pytester):
+    """A test using the `container` fixture runs in the worker (and sets up its session
+    fixtures there); the next shared sandbox makes its own, and never ends the worker's."""
+    pytester.makepyfile(test_mix="""
+        import os, pytest
+
+        @pytest.fixture(scope="session")
+        def where():
+            return os.getpid()
+
+        def test_a(where):
+            assert os.getpid() == where
+
+        @pytest.mark.container(binaries=["echo"])
+        def test_uses_container(container, where):
+            assert container.run(["echo", "hi"]).stdout == b"hi\\n"
+
+        def test_b(where):
+            assert os.getpid() == where
+
+        @pytest.mark.container(memory="128M")
+        def test_other_limits(where):
+            assert os.getpid() == where
+    """)
+    result = run(pytester, "--minictr-sandbox-tests", "--minictr-sandbox-scope=session",
+                 "-W", "error::pytest.PytestUnraisableExceptionWarning")
+    result.assert_outcomes(passed=4)
+
+
 def test_pytest_timeout_at_session_scope(pytester):
     pytester.makepyfile(test_slow="""
         import time, pytest

@@ -52,6 +52,7 @@ SCOPE_HEADER = {
     "session": "session (one sandbox for the worker's share; fixtures in it)"}
 CLOSE_GRACE = 30.0  # seconds a sandbox may take to tear down its fixtures once told to end
 _GROUP = pytest.StashKey["Group | None"]()
+_WORKERS_FIXTURES: list[Any] = []  # in a body: see _forget_the_workers_fixtures
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ class SharedSandbox:
         return [report_from(self._config, data) for data in message["reports"]]
 
     def _next_message(self, nodeid: str) -> dict:
-        while line := self._lines.readline():
+        while line := self._read_line():
             parsed = _parse(line)
             why = self._foreign(parsed, nodeid)
             if why is not None:
@@ -200,6 +201,12 @@ class SharedSandbox:
             else:
                 self._setup.append(parsed)
         raise self._gone()
+
+    def _read_line(self) -> bytes:
+        try:
+            return self._lines.readline()
+        except OSError:  # reset: the body ended with our command unread
+            return b""
 
     def _foreign(self, line: dict | None, nodeid: str) -> str | None:
         if line is None:
@@ -242,9 +249,8 @@ class SharedSandbox:
         if not select.select([self._channel], [], [], CLOSE_GRACE)[0]:
             self._kill()
             return
-        with contextlib.suppress(OSError):
-            while self._lines.readline():
-                pass
+        while self._read_line():
+            pass
         self._reap()
         self._lease.end(wait=False)
 
@@ -310,8 +316,7 @@ def serve_items(session: pytest.Session, channel: int, seal: str,
     """The body's life in a shared sandbox: run each item the worker names, whole, and
     send its reports, sealed (see `channel`); at the end of the commands, tear down."""
     sandbox.change_env(env)
-    # the worker's fixtures set up before the fork are the worker's to end: not ours
-    session._setupstate = SetupState()
+    _forget_the_workers_fixtures(session)
     config = session.config
     items = {item.nodeid: item for item in session.items}
     reports = sandbox.keep_logged_reports(config)
@@ -332,6 +337,22 @@ def serve_items(session: pytest.Session, channel: int, seal: str,
     with contextlib.suppress(Exception):  # its reports went with its item: nowhere to go
         session._setupstate.teardown_exact(None)
     return b""
+
+
+def _forget_the_workers_fixtures(session: pytest.Session) -> None:
+    """Fixtures the worker set up before the fork (for tests that ran in it, such as those
+    using the `container` fixture) are the worker's, to use and to end: the body makes its
+    own values, in the sandbox, as for every other fixture here."""
+    session._setupstate = SetupState()
+    for item in session.items:
+        info = getattr(item, "_fixtureinfo", None)
+        for fixturedefs in getattr(info, "name2fixturedefs", {}).values():
+            for fixturedef in fixturedefs:
+                # kept, never collected: a generator fixture's copy finalized here would run
+                # the worker's teardown in the body (closing the worker's launcher, ...)
+                _WORKERS_FIXTURES.append((fixturedef.cached_result, [*fixturedef._finalizers]))
+                fixturedef.cached_result = None
+                fixturedef._finalizers.clear()
 
 
 def _commands(channel: int) -> Any:
