@@ -134,6 +134,8 @@ class SharedSandboxes:
             gone = SandboxGone(str(error), before_any=False)
         except UnsupportedError as error:
             gone = SandboxGone(str(error), before_any=True, unsupported=True)
+        except MinictrError as error:  # the launcher's (a wrong limit for this host, ...)
+            gone = SandboxGone(f"@pytest.mark.container: {error}", before_any=True)
         # reported outside the handler: no chained traceback
         return _failed(item, "setup" if gone.before_any else "call", gone.failure,
                        self._session if gone.unsupported else None)
