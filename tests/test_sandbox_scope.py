@@ -221,6 +221,27 @@ def test_worker_fixtures_stay_the_workers_between_shared_sandboxes(pytester):
     result.assert_outcomes(passed=4)
 
 
+def test_tests_using_services_run_at_test_scope(pytester):
+    """A body cannot start containers: a test that uses minictr_service (through a fixture
+    here) has its fixtures in the worker, its body sandboxed; the others share a sandbox."""
+    pytester.makepyfile(test_served="""
+        import os, socket, pytest
+
+        @pytest.fixture(scope="module")
+        def web(minictr_service):
+            return minictr_service(recipe="python3", ports=[8000], wait_for_port=8000,
+                                   command=["python3", "-m", "http.server", "8000"])
+
+        def test_served(web):
+            socket.create_connection(web.address(8000), timeout=10).close()
+
+        def test_shared():
+            assert os.getpid() == 2
+    """)
+    result = run(pytester, "--minictr-sandbox-tests", "--minictr-sandbox-scope=session")
+    result.assert_outcomes(passed=2)
+
+
 def test_pytest_timeout_at_session_scope(pytester):
     pytester.makepyfile(test_slow="""
         import time, pytest

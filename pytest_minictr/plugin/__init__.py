@@ -256,9 +256,6 @@ def container(request: pytest.FixtureRequest, minictr_runtime: ContainerRuntime,
             raise ConfigError(f"@pytest.mark.container: writable={list(settings.writable)!r} is "
                               "for a test body run sandboxed (without the `container` "
                               "fixture); a container writes to its own layer")
-        if any("scope" in marker.kwargs for marker in request.node.iter_markers("container")):
-            raise ConfigError("@pytest.mark.container: scope= is for test bodies run "
-                              "sandboxed (without the `container` fixture)")
         check_host_can_run_containers()
         rootfs = resolve_rootfs(settings, minictr_rootfs_builder,
                                 request.config.stash.setdefault(_ROOTFS_MEMO, {}))

@@ -50,6 +50,7 @@ SCOPE_HEADER = {
     "test": "test (a sandbox per test; fixtures in the worker)",
     "module": "module (a sandbox per module, its tests one after another; fixtures in it)",
     "session": "session (one sandbox for the worker's share; fixtures in it)"}
+SERVICES = "minictr_service"
 CLOSE_GRACE = 30.0  # seconds a sandbox may take to tear down its fixtures once told to end
 _GROUP = pytest.StashKey["Group | None"]()
 _WORKERS_FIXTURES: list[Any] = []  # in a body: see _forget_the_workers_fixtures
@@ -69,8 +70,9 @@ def group_of(item: pytest.Item, session: SessionSettings) -> Group | None:
     wrong marker: its setup in the worker reports that)."""
     if _GROUP not in item.stash:
         try:
+            # services are started by the worker's launcher, which a body cannot reach
             scope = sandbox_scope(item, session) if sandbox.wants_sandbox(item, session) \
-                else "test"
+                and SERVICES not in getattr(item, "fixturenames", ()) else "test"
             group = None if scope == "test" else Group(
                 scope, sandbox.body_settings(item, session),
                 str(item.path) if scope == "module" else None)
