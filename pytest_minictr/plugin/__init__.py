@@ -29,7 +29,7 @@ from pytest_minictr.doctor import checks as doctor
 from pytest_minictr.errors import ConfigError, MinictrError, UnsupportedError
 from pytest_minictr.keywords import ContainerSettings, marker_help
 from pytest_minictr.plugin import outcome as body_outcome
-from pytest_minictr.plugin import sandbox, secrets
+from pytest_minictr.plugin import sandbox, secrets, wide
 from pytest_minictr.plugin.fixture import LAST_RESULT, TestContainer, unavailable
 from pytest_minictr.plugin.host import (  # noqa: F401
     LAYER_PREFIX,
@@ -46,6 +46,7 @@ from pytest_minictr.plugin.settings import (
     keep_env_names,
     merge_marker,
     read_session_settings,
+    sandbox_scope,
 )
 from pytest_minictr.rootfs.builder import RootfsBuilder
 
@@ -72,6 +73,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_SETTINGS] = read_session_settings(config)
     except ConfigError as error:
         raise pytest.UsageError(f"pytest-minictr: {error}") from None
+    config.pluginmanager.register(wide.SharedSandboxes(
+        config.stash[_SETTINGS], functools.partial(_body_runtime, config),
+        functools.partial(_published_services, config)), "minictr-shared-sandboxes")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -89,6 +93,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
              f"rootfs {settings.source}, cache {settings.cache_dir}"),
             f"minictr: test bodies run sandboxed: {bodies}",
             f"minictr: sandboxed: {sandbox.WHAT_RUNS}",
+            f"minictr: sandbox scope: {wide.SCOPE_HEADER[settings.sandbox_scope]}",
             secrets.header(os.environ, keep_env_names(config))]
 
 
@@ -97,6 +102,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     session = item.config.stash[_SETTINGS]
     if sandbox.wants_sandbox(item, session):
         try:
+            sandbox_scope(item, session)
             item.stash[_BODY_SETTINGS] = sandbox.body_settings(item, session)
             problem = None
         except MinictrError as error:
@@ -126,11 +132,8 @@ def _run_in_sandbox(item: pytest.Item, runtest: Callable[[], None],
                     settings: ContainerSettings) -> None:
     config = item.config
     try:
-        if _BODY_RUNTIME not in config.stash:
-            config.stash[_BODY_RUNTIME] = ContainerRuntime()
-        services = config.stash.get(_SERVICES, None)
-        outcome = sandbox.run_body(item, runtest, settings, config.stash[_BODY_RUNTIME],
-                                   services.published() if services is not None else {})
+        outcome = sandbox.run_body(item, runtest, settings, _body_runtime(config),
+                                   _published_services(config))
         problem = None
     except UnsupportedError as error:
         problem = error
@@ -140,6 +143,17 @@ def _run_in_sandbox(item: pytest.Item, runtest: Callable[[], None],
     body_outcome.log_body_reports(item, outcome)
     if outcome.failure is not None:
         pytest.fail(outcome.failure, pytrace=False)
+
+
+def _body_runtime(config: pytest.Config) -> ContainerRuntime:
+    if _BODY_RUNTIME not in config.stash:
+        config.stash[_BODY_RUNTIME] = ContainerRuntime()
+    return config.stash[_BODY_RUNTIME]
+
+
+def _published_services(config: pytest.Config) -> dict[tuple[str, int], str]:
+    services = config.stash.get(_SERVICES, None)
+    return services.published() if services is not None else {}
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

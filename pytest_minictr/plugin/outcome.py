@@ -19,11 +19,13 @@ import pytest
 from pytest_minictr.caller.sandbox import SandboxEnd
 from pytest_minictr.errors import UnsupportedError
 from pytest_minictr.keywords import ContainerSettings
+from pytest_minictr.plugin.channel import Received
 
 OUTCOME = pytest.StashKey["BodyOutcome"]()
 MIB = 1024 ** 2
 # setup failures that say the host (or our own sandbox) allows no namespaces here
 _UNAVAILABLE_ERRNOS = (errno.EPERM, errno.EACCES, errno.ENOSPC, errno.EINVAL, errno.ENOSYS)
+FORGED = "@pytest.mark.container: the body wrote to its report channel"
 
 
 @dataclass(frozen=True)
@@ -38,12 +40,22 @@ class BodyOutcome:
 
 
 
-def outcome_of(lines: list[dict], status: int, end: SandboxEnd,
+def outcome_of(received: Received, status: int, end: SandboxEnd,
                settings: ContainerSettings, config: pytest.Config) -> BodyOutcome:
-    """The body's report if it made one; else the one line that says how it ended."""
-    body = next((line for line in lines if "report" in line), None)
+    """The body's report if it made one, sent nothing else and ended cleanly after it; else
+    the one line that says how it ended. `status`: the wait status of the worker's child
+    (without root, the keeper's: our init sends the body's)."""
+    lines = received.lines
+    body = received.report
     setup = next((line["error"] for line in lines if "error" in line), None)
+    body_status = next((line["status"] for line in lines if "status" in line), status)
     notes = _figures(end, settings)
+    if received.foreign is not None:
+        return BodyOutcome(None, f"{FORGED}: {received.foreign}; the test's verdict is void",
+                           notes)
+    if body is not None and body_status != 0:
+        return BodyOutcome(None, f"{FORGED}? an end mismatch: the body reported, then "
+                                 f"{_after_report(body_status)}", notes)
     if body is not None:
         replay(body, config)
         return BodyOutcome(body["report"], None, notes, logged=tuple(body["logged"]))
@@ -55,8 +67,13 @@ def outcome_of(lines: list[dict], status: int, end: SandboxEnd,
                                  f"killer, peak {_mib(end.memory_peak)}", notes)
     if setup is not None:
         return BodyOutcome(None, setup_failure(setup), notes)
-    body_status = next((line["status"] for line in lines if "status" in line), status)
     return BodyOutcome(None, ending_of(body_status), notes)
+
+
+def _after_report(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
 def setup_failure(error: dict) -> str:
@@ -102,7 +119,13 @@ def replay(body: dict, config: pytest.Config) -> None:
     sys.stderr.write(body["stderr"])
     if body["log"] and _logging_plugin is not None:
         _logging_plugin.report_handler.stream.write(body["log"])
-    for message, category, filename, lineno in body["warnings"]:
+    replay_warnings(body["warnings"])
+
+
+def replay_warnings(caught: list[list]) -> None:
+    """Warnings the body caught, warned again here: the worker's warnings plugin records
+    them for the test that runs."""
+    for message, category, filename, lineno in caught:
         warnings.warn_explicit(message, _category(category), filename, lineno)
 
 
@@ -125,10 +148,10 @@ def log_body_reports(item: pytest.Item, outcome: BodyOutcome) -> None:
     capman = item.config.pluginmanager.getplugin("capturemanager")
     with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
         for data in outcome.logged:
-            item.ihook.pytest_runtest_logreport(report=_report_from(item.config, data))
+            item.ihook.pytest_runtest_logreport(report=report_from(item.config, data))
 
 
-def _report_from(config: pytest.Config, data: dict) -> Any:
+def report_from(config: pytest.Config, data: dict) -> Any:
     if isinstance(data.get("longrepr"), list):  # a skip's (path, line, reason): JSON made
         data = {**data, "longrepr": tuple(data["longrepr"])}  # it a list
     return config.hook.pytest_report_from_serializable(config=config, data=data)
@@ -140,7 +163,7 @@ def apply_outcome(item: pytest.Item, report: pytest.TestReport, outcome: BodyOut
     the properties the body recorded (JUnit XML reads them at teardown)."""
     config = item.config
     if outcome.report is not None:
-        body = _report_from(config, outcome.report)
+        body = report_from(config, outcome.report)
         report.outcome = body.outcome
         report.longrepr = body.longrepr
         item.user_properties = [tuple(pair) for pair in body.user_properties]

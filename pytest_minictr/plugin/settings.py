@@ -31,6 +31,11 @@ HELP_SANDBOX_TESTS = ("run every collected test's body sandboxed (the `container
 HELP_KEEP_ENV = ("keep this environment variable in sandboxed test bodies although its name "
                  "looks like a credential's (repeatable; ini and MINICTR_KEEP_ENV: names "
                  "separated by spaces)")
+HELP_SANDBOX_SCOPE = ("how many tests share a sandbox: 'test' (default: one each; fixtures in "
+                      "the worker), 'module' (a module's tests one after another) or "
+                      "'session' (the worker's whole share); at module and session scope "
+                      "the fixtures run in the sandbox too, and limits are the sandbox's")
+SCOPES = ("test", "module", "session")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -43,6 +48,7 @@ class SessionSettings:
     unavailable: str          # "fail" | "skip"
     source: str               # where the rootfs comes from, for the report header
     sandbox_tests: bool = False  # every test's body sandboxed, marked or not
+    sandbox_scope: str = "test"  # how many tests share a sandbox (see `plugin.wide`)
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -53,6 +59,7 @@ def add_options(parser: pytest.Parser) -> None:
         _add_option(parser, group, keyword.name, f"default of every container: {keyword.help}")
     _add_option(parser, group, "cache_dir", HELP_CACHE)
     _add_option(parser, group, "unavailable", HELP_UNAVAILABLE, choices=UNAVAILABLE_CHOICES)
+    _add_option(parser, group, "sandbox_scope", HELP_SANDBOX_SCOPE, choices=SCOPES)
     # default None, not False: unset on the command line lets the environment and ini speak
     group.addoption("--minictr-sandbox-tests", dest="minictr_sandbox_tests",
                     action="store_true", default=None, help=HELP_SANDBOX_TESTS)
@@ -86,9 +93,24 @@ def read_session_settings(config: pytest.Config) -> SessionSettings:
     cache_dir = _option(config, "cache_dir")[0]
     source = f"image {defaults.image}" if defaults.image else f"from {defaults.rootfs}" \
         if defaults.rootfs else "built from host binaries"
+    scope, spelled = _option(config, "sandbox_scope")
+    if scope is not None and scope not in SCOPES:
+        raise ConfigError(f"{spelled}={scope!r}: expected 'test', 'module' or 'session'")
     return SessionSettings(defaults, Path(cache_dir).expanduser() if cache_dir
                            else default_cache_dir(), unavailable, source,
-                           _flag(*_option(config, "sandbox_tests")))
+                           _flag(*_option(config, "sandbox_tests")), scope or "test")
+
+
+def sandbox_scope(item: pytest.Item, session: SessionSettings) -> str:
+    """The closest `container` marker's scope=, else the session's."""
+    for marker in item.iter_markers("container"):
+        scope = marker.kwargs.get("scope")
+        if scope is not None:
+            if scope not in SCOPES:
+                raise ConfigError(f"@pytest.mark.container: scope={scope!r}: expected "
+                                  "'test', 'module' or 'session'")
+            return str(scope)
+    return session.sandbox_scope
 
 
 def _flag(text: str | None, spelled: str) -> bool:
@@ -124,8 +146,10 @@ def merge_marker(defaults: ContainerSettings, item: pytest.Item) -> ContainerSet
         if marker.args:
             raise ConfigError(f"@pytest.mark.container{marker.args!r}: takes keywords only, "
                               f"e.g. container(memory='64M')")
-        check_marker_names(marker.kwargs)
-        keywords.update(marker.kwargs)
+        # scope= is the sandbox's, not a container's: read by `sandbox_scope`
+        kwargs = {name: value for name, value in marker.kwargs.items() if name != "scope"}
+        check_marker_names(kwargs)
+        keywords.update(kwargs)
     sources = [name for name in ("image", "rootfs", "binaries", "recipe")
                if keywords.get(name) is not None]
     if len(sources) > 1 and sources != ["binaries", "recipe"]:

@@ -20,6 +20,12 @@ parent's page tables), each with `-n 1` and `-n 2` (xdist). The clocks and the f
   overhead(kind) = median ms per test (kind -n1) - median (unmarked -n1)
   ratio          = overhead(marked) / overhead(forked)   (aim: <= 1.5)
 
+Then the shared scopes (#27): a suite of 10 modules (a module-scoped fixture each, the same
+trivial tests, N in all) run whole, plain and with `--minictr-sandbox-tests` at each
+`--minictr-sandbox-scope`, at -n1 and -n2; the figure is pytest's wall time (start-up,
+collection and every sandbox's start included) over the plain run's (aim: session <= 1.2,
+module <= 1.5).
+
     python tests/benchmarks/bench_sandbox.py [--tests 300] [--json]
 """
 
@@ -50,6 +56,12 @@ TESTS = {
                + HEAD.replace("@pytest", "@pytest.mark.container\n@pytest", 1).split("\n\n", 1)[1]
                + "def test_served(i):\n    assert i >= 0\n"),
 }
+MODULES = 10
+MODULE = ("import pytest\n\n@pytest.fixture(scope='module')\ndef numbers():\n"
+          "    return list(range(100))\n\n@pytest.mark.parametrize('i', range({n}))\n"
+          "def test_in_module(numbers, i):\n    assert sum(numbers) + i >= 0\n")
+SCOPES = {"plain": [], **{scope: ["--minictr-sandbox-tests", f"--minictr-sandbox-scope={scope}"]
+                          for scope in ("session", "module", "test")}}
 # written byte by byte: calloc's untouched pages would cost a fork nothing
 BALLAST = "BALLAST = bytearray(b'\\x01') * (200 * 1024 * 1024)\n"
 
@@ -71,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             run_pytest(work, ["test_marked.py::test_marked[0]"], None, timeout=300)  # warm-up
             rows = {f"{kind} -n{workers}": measure(work, kind, workers, args.tests)
                     for kind in TESTS for workers in (1, 2)}
+            suite = measure_scopes(work, args.tests)
         except RunFailed as failure:
             print(f"FAILED {failure}", file=sys.stderr)
             return 1
@@ -80,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
               "overhead_ms": {kind: rows[f"{kind} -n1"]["median_ms"] - base
                               for kind in ("marked", "forked", "served")}}
     report["ratio"] = report["overhead_ms"]["marked"] / report["overhead_ms"]["forked"]
+    report["suite_wall_s"] = suite
+    report["suite_ratio"] = {name: wall / suite[f"plain -n{name[-1]}"]
+                             for name, wall in suite.items()}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -94,7 +110,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nper-test overhead over unmarked (-n1 medians): sandboxed {marked:.2f} ms, "
           f"bare fork {forked:.2f} ms; ratio {report['ratio']:.2f} (aim <= 1.5); "
           f"sandboxed with a service {report['overhead_ms']['served']:.2f} ms")
+    print(f"\nwhole suite ({MODULES} modules, {args.tests} tests), pytest wall s and x plain:")
+    for name, wall in suite.items():
+        print(f"  {name:<12}{wall:>8.2f} s{report['suite_ratio'][name]:>8.2f}x")
+    print("  (aim: session <= 1.2x, module <= 1.5x)")
     return 0
+
+
+def measure_scopes(work: Path, tests: int) -> dict[str, float]:
+    """pytest's wall time for the suite of MODULES modules, per scope and -n."""
+    suite = work / "suite"
+    suite.mkdir()
+    for index in range(MODULES):
+        (suite / f"test_module_{index}.py").write_text(
+            MODULE.format(n=max(1, tests // MODULES)))
+    return {f"{scope} -n{workers}": run_pytest(work, ["suite", "-n", str(workers), *args],
+                                               None, timeout=120 + 0.5 * tests)
+            for scope, args in SCOPES.items() for workers in (1, 2)}
 
 
 if __name__ == "__main__":
