@@ -1,0 +1,38 @@
+"""One warm `ContainerRuntime` (and the python3 rootfs) per process, made on first use.
+
+A runtime's first container pays for its launcher, zygote and spares (tens of milliseconds);
+every later one starts in a couple. A grader's worker (a thread pool's, a Ray worker process)
+keeps one for its whole life. The runtime is keyed by the process id: a forked child (a
+multiprocessing worker) must not talk to its parent's launcher over a socket it shares.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+from pytest_minictr import ContainerRuntime, RootfsBuilder
+
+
+@dataclass(frozen=True)
+class Warm:
+    pid: int
+    runtime: ContainerRuntime
+    rootfs: str
+
+
+_lock = threading.Lock()
+_warm: dict[str, Warm] = {}
+
+
+def warm_runtime(recipe: str = "python3") -> Warm:
+    """This process's runtime and the rootfs of `recipe` (built once, cached on disk)."""
+    with _lock:
+        warm = _warm.get(recipe)
+        if warm is None or warm.pid != os.getpid():
+            runtime = next((w.runtime for w in _warm.values() if w.pid == os.getpid()), None)
+            rootfs = str(RootfsBuilder().build(recipe=recipe))
+            warm = Warm(os.getpid(), runtime or ContainerRuntime(), rootfs)
+            _warm[recipe] = warm
+        return warm
