@@ -26,13 +26,24 @@ _lock = threading.Lock()
 _warm: dict[str, Warm] = {}
 
 
+_runtime: tuple[int, ContainerRuntime] | None = None
+
+
+def process_runtime() -> ContainerRuntime:
+    """This process's runtime, made on first use (and again in a forked child)."""
+    global _runtime
+    with _lock:
+        if _runtime is None or _runtime[0] != os.getpid():
+            _runtime = (os.getpid(), ContainerRuntime())
+        return _runtime[1]
+
+
 def warm_runtime(recipe: str = "python3") -> Warm:
     """This process's runtime and the rootfs of `recipe` (built once, cached on disk)."""
+    runtime = process_runtime()
     with _lock:
         warm = _warm.get(recipe)
         if warm is None or warm.pid != os.getpid():
-            runtime = next((w.runtime for w in _warm.values() if w.pid == os.getpid()), None)
-            rootfs = str(RootfsBuilder().build(recipe=recipe))
-            warm = Warm(os.getpid(), runtime or ContainerRuntime(), rootfs)
+            warm = Warm(os.getpid(), runtime, str(RootfsBuilder().build(recipe=recipe)))
             _warm[recipe] = warm
         return warm
