@@ -15,7 +15,7 @@ The floors, bottom up:
   `protocol`, `native`): shared values and checks, importing nothing of the package but each
   other, except what `TOP_MAY_REACH` lists, with its reason;
 - `caller/`, `launcher/`, `container/`, `host/`, `forwarder/`: never a front end;
-- the front ends (`plugin/`, `cli/`, `rootfs/`, `doctor/`) on top.
+- the front ends (`plugin/`, `cli/`, `rootfs/`, `doctor/`, `grading/`) on top.
 `pytest_minictr/__init__.py` (the public names, loaded on first use) and `__main__.py` (the
 `python -m` entry, which runs the CLI) are the package's doors, not its bottom floor.
 
@@ -34,7 +34,7 @@ PACKAGE = "pytest_minictr"
 ROOT = Path(pytest_minictr.__file__).parent
 DOORS = {PACKAGE, f"{PACKAGE}.__main__"}
 LOWER_FLOORS = ("caller", "launcher", "container", "host", "forwarder")
-FRONT_ENDS = ("plugin", "cli", "doctor")
+FRONT_ENDS = ("plugin", "cli", "doctor", "grading")
 # What the top level may import from above it, and why. Both are imported inside a function,
 # for their cost (glob, shutil, bz2, lzma), and import nothing above the top level themselves.
 TOP_MAY_REACH = {

@@ -7,6 +7,7 @@
                 [--no-userns] [-u UID[:GID]] [--no-seccomp] [--allow-syscall NAME]...
                 [--cap-add CAP]... [--ulimit NAME=SOFT[:HARD]]... -- CMD ARGS...
     minictr rootfs build|import|list|prune ...;  minictr doctor [--json];  minictr --version
+    minictr grade JOBS.jsonl [-o RESULTS.jsonl] [--workers N] [--resume] [--progress]
     minictr ps|stop|kill|logs|wait|inspect|stats|rm|exec ...   (detached: see `detached`)
 
 `run` passes stdin, stdout and stderr through and exits with the command's status: 128+N when
@@ -29,6 +30,7 @@ from typing import Any
 
 from pytest_minictr.caller.runtime import Container, ContainerRuntime
 from pytest_minictr.cli import docker_flags, rootfs_commands
+from pytest_minictr.cli import grade as grade_commands
 from pytest_minictr.cli.detached import commands as lifecycle
 from pytest_minictr.cli.detached.foreground import ForegroundRecord
 from pytest_minictr.cli.ends import (
@@ -107,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_command(commands)
     lifecycle.add_commands(commands)
     rootfs_commands.add_commands(commands, HELP_RECIPE)
+    grade_commands.add_commands(commands)
     doctor_command = commands.add_parser(
         "doctor", help="check what this host lets minictr do, and say how to fix the rest")
     doctor_command.add_argument("--json", action="store_true", help="one JSON object")

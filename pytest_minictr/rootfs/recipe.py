@@ -10,6 +10,9 @@
     applets = "/bin/busybox"            # a link in /bin for each applet of this busybox
     command = ["redis-server"]          # the default command of a container on this rootfs
     package = "redis-server"            # the Debian package that installs what it names
+    matching = ["/usr/include/*.h"]     # every host path matching: files, or dirs' trees
+    compile = ["gcc", "main.c"]         # a grading job's default build, then its run
+    run = ["./a.out"]
 
 A path may hold `*` where a version goes (`/usr/lib/postgresql/*/bin/postgres`): the newest
 installed version is taken. What a recipe names but the host lacks is a RootfsError that
@@ -36,7 +39,8 @@ from pytest_minictr.errors import ConfigError, RootfsError
 
 BUILTIN_DIR = Path(__file__).parent / "recipes"
 KEYS = {"description": str, "binaries": list, "files": list, "dirs": list, "libraries": list,
-        "python": str, "applets": str, "command": list, "package": str}
+        "python": str, "applets": str, "command": list, "package": str, "matching": list,
+        "compile": list, "run": list}
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class Recipe:
     applets: str | None = None
     command: tuple[str, ...] = ()
     package: str | None = None
+    compile: tuple[str, ...] = ()
+    run: tuple[str, ...] = ()
 
 
 def search_path() -> list[Path]:
@@ -118,10 +124,11 @@ def _parse(path: Path) -> Recipe:
             raise ConfigError(f"recipe {str(path)!r}: {key} = {value!r}: expected {what}")
     recipe = Recipe(name=path.stem, path=str(path), description=data.get("description", ""),
                     **{key: tuple(data.get(key, ())) for key in ("binaries", "files", "dirs",
-                                                                 "libraries", "command")},
+                                                                 "libraries", "command",
+                                                                 "compile", "run")},
                     python=data.get("python"), applets=data.get("applets"),
                     package=data.get("package"))
-    return with_versions_found(recipe)
+    return with_matches(with_versions_found(recipe), data.get("matching", ()))
 
 
 def with_versions_found(recipe: Recipe) -> Recipe:
@@ -130,6 +137,15 @@ def with_versions_found(recipe: Recipe) -> Recipe:
     found = {key: tuple(_installed(recipe, item) for item in getattr(recipe, key))
              for key in ("binaries", "files", "dirs")}
     return Recipe(**{**vars(recipe), **found})
+
+
+def with_matches(recipe: Recipe, patterns: list[str]) -> Recipe:
+    """The recipe with every host path matching each pattern added: a file to `files`, a
+    directory (its whole tree) to `dirs`. (A `*` in `files` or `dirs` takes one version.)"""
+    found = sorted({path for pattern in patterns for path in glob.glob(pattern)})
+    return Recipe(**{**vars(recipe),
+                     "files": (*recipe.files, *(p for p in found if not os.path.isdir(p))),
+                     "dirs": (*recipe.dirs, *(p for p in found if os.path.isdir(p)))})
 
 
 def _installed(recipe: Recipe, item: str) -> str:
