@@ -82,7 +82,8 @@ def check_correctness(problem: dict[str, Any], completion: str, timeout: float,
     replaces some of `LIMITS` (keywords of ContainerRuntime.run())."""
     warm = warm_runtime("python3")
     keywords = {**LIMITS, **(limits or {}), "timeout": timeout + START_ALLOWANCE}
-    ended = warm.runtime.run(warm.rootfs, ["python3", "-I", "-S", "-c", DRIVER, repr(float(timeout))],
+    command = ["python3", "-I", "-S", "-c", DRIVER, repr(float(timeout))]
+    ended = warm.runtime.run(warm.rootfs, command,
                              input=check_program(problem, completion).encode(),
                              **keywords).wait()
     outcome = reported_outcome(ended) or ended_outcome(ended)

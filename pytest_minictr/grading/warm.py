@@ -23,27 +23,22 @@ class Warm:
 
 
 _lock = threading.Lock()
-_warm: dict[str, Warm] = {}
-
-
-_runtime: tuple[int, ContainerRuntime] | None = None
+_runtimes: dict[int, ContainerRuntime] = {}
+_warm: dict[tuple[int, str], Warm] = {}
 
 
 def process_runtime() -> ContainerRuntime:
     """This process's runtime, made on first use (and again in a forked child)."""
-    global _runtime
     with _lock:
-        if _runtime is None or _runtime[0] != os.getpid():
-            _runtime = (os.getpid(), ContainerRuntime())
-        return _runtime[1]
+        return _runtimes.get(os.getpid()) or _runtimes.setdefault(os.getpid(),
+                                                                  ContainerRuntime())
 
 
 def warm_runtime(recipe: str = "python3") -> Warm:
     """This process's runtime and the rootfs of `recipe` (built once, cached on disk)."""
     runtime = process_runtime()
+    key = (os.getpid(), recipe)
     with _lock:
-        warm = _warm.get(recipe)
-        if warm is None or warm.pid != os.getpid():
-            warm = Warm(os.getpid(), runtime, str(RootfsBuilder().build(recipe=recipe)))
-            _warm[recipe] = warm
-        return warm
+        if key not in _warm:
+            _warm[key] = Warm(os.getpid(), runtime, str(RootfsBuilder().build(recipe=recipe)))
+        return _warm[key]

@@ -27,7 +27,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from pytest_minictr.grading import humaneval  # noqa: E402
+from pytest_minictr.grading import humaneval
 
 
 def canonical_samples(directory: str) -> str:
