@@ -47,6 +47,9 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
                             "pip install 'pytest-minictr[ray]'")
     grade.add_argument("--resume", action="store_true",
                        help="skip the ids already in the output file, and append to it")
+    grade.add_argument("--workdir", metavar="DIR",
+                       help="where the jobs' files go while they run (default: /dev/shm, "
+                            "where what a case writes counts against its memory limit)")
     grade.add_argument("--progress", action="store_true",
                        help="show the progress line on stderr even when it is not a terminal")
     grade.set_defaults(handler=grade_command)
@@ -66,7 +69,8 @@ def grade_command(args: argparse.Namespace) -> int:
     out = sys.stdout if not args.output else open(args.output, "a" if args.resume else "w")
     verdicts: Counter[str] = Counter()
     try:
-        with interrupts.installed(), Grader(args.workers, ray=args.ray) as grader:
+        with interrupts.installed(), \
+                Grader(args.workers, workdir=args.workdir, ray=args.ray) as grader:
             for result in grader.imap_unordered(read_jobs(source, done, bad_lines)):
                 with interrupts.deferred():
                     out.write(json.dumps(result.to_json()) + "\n")
@@ -93,17 +97,20 @@ def read_jobs(source: IO[str], done: set[str], bad_lines: list[int]) -> Iterator
     """The jobs of `source`, but those whose id is in `done`; a line that is not a job is
     named on stderr, added to `bad_lines`, and skipped."""
     from pytest_minictr.grading.jobs import Job
+    seen: dict[str, int] = {}
     for number, line in enumerate(source, start=1):
         if not line.strip():
             continue
         try:
             job = Job.from_json(json.loads(line))
+            if job.id in seen:  # --resume goes by id: two jobs of one id would be one
+                raise ConfigError(f"job {job.id!r}: id: already the id of line {seen[job.id]}")
         except (ValueError, MinictrError) as error:  # (JSONDecodeError is a ValueError)
             bad_lines.append(number)
             print(f"minictr grade: line {number}: {error}", file=sys.stderr)
             continue
+        seen[job.id] = number
         if job.id not in done:
-            done.add(job.id)
             yield job
 
 

@@ -26,6 +26,7 @@ from pytest_minictr.errors import ConfigError
 from pytest_minictr.grading.jobs import Job
 from pytest_minictr.grading.judge import grade_job
 from pytest_minictr.grading.results import JobResult, infra_error
+from pytest_minictr.grading.workspace import remove_workspaces_of
 
 STOP_GRACE = 5.0  # seconds a worker has to clean up after SIGTERM, then SIGKILL
 
@@ -132,6 +133,15 @@ class Grader:
         if self._ray is not None:
             yield from self._ray.graded(jobs)
             return
+        finished = False
+        try:
+            yield from self._run_all(jobs)
+            finished = True
+        finally:
+            if not finished:  # left early (an error, Ctrl-C, a break): no job runs on unseen
+                self.close()
+
+    def _run_all(self, jobs: Iterable[Job]) -> Iterator[tuple[int, JobResult]]:
         pending = enumerate(jobs)
         retry: list[tuple[tuple[int, Job], int]] = []
         while len(self._pool) < self.workers:
@@ -139,22 +149,31 @@ class Grader:
         busy = 0
         exhausted = False
         while True:
-            for worker in self._pool:
+            for worker in list(self._pool):
                 if worker.task is None and (retry or not exhausted):
-                    if retry:
-                        worker.give(*retry.pop())
-                    else:
-                        task = next(pending, None)
-                        if task is None:
-                            exhausted = True
-                            continue
-                        worker.give(task, 0)
-                    busy += 1
+                    given = self._give_next(worker, pending, retry)
+                    exhausted = exhausted or not given
+                    busy += given
             if busy == 0:
                 return
             for ended in self._wait_busy():
                 busy -= 1
                 yield from self._collect(ended, retry)
+
+    def _give_next(self, worker: _Worker, pending: Iterator[tuple[int, Job]],
+                   retry: list[tuple[tuple[int, Job], int]]) -> bool:
+        """Give an idle worker a job to retry, or the next one; False when none is left."""
+        if retry:
+            task, tries = retry.pop()
+        else:
+            next_task = next(pending, None)
+            if next_task is None:
+                return False
+            task, tries = next_task, 0
+        if not worker.process.is_alive():  # it sent its last result, then died
+            worker = self._replace(worker)
+        worker.give(task, tries)
+        return True
 
     def _wait_busy(self) -> list[_Worker]:
         busy = [worker for worker in self._pool if worker.task is not None]
@@ -177,6 +196,9 @@ class Grader:
             return
         yield index, result
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: _Worker) -> _Worker:
         worker.stop()
-        self._pool[self._pool.index(worker)] = _Worker(self._context, self._settings)
+        remove_workspaces_of(worker.process.pid, self._settings.workdir)
+        fresh = _Worker(self._context, self._settings)
+        self._pool[self._pool.index(worker)] = fresh
+        return fresh

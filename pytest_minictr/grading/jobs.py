@@ -23,6 +23,16 @@ CHECKER_NAMES = ("exact", "tokens", "lines")
 MiB = 1024 ** 2
 
 
+def _pairs(value: Any) -> tuple[tuple[str, str], ...]:
+    """{"path": "text"} as the sorted pairs the values hold (the library may pass a dict)."""
+    return tuple(sorted(value.items())) if isinstance(value, Mapping) else tuple(value)
+
+
+def _keep(instance: Any, **values: Any) -> None:
+    for name, value in values.items():
+        object.__setattr__(instance, name, value)  # (frozen: only __post_init__ does this)
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one container of a job may use: a case's run, or (`Job.compile_limits`) its build.
@@ -54,6 +64,9 @@ class Checker:
     program: tuple[str, ...] = ()
     files: tuple[tuple[str, str], ...] = ()
 
+    def __post_init__(self) -> None:
+        _keep(self, program=tuple(self.program), files=_pairs(self.files))
+
     def to_json(self) -> Any:
         if self.kind == "float":
             return {"float": {"rel": self.rel, "abs": self.abs}}
@@ -73,6 +86,9 @@ class Case:
     expected_stdout: str | None = None
     # files the program writes in its working directory, by relative path
     expected_files: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        _keep(self, args=tuple(self.args), expected_files=_pairs(self.expected_files))
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "stdin": self.stdin, "args": list(self.args),
@@ -101,6 +117,11 @@ class Job:
     recipe: str | None = None
     rootfs: str | None = None
     image: str | None = None
+
+    def __post_init__(self) -> None:
+        _keep(self, cases=tuple(self.cases), files=_pairs(self.files),
+              compile=None if self.compile is None else tuple(self.compile),
+              run=None if self.run is None else tuple(self.run))
 
     @classmethod
     def from_json(cls, data: Any) -> Job:

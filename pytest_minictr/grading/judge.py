@@ -13,6 +13,7 @@ never one of the program's verdicts.
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 from pathlib import Path
@@ -39,7 +40,6 @@ from pytest_minictr.rootfs import recipe as recipes
 
 CHECKER_LIMITS = Limits(memory=256 * 1024 ** 2, timeout=10.0, pids=16, output=64 * 1024)
 COMPILE_OUTPUT_KEPT = 8192  # bytes of the compiler's output a compile_error carries
-_CPU_SIGNALS = (-signal.SIGXCPU, -signal.SIGKILL)
 
 
 def grade_job(runtime: ContainerRuntime, job: Job, builder: RootfsBuilder | None = None,
@@ -71,12 +71,18 @@ def commands_of(job: Job) -> tuple[tuple[str, ...], tuple[str, ...]]:
     name = job.recipe or job.language
     if name is None:
         raise ConfigError(f"job {job.id!r}: run: missing, and no language to take it from")
-    defaults = recipes.parse_toml(recipes.find(name).read_text())
+    defaults = recipe_commands(str(recipes.find(name)))
     run = job.run if job.run is not None else tuple(defaults.get("run", ()))
     if not run:
         raise ConfigError(f"job {job.id!r}: run: missing, and recipe {name!r} has no `run`")
     return (job.compile if job.compile is not None else tuple(defaults.get("compile", ())),
             run)
+
+
+@functools.lru_cache(maxsize=64)
+def recipe_commands(path: str) -> dict[str, Any]:
+    """A recipe's TOML, read once a process (a batch reads it for every job otherwise)."""
+    return recipes.parse_toml(Path(path).read_text())
 
 
 def limit_keywords(limits: Limits) -> dict[str, Any]:
@@ -99,9 +105,13 @@ def cpu_time_keywords(seconds: float | None) -> dict[str, Any]:
 def run_verdict(result: Result, limits: Limits) -> str:
     """The run's verdict, `cpu_time` where the CPU-time limit ended it."""
     verdict = result.verdict
-    if limits.cpu_time is not None and verdict == "signal" and \
-            result.returncode in _CPU_SIGNALS and result.cpu_time is not None and \
-            result.cpu_time >= min(limits.cpu_time, math.ceil(limits.cpu_time)) * 0.95:
+    if limits.cpu_time is None or verdict != "signal":
+        return verdict
+    # SIGXCPU comes from RLIMIT_CPU's soft limit; SIGKILL from its hard one, or from the OOM
+    # killer (which says so: oom_killed) or a timeout (timed_out): the CPU used tells
+    if result.returncode == -signal.SIGXCPU or (
+            result.returncode == -signal.SIGKILL and result.cpu_time is not None
+            and result.cpu_time >= limits.cpu_time * 0.9):
         return CPU_TIME
     return verdict
 
@@ -159,8 +169,11 @@ class _Judge:
 
     def check(self, case: Case, stdout: bytes, workdir: Path) -> tuple[str, str]:
         outputs: list[tuple[str, bytes | None, str]] = []
-        if case.expected_stdout is not None:
-            outputs.append(("stdout", stdout, case.expected_stdout))
+        # a checker program judges every case: one with nothing expected gives it an empty
+        # answer (a checker of "any valid output" needs none)
+        judged_anyway = self.job.checker.kind == "program" and not case.expected_files
+        if case.expected_stdout is not None or judged_anyway:
+            outputs.append(("stdout", stdout, case.expected_stdout or ""))
         outputs.extend((path, read_inside(workdir, path, self.job.limits.output), expected)
                        for path, expected in case.expected_files)
         for name, output, expected in outputs:

@@ -25,6 +25,7 @@ BOX = "/box"        # the working directory: the build's (writable), or a case's
 CHECKER = "/checker"
 CHECK = "/check"    # the checker's input, output and answer
 SHARED_MEMORY = "/dev/shm"
+PREFIX = "minictr-job-"  # then the pid of the process that made it
 
 
 def default_parent() -> str:
@@ -37,7 +38,8 @@ class Workspace:
     """The directories of one job, removed on close (a context manager)."""
 
     def __init__(self, parent: str | None = None):
-        self.path = Path(tempfile.mkdtemp(prefix="minictr-job-", dir=parent or default_parent()))
+        self.path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-",
+                                          dir=parent or default_parent()))
         self.build = self._fresh_dir("build", 0o777)
         self.checker = self.path / "checker"
 
@@ -82,6 +84,12 @@ class Workspace:
         path.mkdir()
         path.chmod(mode)  # (mkdir's mode passes through the umask)
         return path
+
+
+def remove_workspaces_of(pid: int, parent: str | None = None) -> None:
+    """What a process killed outright (SIGKILL: no cleanup of its own) left."""
+    for path in Path(parent or default_parent()).glob(f"{PREFIX}{pid}-*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def read_inside(root: Path, relative: str, limit: int) -> bytes | None:

@@ -9,10 +9,20 @@ bwrap running the same snippet on the same rootfs.
 
 Each is run sequentially (1 worker) and by 2 worker processes at once; the figure is snippets
 per second over the whole batch (worker start-up excluded: each worker warms up first), and
-every verdict is checked. The script reports and does not judge: it exits 1 only if a
-snippet went wrong.
+every verdict is checked.
 
-    python tests/benchmarks/bench_grading.py [--snippets 200] [--json]
+Then the judge (issue #28, figures of item 8):
+
+  batch        `minictr grade JOBS.jsonl --workers 2` over --jobs trivial python3 jobs (one
+               case each, judged), the whole command timed, start-up included; against
+               the same snippets through bwrap (as above) by a pool of 2 processes
+  per case     a 20-case C job (grade_job on a warm runtime: one build, 20 containers) against
+               its binary, compiled on the host, run 20 times bare (subprocess.run); the
+               figure is the milliseconds each case costs beyond a bare run
+
+The script reports and does not judge: it exits 1 only if a snippet or a job went wrong.
+
+    python tests/benchmarks/bench_grading.py [--snippets 200] [--jobs 1000] [--json]
 """
 
 from __future__ import annotations
@@ -87,6 +97,7 @@ def measure(worker, rootfs: str, snippets: int, workers: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--snippets", type=int, default=200)
+    parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="minictr-bench-") as cache:
@@ -105,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, worker in peers.items():
                 report["runs"][f"{name} x{workers}"] = measure(worker, rootfs, args.snippets,
                                                                 workers)
+        report["judge"] = measure_judge(rootfs, args.jobs, cache)
     runs = report["runs"]
     for workers in (1, 2):
         if f"bwrap x{workers}" in runs:
@@ -113,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 / runs[f"bwrap x{workers}"]["per_second"], 2)
     if args.json:
         print(json.dumps(report, indent=2))
+        return 1 if any(row["wrong"] for row in runs.values()) or report["judge"]["wrong"] else 0
     else:
         print(f"python3 recipe: cold build {report['rootfs_cold_s']} s, cached "
               f"{report['rootfs_cached_ms']} ms; snippet {SNIPPET!r}, limits {LIMITS}")
@@ -122,7 +135,94 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in report.items():
             if key.startswith("ratio"):
                 print(f"{key}: {value}")
-    return 1 if any(row["wrong"] for row in runs.values()) else 0
+        for key, value in report["judge"].items():
+            print(f"judge: {key}: {value}")
+    return 1 if any(row["wrong"] for row in runs.values()) or report["judge"]["wrong"] else 0
+
+
+def measure_judge(rootfs: str, jobs: int, cache: str) -> dict:
+    # in the order grade, bwrap, bwrap, grade, half the jobs each time: a machine whose load
+    # drifts during the run weighs on both alike
+    halves = [jobs // 2, jobs - jobs // 2]
+    batches = [grade_batch(halves[0], cache)]
+    pools = [bwrap_pool(rootfs, half) for half in halves] if shutil.which("bwrap") else []
+    batches.append(grade_batch(halves[1], cache))
+    cases = per_case_overhead(cache)
+    seconds = sum(batch["seconds"] for batch in batches)
+    report = {"grade_jobs_per_s": round(jobs / seconds, 1), "grade_seconds": round(seconds, 3),
+              "wrong": sum(batch["wrong"] for batch in batches) + cases["wrong"], **cases}
+    if pools:
+        pool_seconds = sum(pool["seconds"] for pool in pools)
+        report["bwrap_pool_jobs_per_s"] = round(jobs / pool_seconds, 1)
+        report["ratio (grade/bwrap pool, jobs/s)"] = round(pool_seconds / seconds, 2)
+        report["wrong"] += sum(pool["wrong"] for pool in pools)
+    return report
+
+
+def grade_batch(jobs: int, cache: str) -> dict:
+    job = {"language": "python3", "files": {"main.py": SNIPPET},
+           "cases": [{"expected_stdout": EXPECTED.decode()}],
+           "limits": {"memory": "64M", "pids": 32, "timeout": 10, "output": "1M"}}
+    with tempfile.TemporaryDirectory(prefix="minictr-bench-") as place:
+        path = os.path.join(place, "jobs.jsonl")
+        with open(path, "w") as out:
+            out.writelines(json.dumps({"id": f"j{i}", **job}) + "\n" for i in range(jobs))
+        began = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "pytest_minictr", "grade", path,
+                               "--workers", "2"], capture_output=True, text=True,
+                              env={**os.environ, "MINICTR_CACHE_DIR": cache})
+        span = time.monotonic() - began
+    verdicts = [json.loads(line)["verdict"] for line in done.stdout.splitlines()]
+    return {"seconds": round(span, 3), "per_second": round(jobs / span, 1),
+            "wrong": jobs - verdicts.count("ok")}
+
+
+def _bwrap_once(argv: list[str]) -> bool:
+    done = subprocess.run(argv, capture_output=True)
+    return done.returncode == 0 and done.stdout == EXPECTED
+
+
+def bwrap_pool(rootfs: str, jobs: int) -> dict:
+    argv = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup", "--die-with-parent", "--ro-bind", rootfs, "/",
+            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "python3", "-c", SNIPPET]
+    began = time.monotonic()
+    with multiprocessing.Pool(2) as pool:  # its start-up counted, as the grader's is
+        passed = pool.map(_bwrap_once, [argv] * jobs)
+    span = time.monotonic() - began
+    return {"seconds": span, "wrong": passed.count(False)}
+
+
+C_SOURCE = "#include <stdio.h>\nint main(void){ int x; if (scanf(\"%d\", &x) != 1) " \
+           "return 1; printf(\"%d\\n\", 2 * x); return 0; }\n"
+
+
+def per_case_overhead(cache: str, cases: int = 20) -> dict:
+    from pytest_minictr.grading import Job, grade_job
+    job = Job.from_json({"id": "c20", "language": "c", "files": {"main.c": C_SOURCE},
+                         "cases": [{"id": str(i), "stdin": f"{i}\n",
+                                    "expected_stdout": f"{2 * i}\n"} for i in range(cases)]})
+    builder = RootfsBuilder(cache_dir=cache)
+    with ContainerRuntime() as runtime:
+        grade_job(runtime, job, builder)  # warm: the rootfs built, the launcher started
+        began = time.perf_counter()
+        result = grade_job(runtime, job, builder)
+        graded = time.perf_counter() - began
+    with tempfile.TemporaryDirectory(prefix="minictr-bench-") as place:
+        source, binary = os.path.join(place, "main.c"), os.path.join(place, "main")
+        with open(source, "w") as out:
+            out.write(C_SOURCE)
+        subprocess.run(["gcc", "-O2", "-o", binary, source], check=True)
+        began = time.perf_counter()
+        for i in range(cases):
+            subprocess.run([binary], input=f"{i}\n".encode(), capture_output=True, check=True)
+        bare = time.perf_counter() - began
+    build = result.compile.wall_time if result.compile and result.compile.wall_time else 0.0
+    per_case = (graded - build) / cases
+    return {"job_20_cases_s": round(graded, 3), "build_s": round(build, 3),
+            "per_case_ms": round(per_case * 1e3, 2), "bare_run_ms": round(bare / cases * 1e3, 2),
+            "overhead_per_case_ms": round((per_case - bare / cases) * 1e3, 2),
+            "wrong": 0 if result.verdict == "ok" else 1}
 
 
 if __name__ == "__main__":
