@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -52,9 +54,21 @@ def ray():
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory) -> dict:
-    """A node's arguments: its logs and sockets in the test's temporary directory."""
-    return {**NODE, "temp_dir": str(tmp_path_factory.mktemp("ray"))}
+def node():
+    """A node's arguments: its logs and sockets in a directory of the test's own (Ray also
+    writes the cluster's address under RAY_TMPDIR, whatever the node's temp_dir). A short
+    one: Ray's socket paths under pytest's (and xdist's) directories would pass the 108 bytes
+    a Unix socket's path may have."""
+    place = tempfile.mkdtemp(prefix="ray-")
+    os.makedirs(os.path.join(place, "ray"))
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = place
+    yield {**NODE, "temp_dir": os.path.join(place, "ray")}
+    if saved is None:
+        del os.environ["RAY_TMPDIR"]
+    else:
+        os.environ["RAY_TMPDIR"] = saved
+    shutil.rmtree(place, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -206,14 +220,20 @@ def remove_a_node_mid_batch(cluster, node: dict, backend: RayBackend, jobs: list
 
 def test_a_node_removed_mid_batch_costs_nothing(cluster, node):
     jobs = [job(f"lost-{index}", seconds=2) for index in range(10)]
-    results = remove_a_node_mid_batch(cluster, node, RayBackend(cluster.address), jobs)
+    workdir = tempfile.mkdtemp(dir=node["temp_dir"])
+    backend = RayBackend(cluster.address, workdir=workdir)
+    results = remove_a_node_mid_batch(cluster, node, backend, jobs)
     assert sorted((r.id, r.verdict) for r in results) == sorted((j.id, "ok") for j in jobs)
+    # what the killed workers left is swept by the next job on the node
+    backend.map([job(f"sweep-{index}") for index in range(6)])
+    assert os.listdir(workdir) == []
 
 
 def test_a_job_out_of_retries_is_an_infra_error_never_a_loss(cluster, node):
     jobs = [job(f"once-{index}", seconds=2) for index in range(10)]
-    results = remove_a_node_mid_batch(cluster, node, RayBackend(cluster.address, retries=0),
-                                      jobs)
+    backend = RayBackend(cluster.address, retries=0,
+                         workdir=tempfile.mkdtemp(dir=node["temp_dir"]))
+    results = remove_a_node_mid_batch(cluster, node, backend, jobs)
     assert sorted(r.id for r in results) == sorted(j.id for j in jobs)
     lost = [r for r in results if r.verdict == "infra_error"]
     assert lost and all(r.error.startswith("on Ray: ") for r in lost), results

@@ -15,6 +15,7 @@ only here, and only when a grader is asked to use it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -44,7 +45,19 @@ def grade_in_worker(job: Job, cache_dir: str | None, workdir: str | None) -> Job
     """A Ray task's body, in a Ray worker process: the job, in this process's warm runtime."""
     from pytest_minictr import RootfsBuilder
     from pytest_minictr.grading.judge import grade_job
+    remove_workspaces_of_the_dead(workdir)
     return grade_job(process_runtime(), job, RootfsBuilder(cache_dir=cache_dir), workdir)
+
+
+def remove_workspaces_of_the_dead(workdir: str | None) -> None:
+    """The workspaces Ray workers killed on this node left (a lost worker has no cleanup of
+    its own, and nobody else on the node is told), removed before each job: a listing of one
+    directory, of a few entries."""
+    from pytest_minictr.grading.workspace import PREFIX, default_parent, remove_workspaces_of
+    for path in Path(workdir or default_parent()).glob(f"{PREFIX}*-*"):
+        pid = path.name[len(PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            remove_workspaces_of(int(pid), workdir)
 
 
 class RayBackend:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -48,6 +50,10 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=120)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    # Ray's logs, sockets and address file in a directory of ours, removed at the end
+    place = tempfile.mkdtemp(prefix="ray-")
+    os.makedirs(os.path.join(place, "ray"))
+    os.environ["RAY_TMPDIR"] = place
     import ray
     from ray.cluster_utils import Cluster
     with Grader(workers=NODES) as grader:
@@ -62,6 +68,7 @@ def main() -> int:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(place, ignore_errors=True)
     report = {"jobs": args.jobs, "workers": NODES, "local_seconds": local,
               "ray_seconds": on_ray, "overhead_ms_per_job": (on_ray - local) / args.jobs * 1e3,
               "all ok": local_ok and ray_ok}
