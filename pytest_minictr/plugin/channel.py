@@ -43,7 +43,7 @@ def read_lines(data: bytes, seal: str, status_line: bool) -> Received:
     for number, text in enumerate(data.splitlines(), 1):
         if not text:
             continue
-        line = _parse(text)
+        line = parse_line(text)
         why = _foreign(line, seal, report is not None, status_line, lines)
         if why is not None:
             return Received(tuple(lines), f"line {number}: {why}", report)
@@ -54,7 +54,8 @@ def read_lines(data: bytes, seal: str, status_line: bool) -> Received:
     return Received(tuple(lines), None, report)
 
 
-def _parse(text: bytes) -> dict | None:
+def parse_line(text: bytes) -> dict | None:
+    """A line of the channel as the JSON object it should be, else None."""
     try:
         line = json.loads(text)
     except ValueError:

@@ -41,7 +41,7 @@ from pytest_minictr.container.body import write_all
 from pytest_minictr.errors import MinictrError, UnsupportedError
 from pytest_minictr.keywords import ContainerSettings
 from pytest_minictr.plugin import sandbox
-from pytest_minictr.plugin.channel import SETUP_KEYS, Received, new_seal
+from pytest_minictr.plugin.channel import SETUP_KEYS, Received, new_seal, parse_line
 from pytest_minictr.plugin.fixture import unavailable
 from pytest_minictr.plugin.outcome import FORGED, outcome_of, replay_warnings, report_from
 from pytest_minictr.plugin.settings import SessionSettings, sandbox_scope
@@ -191,7 +191,7 @@ class SharedSandbox:
 
     def _next_message(self, nodeid: str) -> dict:
         while line := self._read_line():
-            parsed = _parse(line)
+            parsed = parse_line(line)
             why = self._foreign(parsed, nodeid)
             if why is not None:
                 self._kill()
@@ -272,14 +272,6 @@ class SharedSandbox:
             self._lines.close()
             self._channel.close()
         return status
-
-
-def _parse(text: bytes) -> dict | None:
-    try:
-        line = json.loads(text)
-    except ValueError:
-        return None
-    return line if isinstance(line, dict) else None
 
 
 def _failed(item: pytest.Item, when: str, failure: str,
