@@ -70,7 +70,8 @@ def body_settings(item: pytest.Item, session: SessionSettings) -> ContainerSetti
                     f"@pytest.mark.container: {name}= builds a rootfs for the `container` "
                     f"fixture, which this test does not use: its body runs sandboxed on a "
                     f"read-only view of the host (drop {name}=, or use the fixture)")
-    return merge_marker(session.defaults, item)
+    settings = merge_marker(session.defaults, item)
+    return replace(settings, writable=(*session.writable, *settings.writable))
 
 
 def body_view(item: pytest.Item, settings: ContainerSettings,
