@@ -45,7 +45,7 @@ from pytest_minictr.errors import ConfigError, ContainerSetupError, UnsupportedE
 from pytest_minictr.host import linux
 from pytest_minictr.host.proc import open_namespaces
 from pytest_minictr.keywords import ContainerSettings
-from pytest_minictr.plugin import secrets
+from pytest_minictr.plugin import body_warnings, secrets
 from pytest_minictr.plugin.outcome import BodyOutcome, outcome_of
 from pytest_minictr.plugin.services import body_network_notes
 from pytest_minictr.plugin.settings import SessionSettings, keep_env_names, merge_marker
@@ -250,7 +250,7 @@ def call_in_body(item: pytest.Item, runtest: Callable[[], None],
             os.environ[name] = value
     config = item.config
     logged = _keep_logged_reports(config)
-    with warnings.catch_warnings(record=True) as caught:
+    with body_warnings.kept_and_passed_on() as caught:
         call = pytest.CallInfo.from_call(runtest, when="call")
     report = item.ihook.pytest_runtest_makereport(item=item, call=call)
     # pytest's subtests fail a passed test with failed subtests in this hook, counting them
@@ -293,6 +293,7 @@ def _captured(config: pytest.Config) -> dict:
             stream.flush()
     capman = config.pluginmanager.getplugin("capturemanager")
     try:
+        capman.deactivate_fixture()  # what capsys/capfd hold goes to the global capture
         out, err = capman.read_global_capture()
     except (AttributeError, AssertionError):
         out, err = "", ""

@@ -1,0 +1,65 @@
+"""Outcomes of sandboxed bodies against the same tests in process (#27), for what real suites
+do (tests/benchmarks/bench_suites.py found these): warnings, captured output, logging."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+INNER_TIMEOUT = 240
+
+WARNS_AND_PRINTS = """
+import logging, sys, warnings, pytest
+
+def test_warns():
+    warnings.warn("old api", DeprecationWarning)
+
+def test_warning_as_error():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.warn("now an error", UserWarning)
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_warning_marked_error():
+    warnings.warn("marked error", RuntimeWarning)
+
+def test_recwarn(recwarn):
+    warnings.warn("recorded", UserWarning)
+    assert len(recwarn) == 1
+
+def test_prints_and_fails(capsys):
+    print("to stdout")
+    print("to stderr", file=sys.stderr)
+    logging.getLogger("suite").warning("logged")
+    assert capsys.readouterr().out == "to stdout\\n"
+    print("after readouterr")
+    assert False
+"""
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args,
+                                         timeout=INNER_TIMEOUT)
+
+
+def _junit_without_times(text: str) -> str:
+    return re.sub(r' (time|timestamp|hostname)="[^"]*"|0x[0-9a-f]+', "", text)
+
+
+def test_warnings_and_captured_output_read_as_in_process(pytester):
+    pytester.makepyfile(WARNS_AND_PRINTS)
+    plain = run(pytester, "-rA", "-o", "junit_logging=all", "--junitxml=plain.xml")
+    boxed = run(pytester, "-rA", "-o", "junit_logging=all", "--junitxml=boxed.xml",
+                "--minictr-sandbox-tests")
+    assert boxed.parseoutcomes() == plain.parseoutcomes() == {
+        "passed": 2, "failed": 3, "warnings": 1}
+    for text in ("*DeprecationWarning: old api*", "*- Captured stdout call -*",
+                 "after readouterr", "*WARNING*suite*logged*",
+                 "*UserWarning: now an error*", "*RuntimeWarning: marked error*"):
+        boxed.stdout.fnmatch_lines([text])
+    plain_xml, boxed_xml = (_junit_without_times((pytester.path / name).read_text())
+                            for name in ("plain.xml", "boxed.xml"))
+    assert boxed_xml == plain_xml
