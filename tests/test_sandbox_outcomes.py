@@ -63,3 +63,46 @@ def test_warnings_and_captured_output_read_as_in_process(pytester):
     plain_xml, boxed_xml = (_junit_without_times((pytester.path / name).read_text())
                             for name in ("plain.xml", "boxed.xml"))
     assert boxed_xml == plain_xml
+
+
+SUBTESTS = """
+import unittest, warnings
+
+def test_fixture(subtests):
+    for n in range(3):
+        with subtests.test(msg="checks", n=n):
+            print("subtest", n)
+            assert n != 1
+    warnings.warn("after the subtests", UserWarning)
+
+class Case(unittest.TestCase):
+    def test_subtest(self):
+        for n in range(3):
+            with self.subTest(n=n):
+                self.assertNotEqual(n, 2)
+
+    def test_skips_a_subtest(self):
+        with self.subTest("skipped"):
+            self.skipTest("not here")
+"""
+
+
+@pytest.mark.parametrize("workers", [(), ("-n", "2")], ids=["inline", "xdist"])
+def test_subtests_read_as_in_process_to_the_junit_file(pytester, workers):
+    if workers:
+        pytest.importorskip("xdist", reason="pytest-xdist is not installed")
+    pytester.makepyfile(SUBTESTS)
+    plain = run(pytester, *workers, "-rA", "--junitxml=plain.xml")
+    boxed = run(pytester, *workers, "-rA", "--junitxml=boxed.xml", "--minictr-sandbox-tests")
+    assert boxed.parseoutcomes() == plain.parseoutcomes()
+    summary = [line for line in plain.stdout.lines if line.startswith(("SUB", "PASSED",
+                                                                        "FAILED", "SKIPPED"))]
+    assert summary
+    for line in summary:  # in the order the workers ended them
+        boxed.stdout.fnmatch_lines([line])
+    plain_xml, boxed_xml = (_junit_without_times((pytester.path / name).read_text())
+                            for name in ("plain.xml", "boxed.xml"))
+    if workers:  # the workers' order varies from run to run
+        plain_xml, boxed_xml = sorted(plain_xml.split("<testcase")), sorted(
+            boxed_xml.split("<testcase"))
+    assert boxed_xml == plain_xml

@@ -1,4 +1,5 @@
-"""The warnings a sandboxed body's call raised, for the worker to replay (see `sandbox`).
+"""What a sandboxed body's call raised besides its report, for the worker to replay as it
+would have come in process (see `sandbox`): its warnings, and whether the capture was on.
 
 In the body, a warning must reach what it would reach in process, the recorder active when
 the call began (pytest's, whose copy here is lost with the body, or the test's own `recwarn`,
@@ -31,3 +32,12 @@ def kept_and_passed_on() -> Iterator[list[warnings.WarningMessage]]:
     with warnings.catch_warnings():  # restores the hook, and the filters a test changed
         module._showwarnmsg_impl = keep
         yield kept
+
+
+def capture_on(config: Any) -> bool:
+    """Whether pytest's global capture takes this process's output now (the `subtests`
+    fixture suspends it around its reports, unittest's subTest does not). The capture
+    manager says how it captures, not whether it is suspended: its MultiCapture's state."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    state = getattr(getattr(capman, "_global_capturing", None), "_state", None)
+    return bool(state == "started")

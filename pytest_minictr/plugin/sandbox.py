@@ -46,7 +46,8 @@ from pytest_minictr.host import linux
 from pytest_minictr.host.proc import open_namespaces
 from pytest_minictr.keywords import ContainerSettings
 from pytest_minictr.plugin import body_warnings, secrets
-from pytest_minictr.plugin.outcome import BodyOutcome, outcome_of
+from pytest_minictr.plugin.body_warnings import capture_on
+from pytest_minictr.plugin.outcome import LOGGED_CAPTURED, BodyOutcome, outcome_of
 from pytest_minictr.plugin.services import body_network_notes
 from pytest_minictr.plugin.settings import SessionSettings, keep_env_names, merge_marker
 from pytest_minictr.spec import Limits, Security
@@ -259,22 +260,24 @@ def call_in_body(item: pytest.Item, runtest: Callable[[], None],
     try:
         return json.dumps({
             "report": _serializable(config, report),
-            "logged": [_serializable(config, sub) for sub in logged],
+            "logged": [{**_serializable(config, sub), LOGGED_CAPTURED: captured}
+                       for sub, captured in logged],
             **_captured(config),
             "warnings": [_warning_data(w) for w in caught]}, default=repr).encode() + b"\n"
     except Exception as error:  # noqa: BLE001 - not "the sandbox could not be set up"
         raise ContainerSetupError(f"{type(error).__name__}: {error}", "report") from None
 
 
-def _keep_logged_reports(config: pytest.Config) -> list[pytest.TestReport]:
+def _keep_logged_reports(config: pytest.Config) -> list[tuple[pytest.TestReport, bool]]:
     """From now on in this process, a report logged (`pytest_runtest_logreport`) is kept for
-    the worker and goes to no plugin here: no hook lets one stop the others (it is no
-    firstresult hook), so the hook itself is replaced, in this copy of pytest only."""
-    kept: list[pytest.TestReport] = []
+    the worker, with whether the capture was on, and goes to no plugin here: no hook lets one
+    stop the others (it is no firstresult hook), so the hook itself is replaced, in this copy
+    of pytest only."""
+    kept: list[tuple[pytest.TestReport, bool]] = []
 
     def keep(name: str, impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, object],
              firstresult: bool) -> list[object]:
-        kept.append(kwargs["report"])  # type: ignore[arg-type]
+        kept.append((kwargs["report"], capture_on(config)))  # type: ignore[arg-type]
         return []
     relay: Any = config.hook  # a HookRelay's hooks are attributes mypy does not know
     relay.pytest_runtest_logreport = pluggy.HookCaller("pytest_runtest_logreport", keep)
