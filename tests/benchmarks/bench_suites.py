@@ -6,7 +6,8 @@ requirements, this pytest and pytest-xdist, and this checkout's plugin by a .pth
 times, from a fresh copy of the sdist each time:
 
   plain -n1, plain -n2           the suite as its authors run it (under xdist)
-  sandboxed -n1, sandboxed -n2   the same with --minictr-sandbox-tests
+  sandboxed -n1, sandboxed -n2   the same with --minictr-sandbox-tests (and, for suites
+                                 with Hypothesis, --minictr-writable .hypothesis)
 
 each with --junitxml. Every run's outcomes (nodeid -> passed, failed, skipped, xfailed, error;
 a test reported more than once, as subtests are, keeps all its outcomes) are compared with
@@ -17,7 +18,8 @@ differs in the sandbox" says which differences are expected and why.
 
     python tests/benchmarks/bench_suites.py [--projects attrs,click] [--cache DIR] [--json]
 
-Needs PyPI (pip download), root or a host where the sandbox runs, and minutes: the sandboxed
+Needs PyPI (pip download), this checkout installed editable (`pip install -e .`: its
+egg-info and native core), root or a host where the sandbox runs, and minutes: the sandboxed
 runs of a large suite take several times its plain time.
 """
 
@@ -48,17 +50,21 @@ class Project:
     version: str
     requirements: tuple[str, ...] = ()  # what its tests import, besides pytest
     tests: tuple[str, ...] = ("tests",)  # pytest's arguments, in the unpacked sdist
+    sandboxed: tuple[str, ...] = ()     # more arguments for the sandboxed runs
 
 
+# Hypothesis keeps its examples in .hypothesis: a body may write there only when told
+HYPOTHESIS_DB = ("--minictr-writable", ".hypothesis")
 PROJECTS = (
-    Project("attrs", "25.3.0", ("hypothesis==6.131.0", "pympler==1.1", "cloudpickle==3.1.1")),
+    Project("attrs", "25.3.0", ("hypothesis==6.131.0", "pympler==1.1", "cloudpickle==3.1.1"),
+            sandboxed=HYPOTHESIS_DB),
     Project("toolz", "1.0.0", tests=("toolz/tests",)),
     Project("click", "8.1.8"),
-    Project("jinja2", "3.1.6"),
+    Project("jinja2", "3.1.6", ("trio==0.29.0",)),
     Project("more-itertools", "10.7.0"),
     Project("cachetools", "5.5.2"),
     Project("python-dateutil", "2.9.0.post0",
-            ("hypothesis==6.131.0", "freezegun==1.5.1", "six==1.17.0")),
+            ("hypothesis==6.131.0", "freezegun==1.5.1", "six==1.17.0"), sandboxed=HYPOTHESIS_DB),
 )
 RUNS = (("plain", 1), ("plain", 2), ("sandboxed", 1), ("sandboxed", 2))
 SANDBOX = ("--minictr-sandbox-tests",)
@@ -140,15 +146,17 @@ def download(project: Project, into: Path) -> Path:
 
 
 def project_venv(project: Project, sdist: Path, venvs: Path) -> Path:
-    """The project's venv (made once: a marker file says it is complete); its python."""
+    """The project's venv (made once: a marker file says it is complete, with what); its
+    python."""
     home = venvs / f"{project.name}-{project.version}"
     python = home / "bin" / "python"
     done = home / "bench-suites-ready"
-    if done.exists():
+    tools = [f"{name}=={importlib.metadata.version(name)}" for name in ("pytest", "pytest-xdist")]
+    wanted = " ".join([*tools, *project.requirements])
+    if done.exists() and done.read_text() == wanted:
         return python
     shutil.rmtree(home, ignore_errors=True)
     venv.create(home, with_pip=True)
-    tools = [f"{name}=={importlib.metadata.version(name)}" for name in ("pytest", "pytest-xdist")]
     subprocess.run([str(python), "-m", "pip", "install", "-q", *tools, *project.requirements,
                     str(sdist)], check=True)
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path("
@@ -156,7 +164,7 @@ def project_venv(project: Project, sdist: Path, venvs: Path) -> Path:
     # the plugin of this checkout (its egg-info names the entry point), with the native core
     # its editable install built
     Path(site.stdout.strip(), "minictr-bench.pth").write_text(f"{REPO}\n")
-    done.touch()
+    done.write_text(wanted)
     return python
 
 
@@ -176,7 +184,7 @@ def run_suite(project: Project, python: Path, source: Path, mode: str, workers: 
     """Its own session, so that a run that hangs is killed with all it started."""
     argv = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(workers),
             f"--junitxml={junit}",
-            *(SANDBOX if mode == "sandboxed" else ()), *project.tests]
+            *((*SANDBOX, *project.sandboxed) if mode == "sandboxed" else ()), *project.tests]
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("PYTEST_", "MINICTR_"))}
     start = time.monotonic()
