@@ -51,20 +51,26 @@ class Project:
     requirements: tuple[str, ...] = ()  # what its tests import, besides pytest
     tests: tuple[str, ...] = ("tests",)  # pytest's arguments, in the unpacked sdist
     sandboxed: tuple[str, ...] = ()     # more arguments for the sandboxed runs
+    options: tuple[str, ...] = ()       # more arguments for every run
 
 
 # Hypothesis keeps its examples in .hypothesis: a body may write there only when told
 HYPOTHESIS_DB = ("--minictr-writable", ".hypothesis")
+# Under `filterwarnings = error`, pytest 9's deprecation of generators given to parametrize,
+# and marks of plugins not installed (pytest-cov's no_cover), fail whole modules' collection
+PYTEST_9 = ("-W", "ignore::pytest.PytestRemovedIn10Warning",
+            "-W", "ignore::pytest.PytestUnknownMarkWarning")
 PROJECTS = (
     Project("attrs", "25.3.0", ("hypothesis==6.131.0", "pympler==1.1", "cloudpickle==3.1.1"),
             sandboxed=HYPOTHESIS_DB),
     Project("toolz", "1.0.0", tests=("toolz/tests",)),
-    Project("click", "8.1.8"),
+    Project("click", "8.1.8", options=PYTEST_9),
     Project("jinja2", "3.1.6", ("trio==0.29.0",)),
     Project("more-itertools", "10.7.0"),
     Project("cachetools", "5.5.2"),
     Project("python-dateutil", "2.9.0.post0",
-            ("hypothesis==6.131.0", "freezegun==1.5.1", "six==1.17.0"), sandboxed=HYPOTHESIS_DB),
+            ("hypothesis==6.131.0", "freezegun==1.5.1", "six==1.17.0"), sandboxed=HYPOTHESIS_DB,
+            options=PYTEST_9),
 )
 RUNS = (("plain", 1), ("plain", 2), ("sandboxed", 1), ("sandboxed", 2))
 SANDBOX = ("--minictr-sandbox-tests",)
@@ -184,7 +190,8 @@ def run_suite(project: Project, python: Path, source: Path, mode: str, workers: 
     """Its own session, so that a run that hangs is killed with all it started."""
     argv = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(workers),
             f"--junitxml={junit}",
-            *((*SANDBOX, *project.sandboxed) if mode == "sandboxed" else ()), *project.tests]
+            *project.options, *((*SANDBOX, *project.sandboxed) if mode == "sandboxed" else ()),
+            *project.tests]
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("PYTEST_", "MINICTR_"))}
     start = time.monotonic()
