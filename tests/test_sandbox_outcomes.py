@@ -49,10 +49,13 @@ def _junit_without_times(text: str) -> str:
     return re.sub(r' (time|timestamp|hostname)="[^"]*"|0x[0-9a-f]+', "", text)
 
 
-def test_warnings_and_captured_output_read_as_in_process(pytester):
+@pytest.mark.parametrize("workers", [(), ("-n", "2")], ids=["inline", "xdist"])
+def test_warnings_and_captured_output_read_as_in_process(pytester, workers):
+    if workers:
+        pytest.importorskip("xdist", reason="pytest-xdist is not installed")
     pytester.makepyfile(WARNS_AND_PRINTS)
-    plain = run(pytester, "-rA", "-o", "junit_logging=all", "--junitxml=plain.xml")
-    boxed = run(pytester, "-rA", "-o", "junit_logging=all", "--junitxml=boxed.xml",
+    plain = run(pytester, *workers, "-rA", "-o", "junit_logging=all", "--junitxml=plain.xml")
+    boxed = run(pytester, *workers, "-rA", "-o", "junit_logging=all", "--junitxml=boxed.xml",
                 "--minictr-sandbox-tests")
     assert boxed.parseoutcomes() == plain.parseoutcomes() == {
         "passed": 2, "failed": 3, "warnings": 1}
@@ -60,9 +63,13 @@ def test_warnings_and_captured_output_read_as_in_process(pytester):
                  "after readouterr", "*WARNING*suite*logged*",
                  "*UserWarning: now an error*", "*RuntimeWarning: marked error*"):
         boxed.stdout.fnmatch_lines([text])
-    plain_xml, boxed_xml = (_junit_without_times((pytester.path / name).read_text())
-                            for name in ("plain.xml", "boxed.xml"))
-    assert boxed_xml == plain_xml
+    assert _junit_cases(pytester, "boxed.xml") == _junit_cases(pytester, "plain.xml")
+
+
+def _junit_cases(pytester: pytest.Pytester, name: str) -> list[str]:
+    """The file's test cases, without times and addresses, in order (the workers' order
+    varies from run to run)."""
+    return sorted(_junit_without_times((pytester.path / name).read_text()).split("<testcase"))
 
 
 SUBTESTS = """
@@ -100,9 +107,4 @@ def test_subtests_read_as_in_process_to_the_junit_file(pytester, workers):
     assert summary
     for line in summary:  # in the order the workers ended them
         boxed.stdout.fnmatch_lines([line])
-    plain_xml, boxed_xml = (_junit_without_times((pytester.path / name).read_text())
-                            for name in ("plain.xml", "boxed.xml"))
-    if workers:  # the workers' order varies from run to run
-        plain_xml, boxed_xml = sorted(plain_xml.split("<testcase")), sorted(
-            boxed_xml.split("<testcase"))
-    assert boxed_xml == plain_xml
+    assert _junit_cases(pytester, "boxed.xml") == _junit_cases(pytester, "plain.xml")
