@@ -12,9 +12,10 @@ times, from a fresh copy of the sdist each time:
 each with --junitxml. Every run's outcomes (nodeid -> passed, failed, skipped, xfailed, error;
 a test reported more than once, as subtests are, keeps all its outcomes) are compared with
 plain -n1's: the differences are printed with the other side's message, and so are the wall
-times and their ratio to plain at the same -n. Plain -n2 against plain -n1 shows what varies
-without the sandbox (order, randomness). It reports and does not judge: the README's "What
-differs in the sandbox" says which differences are expected and why.
+times, their ratio to plain at the same -n and the difference per test (ms/test). Plain -n2
+against plain -n1 shows what varies without the sandbox (order, randomness). It reports and
+does not judge: the README's "What differs in the sandbox" says which differences are
+expected and why.
 
     python tests/benchmarks/bench_suites.py [--projects attrs,click] [--cache DIR] [--json]
 
@@ -254,9 +255,16 @@ def ratio(run: Run, runs: list[Run]) -> float:
     return run.wall_s / plain.wall_s
 
 
+def per_test_ms(run: Run, runs: list[Run]) -> float:
+    """Wall time over plain's at the same -n, per test (the suite's cost of the sandbox)."""
+    plain = next(r for r in runs if r.mode == "plain" and r.workers == run.workers)
+    return 1000 * (run.wall_s - plain.wall_s) / max(len(plain.results), 1)
+
+
 def summary(runs: list[Run]) -> dict:
     base = runs[0]
     return {run.label: {"wall_s": round(run.wall_s, 2), "ratio": round(ratio(run, runs), 2),
+                        "extra_ms_per_test": round(per_test_ms(run, runs), 1),
                         "returncode": run.returncode, "counts": counts(run),
                         "differences": [list(row) for row in differences(base, run)]}
             for run in runs}
@@ -264,11 +272,11 @@ def summary(runs: list[Run]) -> dict:
 
 def print_project(project: Project, runs: list[Run]) -> None:
     print(f"\n== {project.name} {project.version}")
-    print(f"{'run':<16}{'wall s':>9}{'ratio':>8}{'exit':>6}  outcomes")
+    print(f"{'run':<16}{'wall s':>9}{'ratio':>8}{'ms/test':>9}{'exit':>6}  outcomes")
     for run in runs:
         outcomes = ", ".join(f"{n} {o}" for o, n in sorted(counts(run).items()))
-        print(f"{run.label:<16}{run.wall_s:>9.1f}{ratio(run, runs):>8.2f}{run.returncode:>6}  "
-              f"{outcomes or run.tail}")
+        print(f"{run.label:<16}{run.wall_s:>9.1f}{ratio(run, runs):>8.2f}"
+              f"{per_test_ms(run, runs):>9.1f}{run.returncode:>6}  {outcomes or run.tail}")
     for run in runs[1:]:
         rows = differences(runs[0], run)
         print(f"-- {run.label} against {runs[0].label}: {len(rows)} differ")
