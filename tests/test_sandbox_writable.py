@@ -9,6 +9,8 @@ import tempfile
 
 import pytest
 
+from tests.unprivileged import account_fixture, place_with_tests
+
 pytest_plugins = ["pytester"]
 
 INNER_TIMEOUT = 240
@@ -81,3 +83,29 @@ def test_a_path_that_cannot_be_made_is_a_usage_error(pytester):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--minictr-writable=*afile.txt/sub'*: missing, and it "
                                  "cannot be made (Not a directory)*"])
+
+
+ROOTLESS = """
+import errno, os, pytest
+
+def test_writes_the_session_path():
+    open("data/written", "w").write("ok")
+    with pytest.raises(OSError) as error:
+        open("elsewhere", "w")
+    assert error.value.errno == errno.EROFS
+"""
+
+account = account_fixture("mcwr")
+
+
+def test_rootless_body_writes_the_session_paths(account):
+    """As a real account: the path made by it, bound writable in the body's own user
+    namespace, the rest of its tree read-only."""
+    with place_with_tests(account, "minictr-writable-site-", ROOTLESS) as (runner, place, tests):
+        done = runner("-m", "pytest", "-p", "pytest_minictr.plugin", "-p", "no:cacheprovider",
+                      "-rA", f"--basetemp={place}/home/tmp", "--minictr-sandbox-tests",
+                      "--minictr-writable", "data", str(tests), cwd=tests)
+        assert "1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
+        assert (tests / "data" / "written").read_text() == "ok"
+        assert (tests / "data").stat().st_uid == account.uid
+        assert not (tests / "elsewhere").exists()
