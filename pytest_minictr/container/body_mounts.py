@@ -7,6 +7,7 @@ Run in the body's mount namespace (as root, the spare's; without root, its init'
 
 from __future__ import annotations
 
+import errno
 import os
 
 from pytest_minictr.container.failure import attempt
@@ -18,12 +19,14 @@ from pytest_minictr.container.mounts import (
     mount_tmp,
     mount_tmpfs,
 )
+from pytest_minictr.errors import ContainerSetupError
 from pytest_minictr.host import linux
 from pytest_minictr.host.linux import MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, MS_REMOUNT
 
 TMP_LAYER = "/body-tmp"  # in the stage: the upper and work dirs of the body's /tmp
 # A hiding tmpfs holds only the mount points of what is bound back into it (see seal_hidden)
 HIDING_OPTIONS = "mode=0755,size=64k,nr_inodes=1024"
+HIDE_TRIES = 10  # a path replaced this often while one body starts is not a race any more
 
 
 def hide_host_path(path: str) -> None:
@@ -31,8 +34,22 @@ def hide_host_path(path: str) -> None:
     (read-only) over a file. A path missing, or a symlink by now, is left as it is: the
     worker resolved it, and a mount through a symlink would land elsewhere in the stage."""
     target = ROOT + path
-    if os.path.islink(target) or not os.path.lexists(target):
-        return
+    for tries_left in reversed(range(HIDE_TRIES)):
+        if os.path.islink(target) or not os.path.lexists(target):
+            return
+        try:
+            _cover(path, target)
+            return
+        except ContainerSetupError as error:
+            # useradd, passwd... replace /etc/shadow by a rename over it, maybe while a body
+            # starts (tests making accounts in another worker): the bind fails ENOENT on the
+            # old file's unlinked dentry (3% of binds during renames, measured), or the
+            # remount EINVAL on the new file, where the bind is not: look again
+            if error.errno not in (errno.ENOENT, errno.EINVAL) or not tries_left:
+                raise
+
+
+def _cover(path: str, target: str) -> None:
     if os.path.isdir(target):
         # writable until sealed: what is bound back into it needs its mount points made
         attempt(f"hide {path}", mount_tmpfs, target, HIDING_OPTIONS)

@@ -29,7 +29,7 @@ from pytest_minictr.doctor import checks as doctor
 from pytest_minictr.errors import ConfigError, MinictrError, UnsupportedError
 from pytest_minictr.keywords import ContainerSettings, marker_help
 from pytest_minictr.plugin import outcome as body_outcome
-from pytest_minictr.plugin import sandbox, secrets, wide
+from pytest_minictr.plugin import sandbox, secrets, wide, writable
 from pytest_minictr.plugin.fixture import LAST_RESULT, TestContainer, unavailable
 from pytest_minictr.plugin.host import (  # noqa: F401
     LAYER_PREFIX,
@@ -94,7 +94,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
             f"minictr: test bodies run sandboxed: {bodies}",
             f"minictr: sandboxed: {sandbox.WHAT_RUNS}",
             f"minictr: sandbox scope: {wide.SCOPE_HEADER[settings.sandbox_scope]}",
-            secrets.header(os.environ, keep_env_names(config))]
+            secrets.header(os.environ, keep_env_names(config)),
+            *writable.header(settings.writable)]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

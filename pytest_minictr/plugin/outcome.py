@@ -140,21 +140,30 @@ def _category(name: str) -> type[Warning]:
     return found if isinstance(found, type) and issubclass(found, Warning) else UserWarning
 
 
+LOGGED_CAPTURED = "minictr_logged_captured"  # in a logged report's data: capture was on
+
+
 def log_body_reports(item: pytest.Item, outcome: BodyOutcome) -> None:
     """Log what pytest logged in the body, as it would have in process (subtests log theirs
     with the capture suspended: the terminal shows them as they come)."""
-    if not outcome.logged:
-        return
     capman = item.config.pluginmanager.getplugin("capturemanager")
-    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
-        for data in outcome.logged:
+    for data in outcome.logged:
+        # unittest's subTest logs with the capture on (its lines go to the test's captured
+        # output), the `subtests` fixture with it off: as in the body, so in the worker
+        captured = data.get(LOGGED_CAPTURED, False) or capman is None
+        with contextlib.nullcontext() if captured else capman.global_and_fixture_disabled():
             item.ihook.pytest_runtest_logreport(report=report_from(item.config, data))
 
 
 def report_from(config: pytest.Config, data: dict) -> Any:
+    data = {name: value for name, value in data.items() if name != LOGGED_CAPTURED}
     if isinstance(data.get("longrepr"), list):  # a skip's (path, line, reason): JSON made
         data = {**data, "longrepr": tuple(data["longrepr"])}  # it a list
-    return config.hook.pytest_report_from_serializable(config=config, data=data)
+    report = config.hook.pytest_report_from_serializable(config=config, data=data)
+    context = data.get("_subtest.context")
+    if context is not None:  # a subtest's: rebuilding it repr()s its values again (n='1')
+        object.__setattr__(report.context, "kwargs", dict(context["kwargs"]))
+    return report
 
 
 def apply_outcome(item: pytest.Item, report: pytest.TestReport, outcome: BodyOutcome) -> None:

@@ -47,9 +47,10 @@ from pytest_minictr.errors import ConfigError, ContainerSetupError, UnsupportedE
 from pytest_minictr.host import linux
 from pytest_minictr.host.proc import open_namespaces
 from pytest_minictr.keywords import ContainerSettings
-from pytest_minictr.plugin import secrets
+from pytest_minictr.plugin import body_warnings, secrets
+from pytest_minictr.plugin.body_warnings import capture_on
 from pytest_minictr.plugin.channel import new_seal, read_lines
-from pytest_minictr.plugin.outcome import BodyOutcome, outcome_of
+from pytest_minictr.plugin.outcome import LOGGED_CAPTURED, BodyOutcome, outcome_of
 from pytest_minictr.plugin.services import body_network_notes
 from pytest_minictr.plugin.settings import SessionSettings, keep_env_names, merge_marker
 from pytest_minictr.spec import Limits, Security
@@ -73,7 +74,8 @@ def body_settings(item: pytest.Item, session: SessionSettings) -> ContainerSetti
                     f"@pytest.mark.container: {name}= builds a rootfs for the `container` "
                     f"fixture, which this test does not use: its body runs sandboxed on a "
                     f"read-only view of the host (drop {name}=, or use the fixture)")
-    return merge_marker(session.defaults, item)
+    settings = merge_marker(session.defaults, item)
+    return replace(settings, writable=(*session.writable, *settings.writable))
 
 
 def body_view(item: pytest.Item, settings: ContainerSettings,
@@ -300,7 +302,7 @@ def call_in_body(item: pytest.Item, runtest: Callable[[], None],
     change_env(env)
     config = item.config
     logged = keep_logged_reports(config)
-    with warnings.catch_warnings(record=True) as caught:
+    with body_warnings.kept_and_passed_on() as caught:
         call = pytest.CallInfo.from_call(runtest, when="call")
     report = item.ihook.pytest_runtest_makereport(item=item, call=call)
     # pytest's subtests fail a passed test with failed subtests in this hook, counting them
@@ -309,22 +311,24 @@ def call_in_body(item: pytest.Item, runtest: Callable[[], None],
     try:
         return json.dumps({
             "seal": seal, "report": serializable(config, report),
-            "logged": [serializable(config, sub) for sub in logged],
+            "logged": [{**serializable(config, sub), LOGGED_CAPTURED: captured}
+                       for sub, captured in logged],
             **_captured(config),
             "warnings": [warning_data(w) for w in caught]}, default=repr).encode() + b"\n"
     except Exception as error:  # noqa: BLE001 - not "the sandbox could not be set up"
         raise ContainerSetupError(f"{type(error).__name__}: {error}", "report") from None
 
 
-def keep_logged_reports(config: pytest.Config) -> list[pytest.TestReport]:
+def keep_logged_reports(config: pytest.Config) -> list[tuple[pytest.TestReport, bool]]:
     """From now on in this process, a report logged (`pytest_runtest_logreport`) is kept for
-    the worker and goes to no plugin here: no hook lets one stop the others (it is no
-    firstresult hook), so the hook itself is replaced, in this copy of pytest only."""
-    kept: list[pytest.TestReport] = []
+    the worker, with whether the capture was on, and goes to no plugin here: no hook lets one
+    stop the others (it is no firstresult hook), so the hook itself is replaced, in this copy
+    of pytest only."""
+    kept: list[tuple[pytest.TestReport, bool]] = []
 
     def keep(name: str, impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, object],
              firstresult: bool) -> list[object]:
-        kept.append(kwargs["report"])  # type: ignore[arg-type]
+        kept.append((kwargs["report"], capture_on(config)))  # type: ignore[arg-type]
         return []
     relay: Any = config.hook  # a HookRelay's hooks are attributes mypy does not know
     relay.pytest_runtest_logreport = pluggy.HookCaller("pytest_runtest_logreport", keep)
@@ -343,6 +347,7 @@ def _captured(config: pytest.Config) -> dict:
             stream.flush()
     capman = config.pluginmanager.getplugin("capturemanager")
     try:
+        capman.deactivate_fixture()  # what capsys/capfd hold goes to the global capture
         out, err = capman.read_global_capture()
     except (AttributeError, AssertionError):
         out, err = "", ""

@@ -19,6 +19,7 @@ from pytest_minictr.keywords import (
     check_marker_value,
     check_text,
 )
+from pytest_minictr.plugin import writable
 from pytest_minictr.rootfs.builder import default_cache_dir
 
 HELP_CACHE = "where built root filesystems are cached (default: $XDG_CACHE_HOME/minictr)"
@@ -49,6 +50,7 @@ class SessionSettings:
     source: str               # where the rootfs comes from, for the report header
     sandbox_tests: bool = False  # every test's body sandboxed, marked or not
     sandbox_scope: str = "test"  # how many tests share a sandbox (see `plugin.wide`)
+    writable: tuple[str, ...] = ()  # every sandboxed body may write there (see `writable`)
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -67,6 +69,7 @@ def add_options(parser: pytest.Parser) -> None:
     group.addoption("--minictr-keep-env", dest="minictr_keep_env", action="append",
                     default=[], metavar="NAME", help=HELP_KEEP_ENV)
     parser.addini("minictr_keep_env", HELP_KEEP_ENV, type="args")
+    writable.add_option(parser, group)
 
 
 def keep_env_names(config: pytest.Config) -> tuple[str, ...]:
@@ -98,7 +101,8 @@ def read_session_settings(config: pytest.Config) -> SessionSettings:
         raise ConfigError(f"{spelled}={scope!r}: expected 'test', 'module' or 'session'")
     return SessionSettings(defaults, Path(cache_dir).expanduser() if cache_dir
                            else default_cache_dir(), unavailable, source,
-                           _flag(*_option(config, "sandbox_tests")), scope or "test")
+                           _flag(*_option(config, "sandbox_tests")), scope or "test",
+                           writable.session_writable(config))
 
 
 def sandbox_scope(item: pytest.Item, session: SessionSettings) -> str:

@@ -324,7 +324,7 @@ def serve_items(session: pytest.Session, channel: int, seal: str,
         nextitem = items[command["next"]] if command["next"] is not None else None
         item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
         message = {"seal": seal, "item": item.nodeid,
-                   "reports": [sandbox.serializable(config, report) for report in reports],
+                   "reports": [sandbox.serializable(config, report) for report, _ in reports],
                    "warnings": [sandbox.warning_data(kwargs["warning_message"])
                                 for kwargs in caught]}
         write_all(channel, json.dumps(message, default=repr).encode() + b"\n")
