@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from pytest_minictr import MinictrError, RootfsBuilder, confinement, keywords, validate
 from pytest_minictr.caller.result import Result
 from pytest_minictr.confinement import FILTERED
+from pytest_minictr.images.transport import RegistryError
 from pytest_minictr.keywords import make_exec_spec, make_spec
 from pytest_minictr.sizes import MAX_SIZE, parse_size
 from pytest_minictr.spec import ContainerSpec, Mount
@@ -119,6 +120,17 @@ def nested_paths(tree: Path):
                          "/x" * 3000, "~", "~nosuchuser", "/dev/null", "/proc/self/fd/0"]),
         st.builds(Path, st.sampled_from(names)),
         TEXT, JUNK)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_registry():
+    """A string that names no directory is an image reference: the fuzz tests reach no
+    registry (the registry tests do, on loopback)."""
+    def pull(reference, *args, **kwargs):
+        raise RegistryError("no registry in the fuzz tests")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("pytest_minictr.images.pull.pull", pull)
+        yield
 
 
 @pytest.fixture(scope="module")

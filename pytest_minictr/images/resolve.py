@@ -3,7 +3,7 @@ looked up in the store, or pulled, as `pull=` says (Docker's `--pull`)."""
 
 from __future__ import annotations
 
-from pytest_minictr.errors import ConfigError
+from pytest_minictr.errors import ConfigError, MinictrError
 from pytest_minictr.images.image import Image
 
 
@@ -23,4 +23,7 @@ def resolve(ref_or_image: Image | str, pull: str = "missing") -> Image:
         if pull == "never":
             raise ConfigError(f"image {ref_or_image!r} is not in the store, and pull='never' "
                               f"(pull it first: minictr pull {ref_or_image})")
-    return pull_image(ref_or_image)
+    try:
+        return pull_image(ref_or_image)
+    except MinictrError as error:  # a run's caller asked for a rootfs: say it was an image
+        raise type(error)(f"image {ref_or_image!r}: {error}") from error
