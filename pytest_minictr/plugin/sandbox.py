@@ -114,6 +114,10 @@ def run_body(item: pytest.Item, runtest: Callable[[], None], settings: Container
         # a fork from another thread copies a process whose main thread may hold any lock
         raise UnsupportedError("this item's call phase runs outside pytest's main thread, "
                                "where the sandbox cannot fork it")
+    if settings.cpu_time is not None:  # refused, not dropped: the launcher watches containers
+        raise UnsupportedError(f"cpu_time={settings.cpu_time:g}: a CPU-time limit is kept for "
+                               "a container's command, not for a sandboxed test body (use "
+                               "timeout=, or run the code with the container fixture)")
     view = body_view(item, settings, tuple(services))
     if view.security.seccomp:
         seccomp.host_filter(view.security.allow_syscalls)  # built once, inherited
