@@ -268,7 +268,9 @@ class ContainerRuntime:
 
     def close(self) -> None:
         """Kill every container still running and stop the launcher."""
-        for container in list(self._running.values()):
+        with self._lock:  # a weak dict's iteration fails if another thread's run() adds to it
+            running = list(self._running.values())
+        for container in running:
             try:
                 container.kill()
             except errors.MinictrError:
