@@ -17,6 +17,7 @@ from pytest_minictr import ConfigError, UnsupportedError
 from pytest_minictr.host import cgroups
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
+pytest_plugins = ["pytester"]
 BUSY = "while :; do :; done"
 # the launcher looks at least every 5 ms; a loaded machine may wake it late
 CPU_SLACK = 0.2
@@ -128,3 +129,27 @@ def test_flood_runs_on_by_default_with_its_output_dropped(runtime, rootfs):
                          output_limit="1M", timeout=10).wait()
     assert result.returncode == 0 and result.stderr == b"done\n"
     assert result.output_truncated and result.verdict == "output_limit"
+
+
+MARKED = """
+import pytest
+
+@pytest.mark.container(cpu_time=1, timeout=30)
+def test_fixture_container(container):
+    result = container.run("while :; do :; done")
+    assert result.verdict == "cpu_time" and 1 <= result.cpu_time <= 1.2
+
+@pytest.mark.container(cpu_time=1)
+def test_sandboxed_body():
+    pass
+"""
+
+
+def test_the_marker_limits_a_containers_cpu_time_and_a_body_refuses_it(pytester):
+    pytester.makepyfile(MARKED)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rE", timeout=120)
+    result.assert_outcomes(passed=1, errors=1)  # at setup, as any wrong marker value
+    result.stdout.fnmatch_lines(["*ERROR at setup of test_sandboxed_body*",
+                                 "*cpu_time=1: a CPU-time limit is kept for a container's "
+                                 "command, not for a sandboxed test body*"])
+    assert "Traceback" not in result.stdout.str()

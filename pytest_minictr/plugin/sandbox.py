@@ -70,7 +70,12 @@ def body_settings(item: pytest.Item, session: SessionSettings) -> ContainerSetti
                     f"@pytest.mark.container: {name}= builds a rootfs for the `container` "
                     f"fixture, which this test does not use: its body runs sandboxed on a "
                     f"read-only view of the host (drop {name}=, or use the fixture)")
-    return merge_marker(session.defaults, item)
+    settings = merge_marker(session.defaults, item)
+    if settings.cpu_time is not None:  # refused, not dropped: the launcher watches containers
+        raise ConfigError(f"@pytest.mark.container: cpu_time={settings.cpu_time:g}: a CPU-time "
+                          "limit is kept for a container's command, not for a sandboxed test "
+                          "body (use timeout=, or run the code with the container fixture)")
+    return settings
 
 
 def body_view(item: pytest.Item, settings: ContainerSettings,
@@ -114,10 +119,6 @@ def run_body(item: pytest.Item, runtest: Callable[[], None], settings: Container
         # a fork from another thread copies a process whose main thread may hold any lock
         raise UnsupportedError("this item's call phase runs outside pytest's main thread, "
                                "where the sandbox cannot fork it")
-    if settings.cpu_time is not None:  # refused, not dropped: the launcher watches containers
-        raise UnsupportedError(f"cpu_time={settings.cpu_time:g}: a CPU-time limit is kept for "
-                               "a container's command, not for a sandboxed test body (use "
-                               "timeout=, or run the code with the container fixture)")
     view = body_view(item, settings, tuple(services))
     if view.security.seccomp:
         seccomp.host_filter(view.security.allow_syscalls)  # built once, inherited
