@@ -54,7 +54,6 @@ def assert_ended_at_its_cpu_limit(result, limit: float = 1.0) -> None:
 def test_busy_loop_ends_at_its_cpu_time_limit(runtime, rootfs):
     result = runtime.run(rootfs, ["sh", "-c", BUSY], cpu_time_limit=1, timeout=30).wait()
     assert_ended_at_its_cpu_limit(result)
-    assert result.wall_time < 5
 
 
 def test_cpu_time_limit_holds_beside_two_busy_loops(runtime, rootfs):
