@@ -306,10 +306,12 @@ class Launcher:
                 container.advance(Happening.TIME_UP)
                 kill_all(container)
             watch = container.cpu_watch
-            if watch is not None and watch.check_at is not None and now >= watch.check_at \
-                    and not container.ended and watch.exceeded(now):
-                container.advance(Happening.CPU_TIME_UP)
-                kill_all(container)
+            if watch is not None and watch.check_at is not None and now >= watch.check_at:
+                if container.ended:  # told, not reaped yet: a due look would spin our loop
+                    watch.check_at = None
+                elif watch.exceeded(now):
+                    container.advance(Happening.CPU_TIME_UP)
+                    kill_all(container)
             if container.kill_at is not None and now >= container.kill_at:
                 container.kill_at = None
                 kill_all(container)  # (still STOPPING: the SIGTERM is what asked it to end)
