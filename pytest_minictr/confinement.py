@@ -10,6 +10,7 @@ them into numbers and a filter (`container.security`, `container.seccomp`).
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 from collections.abc import Callable, Mapping, Sequence
@@ -154,3 +155,32 @@ def _id_number(value: Any) -> int | None:
         value = int(value)
     ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_ID
     return value if ok else None
+
+
+def check_network_sharing(values: Mapping[str, Any]) -> None:
+    """Ports and pods need the loopback of a network namespace made as the spec says."""
+    if values["network"] == "none" and (values["ports"] or values["pod"]):
+        what = (f"ports={[port.container_port for port in values['ports']]!r}"
+                if values["ports"] else "pod=")
+        raise ConfigError(f"network='none' and {what}: a published port or a pod is reached "
+                          "on the container's loopback; use network='loopback'")
+    if values["pod"] is not None and values["ports"]:
+        raise ConfigError("ports= and pod=: a pod's containers share its ports; publish "
+                          "them on the pod: runtime.pod(ports=[...])")
+    kept = NETWORK_CAPABILITIES & set(values["capabilities"])
+    if values["pod"] is not None and kept:
+        raise ConfigError(f"capabilities={sorted(kept)!r} and pod=: a network capability "
+                          "gives the container a network namespace of its own (see "
+                          "`security`), so it cannot share the pod's")
+
+
+def with_cpu_backstop(rlimits: tuple[tuple[str, int, int], ...],
+                      cpu_time: float | None) -> tuple[tuple[str, int, int], ...]:
+    """`rlimits` with RLIMIT_CPU as the backstop of a CPU-time limit: the launcher kills the
+    container once its cgroup used `cpu_time` (see launcher.cpu_watch), and should the
+    launcher be late (stopped, starved), the kernel kills a process that has run a second
+    past it (RLIMIT_CPU counts whole seconds, per process). A cpu rlimit given is kept."""
+    if cpu_time is None or any(name == "cpu" for name, _, _ in rlimits):
+        return rlimits
+    seconds = math.ceil(cpu_time) + 1
+    return (*rlimits, ("cpu", seconds, seconds))

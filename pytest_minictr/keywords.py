@@ -104,6 +104,10 @@ KEYWORDS = (
     Keyword("timeout", validate.check_seconds, "seconds of wall time, then the whole container "
             "is killed", option=True, library="timeout", flag=Flag(("--timeout",)),
             from_text=number("a positive number of seconds")),
+    Keyword("cpu_time", validate.check_seconds, "seconds of CPU the command and all it starts "
+            "may use together (the cgroup's count), then all is killed", option=True,
+            library="cpu_time_limit", flag=Flag(("--cpu-time",)),
+            from_text=number("a positive number of seconds")),
     Keyword("network", validate.check_network, "none: no interface up; loopback: lo up "
             "(default); never the host's network", default="loopback", nullable=False,
             library="network", flag=Flag(("--network",), choices=validate.NETWORK_MODES)),
@@ -159,6 +163,9 @@ KEYWORDS = (
     Keyword("output_limit", sizes.parse_size, "bytes kept of each output stream (default "
             "64M); the rest is dropped", default=DEFAULT_OUTPUT_LIMIT, marker=False,
             library="output_limit", flag=Flag(("--output-limit",), metavar="SIZE")),
+    Keyword("kill_on_output_limit", validate.check_bool, "kill the container once a stream "
+            "passes output_limit (a flood ends at once)", default=False, nullable=False,
+            marker=False, library="kill_on_output_limit"),
     Keyword("layer_size", validate.check_layer_size, "most bytes the container may write to its "
             "filesystem (ENOSPC past it)", marker=False, library="layer_size",
             flag=Flag(("--layer-size",), metavar="SIZE")),
@@ -301,7 +308,7 @@ def spec_from(image: Any, command: Any, checked: Mapping[str, Any]) -> Container
     if command is None and not source:
         command = _default_command(rootfs)
     confinement.check_seccomp_here(values["seccomp"])
-    _check_network_sharing(values)
+    confinement.check_network_sharing(values)
     return ContainerSpec(
         rootfs=rootfs,
         layers=source.get("layers", ()),
@@ -313,7 +320,9 @@ def spec_from(image: Any, command: Any, checked: Mapping[str, Any]) -> Container
         network=values["network"],
         user_namespace=values["user"],
         timeout=values["timeout"],
+        cpu_time_limit=values["cpu_time"],
         output_limit=values["output_limit"],
+        kill_on_output_limit=values["kill_on_output_limit"],
         limits=Limits(memory=values["memory"], cpus=values["cpus"], pids=values["pids"]),
         mounts=values["mounts"],
         layer=None if values["layer"] is None
@@ -321,7 +330,8 @@ def spec_from(image: Any, command: Any, checked: Mapping[str, Any]) -> Container
         layer_size=_check_layer_size(values["layer_size"], values["layer"]),
         security=Security(seccomp=values["seccomp"], allow_syscalls=values["allow_syscalls"],
                           capabilities=values["capabilities"],
-                          rlimits=values["rlimits"] or ()),
+                          rlimits=confinement.with_cpu_backstop(values["rlimits"] or (),
+                                                                values["cpu_time"])),
         read_only=values["read_only"],
         ports=values["ports"],
         pod=values["pod"],
@@ -358,23 +368,6 @@ def _default_command(rootfs: str) -> tuple[str, ...]:
     # imported here, as `_check_recipe` is: only a rootfs that is used needs the cache's reader
     from pytest_minictr.rootfs.cache import default_command
     return default_command(rootfs, "command=None")
-
-
-def _check_network_sharing(values: Mapping[str, Any]) -> None:
-    """Ports and pods need the loopback of a network namespace made as the spec says."""
-    if values["network"] == "none" and (values["ports"] or values["pod"]):
-        what = (f"ports={[port.container_port for port in values['ports']]!r}"
-                if values["ports"] else "pod=")
-        raise ConfigError(f"network='none' and {what}: a published port or a pod is reached "
-                          "on the container's loopback; use network='loopback'")
-    if values["pod"] is not None and values["ports"]:
-        raise ConfigError("ports= and pod=: a pod's containers share its ports; publish "
-                          "them on the pod: runtime.pod(ports=[...])")
-    kept = confinement.NETWORK_CAPABILITIES & set(values["capabilities"])
-    if values["pod"] is not None and kept:
-        raise ConfigError(f"capabilities={sorted(kept)!r} and pod=: a network capability "
-                          "gives the container a network namespace of its own (see "
-                          "`security`), so it cannot share the pod's")
 
 
 def _check_layer_apart(layer: str, lowers: Sequence[str]) -> str:

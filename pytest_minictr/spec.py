@@ -79,7 +79,10 @@ class ContainerSpec:
     network: str = "loopback"
     user_namespace: bool = False
     timeout: float | None = None
+    # seconds of CPU, the cgroup's count of every process in it (see launcher.cpu_watch)
+    cpu_time_limit: float | None = None
     output_limit: int = DEFAULT_OUTPUT_LIMIT
+    kill_on_output_limit: bool = False  # a stream past output_limit kills the container
     limits: Limits = field(default_factory=Limits)
     mounts: tuple[Mount, ...] = ()
     layer: str | None = None       # host dir keeping the writable layer; None: a fresh tmpfs

@@ -1,5 +1,6 @@
 """Many callers at once: threads of one runtime, stop() racing a natural end, wait() from two
-threads, and ids that are never given twice."""
+threads, and ids that are never given twice. (The README promises that one runtime may be
+shared by threads: these are what holds it to that.)"""
 
 from __future__ import annotations
 
@@ -50,6 +51,38 @@ def test_threads_stopping_and_waiting_on_each_others_containers(runtime, rootfs)
     for thread in threads:
         thread.join()
     assert errors == [] and runtime.list() == []
+
+
+def test_eight_threads_run_containers_on_one_runtime_at_once(runtime, rootfs):
+    """Each thread starts containers, feeds each its own input, looks at one while it runs
+    (stats, exec, status, list) and gets its own output back: nothing crosses between
+    threads, nothing is lost, and every container ends."""
+    start = threading.Barrier(8)
+    errors: list[BaseException] = []
+    ids: list[str] = []
+
+    def work(thread: int) -> None:
+        try:
+            start.wait()
+            for round_ in range(4):
+                data = f"thread {thread} round {round_}\n".encode() * 1000
+                result = runtime.run(rootfs, ["cat"], input=data, timeout=30).wait()
+                assert (result.returncode, result.stdout) == (0, data)
+                ids.append(result.container_id)
+            sleeper = runtime.run(rootfs, ["sleep", "30"])
+            assert sleeper.stats().processes == 1
+            assert sleeper.exec(["echo", str(thread)]).stdout == f"{thread}\n".encode()
+            assert runtime.status(sleeper.id) == "running" and sleeper in runtime.list()
+            assert sleeper.stop(grace=0).returncode == -9
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(set(ids)) == 32 and runtime.list() == []
 
 
 def test_ids_are_never_given_twice(runtime, rootfs, monkeypatch):

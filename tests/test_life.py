@@ -18,18 +18,19 @@ from pytest_minictr.launcher.life import (
     Life,
 )
 
-R, S, K, T, E = (Life.RUNNING, Life.STOPPING, Life.KILLED_AT_STOP, Life.TIMED_OUT,
-                 Life.ENDED)
-STOP, KILL, TIME_UP, TOLD = (Happening.STOP_ASKED, Happening.KILL_ASKED, Happening.TIME_UP,
-                             Happening.END_TOLD)
+R, S, K, T, C, E = (Life.RUNNING, Life.STOPPING, Life.KILLED_AT_STOP, Life.TIMED_OUT,
+                    Life.OUT_OF_CPU, Life.ENDED)
+STOP, KILL, TIME_UP, CPU, TOLD = (Happening.STOP_ASKED, Happening.KILL_ASKED, Happening.TIME_UP,
+                                  Happening.CPU_TIME_UP, Happening.END_TOLD)
 
 # The whole machine, written out again here: the life after each happening, by life.
 EXPECTED = {
-    R: {STOP: S, KILL: K, TIME_UP: T, TOLD: E},
-    S: {STOP: S, KILL: K, TIME_UP: K, TOLD: E},  # a stop came first: it ended it
-    K: {STOP: K, KILL: K, TIME_UP: K, TOLD: E},
-    T: {STOP: T, KILL: T, TIME_UP: T, TOLD: E},  # a stop after the limit: still the limit's
-    E: {STOP: E, KILL: E, TIME_UP: E, TOLD: E},
+    R: {STOP: S, KILL: K, TIME_UP: T, CPU: C, TOLD: E},
+    S: {STOP: S, KILL: K, TIME_UP: K, CPU: K, TOLD: E},  # a stop came first: it ended it
+    K: {STOP: K, KILL: K, TIME_UP: K, CPU: K, TOLD: E},
+    T: {STOP: T, KILL: T, TIME_UP: T, CPU: T, TOLD: E},  # a stop after the limit: the limit's
+    C: {STOP: C, KILL: C, TIME_UP: C, CPU: C, TOLD: E},  # the first limit reached ended it
+    E: {STOP: E, KILL: E, TIME_UP: E, CPU: E, TOLD: E},
 }
 EVERY_PAIR = list(itertools.product(Life, Happening))
 
@@ -102,14 +103,14 @@ def test_every_life_is_reachable_from_running():
 def test_every_life_a_container_can_end_in_says_how_it_ended():
     """The server looks up ENDED_BY with the life before END_TOLD: any life but ENDED."""
     assert set(ENDED_BY) == set(Life) - {Life.ENDED}
-    assert ENDED_BY == {R: None, S: "stop", K: "stop", T: "timeout"}
+    assert ENDED_BY == {R: None, S: "stop", K: "stop", T: "timeout", C: "cpu_time"}
 
 
 def test_we_killed_are_the_lives_where_the_launcher_sent_sigkill():
-    assert WE_KILLED == {K, T}
+    assert WE_KILLED == {K, T, C}
     # reached only by a kill, a time limit, or a time limit during a stop's grace
     assert {after for (_, happening), after in NEXT_LIFE.items()
-            if happening in (KILL, TIME_UP)} == WE_KILLED
+            if happening in (KILL, TIME_UP, CPU)} == WE_KILLED
 
 
 @pytest.mark.parametrize(("happenings", "ended_in", "told"), [
@@ -122,6 +123,9 @@ def test_we_killed_are_the_lives_where_the_launcher_sent_sigkill():
     ((TIME_UP, STOP), T, "timeout"),        # a stop after the limit changes nothing
     ((TIME_UP, KILL, STOP), T, "timeout"),
     ((STOP, STOP), S, "stop"),              # a second stop
+    ((CPU,), C, "cpu_time"),                # its cgroup used its CPU time
+    ((CPU, TIME_UP), C, "cpu_time"),        # the wall time ran out while it was being killed
+    ((STOP, CPU), K, "stop"),               # out of CPU during a stop's grace: stop ended it
 ])
 def test_a_container_s_story_ends_as_the_caller_is_told(happenings, ended_in, told):
     container = a_container()

@@ -160,7 +160,9 @@ from pytest_minictr import ContainerRuntime
 with ContainerRuntime() as runtime:
     hog = runtime.run(sys.argv[1], ["sh", "-c", 'a=x; while :; do a="$a$a"; done'],
                       memory_limit="32M", timeout=60).wait()
-    print(hog.oom_killed, hog.returncode)
+    spin = runtime.run(sys.argv[1], ["sh", "-c", "while :; do :; done"], cpu_time_limit=1,
+                       timeout=60).wait()
+    print(hog.oom_killed, hog.returncode, spin.verdict, 1 <= spin.cpu_time <= 1.2)
 """
 
 
@@ -196,7 +198,7 @@ def test_limits_work_in_a_delegated_cgroup_v2_subtree(world_readable_rootfs, del
         env={"PYTHONPATH": str(REPO), "HOME": "/nonexistent", "PATH": "/usr/bin:/bin"},
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "-9"]
+    assert done.stdout.split() == ["True", "-9", "cpu_time", "True"]
 
 
 # --- the plugin, the CLI and the isolation tests, as the unprivileged user ----------------------

@@ -218,6 +218,26 @@ def test_containers_execs_and_stops_end_their_whole_tree_without_cgroups(
     assert_no_sleeps_left()
 
 
+REFUSED = """
+import sys
+from pytest_minictr import ContainerRuntime, UnsupportedError
+with ContainerRuntime() as runtime:
+    try:
+        runtime.run(sys.argv[1], ["true"], cpu_time_limit=1)
+    except UnsupportedError as error:
+        print(error)
+"""
+
+
+def test_a_cpu_time_limit_is_refused_without_cgroups(without_cgroups, world_readable_rootfs):
+    """RLIMIT_CPU alone counts one process at a time: a program that forks would get its
+    budget many times over, so the limit is refused out loud, never kept halfway."""
+    done = without_cgroups.run("-c", REFUSED, str(world_readable_rootfs))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("cpu_time_limit=1 needs a cgroup that counts the CPU time "
+                                  "of the whole container: "), done.stdout
+
+
 def test_a_detached_container_ends_its_tree_at_its_timeout_and_stop_without_cgroups(
         without_cgroups, world_readable_rootfs):
     def minictr(*args: str) -> str:

@@ -4,7 +4,7 @@ and hear its end from the launcher.
 One `Monitor` per container, pumped by whoever waits for it (no thread of our own). Both
 streams are read as they come, so a container that fills one pipe while we wait on the other
 never deadlocks; what lies beyond `output_limit` is read and dropped, so a flood neither blocks
-the container nor grows the caller's memory.
+the container nor grows the caller's memory (or, `kill_on_output_limit`, ends it at once).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import os
 import select
 import time
+from collections.abc import Callable
 
 _CHUNK = 1 << 16
 
@@ -30,6 +31,7 @@ class Monitor:
         self._event_data = b""
         self._limit = output_limit
         self.truncated = False
+        self.on_overflow: Callable[[], None] | None = None  # called once, at the first cut
         self.finished = False
         self._open: set[int] = set()
         for fd in (stdout, stderr):
@@ -129,6 +131,8 @@ class Monitor:
             return
         room = self._limit - self._kept[fd]
         if len(chunk) > room:
+            if not self.truncated and self.on_overflow is not None:
+                self.on_overflow()
             self.truncated = True
             chunk = chunk[:max(room, 0)]
         if chunk:

@@ -42,7 +42,7 @@ class ContainerStatus(str, enum.Enum):
     RUNNING = "running"
     EXITED = "exited"        # the command ended by itself (any exit code or signal)
     STOPPED = "stopped"      # ended by stop()
-    TIMED_OUT = "timed_out"  # killed when its `timeout` passed
+    TIMED_OUT = "timed_out"  # killed when its `timeout` (or `cpu_time_limit`) passed
 
     def __str__(self) -> str:
         return self.value
@@ -67,6 +67,7 @@ class Result:
     memory_peak: int | None = None
     oom_killed: bool | None = None
     container_id: str = ""
+    cpu_time_exceeded: bool = False  # killed for its CPU time: cpu_time_limit or RLIMIT_CPU
 
     def check_returncode(self) -> None:
         """Raise ContainerProcessError (a subprocess.CalledProcessError) if returncode != 0."""
@@ -76,11 +77,13 @@ class Result:
     @property
     def verdict(self) -> str:
         """One word for a grader, the first that holds: "output_limit" (output cut at
-        output_limit: a flood, whatever ended it), "timeout" (killed at its time limit),
-        "memory" (the OOM killer struck), "signal" (killed by a signal), "runtime_error" (exit
-        status not 0), "ok"."""
+        output_limit: a flood, whatever ended it), "cpu_time" (killed for the CPU time it
+        used), "timeout" (killed at its wall time limit), "memory" (the OOM killer struck),
+        "signal" (killed by a signal), "runtime_error" (exit status not 0), "ok"."""
         if self.output_truncated:
             return "output_limit"
+        if self.cpu_time_exceeded:
+            return "cpu_time"
         if self.timed_out:
             return "timeout"
         if self.oom_killed:
@@ -99,6 +102,7 @@ class Result:
             "wall_time": self.wall_time, "cpu_time": self.cpu_time,
             "memory_peak": self.memory_peak, "oom_killed": bool(self.oom_killed),
             "timed_out": self.timed_out, "output_truncated": self.output_truncated,
+            "cpu_time_exceeded": self.cpu_time_exceeded,
             "stdout": self.stdout[:head].decode("utf-8", "replace"),
             "stderr": self.stderr[:head].decode("utf-8", "replace"),
             "stdout_bytes": len(self.stdout), "stderr_bytes": len(self.stderr),

@@ -1,6 +1,6 @@
 """How a container's end reads on the command line, as Docker users expect it: the exit
 status (the command's own; 128+N after signal N; 125, 126, 127 for minictr's failures), and one
-stderr line for every end the user did not ask for (OOM kill, timeout, kill by a signal).
+stderr line for every end the user did not ask for (OOM kill, timeouts, kill by a signal).
 A reader of our output that went away (`minictr ps | head -1`) is an end the user asked for:
 no line, no traceback, and the status of a program killed by SIGPIPE (141), as Docker's."""
 
@@ -33,6 +33,8 @@ def end_line(report: Mapping[str, Any], memory_limit: int | None, timeout: float
              asked: bool = False) -> str | None:
     """The line for an end the user did not ask for (`report`: Result.to_dict()); None for
     an ordinary exit, or for a signal the user sent (`asked`: Ctrl-C, `minictr stop`)."""
+    if report.get("cpu_time_exceeded"):
+        return f"minictr: out of CPU time after {report.get('cpu_time') or 0:.2f} s (killed)"
     if report.get("timed_out"):
         return f"minictr: timed out after {timeout:g} s (killed)"
     if report.get("oom_killed"):

@@ -14,18 +14,15 @@ never one of the program's verdicts.
 from __future__ import annotations
 
 import functools
-import math
-import signal
 from pathlib import Path
 from typing import Any
 
-from pytest_minictr import ContainerRuntime, Mount, Result, RootfsBuilder
+from pytest_minictr import ContainerRuntime, Mount, RootfsBuilder
 from pytest_minictr.errors import ConfigError, MinictrError
 from pytest_minictr.grading.checkers import compare, verdict_of_checker
 from pytest_minictr.grading.jobs import Case, Job, Limits
 from pytest_minictr.grading.results import (
     COMPILE_ERROR,
-    CPU_TIME,
     INFRA_ERROR,
     OK,
     SKIPPED,
@@ -89,31 +86,9 @@ def limit_keywords(limits: Limits) -> dict[str, Any]:
     """run()'s keywords for a job's limits."""
     return {"memory_limit": limits.memory, "pids_limit": limits.pids,
             "timeout": limits.timeout, "output_limit": limits.output,
-            "layer_size": limits.disk, "network": "none",
-            **cpu_time_keywords(limits.cpu_time)}
-
-
-def cpu_time_keywords(seconds: float | None) -> dict[str, Any]:
-    """The CPU-time limit, as RLIMIT_CPU until run() takes `cpu_time_limit=` (issue #28's
-    third item): whole seconds, SIGXCPU at the soft limit, SIGKILL a second later."""
-    if seconds is None:
-        return {}
-    whole = max(1, math.ceil(seconds))
-    return {"rlimits": {"cpu": (whole, whole + 1)}}
-
-
-def run_verdict(result: Result, limits: Limits) -> str:
-    """The run's verdict, `cpu_time` where the CPU-time limit ended it."""
-    verdict = result.verdict
-    if limits.cpu_time is None or verdict != "signal":
-        return verdict
-    # SIGXCPU comes from RLIMIT_CPU's soft limit; SIGKILL from its hard one, or from the OOM
-    # killer (which says so: oom_killed) or a timeout (timed_out): the CPU used tells
-    if result.returncode == -signal.SIGXCPU or (
-            result.returncode == -signal.SIGKILL and result.cpu_time is not None
-            and result.cpu_time >= limits.cpu_time * 0.9):
-        return CPU_TIME
-    return verdict
+            "layer_size": limits.disk, "network": "none", "cpu_time_limit": limits.cpu_time,
+            # a flood is judged the moment it passes the limit, not at the wall timeout
+            "kill_on_output_limit": True}
 
 
 class _Judge:
@@ -148,7 +123,7 @@ class _Judge:
             self.rootfs, command, cwd=BOX,
             mounts=[Mount.bind(self.workspace.build, BOX, read_only=False)],
             **limit_keywords(self.job.compile_limits)).wait()
-        kept = CaseResult.of_run("compile", run_verdict(result, self.job.compile_limits),
+        kept = CaseResult.of_run("compile", result.verdict,
                                  result)
         return CaseResult(**{**vars(kept),
                              "stdout": _text(result.stdout[:COMPILE_OUTPUT_KEPT]),
@@ -161,7 +136,7 @@ class _Judge:
             mounts=[Mount.bind(self.workspace.build, BUILD),
                     Mount.bind(workdir, BOX, read_only=False)],
             **limit_keywords(self.job.limits)).wait()
-        verdict = run_verdict(result, self.job.limits)
+        verdict = result.verdict
         if verdict != OK:
             return CaseResult.of_run(case.id, verdict, result)
         verdict, message = self.check(case, result.stdout, workdir)

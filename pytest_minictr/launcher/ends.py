@@ -15,7 +15,6 @@ import signal
 import time
 
 from pytest_minictr.host import linux
-from pytest_minictr.host.cgroups import Cgroup
 from pytest_minictr.launcher.life import ENDED_BY, WE_KILLED, Container, Happening
 from pytest_minictr.launcher.pods import Pods
 
@@ -68,7 +67,7 @@ class Ends:
         ended_by = None if life in WE_KILLED and returncode >= 0 else ENDED_BY[life]
         event = {"returncode": returncode, "ended_by": ended_by,
                  "wall_time": time.monotonic() - container.started,
-                 **measurements(container.cgroup, report.cpu_time)}
+                 **measurements(container, report.cpu_time)}
         self.pods.leave(container.id)
         try:
             os.write(container.events, json.dumps(event).encode() + b"\n")
@@ -83,12 +82,14 @@ class Ends:
             container.status_pipe = None
 
 
-def measurements(cgroup: Cgroup, reaped_cpu_time: float | None) -> dict:
+def measurements(container: Container, reaped_cpu_time: float | None) -> dict:
     """What the kernel measured. CPU time is the init's count of the command and everything it
     started (all reaped by then), which leaves out our own setup; the cgroup's count, which
-    includes it, stands in where the init could not report (killed at a timeout)."""
-    stats = cgroup.stats()
-    return {"cpu_time": stats.cpu_time if reaped_cpu_time is None else reaped_cpu_time,
+    includes it, stands in where the init could not report (killed at a timeout), less that
+    setup where a CPU-time limit made us take its count at the start."""
+    stats = container.cgroup.stats()
+    cpu_time = stats.cpu_time if container.cpu_watch is None else container.cpu_watch.used()
+    return {"cpu_time": cpu_time if reaped_cpu_time is None else reaped_cpu_time,
             "memory_peak": stats.memory_peak, "oom_killed": stats.oom_killed}
 
 

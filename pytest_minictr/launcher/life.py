@@ -7,6 +7,7 @@ import enum
 from dataclasses import dataclass, field
 
 from pytest_minictr.host.cgroups import Cgroup
+from pytest_minictr.launcher.cpu_watch import CpuWatch
 from pytest_minictr.protocol import EndReport
 
 
@@ -17,6 +18,7 @@ class Life(enum.Enum):
     STOPPING = "stopping"              # stop() sent SIGTERM: however it ends, stop ended it
     KILLED_AT_STOP = "killed at stop"  # stop() (without grace, or after it) sent SIGKILL
     TIMED_OUT = "timed out"            # its time limit ran out: we sent SIGKILL
+    OUT_OF_CPU = "out of CPU time"     # its cgroup used its cpu_time_limit: we sent SIGKILL
     ENDED = "ended"                    # its end is told; our child is still to be reaped
 
 
@@ -24,6 +26,7 @@ class Happening(enum.Enum):
     STOP_ASKED = "stop asked"          # with a grace period: SIGTERM first
     KILL_ASKED = "kill asked"          # stop without grace
     TIME_UP = "time up"
+    CPU_TIME_UP = "CPU time up"
     END_TOLD = "end told"              # the event went to the caller
 
 
@@ -35,15 +38,17 @@ NEXT_LIFE = {
     (Life.STOPPING, Happening.KILL_ASKED): Life.KILLED_AT_STOP,
     (Life.RUNNING, Happening.TIME_UP): Life.TIMED_OUT,
     (Life.STOPPING, Happening.TIME_UP): Life.KILLED_AT_STOP,  # stop came first: it ended it
+    (Life.RUNNING, Happening.CPU_TIME_UP): Life.OUT_OF_CPU,
+    (Life.STOPPING, Happening.CPU_TIME_UP): Life.KILLED_AT_STOP,
     **{(life, Happening.END_TOLD): Life.ENDED for life in Life},
 }
 
 # How the caller is told a container ended, by the life it ended in.
 ENDED_BY = {Life.RUNNING: None, Life.STOPPING: "stop", Life.KILLED_AT_STOP: "stop",
-             Life.TIMED_OUT: "timeout"}
+             Life.TIMED_OUT: "timeout", Life.OUT_OF_CPU: "cpu_time"}
 # SIGKILL cannot be caught: after one of ours, a status >= 0 means the command exited by itself
 # just before (a stop racing the natural end), and that is how it is told.
-WE_KILLED = {Life.KILLED_AT_STOP, Life.TIMED_OUT}
+WE_KILLED = {Life.KILLED_AT_STOP, Life.TIMED_OUT, Life.OUT_OF_CPU}
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Container:
     stop_signal: int = 15             # stop() sends it first (SIGTERM, or the image's)
     life: Life = Life.RUNNING
     kill_at: float | None = None      # after stop()'s grace period
+    cpu_watch: CpuWatch | None = None  # its cpu_time_limit (not an exec's: the group is shared)
     report: EndReport = EndReport()   # what the init (and keeper) reported so far
     partial_line: bytes = field(default=b"", repr=False)  # a report line cut by a read
 

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pytest_minictr import protocol
 from pytest_minictr.errors import ContainerNotFoundError, LauncherError, MinictrError
 from pytest_minictr.host import linux
+from pytest_minictr.launcher.cpu_watch import CpuWatch
 from pytest_minictr.launcher.ends import Ends, kill, kill_all
 from pytest_minictr.launcher.life import Container, Happening
 from pytest_minictr.launcher.pods import Pods
@@ -211,6 +212,9 @@ class Launcher:
                               exec_of=exec_of,
                               command_group=init_pid if exec_of is not None else None,
                               stop_signal=spec.stop_signal)
+        if spec.cpu_time_limit is not None and exec_of is None:
+            container.cpu_watch = CpuWatch.start(cgroup, spec.cpu_time_limit, spec.limits.cpus,
+                                                 time.monotonic())
         self.containers[container.id] = container
         self.selector.register(pidfd, selectors.EVENT_READ, (self.ends.on_exit, container))
         self.selector.register(status_r, selectors.EVENT_READ, (self.ends.on_status, container))
@@ -288,6 +292,8 @@ class Launcher:
         watched: list[Container | Sandbox] = [*self.containers.values(),
                                               *self.sandboxes.values()]
         deadlines = [t for c in watched for t in (c.timeout_at, c.kill_at) if t is not None]
+        deadlines += [c.cpu_watch.check_at for c in self.containers.values()
+                      if c.cpu_watch is not None and c.cpu_watch.check_at is not None]
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
     def _fire_deadlines(self, now: float) -> None:
@@ -300,6 +306,13 @@ class Launcher:
                 container.timeout_at = None
                 container.advance(Happening.TIME_UP)
                 kill_all(container)
+            watch = container.cpu_watch
+            if watch is not None and watch.check_at is not None and now >= watch.check_at:
+                if container.ended:  # told, not reaped yet: a due look would spin our loop
+                    watch.check_at = None
+                elif watch.exceeded(now):
+                    container.advance(Happening.CPU_TIME_UP)
+                    kill_all(container)
             if container.kill_at is not None and now >= container.kill_at:
                 container.kill_at = None
                 kill_all(container)  # (still STOPPING: the SIGTERM is what asked it to end)

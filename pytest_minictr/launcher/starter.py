@@ -98,6 +98,7 @@ class Starter:
         out the whole plan (not root). `joins`: the namespace fds of the pod it joins (see
         `launcher.pods`): the network namespace, and without root the user namespace before it."""
         self._check_limits(spec.limits)
+        self._check_cpu_time(spec)
         self._check_ids(spec)
         if spec.user_namespace and self.userns_problem is not None:
             raise UnsupportedError(f"no user namespace for the container: {self.userns_problem}"
@@ -244,6 +245,15 @@ class Starter:
     def _check_limits(self, limits: Limits) -> None:
         if limits.any():
             self.cgroups.check_limits(limits)
+
+    def _check_cpu_time(self, spec: ContainerSpec) -> None:
+        """A CPU-time limit is the cgroup's count of every process: RLIMIT_CPU alone (one
+        process at a time, whole seconds) would let a program that forks use it many times
+        over, so without that count the limit is refused, never kept halfway."""
+        problem = None if spec.cpu_time_limit is None else self.cgroups.cpu_usage_problem()
+        if problem is not None:
+            raise UnsupportedError(f"cpu_time_limit={spec.cpu_time_limit:g} needs a cgroup that "
+                                   f"counts the CPU time of the whole container: {problem}")
 
     def _new_cgroup(self, limits: Limits) -> Cgroup:
         return self.cgroups.create(cgroups.group_name(str(next(self._serial))), limits)

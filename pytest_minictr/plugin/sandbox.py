@@ -75,6 +75,10 @@ def body_settings(item: pytest.Item, session: SessionSettings) -> ContainerSetti
                     f"fixture, which this test does not use: its body runs sandboxed on a "
                     f"read-only view of the host (drop {name}=, or use the fixture)")
     settings = merge_marker(session.defaults, item)
+    if settings.cpu_time is not None:  # refused, not dropped: the launcher watches containers
+        raise ConfigError(f"@pytest.mark.container: cpu_time={settings.cpu_time:g}: a CPU-time "
+                          "limit is kept for a container's command, not for a sandboxed test "
+                          "body (use timeout=, or run the code with the container fixture)")
     return replace(settings, writable=(*session.writable, *settings.writable))
 
 

@@ -81,6 +81,11 @@ class Cgroup(abc.ABC):
     def stats(self) -> CgroupStats:
         """What the kernel measured; still readable after every process has exited."""
 
+    def cpu_usage(self) -> float | None:
+        """CPU seconds the group has used so far, every process of it (the dead included):
+        one file read, cheap enough for the launcher to poll (see launcher.cpu_watch)."""
+        return self.stats().cpu_time
+
     def processes(self) -> set[int]:
         """Live pids in the group (all hierarchies, child groups included; zombies left out,
         they hold no resources and only their parent can make them go)."""
@@ -158,6 +163,11 @@ class CgroupBackend(abc.ABC):
     @abc.abstractmethod
     def check_limits(self, limits: Limits) -> None:
         """UnsupportedError if a limit needs a controller this host does not offer us."""
+
+    def cpu_usage_problem(self) -> str | None:
+        """Why this host's groups cannot count their CPU time (so no cpu_time_limit); None
+        where they can."""
+        return None
 
     @abc.abstractmethod
     def create(self, name: str, limits: Limits) -> Cgroup:

@@ -29,6 +29,9 @@ class NullBackend(CgroupBackend):
         if limits.any():
             raise UnsupportedError(f"resource limits need cgroups: {self.problem}")
 
+    def cpu_usage_problem(self) -> str | None:
+        return self.problem
+
     def create(self, name: str, limits: Limits) -> NullCgroup:
         self.check_limits(limits)
         return self.open(name)

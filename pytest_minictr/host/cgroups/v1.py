@@ -79,6 +79,11 @@ class V1Backend(CgroupBackend):
                     "not mounted on this host (see /proc/self/mountinfo); mount it or use "
                     "cgroup v2")
 
+    def cpu_usage_problem(self) -> str | None:
+        return None if "cpuacct" in self.mount_points else (
+            "the cgroup v1 cpuacct controller, which counts a group's CPU time, is not mounted "
+            "on this host (see /proc/self/mountinfo); mount it or use cgroup v2")
+
     def create(self, name: str, limits: Limits) -> V1Cgroup:
         check_group_name(name)
         self.check_limits(limits)
@@ -123,9 +128,13 @@ class V1Cgroup(Cgroup):
     def apply_limits(self, limits: Limits) -> None:
         _apply_limits(self.dirs, limits)
 
-    def stats(self) -> CgroupStats:
-        memory, cpuacct, pids = (self.dirs.get(c) for c in ("memory", "cpuacct", "pids"))
+    def cpu_usage(self) -> float | None:
+        cpuacct = self.dirs.get("cpuacct")
         usage_ns = files.read_int(os.path.join(cpuacct, "cpuacct.usage")) if cpuacct else None
+        return None if usage_ns is None else usage_ns / 1e9
+
+    def stats(self) -> CgroupStats:
+        memory, pids = self.dirs.get("memory"), self.dirs.get("pids")
         oom_control = files.read_keyed(os.path.join(memory, "memory.oom_control")) \
             if memory else {}
         return CgroupStats(
@@ -133,7 +142,7 @@ class V1Cgroup(Cgroup):
             if memory else None,
             memory_current=files.read_int(os.path.join(memory, "memory.usage_in_bytes"))
             if memory else None,
-            cpu_time=None if usage_ns is None else usage_ns / 1e9,
+            cpu_time=self.cpu_usage(),
             oom_killed=oom_control.get("oom_kill", 0) > 0,     # the line exists since 4.13
             pids_current=files.read_int(os.path.join(pids, "pids.current")) if pids else None,
         )

@@ -176,12 +176,16 @@ class V2Cgroup(Cgroup):
     def apply_limits(self, limits: Limits) -> None:
         _apply_limits(self.path, limits)
 
-    def stats(self) -> CgroupStats:
+    def cpu_usage(self) -> float | None:
+        # cpu.stat's usage_usec is there with or without the cpu controller (core accounting)
         usage_usec = files.read_keyed(os.path.join(self.path, "cpu.stat")).get("usage_usec")
+        return None if usage_usec is None else usage_usec / 1e6
+
+    def stats(self) -> CgroupStats:
         return CgroupStats(
             memory_peak=files.read_int(os.path.join(self.path, "memory.peak")),       # 5.19+
             memory_current=files.read_int(os.path.join(self.path, "memory.current")),
-            cpu_time=None if usage_usec is None else usage_usec / 1e6,
+            cpu_time=self.cpu_usage(),
             oom_killed=files.read_keyed(os.path.join(self.path, "memory.events"))
                        .get("oom_kill", 0) > 0,
             pids_current=files.read_int(os.path.join(self.path, "pids.current")),
