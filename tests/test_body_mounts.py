@@ -3,6 +3,7 @@ them while a body starts."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -43,9 +44,10 @@ def _hide_again_and_again(path: str, seconds: float) -> int:
             end = time.monotonic() + seconds
             status = 0
             while time.monotonic() < end and status == 0:
+                with contextlib.suppress(OSError):  # (renamed over since: not a mount point)
+                    linux.umount2(path, linux.MNT_DETACH)
                 try:
                     body_mounts.hide_host_path(path)
-                    linux.umount2(path, linux.MNT_DETACH)
                 except ContainerSetupError:
                     status = 1
         finally:

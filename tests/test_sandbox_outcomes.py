@@ -69,7 +69,8 @@ def test_warnings_and_captured_output_read_as_in_process(pytester, workers):
 def _junit_cases(pytester: pytest.Pytester, name: str) -> list[str]:
     """The file's test cases, without times and addresses, in order (the workers' order
     varies from run to run)."""
-    return sorted(_junit_without_times((pytester.path / name).read_text()).split("<testcase"))
+    text = _junit_without_times((pytester.path / name).read_text())
+    return sorted(case.split("</testcase>")[0] for case in text.split("<testcase"))
 
 
 SUBTESTS = """

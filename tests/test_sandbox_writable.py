@@ -56,7 +56,12 @@ def test_session_paths_add_to_the_markers_and_missing_ones_are_made(pytester):
 
 
 HYPOTHESIS = """
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+# (Hypothesis's CI profile, chosen where CI is set, keeps no database)
+settings.register_profile("db", database=DirectoryBasedExampleDatabase(".hypothesis/examples"))
+settings.load_profile("db")
 
 @given(st.integers())
 def test_small(x):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 from pytest_minictr.container.failure import attempt
 from pytest_minictr.container.mounts import (
@@ -26,7 +27,8 @@ from pytest_minictr.host.linux import MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, M
 TMP_LAYER = "/body-tmp"  # in the stage: the upper and work dirs of the body's /tmp
 # A hiding tmpfs holds only the mount points of what is bound back into it (see seal_hidden)
 HIDING_OPTIONS = "mode=0755,size=64k,nr_inodes=1024"
-HIDE_TRIES = 10  # a path replaced this often while one body starts is not a race any more
+HIDE_TRIES = 50  # a path replaced this often while one body starts is not a race any more
+HIDE_PAUSE = 0.0005  # s between tries: failures come in runs while a renamer is busy
 
 
 def hide_host_path(path: str) -> None:
@@ -47,6 +49,7 @@ def hide_host_path(path: str) -> None:
             # remount EINVAL on the new file, where the bind is not: look again
             if error.errno not in (errno.ENOENT, errno.EINVAL) or not tries_left:
                 raise
+            time.sleep(HIDE_PAUSE)
 
 
 def _cover(path: str, target: str) -> None:
