@@ -140,7 +140,7 @@ def decompressed(stream: io.BufferedReader) -> IO[bytes]:
 
 def zstd_reader(stream: IO[bytes]) -> IO[bytes]:
     try:
-        from compression import zstd  # type: ignore[import-not-found]  # Python >= 3.14
+        from compression import zstd  # type: ignore[import-not-found]  # novermin (>= 3.14)
         reader: IO[bytes] = zstd.ZstdFile(stream)
         return reader
     except ImportError:
