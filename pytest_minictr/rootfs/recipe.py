@@ -15,8 +15,9 @@
     run = ["./a.out"]
 
 A path may hold `*` where a version goes (`/usr/lib/postgresql/*/bin/postgres`): the newest
-installed version is taken. What a recipe names but the host lacks is a RootfsError that
-names `package`, the fix.
+installed version is taken; `A|B` takes the first place that exists (gcc's cc1 is under
+/usr/lib/gcc up to Debian 12, /usr/libexec/gcc from 13). What a recipe names but the host
+lacks is a RootfsError that names `package`, the fix.
 
 A recipe is a path (`x.toml`, or any name with a '/'), or a name looked up in the directories
 of $MINICTR_RECIPE_PATH (':'-separated), then in the package's own `rootfs/recipes/`
@@ -149,17 +150,22 @@ def with_matches(recipe: Recipe, patterns: list[str]) -> Recipe:
 
 
 def _installed(recipe: Recipe, item: str) -> str:
-    if "*" in item:
-        matches = sorted(glob.glob(item), key=_version_order)
-        if matches:
-            return matches[-1]
-    elif shutil.which(item) if "/" not in item else os.path.exists(item):
-        return item
+    for choice in item.split("|"):
+        found = _installed_choice(choice)
+        if found is not None:
+            return found
     if recipe.package is None:
         return item  # the builder names what is missing
     raise RootfsError(f"recipe {recipe.name!r} needs {item}, which this host lacks: install "
                       f"the Debian package {recipe.package} (apt-get install "
                       f"{recipe.package})")
+
+
+def _installed_choice(item: str) -> str | None:
+    if "*" in item:
+        matches = sorted(glob.glob(item), key=_version_order)
+        return matches[-1] if matches else None
+    return item if (shutil.which(item) if "/" not in item else os.path.exists(item)) else None
 
 
 def _version_order(path: str) -> list:
