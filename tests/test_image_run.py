@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,10 +47,22 @@ def image(store) -> Image:
                  (store / "layers" / "bottom", store / "layers" / "top"), config)
 
 
+def idmappable(path: Path) -> bool:
+    """Whether this kernel can idmap a mount of `path`'s filesystem (tmpfs: from 6.3)."""
+    kind = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    release = tuple(int(part) for part in re.findall(r"\d+", os.uname().release)[:2])
+    return kind != "tmpfs" or release >= (6, 3)
+
+
 @pytest.mark.parametrize("native", ["1", "0"])
 @pytest.mark.parametrize("user", [True, False])
 def test_a_container_sees_the_layers_as_overlayfs_stacks_them(image, store, monkeypatch,
                                                                native, user):
+    if user and not idmappable(store):
+        pytest.skip("container root writes over an image's files through an idmapped mount "
+                    f"of each layer: tmpfs allows one from Linux 6.3, this is "
+                    f"{os.uname().release} and the test's store is on tmpfs")
     monkeypatch.setenv("MINICTR_NATIVE", native)  # the launcher started below reads it
     before = tree_of(store)
     with ContainerRuntime() as runtime:
