@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from pytest_minictr import UnsupportedError
+from pytest_minictr.host import cgroups
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -55,3 +58,11 @@ def command_of(init: int) -> int | None:
     """The pid of a container's command (its init's child), once the init has spawned it."""
     children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
     return int(children[0]) if children else None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def need_cgroups():
+    try:
+        cgroups.detect(prepare=False)
+    except UnsupportedError as problem:
+        pytest.skip(f"no usable cgroups here: {problem}")

@@ -13,22 +13,14 @@ import time
 
 import pytest
 
-from pytest_minictr import ConfigError, UnsupportedError
-from pytest_minictr.host import cgroups
+from pytest_minictr import ConfigError
+from tests.helpers import need_cgroups  # noqa: F401 - a module's autouse fixture
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
 pytest_plugins = ["pytester"]
 BUSY = "while :; do :; done"
 # the launcher looks at least every 5 ms; a loaded machine may wake it late
 CPU_SLACK = 0.2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def need_cgroups():
-    try:
-        cgroups.detect(prepare=False)
-    except UnsupportedError as problem:
-        pytest.skip(f"no usable cgroups here: {problem}")
 
 
 @contextlib.contextmanager

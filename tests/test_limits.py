@@ -12,18 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_minictr import ConfigError, ContainerRuntime, UnsupportedError
-from pytest_minictr.host import cgroups
+from pytest_minictr import ConfigError, ContainerRuntime
+from tests.helpers import need_cgroups  # noqa: F401 - a module's autouse fixture
 
 pytestmark = pytest.mark.usefixtures("no_leftovers")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def need_cgroups():
-    try:
-        cgroups.detect(prepare=False)
-    except UnsupportedError as problem:
-        pytest.skip(f"no usable cgroups here: {problem}")
 
 
 def test_memory_hog_is_oom_killed(runtime, rootfs):
