@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "errors": ["CommandNotFoundError", "ConfigError", "ContainerNotFoundError",
                "ContainerNotReadyError", "ContainerSetupError", "LauncherError", "MinictrError",
-               "RootfsError",
+               "RootfsError", "RuntimeClosedError",
                "UnsupportedError"],
     "rootfs.builder": ["RootfsBuilder"],
     "caller.runtime": ["Container", "ContainerRuntime"],

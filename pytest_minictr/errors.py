@@ -31,6 +31,11 @@ class LauncherError(MinictrError):
     """The launcher process died or answered something we do not understand."""
 
 
+class RuntimeClosedError(LauncherError):
+    """A `ContainerRuntime` was asked to start something after `close()`: its launcher is
+    stopped, and a new one would be closed by no one."""
+
+
 class ContainerNotFoundError(MinictrError, KeyError):
     """No container with that id is known to this runtime."""
 

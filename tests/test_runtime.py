@@ -24,6 +24,7 @@ from pytest_minictr import (
     LauncherError,
     MinictrError,
     Result,
+    RuntimeClosedError,
     UnsupportedError,
     WaitTimeoutError,
 )
@@ -240,9 +241,23 @@ def test_close_kills_what_still_runs(rootfs):
     assert_nothing_left(before)
 
 
+def test_a_closed_runtime_starts_nothing_and_leaves_nothing(rootfs):
+    before = host_snapshot()
+    runtime = ContainerRuntime()
+    assert runtime.run(rootfs, ["true"]).wait().returncode == 0
+    runtime.close()
+    for start in (lambda: runtime.run(rootfs, ["true"]), runtime.pod):
+        with pytest.raises(RuntimeClosedError, match="this ContainerRuntime is closed"):
+            start()
+    assert runtime._client.pid is None or not os.path.exists(f"/proc/{runtime._client.pid}")
+    runtime.close()  # twice is fine
+    assert_nothing_left(before)
+
+
 def test_every_error_is_a_minictr_error():
     for error in (ConfigError, CommandNotFoundError, ContainerNotFoundError, LauncherError,
-                  UnsupportedError, WaitTimeoutError, ContainerProcessError):
+                  RuntimeClosedError, UnsupportedError, WaitTimeoutError,
+                  ContainerProcessError):
         assert issubclass(error, MinictrError)
 
 

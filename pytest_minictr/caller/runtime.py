@@ -8,6 +8,7 @@ namespaces, mounts, exec) -> `Monitor` (pipes, the launcher's end report) -> `Re
 from __future__ import annotations
 
 import atexit
+import enum
 import functools
 import os
 import secrets
@@ -26,7 +27,12 @@ from pytest_minictr.caller.monitor import Monitor
 from pytest_minictr.caller.pipes import Pipes
 from pytest_minictr.caller.result import ContainerStats, ContainerStatus, Result, WaitTimeoutError
 from pytest_minictr.caller.sandbox import SandboxLease
-from pytest_minictr.errors import ConfigError, ContainerNotFoundError, LauncherError
+from pytest_minictr.errors import (
+    ConfigError,
+    ContainerNotFoundError,
+    LauncherError,
+    RuntimeClosedError,
+)
 from pytest_minictr.keywords import make_exec_spec, make_spec
 from pytest_minictr.protocol import FORWARDED_SIGNALS
 from pytest_minictr.spec import ContainerSpec, Limits
@@ -188,13 +194,20 @@ class Container(readiness.ServiceMethods):
             self._runtime._forget(self)
 
 
+class _RuntimeLife(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"  # its launcher stopped: nothing new starts (see RuntimeClosedError)
+
+
 class ContainerRuntime:
     """Starts containers through one launcher process of its own; use as a context manager
-    or call `close()` (also done at interpreter exit) to end what still runs."""
+    or call `close()` (also done at interpreter exit) to end what still runs. A closed
+    runtime starts nothing more: it raises `RuntimeClosedError`."""
 
     def __init__(self) -> None:
         self._client = LauncherClient()
         self._lock = threading.Lock()
+        self._life = _RuntimeLife.OPEN
         # Weak: a container nobody refers to any more is not kept alive (nor its pipes, which
         # it could block on) by us; the launcher still ends it at its time limit or at close().
         self._running: weakref.WeakValueDictionary[str, Container] = weakref.WeakValueDictionary()
@@ -274,6 +287,7 @@ class ContainerRuntime:
     def close(self) -> None:
         """Kill every container still running and stop the launcher."""
         with self._lock:  # a weak dict's iteration fails if another thread's run() adds to it
+            self._life = _RuntimeLife.CLOSED
             running = list(self._running.values())
         for container in running:
             try:
@@ -304,8 +318,13 @@ class ContainerRuntime:
 
     def _new_id(self) -> str:
         """48 random bits, and never one this runtime gave before (a Container handle, or a
-        status lookup, must not find another container under an old id)."""
+        status lookup, must not find another container under an old id). Every container,
+        exec, pod and sandbox takes one: a closed runtime refuses them here, since its client
+        would start a launcher that nothing closes."""
         with self._lock:
+            if self._life is _RuntimeLife.CLOSED:
+                raise RuntimeClosedError("this ContainerRuntime is closed: make a new one (or "
+                                         "use it as a context manager around all its runs)")
             while (container_id := secrets.token_hex(6)) in self._issued:
                 pass
             self._issued.add(container_id)
