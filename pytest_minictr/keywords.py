@@ -190,6 +190,9 @@ KEYWORDS = (
 BY_NAME = {keyword.name: keyword for keyword in KEYWORDS}
 DEFAULTS = {keyword.name: keyword.default for keyword in KEYWORDS}
 MARKER_KEYWORDS = tuple(keyword.name for keyword in KEYWORDS if keyword.marker)
+# The marker's one word that is no container's: how many sandboxed tests share a sandbox (read
+# and checked by `plugin.settings.sandbox_scope`, beside --minictr-sandbox-scope)
+MARKER_SCOPE = "scope"
 OPTION_KEYWORDS = tuple(keyword for keyword in KEYWORDS if keyword.option)
 FLAG_KEYWORDS = tuple(keyword for keyword in KEYWORDS if keyword.flag is not None)
 # every name run() takes -> (keyword, the check of an older name with another unit)
@@ -243,9 +246,9 @@ def check_library_keywords(given: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_marker_names(names: Iterable[str]) -> None:
-    unknown = sorted(set(names) - set(MARKER_KEYWORDS))
+    unknown = sorted(set(names) - set(MARKER_KEYWORDS))  # scope= is set apart before
     if unknown:
-        raise _unknown("@pytest.mark.container", unknown[0], MARKER_KEYWORDS,
+        raise _unknown("@pytest.mark.container", unknown[0], (*MARKER_KEYWORDS, MARKER_SCOPE),
                        lambda keyword: keyword.name if keyword.marker else None)
 
 
@@ -256,7 +259,8 @@ def _unknown(where: str, name: str, known: Iterable[str],
     known, keyword = list(known), _SPELLINGS.get(name)
     if keyword is not None and keyword.instead and named_here(keyword) is None:
         return ConfigError(f"{where}: unknown keyword {name!r}: {keyword.instead}")
-    closest = difflib.get_close_matches(name.lstrip("-").replace("-", "_").lower(), _SPELLINGS)
+    closest = difflib.get_close_matches(name.lstrip("-").replace("-", "_").lower(),
+                                        {*_SPELLINGS, *known})
     suggestion = closest and (closest[0] if closest[0] in known
                               else named_here(_SPELLINGS[closest[0]]))
     hint = f"did you mean {suggestion!r}? " if suggestion else ""
@@ -276,14 +280,16 @@ def check_text(keyword: Keyword, text: str, spelled: str) -> Any:
 
 def marker_help() -> str:
     """The marker's line in `pytest --markers`."""
-    signature = ", ".join(f"{name}={BY_NAME[name].default!r}" for name in MARKER_KEYWORDS)
+    signature = ", ".join([*(f"{name}={BY_NAME[name].default!r}" for name in MARKER_KEYWORDS),
+                           f"{MARKER_SCOPE}='test'"])
     return (f"container({signature}): on a test that uses the `container` fixture, configure it; "
             "on any other test, run its body sandboxed (writable= names host paths it may write "
             "besides tmp_path). Limits ('64M', 0.5 CPUs, pids), wall-time timeout in seconds, "
             "network mode, which binaries its rootfs holds (or a prepared rootfs path), hostname,"
             " environment; and what a test that needs more than the strict default asks for: "
             "user=False (root inside is host root), seccomp=False, allow_syscalls=['ptrace'], "
-            "capabilities=['NET_RAW'], rlimits={'nofile': 8192}")
+            "capabilities=['NET_RAW'], rlimits={'nofile': 8192}. scope= (test, module or "
+            "session): how many sandboxed tests share one sandbox, as --minictr-sandbox-scope")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ def run_tests(pytester, cache_dir):
 
 def test_marker_is_registered_with_its_keywords(pytester):
     result = pytester.runpytest_subprocess("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.container(memory=*cpus=*pids=*timeout=*"])
+    result.stdout.fnmatch_lines(["@pytest.mark.container(memory=*cpus=*pids=*timeout=*"
+                                 "scope='test'): *scope= (test, module or session)*"])
 
 
 @pytest.mark.needs_limits
@@ -131,6 +132,7 @@ def test_markers_merge_closest_wins(run_tests):
 
 @pytest.mark.parametrize("marker, message", [
     ("memroy='64M'", "unknown keyword 'memroy'"),
+    ("scop='module'", "unknown keyword 'scop' (did you mean 'scope'?"),
     ("memory='64Q'", "memory='64Q': unknown unit 'Q'"),
     ("memory='1M'", "memory='1M': must be at least 4 MiB"),
     ("hostname='a b'", "hostname='a b'"),

@@ -12,6 +12,7 @@ import pytest
 
 from pytest_minictr.errors import ConfigError
 from pytest_minictr.keywords import (
+    MARKER_SCOPE,
     OPTION_KEYWORDS,
     ContainerSettings,
     Keyword,
@@ -108,7 +109,7 @@ def read_session_settings(config: pytest.Config) -> SessionSettings:
 def sandbox_scope(item: pytest.Item, session: SessionSettings) -> str:
     """The closest `container` marker's scope=, else the session's."""
     for marker in item.iter_markers("container"):
-        scope = marker.kwargs.get("scope")
+        scope = marker.kwargs.get(MARKER_SCOPE)
         if scope is not None:
             if scope not in SCOPES:
                 raise ConfigError(f"@pytest.mark.container: scope={scope!r}: expected "
@@ -151,7 +152,7 @@ def merge_marker(defaults: ContainerSettings, item: pytest.Item) -> ContainerSet
             raise ConfigError(f"@pytest.mark.container{marker.args!r}: takes keywords only, "
                               f"e.g. container(memory='64M')")
         # scope= is the sandbox's, not a container's: read by `sandbox_scope`
-        kwargs = {name: value for name, value in marker.kwargs.items() if name != "scope"}
+        kwargs = {name: value for name, value in marker.kwargs.items() if name != MARKER_SCOPE}
         check_marker_names(kwargs)
         keywords.update(kwargs)
     sources = [name for name in ("image", "rootfs", "binaries", "recipe")
