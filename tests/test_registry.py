@@ -25,6 +25,7 @@ from pytest_minictr.images.pull import pull
 from pytest_minictr.images.registry import DigestMismatchError
 from pytest_minictr.images.store import Store
 from pytest_minictr.images.transport import RegistryError
+from tests.helpers import eventually
 from tests.oci_registry import (
     Registry,
     image_manifest,
@@ -386,6 +387,38 @@ def test_a_reference_runs_pulled_from_the_registry(busybox_image, runtime, tmp_p
     assert all(not (tree / "srv" / "x").exists() for tree in layers)
     runtime.run(busybox_image, ["touch", "/srv/x"], pull="never").wait().check_returncode()
     assert all(not (tree / "srv" / "x").exists() for tree in layers)  # the layers stay as made
+
+
+@pytest.mark.needs_root
+def test_rmi_leaves_the_layers_of_a_running_container_until_it_ends(busybox_image, runtime,
+                                                                     tmp_path, monkeypatch):
+    monkeypatch.setenv("MINICTR_IMAGE_STORE", str(tmp_path / "store"))
+    store = Store(tmp_path / "store")
+    running = runtime.run(busybox_image, ["sh", "-c", "read line; cat /srv/note"],
+                          input=b"go\n", timeout=30)
+    image = store.lookup(busybox_image)
+    layers = image.layers
+    # the launcher held the layers before it answered run(): rmi forgets the image at once
+    assert store.remove(busybox_image) == [image.reference]
+    assert all(tree.is_dir() for tree in layers) and store.prune() == []
+    result = running.wait()
+    assert (result.returncode, result.stdout) == (0, b"from the top\n"), result.stderr
+    # the end is told before the init's own exit: the layers go once it is reaped
+    removed: list[str] = []
+    assert eventually(lambda: bool(removed.extend(store.prune())) or len(removed) == 2)
+    assert sorted(removed) == sorted(f"sha256:{tree.parent.name}" for tree in layers)
+    assert not any(tree.exists() for tree in layers)
+
+
+@pytest.mark.needs_root
+def test_a_layer_pruned_before_the_start_is_a_clear_error(busybox_image, runtime, tmp_path,
+                                                          monkeypatch):
+    monkeypatch.setenv("MINICTR_IMAGE_STORE", str(tmp_path / "store"))
+    store = Store(tmp_path / "store")
+    image = pull(busybox_image, store=store)
+    store.remove(busybox_image)  # looked up, then removed: as a prune between the two
+    with pytest.raises(ConfigError, match=r"was removed \(by `minictr rmi` or `prune`\)"):
+        runtime.run(image, ["true"])
 
 
 @pytest.mark.needs_root

@@ -14,7 +14,7 @@ $MINICTR_IMAGE_STORE overrides both. A layer is unpacked in a temporary director
 published by one rename, under its lock: parallel pulls (pytest-xdist) of one image download
 each layer once, the others wait for it and find it there. A published layer is never written
 again; `rmi` and `prune` remove whole layers that no image names and no container holds
-(`in_use`: a shared lock on each layer while it runs).
+(a shared lock on each layer while it runs: `layer_holds`).
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pytest_minictr import immutable
+from pytest_minictr import layer_holds as holds
 from pytest_minictr.errors import ConfigError
 from pytest_minictr.images.image import Image, ImageConfig
 from pytest_minictr.images.reference import Reference, parse_reference
@@ -236,24 +237,24 @@ class Store:
 
     @contextmanager
     def in_use(self, image: Image) -> Iterator[None]:
-        """Hold the image's layers while a container runs on them: `rmi` and `prune` leave a
-        layer held (a shared lock on it) for a later prune."""
-        with ExitStack() as stack:
-            for tree in image.layers:
-                stack.enter_context(self._locked(f"layer-{tree.parent.name}", shared=True))
+        """Hold the image's layers as a running container does (the launcher: `layer_holds`):
+        `rmi` and `prune` leave a layer held for a later prune."""
+        fds = holds.hold_layers(image.layers)
+        try:
             yield
+        finally:
+            holds.let_go(fds)
 
     @contextmanager
-    def _locked(self, name: str, shared: bool = False, wait: bool = True) -> Iterator[bool]:
+    def _locked(self, name: str, wait: bool = True) -> Iterator[bool]:
         """flock on locks/NAME.lock; what it gives is whether it was had (wait=False)."""
-        path = self.root / "locks" / f"{name}.lock"
+        path = holds.lock_file(self.root, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         immutable.mark(self.root)  # before its first layer: no container may bind it writable
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-                            | (0 if wait else fcntl.LOCK_NB))
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 yield False
                 return

@@ -54,7 +54,7 @@ class Ends:
             self._close_status_pipe(container)
         container.report = container.report.with_child_status(child_status)
         self._send_event(container)
-        linux.close_each((container.pidfd, container.init_pidfd))
+        linux.close_each((container.pidfd, container.init_pidfd, *container.held))
         container.cgroup.discard()
         del self.containers[container.id]
 

@@ -71,6 +71,7 @@ class Container:
     life: Life = Life.RUNNING
     kill_at: float | None = None      # after stop()'s grace period
     cpu_watch: CpuWatch | None = None  # its cpu_time_limit (not an exec's: the group is shared)
+    held: tuple[int, ...] = ()        # locks on its image's layers (see `layer_holds`)
     report: EndReport = EndReport()   # what the init (and keeper) reported so far
     partial_line: bytes = field(default=b"", repr=False)  # a report line cut by a read
 

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from pytest_minictr import layer_holds as holds
 from pytest_minictr import protocol
 from pytest_minictr.errors import ContainerNotFoundError, LauncherError, MinictrError
 from pytest_minictr.host import linux
@@ -127,8 +128,17 @@ class Launcher:
             raise
         joins = pod.namespaces if pod is not None and pod.joined else None
         try:
+            # before the setup mounts them, until our child is reaped (see `layer_holds`)
+            held = holds.hold_layers(spec.layers)
+        except BaseException:
+            self.pods.not_started(pod)
+            for fd in fds:
+                os.close(fd)
+            raise
+        try:
             reply = self._start(container_id, spec, fds,
-                                lambda child_fds: self.starter.start(spec, child_fds, joins))
+                                lambda child_fds: self.starter.start(spec, child_fds, joins),
+                                held=held)
         except BaseException:
             self.pods.not_started(pod)
             raise
@@ -179,9 +189,10 @@ class Launcher:
 
     def _start(self, container_id: str, spec: ContainerSpec, fds: list[int],
                start: Callable[[ChildFds], Started],
-               exec_of: str | None = None) -> dict:
+               exec_of: str | None = None, held: tuple[int, ...] = ()) -> dict:
         """Start a container (or an exec: `start` forks what runs it) on the caller's fds
-        [stdin, stdout, stderr, events]; watch it until its end."""
+        [stdin, stdout, stderr, events]; watch it until its end. `held`: the locks on its
+        image's layers, let go when our child is reaped (or now, if it does not start)."""
         stdin, stdout, stderr, events = fds
         setup_r, setup_w = os.pipe2(os.O_CLOEXEC)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -189,7 +200,7 @@ class Launcher:
         try:
             started = start(ChildFds(stdin, stdout, stderr, setup_w, status_w))
         except BaseException:
-            for fd in (setup_r, status_r, events):
+            for fd in (setup_r, status_r, events, *held):
                 os.close(fd)
             raise
         finally:
@@ -204,14 +215,14 @@ class Launcher:
         if setup.error is not None:
             kill(init_pidfd)
             os.waitpid(pid, 0)
-            linux.close_each((pidfd, init_pidfd, status_r, events))
+            linux.close_each((pidfd, init_pidfd, status_r, events, *held))
             cgroup.discard()
             return {"ok": False, "error": setup.error}
         container = Container(container_id, pid, pidfd, init_pidfd, status_r, events, began,
                               began + spec.timeout if spec.timeout else None, cgroup,
                               exec_of=exec_of,
                               command_group=init_pid if exec_of is not None else None,
-                              stop_signal=spec.stop_signal)
+                              stop_signal=spec.stop_signal, held=held)
         if spec.cpu_time_limit is not None and exec_of is None:
             container.cpu_watch = CpuWatch.start(cgroup, spec.cpu_time_limit, spec.limits.cpus,
                                                  time.monotonic())
