@@ -262,5 +262,9 @@ def test_a_detached_container_runs_on_the_image(fake_store, capsys, no_stdin):
         assert capsys.readouterr().out == "3\n"
         assert main(["logs", container_id]) == 0
         assert capsys.readouterr().out == "hello\n"
+        assert main(["ps", "--all"]) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines()
+                   if line.startswith(container_id))
+        assert row.split()[2] == "app:1"  # the reference as given, not the top layer's path
     finally:
         main(["rm", "-f", container_id])

@@ -59,6 +59,10 @@ def test_a_detached_container_outlives_its_cli_and_is_reached_by_others(minictr)
     listed_record = listed[0]
     assert listed_record["status"] == "running" and listed_record["options"]["hostname"] == "svc"
     assert listed_record["logs"][0].endswith(f"{cid}/stdout.log")
+    assert listed_record["image"] == "host binaries"  # as `ps` names what it runs on
+    header, row = minictr("ps").stdout.decode().splitlines()[:2]
+    assert header.split()[:4] == ["ID", "NAME", "IMAGE", "STATUS"]
+    assert row.split()[:5] == [cid, "-", "host", "binaries", "running"]
     assert eventually(lambda: minictr("logs", cid).stdout == b"out\n")
     assert minictr("logs", cid).stderr == b"err\n"
     execd = minictr("exec", cid, "--", "sh", "-c", "hostname; cat /tmp/f; cat; exit 3",

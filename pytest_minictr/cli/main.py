@@ -157,6 +157,16 @@ def add_run_command(commands: argparse._SubParsersAction[Any]) -> None:
     run.set_defaults(handler=run_command, parser=run)
 
 
+def _source_shown(image: str | None, args: argparse.Namespace) -> str:
+    """What a container runs on, as `ps` shows it (Docker's IMAGE column): as the user named
+    it, not the store's or the cache's directory."""
+    if image is not None:
+        return image
+    if args.rootfs:
+        return str(args.rootfs)
+    return f"recipe {args.recipe}" if args.recipe else "host binaries"
+
+
 def _name_flag(text: str) -> str:
     try:
         return docker_flags.check_name(text)
@@ -186,9 +196,11 @@ def run_command(args: argparse.Namespace) -> int:
         spec = spec_from(rootfs, command, checked)  # a bad value fails here, before anything
     if args.tty:
         spec = dataclasses.replace(spec, terminal=True, env=_with_host_term(spec.env))
+    source = _source_shown(image, args)
     if args.detach:
-        return lifecycle.run_detached(spec, given, name=args.name, remove=args.rm)
-    with ForegroundRecord(spec, given, args.name, args.rm) as record:
+        return lifecycle.run_detached(spec, given, name=args.name, remove=args.rm,
+                                      image=source)
+    with ForegroundRecord(spec, given, args.name, args.rm, source) as record:
         if args.tty:
             return _run_on_terminal(spec, args, record)
         # --json: the output is captured for the report, the rest passes through

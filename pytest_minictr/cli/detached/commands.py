@@ -97,11 +97,13 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
 
 
 def run_detached(spec: ContainerSpec, options: dict, name: str | None = None,
-                 remove: bool = False) -> int:
+                 remove: bool = False, image: str = "") -> int:
     """Start the container of `spec` (checked by `run`) under a shim of its own, print its id
-    once it runs. `options`: the flags given, kept in the record."""
+    once it runs. `options`: the flags given, kept in the record; `image`: what it runs on,
+    as `ps` shows it."""
     store = Store()
-    record = store.new(spec.argv, spec.rootfs, as_json(options), name, remove, logs=True)
+    record = store.new(spec.argv, spec.rootfs, as_json(options), name, remove, logs=True,
+                       image=image)
     order = {"state_dir": str(store.root), "id": record.id, "spec": spec.to_dict()}
     started = subprocess.Popen([sys.executable, "-m", "pytest_minictr.cli.detached.shim"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -150,8 +152,8 @@ def list_containers(args: argparse.Namespace) -> int:
         for record in shown:
             print(record.id)
         return 0
-    print_table([("ID", "NAME", "STATUS", "CREATED", "COMMAND")] + [
-        (record.id, record.name or "-", record.shown_status,
+    print_table([("ID", "NAME", "IMAGE", "STATUS", "CREATED", "COMMAND")] + [
+        (record.id, record.name or "-", record.image or record.rootfs or "-", record.shown_status,
          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created)),
          " ".join(record.command)) for record in shown])
     return 0

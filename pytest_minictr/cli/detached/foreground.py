@@ -25,8 +25,10 @@ class ForegroundRecord:
     the container starts), held while it runs, its end written; removed on an exit before
     the container started."""
 
-    def __init__(self, spec: ContainerSpec, options: dict, name: str | None, remove: bool):
+    def __init__(self, spec: ContainerSpec, options: dict, name: str | None, remove: bool,
+                 image: str = ""):
         self.spec, self.options, self.name, self.remove = spec, options, name, remove
+        self.image = image
         self.store = Store()
         self.record: Record | None = None
         self.server: socket.socket | None = None
@@ -35,7 +37,7 @@ class ForegroundRecord:
         if self.name is not None:
             self.record = self.store.new(self.spec.argv, self.spec.rootfs,
                                          as_json(self.options), self.name, self.remove,
-                                         logs=False)
+                                         logs=False, image=self.image)
         return self
 
     def hold(self, runtime: ContainerRuntime, container: Container, asked: list[int]) -> None:

@@ -54,6 +54,8 @@ class Record:
     command: tuple[str, ...]
     created: float                  # epoch seconds
     rootfs: str = ""
+    # what it runs on as the user named it: an image reference, a recipe, a rootfs directory
+    image: str = ""
     options: dict = field(default_factory=dict)   # the run keywords (limits, network...)
     logs: tuple[str, ...] = ()      # where its stdout and stderr go
     shim_pid: int | None = None
@@ -155,13 +157,13 @@ class Store:
         return [entry.name for entry in entries if ID_PATTERN.fullmatch(entry.name)]
 
     def new(self, command: tuple[str, ...], rootfs: str, options: dict, name: str | None,
-            remove: bool, logs: bool) -> Record:
+            remove: bool, logs: bool, image: str = "") -> Record:
         """The record of a container about to start (`logs`: its output kept here), its
         --name claimed: ConfigError if another holds it, before anything starts."""
         container_id = secrets.token_hex(6)
         kept = tuple(str(self.root / container_id / log) for log in LOGS) if logs else ()
         record = Record(id=container_id, command=command, created=time.time(), rootfs=rootfs,
-                        options=options, name=name, remove=remove, logs=kept)
+                        image=image, options=options, name=name, remove=remove, logs=kept)
         self.create(record)
         return record
 
