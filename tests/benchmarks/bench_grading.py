@@ -6,6 +6,9 @@ bwrap running the same snippet on the same rootfs.
   bwrap        bwrap --unshare-{pid,net,ipc,uts,cgroup} --die-with-parent --ro-bind ROOTFS /
                --proc /proc --dev /dev --tmpfs /tmp python3 -c SNIPPET  (no limits, no user
                namespace, no seccomp: bwrap as root, as lightly as it goes)
+  bwrap+cg     the same in a cgroup of its own per run with the same memory and pids
+               limits, read and removed after (as root only): what a tool on bwrap adds to
+               measure and limit a run, still without a user namespace or seccomp
 
 Each is run sequentially (1 worker) and by 2 worker processes at once; the figure is snippets
 per second over the whole batch (worker start-up excluded: each worker warms up first), and
@@ -15,8 +18,9 @@ Then the judge (issue #28, figures of item 8):
 
   batch        `minictr grade JOBS.jsonl --workers 2` over --jobs trivial python3 jobs (one
                case each, judged), the whole command timed, start-up included; against
-               the same snippets through bwrap (as above) by a pool of 2 processes; each
-               twice, in the order grade, pool, pool, grade
+               the same snippets through bwrap (as above) by a pool of 2 processes, and (as
+               root) bwrap+cg the same way; each twice, in the order grade, the pools, the
+               pools again in reverse, grade
   per case     a 20-case C job (grade_job on a warm runtime: one build, 20 containers) against
                its binary, compiled on the host, run 20 times bare (subprocess.run); the
                figure is the milliseconds each case costs beyond a bare run
@@ -29,6 +33,7 @@ The script reports and does not judge: it exits 1 only if a snippet or a job wen
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -39,13 +44,14 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from pytest_minictr import ContainerRuntime, RootfsBuilder
+from pytest_minictr import ContainerRuntime, Limits, RootfsBuilder
 
 SNIPPET = "print(sum(range(100)))"
 EXPECTED = b"4950\n"
 LIMITS = {"memory_limit": "64M", "pids_limit": 32, "timeout": 10, "output_limit": "1M",
           "layer_size": "16M"}
 WARMUP = 5
+CGROUP_LIMITS = Limits(memory=64 * 1024**2, pids=32)  # LIMITS' memory and pids
 
 
 def minictr_worker(rootfs: str, count: int, start, results) -> None:
@@ -60,12 +66,16 @@ def minictr_worker(rootfs: str, count: int, start, results) -> None:
         results.put((time.monotonic(), bad))
 
 
+def bwrap_argv(rootfs: str) -> list[str]:
+    return ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup", "--die-with-parent", "--ro-bind", rootfs, "/",
+            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "python3", "-c", SNIPPET]
+
+
 def bwrap_worker(rootfs: str, count: int, start, results) -> None:
     # no user namespace: the cache is owned by minictr's mapped range (see idmap), which one
     # of bwrap's own would not map; as root bwrap needs none
-    argv = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup", "--die-with-parent", "--ro-bind", rootfs, "/",
-            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "python3", "-c", SNIPPET]
+    argv = bwrap_argv(rootfs)
     for _ in range(WARMUP):
         subprocess.run(argv, capture_output=True)
     start.wait()
@@ -74,6 +84,36 @@ def bwrap_worker(rootfs: str, count: int, start, results) -> None:
         done = subprocess.run(argv, capture_output=True)
         bad += done.returncode != 0 or done.stdout != EXPECTED
     results.put((time.monotonic(), bad))
+
+
+def bwrap_cgroup_worker(rootfs: str, count: int, start, results) -> None:
+    argv = bwrap_argv(rootfs)
+    for index in range(WARMUP):
+        bwrap_in_cgroup(argv, f"warm-{index}")
+    start.wait()
+    bad = sum(not bwrap_in_cgroup(argv, str(index)) for index in range(count))
+    results.put((time.monotonic(), bad))
+
+
+def bwrap_in_cgroup(argv: list[str], name: str) -> bool:
+    """bwrap in a cgroup of its own (made, its limits set, joined before exec, read and
+    removed: our backend's), as a tool built on bwrap would add it to limit and measure a
+    run; still no user namespace (see bwrap_worker) and no seccomp filter."""
+    from pytest_minictr.host import cgroups
+    group = _cgroup_backend().create(cgroups.group_name(f"bench-{name}"), CGROUP_LIMITS)
+    try:
+        done = subprocess.run(argv, capture_output=True,
+                              preexec_fn=lambda: group.join(os.getpid()))
+        group.stats()
+    finally:
+        group.discard()
+    return done.returncode == 0 and done.stdout == EXPECTED
+
+
+@functools.lru_cache(maxsize=1)
+def _cgroup_backend():
+    from pytest_minictr.host import cgroups
+    return cgroups.detect()
 
 
 def measure(worker, rootfs: str, snippets: int, workers: int) -> dict:
@@ -113,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         peers = {"minictr": minictr_worker}
         if shutil.which("bwrap"):
             peers["bwrap"] = bwrap_worker
+            if os.geteuid() == 0:
+                peers["bwrap+cg"] = bwrap_cgroup_worker
         for workers in (1, 2):
             for name, worker in peers.items():
                 report["runs"][f"{name} x{workers}"] = measure(worker, rootfs, args.snippets,
@@ -120,10 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         report["judge"] = measure_judge(rootfs, args.jobs, cache)
     runs = report["runs"]
     for workers in (1, 2):
-        if f"bwrap x{workers}" in runs:
-            report[f"ratio x{workers} (minictr/bwrap, snippets/s)"] = round(
-                runs[f"minictr x{workers}"]["per_second"]
-                / runs[f"bwrap x{workers}"]["per_second"], 2)
+        for peer in ("bwrap", "bwrap+cg"):
+            if f"{peer} x{workers}" in runs:
+                report[f"ratio x{workers} (minictr/{peer}, snippets/s)"] = round(
+                    runs[f"minictr x{workers}"]["per_second"]
+                    / runs[f"{peer} x{workers}"]["per_second"], 2)
     if args.json:
         print(json.dumps(report, indent=2))
         return 1 if any(row["wrong"] for row in runs.values()) or report["judge"]["wrong"] else 0
@@ -143,21 +186,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure_judge(rootfs: str, jobs: int, cache: str) -> dict:
     # the whole batch each time (each start-up counted once, as a user's batch pays it once),
-    # in the order grade, bwrap, bwrap, grade: a machine whose load drifts during the run
-    # weighs on both alike
+    # in the order grade, the pools, the pools again in reverse, grade: a machine whose load
+    # drifts during the run weighs on each alike
+    pools = ({"bwrap pool": False, "bwrap+cg pool": True} if os.geteuid() == 0
+             else {"bwrap pool": False}) if shutil.which("bwrap") else {}
     batches = [grade_batch(jobs, cache)]
-    pools = [bwrap_pool(rootfs, jobs) for _ in range(2)] if shutil.which("bwrap") else []
+    runs: dict[str, list[dict]] = {name: [] for name in pools}
+    for name in [*pools, *reversed(pools)]:
+        runs[name].append(bwrap_pool(rootfs, jobs, cgroup=pools[name]))
     batches.append(grade_batch(jobs, cache))
     cases = per_case_overhead(cache)
     seconds = sum(batch["seconds"] for batch in batches)
     report = {"grade_jobs_per_s": round(2 * jobs / seconds, 1),
               "grade_seconds": round(seconds / 2, 3),
               "wrong": sum(batch["wrong"] for batch in batches) + cases["wrong"], **cases}
-    if pools:
-        pool_seconds = sum(pool["seconds"] for pool in pools)
-        report["bwrap_pool_jobs_per_s"] = round(2 * jobs / pool_seconds, 1)
-        report["ratio (grade/bwrap pool, jobs/s)"] = round(pool_seconds / seconds, 2)
-        report["wrong"] += sum(pool["wrong"] for pool in pools)
+    for name, done in runs.items():
+        pool_seconds = sum(run["seconds"] for run in done)
+        report[f"{name}_jobs_per_s"] = round(2 * jobs / pool_seconds, 1)
+        report[f"ratio (grade/{name}, jobs/s)"] = round(pool_seconds / seconds, 2)
+        report["wrong"] += sum(run["wrong"] for run in done)
     return report
 
 
@@ -184,13 +231,16 @@ def _bwrap_once(argv: list[str]) -> bool:
     return done.returncode == 0 and done.stdout == EXPECTED
 
 
-def bwrap_pool(rootfs: str, jobs: int) -> dict:
-    argv = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup", "--die-with-parent", "--ro-bind", rootfs, "/",
-            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "python3", "-c", SNIPPET]
+def _bwrap_in_cgroup_once(task: tuple[list[str], int]) -> bool:
+    return bwrap_in_cgroup(task[0], f"pool-{task[1]}")
+
+
+def bwrap_pool(rootfs: str, jobs: int, cgroup: bool = False) -> dict:
+    argv = bwrap_argv(rootfs)
     began = time.monotonic()
     with multiprocessing.Pool(2) as pool:  # its start-up counted, as the grader's is
-        passed = pool.map(_bwrap_once, [argv] * jobs)
+        passed = pool.map(_bwrap_in_cgroup_once, [(argv, index) for index in range(jobs)]) \
+            if cgroup else pool.map(_bwrap_once, [argv] * jobs)
     span = time.monotonic() - began
     return {"seconds": span, "wrong": passed.count(False)}
 
