@@ -25,7 +25,7 @@ from pytest_minictr.caller.client import LauncherClient
 from pytest_minictr.caller.monitor import Monitor
 from pytest_minictr.caller.pipes import Pipes
 from pytest_minictr.caller.result import ContainerStats, ContainerStatus, Result, WaitTimeoutError
-from pytest_minictr.caller.sandbox import SandboxLease
+from pytest_minictr.caller.sandbox import SandboxLease, SandboxOrder
 from pytest_minictr.errors import ConfigError, ContainerNotFoundError, LauncherError
 from pytest_minictr.keywords import make_exec_spec, make_spec
 from pytest_minictr.protocol import FORWARDED_SIGNALS
@@ -269,7 +269,11 @@ class ContainerRuntime:
         """A cgroup with `limits` for a process the caller forks itself (a sandboxed test
         body, see `plugin.sandbox`), which the launcher kills at `timeout` and removes;
         `services`: the published addresses it may reach, through the launcher's relay."""
-        return SandboxLease(self._client, self._new_id(), limits, timeout, services)
+        lease = SandboxOrder(self._client, self._new_id(), limits, timeout, services).lease()
+        if lease is None:
+            raise LauncherError("the minictr launcher died while answering; "
+                                "the next call starts a new one")
+        return lease
 
     def close(self) -> None:
         """Kill every container still running and stop the launcher."""

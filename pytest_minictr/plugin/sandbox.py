@@ -134,14 +134,15 @@ def run_body(item: pytest.Item, runtest: Callable[[], None], settings: Container
                            lambda: call_in_body(item, runtest, env, seal))
         pid, lease = forked.pid, forked.lease
         received = read_lines(_read_to_end(report_r), seal, status_line=forked.rootless)
+        lease.watched()
         status = os.waitpid(pid, 0)[1]
         pid = None
     finally:
         os.close(report_r)
         if pid:  # interrupted (Ctrl-C, pytest-timeout): the body goes with us
             os.kill(pid, signal.SIGKILL)
+            lease.abandon()  # before the reap (see SandboxLease.watched)
             os.waitpid(pid, 0)
-            lease.end(wait=False)
     # the figures are for a failed test's report: a passed one need not wait for them
     body = received.report
     told = lease.relay_told()
@@ -176,8 +177,7 @@ def fork_body(item: pytest.Item, settings: ContainerSettings, runtime: Container
         view = body_view(item, settings, tuple(services))
         if view.security.seccomp:
             seccomp.host_filter(view.security.allow_syscalls)  # built once, inherited
-        lease = runtime.sandbox(Limits(settings.memory, settings.cpus, settings.pids),
-                                settings.timeout, view.services)
+        lease = runtime.sandbox(_limits(settings), settings.timeout, view.services)
     except BaseException:
         os.close(channel)
         raise
@@ -196,6 +196,10 @@ def fork_body(item: pytest.Item, settings: ContainerSettings, runtime: Container
             os.close(fd)
         lease.watch(pid)
     return Forked(pid, lease, where.rootless)
+
+
+def _limits(settings: ContainerSettings) -> Limits:
+    return Limits(settings.memory, settings.cpus, settings.pids)
 
 
 def body_env(item: pytest.Item, settings: ContainerSettings) -> dict[str, str | None]:
