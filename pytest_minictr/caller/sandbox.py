@@ -32,7 +32,8 @@ class SandboxEnd:
 
 
 class SandboxOrder:
-    """A sandbox asked of the launcher, its reply not read yet: read by `lease()`."""
+    """A sandbox asked of the launcher, its reply not read yet: read by `lease()`, at once
+    for the body about to fork, or later for one asked ahead (see `ContainerRuntime`)."""
 
     def __init__(self, client: LauncherClient, sandbox_id: str, limits: Limits,
                  timeout: float | None, services: tuple[tuple[str, int], ...] = ()):
@@ -70,6 +71,18 @@ class SandboxOrder:
             self._close()
             return None
         return SandboxLease(self._client, self.id, self._events, self._relay, reply)
+
+    def cancel(self) -> None:
+        """Not used: the launcher removes it (as if its body's fork had failed)."""
+        self._pending.drop()
+        self._close()
+        with contextlib.suppress(OSError, MinictrError):
+            self._client.send(protocol.WATCH, id=self.id, pid=None).drop()
+
+    def forget(self) -> None:
+        """Not used, and its launcher goes (and removes it) with the runtime."""
+        self._pending.drop()
+        self._close()
 
     def _close(self) -> None:
         os.close(self._events)
