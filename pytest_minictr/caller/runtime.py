@@ -8,6 +8,7 @@ namespaces, mounts, exec) -> `Monitor` (pipes, the launcher's end report) -> `Re
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import secrets
@@ -275,9 +276,12 @@ class ContainerRuntime:
             ahead, self._ahead = self._ahead, None
         if ahead is not None:
             if ahead.asked == (limits, timeout, services):
-                lease = ahead.lease()
-                if lease is not None:
-                    return lease
+                # one it could not make (or lost) is asked again now, as if none was ahead:
+                # what failed then may not fail now, and what fails again is raised below
+                with contextlib.suppress(errors.MinictrError):
+                    lease = ahead.lease()
+                    if lease is not None:
+                        return lease
             else:
                 ahead.cancel()
         lease = SandboxOrder(self._client, self._new_id(), limits, timeout, services).lease()
