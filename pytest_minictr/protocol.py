@@ -84,22 +84,16 @@ class ReplyReader:
 
     A signal handler that raises (KeyboardInterrupt, pytest-timeout) can cut a read short;
     what was read stays here, so the next read goes on from there and the stream stays in
-    step. Each reply carries the `seq` of its request; a reply to a request whose caller was
-    interrupted is skipped.
+    step. Each reply carries the `seq` of its request, by which the client matches it (see
+    `client.LauncherClient`).
     """
 
     def __init__(self, sock: socket.socket):
         self._sock = sock
         self._buffer = b""
 
-    def reply_to(self, seq: int) -> Any | None:
-        """The reply with this `seq`, or None at the end of the stream."""
-        while True:
-            message = self._next()
-            if message is None or message.get("seq") == seq:
-                return message
-
-    def _next(self) -> Any | None:
+    def next_reply(self) -> Any | None:
+        """The next reply, whichever request it answers; None at the end of the stream."""
         while True:
             if len(self._buffer) >= _HEADER.size:
                 (length,) = _HEADER.unpack_from(self._buffer)

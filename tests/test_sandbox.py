@@ -311,6 +311,39 @@ def test_every_abnormal_end_is_a_failed_test_with_one_line(pytester):
     assert launcher_groups(pytester.path / "pid") == []
 
 
+IN_TURN = """
+import time, pytest
+
+@pytest.mark.container(timeout=2)
+@pytest.mark.parametrize("n", range(2))
+def test_slow(n):
+    time.sleep(1.5)
+
+@pytest.mark.container(memory="64M")
+@pytest.mark.parametrize("n", range(2))
+def test_oom(n):
+    assert bytearray(200 * 1024 * 1024)
+
+@pytest.mark.container
+def test_unlimited():
+    assert bytearray(200 * 1024 * 1024)
+"""
+
+
+@pytest.mark.needs_limits
+def test_each_body_has_its_own_limits_and_timeout_in_turn(pytester):
+    """A body's sandbox is asked for while the body before it runs: its timeout still
+    counts from its own start, its limits are its own, and none is left at the end."""
+    pytester.makepyfile(IN_TURN + REMEMBER_LAUNCHER.format(path=str(pytester.path / "pid")))
+    result = run(pytester, "-rA")
+    result.assert_outcomes(passed=4, failed=2)
+    result.stdout.fnmatch_lines_random([
+        "FAILED *test_oom[[]0[]]*memory=64M exceeded: killed by the OOM killer*",
+        "FAILED *test_oom[[]1[]]*memory=64M exceeded: killed by the OOM killer*",
+        "PASSED *test_unlimited*"])
+    assert launcher_groups(pytester.path / "pid") == []
+
+
 # --- 6, 7: whole suites, xdist, pytest-timeout, rootless ---------------------------------------
 
 def test_sandbox_tests_from_the_environment_and_ini(pytester, monkeypatch):

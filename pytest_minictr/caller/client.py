@@ -3,6 +3,8 @@
 The caller (pytest, a CLI, a grader) never forks a container itself; see `launcher.server`.
 Every request goes through `LauncherClient.call()` (the requests: `protocol.REQUESTS`).
 Requests may come from several threads: one lock serialises each request with its reply.
+A request whose reply is not needed at once may be `sent` ahead: its reply is kept when it
+comes, to be read with `Pending.reply()`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pytest_minictr import native, protocol
@@ -35,6 +38,9 @@ class LauncherClient:
         self._socket: socket.socket | None = None
         self._replies: protocol.ReplyReader | None = None
         self._seq = itertools.count(1)
+        # requests sent ahead (see send): their replies, once read, wait in _held
+        self._pending: set[int] = set()
+        self._held: dict[int, dict[str, Any]] = {}
 
     @property
     def pid(self) -> int | None:
@@ -50,29 +56,74 @@ class LauncherClient:
             raise protocol.error_of(reply["error"])
         return reply
 
+    def send(self, op: str, *, fds: Sequence[int] = (), **fields: Any) -> Pending:
+        """Send the request `op` now and read its reply later (`Pending.reply()`): the
+        launcher answers it meanwhile, while the caller goes on."""
+        with self._lock:
+            seq = self._send({"op": op, **fields}, fds)
+            self._pending.add(seq)
+        return Pending(self, seq)
+
     def _exchange(self, message: dict[str, Any], fds: Sequence[int]) -> dict[str, Any]:
         """One request sent, its reply (whatever it says) returned."""
         with self._lock:
-            self._ensure_started()
-            assert self._socket is not None and self._replies is not None  # it made them
-            message = {**message, "seq": next(self._seq)}
+            return self._reply_to(self._send(message, fds))
+
+    def _send(self, message: dict[str, Any], fds: Sequence[int]) -> int:
+        """(Under the lock.) The request sent; its seq."""
+        self._ensure_started()
+        assert self._socket is not None  # _ensure_started made it
+        seq = next(self._seq)
+        message = {**message, "seq": seq}
+        try:
+            protocol.send_message(self._socket, message, fds)
+        except OSError as error:
+            if error.errno not in _GONE:
+                raise
+            # It died since we last looked; the request never reached it, so resend once.
+            self._restart()
+            protocol.send_message(self._socket, message, fds)
+        return seq
+
+    def _reply_to(self, seq: int) -> dict[str, Any]:
+        """(Under the lock.) The reply to `seq`; those to requests sent ahead are kept on the
+        way, any other is skipped (its caller was interrupted)."""
+        assert self._replies is not None
+        try:
+            while True:
+                reply = self._replies.next_reply()
+                if reply is None or reply.get("seq") == seq:
+                    break
+                if reply.get("seq") in self._pending:
+                    self._held[reply["seq"]] = reply
+        except OSError:
+            reply = None
+        if reply is None:
+            _reap(self._forget(), timeout=1)
+            raise LauncherError("the minictr launcher died while answering; "
+                                "the next call starts a new one")
+        return reply
+
+    def _take_reply(self, seq: int) -> dict[str, Any] | None:
+        """A reply to a request sent ahead; None if its launcher is gone (it never came)."""
+        with self._lock:
+            if seq in self._held:
+                self._pending.discard(seq)
+                return self._held.pop(seq)
+            if seq not in self._pending:
+                return None
             try:
-                protocol.send_message(self._socket, message, fds)
-            except OSError as error:
-                if error.errno not in _GONE:
-                    raise
-                # It died since we last looked; the request never reached it, so resend once.
-                self._restart()
-                protocol.send_message(self._socket, message, fds)
-            try:
-                reply = self._replies.reply_to(message["seq"])
-            except OSError:
-                reply = None
-            if reply is None:
-                _reap(self._forget(), timeout=1)
-                raise LauncherError("the minictr launcher died while answering; "
-                                    "the next call starts a new one")
-            return reply
+                return self._reply_to(seq)
+            except LauncherError:
+                return None
+            finally:
+                self._pending.discard(seq)
+
+    def _drop_reply(self, seq: int) -> None:
+        """A reply to a request sent ahead that no one will read: skipped when it comes."""
+        with self._lock:
+            self._pending.discard(seq)
+            self._held.pop(seq, None)
 
     def _ensure_started(self) -> None:
         if self._socket is None or self._process is None or self._process.poll() is not None:
@@ -109,7 +160,29 @@ class LauncherClient:
             self._socket.close()
         process, self._socket, self._process = self._process, None, None
         self._replies = None
+        self._pending.clear()  # their replies will not come: Pending.reply() says so
+        self._held.clear()
         return process
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A request sent ahead (`LauncherClient.send`), its reply not read yet."""
+
+    client: LauncherClient
+    seq: int
+
+    def reply(self) -> dict[str, Any] | None:
+        """The reply (an error it says raised as in `call`); None if the launcher that had
+        the request is gone: it may never have been carried out."""
+        reply = self.client._take_reply(self.seq)
+        if reply is not None and not reply["ok"]:
+            raise protocol.error_of(reply["error"])
+        return reply
+
+    def drop(self) -> None:
+        """No one will read the reply."""
+        self.client._drop_reply(self.seq)
 
 
 def _reap(process: subprocess.Popen | None, timeout: float) -> None:

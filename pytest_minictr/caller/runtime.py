@@ -8,6 +8,7 @@ namespaces, mounts, exec) -> `Monitor` (pipes, the launcher's end report) -> `Re
 from __future__ import annotations
 
 import atexit
+import contextlib
 import enum
 import functools
 import os
@@ -26,7 +27,7 @@ from pytest_minictr.caller.client import LauncherClient
 from pytest_minictr.caller.monitor import Monitor
 from pytest_minictr.caller.pipes import Pipes
 from pytest_minictr.caller.result import ContainerStats, ContainerStatus, Result, WaitTimeoutError
-from pytest_minictr.caller.sandbox import SandboxLease
+from pytest_minictr.caller.sandbox import SandboxLease, SandboxOrder
 from pytest_minictr.errors import (
     ConfigError,
     ContainerNotFoundError,
@@ -213,6 +214,7 @@ class ContainerRuntime:
         self._running: weakref.WeakValueDictionary[str, Container] = weakref.WeakValueDictionary()
         self._finished: OrderedDict[str, ContainerStatus] = OrderedDict()
         self._issued: set[str] = set()
+        self._ahead: SandboxOrder | None = None  # see sandbox_ahead
         _open_runtimes.add(self)
 
     def __enter__(self) -> ContainerRuntime:
@@ -281,8 +283,36 @@ class ContainerRuntime:
                 services: tuple[tuple[str, int], ...] = ()) -> SandboxLease:
         """A cgroup with `limits` for a process the caller forks itself (a sandboxed test
         body, see `plugin.sandbox`), which the launcher kills at `timeout` and removes;
-        `services`: the published addresses it may reach, through the launcher's relay."""
-        return SandboxLease(self._client, self._new_id(), limits, timeout, services)
+        `services`: the published addresses it may reach, through the launcher's relay.
+        The one asked ahead (`sandbox_ahead`) if it was asked the same."""
+        with self._lock:
+            ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if ahead.asked == (limits, timeout, services):
+                # one it could not make (or lost) is asked again now, as if none was ahead:
+                # what failed then may not fail now, and what fails again is raised below
+                with contextlib.suppress(errors.MinictrError):
+                    lease = ahead.lease()
+                    if lease is not None:
+                        return lease
+            else:
+                ahead.cancel()
+        lease = SandboxOrder(self._client, self._new_id(), limits, timeout, services).lease()
+        if lease is None:
+            raise LauncherError("the minictr launcher died while answering; "
+                                "the next call starts a new one")
+        return lease
+
+    def sandbox_ahead(self, limits: Limits, timeout: float | None) -> None:
+        """Ask now for the sandbox the next `sandbox()` call will want, as a rule: the
+        launcher makes it while the caller does other things (it is not watched, and its
+        timeout does not run, before that call). One asked otherwise is removed then, or at
+        `close()`."""
+        order = SandboxOrder(self._client, self._new_id(), limits, timeout)
+        with self._lock:
+            ahead, self._ahead = self._ahead, order
+        if ahead is not None:
+            ahead.cancel()
 
     def close(self) -> None:
         """Kill every container still running and stop the launcher."""
@@ -294,6 +324,10 @@ class ContainerRuntime:
                 container.kill()
             except errors.MinictrError:
                 pass
+        with self._lock:
+            ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.forget()  # the launcher, ending, removes it
         self._client.close()
         _open_runtimes.discard(self)
 

@@ -75,6 +75,8 @@ DEVICE_BIND_FLAGS = MS_NOSUID | MS_NOEXEC
 PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug", "kallsyms", "latency_stats",
                "timer_stats", "acpi", "asound", "scsi")
 PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+_MOUNT_ATTRIBUTES = ((MS_RDONLY, linux.MOUNT_ATTR_RDONLY), (MS_NOSUID, linux.MOUNT_ATTR_NOSUID),
+                     (MS_NODEV, linux.MOUNT_ATTR_NODEV))
 _IDMAP_UNSUPPORTED = (errno.EINVAL, errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP)
 LAYER_LOCK_WAIT = 2.0  # seconds a container waits for the previous user of its layer to exit
 
@@ -349,7 +351,16 @@ def bind_user_mount(source_fd: int, target: str, read_only: bool) -> None:
 
 
 def restrict_mount_tree(top: str, extra_flags: int) -> None:
-    """Remount `top` and every mount below it with `extra_flags` added."""
+    """Add `extra_flags` (of MS_RDONLY, MS_NOSUID, MS_NODEV) to `top` and every mount below
+    it: in one call where the kernel has mount_setattr(2) (5.12); else a remount of each,
+    which reads the mount table first (~0.2 ms a bind under a body's whole host tree)."""
+    try:
+        linux.set_tree_attributes(top, sum(attribute for flag, attribute in _MOUNT_ATTRIBUTES
+                                           if extra_flags & flag))
+        return
+    except OSError as error:
+        if error.errno != errno.ENOSYS:
+            raise
     for target in [top, *_submounts(top)]:
         kept = _statvfs_mount_flags(target)
         linux.mount(None, target, None, MS_REMOUNT | MS_BIND | kept | extra_flags)

@@ -176,6 +176,11 @@ class SharedSandbox:
         self._setup: list[dict] = []      # the plugin's lines before the first item's
         self._status: int | None = None   # without root: the body's, from our init
         self._ran = 0
+        try:
+            forked.lease.watched()  # now: its body is reaped in several places below
+        except BaseException:
+            self._kill()
+            raise
 
     def run(self, item: pytest.Item, nextitem: pytest.Item | None) -> list[Any]:
         """The item's reports, as the body made them; SandboxGone if it ended first."""
