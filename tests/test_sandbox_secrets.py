@@ -9,6 +9,8 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -136,6 +138,51 @@ def test_body_sees_no_secrets(pytester: pytest.Pytester, monkeypatch: pytest.Mon
     run(pytester).assert_outcomes(passed=2)
     monkeypatch.delenv("MINICTR_KEEP_ENV")
     run(pytester).assert_outcomes(passed=1, failed=1)
+
+
+RENAMED_OVER = """
+import os, time, pytest
+
+@pytest.mark.container(writable=["SIGNALS"])
+def test_hidden_after_a_new_file_is_renamed_over_it():
+    assert open("HOST_KEY").read() == ""
+    open("SIGNALS/ready", "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists("SIGNALS/renamed") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert os.path.exists("SIGNALS/renamed") and open("HOST_KEY").read() == ""
+"""
+
+
+@needs_root
+def test_a_secret_replaced_while_a_body_runs_stays_hidden(pytester: pytest.Pytester):
+    """As useradd, passwd and chpasswd replace /etc/shadow: a new file renamed over it. The
+    body hides names, not the inode it found at its start."""
+    if not HOST_KEY.parent.is_dir():
+        pytest.skip("no /etc/ssh on this host")
+    signals = pytester.path / "signals"
+    signals.mkdir()
+    pytester.makepyfile(test_renamed=RENAMED_OVER.replace("HOST_KEY", str(HOST_KEY))
+                        .replace("SIGNALS", str(signals)))
+
+    def rename_over_once_the_body_runs() -> None:
+        deadline = time.monotonic() + INNER_TIMEOUT
+        while not (signals / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fresh = HOST_KEY.with_name(HOST_KEY.name + "+")
+        fresh.write_text("-----BEGIN OPENSSH PRIVATE KEY----- (a new one)\n")
+        os.rename(fresh, HOST_KEY)
+        (signals / "renamed").touch()
+
+    HOST_KEY.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    renamer = threading.Thread(target=rename_over_once_the_body_runs, daemon=True)
+    renamer.start()
+    try:
+        result = run(pytester)
+    finally:
+        renamer.join(INNER_TIMEOUT)
+        HOST_KEY.unlink()
+    result.assert_outcomes(passed=1)
 
 
 @needs_root

@@ -25,6 +25,7 @@ from pytest_minictr.host import linux
 from pytest_minictr.host.linux import MS_BIND, MS_NODEV, MS_NOSUID, MS_RDONLY, MS_REMOUNT
 
 TMP_LAYER = "/body-tmp"  # in the stage: the upper and work dirs of the body's /tmp
+ETC_COVER = "/body-etc"  # in the stage: the layer of empty files laid over the host's /etc
 # A hiding tmpfs holds only the mount points of what is bound back into it (see seal_hidden)
 HIDING_OPTIONS = "mode=0755,size=64k,nr_inodes=1024"
 HIDE_TRIES = 50  # a path replaced this often while one body starts is not a race any more
@@ -50,6 +51,48 @@ def hide_host_path(path: str) -> None:
             if error.errno not in (errno.ENOENT, errno.EINVAL) or not tries_left:
                 raise
             time.sleep(HIDE_PAUSE)
+
+
+def cover_etc_files(paths: tuple[str, ...]) -> None:
+    """Cover the secret files of the host's /etc (`paths`, absolute, under /etc) by name: a
+    read-only overlay of the host's /etc beneath a layer that holds an empty file of each
+    name. A mount on the file itself covers one inode: a program that renames a new file over
+    it (useradd, passwd, chpasswd do so with /etc/shadow) puts the new one in plain view of a
+    body that runs meanwhile; a name in an upper layer wins over whatever the host's /etc
+    holds under it now or later. Where the kernel refuses the overlay (before 5.11 in a user
+    namespace), each file is covered as before: by /dev/null on its inode."""
+    if not paths:
+        return
+    try:
+        _lay_empty_files(paths)
+        linux.mount("overlay", f"{ROOT}/etc", "overlay", MS_RDONLY | MS_NOSUID | MS_NODEV,
+                    f"lowerdir={ETC_COVER}:{ROOT}/etc")
+    except OSError:
+        for path in paths:
+            hide_host_path(path)
+
+
+def _lay_empty_files(paths: tuple[str, ...]) -> None:
+    """The overlay's upper lower layer: each path's directories as the host has them (the
+    merged directory takes its owner and mode from the uppermost layer), an empty file of
+    each name, readable as /dev/null was."""
+    os.makedirs(ETC_COVER, 0o755, exist_ok=True)
+    for path in paths:
+        relative = os.path.relpath(path, "/etc")
+        for parent in _parents(relative):
+            here = os.path.join(ETC_COVER, parent)
+            if not os.path.isdir(here):
+                host = os.stat(f"{ROOT}/etc/{parent}")
+                os.mkdir(here)
+                os.chown(here, host.st_uid, host.st_gid)
+                os.chmod(here, host.st_mode & 0o7777)
+        os.close(os.open(os.path.join(ETC_COVER, relative), os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def _parents(relative: str) -> list[str]:
+    """"ssh/keys/a" -> ["ssh", "ssh/keys"]."""
+    parts = relative.split("/")[:-1]
+    return ["/".join(parts[:count]) for count in range(1, len(parts) + 1)]
 
 
 def _cover(path: str, target: str) -> None:

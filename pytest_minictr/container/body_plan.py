@@ -44,7 +44,7 @@ BODY_JOINED = (("net", linux.CLONE_NEWNET), ("uts", linux.CLONE_NEWUTS),
 # Actions only a body's plan names. A body is a fork of the pytest worker, so its plan is
 # always carried out by the Python executor: the native core (`container/native`) runs
 # containers' plans and has no need of these.
-BODY_ONLY_ACTIONS = frozenset({"bind_host_root", "close_inherited_handles",
+BODY_ONLY_ACTIONS = frozenset({"bind_host_root", "close_inherited_handles", "cover_etc_files",
                                "hand_over_service_addresses", "hide_host_path", "seal_hidden",
                                "mount_tmp_over_host"})
 
@@ -114,9 +114,14 @@ def body_view(view: BodyView, where: Where) -> tuple[Step, ...]:
         Step("stage", "mount the stage", "mount_stage"),
         Step("stage", "pivot_root into the stage", "enter_stage"),
         *mount_proc_and_dev())
+    etc_files = tuple(path for path in view.hidden if _etc_file(path))
     steps = [*stage,
              Step("root", "bind the host's tree read-only", "bind_host_root"),
-             *(Step("root", f"hide {path}", "hide_host_path", (path,)) for path in view.hidden),
+             # first: the hiding mounts below it go on top of the /etc it mounts
+             *((Step("root", "cover /etc's secret files by name", "cover_etc_files",
+                     (etc_files,)),) if etc_files else ()),
+             *(Step("root", f"hide {path}", "hide_host_path", (path,)) for path in view.hidden
+               if path not in etc_files),
              Step("root", "mount /tmp over the host's", "mount_tmp_over_host",
                   (None, where.rootless))]
     for index, (path, read_only) in enumerate(binds):
@@ -132,6 +137,12 @@ def body_view(view: BodyView, where: Where) -> tuple[Step, ...]:
               *pivot_into_root(view),  # type: ignore[arg-type]
               *name_and_network(view, where)]  # type: ignore[arg-type]
     return tuple(steps)
+
+
+def _etc_file(path: str) -> bool:
+    """A hidden path that `cover_etc_files` covers: a file (not a directory, nor a symlink,
+    which the body's mounts never follow) of the host's /etc, as the worker sees it."""
+    return path.startswith("/etc/") and os.path.isfile(path) and not os.path.islink(path)
 
 
 def services_inside(view: BodyView, relay: int | None) -> tuple[Step, ...]:

@@ -56,6 +56,7 @@ ACTIONS: dict[str, Callable[..., Any]] = {
     "mount_overlay": mounts.mount_overlay,
     "bind_text_file": mounts.bind_text_file,
     "bind_host_root": mounts.bind_host_root,
+    "cover_etc_files": body_mounts.cover_etc_files,
     "hide_host_path": body_mounts.hide_host_path,
     "seal_hidden": body_mounts.seal_hidden,
     "mount_tmp_over_host": body_mounts.mount_tmp_over_host,
