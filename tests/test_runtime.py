@@ -246,12 +246,23 @@ def test_a_closed_runtime_starts_nothing_and_leaves_nothing(rootfs):
     runtime = ContainerRuntime()
     assert runtime.run(rootfs, ["true"]).wait().returncode == 0
     runtime.close()
-    for start in (lambda: runtime.run(rootfs, ["true"]), runtime.pod):
+    for start in (lambda: runtime.run(rootfs, ["true"]), runtime.pod, runtime.start):
         with pytest.raises(RuntimeClosedError, match="this ContainerRuntime is closed"):
             start()
     assert runtime._client.pid is None or not os.path.exists(f"/proc/{runtime._client.pid}")
     runtime.close()  # twice is fine
     assert_nothing_left(before)
+
+
+def test_start_starts_the_one_launcher_ahead(rootfs):
+    with ContainerRuntime() as runtime:
+        runtime.start()
+        assert runtime._client.pid is not None
+        launcher = runtime._client.pid
+        runtime.start()  # one launcher, started once
+        assert runtime._client.pid == launcher
+        assert runtime.run(rootfs, ["true"]).wait().returncode == 0
+        assert runtime._client.pid == launcher
 
 
 def test_every_error_is_a_minictr_error():

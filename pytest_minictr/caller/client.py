@@ -125,6 +125,12 @@ class LauncherClient:
             self._pending.discard(seq)
             self._held.pop(seq, None)
 
+    def start(self) -> None:
+        """Start the launcher now if none runs, without waiting for it: it readies itself
+        (its imports, zygote and spares) while the caller goes on."""
+        with self._lock:
+            self._ensure_started()
+
     def _ensure_started(self) -> None:
         if self._socket is None or self._process is None or self._process.poll() is not None:
             self._restart()

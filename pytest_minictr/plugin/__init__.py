@@ -78,6 +78,16 @@ def pytest_configure(config: pytest.Config) -> None:
         functools.partial(_published_services, config)), "minictr-shared-sandboxes")
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With every test sandboxed, the launcher starts while the tests are collected: a cold
+    one costs the first body ~90 ms, a suite of a few seconds at session scope a few percent.
+    Not in pytest-xdist's controller, which runs no test."""
+    config = session.config
+    if config.stash[_SETTINGS].sandbox_tests and not config.pluginmanager.hasplugin("dsession"):
+        with contextlib.suppress(MinictrError):  # the first body says what is wrong
+            _body_runtime(config).start()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     runtime = config.stash.get(_BODY_RUNTIME, None)
     if runtime is not None:

@@ -2,12 +2,14 @@
 
 What it runs: each project's own test suite, from its PyPI sdist (versions pinned below), in a
 throwaway venv of its own under the cache dir (the project installed from the sdist, its test
-requirements, this pytest and pytest-xdist, and this checkout's plugin by a .pth file), four
-times, from a fresh copy of the sdist each time:
+requirements, this pytest and pytest-xdist, and this checkout's plugin by a .pth file), at
+-n 1 and -n 2 each way, from a fresh copy of the sdist each time:
 
   plain -n1, plain -n2           the suite as its authors run it (under xdist)
   sandboxed -n1, sandboxed -n2   the same with --minictr-sandbox-tests (and, for suites
                                  with Hypothesis, --minictr-writable .hypothesis)
+  sandboxed:SCOPE -n1, -n2       with --scopes module,session besides test: the same at
+                                 --minictr-sandbox-scope SCOPE
 
 each with --junitxml. Every run's outcomes (nodeid -> passed, failed, skipped, xfailed, error;
 a test reported more than once, as subtests are, keeps all its outcomes) are compared with
@@ -17,7 +19,8 @@ against plain -n1 shows what varies without the sandbox (order, randomness). It 
 does not judge: the README's "What differs in the sandbox" says which differences are
 expected and why.
 
-    python tests/benchmarks/bench_suites.py [--projects attrs,click] [--cache DIR] [--json]
+    python tests/benchmarks/bench_suites.py [--projects attrs,click] [--scopes test,session]
+                                            [--cache DIR] [--json]
 
 Needs PyPI (pip download), this checkout installed editable (`pip install -e .`: its
 egg-info and native core), root or a host where the sandbox runs, and minutes: the sandboxed
@@ -73,7 +76,7 @@ PROJECTS = (
             ("hypothesis==6.131.0", "freezegun==1.5.1", "six==1.17.0"), sandboxed=HYPOTHESIS_DB,
             options=PYTEST_9),
 )
-RUNS = (("plain", 1), ("plain", 2), ("sandboxed", 1), ("sandboxed", 2))
+SCOPES = ("test", "module", "session")
 SANDBOX = ("--minictr-sandbox-tests",)
 RUN_TIMEOUT_S = 1800
 
@@ -104,15 +107,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="names, separated by commas (default: all)")
     parser.add_argument("--cache", type=Path, default=default_cache(),
                         help="sdists, venvs and runs (default: %(default)s)")
+    parser.add_argument("--scopes", default="test",
+                        help="sandbox scopes to run, separated by commas (default: %(default)s;"
+                             " test, module, session)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    scopes = [scope.strip() for scope in args.scopes.split(",") if scope.strip()]
+    if not scopes or set(scopes) - set(SCOPES):
+        parser.error(f"--scopes {args.scopes!r}: expected some of {', '.join(SCOPES)}")
     known = {p.name: p for p in PROJECTS}
     wanted = [name.strip() for name in args.projects.split(",") if name.strip()]
     if unknown := [name for name in wanted if name not in known]:
         parser.error(f"--projects: unknown {unknown} (known: {sorted(known)})")
     report = {}
     for name in wanted:
-        runs = bench_project(known[name], args.cache.resolve())
+        runs = bench_project(known[name], args.cache.resolve(), scopes)
         report[name] = summary(runs)
         if not args.json:
             print_project(known[name], runs)
@@ -126,11 +135,13 @@ def default_cache() -> Path:
     return Path(base) / "minictr" / "bench-suites"
 
 
-def bench_project(project: Project, cache: Path) -> list[Run]:
+def bench_project(project: Project, cache: Path, scopes: list[str]) -> list[Run]:
     sdist = download(project, cache / "sdists")
     python = project_venv(project, sdist, cache / "venvs")
     runs = []
-    for mode, workers in RUNS:
+    modes = ["plain", *(("sandboxed" if scope == "test" else f"sandboxed:{scope}")
+                        for scope in scopes)]
+    for mode, workers in ((mode, workers) for mode in modes for workers in (1, 2)):
         where = cache / "runs" / f"{project.name}-{project.version}" / f"{mode}-n{workers}"
         source = unpack(sdist, where)
         runs.append(run_suite(project, python, source, mode, workers, where / "junit.xml"))
@@ -189,10 +200,11 @@ def unpack(sdist: Path, where: Path) -> Path:
 def run_suite(project: Project, python: Path, source: Path, mode: str, workers: int,
               junit: Path) -> Run:
     """Its own session, so that a run that hangs is killed with all it started."""
+    sandboxed, _, scope = mode.partition(":")
     argv = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(workers),
-            f"--junitxml={junit}",
-            *project.options, *((*SANDBOX, *project.sandboxed) if mode == "sandboxed" else ()),
-            *project.tests]
+            f"--junitxml={junit}", *project.options,
+            *((*SANDBOX, *project.sandboxed) if sandboxed == "sandboxed" else ()),
+            *(("--minictr-sandbox-scope", scope) if scope else ()), *project.tests]
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("PYTEST_", "MINICTR_"))}
     start = time.monotonic()
@@ -272,10 +284,10 @@ def summary(runs: list[Run]) -> dict:
 
 def print_project(project: Project, runs: list[Run]) -> None:
     print(f"\n== {project.name} {project.version}")
-    print(f"{'run':<16}{'wall s':>9}{'ratio':>8}{'ms/test':>9}{'exit':>6}  outcomes")
+    print(f"{'run':<24}{'wall s':>9}{'ratio':>8}{'ms/test':>9}{'exit':>6}  outcomes")
     for run in runs:
         outcomes = ", ".join(f"{n} {o}" for o, n in sorted(counts(run).items()))
-        print(f"{run.label:<16}{run.wall_s:>9.1f}{ratio(run, runs):>8.2f}"
+        print(f"{run.label:<24}{run.wall_s:>9.1f}{ratio(run, runs):>8.2f}"
               f"{per_test_ms(run, runs):>9.1f}{run.returncode:>6}  {outcomes or run.tail}")
     for run in runs[1:]:
         rows = differences(runs[0], run)
