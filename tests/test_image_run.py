@@ -253,8 +253,10 @@ def test_minictr_run_takes_an_image_as_docker_spells_it(fake_store, capsys, no_s
     assert status == 125 and "pull='never'" in report["error"], report
 
 
-def test_a_detached_container_runs_on_the_image(fake_store, capsys, no_stdin):
+def test_a_detached_container_runs_on_the_image(fake_store, capsys, no_stdin, tmp_path,
+                                                monkeypatch):
     from pytest_minictr.cli.main import main
+    monkeypatch.setenv("MINICTR_STATE_DIR", str(tmp_path / "state"))  # not the host's
     assert main(["run", "-d", "app:1", 'echo "$GREETING"; exit 3']) == 0
     container_id = capsys.readouterr().out.strip()
     try:
