@@ -73,9 +73,9 @@ def cover_etc_files(paths: tuple[str, ...]) -> None:
 
 
 def _lay_empty_files(paths: tuple[str, ...]) -> None:
-    """The overlay's upper lower layer: each path's directories as the host has them (the
-    merged directory takes its owner and mode from the uppermost layer), an empty file of
-    each name, readable as /dev/null was."""
+    """The overlay's top layer (a lower one: the overlay writes nothing): each path's
+    directories as the host has them (a merged directory takes its owner and mode from the
+    uppermost layer), and an empty file of each name, readable as /dev/null was."""
     os.makedirs(ETC_COVER, 0o755, exist_ok=True)
     for path in paths:
         relative = os.path.relpath(path, "/etc")
@@ -90,7 +90,7 @@ def _lay_empty_files(paths: tuple[str, ...]) -> None:
 
 
 def _parents(relative: str) -> list[str]:
-    """"ssh/keys/a" -> ["ssh", "ssh/keys"]."""
+    """The directories above a relative path, outermost first: ssh/keys/a -> ssh, ssh/keys."""
     parts = relative.split("/")[:-1]
     return ["/".join(parts[:count]) for count in range(1, len(parts) + 1)]
 
