@@ -131,7 +131,8 @@ def python_for(name: str, request: pytest.FixtureRequest, open_place: Path) -> P
 def root_python(place: Path, command: tuple[str, ...], name: str) -> Python:
     place.mkdir(exist_ok=True)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(place),
-           "PYTHONPATH": str(REPO), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+           "PYTHONPATH": str(REPO), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+           "MINICTR_STATE_DIR": str(place / "state")}  # not the host's /run/minictr
     return Python(name, (*command, sys.executable), env, place)
 
 
