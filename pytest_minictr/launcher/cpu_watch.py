@@ -44,7 +44,11 @@ class CpuWatch:
 
     def used(self) -> float:
         """CPU seconds the command (and all it started) used so far."""
-        return (self.cgroup.cpu_usage() or self.base) - self.base
+        return self.since_start(self.cgroup.cpu_usage())
+
+    def since_start(self, usage: float | None) -> float:
+        """Of the group's count `usage` (read by the caller), what the command used."""
+        return (usage or self.base) - self.base
 
     def exceeded(self, now: float) -> bool:
         """Look now: True once the limit is reached; else the next look is set."""

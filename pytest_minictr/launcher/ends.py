@@ -88,7 +88,8 @@ def measurements(container: Container, reaped_cpu_time: float | None) -> dict:
     includes it, stands in where the init could not report (killed at a timeout), less that
     setup where a CPU-time limit made us take its count at the start."""
     stats = container.cgroup.stats()
-    cpu_time = stats.cpu_time if container.cpu_watch is None else container.cpu_watch.used()
+    cpu_time = stats.cpu_time if container.cpu_watch is None \
+        else container.cpu_watch.since_start(stats.cpu_time)  # (one read of the count)
     return {"cpu_time": cpu_time if reaped_cpu_time is None else reaped_cpu_time,
             "memory_peak": stats.memory_peak, "oom_killed": stats.oom_killed}
 
